@@ -1,0 +1,210 @@
+"""`scratchgpt` command line: each subcommand parses its flags and calls one plain function.
+
+Config sections (`--model.*`, `--train.*`, `--optim.*`) come straight from the typed
+dataclasses through jsonargparse, so every field is both a flag and a config-file key.
+Heavy imports (torch) happen inside the subcommands, so `scratchgpt prepare --help` is quick.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from . import UserError
+
+
+class Parser(ArgumentParser):
+    """jsonargparse parser whose errors are one line, naming the closest valid key."""
+
+    def error(self, message: str, ex: Optional[Exception] = None):  # type: ignore[override]
+        lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+        msg = lines[0] if lines else "invalid arguments"
+        # jsonargparse nests the real reason ("... does not accept option 'x'") below a generic line
+        for ln in lines:
+            if "accept" in ln or "unrecognized" in ln or "not a valid" in ln.lower():
+                msg = ln
+                break
+        bad = re.search(r"unrecognized arguments: (--?[\w.\-]+)", msg) or re.search(r"option '([\w.\-]+)'", msg)
+        if bad:
+            key = bad.group(1)
+            flag = key if key.startswith("-") else f"--{key}"
+            options = [o for p in _all_parsers(self) for a in p._actions for o in a.option_strings]
+            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+            if close:
+                msg += f" (did you mean {close[0].lstrip('-') if not key.startswith('-') else close[0]}?)"
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _all_parsers(parser: ArgumentParser):
+    yield parser
+    subs = getattr(parser, "_subcommands_action", None)
+    if subs is not None:
+        for p in subs.choices.values():
+            yield from _all_parsers(p)
+
+
+# ---------------------------------------------------------------- data
+def _prepare_parser() -> Parser:
+    p = Parser(description="Clean and tokenize raw text into train.bin / val.bin / tokenizer.json / meta.json.")
+    p.add_argument("inputs", nargs="*", default=[], help="files, directories, globs, .jsonl, or - for stdin; none: embedded corpus")
+    p.add_argument("--out", type=Path, default=Path("data/default"), help="output directory")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="bpe")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    p.add_argument("--val", nargs="+", default=None, help="explicit validation inputs")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--jsonl-field", default="text", help="field holding the text in .jsonl inputs")
+    p.add_argument("--errors", choices=["strict", "replace"], default="strict", help="invalid UTF-8: fail, or replace and count")
+    p.add_argument("--no-nfc", action="store_true", help="skip Unicode NFC normalisation")
+    p.add_argument("--no-newlines", action="store_true", help="keep \\r\\n and \\r as they are")
+    p.add_argument("--no-strip-control", action="store_true", help="keep control characters")
+    p.add_argument("--strip-gutenberg", action="store_true", help="strip Project Gutenberg headers and footers")
+    p.add_argument("--dedup", action="store_true", help="drop exact-duplicate documents")
+    p.add_argument("--buffer-mb", type=int, default=64, help="text buffered in memory at once")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    return p
+
+
+def cmd_prepare(a) -> None:
+    from .data import prepare
+
+    prepare(
+        inputs=list(a.inputs),
+        out=a.out,
+        tokenizer=a.tokenizer,
+        vocab_size=a.vocab_size,
+        val=a.val,
+        val_fraction=a.val_fraction,
+        jsonl_field=a.jsonl_field,
+        errors=a.errors,
+        nfc=not a.no_nfc,
+        newlines=not a.no_newlines,
+        strip_control=not a.no_strip_control,
+        strip_gutenberg=a.strip_gutenberg,
+        dedup=a.dedup,
+        buffer_mb=a.buffer_mb,
+        seed=a.seed,
+        force=a.force,
+    )
+
+
+def _data_info_parser() -> Parser:
+    p = Parser(description="Show a prepared data directory: manifest, token counts, a decoded sample.")
+    p.add_argument("dir", type=Path)
+    return p
+
+
+def cmd_data_info(a) -> None:
+    from .data import data_info
+
+    data_info(a.dir)
+
+
+# ---------------------------------------------------------------- train / eval / info
+def _train_parser() -> Parser:
+    from .model import ModelConfig
+    from .train import OptimConfig, TrainConfig
+
+    p = Parser(description="Train a GPT. Every --model.*/--train.*/--optim.* flag is also a config-file key.")
+    p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON config file")
+    p.add_argument("--data", type=Optional[Path], default=None, help="prepared data dir (default: embedded corpus)")
+    p.add_argument("--out", type=Optional[Path], default=None, help="run directory (default: runs/default)")
+    p.add_argument("--resume", action="store_true", help="continue RUN/latest bit-exactly")
+    p.add_argument("--force", action="store_true", help="replace a run that is already in --out")
+    p.add_dataclass_arguments(ModelConfig, "model")
+    p.add_dataclass_arguments(TrainConfig, "train")
+    p.add_dataclass_arguments(OptimConfig, "optim")
+    return p
+
+
+def cmd_train(a, parser: Parser) -> None:
+    from .model import ModelConfig
+    from .train import OptimConfig, TrainConfig, train
+
+    try:
+        model_cfg = ModelConfig(**vars(a.model))
+        train_cfg = TrainConfig(**vars(a.train))
+        optim_cfg = OptimConfig(**vars(a.optim))
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
+    train(data=a.data, out=a.out, model=model_cfg, train=train_cfg, optim=optim_cfg, resume=a.resume, force=a.force)
+
+
+def _eval_parser() -> Parser:
+    p = Parser(description="Evaluate a run: loss, perplexity and bits per byte over the whole val split.")
+    p.add_argument("run", type=Path)
+    p.add_argument("--data", type=Optional[Path], default=None, help="prepared data dir (default: the run's)")
+    p.add_argument("--context", type=int, default=0, help="window length in tokens (default: block_size)")
+    p.add_argument("--which", choices=["best", "latest"], default="best")
+    p.add_argument("--batch-size", type=int, default=16)
+    return p
+
+
+def cmd_eval(a) -> None:
+    from .evaluate import evaluate_lm_cli
+
+    evaluate_lm_cli(a.run, data=a.data, context=a.context, which=a.which, batch_size=a.batch_size)
+
+
+def _info_parser() -> Parser:
+    p = Parser(description="Show a run: config, parameter count, steps, best val loss, files.")
+    p.add_argument("run", type=Path)
+    return p
+
+
+def cmd_info(a) -> None:
+    from .train import run_info
+
+    run_info(a.run)
+
+
+COMMANDS = {
+    "prepare": (_prepare_parser, cmd_prepare),
+    "data-info": (_data_info_parser, cmd_data_info),
+    "train": (_train_parser, cmd_train),
+    "eval": (_eval_parser, cmd_eval),
+    "info": (_info_parser, cmd_info),
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv and "train" in COMMANDS:
+            argv = ["train"]  # bare `scratchgpt` = the README's main command
+        else:
+            print("usage: scratchgpt {" + ",".join(COMMANDS) + "} [options]\n\nRun `scratchgpt COMMAND --help` for a command's options.")
+            return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        print(f"error: unknown command {name!r}" + (f" (did you mean {close[0]}?)" if close else ""), file=sys.stderr)
+        return 2
+    build, run = COMMANDS[name]
+    parser = build()
+    parser.prog = f"scratchgpt {name}"
+    args = parser.parse_args(rest)
+    try:
+        if run is cmd_train:
+            run(args, parser)
+        else:
+            run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""The GPT model: a decoder-only transformer, its config, and its KV cache.
+
+Read top to bottom in architecture order: config, norms and positions, attention, MLP,
+block, GPT. Module names follow nanoGPT / HF GPT-2 (`transformer.h.0.attn.c_attn`, ...), so
+weights map onto those tools one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Every field is a `--model.<field>` flag and a `model:` config key."""
+
+    vocab_size: int = 0  # 0: taken from the prepared data's tokenizer
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True  # False drops every bias: fewer params, no loss in quality at scale
+    pos: Literal["learned", "sinusoidal", "rope"] = "learned"  # rope: relative, extrapolates, trains faster
+    rope_base: float = 10000.0
+    mlp: Literal["gelu", "relu", "swiglu", "relu2"] = "gelu"  # relu2 (ReLU squared): cheap and strong in modded-nanogpt
+    mlp_hidden: int = 0  # 0: 4*n_embd (swiglu: 8/3*n_embd rounded to 32, same parameter count)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # rmsnorm: no mean/bias, a little cheaper, as good
+    norm_placement: Literal["pre", "post"] = "pre"  # pre trains stably without warmup tricks; post is the 2017 original
+    qk_norm: bool = False  # normalise q and k per head: bounds attention logits, allows higher LR
+    tie_embeddings: bool = True  # share wte and lm_head: fewer params; untying helps once data is plentiful
+    zero_init_proj: bool = False  # zero-init residual output projections (and an untied head): each block starts as identity
+    logit_softcap: float = 0.0  # >0: cap*tanh(logits/cap), keeps logits from running away early in training
+    causal: bool = True  # False: bidirectional attention, for the masked-LM objective
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("model.pos=rope needs an even head dimension (n_embd / n_head)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        return 4 * self.n_embd
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
+    """The fixed positional encoding of "Attention Is All You Need" (seed 001)."""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]
+    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)[:, : dim // 2]
+    return table
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head by position-dependent angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, so decoding a token costs O(context), not O(context^2).
+
+    `length` counts the tokens written. With RoPE the cache can act as a ring buffer once full:
+    keys carry their rotation, and a single query attends to every cached key regardless of order.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual = True  # marks it for the scaled GPT-2 init
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        H, D = self.cfg.n_head, self.cfg.head_dim
+        q, k, v = self.c_attn(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        if self.cfg.qk_norm:
+            q, k = F.rms_norm(q, (D,)), F.rms_norm(k, (D,))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        dropout = self.cfg.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.cfg.causal)
+        else:
+            y = self._attend_cached(q, k, v, cache, layer)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _attend_cached(self, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
+        start, T = cache.length, q.size(2)
+        if start + T <= cache.max_len:
+            cache.k[layer, :, :, start : start + T] = k
+            cache.v[layer, :, :, start : start + T] = v
+            keys, values = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
+            if start == 0:
+                return F.scaled_dot_product_attention(q, keys, values, is_causal=self.cfg.causal)
+            if T == 1:  # one new token sees everything before it: no mask needed
+                return F.scaled_dot_product_attention(q, keys, values)
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if T != 1 or self.cfg.pos != "rope":
+            raise ValueError("KV cache is full; only RoPE models decode one token at a time past it")
+        slot = start % cache.max_len  # ring buffer: overwrite the oldest position
+        cache.k[layer, :, :, slot : slot + 1] = k
+        cache.v[layer, :, :, slot : slot + 1] = v
+        return F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer])
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        hidden = cfg.hidden_dim
+        fc_out = 2 * hidden if cfg.mlp == "swiglu" else hidden  # swiglu: gate and up in one matmul
+        self.c_fc = nn.Linear(cfg.n_embd, fc_out, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual = True
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu":
+            h = F.relu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre = cfg.norm_placement == "pre"
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope=None, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+        if self.pre:
+            x = x + self.attn(self.ln_1(x), rope, cache, layer)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, rope, cache, layer))
+        return self.ln_2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (it comes from the tokenizer)")
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+                ln_f=make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity(),
+            )
+        )
+        if cfg.pos == "learned":
+            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        elif cfg.pos == "sinusoidal":
+            self.register_buffer("sinusoidal", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if cfg.pos == "rope":
+            cos, sin = rope_cos_sin(torch.arange(cfg.block_size), cfg.head_dim, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "residual", False):
+                # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the stream's variance stays put
+                std = std / math.sqrt(2 * self.cfg.n_layer)
+                if self.cfg.zero_init_proj:
+                    std = 0.0
+            if module is self.lm_head and self.cfg.zero_init_proj and not self.cfg.tie_embeddings:
+                std = 0.0
+            if std == 0.0:
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; tied weights count once. non_embedding drops position tables (as nanoGPT)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N for the weights plus attention (PaLM, appendix B)."""
+        cfg, T = self.cfg, seq_len or self.cfg.block_size
+        n = self.num_params(non_embedding=True) - self.transformer.wte.weight.numel() * (not cfg.tie_embeddings)
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T * (0.5 if cfg.causal else 1.0)
+
+    def _positions(self, start: int, T: int, device) -> torch.Tensor:
+        return torch.arange(start, start + T, device=device)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        return_hidden: bool = False,
+    ):
+        """idx (B, T) -> logits (B, T, V); with targets also the mean cross-entropy (ignore_index -100).
+
+        With a cache, idx continues the cached sequence at position `cache.length`.
+        return_hidden returns the final normed hidden states (B, T, C) instead of logits.
+        """
+        cfg = self.cfg
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        x = self.transformer.wte(idx)
+        rope = None
+        if cfg.pos == "learned" or cfg.pos == "sinusoidal":
+            if start + T > cfg.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {cfg.block_size}")
+            if cfg.pos == "learned":
+                x = x + self.transformer.wpe(self._positions(start, T, idx.device))
+            else:
+                x = x + self.sinusoidal[start : start + T]
+        else:
+            if start + T <= cfg.block_size:
+                rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            else:  # past the table (long generation): compute the angles on the fly
+                rope = rope_cos_sin(self._positions(start, T, idx.device), cfg.head_dim, cfg.rope_base)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, cache, i)
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.length += T
+        if return_hidden:
+            return x
+        logits = self.lm_head(x)
+        if cfg.logit_softcap > 0:
+            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
