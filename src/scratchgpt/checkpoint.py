@@ -139,7 +139,7 @@ def save_checkpoint(
     run_dir: Path,
     *,
     model: torch.nn.Module,
-    optimizer: Optional[torch.optim.Optimizer],
+    optimizer: Optional[torch.optim.Optimizer | list[torch.optim.Optimizer]],
     state: dict,
     config: dict,
     tokenizer_file: Optional[Path],
@@ -157,7 +157,12 @@ def save_checkpoint(
         files = [MODEL_FILE]
         optim_meta = None
         if optimizer is not None:
-            tensors, optim_meta = optimizer_to_tensors(optimizer)
+            # several optimizers (Muon + AdamW) share one file: keys are "<optimizer index>.<param id>.<name>"
+            tensors, optim_meta = {}, []
+            for i, opt in enumerate(optimizer if isinstance(optimizer, list) else [optimizer]):
+                t, m = optimizer_to_tensors(opt)
+                tensors.update({f"{i}.{k}": v for k, v in t.items()})
+                optim_meta.append(m)
             save_file(tensors, str(tmp / OPTIM_FILE))
             files.append(OPTIM_FILE)
         for name in files:

@@ -133,7 +133,20 @@ def cmd_train(a, parser: Parser) -> None:
         optim_cfg = OptimConfig(**vars(a.optim))
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from None
-    train(data=a.data, out=a.out, model=model_cfg, train=train_cfg, optim=optim_cfg, resume=a.resume, force=a.force)
+    # On --resume the saved config wins; only train/optim values that differ from the defaults
+    # (i.e. were given on the command line or in --config) override it, e.g. a longer max_iters.
+    overrides = {}
+    for section, cls in (("train", TrainConfig), ("optim", OptimConfig)):
+        defaults = vars(cls())
+        for key, value in vars(getattr(a, section)).items():
+            if _normalise(value) != _normalise(defaults[key]):
+                overrides[f"{section}.{key}"] = value
+    train(data=a.data, out=a.out, model=model_cfg, train=train_cfg, optim=optim_cfg, resume=a.resume, force=a.force,
+          overrides=overrides)
+
+
+def _normalise(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def _eval_parser() -> Parser:
@@ -164,12 +177,81 @@ def cmd_info(a) -> None:
     run_info(a.run)
 
 
+# ---------------------------------------------------------------- sample / chat
+def _generation_args(p: Parser, max_new_tokens: int) -> None:
+    p.add_argument("run", type=Path, help="run directory (or a checkpoint directory)")
+    p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint; best falls back to latest")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=200, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]; 1: off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats; 1: off")
+    p.add_argument("--stop", nargs="+", default=None, help="stop strings (text ends before the first)")
+    p.add_argument("--seed", type=Optional[int], default=None, help="same seed, same text (default: random)")
+    p.add_argument("--window-shift", type=int, default=1, help="past the context, slide the window this many tokens at a time (faster, less context)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if available)")
+
+
+def _generation_config(a):
+    from .generate import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        repetition_penalty=a.repetition_penalty,
+        stop=tuple(a.stop or ()),
+        seed=a.seed,
+        window_shift=a.window_shift,
+    )
+
+
+def _sample_parser() -> Parser:
+    p = Parser(description="Generate text from a trained run; prints the prompt and its continuation.")
+    _generation_args(p, max_new_tokens=500)
+    p.add_argument("--prompt", type=Optional[str], default=None, help="text to continue (default: empty)")
+    p.add_argument("--prompt-file", type=Optional[Path], default=None, help="read the prompt from a file")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    return p
+
+
+def cmd_sample(a) -> None:
+    from .generate import sample_cli
+
+    sample_cli(
+        a.run,
+        prompt=a.prompt,
+        prompt_file=a.prompt_file,
+        which=a.which,
+        device=a.device,
+        num_samples=a.num_samples,
+        stream_output=a.stream,
+        gen=_generation_config(a),
+    )
+
+
+def _chat_parser() -> Parser:
+    p = Parser(description="Chat with a run (its chat template if fine-tuned for chat); reads stdin, /reset, /exit.")
+    _generation_args(p, max_new_tokens=256)
+    return p
+
+
+def cmd_chat(a) -> None:
+    from .generate import chat_cli
+
+    chat_cli(a.run, which=a.which, device=a.device, gen=_generation_config(a))
+
+
 COMMANDS = {
     "prepare": (_prepare_parser, cmd_prepare),
     "data-info": (_data_info_parser, cmd_data_info),
     "train": (_train_parser, cmd_train),
     "eval": (_eval_parser, cmd_eval),
     "info": (_info_parser, cmd_info),
+    "sample": (_sample_parser, cmd_sample),
+    "chat": (_chat_parser, cmd_chat),
 }
 
 
