@@ -21,10 +21,10 @@ class ModelConfig:
     """Architecture. Every field is a `--model.<field>` flag and a `model:` config key."""
 
     vocab_size: int = 0  # 0: taken from the prepared data's tokenizer
-    block_size: int = 256  # context length in tokens
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
+    block_size: int = 128  # context length in tokens (defaults: a small model that trains in minutes on a CPU)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True  # False drops every bias: fewer params, no loss in quality at scale
     pos: Literal["learned", "sinusoidal", "rope"] = "learned"  # rope: relative, extrapolates, trains faster

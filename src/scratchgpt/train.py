@@ -144,9 +144,13 @@ def build_optimizer(model: GPT, o: OptimConfig, device: torch.device) -> list[to
         else:
             other.append(p)  # norms, biases, scalars
     fused = o.fused if o.fused is not None else device.type == "cuda"
+
+    def scale(group_lr: float) -> float:
+        return (group_lr or o.lr) / o.lr if o.lr else 1.0
+
     adam_groups = [
-        dict(params=embed, weight_decay=0.0, lr_scale=(o.embed_lr or o.lr) / o.lr),
-        dict(params=head, weight_decay=o.weight_decay, lr_scale=(o.head_lr or o.lr) / o.lr),
+        dict(params=embed, weight_decay=0.0, lr_scale=scale(o.embed_lr)),
+        dict(params=head, weight_decay=o.weight_decay, lr_scale=scale(o.head_lr)),
         dict(params=other, weight_decay=0.0, lr_scale=1.0),
     ]
     optimizers: list[torch.optim.Optimizer] = []
@@ -277,15 +281,19 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
     from . import distributed as dist
 
     out = Path(out or "runs/default")
+    resume, force = dist.restart_mode(out, resume, force)  # torchrun --max-restarts: a restarted worker resumes
     model_cfg, tcfg, ocfg = model or ModelConfig(), train or TrainConfig(), optim or OptimConfig()
     if _run_has_content(out) and not (resume or force):
         raise UserError(f"{out} already holds a run: pass --resume to continue it or --force to replace it")
     data, model_cfg, tcfg, ocfg = resolve_config(out, data, model_cfg, tcfg, ocfg, resume, overrides)
     data = Path(data) if data is not None else default_data_dir()
     meta = load_meta(data)
-    if model_cfg.vocab_size and model_cfg.vocab_size != meta["vocab_size"]:
+    n_vocab = meta["vocab_size"] + (tcfg.objective == "mlm")  # mlm: one extra id, the [MASK] token
+    if model_cfg.vocab_size and model_cfg.vocab_size != n_vocab:
         raise UserError(f"vocabulary mismatch: the model has {model_cfg.vocab_size} tokens, {data} has {meta['vocab_size']}")
-    model_cfg.vocab_size = meta["vocab_size"]
+    model_cfg.vocab_size = n_vocab
+    if tcfg.objective == "mlm":
+        model_cfg.causal = False  # a masked token is predicted from both sides
     ctx = dist.setup(tcfg)  # rank, world size, device; a no-op without torchrun
     master = ctx.rank == 0
     configure_threads(tcfg.threads)
@@ -295,7 +303,7 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     per_rank = tcfg.batch_size // ctx.world
-    micro = tcfg.micro_batch_size or per_rank
+    micro = min(tcfg.micro_batch_size or per_rank, per_rank)  # a resume on more ranks may shrink a rank's share
     if tcfg.batch_size % ctx.world or per_rank % micro:
         raise UserError(f"train.batch_size {tcfg.batch_size} must split evenly over {ctx.world} ranks x micro-batches of {micro}")
     accum = per_rank // micro
@@ -306,7 +314,6 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
 
     torch.manual_seed(tcfg.seed)
     net = GPT(model_cfg).to(device)
-    optimizers = build_optimizer(net, ocfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     step, tokens, best_val, bad_evals, elapsed_before = 0, 0, float("inf"), 0, 0.0
     if resume:
@@ -315,10 +322,6 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
             raise UserError(f"{out}: no checkpoint to resume from")
         ckpt, state = found
         load_model_tensors(net, load_tensors(ckpt / MODEL_FILE))
-        opt_tensors = load_tensors(ckpt / OPTIM_FILE)
-        for i, opt in enumerate(optimizers):
-            sub = {k.split(".", 1)[1]: v for k, v in opt_tensors.items() if k.startswith(f"{i}.")}
-            optimizer_from_tensors(opt, sub, state["optimizer"][i])
         step, tokens, best_val = state["step"], state["tokens"], state.get("best_val_loss") or float("inf")
         bad_evals, elapsed_before = state.get("bad_evals", 0), state.get("elapsed_s", 0.0)
         if state.get("scaler"):
@@ -328,6 +331,9 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
     if master:
         atomic_write_json(out / "config.json", config)
     model_for_step = dist.wrap(net, tcfg, ctx)
+    optimizers = build_optimizer(net, ocfg, device)  # after wrap: FSDP2 replaces the parameters with sharded ones
+    if resume:
+        dist.load_optimizers(ckpt, net, optimizers, state, ctx)  # full or sharded checkpoint, onto any world size
     if tcfg.compile:
         model_for_step = torch.compile(model_for_step)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -342,7 +348,8 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
     def checkpoint(is_best: bool) -> None:
         state = {"step": step, "tokens": tokens, "best_val_loss": None if math.isinf(best_val) else best_val,
                  "bad_evals": bad_evals, "elapsed_s": elapsed_before + time.time() - t_start, "rng": rng_state(),
-                 "data": {"seed": tcfg.seed, "step": step, "sampling": "stateless(seed, step)"},
+                 "data": {"seed": tcfg.seed, "step": step, "sampling": "stateless(seed, step)",
+                          **dist.data_slices(tcfg.batch_size, per_rank, micro, ctx)},
                  "scheduler": {"step": step, "lr": lr_at(step, ocfg, tcfg.max_iters)},
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None}
         dist.save(out, net, optimizers, state, config, tokenizer_file, tcfg, ctx, is_best)
@@ -355,6 +362,7 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
     metrics: dict = {}
     stop_reason = "max_iters"
     while step < tcfg.max_iters:
+        dist.maybe_fail(step, ctx)  # test-only fault injection (SCRATCHGPT_FAULT_RANK/STEP); otherwise a no-op
         # batch + forward + backward (accumulating over micro-steps; DDP syncs only on the last)
         offsets = train_ds.batch_offsets(step, tcfg.batch_size, tcfg.seed)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
         loss_sum = torch.zeros((), device=device)
@@ -409,9 +417,13 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
             improved = losses["val"] < best_val
             best_val, bad_evals = (losses["val"], 0) if improved else (best_val, bad_evals + 1)
             if master:
-                bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} (ppl {metrics['val_ppl']:.2f})")
-                if tcfg.sample_tokens and tcfg.objective == "clm":
-                    bar.write(sample_text(net, data, tcfg.sample_prompt, tcfg.sample_tokens, device, tcfg.seed))
+                bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} (ppl {metrics['val_ppl']:.2f})",
+                          file=sys.stderr)
+            if tcfg.sample_tokens and tcfg.objective == "clm" and (master or ctx.parallel == "fsdp"):
+                with dist.unsharded(net, ctx):  # FSDP: every rank runs the sample's forwards; rank 0 prints
+                    text = sample_text(net, data, tcfg.sample_prompt, tcfg.sample_tokens, device, tcfg.seed)
+                if master:
+                    bar.write(text, file=sys.stderr)
             checkpoint(improved)
             if tcfg.patience and bad_evals >= tcfg.patience:
                 stop_reason = f"early stopping: no val improvement in {bad_evals} evals"
@@ -423,7 +435,7 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
                 log.draw()
         if stop_reason != "max_iters":
             break
-        if tcfg.max_time_s and elapsed >= tcfg.max_time_s:
+        if tcfg.max_time_s and dist.any_rank(elapsed >= tcfg.max_time_s, ctx):  # clocks differ: ranks stop together
             stop_reason = f"time limit {tcfg.max_time_s}s"
             if not is_eval:
                 checkpoint(False)
@@ -431,7 +443,7 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
     bar.close()
     result = {"step": step, "tokens": tokens, "stop_reason": stop_reason,
               "best_val_loss": None if math.isinf(best_val) else best_val}
-    if tcfg.final_eval and master and tcfg.objective == "clm":
+    if tcfg.final_eval and (master or ctx.parallel == "fsdp") and tcfg.objective == "clm":  # FSDP: all ranks forward
         from .evaluate import evaluate_lm
 
         result.update({"final_" + k: v for k, v in evaluate_lm(net, val_ds, model_cfg.block_size, device=device).items()})

@@ -1,0 +1,61 @@
+"""Shared fixtures: small corpora and prepared data dirs built from text that ships with CPython."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests run with few threads: the suite runs on 2 cores, and subprocesses must not oversubscribe them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
+
+
+def english_text(n_chars: int = 200_000) -> str:
+    """Plain English prose: CPython's bundled pydoc topics (no network, no ../shared)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return text[:n_chars]
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: float = 300,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m scratchgpt ARGS` in a fresh process, as a user would run it."""
+    proc = subprocess.run([sys.executable, "-m", "scratchgpt", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"scratchgpt {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def tiny_flags(**overrides) -> list[str]:
+    """Flags for a 2-layer, 32-dim model that trains in a second or two."""
+    cfg = {"model." + k: v for k, v in TINY.items()}
+    cfg.update({"train.batch_size": 8, "train.eval_iters": 2, "train.sample_tokens": 0, "train.progress": "false",
+                "train.tensorboard": "false", "train.plot": "false", "train.final_eval": "false",
+                "optim.warmup_iters": 2, "optim.lr": 3e-3})
+    cfg.update(overrides)
+    return [f"--{k}={v}" for k, v in cfg.items()]
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(english_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory, corpus_file) -> Path:
+    """A prepared char-level data dir (about 180k train tokens)."""
+    from scratchgpt.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "char"
+    prepare(inputs=[str(corpus_file)], out=out, tokenizer="char", progress=False)
+    return out

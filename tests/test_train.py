@@ -1,0 +1,285 @@
+"""Training loop behaviour: learning, every option, exact resume, NaN handling, crash-safe checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, run_cli, tiny_flags
+from scratchgpt import UserError
+from scratchgpt.model import GPT, ModelConfig
+from scratchgpt.train import OptimConfig, TrainConfig, lr_at, train
+
+
+def quiet_train(**kw) -> TrainConfig:
+    base = dict(batch_size=8, eval_iters=2, sample_tokens=0, progress=False, tensorboard=False, plot=False,
+                final_eval=False, log_interval=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_overfits_tiny_text(tmp_path):
+    from scratchgpt.data import prepare
+
+    text = "the quick brown fox jumps over the lazy dog. " * 3 + "pack my box with five dozen liquor jugs.\n"
+    src = tmp_path / "tiny.txt"
+    src.write_text(text * 20)
+    data = tmp_path / "d"
+    prepare(inputs=[str(src)], out=data, tokenizer="char", progress=False)
+    result = train(data=data, out=tmp_path / "run", model=ModelConfig(**TINY),
+                   train=quiet_train(max_iters=250, eval_interval=250, batch_size=16),
+                   optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_iters=10, weight_decay=0.0))
+    assert metrics(tmp_path / "run")[-1]["train_loss"] < 0.1
+    assert result["best_val_loss"] < 0.2
+
+
+OPTIONS = [
+    dict(pos="learned"), dict(pos="sinusoidal"), dict(pos="rope"),
+    dict(mlp="relu"), dict(mlp="swiglu"), dict(mlp="relu2"),
+    dict(norm="rmsnorm"), dict(norm_placement="post"), dict(qk_norm=True), dict(tie_embeddings=False),
+    dict(zero_init_proj=True, tie_embeddings=False), dict(logit_softcap=15.0), dict(bias=False), dict(dropout=0.1),
+    dict(pos="rope", mlp="relu2", norm="rmsnorm", qk_norm=True, tie_embeddings=False, bias=False,
+         zero_init_proj=True, logit_softcap=30.0),
+]
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_every_model_option_trains(tmp_path, char_data, option):
+    train(data=char_data, out=tmp_path / "r", model=ModelConfig(**{**TINY, **option}),
+          train=quiet_train(max_iters=30, eval_interval=30), optim=OptimConfig(lr=3e-3, warmup_iters=2))
+    rows = metrics(tmp_path / "r")
+    assert all(math.isfinite(r["train_loss"]) for r in rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.3  # it learns, whatever the option
+
+
+@pytest.mark.parametrize("optim", [dict(optimizer="muon", schedule="wsd"), dict(schedule="constant"),
+                                   dict(schedule="linear", grad_clip=0.0)])
+def test_optimizers_and_schedules_train(tmp_path, char_data, optim):
+    train(data=char_data, out=tmp_path / "r", model=ModelConfig(**TINY),
+          train=quiet_train(max_iters=30, eval_interval=30), optim=OptimConfig(lr=3e-3, warmup_iters=2, **optim))
+    rows = metrics(tmp_path / "r")
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.3
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path, char_data):
+    model = ModelConfig(**TINY)
+    train(data=char_data, out=tmp_path / "full", model=model, train=quiet_train(max_iters=5, eval_interval=5))
+    train(data=char_data, out=tmp_path / "acc", model=ModelConfig(**TINY),
+          train=quiet_train(max_iters=5, eval_interval=5, micro_batch_size=2))
+    full, acc = metrics(tmp_path / "full"), metrics(tmp_path / "acc")
+    for a, b in zip(full, acc):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    wa, wb = load_file(tmp_path / "full/latest/model.safetensors"), load_file(tmp_path / "acc/latest/model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_schedules_shape():
+    o = OptimConfig(lr=1.0, min_lr=0.1, warmup_iters=10, schedule="cosine")
+    assert lr_at(0, o, 100) == pytest.approx(1 / 11)
+    assert lr_at(10, o, 100) == pytest.approx(1.0)
+    assert lr_at(100, o, 100) == pytest.approx(0.1)
+    wsd = OptimConfig(lr=1.0, min_lr=0.0, warmup_iters=0, schedule="wsd", wsd_decay_frac=0.2)
+    assert lr_at(79, wsd, 100) == 1.0 and lr_at(90, wsd, 100) == pytest.approx(0.5)
+
+
+def test_resume_is_bit_exact_in_a_new_process(tmp_path, char_data):
+    flags = tiny_flags(**{"train.log_interval": 1, "train.eval_interval": 10, "optim.decay_iters": 40,
+                          "model.dropout": 0.1})
+    run_cli("train", "--data", char_data, "--out", tmp_path / "one", *flags, "--train.max_iters=40", check=True)
+    run_cli("train", "--data", char_data, "--out", tmp_path / "two", *flags, "--train.max_iters=20", check=True)
+    resumed = run_cli("train", "--out", tmp_path / "two", "--resume", "--train.max_iters=40", check=True)
+    assert "resumed from" in resumed.stderr
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == list(range(1, 41))
+    assert [r["train_loss"] for r in one] == [r["train_loss"] for r in two]
+    wa, wb = load_file(tmp_path / "one/latest/model.safetensors"), load_file(tmp_path / "two/latest/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_nan_stops_before_the_optimizer_step(tmp_path, char_data, monkeypatch):
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, **kw):
+        out = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 7:
+                return out[0], out[1] * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    run = tmp_path / "r"
+    with pytest.raises(UserError, match="non-finite loss or gradient at step 6"):
+        train(data=char_data, out=run, model=ModelConfig(**TINY), train=quiet_train(max_iters=20, eval_interval=5))
+    # the step-5 checkpoint exists; nothing of the poisoned state was written
+    assert json.loads((run / "latest/state.json").read_text())["step"] == 5
+    assert not (run / "checkpoints/step-0000006").exists()
+    weights = load_file(run / "latest/model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+    calls["n"] = 0
+    result = train(data=char_data, out=tmp_path / "skip", model=ModelConfig(**TINY),
+                   train=quiet_train(max_iters=10, eval_interval=10, skip_nonfinite=True))
+    assert result["step"] == 10
+    assert all(torch.isfinite(w).all() for w in load_file(tmp_path / "skip/latest/model.safetensors").values())
+
+
+def _two_checkpoint_run(tmp_path, char_data) -> Path:
+    run = tmp_path / "run"
+    run_cli("train", "--data", char_data, "--out", run, *tiny_flags(**{"train.max_iters": 10, "train.eval_interval": 5}),
+            check=True)
+    return run
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
+def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, char_data, damage):
+    run = _two_checkpoint_run(tmp_path, char_data)
+    target = run / "latest/model.safetensors"  # a hard link: checkpoints/step-0000010 is damaged with it
+    blob = bytearray(target.read_bytes())
+    if damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    else:
+        blob[len(blob) - 100] ^= 0x01
+    target.write_bytes(bytes(blob))
+
+    ev = run_cli("eval", run, "--which", "latest")
+    assert ev.returncode != 0 and "Traceback" not in ev.stderr
+    assert "model.safetensors" in ev.stderr and ev.stderr.startswith("error:")
+
+    res = run_cli("train", "--out", run, "--resume", "--train.max_iters=12")
+    assert res.returncode == 0, res.stderr
+    assert "skipping corrupt checkpoint" in res.stderr and "model.safetensors" in res.stderr
+    assert "resumed from" in res.stderr and "step-0000005" in res.stderr
+    assert json.loads((run / "latest/state.json").read_text())["step"] == 12
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import safetensors.torch as st
+    import scratchgpt.checkpoint as ck
+    real = st.save_file
+    count = {"n": 0}
+    def save_then_die(tensors, path, metadata=None):
+        count["n"] += 1
+        if count["n"] == 3:  # the second checkpoint's model file: write half of it, then SIGKILL ourselves
+            real(tensors, path, metadata=metadata)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(tensors, path, metadata=metadata)
+    ck.save_file = save_then_die
+    from scratchgpt.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, char_data):
+    run = tmp_path / "run"
+    script = tmp_path / "die.py"
+    script.write_text(KILL_DURING_SAVE)
+    proc = subprocess.run([sys.executable, str(script), "train", "--data", str(char_data), "--out", str(run),
+                           *tiny_flags(**{"train.max_iters": 10, "train.eval_interval": 5})], capture_output=True, text=True)
+    assert proc.returncode == -9
+    from scratchgpt.checkpoint import find_resumable, load_model
+
+    ckpt, state = find_resumable(run)
+    assert state["step"] == 5
+    load_model(run, "latest")  # loads and verifies
+    assert not list((run / "checkpoints").glob("step-0000010"))
+    res = run_cli("train", "--out", run, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((run / "latest/state.json").read_text())["step"] == 10
+
+
+def test_run_outputs_metrics_plot_and_eval(tmp_path, char_data):
+    run = tmp_path / "run"
+    flags = tiny_flags(**{"train.max_iters": 20, "train.eval_interval": 10, "train.plot": "true",
+                          "train.final_eval": "true", "train.sample_tokens": 20})
+    res = run_cli("train", "--data", char_data, "--out", run, *flags, check=True)
+    assert "step 10: train" in res.stderr
+    rows = metrics(run)
+    for key in ("step", "tokens", "elapsed_s", "lr", "train_loss", "grad_norm", "tok_per_s"):
+        assert key in rows[0]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20] and all("val_ppl" in r for r in evals)
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json", "config.json", "tokenizer.json"):
+        assert (run / "latest" / name).exists() and (run / "best" / name).exists()
+    state = json.loads((run / "latest/state.json").read_text())
+    for key in ("step", "tokens", "rng", "data", "scheduler", "best_val_loss", "format_version"):
+        assert key in state
+    result = json.loads((run / "result.json").read_text())
+    ev = run_cli("eval", run, "--which", "latest", check=True)
+    out = json.loads(ev.stdout)
+    assert set(out) >= {"val_loss", "perplexity", "bits_per_byte"}
+    assert out["val_loss"] == pytest.approx(result["final_val_loss"], rel=1e-5)
+    assert out["perplexity"] == pytest.approx(math.exp(out["val_loss"]))
+    info = json.loads(run_cli("info", run, check=True).stdout)
+    assert info["params"] > 0 and info["latest"]["step"] == 20
+
+
+def test_early_stopping_and_target(tmp_path, char_data):
+    res = train(data=char_data, out=tmp_path / "t", model=ModelConfig(**TINY),
+                train=quiet_train(max_iters=200, eval_interval=5, target_val_loss=3.0), optim=OptimConfig(lr=1e-2))
+    assert res["stop_reason"].startswith("reached target") and res["step"] < 200
+    res = train(data=char_data, out=tmp_path / "p", model=ModelConfig(**TINY),
+                train=quiet_train(max_iters=200, eval_interval=2, patience=2), optim=OptimConfig(lr=0.0, min_lr=0.0))
+    assert res["stop_reason"].startswith("early stopping") and res["step"] <= 8
+
+
+# ---------------------------------------------------------------- bad input
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_bad_inputs(tmp_path, char_data):
+    assert "does not exist" in _one_line_error(run_cli("train", "--data", tmp_path / "nope", "--out", tmp_path / "r"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "meta.json").write_text("{not json")
+    assert "meta.json" in _one_line_error(run_cli("train", "--data", bad, "--out", tmp_path / "r"))
+    msg = _one_line_error(run_cli("train", "--data", char_data, "--out", tmp_path / "r", "--model.block_size=100000"))
+    assert "block size 100000" in msg and "val split" in msg
+    msg = _one_line_error(run_cli("train", "--data", char_data, "--out", tmp_path / "r", "--model.n_lyer=2"))
+    assert "n_lyer" in msg and "model.n_layer" in msg
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  max_iter: 5\n")
+    msg = _one_line_error(run_cli("train", "--data", char_data, "--out", tmp_path / "r", "--config", cfg))
+    assert "max_iter" in msg and "max_iters" in msg
+
+
+def test_existing_run_is_never_clobbered(tmp_path, char_data):
+    run = _two_checkpoint_run(tmp_path, char_data)
+    before = (run / "latest/model.safetensors").read_bytes()
+    msg = _one_line_error(run_cli("train", "--data", char_data, "--out", run, *tiny_flags()))
+    assert "--resume" in msg and "--force" in msg
+    assert (run / "latest/model.safetensors").read_bytes() == before
+
+
+def test_vocab_mismatch_on_resume(tmp_path, char_data):
+    from scratchgpt.data import prepare
+
+    run = _two_checkpoint_run(tmp_path, char_data)
+    other = tmp_path / "other.txt"
+    other.write_text("abc abc abc\n" * 500)
+    prepare(inputs=[str(other)], out=tmp_path / "d2", tokenizer="char", progress=False)
+    msg = _one_line_error(run_cli("train", "--data", tmp_path / "d2", "--out", run, "--resume"))
+    assert "vocabulary mismatch" in msg
