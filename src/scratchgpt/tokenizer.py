@@ -1,0 +1,560 @@
+"""Character and byte-level BPE tokenizers, both stored as a Hugging Face `tokenizer.json`.
+
+* ``char``: one id per character of the training split, sorted by code point (so
+  tinyshakespeare gets the same 65 ids as nanoGPT's shakespeare_char). A single ``<unk>``
+  id is appended only when asked for (validation text holding characters train lacks).
+  Saved as a WordLevel model with a one-character Split pre-tokenizer and a Fuse
+  decoder, so ``tokenizers.Tokenizer.from_file`` loads it and round-trips.
+* ``bpe``: GPT-2 style byte-level BPE with ``<|endoftext|>`` at id 0, no normalizer and
+  no prefix space, so ``decode(encode(text)) == text`` for any text.
+
+Encoding here does not go through ``tokenizers`` for whole texts: its byte-level regex
+runs at ~1.5 MB/s per core, while splitting with the stdlib ``re`` and caching the
+encoding of each distinct piece is several times faster. The pieces are the same ones
+``tokenizers`` produces (see ``split_pieces``; tests compare both), so ids agree.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import re
+import sys
+import unicodedata
+from collections import Counter
+from functools import lru_cache
+from itertools import chain
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from . import UserError
+from .utils import atomic_write_bytes
+
+EOT = "<|endoftext|>"
+UNK = "<unk>"
+TOKENIZER_FILE = "tokenizer.json"
+# Byte-level BPE needs the 256 byte symbols plus <|endoftext|>.
+MIN_BPE_VOCAB = 257
+MAX_VOCAB = 2**31 - 1
+# Forget cached piece encodings past this many entries, so memory stays bounded on
+# corpora with endless distinct pieces (numbers, hashes, URLs).
+_CACHE_LIMIT = 400_000
+
+__all__ = [
+    "EOT",
+    "UNK",
+    "Tokenizer",
+    "StreamDecoder",
+    "train_char_tokenizer",
+    "train_bpe_tokenizer",
+    "bpe_word_counts",
+    "train_bpe_from_counts",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Byte-level helpers
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (what ByteLevel uses)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _to_byte_level(piece: str) -> str:
+    # latin-1 turns each byte into the character with that code, which the table maps.
+    return piece.encode("utf-8").decode("latin-1").translate(_bytes_to_unicode())
+
+
+# Oniguruma's \s (what tokenizers' ByteLevel regex uses) is the Unicode White_Space set;
+# Python's \s also matches \x1c-\x1f, so spell it out.
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_WS = _WHITESPACE
+# GPT-2's pre-tokenizer regex is
+#   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# The stdlib `re` has no \p{..}, but its \w is exactly L+N+"_" and \d exactly Nd, so
+# [^\W\d_] is L plus the other numbers (Nl, No: "½", "Ⅻ", "²"). Text without those gets
+# this fast pattern; text with them gets the exact one below, which excludes them by name.
+# Alternatives are reordered (letters first, contractions folded) for speed; no two of
+# them can match at the same position, so the pieces are unchanged.
+_FAST = re.compile(
+    rf"[ ]?[^\W\d_]+|[ ]?\d+|'(?:[stmd]|re|ve|ll)|[ ]?(?:[^\w{_WS}]|_)+|[{_WS}]+(?![^{_WS}])|[{_WS}]+"
+)
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+
+
+@lru_cache(maxsize=1)
+def _bmp_other_numbers() -> str:
+    """Class body of the Nl/No code points ("½", "Ⅻ", "²") in the BMP."""
+    cat = unicodedata.category
+    return _ranges_class(lambda cp: cat(chr(cp)) in ("Nl", "No"), 0, 0xFFFF)
+
+
+@lru_cache(maxsize=1)
+def _astral_other_numbers() -> str:
+    # Kept apart (and built only when needed, it walks ~1M code points) because `re`
+    # has fast bitmap sets only for BMP-only classes.
+    cat = unicodedata.category
+    return _ranges_class(lambda cp: cat(chr(cp)) in ("Nl", "No"), 0x10000, sys.maxunicode)
+
+
+@lru_cache(maxsize=1)
+def _bmp_check() -> re.Pattern:
+    return re.compile(f"[{_bmp_other_numbers()}]")
+
+
+@lru_cache(maxsize=1)
+def _astral_check() -> re.Pattern:
+    return re.compile(f"[{_astral_other_numbers()}]")
+
+
+@lru_cache(maxsize=1)
+def _exact_pattern() -> re.Pattern:
+    x = _bmp_other_numbers() + _astral_other_numbers()
+    return re.compile(
+        rf"[ ]?[^\W\d_{x}]+|[ ]?[\d{x}]+|'(?:[stmd]|re|ve|ll)|[ ]?(?:[^\w{_WS}]|_)+"
+        rf"|[{_WS}]+(?![^{_WS}])|[{_WS}]+"
+    )
+
+
+def split_pieces(text: str) -> list[str]:
+    """Split text into the pieces byte-level BPE encodes independently (as tokenizers does)."""
+    if _bmp_check().search(text) or (_ASTRAL.search(text) and _astral_check().search(text)):
+        return _exact_pattern().findall(text)
+    return _FAST.findall(text)
+
+
+def index_pieces(pieces: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(distinct pieces in first-seen order, index of each piece into them, their counts)."""
+    uniq = list(dict.fromkeys(pieces))
+    pos = dict(zip(uniq, range(len(uniq))))
+    inv = np.fromiter(map(pos.__getitem__, pieces), dtype=np.int64, count=len(pieces))
+    return uniq, inv, np.bincount(inv, minlength=len(uniq))
+
+
+def _ranges_class(pred, lo: int, hi: int) -> str:
+    """A regex character class body for the code points in [lo, hi] satisfying `pred`."""
+    out = []
+    start = prev = None
+    for cp in range(lo, hi + 1):
+        if pred(cp):
+            if start is None:
+                start = cp
+            prev = cp
+        elif start is not None:
+            out.append(_range(start, prev))
+            start = None
+    if start is not None:
+        out.append(_range(start, prev))
+    return "".join(out)
+
+
+def _range(a: int, b: int) -> str:
+    esc = lambda cp: "\\U%08x" % cp  # noqa: E731
+    return esc(a) if a == b else f"{esc(a)}-{esc(b)}"
+
+
+class _PieceCache:
+    """Encodings of distinct pieces, stored flat so a whole text is one numpy gather."""
+
+    def __init__(self, encode_many) -> None:
+        self._encode_many = encode_many  # list[str] -> list[list[int]]
+        self.clear()
+
+    def clear(self) -> None:
+        self.index: dict[str, int] = {}
+        self.flat = np.zeros(1 << 16, dtype=np.int64)
+        self.starts = np.zeros(1 << 12, dtype=np.int64)
+        self.lens = np.zeros(1 << 12, dtype=np.int64)
+        self.n_flat = 0
+
+    def encode(self, pieces: list[str]) -> np.ndarray:
+        if not pieces:
+            return np.zeros(0, dtype=np.int64)
+        self._ensure(set(pieces))
+        which = np.fromiter(map(self.index.__getitem__, pieces), dtype=np.int64, count=len(pieces))
+        return self._gather(which)[0]
+
+    def encode_indexed(self, uniq: list[str], inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ids for the pieces `uniq[inv]`, and the end offset of each piece's ids."""
+        if len(inv) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        self._ensure(uniq)
+        which = np.fromiter(map(self.index.__getitem__, uniq), dtype=np.int64, count=len(uniq))
+        return self._gather(which[inv])
+
+    def _ensure(self, pieces) -> None:
+        missing = [p for p in pieces if p not in self.index]
+        if missing:
+            if len(self.index) + len(missing) > _CACHE_LIMIT:
+                self.clear()
+                missing = list(pieces)
+            self._add(missing, self._encode_many(missing))
+
+    def _gather(self, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lens = self.lens[which]
+        ends = np.cumsum(lens)
+        # output position k reads flat[start of its piece + (k - where that piece's ids begin)]
+        shift = np.repeat(self.starts[which] - (ends - lens), lens)
+        return self.flat[np.arange(int(ends[-1]), dtype=np.int64) + shift], ends
+
+    def _add(self, pieces: list[str], encodings: list[list[int]]) -> None:
+        n0 = len(self.index)
+        n1 = n0 + len(pieces)
+        total = sum(map(len, encodings))
+        self.flat = _grow(self.flat, self.n_flat + total)
+        self.starts = _grow(self.starts, n1)
+        self.lens = _grow(self.lens, n1)
+        lens = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
+        self.lens[n0:n1] = lens
+        self.starts[n0:n1] = self.n_flat + np.cumsum(lens) - lens
+        self.flat[self.n_flat : self.n_flat + total] = np.fromiter(
+            chain.from_iterable(encodings), dtype=np.int64, count=total
+        )
+        self.n_flat += total
+        self.index.update(zip(pieces, range(n0, n1)))
+
+
+def _grow(a: np.ndarray, need: int) -> np.ndarray:
+    if need <= len(a):
+        return a
+    b = np.zeros(max(need, 2 * len(a)), dtype=a.dtype)
+    b[: len(a)] = a
+    return b
+
+
+# ---------------------------------------------------------------------------------------
+# The tokenizer
+
+
+class Tokenizer:
+    """A trained tokenizer: ``kind`` is ``"char"`` or ``"bpe"``."""
+
+    kind: str
+    vocab_size: int
+    eot_id: int | None
+    unk_id: int | None
+
+    def __init__(self, hf, kind: str) -> None:
+        # `hf` is a tokenizers.Tokenizer holding the vocabulary (and, for bpe, merges).
+        self._hf = hf
+        self.kind = kind
+        vocab: dict[str, int] = hf.get_vocab(with_added_tokens=True)
+        self.vocab_size = len(vocab)
+        self._itos: list[str] = [""] * self.vocab_size
+        for tok, i in vocab.items():
+            if not 0 <= i < self.vocab_size:
+                raise UserError(f"tokenizer: id {i} of {tok!r} is outside 0..{self.vocab_size - 1}")
+            self._itos[i] = tok
+        self.eot_id = vocab.get(EOT)
+        self.unk_id = vocab.get(UNK) if kind == "char" else None
+        self._token_bytes: list[bytes] | None = None
+        if kind == "char":
+            chars = [t for t in self._itos if len(t) == 1]
+            if len(chars) + (self.unk_id is not None) != self.vocab_size:
+                raise UserError("tokenizer: a char vocabulary may only hold single characters and <unk>")
+            self._stoi = {t: i for i, t in enumerate(self._itos)}
+            order = sorted((ord(t), i) for i, t in enumerate(self._itos) if len(t) == 1)
+            self._cps = np.array([c for c, _ in order], dtype=np.uint32)
+            self._cp_ids = np.array([i for _, i in order], dtype=np.int64)
+        else:
+            fast = getattr(hf, "encode_batch_fast", hf.encode_batch)
+            # Special tokens inside text are deliberately not honoured: every piece is plain
+            # text (the split never yields a whole "<|endoftext|>"), so a document that
+            # mentions it keeps it as ordinary characters.
+            self._pieces = _PieceCache(lambda ps: [e.ids for e in fast(ps, add_special_tokens=False)])
+
+    # -- encoding ------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Encode to an int64 numpy array (the fast path the data pipeline uses)."""
+        if self.kind == "char":
+            return self._encode_char(text)
+        return self._pieces.encode(split_pieces(text))
+
+    def encode_indexed(self, uniq: list[str], inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """BPE ids for the piece sequence `uniq[inv]` (see `index_pieces`), and the end
+        offset of each piece's ids. Lets the data pipeline split text only once."""
+        if self.kind != "bpe":
+            raise ValueError("encode_indexed is for bpe tokenizers")
+        return self._pieces.encode_indexed(uniq, inv)
+
+    def _encode_char(self, text: str) -> np.ndarray:
+        if not text:
+            return np.zeros(0, dtype=np.int64)
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        pos = np.searchsorted(self._cps, cps)
+        np.minimum(pos, len(self._cps) - 1, out=pos)
+        ids = self._cp_ids[pos]
+        bad = self._cps[pos] != cps
+        if bad.any():
+            if self.unk_id is None:
+                missing = sorted({chr(c) for c in cps[bad].tolist()})
+                shown = ", ".join(repr(c) for c in missing[:10])
+                more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+                raise UserError(
+                    f"{len(missing)} character(s) not in the char tokenizer's vocabulary: {shown}{more}"
+                )
+            ids[bad] = self.unk_id
+        return ids
+
+    def count_unknown(self, text: str) -> int:
+        """How many characters of `text` a char tokenizer maps to <unk> (0 for bpe)."""
+        if self.kind != "char" or not text:
+            return 0
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        pos = np.minimum(np.searchsorted(self._cps, cps), len(self._cps) - 1)
+        return int((self._cps[pos] != cps).sum())
+
+    # -- decoding ------------------------------------------------------------------------
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text for `ids`; invalid UTF-8 (a split multi-byte character) becomes U+FFFD."""
+        if self.kind == "char":
+            return "".join(map(self._itos.__getitem__, self._check_ids(ids)))
+        return self.decode_bytes(ids).decode("utf-8", "replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Raw bytes for `ids`; lets a streamer hold back an incomplete UTF-8 character."""
+        table = self.token_bytes_table()
+        return b"".join(map(table.__getitem__, self._check_ids(ids)))
+
+    def _check_ids(self, ids: Iterable[int]) -> list[int]:
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids]
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise UserError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})")
+        return ids
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+    def id_to_token(self, i: int) -> str:
+        return self._itos[i]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._hf.token_to_id(token)
+
+    def token_bytes(self, i: int) -> bytes:
+        return self.token_bytes_table()[i]
+
+    def token_bytes_table(self) -> list[bytes]:
+        """The UTF-8 bytes of every token, indexed by id."""
+        if self._token_bytes is None:
+            if self.kind == "char":
+                self._token_bytes = [t.encode("utf-8", "surrogatepass") for t in self._itos]
+            else:
+                back = {c: b for b, c in _bytes_to_unicode().items()}
+                special = {t.content for t in self._hf.get_added_tokens_decoder().values()}
+                table = []
+                for t in self._itos:
+                    if t in special or any(c not in back for c in t):
+                        table.append(t.encode("utf-8"))
+                    else:
+                        table.append(bytes(back[c] for c in t))
+                self._token_bytes = table
+        return self._token_bytes
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return self._hf.to_str(pretty=True)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `directory/tokenizer.json` atomically; returns its path."""
+        path = Path(directory) / TOKENIZER_FILE
+        atomic_write_bytes(path, (self.to_json() + "\n").encode("utf-8"))
+        return path
+
+    @classmethod
+    def load(cls, directory_or_file: str | os.PathLike) -> "Tokenizer":
+        """Load from a directory holding tokenizer.json, or from the file itself."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(directory_or_file)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        if not path.is_file():
+            raise UserError(f"no tokenizer found at {path}")
+        try:
+            raw = path.read_text(encoding="utf-8")
+            kind = _kind_of(json.loads(raw))
+            hf = HFTokenizer.from_str(raw)
+        except UserError:
+            raise
+        except Exception as e:  # tokenizers raises plain Exception for malformed files
+            raise UserError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+        return cls(hf, kind)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+
+def _kind_of(spec: dict) -> str:
+    model = (spec.get("model") or {}).get("type")
+    if model == "WordLevel":
+        return "char"
+    if model == "BPE":
+        return "bpe"
+    raise UserError(f"unsupported tokenizer model {model!r} (expected a scratchgpt char or bpe tokenizer)")
+
+
+class StreamDecoder:
+    """Turns ids into text as they arrive, never splitting a multi-byte character."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._table = tokenizer.token_bytes_table()
+        self._dec = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, ids: Iterable[int]) -> str:
+        return self._dec.decode(b"".join(self._table[int(i)] for i in ids))
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def train_char_tokenizer(chars: Iterable[str], *, add_unk: bool = False) -> Tokenizer:
+    """Char tokenizer over the distinct characters in `chars` (strings or a set of chars)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    charset: set[str] = set()
+    for s in chars:
+        charset.update(s)
+    if not charset:
+        raise UserError("cannot build a char tokenizer from empty text")
+    vocab = {c: i for i, c in enumerate(sorted(charset))}
+    if add_unk:
+        vocab[UNK] = len(vocab)
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
+    # One piece per code point, newlines included; Fuse joins them back without spaces.
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    hf.decoder = decoders.Fuse()
+    return Tokenizer(hf, "char")
+
+
+def _check_bpe_vocab_size(vocab_size: int) -> None:
+    if not MIN_BPE_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise UserError(
+            f"--vocab-size {vocab_size} is out of range: byte-level BPE needs at least "
+            f"{MIN_BPE_VOCAB} (256 bytes + {EOT})"
+        )
+
+
+def bpe_word_counts(texts: Iterable[str], counts: Counter | None = None) -> Counter:
+    """Count byte-level pieces (as the BPE model spells them) over `texts`."""
+    counts = Counter() if counts is None else counts
+    for text in texts:
+        counts.update(split_pieces(text))
+    return counts
+
+
+def train_bpe_from_counts(
+    counts: dict[str, int],
+    vocab_size: int,
+    *,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+    exact: bool = True,
+) -> Tokenizer:
+    """Train byte-level BPE from piece counts (`bpe_word_counts`).
+
+    The counts are replayed to `tokenizers`' BPE trainer with a whitespace pre-tokenizer
+    (byte-level symbols never contain whitespace), which costs a fraction of letting it
+    run the byte-level regex over the corpus again; the result is the same model.
+    With `exact`, ending with fewer tokens than asked for is a UserError.
+    """
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    _check_bpe_vocab_size(vocab_size)
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    hf.train_from_iterator(_replay_counts(counts), trainer=trainer)
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    tok = Tokenizer(hf, "bpe")
+    if tok.eot_id != 0:
+        raise AssertionError("<|endoftext|> must be id 0")
+    if exact and tok.vocab_size < vocab_size:
+        raise UserError(
+            f"--vocab-size {vocab_size} is more than this corpus supports: BPE training stopped at "
+            f"{tok.vocab_size} tokens (no pair occurs at least {min_frequency} times); "
+            f"use --vocab-size {tok.vocab_size} or less, or more text"
+        )
+    return tok
+
+
+def scale_counts(counts: dict[str, int], max_total: int) -> tuple[dict[str, int], float]:
+    """Counts scaled down so they sum to about `max_total` (pieces rounding to 0 dropped).
+
+    Training replays every occurrence to `tokenizers`, at ~0.6 us each; past a few
+    million occurrences the relative frequencies, which are all BPE uses, are known well
+    enough, so big corpora train in bounded time. Returns (counts, factor applied).
+    """
+    total = sum(counts.values())
+    if total <= max_total:
+        return counts, 1.0
+    f = max_total / total
+    scaled = {}
+    for piece, n in counts.items():
+        k = int(n * f + 0.5)
+        if k:
+            scaled[piece] = k
+    return scaled, f
+
+
+def _replay_counts(counts: dict[str, int], chunk_chars: int = 1 << 16) -> Iterator[str]:
+    # Small chunks: tokenizers buffers a few hundred items from the iterator at a time.
+    buf: list[str] = []
+    size = 0
+    for piece, n in counts.items():
+        word = _to_byte_level(piece) + " "
+        per_chunk = max(1, chunk_chars // len(word))
+        while n > 0:
+            k = min(n, per_chunk)
+            buf.append(word * k)
+            size += len(word) * k
+            n -= k
+            if size >= chunk_chars:
+                yield "".join(buf)
+                buf, size = [], 0
+    if buf:
+        yield "".join(buf)
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2, exact: bool = True
+) -> Tokenizer:
+    """Train byte-level BPE on an iterable of texts (streamed; only piece counts are kept)."""
+    return train_bpe_from_counts(bpe_word_counts(texts), vocab_size, min_frequency=min_frequency, exact=exact)
