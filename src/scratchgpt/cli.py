@@ -66,7 +66,9 @@ def _prepare_parser() -> Parser:
     p.add_argument("--strip-gutenberg", action="store_true", help="strip Project Gutenberg headers and footers")
     p.add_argument("--dedup", action="store_true", help="drop exact-duplicate documents")
     p.add_argument("--buffer-mb", type=int, default=64, help="text buffered in memory at once")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--min-frequency", type=int, default=2, help="BPE: merge only pairs seen at least this often")
+    p.add_argument("--workers", type=Optional[int], default=None, help="worker processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=1337, help="seeds the document split")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     return p
 
@@ -84,11 +86,13 @@ def cmd_prepare(a) -> None:
         jsonl_field=a.jsonl_field,
         errors=a.errors,
         nfc=not a.no_nfc,
-        newlines=not a.no_newlines,
+        normalize_newlines=not a.no_newlines,
         strip_control=not a.no_strip_control,
         strip_gutenberg=a.strip_gutenberg,
         dedup=a.dedup,
         buffer_mb=a.buffer_mb,
+        min_frequency=a.min_frequency,
+        workers=a.workers,
         seed=a.seed,
         force=a.force,
     )
@@ -97,13 +101,15 @@ def cmd_prepare(a) -> None:
 def _data_info_parser() -> Parser:
     p = Parser(description="Show a prepared data directory: manifest, token counts, a decoded sample.")
     p.add_argument("dir", type=Path)
+    p.add_argument("--sample-tokens", type=int, default=200, help="tokens to decode from each split")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256 against meta.json")
     return p
 
 
 def cmd_data_info(a) -> None:
     from .data import data_info
 
-    data_info(a.dir)
+    print(data_info(a.dir, sample_tokens=a.sample_tokens, verify=a.verify))
 
 
 # ---------------------------------------------------------------- train / eval / info
@@ -150,19 +156,131 @@ def _normalise(value):
 
 
 def _eval_parser() -> Parser:
-    p = Parser(description="Evaluate a run: loss, perplexity and bits per byte over the whole val split.")
+    p = Parser(description="Evaluate a run; prints JSON and saves RUN/eval-<task>.json. lm: loss, perplexity, "
+                           "bits per byte; classify: accuracy, macro-F1, confusion matrix; generate: BLEU, chrF.")
     p.add_argument("run", type=Path)
-    p.add_argument("--data", type=Optional[Path], default=None, help="prepared data dir (default: the run's)")
-    p.add_argument("--context", type=int, default=0, help="window length in tokens (default: block_size)")
+    p.add_argument("--task", choices=["lm", "classify", "generate"], default="lm")
+    p.add_argument("--data", type=Optional[Path], default=None,
+                   help="lm: prepared data dir (default: the run's) or a text file; classify/generate: CSV/JSONL file")
+    p.add_argument("--context", type=int, default=0, help="lm: window length in tokens (default: block_size)")
     p.add_argument("--which", choices=["best", "latest"], default="best")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--text-field", type=Optional[str], default=None, help="classify: default: the run's")
+    p.add_argument("--label-field", type=Optional[str], default=None, help="classify: default: the run's")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generate: reply length limit")
+    p.add_argument("--limit", type=int, default=0, help="generate: only the first N examples; 0: all")
+    p.add_argument("--base", type=Optional[Path], default=None, help="LoRA runs: the base run, if it moved")
     return p
 
 
 def cmd_eval(a) -> None:
-    from .evaluate import evaluate_lm_cli
+    from .evaluate import evaluate_cli
 
-    evaluate_lm_cli(a.run, data=a.data, context=a.context, which=a.which, batch_size=a.batch_size)
+    evaluate_cli(a.run, a.task, a.data, context=a.context, which=a.which, batch_size=a.batch_size,
+                 text_field=a.text_field, label_field=a.label_field, max_new_tokens=a.max_new_tokens, limit=a.limit,
+                 base=a.base)
+
+
+# ---------------------------------------------------------------- finetune / predict / merge-lora
+def _finetune_common(p: Parser) -> None:
+    p.add_argument("run", type=Path, help="base run (or checkpoint dir) to fine-tune")
+    p.add_argument("--train", type=Path, required=True, help="training file (.csv, .tsv or .jsonl)")
+    p.add_argument("--val", type=Path, required=True, help="validation file, same format")
+    p.add_argument("--out", type=Path, required=True, help="new run directory")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint of the base run")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=0, help=">0: stop after this many steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.0, help="0: 3e-4, or 1e-3 with --lora")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="0: off")
+    p.add_argument("--eval-interval", type=int, default=0, help="steps between val evaluations; 0: once per epoch")
+    p.add_argument("--patience", type=int, default=0, help="early stopping after N evaluations without improvement")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT) instead of the weights")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--freeze-except", type=Optional[int], default=None,
+                   help="train only the last N blocks (and the head); 0: the head alone")
+
+
+def _finetune_parser() -> Parser:
+    p = Parser(prog="scratchgpt finetune",  # before add_subcommand: the sub-parsers' usage lines copy it
+               description="Fine-tune a run: `classify` (text -> label) or `sft` (prompt -> response).")
+    sub = p.add_subcommands(dest="mode")
+    c = Parser(description="Classifier: a head on the last (or mean) hidden state; reports accuracy, macro-F1 "
+                           "and the confusion matrix on val; keeps the best checkpoint.")
+    _finetune_common(c)
+    c.add_argument("--text-field", default="text")
+    c.add_argument("--label-field", default="label")
+    c.add_argument("--pooling", choices=["last", "mean"], default="last")
+    sub.add_subcommand("classify", c)
+    s = Parser(description="Supervised fine-tuning on prompt/response (or messages) JSONL, loss on responses only; "
+                           "the chat template is stored in the checkpoint for `chat`.")
+    _finetune_common(s)
+    s.add_argument("--template", type=Optional[Path], default=None, help="chat template JSON (user, system, "
+                   "assistant_end, stop); default: ### Instruction/### Response")
+    s.add_argument("--no-mask-prompt", action="store_true", help="learn the prompt tokens too")
+    s.add_argument("--pack", action="store_true", help="several whole examples per row instead of padding")
+    sub.add_subcommand("sft", s)
+    return p
+
+
+def cmd_finetune(a) -> None:
+    from .finetune import FinetuneOptions, finetune_classify, finetune_sft
+
+    f = getattr(a, a.mode)
+    o = FinetuneOptions(epochs=f.epochs, max_steps=f.max_steps, batch_size=f.batch_size, lr=f.lr,
+                        weight_decay=f.weight_decay, warmup_steps=f.warmup_steps, grad_clip=f.grad_clip,
+                        eval_interval=f.eval_interval, patience=f.patience, seed=f.seed, device=f.device, lora=f.lora,
+                        lora_r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout,
+                        freeze_except=f.freeze_except)
+    if a.mode == "classify":
+        finetune_classify(f.run, f.train, f.val, f.out, text_field=f.text_field, label_field=f.label_field,
+                          pooling=f.pooling, options=o, which=f.which, force=f.force)
+    else:
+        finetune_sft(f.run, f.train, f.val, f.out, template=f.template, mask_prompt=not f.no_mask_prompt, pack=f.pack,
+                     options=o, which=f.which, force=f.force)
+
+
+def _predict_parser() -> Parser:
+    p = Parser(description="Label every row of a file with a classification run: label and probabilities.")
+    p.add_argument("run", type=Path)
+    p.add_argument("--input", type=Path, required=True, help=".csv, .tsv, .jsonl, or .txt (one text a line)")
+    p.add_argument("--output", type=Optional[Path], default=None, help=".jsonl or .csv (default: JSONL to stdout)")
+    p.add_argument("--text-field", type=Optional[str], default=None, help="default: the run's")
+    p.add_argument("--which", choices=["best", "latest"], default="best")
+    p.add_argument("--base", type=Optional[Path], default=None, help="LoRA runs: the base run, if it moved")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def cmd_predict(a) -> None:
+    from .finetune import predict
+
+    predict(a.run, a.input, a.output, text_field=a.text_field, which=a.which, base=a.base, batch_size=a.batch_size,
+            device=a.device)
+
+
+def _merge_lora_parser() -> Parser:
+    p = Parser(description="Fold a LoRA run's adapter into its base weights: a full checkpoint for sample/chat.")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--base", type=Optional[Path], default=None, help="the base run, if it moved")
+    p.add_argument("--which", choices=["best", "latest"], default="best")
+    p.add_argument("--force", action="store_true")
+    return p
+
+
+def cmd_merge_lora(a) -> None:
+    from .finetune import merge_lora
+
+    merge_lora(a.run, a.out, base=a.base, which=a.which, force=a.force)
 
 
 def _info_parser() -> Parser:
@@ -244,6 +362,78 @@ def cmd_chat(a) -> None:
     chat_cli(a.run, which=a.which, device=a.device, gen=_generation_config(a))
 
 
+# ---------------------------------------------------------------- tune / serve
+def _tune_parser() -> Parser:
+    from typing import Literal, Union
+
+    from .model import ModelConfig
+    from .train import OptimConfig, TrainConfig
+
+    p = Parser(description="Hyperparameter search (Optuna): each trial is a short training run in OUT/trial-NNN, "
+                           "scored by its val loss. Writes OUT/trials.jsonl and OUT/best.json. The "
+                           "--model.*/--train.*/--optim.* flags (or --config) set the base config of every trial.")
+    p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON config file (base config, and any of these options)")
+    p.add_argument("--data", type=Optional[Path], default=None, help="prepared data dir (default: embedded corpus)")
+    p.add_argument("--out", type=Path, default=Path("runs/tune"), help="search directory")
+    p.add_argument("--space", type=Optional[Union[dict, str]], default=None,
+                   help='YAML/JSON file or inline mapping, e.g. \'{"optim.lr": {"low": 1e-4, "high": 1e-2, "log": '
+                        'true}, "model.n_embd": [32, 64]}\'')
+    p.add_argument("--method", type=Optional[Literal["grid", "random", "bayes"]], default=None,
+                   help="grid, random, or bayes (TPE; the default)")
+    p.add_argument("--trials", type=int, default=20, help="total trials, counting those already done on --resume")
+    p.add_argument("--seed", type=Optional[int], default=None, help="seeds the sampler (default 0); trials train with --train.seed")
+    p.add_argument("--resume", action="store_true", help="continue the search in --out with its saved settings")
+    p.add_argument("--force", action="store_true", help="replace a search that is already in --out")
+    p.add_dataclass_arguments(ModelConfig, "model")
+    p.add_dataclass_arguments(TrainConfig, "train")
+    p.add_dataclass_arguments(OptimConfig, "optim")
+    return p
+
+
+def cmd_tune(a) -> None:
+    from .model import ModelConfig
+    from .train import OptimConfig, TrainConfig
+
+    try:
+        import optuna  # noqa: F401  (imported by tune() itself; checked here for a one-line error)
+
+        from .tune import tune_cli
+    except ImportError as e:
+        raise UserError(f"`scratchgpt tune` needs Optuna ({e}): pip install 'scratchgpt[tune]'") from None
+    try:
+        model_cfg = ModelConfig(**vars(a.model))
+        train_cfg = TrainConfig(**vars(a.train))
+        optim_cfg = OptimConfig(**vars(a.optim))
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
+    tune_cli(space=a.space, out=a.out, data=a.data, method=a.method, trials=a.trials, model=model_cfg,
+             train=train_cfg, optim=optim_cfg, seed=a.seed, resume=a.resume, force=a.force)
+
+
+def _serve_parser() -> Parser:
+    p = Parser(description="Serve a run over HTTP with an OpenAI-compatible API: POST /v1/completions, "
+                           "POST /v1/chat/completions (streaming as server-sent events), GET /v1/models, GET /health.")
+    p.add_argument("run", type=Path, help="run directory (or a checkpoint directory)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (no authentication: keep it local)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint; best falls back to latest")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if available)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    return p
+
+
+def cmd_serve(a) -> None:
+    try:
+        import uvicorn  # noqa: F401
+
+        from .serve import serve
+    except ImportError as e:
+        raise UserError(f"`scratchgpt serve` needs FastAPI and uvicorn ({e}): pip install 'scratchgpt[serve]'") from None
+    serve(a.run, host=a.host, port=a.port, which=a.which, device=a.device, max_tokens_limit=a.max_tokens_limit,
+          log_level=a.log_level)
+
+
 COMMANDS = {
     "prepare": (_prepare_parser, cmd_prepare),
     "data-info": (_data_info_parser, cmd_data_info),
@@ -252,6 +442,11 @@ COMMANDS = {
     "info": (_info_parser, cmd_info),
     "sample": (_sample_parser, cmd_sample),
     "chat": (_chat_parser, cmd_chat),
+    "finetune": (_finetune_parser, cmd_finetune),
+    "predict": (_predict_parser, cmd_predict),
+    "merge-lora": (_merge_lora_parser, cmd_merge_lora),
+    "tune": (_tune_parser, cmd_tune),
+    "serve": (_serve_parser, cmd_serve),
 }
 
 

@@ -1,7 +1,16 @@
-"""torchrun support: process group setup, DDP/FSDP2 wrapping, and rank-aware saving.
+"""torchrun support: process group setup, DDP/FSDP2 wrapping, rank-aware saving and loading, restarts.
 
 Without torchrun's environment (RANK, WORLD_SIZE, ...) every function here is a cheap no-op,
 so the training loop reads the same for one process and for many.
+
+- Data: batches are a pure function of (seed, step); rank r takes rows [r*B/W, (r+1)*B/W) of
+  the global batch B, so the data cursor of every rank is (seed, step) and nothing else.
+- DDP checkpoints are the single-process checkpoint (written by rank 0). FSDP checkpoints hold
+  the sharded state as `torch.distributed.checkpoint` safetensors shards plus a full
+  `model.safetensors` export (see fsdp_checkpoint.py). Any of them resumes on any world size.
+- Failures: a rank that dies takes the job down (torchrun stops the others and names the rank);
+  a rank that hangs is caught by the collective timeout (SCRATCHGPT_DIST_TIMEOUT seconds).
+  Under `torchrun --max-restarts K` a restarted worker resumes from RUN/latest by itself.
 """
 
 from __future__ import annotations
@@ -9,12 +18,19 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as tdist
+
+from . import UserError
+
+# Long enough for rank 0 to write a large checkpoint or print a sample while the others wait
+# in a collective; short enough that a hung rank ends the job instead of stalling it for hours.
+DEFAULT_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -29,7 +45,7 @@ class DistContext:
 def setup(tcfg) -> DistContext:
     """Join the process group torchrun describes: nccl on CUDA, gloo on CPU, with a collective timeout."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistContext()
+        return DistContext()  # one process: train.parallel does not apply (a run saved under FSDP resumes here)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() and tcfg.device in ("auto", "cuda")
@@ -37,13 +53,51 @@ def setup(tcfg) -> DistContext:
     if use_cuda:
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
-        timeout = datetime.timedelta(seconds=float(os.environ.get("SCRATCHGPT_DIST_TIMEOUT", 60)))
-        tdist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+        try:
+            timeout = datetime.timedelta(seconds=float(os.environ.get("SCRATCHGPT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+        except ValueError:
+            raise UserError(f"SCRATCHGPT_DIST_TIMEOUT must be a number of seconds, not {os.environ['SCRATCHGPT_DIST_TIMEOUT']!r}") from None
+        backend = "nccl" if use_cuda else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps one key-value store for every restart of its workers, so a restarted
+            # rank could read the dead attempt's peer addresses (gloo: "connectFullMesh failed ...
+            # Connection refused", or a hang). A key prefix per attempt keeps the attempts apart.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            client = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                                    timeout=timeout)
+            tdist.init_process_group(backend, store=tdist.PrefixStore(f"scratchgpt/attempt_{attempt}/", client),
+                                     rank=rank, world_size=world, timeout=timeout)
+        else:
+            tdist.init_process_group(backend, timeout=timeout)
     parallel = tcfg.parallel if tcfg.parallel != "none" else "ddp"
     return DistContext(rank, world, local_rank, device, parallel if world > 1 else "none")
 
 
+def restart_mode(out: Path, resume: bool, force: bool) -> tuple[bool, bool]:
+    """(resume, force) for this launch. A worker restarted by `torchrun --max-restarts` continues
+    from RUN/latest when a checkpoint exists, else starts over, replacing what its first attempt wrote."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:
+        return resume, force
+    has_checkpoint = (Path(out) / "latest").exists()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: "
+              + ("resuming from the last checkpoint" if has_checkpoint else "no checkpoint yet, starting over"),
+              file=sys.stderr)
+    return (True, force) if has_checkpoint else (False, True)
+
+
+def maybe_fail(step: int, ctx: DistContext) -> None:
+    """Fault injection for the tests: SCRATCHGPT_FAULT_RANK=r SCRATCHGPT_FAULT_STEP=s makes rank r
+    exit with status 1 (no cleanup, as a crash) before step s, on the first attempt only, so that
+    a torchrun restart can be seen to recover."""
+    if (os.environ.get("SCRATCHGPT_FAULT_STEP") == str(step) and os.environ.get("SCRATCHGPT_FAULT_RANK") == str(ctx.rank)
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+        print(f"rank {ctx.rank}: injected fault at step {step} (SCRATCHGPT_FAULT_STEP), exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
 def wrap(model: torch.nn.Module, tcfg, ctx: DistContext) -> torch.nn.Module:
+    """DDP wrapper, or FSDP2 in place. FSDP2 replaces the parameters: build the optimizer after this."""
     if ctx.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -53,29 +107,19 @@ def wrap(model: torch.nn.Module, tcfg, ctx: DistContext) -> torch.nn.Module:
 
         for block in model.transformer.h:  # one shard unit per block: gathers one block's weights at a time
             fully_shard(block)
-        fully_shard(model)
+        fully_shard(model)  # the rest (embeddings, tied head, final norm) in the root unit
         return model
     return model
 
 
 def no_sync(model: torch.nn.Module, last: bool):
-    """Skip DDP's gradient all-reduce on accumulation micro-steps; only the last one syncs."""
+    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP2) on accumulation micro-steps."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: a flag, read at backward time
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
     if not last and hasattr(model, "no_sync"):
         return model.no_sync()
-    if not last and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
-        return _ResyncFSDP(model)
-    if last and hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(True)
     return contextlib.nullcontext()
-
-
-class _ResyncFSDP(contextlib.AbstractContextManager):
-    def __init__(self, model):
-        self.model = model
-
-    def __exit__(self, *exc):
-        return False
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
@@ -85,7 +129,7 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(norm, "full_tensor"):  # DTensor under FSDP
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP: the sum over shards
         norm = norm.full_tensor()
     return norm
 
@@ -95,13 +139,43 @@ def mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.world == 1:
         return t
     t = t.detach().clone()
-    tdist.all_reduce(t, op=tdist.ReduceOp.AVG if ctx.device.type == "cuda" else tdist.ReduceOp.SUM)
-    return t if ctx.device.type == "cuda" else t / ctx.world
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)  # gloo has no AVG
+    return t / ctx.world
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank when it is true on any: decisions from local clocks must agree, or ranks part ways."""
+    if ctx.world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def data_slices(batch_size: int, per_rank: int, micro: int, ctx: DistContext) -> dict:
+    """The data cursor spelled out per rank, for state.json: all derive from (seed, step)."""
+    return {"global_batch_size": batch_size, "world_size": ctx.world, "micro_batch_size": micro,
+            "ranks": [{"rank": r, "rows": [r * per_rank, (r + 1) * per_rank]} for r in range(ctx.world)]}
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module, ctx: DistContext):
+    """Root-level weights gathered for code that uses them outside forward (generation calls lm_head).
+
+    Under FSDP every rank must enter this and run the same forwards (same seed: same tokens)."""
+    if ctx.parallel != "fsdp":
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def save(out: Path, model, optimizers, state: dict, config: dict, tokenizer_file, tcfg, ctx: DistContext,
          is_best: bool) -> None:
-    """Rank 0 writes the same safetensors checkpoint as a single process, so runs move between world sizes."""
+    """DDP / one process: rank 0 writes the single-process checkpoint. FSDP: sharded state + full model export."""
     from .checkpoint import save_checkpoint
 
     if ctx.parallel == "fsdp":
@@ -113,7 +187,56 @@ def save(out: Path, model, optimizers, state: dict, config: dict, tokenizer_file
         save_checkpoint(out, model=model, optimizer=optimizers, state=state, config=config,
                         tokenizer_file=tokenizer_file, keep_last=tcfg.keep_last, is_best=is_best)
     if ctx.world > 1:
-        tdist.barrier()
+        tdist.barrier()  # nobody runs ahead (or exits) before the checkpoint is in place
+
+
+def load_optimizers(ckpt: Path, model: torch.nn.Module, optimizers: list, state: dict, ctx: DistContext) -> None:
+    """Optimizer state from any checkpoint layout into this run's (possibly sharded) optimizers.
+
+    optimizer.safetensors (one process / DDP) holds full tensors; FSDP checkpoints hold shards.
+    Either is reshaped to what the live parameters are: full tensors, or this rank's shards."""
+    from .checkpoint import OPTIM_FILE, load_tensors, optimizer_from_tensors
+    from .fsdp_checkpoint import SHARDED_DIR, load_sharded
+
+    metas = state["optimizer"]
+    if len(metas) != len(optimizers):
+        raise UserError(f"{ckpt}: checkpoint has {len(metas)} optimizers, this run {len(optimizers)} (optim.optimizer changed?)")
+    if (Path(ckpt) / SHARDED_DIR).is_dir():
+        tensors = load_sharded(Path(ckpt) / SHARDED_DIR, model, optimizers, metas, ctx)
+    else:
+        tensors = load_tensors(Path(ckpt) / OPTIM_FILE)
+        if ctx.parallel == "fsdp":
+            tensors = _shard_like_params(tensors, optimizers, metas)
+    for i, opt in enumerate(optimizers):
+        sub = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}.")}
+        optimizer_from_tensors(opt, sub, metas[i])
+
+
+def param_of_key(optimizers: list, metas: list) -> dict[str, torch.Tensor]:
+    """'<optimizer>.<param id>' -> the live parameter it belongs to (ids follow param_groups order)."""
+    out = {}
+    for i, (opt, meta) in enumerate(zip(optimizers, metas)):
+        for saved, live in zip(meta["param_groups"], opt.param_groups):
+            if len(saved["params"]) != len(live["params"]):
+                raise UserError("checkpoint optimizer does not match the model (parameter groups differ)")
+            for pid, p in zip(saved["params"], live["params"]):
+                out[f"{i}.{pid}"] = p
+    return out
+
+
+def _shard_like_params(tensors: dict, optimizers: list, metas: list) -> dict:
+    """Full optimizer tensors -> this rank's shards, laid out as their parameter (FSDP2: dim 0)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = param_of_key(optimizers, metas)
+    out = {}
+    for key, t in tensors.items():
+        p = params.get(key.rsplit(".", 1)[0])
+        if isinstance(p, DTensor) and tuple(t.shape) == tuple(p.shape):
+            # src_data_rank=None: every rank holds the full tensor, so each just slices (no communication)
+            t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        out[key] = t
+    return out
 
 
 def teardown(ctx: DistContext) -> None:

@@ -1,4 +1,18 @@
-"""Evaluation: loss, perplexity and bits per byte over a whole split (`scratchgpt eval`)."""
+"""Evaluation (`scratchgpt eval RUN --task lm|classify|generate --data ...`).
+
+* lm: loss, perplexity and bits per byte over the val split of a prepared data dir (the
+  run's by default), or over a plain text file (.txt, any other non-CSV/JSONL file)
+  tokenized with the run's tokenizer.
+* classify: accuracy, macro-F1, per-class figures and the confusion matrix of a
+  classification run on a CSV/JSONL file with text and label fields.
+* generate: BLEU and chrF (sacrebleu) and exact match of greedy replies against the
+  references of an SFT file (prompt/response or messages; the last assistant turn is the
+  reference), prompted through the run's chat template. BLEU is standard corpus BLEU-4, so
+  replies shorter than 4 tokens (single words) score 0 whatever they are: read chrF and exact
+  match there.
+
+The result is printed as JSON and saved as RUN/eval-<task>.json (lm also as RUN/eval.json).
+"""
 
 from __future__ import annotations
 
@@ -62,26 +76,140 @@ def evaluate_lm(model, dataset, context: int, device="cpu", batch_size: int = 16
 
 
 def evaluate_lm_cli(run: Path, data: Optional[Path] = None, context: int = 0, which: str = "best",
-                    batch_size: int = 16) -> dict:
-    """`scratchgpt eval RUN`: JSON with val_loss, perplexity and bits_per_byte, printed and saved as RUN/eval.json."""
-    from .checkpoint import load_model
-    from .data import TokenDataset, load_meta
+                    batch_size: int = 16, base: Optional[Path] = None) -> dict:
+    """`scratchgpt eval RUN [--task lm]`: val_loss, perplexity, bits_per_byte; printed, saved as RUN/eval-lm.json.
 
-    model, tokenizer, config = load_model(run, which)
-    data = Path(data or config.get("data") or "")
-    meta = load_meta(data)
-    if meta["vocab_size"] != model.cfg.vocab_size:
-        raise UserError(f"vocabulary mismatch: the model has {model.cfg.vocab_size} tokens, {data} has {meta['vocab_size']}")
+    `data` is a prepared data dir (its val split; default: the run's) or a text file.
+    """
+    from .data import TokenDataset, load_meta
+    from .finetune import _gpt_of, load_finetuned
+
+    model, tokenizer, config = load_finetuned(run, which, base=base)
+    model = _gpt_of(model)  # a classifier's backbone is still a language model
+    if not model.cfg.causal:
+        raise UserError(f"{run} is a bidirectional (mlm) model: --task lm measures next-token prediction, "
+                        "which needs a causal model")
     context = context or model.cfg.block_size
     if context < 1:
         raise UserError("--context must be at least 1")
-    dataset = TokenDataset(data, "val", 1)
+    data = Path(data or config.get("data") or "")
+    if data.is_file():
+        dataset, split = _text_dataset(data, tokenizer), "file"
+    else:
+        meta = load_meta(data)
+        if meta["vocab_size"] != model.cfg.vocab_size:
+            raise UserError(f"vocabulary mismatch: the model has {model.cfg.vocab_size} tokens, {data} has {meta['vocab_size']}")
+        dataset, split = TokenDataset(data, "val", 1), "val"
     result = evaluate_lm(model, dataset, context, batch_size=batch_size, tokenizer=tokenizer)
-    result = {"run": str(run), "data": str(data), "split": "val", **result}
-    print(json.dumps(result, indent=2))
-    if Path(run).is_dir():
-        try:
-            atomic_write_json(Path(run) / "eval.json", result)
-        except OSError as e:
-            print(f"warning: could not save eval.json: {e}", file=sys.stderr)
+    result = {"run": str(run), "task": "lm", "data": str(data), "split": split, **result}
+    _report(run, "lm", result)
     return result
+
+
+class _Tokens:
+    """The one attribute of a TokenDataset that evaluate_lm reads."""
+
+    def __init__(self, tokens: np.ndarray):
+        self.tokens = tokens
+
+
+def _text_dataset(path: Path, tokenizer) -> _Tokens:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        tokens = tokenizer.encode_array(text)
+    except UserError as e:
+        raise UserError(f"{path}: {e} (the run's tokenizer cannot encode this file)") from None
+    if len(tokens) < 2:
+        raise UserError(f"{path}: fewer than 2 tokens to evaluate")
+    return _Tokens(np.asarray(tokens, dtype=np.int64))
+
+
+def _report(run: Path, task: str, result: dict) -> None:
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    if Path(run).is_dir():
+        names = [f"eval-{task}.json"] + (["eval.json"] if task == "lm" else [])  # eval.json: earlier name
+        for name in names:
+            try:
+                atomic_write_json(Path(run) / name, result)
+            except OSError as e:
+                print(f"warning: could not save {name}: {e}", file=sys.stderr)
+
+
+def evaluate_classify_cli(run: Path, data: Path, which: str = "best", text_field: Optional[str] = None,
+                          label_field: Optional[str] = None, batch_size: int = 64, base: Optional[Path] = None) -> dict:
+    """`scratchgpt eval RUN --task classify --data FILE`: accuracy, macro-F1, confusion matrix."""
+    from .finetune import _gpt_of, classification_metrics, encode_texts, load_finetuned, predict_proba, read_labelled
+
+    if data is None:
+        raise UserError("--task classify needs --data FILE (CSV or JSONL with text and label fields)")
+    model, tokenizer, config = load_finetuned(run, which, base=base)
+    cls = config.get("classifier")
+    if not cls:
+        raise UserError(f"{run} is not a classification run (make one with `scratchgpt finetune classify`)")
+    labels = cls["labels"]
+    texts, y_true, wheres = read_labelled(data, text_field or cls.get("text_field", "text"),
+                                          label_field or cls.get("label_field", "label"))
+    for lab, where in zip(y_true, wheres):
+        if lab not in labels:
+            raise UserError(f"{where}: label {lab!r} is not one the model knows ({', '.join(map(repr, labels))})")
+    ids, cut = encode_texts(tokenizer, texts, wheres, _gpt_of(model).cfg.block_size,
+                            lambda m: print(m, file=sys.stderr))
+    probs = predict_proba(model, ids, "cpu", batch_size)
+    y_pred = [labels[i] for i in probs.argmax(-1).tolist()]
+    metrics = classification_metrics(y_true, y_pred, labels)
+    result = {"run": str(run), "task": "classify", "data": str(data), "truncated": cut, **metrics}
+    _report(run, "classify", result)
+    return result
+
+
+def evaluate_generate_cli(run: Path, data: Path, which: str = "best", max_new_tokens: int = 128, limit: int = 0,
+                          base: Optional[Path] = None) -> dict:
+    """`scratchgpt eval RUN --task generate --data FILE`: BLEU, chrF and exact match of greedy replies."""
+    from .finetune import default_template, generation_metrics, load_finetuned, prompt_ids, read_sft
+    from .generate import complete
+
+    if data is None:
+        raise UserError("--task generate needs --data FILE (SFT JSONL: prompt/response or messages)")
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    model, tokenizer, config = load_finetuned(run, which, base=base)
+    if "classifier" in config:
+        raise UserError(f"{run} is a classification run: use --task classify")
+    template = config.get("chat_template") or default_template(tokenizer)
+    examples = read_sft(data)
+    if limit:
+        examples = examples[:limit]
+    prompts = []
+    for ex in examples:
+        try:
+            prompts.append(prompt_ids(tokenizer, template, ex.context))
+        except UserError as e:
+            raise UserError(f"{ex.where}: {e}") from None
+    done = complete(model, tokenizer, prompts, temperature=0.0, max_new_tokens=max_new_tokens,
+                    stop=tuple(template.get("stop") or ()), note=lambda m: None)
+    hyps = [c.text.strip() for c in done]
+    refs = [ex.reference.strip() for ex in examples]
+    result = {"run": str(run), "task": "generate", "data": str(data), **generation_metrics(hyps, refs),
+              "max_new_tokens": max_new_tokens,
+              "samples": [{"prompt": ex.context[-1][1], "reference": r, "output": h}
+                          for ex, r, h in list(zip(examples, refs, hyps))[:5]]}
+    _report(run, "generate", result)
+    return result
+
+
+def evaluate_cli(run: Path, task: str = "lm", data: Optional[Path] = None, *, context: int = 0, which: str = "best",
+                 batch_size: int = 16, text_field: Optional[str] = None, label_field: Optional[str] = None,
+                 max_new_tokens: int = 128, limit: int = 0, base: Optional[Path] = None) -> dict:
+    """`scratchgpt eval`: dispatch on --task."""
+    if task == "lm":
+        return evaluate_lm_cli(run, data=data, context=context, which=which, batch_size=batch_size, base=base)
+    if task == "classify":
+        return evaluate_classify_cli(run, data, which, text_field, label_field, max(batch_size, 1), base)
+    if task == "generate":
+        return evaluate_generate_cli(run, data, which, max_new_tokens, limit, base)
+    raise UserError(f"--task must be lm, classify or generate, not {task!r}")

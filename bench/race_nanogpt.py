@@ -1,0 +1,274 @@
+"""Race nanoGPT's README CPU recipe against scratchgpt's fastest recipe, side by side.
+
+    python bench/race_nanogpt.py --nanogpt /path/to/nanoGPT --pairs 3
+
+nanoGPT's source is given by path and never copied into this repository. Both trainers see the
+same split (the first 90% of the text for training, the last 10% for validation, as nanoGPT's
+shakespeare_char/prepare.py); the runs alternate (N, S, S, N, N, S, ...) so drift in machine load
+hits both. For every run we record:
+
+  wall   process start to the moment its last checkpoint is on disk (what a user waits for)
+  val    the final model on the WHOLE val split in non-overlapping 64-char windows, by one
+         evaluator (scratchgpt.evaluate.evaluate_lm) for both trainers: nanoGPT's ckpt.pt is
+         converted to safetensors by a helper run inside nanoGPT's directory, and loaded into
+         our GPT (its module names map 1:1 once `_orig_mod.` is stripped)
+  load   other processes' CPU use during the run, in cores (from /proc/stat minus our child's
+         own CPU time); runs with load > ~0.3 cores are marked, as the 2 cores are shared
+
+and print a table of medians and the ratio ours/nanoGPT. --json writes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = Path("/work/shared/data/tinyshakespeare.txt")
+# nanoGPT README, "I only have a macbook" (CPU) section, verbatim but for where data and output go
+NANOGPT_README_CPU = ("config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 --log_interval=1 "
+                      "--block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 "
+                      "--lr_decay_iters=2000 --dropout=0.0")
+OURS_FAST = "--config configs/shakespeare-char-fast.yaml"
+
+# Run inside nanoGPT's directory with nanoGPT's own torch.load: its ckpt.pt is its own file, and
+# holds only tensors and plain config values, so weights_only=True loads it.
+_EXPORT_NANOGPT = r"""
+import sys, json, torch
+from safetensors.torch import save_file
+ck = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+sd = {k.removeprefix("_orig_mod."): v.contiguous().clone() for k, v in ck["model"].items()}
+sd.pop("lm_head.weight", None)  # tied to transformer.wte.weight in nanoGPT's GPT
+save_file(sd, sys.argv[2])
+json.dump({"model_args": ck["model_args"], "iter_num": ck["iter_num"], "best_val_loss": float(ck["best_val_loss"])},
+          open(sys.argv[3], "w"))
+"""
+
+
+# ---------------------------------------------------------------- data
+def write_nanogpt_data(text_path: Path, out: Path) -> None:
+    """nanoGPT's data/shakespeare_char/prepare.py, minus the download: train.bin, val.bin, meta.pkl."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = text_path.read_text(encoding="utf-8")
+    chars = sorted(set(data))
+    stoi = {c: i for i, c in enumerate(chars)}
+    itos = {i: c for i, c in enumerate(chars)}
+    n = len(data)
+    np.array([stoi[c] for c in data[: int(n * 0.9)]], dtype=np.uint16).tofile(out / "train.bin")
+    np.array([stoi[c] for c in data[int(n * 0.9):]], dtype=np.uint16).tofile(out / "val.bin")
+    with open(out / "meta.pkl", "wb") as f:  # nanoGPT's own metadata format, for nanoGPT's train.py only
+        pickle.dump({"vocab_size": len(chars), "itos": itos, "stoi": stoi}, f)
+
+
+def prepare_data(text_path: Path, work: Path, ours_data: Path | None) -> tuple[Path, Path]:
+    ng = work / "nanogpt_data"
+    write_nanogpt_data(text_path, ng)
+    if ours_data is None:
+        ours_data = work / "data"
+        run([sys.executable, "-m", "scratchgpt", "prepare", str(text_path), "--out", str(ours_data),
+             "--tokenizer", "char", "--force"], quiet=True)
+    for split in ("train", "val"):  # the race is only fair on identical splits
+        a = np.fromfile(ng / f"{split}.bin", dtype=np.uint16)
+        b = np.fromfile(ours_data / f"{split}.bin", dtype=np.uint16)
+        if a.shape != b.shape or not (a == b).all():
+            raise SystemExit(f"{split} split differs between {ng} and {ours_data}")
+    return ng, ours_data
+
+
+# ---------------------------------------------------------------- measuring
+def _cpu_jiffies() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v[:8]) - idle, sum(v[:8])
+
+
+def foreign_load(seconds: float = 1.0) -> float:
+    """Cores busy over `seconds`, from /proc/stat (nothing of ours runs while this samples)."""
+    b0, t0 = _cpu_jiffies()
+    time.sleep(seconds)
+    b1, t1 = _cpu_jiffies()
+    return (os.cpu_count() or 1) * (b1 - b0) / max(t1 - t0, 1)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.3) -> float:
+    """Wait (up to max_wait s) for other processes to use under `threshold` cores; returns the last reading."""
+    deadline = time.time() + max_wait
+    load = foreign_load()
+    while load > threshold and time.time() < deadline:
+        load = foreign_load(2.0)
+    return load
+
+
+def run(cmd: list[str], cwd: Path | None = None, quiet: bool = False, log: Path | None = None,
+        env: dict | None = None) -> dict:
+    """Run to completion; returns wall time, our CPU seconds and the other processes' load in cores."""
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    b0, j0 = _cpu_jiffies()
+    t0 = time.time()
+    out = open(log, "w") if log else (subprocess.DEVNULL if quiet else None)
+    try:
+        p = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT if log else None, env=env)
+    finally:
+        if log:
+            out.close()
+    t1 = time.time()
+    b1, j1 = _cpu_jiffies()
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode != 0:
+        tail = log.read_text()[-3000:] if log else ""
+        raise SystemExit(f"command failed ({p.returncode}): {shlex.join(cmd)}\n{tail}")
+    ncpu = os.cpu_count() or 1
+    busy_s = (b1 - b0) / max(j1 - j0, 1) * ncpu * (t1 - t0)
+    ours_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return {"t0": t0, "process_s": t1 - t0, "cpu_s": ours_s, "load": max(0.0, (busy_s - ours_s) / (t1 - t0))}
+
+
+def last_mtime(paths: list[Path]) -> float:
+    times = []
+    for p in paths:
+        if p.is_dir():
+            times += [q.stat().st_mtime for q in p.rglob("*")] + [p.stat().st_mtime]
+        elif p.exists():
+            times.append(p.stat().st_mtime)
+    if not times:
+        raise SystemExit(f"no checkpoint found among {paths}")
+    return max(times)
+
+
+# ---------------------------------------------------------------- the two contenders
+def run_nanogpt(nanogpt: Path, args: str, data: Path, out: Path, log: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    # --dataset=<absolute path>: nanoGPT joins it onto 'data/', which keeps an absolute path as is
+    cmd = [sys.executable, "train.py", *shlex.split(args), f"--dataset={data}", f"--out_dir={out}"]
+    r = run(cmd, cwd=nanogpt, log=log)
+    r["wall_s"] = last_mtime([out / "ckpt.pt"]) - r["t0"]
+    st, meta = out / "model.safetensors", out / "export.json"
+    subprocess.run([sys.executable, "-c", _EXPORT_NANOGPT, str(out / "ckpt.pt"), str(st), str(meta)], cwd=nanogpt,
+                   check=True)
+    info = json.loads(meta.read_text())
+    r["iters"] = info["iter_num"]
+    r["est_val"] = info["best_val_loss"]
+    r["val"] = evaluate_nanogpt(st, info["model_args"], data)
+    return r
+
+
+def run_ours(args: str, data: Path, out: Path, log: Path) -> dict:
+    cmd = [sys.executable, "-m", "scratchgpt", "train", "--data", str(data), "--out", str(out), "--force",
+           "--train.progress", "false", *shlex.split(args)]
+    r = run(cmd, cwd=REPO, log=log)
+    r["wall_s"] = last_mtime([out / "latest", out / "best"]) - r["t0"]
+    res = json.loads((out / "result.json").read_text())
+    r["iters"], r["est_val"] = res["step"], res.get("best_val_loss")
+    r["stop"] = res.get("stop_reason")
+    r["val"] = evaluate_ours(out, data)
+    return r
+
+
+def _evaluate(model, data: Path) -> float:
+    import torch
+    from scratchgpt.data import TokenDataset
+    from scratchgpt.evaluate import evaluate_lm
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    return evaluate_lm(model, TokenDataset(data, "val", 1), context=64)["val_loss"]
+
+
+def evaluate_nanogpt(weights: Path, model_args: dict, data: Path) -> float:
+    from safetensors.torch import load_file
+    from scratchgpt.model import GPT, ModelConfig
+
+    a = model_args
+    cfg = ModelConfig(vocab_size=a["vocab_size"], block_size=a["block_size"], n_layer=a["n_layer"], n_head=a["n_head"],
+                      n_embd=a["n_embd"], bias=a["bias"], dropout=0.0, pos="learned", mlp="gelu", norm="layernorm",
+                      tie_embeddings=True)
+    model = GPT(cfg)
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise SystemExit(f"nanoGPT weights do not map onto GPT: missing {missing}, unexpected {unexpected}")
+    return _evaluate(model, data)
+
+
+def evaluate_ours(run_dir: Path, data: Path) -> float:
+    from scratchgpt.checkpoint import load_model
+
+    model, _, _ = load_model(run_dir, "best")
+    return _evaluate(model, data)
+
+
+# ---------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nanogpt", type=Path, required=True, help="a checkout of karpathy/nanoGPT (never committed here)")
+    ap.add_argument("--pairs", type=int, default=3, help="side-by-side pairs (nanoGPT run + our run)")
+    ap.add_argument("--text", type=Path, default=TEXT)
+    ap.add_argument("--data", type=Path, default=None, help="our prepared data dir (default: prepared from --text)")
+    ap.add_argument("--nanogpt-args", default=NANOGPT_README_CPU)
+    ap.add_argument("--ours-args", default=OURS_FAST, help="scratchgpt train flags (default: the fast recipe)")
+    ap.add_argument("--only", choices=["both", "ours", "nanogpt"], default="both")
+    ap.add_argument("--quiet-wait", type=float, default=60.0, help="wait up to this long for a quiet CPU before each run")
+    ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a new temp dir)")
+    ap.add_argument("--json", type=Path, default=None, help="write every run's figures here")
+    a = ap.parse_args()
+
+    work = a.work or Path(tempfile.mkdtemp(prefix="race-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ng_data, data = prepare_data(a.text, work, a.data)
+    contenders = {"nanogpt": lambda i: run_nanogpt(a.nanogpt.resolve(), a.nanogpt_args, ng_data, work / f"ng{i}",
+                                                   work / f"ng{i}.log"),
+                  "ours": lambda i: run_ours(a.ours_args, data, work / f"ours{i}", work / f"ours{i}.log")}
+    names = ["nanogpt", "ours"] if a.only == "both" else [a.only]
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    print(f"work dir {work}; load before start {os.getloadavg()}", file=sys.stderr)
+    for i in range(a.pairs):
+        order = names if i % 2 == 0 else names[::-1]  # N S | S N | N S ...: drift hits both equally
+        for name in order:
+            before = wait_quiet(a.quiet_wait)
+            r = contenders[name](i)
+            r["load_before"] = before
+            results[name].append(r)
+            print(f"pair {i} {name:8s} wall {r['wall_s']:7.1f}s  val {r['val']:.4f}  (est {r['est_val']}, "
+                  f"{r['iters']} iters, {r.get('stop', '')})  cpu {r['cpu_s']:.0f}s  other load {r['load']:.2f} cores",
+                  file=sys.stderr, flush=True)
+
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "val", "process_s", "load")}
+           for n, rs in results.items()}
+    print("\n| run | " + " | ".join(f"{n} wall s | {n} val" for n in names) + (" | wall ratio |" if len(names) == 2 else " |"))
+    print("|---" * (1 + 2 * len(names) + (len(names) == 2)) + "|")
+    ratios = []
+    for i in range(a.pairs):
+        row = [f"{results[n][i]['wall_s']:.1f} | {results[n][i]['val']:.4f}" for n in names]
+        line = f"| {i} | " + " | ".join(row)
+        if len(names) == 2:
+            ratios.append(results["ours"][i]["wall_s"] / results["nanogpt"][i]["wall_s"])
+            line += f" | {ratios[-1]:.3f}"
+        print(line + " |")
+    line = "| median | " + " | ".join(f"{med[n]['wall_s']:.1f} | {med[n]['val']:.4f}" for n in names)
+    if len(names) == 2:
+        line += f" | {statistics.median(ratios):.3f}"
+    print(line + " |")
+    if len(names) == 2:
+        ok = med["ours"]["val"] <= med["nanogpt"]["val"] and statistics.median(ratios) <= 0.2
+        print(f"\nG1 (val <= nanoGPT's and wall <= 1/5 of its): {'met' if ok else 'not met'}; median wall ratio "
+              f"{statistics.median(ratios):.3f} (nanoGPT/ours {1 / statistics.median(ratios):.2f}x); "
+              f"median other load {statistics.median(r['load'] for rs in results.values() for r in rs):.2f} cores")
+    if a.json:
+        a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "results": results,
+                                      "medians": med, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

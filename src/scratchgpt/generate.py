@@ -1,0 +1,869 @@
+"""Text generation: batched sampling with a KV cache, streaming, and an interactive chat loop.
+
+Public API (every function takes a model in eval mode and its `Tokenizer`):
+
+    complete(model, tokenizer, prompts, gen=None, **options) -> list[Completion]
+    generate(model, tokenizer, prompt_or_prompts, gen=None, **options) -> str | list[str]
+    generate_tokens(model, prompt_ids_list, gen=None, **options) -> list[list[int]]   (no tokenizer)
+    stream(model, tokenizer, prompt, gen=None, **options) -> TextStream   (iterator of text pieces)
+    chat(model, tokenizer, config, lines, out, gen=None, ...)            (the `scratchgpt chat` loop)
+
+`options` are the fields of `GenerationConfig` (temperature, top_k, top_p, ...).
+
+Context overflow (text longer than `block_size`): a sliding window. Every new token is
+predicted from the last `block_size` tokens, recomputed as a fresh window, exactly as a
+model without a cache that crops its input (nanoGPT's rule; also how the model was trained).
+So once the window is full the KV cache is rebuilt (one prefill of the window) for each new
+token, for every positional encoding: learned and sinusoidal positions are absolute, and
+even with RoPE the cached keys of layers past the first carry information from tokens that
+have left the window (a RoPE ring buffer would be a different, approximate model, so it is
+not used). Cost: past the context, each token costs a forward pass over `block_size` tokens,
+as without a cache. `window_shift=S` (CLI `--window-shift`) trades context for speed: the
+window advances S tokens at a time, so the cache is rebuilt once every S tokens and each
+token sees between block_size-S+1 and block_size tokens; the uncached path applies the same
+rule, so both still agree token for token.
+A prompt longer than `block_size` keeps its last `block_size` tokens (a note goes to stderr).
+
+Empty prompt: generation starts from `<|endoftext|>`; a char tokenizer without it starts from
+a newline, or from id 0 if its vocabulary has no newline either. The start token is not part
+of the returned text.
+
+Batches: prompts of equal token length share one forward pass; different lengths run as
+separate batches (no padding), so every row is exact. Sampling row i uses its own
+`torch.Generator` seeded with `seed + i`, so a prompt's text does not depend on which
+other prompts were batched with it.
+
+Chat template: a checkpoint's config.json may hold `"chat_template"` (written by SFT):
+
+    "chat_template": {
+        "system": "Below is an instruction ...\\n\\n",         # optional, default "": once, at the start
+        "user": "### Instruction:\\n{prompt}\\n\\n### Response:\\n",  # required; {prompt} = the user's message
+        "assistant_end": "<|endoftext|>",                     # optional, default "": after each reply in the history
+        "stop": ["###", "<|endoftext|>"]                       # optional: a reply ends at the first of these
+    }
+
+`{prompt}` is replaced literally (no str.format, so other braces are safe). In template
+fields (not in user text) the literal `<|endoftext|>` is encoded as the EOT token id, and as
+a stop string it means "stop at the EOT token". Without a template, chat is plain
+continuation of one running text.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TextIO, Union, overload
+
+import torch
+import torch.nn.functional as F
+
+from . import UserError
+from .model import GPT, KVCache, apply_rope, rope_cos_sin
+from .tokenizer import EOT, Tokenizer
+
+Prompt = Union[str, Sequence[int]]
+
+
+# ---------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to sample. Bad values raise UserError when the config is built."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy (argmax)
+    top_k: Optional[int] = None  # None or 0: off
+    top_p: float = 1.0  # nucleus: smallest set of tokens whose probability reaches top_p; 1: off
+    repetition_penalty: float = 1.0  # CTRL-style: divide positive logits (multiply negative) of seen tokens
+    stop: tuple[str, ...] = ()  # stop strings; the text ends before the first one
+    stop_tokens: Optional[tuple[int, ...]] = None  # None: the tokenizer's EOT, if it has one; (): none
+    seed: Optional[int] = None  # None: a fresh random seed per call
+    use_cache: bool = True  # False: recompute the whole window every step (the reference path)
+    window_shift: int = 1  # past the context, the window advances this many tokens at a time (module doc)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.stop_tokens is not None:
+            object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:  # also rejects NaN
+            raise UserError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (0 means off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.window_shift, int) or self.window_shift < 1:
+            raise UserError(f"window_shift must be a positive integer, got {self.window_shift!r}")
+        if not self.repetition_penalty > 0:
+            raise UserError(f"repetition_penalty must be > 0 (1 means off), got {self.repetition_penalty}")
+
+
+def _config(gen: Optional[GenerationConfig], overrides: dict) -> GenerationConfig:
+    names = {f.name for f in fields(GenerationConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown generation option(s): {', '.join(unknown)}")
+    return replace(gen or GenerationConfig(), **overrides)
+
+
+@dataclass
+class Completion:
+    """One generated continuation. `token_ids` excludes a stop token, includes a stop string's ids."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (stop token or string) or "length" (max_new_tokens reached)
+    prompt_tokens: int  # tokens the model was conditioned on (after keeping the tail)
+
+
+# ---------------------------------------------------------------------------------------
+# Prompts
+
+
+def start_token(tokenizer: Tokenizer) -> int:
+    """The token an empty prompt starts from: EOT, else a newline, else id 0."""
+    if tokenizer.eot_id is not None:
+        return tokenizer.eot_id
+    try:
+        ids = tokenizer.encode("\n")
+    except UserError:
+        ids = []
+    return ids[0] if len(ids) == 1 else 0
+
+
+def encode_with_eot(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Encode text in which a literal `<|endoftext|>` means the EOT token (for templates, not user text)."""
+    if tokenizer.eot_id is None or EOT not in text:
+        return tokenizer.encode(text)
+    ids: list[int] = []
+    for i, part in enumerate(text.split(EOT)):
+        if i:
+            ids.append(tokenizer.eot_id)
+        if part:
+            ids += tokenizer.encode(part)
+    return ids
+
+
+def _prompt_ids(tokenizer: Optional[Tokenizer], prompt: Prompt, block_size: int, note: Callable[[str], None]) -> list[int]:
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    if not ids:
+        return [start_token(tokenizer)]
+    if len(ids) > block_size:
+        note(f"prompt is {len(ids)} tokens, longer than the model's context of {block_size}; keeping the last {block_size}")
+        ids = ids[-block_size:]
+    return ids
+
+
+def _stderr_note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr)
+
+
+def _stops(tokenizer: Tokenizer, gen: GenerationConfig) -> tuple[set[int], list[str]]:
+    """Stop token ids and stop strings; the stop string `<|endoftext|>` also stops at the EOT id."""
+    ids = set(gen.stop_tokens) if gen.stop_tokens is not None else set()
+    if gen.stop_tokens is None and tokenizer.eot_id is not None:
+        ids.add(tokenizer.eot_id)
+    strings = [s for s in gen.stop if s]
+    if EOT in strings and tokenizer.eot_id is not None:
+        ids.add(tokenizer.eot_id)
+    return ids, strings
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding engine
+
+
+class _Sampler:
+    """Logits (B, V) -> next tokens (B,): repetition penalty, temperature, top-k, top-p, multinomial."""
+
+    def __init__(self, gen: GenerationConfig, ctx: torch.Tensor, vocab: int, valid_vocab: int, row_seeds: list[int]):
+        self.gen = gen
+        self.valid_vocab = valid_vocab
+        self.seen = None
+        if gen.repetition_penalty != 1.0:
+            self.seen = torch.zeros(ctx.size(0), vocab, dtype=torch.bool, device=ctx.device)
+            self.seen.scatter_(1, ctx, True)
+        self.generators = []
+        if gen.temperature > 0:
+            for s in row_seeds:
+                g = torch.Generator(device=ctx.device)
+                g.manual_seed(s)
+                self.generators.append(g)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        gen = self.gen
+        if self.valid_vocab < logits.size(-1):  # padded vocabulary: ids past the tokenizer can't be decoded
+            logits[:, self.valid_vocab :] = float("-inf")
+        if self.seen is not None:
+            p = gen.repetition_penalty
+            logits = torch.where(self.seen, torch.where(logits > 0, logits / p, logits * p), logits)
+        if gen.temperature == 0:
+            tok = logits.argmax(dim=-1)
+        else:
+            tok = self._sample(logits / gen.temperature)
+        if self.seen is not None:
+            self.seen.scatter_(1, tok[:, None], True)
+        return tok
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        gen = self.gen
+        idx = None
+        if gen.top_k and gen.top_k < logits.size(-1):
+            logits, idx = logits.topk(gen.top_k, dim=-1)  # sorted: sample among k candidates only
+        if gen.top_p < 1.0:
+            if idx is None:
+                logits, idx = logits.sort(dim=-1, descending=True)
+            probs = logits.softmax(dim=-1)
+            # drop a token once the more likely ones already reach top_p (the first always stays)
+            drop = probs.cumsum(dim=-1) - probs >= gen.top_p
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if len(self.generators) == 1:
+            choice = torch.multinomial(probs, 1, generator=self.generators[0])
+        else:
+            choice = torch.stack([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(self.generators)])
+        return (choice if idx is None else idx.gather(1, choice))[:, 0]
+
+
+def _last_logits(model: GPT, idx: torch.Tensor, cache: Optional[KVCache]) -> torch.Tensor:
+    """Logits of the last position only: the head over a whole prefill would be wasted work."""
+    h = model(idx, cache=cache, return_hidden=True)[:, -1]
+    logits = model.lm_head(h)
+    cap = model.cfg.logit_softcap
+    if cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits.float()
+
+
+class _FastStep:
+    """A one-token decode step over the model's own weights, in plain torch calls.
+
+    At batch 1 on a CPU the module path (GPT.forward with a cache) spends about as long in
+    per-call overhead (module dispatch, no-op dropouts, linear's transpose, indexing) as a
+    small model spends in arithmetic. This mirrors GPT.forward for one token; `_Decoder`
+    compares it with GPT.forward on its first step and falls back to the module path if
+    they ever disagree (a model change this step doesn't know about).
+    """
+
+    def __init__(self, model: GPT, cache: KVCache):
+        cfg = model.cfg
+        self.cfg, self.model, self.cache = cfg, model, cache
+        t = model.transformer
+        self.wte = t.wte.weight
+        self.pos_table = t.wpe.weight if cfg.pos == "learned" else getattr(model, "sinusoidal", None)
+        self.pre = cfg.norm_placement == "pre"
+        self.layers = [
+            (
+                self._norm(b.ln_1), self._linear(b.attn.c_attn), self._linear(b.attn.c_proj),
+                self._norm(b.ln_2), self._linear(b.mlp.c_fc), self._linear(b.mlp.c_proj),
+                cache.k[i], cache.v[i],
+            )
+            for i, b in enumerate(t.h)
+        ]
+        self.ln_f = self._norm(t.ln_f) if self.pre else None
+        self.head = self._linear(model.lm_head)
+
+    @staticmethod
+    def _norm(m: torch.nn.Module) -> tuple:
+        # torch.* ops directly: the F.* wrappers add a Python layer per call
+        if isinstance(m, torch.nn.LayerNorm):
+            return (torch.layer_norm, m.normalized_shape, m.weight, m.bias, m.eps)
+        return (torch.rms_norm, (m.weight.numel(),), m.weight, m.eps)
+
+    @staticmethod
+    def _linear(m: torch.nn.Linear) -> tuple:
+        # (W^T view, bias): addmm/mm on a transposed view is exactly what F.linear does, minus two dispatches
+        return (m.weight.t(), m.bias)
+
+    @staticmethod
+    def _mm(x: torch.Tensor, lin: tuple) -> torch.Tensor:
+        return torch.mm(x, lin[0]) if lin[1] is None else torch.addmm(lin[1], x, lin[0])
+
+    def __call__(self, tok: torch.Tensor) -> torch.Tensor:
+        cfg, mm = self.cfg, self._mm
+        B, C, H, D = tok.size(0), cfg.n_embd, cfg.n_head, cfg.head_dim
+        pos = self.cache.length
+        x = self.wte[tok]
+        rope = None
+        if self.pos_table is not None:
+            x = x + self.pos_table[pos]
+        elif cfg.pos == "rope":
+            if pos < cfg.block_size:
+                rope = (self.model.rope_cos[pos], self.model.rope_sin[pos])
+            else:
+                rope = rope_cos_sin(torch.tensor([pos], device=tok.device), D, cfg.rope_base)
+        for n1, attn, proj, n2, fc, out, kc, vc in self.layers:
+            h = n1[0](x, *n1[1:]) if self.pre else x
+            q, k, v = mm(h, attn).view(B, 3, H, 1, D).unbind(1)  # each (B, H, 1, D)
+            if cfg.qk_norm:
+                q, k = torch.rms_norm(q, (D,)), torch.rms_norm(k, (D,))
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            kc.narrow(2, pos, 1).copy_(k)
+            vc.narrow(2, pos, 1).copy_(v)
+            y = F.scaled_dot_product_attention(q, kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1))
+            y = mm(y.view(B, C), proj)
+            if self.pre:
+                x = x + y
+                x = x + mm(self._act(mm(n2[0](x, *n2[1:]), fc)), out)
+            else:
+                x = n1[0](x + y, *n1[1:])
+                x = n2[0](x + mm(self._act(mm(x, fc)), out), *n2[1:])
+        if self.ln_f is not None:
+            x = self.ln_f[0](x, *self.ln_f[1:])
+        self.cache.length += 1
+        logits = mm(x, self.head)
+        if cfg.logit_softcap > 0:
+            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        return logits.float()
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        kind = self.cfg.mlp
+        if kind == "gelu":
+            return F.gelu(h)
+        if kind == "relu":
+            return F.relu(h)
+        if kind == "relu2":
+            return F.relu(h).square()
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class _Decoder:
+    """Produces one token per `next()` for a batch of equal-length contexts.
+
+    The model sees `seq[w:n]`: the window start `w` advances by `shift` whenever the window
+    would exceed block_size (the module doc's rule). The cached path holds exactly the keys
+    and values of `seq[w:n]`, so it computes what the uncached path computes.
+    """
+
+    def __init__(self, model: GPT, ctx: torch.Tensor, max_new: int, sampler: _Sampler, use_cache: bool, shift: int):
+        cfg = model.cfg
+        self.model, self.sampler, self.bs = model, sampler, cfg.block_size
+        self.shift = max(1, min(shift, self.bs))
+        B, T0 = ctx.shape
+        self.seq = torch.empty(B, T0 + max_new, dtype=torch.long, device=ctx.device)  # preallocated history
+        self.seq[:, :T0] = ctx
+        self.n, self.w = T0, 0
+        self.cache = None
+        if use_cache:
+            param = next(model.parameters())
+            # the last sampled token is never fed back, hence -1
+            self.cache = KVCache(cfg, B, max(T0, min(self.bs, T0 + max_new - 1)), param.device, param.dtype)
+        self.logits: Optional[torch.Tensor] = None
+        self.fast = _FastStep(model, self.cache) if self.cache is not None and type(model) is GPT else None
+        self.fast_checked = False
+
+    @torch.inference_mode()
+    def next(self) -> torch.Tensor:
+        return self.step()
+
+    def step(self) -> torch.Tensor:
+        """`next()` for callers that hold inference mode across the whole loop (saves a switch per token)."""
+        if self.logits is None:
+            self.logits = self._forward()
+        tok = self.sampler(self.logits)
+        self.seq.select(1, self.n).copy_(tok)
+        self.n += 1
+        self.logits = None  # computed lazily, so the last token costs no forward pass
+        return tok
+
+    def _forward(self) -> torch.Tensor:
+        n, cache = self.n, self.cache
+        slid = n - self.w > self.bs
+        if slid:
+            self.w += self.shift
+        window = self.seq[:, self.w : n]
+        if cache is None:
+            return _last_logits(self.model, window, None)
+        if slid or cache.length == 0:
+            # (re)build: after a slide every cached key and value is stale, for every positional
+            # encoding, since layers past the first mixed in tokens that left the window
+            cache.reset()
+            return _last_logits(self.model, window, cache)
+        if self.fast is None:
+            return _last_logits(self.model, self.seq[:, n - 1 : n], cache)
+        if not self.fast_checked:  # the first time: the fast step must match the module path
+            self.fast_checked = True
+            fast = self.fast(self.seq[:, n - 1])
+            cache.length -= 1
+            ref = _last_logits(self.model, self.seq[:, n - 1 : n], cache)
+            if not torch.allclose(fast, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max())):
+                # a model change the fast step doesn't know about: stay correct, on the module path
+                warnings.warn("generate: _FastStep disagrees with GPT.forward; decoding on the slower module path")
+                self.fast = None
+            return ref
+        return self.fast(self.seq[:, n - 1])
+
+
+def _device(model: GPT) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_model(model: torch.nn.Module) -> GPT:
+    """The plain GPT inside DDP / torch.compile wrappers (the decode loop drives it directly)."""
+    from .checkpoint import unwrap
+
+    model = unwrap(model)
+    if not isinstance(model, GPT):
+        raise TypeError(f"expected a scratchgpt GPT model, got {type(model).__name__}")
+    if not model.cfg.causal:
+        raise UserError("this model was trained with bidirectional attention (model.causal=false); it cannot generate text")
+    return model
+
+
+@contextmanager
+def _eval_mode(model: GPT) -> Iterator[None]:
+    """Dropout off while sampling (e.g. samples taken during training), then the mode as it was."""
+    if not model.training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
+
+
+def _base_seed(gen: GenerationConfig) -> int:
+    return gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**62)
+
+
+def _decoder(model: GPT, valid_vocab: int, rows: list[list[int]], gen: GenerationConfig, seeds: list[int]) -> _Decoder:
+    ctx = torch.tensor(rows, dtype=torch.long, device=_device(model))
+    sampler = _Sampler(gen, ctx, model.cfg.vocab_size, min(valid_vocab, model.cfg.vocab_size), seeds)
+    return _Decoder(model, ctx, gen.max_new_tokens, sampler, gen.use_cache, gen.window_shift)
+
+
+class _Text:
+    """Incremental detokenizer for one row: never splits a UTF-8 character, cuts at stop strings.
+
+    Text that could be the start of a stop string is held back until it can't be.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
+        self._dec = tokenizer.stream_decoder()
+        self._stops = stops
+        self._hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self._sent = 0
+        self.stopped = False
+
+    def push(self, tok: int) -> str:
+        return self._advance(self._dec.push([tok]), final=False)
+
+    def flush(self) -> str:
+        return self._advance(self._dec.flush(), final=True)
+
+    def _advance(self, new: str, final: bool) -> str:
+        if self.stopped:
+            return ""
+        search_from = max(0, len(self.text) - self._hold)
+        self.text += new
+        if self._stops and new:
+            hits = [i for s in self._stops if (i := self.text.find(s, search_from)) >= 0]
+            if hits:
+                self.text, self.stopped, final = self.text[: min(hits)], True, True
+        end = len(self.text)
+        if not final and self._stops:
+            partial = max((k for s in self._stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            end = max(self._sent, end - partial)
+        piece, self._sent = self.text[self._sent : end], end
+        return piece
+
+
+class _Row:
+    def __init__(self, tokenizer: Optional[Tokenizer], stop_ids: set[int], stops: Optional[list[str]], prompt_tokens: int):
+        self.stop_ids = stop_ids
+        self.text = _Text(tokenizer, stops) if stops is not None else None
+        self.ids: list[int] = []
+        self.done = False
+        self.finish_reason = "length"
+        self.prompt_tokens = prompt_tokens
+
+    def push(self, tok: int) -> str:
+        if self.done:
+            return ""
+        if tok in self.stop_ids:
+            self.done, self.finish_reason = True, "stop"
+            return ""
+        self.ids.append(tok)
+        piece = self.text.push(tok) if self.text is not None else ""
+        if self.text is not None and self.text.stopped:
+            self.done, self.finish_reason = True, "stop"
+        return piece
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+
+
+def complete(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Prompt],
+    gen: Optional[GenerationConfig] = None,
+    *,
+    note: Callable[[str], None] = _stderr_note,
+    **options,
+) -> list[Completion]:
+    """Continue each prompt (text, or a list of token ids); one Completion per prompt, in order.
+
+    `options` override fields of `gen` (see GenerationConfig). Stop tokens are checked on the
+    device and synced every 16 steps; stop strings need the text, so they sync every step.
+    """
+    gen = _config(gen, options)
+    model = _check_model(model)
+    if isinstance(prompts, str):
+        raise TypeError("complete() takes a list of prompts; use generate() for a single string")
+    rows = [_prompt_ids(tokenizer, p, model.cfg.block_size, note) for p in prompts]
+    stop_ids, stops = _stops(tokenizer, gen)
+    states = [_Row(tokenizer, stop_ids, stops or None, len(r)) for r in rows]
+    _run_batches(model, tokenizer.vocab_size, rows, gen, states, host_every_step=bool(stops))
+    out = []
+    for st in states:
+        if st.text is not None:
+            st.text.flush()
+            text = st.text.text
+        else:
+            text = tokenizer.decode(st.ids)
+        out.append(Completion(text=text, token_ids=st.ids, finish_reason=st.finish_reason, prompt_tokens=st.prompt_tokens))
+    return out
+
+
+def generate_tokens(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    gen: Optional[GenerationConfig] = None,
+    *,
+    note: Callable[[str], None] = _stderr_note,
+    **options,
+) -> list[list[int]]:
+    """Token-level generation without a tokenizer: new ids for each prompt of ids.
+
+    Stops only at `stop_tokens` (default: none); stop strings need a tokenizer (use complete()).
+    Prompts must be non-empty; longer than block_size, they keep their tail.
+    """
+    gen = _config(gen, options)
+    model = _check_model(model)
+    if gen.stop:
+        raise UserError("stop strings need a tokenizer: use complete()")
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("generate_tokens needs non-empty prompts (complete() starts empty ones from EOT)")
+    rows = [_prompt_ids(None, p, model.cfg.block_size, note) for p in prompts]
+    states = [_Row(None, set(gen.stop_tokens or ()), None, len(r)) for r in rows]
+    _run_batches(model, model.cfg.vocab_size, rows, gen, states, host_every_step=False)
+    return [st.ids for st in states]
+
+
+def _run_batches(model: GPT, valid_vocab: int, rows: list[list[int]], gen: GenerationConfig, states: list[_Row], host_every_step: bool) -> None:
+    """Run equal-length prompts as one batch each; row i samples with seed + i."""
+    if not gen.max_new_tokens:
+        return
+    base = _base_seed(gen)
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(len(r), []).append(i)
+    with _eval_mode(model):
+        for members in groups.values():
+            dec = _decoder(model, valid_vocab, [rows[i] for i in members], gen, [base + i for i in members])
+            _run_group(dec, gen, [states[i] for i in members], host_every_step)
+
+
+def _run_group(dec: _Decoder, gen: GenerationConfig, states: list[_Row], host_every_step: bool) -> None:
+    if host_every_step:
+        for _ in range(gen.max_new_tokens):
+            for st, t in zip(states, dec.next().tolist()):
+                st.push(t)
+            if all(st.done for st in states):
+                return
+        return
+    stop_ids = states[0].stop_ids
+    stop_t = torch.tensor(sorted(stop_ids), device=dec.seq.device) if stop_ids else None
+    done = torch.zeros(len(states), dtype=torch.bool, device=dec.seq.device)
+    steps = []
+    # inference mode held over the loop (no caller code runs inside it), not switched per token
+    with torch.inference_mode():
+        for step in range(gen.max_new_tokens):
+            tok = dec.step()
+            steps.append(tok)
+            if stop_t is not None:
+                done |= torch.isin(tok, stop_t)
+                if step % 16 == 15 and bool(done.all()):  # the only host sync in this loop
+                    break
+        ids_per_row = torch.stack(steps, dim=1).tolist()
+    for st, ids in zip(states, ids_per_row):
+        for t in ids:
+            st.push(t)
+            if st.done:
+                break
+
+
+@overload
+def generate(model: GPT, tokenizer: Tokenizer, prompts: str, gen: Optional[GenerationConfig] = None, **options) -> str: ...
+@overload
+def generate(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], gen: Optional[GenerationConfig] = None, **options) -> list[str]: ...
+def generate(model, tokenizer, prompts, gen=None, **options):
+    """Generated text (without the prompt) for one prompt, or a list of texts for a list of prompts."""
+    if isinstance(prompts, str):
+        return complete(model, tokenizer, [prompts], gen, **options)[0].text
+    return [c.text for c in complete(model, tokenizer, list(prompts), gen, **options)]
+
+
+class TextStream:
+    """Iterator over text pieces of one continuation, yielded as soon as they decode.
+
+    After it is exhausted, `text`, `token_ids` and `finish_reason` describe the result;
+    `close()` stops early (the partial result stays available).
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, prompt: Prompt, gen: GenerationConfig, note: Callable[[str], None]):
+        model = _check_model(model)
+        ids = _prompt_ids(tokenizer, prompt, model.cfg.block_size, note)
+        stop_ids, stops = _stops(tokenizer, gen)
+        self._row = _Row(tokenizer, stop_ids, stops, len(ids))
+        self._gen = self._run(model, tokenizer, ids, gen)
+        self.prompt_tokens = len(ids)
+
+    def _run(self, model, tokenizer, ids, gen) -> Iterator[str]:
+        row = self._row
+        if gen.max_new_tokens:
+            dec = _decoder(model, tokenizer.vocab_size, [ids], gen, [_base_seed(gen)])
+            for _ in range(gen.max_new_tokens):
+                with _eval_mode(model):  # per step: the caller's code between pieces sees its own mode
+                    tok = int(dec.next()[0])
+                piece = row.push(tok)
+                if piece:
+                    yield piece
+                if row.done:
+                    break
+        tail = row.text.flush()
+        if tail:
+            yield tail
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    @property
+    def text(self) -> str:
+        return self._row.text.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._row.ids
+
+    @property
+    def finish_reason(self) -> str:
+        return self._row.finish_reason
+
+
+def stream(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: Prompt,
+    gen: Optional[GenerationConfig] = None,
+    *,
+    note: Callable[[str], None] = _stderr_note,
+    **options,
+) -> TextStream:
+    """Stream one continuation: `for piece in stream(...)`; pieces join to what generate() returns."""
+    return TextStream(model, tokenizer, prompt, _config(gen, options), note)
+
+
+# ---------------------------------------------------------------------------------------
+# Chat
+
+
+@dataclass
+class ChatTemplate:
+    """The `chat_template` of a checkpoint's config (format in the module docstring)."""
+
+    user: str
+    system: str = ""
+    assistant_end: str = ""
+    stop: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, config: dict) -> Optional["ChatTemplate"]:
+        raw = config.get("chat_template")
+        if not raw:
+            return None
+        if not isinstance(raw, dict) or not isinstance(raw.get("user"), str) or "{prompt}" not in raw["user"]:
+            raise UserError('chat_template in the checkpoint config needs a "user" string containing {prompt}')
+        stop = raw.get("stop") or []
+        # unknown keys are ignored, so a newer fine-tuner can add fields without breaking chat
+        return cls(
+            user=raw["user"],
+            system=str(raw.get("system") or ""),
+            assistant_end=str(raw.get("assistant_end") or ""),
+            stop=[stop] if isinstance(stop, str) else [str(s) for s in stop],
+        )
+
+    def user_ids(self, tokenizer: Tokenizer, message: str) -> list[int]:
+        # the message is ordinary text: only the template around it may hold EOT markers
+        before, _, after = self.user.partition("{prompt}")
+        return encode_with_eot(tokenizer, before) + tokenizer.encode(message) + encode_with_eot(tokenizer, after)
+
+
+def chat(
+    model: GPT,
+    tokenizer: Tokenizer,
+    config: dict,
+    lines: Iterable[str],
+    out: TextIO,
+    gen: Optional[GenerationConfig] = None,
+    *,
+    err: Optional[TextIO] = None,
+    interactive: bool = False,
+) -> None:
+    """Multi-turn chat over `lines` (user messages; `/reset` clears the history, `/exit` ends).
+
+    Replies stream to `out`. Ctrl-C during a reply stops that reply (its text so far stays in
+    the history), not the session. With a seed, reply k uses seed + k, so a piped session
+    is reproducible. History that outgrows the context loses its oldest turns first.
+    """
+    gen = gen or GenerationConfig()
+    err = err or sys.stderr
+    template = ChatTemplate.from_config(config)
+    stop = tuple(gen.stop) + tuple(s for s in (template.stop if template else []) if s not in gen.stop)
+    system_ids = encode_with_eot(tokenizer, template.system) if template else []
+    turns: list[list[int]] = []  # token ids of each finished exchange
+    bs = model.cfg.block_size
+    reserve = min(max(gen.max_new_tokens, 1), bs // 2)  # room left for the reply
+    n_reply = 0
+
+    def note(msg: str) -> None:
+        print(f"note: {msg}", file=err)
+
+    if interactive:
+        kind = "chat template" if template else "plain continuation (no chat template in this checkpoint)"
+        print(f"chat: {kind}; /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply", file=err)
+    for line in lines:
+        msg = line.rstrip("\r\n")
+        if msg.strip() == "/exit":
+            break
+        if msg.strip() == "/reset":
+            turns.clear()
+            print("(history cleared)", file=err)
+            continue
+        try:
+            user_ids = template.user_ids(tokenizer, msg) if template else tokenizer.encode(msg + "\n")
+        except UserError as e:  # e.g. characters a char tokenizer doesn't know: this message only
+            print(f"error: {e}", file=err)
+            continue
+        dropped = 0
+        while turns and len(system_ids) + sum(map(len, turns)) + len(user_ids) > bs - reserve:
+            turns.pop(0)
+            dropped += 1
+        if dropped:
+            note(f"dropped the {dropped} oldest turn(s) to fit the context of {bs} tokens")
+        prompt = system_ids + [t for turn in turns for t in turn] + user_ids
+        seed = gen.seed + n_reply if gen.seed is not None else None
+        s = stream(model, tokenizer, prompt, replace(gen, stop=stop, seed=seed), note=note)
+        try:
+            for piece in s:
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            s.close()
+            print("\n(reply stopped)", file=err)
+        out.write("\n")
+        out.flush()
+        n_reply += 1
+        reply = s.text
+        if template:
+            turns.append(user_ids + tokenizer.encode(reply) + encode_with_eot(tokenizer, template.assistant_end))
+        else:
+            turns.append(user_ids + tokenizer.encode(reply if reply.endswith("\n") or not reply else reply + "\n"))
+
+
+# ---------------------------------------------------------------------------------------
+# Command-line entry points (`scratchgpt sample` / `scratchgpt chat`)
+
+
+def _pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def sample_cli(
+    run,
+    *,
+    prompt: Optional[str],
+    prompt_file,
+    which: str,
+    device: str,
+    num_samples: int,
+    stream_output: bool,
+    gen: GenerationConfig,
+    out: Optional[TextIO] = None,
+) -> None:
+    """Print `num_samples` continuations (prompt included); sample i uses seed + i, streamed or not."""
+    from .checkpoint import load_model
+
+    out = out or sys.stdout
+
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --prompt-file {prompt_file}: {e}") from None
+    prompt = prompt or ""
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    model, tokenizer, _ = load_model(run, which=which, device=_pick_device(device))
+    gen = replace(gen, seed=_base_seed(gen))  # one base seed, so streamed and batched samples agree
+    tokenizer.encode(prompt)  # unknown characters fail here, before any output
+    sep = "\n---------------\n" if num_samples > 1 else "\n"
+    if stream_output:
+        for i in range(num_samples):
+            out.write(prompt)
+            out.flush()
+            for piece in stream(model, tokenizer, prompt, replace(gen, seed=gen.seed + i)):
+                out.write(piece)
+                out.flush()
+            out.write(sep)
+    else:
+        for text in generate(model, tokenizer, [prompt] * num_samples, gen):
+            out.write(prompt + text + sep)
+    out.flush()
+
+
+def _stdin_lines(err: TextIO) -> Iterator[str]:
+    if not sys.stdin.isatty():  # piped: one message per line, EOF ends the session
+        yield from sys.stdin
+        return
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            print(file=err)
+            return
+        except KeyboardInterrupt:  # at the prompt: don't end the session by accident
+            print("\n(Ctrl-C stops a reply; /exit or Ctrl-D quits)", file=err)
+
+
+def chat_cli(run, *, which: str, device: str, gen: GenerationConfig) -> None:
+    """The interactive (or piped) chat session of `scratchgpt chat`."""
+    from .checkpoint import load_model
+
+    model, tokenizer, config = load_model(run, which=which, device=_pick_device(device))
+    chat(model, tokenizer, config, _stdin_lines(sys.stderr), sys.stdout, gen, interactive=sys.stdin.isatty())

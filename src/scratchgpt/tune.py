@@ -1,0 +1,518 @@
+"""Hyperparameter search (`scratchgpt tune`): grid, random or Bayesian (TPE), with Optuna.
+
+Every trial is a real, short training run in OUT/trial-NNN, scored by its validation loss:
+the full-split loss of the final model when `train.final_eval` is on (the default), else the
+best periodic estimate. Lower is better.
+
+Search space: a mapping from dotted config keys to choices or ranges (YAML or JSON):
+
+    optim.lr: {low: 1e-4, high: 1e-2, log: true}   # a range: float, or int when low/high are ints
+    model.n_embd: [32, 64]                        # choices
+    model.n_layer: {low: 2, high: 6, step: 2}     # int range with a step
+    optim: {weight_decay: [0.0, 0.1]}             # a section may also be nested
+
+Grid search takes every combination (ranges need a step, or to be ints).
+
+Files in OUT (JSON only; the Optuna study lives in memory and is rebuilt from trials.jsonl):
+
+    study.json        method, seed, space and base config: what `--resume` must match
+    trials.jsonl      one line per finished trial: params, val loss, wall time, status
+    best.json         the best trial so far: params, val loss and its full resolved config
+    best-config.json  that config alone, for `scratchgpt train --config`
+    trial-NNN/        each trial's run directory, with its training log in train.log
+
+Resuming replays the recorded trials through the same seeded sampler (no training), so the
+sampler ends in the state an uninterrupted search would have, and the search goes on exactly
+as if it had never stopped; a trial that was cut short runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import typing
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+from . import UserError
+from .model import ModelConfig
+from .train import OptimConfig, TrainConfig
+from .utils import atomic_write_bytes, atomic_write_json, read_json
+
+Method = Literal["grid", "random", "bayes"]
+METHODS = ("grid", "random", "bayes")
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "optim": OptimConfig}
+FORMAT_VERSION = 1
+_RANGE_KEYS = {"low", "high", "log", "step"}
+
+
+# ---------------------------------------------------------------- search space
+def _field_types() -> dict[str, Any]:
+    """Dotted key -> resolved type annotation, for every field of the three config sections."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            out[f"{section}.{f.name}"] = hints[f.name]
+    return out
+
+
+def _scalar_types(hint: Any) -> Optional[list[Any]]:
+    """The allowed scalar types (or Literal values) of a field; None if it isn't a scalar field."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return [("literal", typing.get_args(hint))]
+    if origin is Union:
+        parts = [_scalar_types(a) if a is not type(None) else [type(None)] for a in typing.get_args(hint)]
+        return None if any(p is None for p in parts) else [t for p in parts for t in p]
+    if hint in (int, float, bool, str):
+        return [hint]
+    return None  # tuples (optim.betas) etc.: Optuna's categorical choices must be scalars
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """`value` as the field's type, or UserError; numeric strings are accepted for floats because
+    YAML 1.1 (PyYAML) reads `1e-4` as a string."""
+    types = _scalar_types(hint)
+    if types is None:
+        raise UserError(f"search space: {key} can't be searched (only number, string and boolean fields can)")
+    for t in types:
+        if isinstance(t, tuple):
+            if value in t[1]:
+                return value
+        elif t is type(None) and value is None:
+            return None
+        elif t is bool and isinstance(value, bool):
+            return value
+        elif t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        elif t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        elif t is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif t is str and isinstance(value, str):
+            return value
+    allowed = [repr(v) for t in types if isinstance(t, tuple) for v in t[1]]
+    want = ", ".join(allowed) if allowed else " or ".join("null" if t is type(None) else t.__name__ for t in types)
+    raise UserError(f"search space: {key} = {value!r} is not valid (expected {want})")
+
+
+def _numeric_kind(hint: Any) -> Optional[str]:
+    types = _scalar_types(hint) or []
+    if int in types:
+        return "int"
+    if float in types:
+        return "float"
+    return None
+
+
+def _flatten(raw: Mapping) -> dict[str, Any]:
+    """Accept `optim: {lr: ...}` as well as `optim.lr: ...`."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        is_range = isinstance(value, Mapping) and (set(value) & (_RANGE_KEYS | {"choices"}))
+        if key in SECTIONS and isinstance(value, Mapping) and not is_range:
+            for sub, v in value.items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_space(spec: Union[str, os.PathLike, Mapping]) -> dict[str, dict]:
+    """Parse and check a search space: a mapping, a YAML/JSON file, or inline YAML/JSON text.
+
+    Returns the normalised space: key -> {"choices": [...]} or
+    {"type": "int"|"float", "low", "high", "log", "step"}. Bad input raises UserError.
+    """
+    if isinstance(spec, (str, os.PathLike)) and not isinstance(spec, Mapping):
+        text = str(spec)
+        path = Path(text)
+        if text.strip() and "\n" not in text and path.suffix.lower() in (".yaml", ".yml", ".json") or path.is_file():
+            if not path.is_file():
+                raise UserError(f"search space file {path} does not exist")
+            text = path.read_text(encoding="utf-8")
+        import yaml  # JSON is YAML, so one parser reads both
+
+        try:
+            spec = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"search space is neither a file nor valid YAML/JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(spec, Mapping):
+        raise UserError('search space must be a mapping of config keys to choices or ranges, e.g. '
+                        '\'{"optim.lr": {"low": 1e-4, "high": 1e-2, "log": true}, "model.n_embd": [32, 64]}\'')
+    flat = _flatten(spec)
+    if not flat:
+        raise UserError("search space is empty: give at least one key to search")
+    types = _field_types()
+    space: dict[str, dict] = {}
+    for key, value in flat.items():
+        if key not in types:
+            close = _closest_key(key, list(types))
+            hint = f" (did you mean {close}?)" if close else " (keys look like model.n_embd, optim.lr, train.batch_size)"
+            raise UserError(f"search space: unknown key {key!r}{hint}")
+        space[key] = _param(key, types[key], value)
+    return space
+
+
+def _closest_key(key: str, keys: list[str]) -> Optional[str]:
+    """The likeliest intended key: an abbreviation first (learning_rate -> lr), else the closest spelling."""
+    name = key.rsplit(".", 1)[-1]
+    initials = "".join(w[0] for w in name.split("_") if w)
+    abbreviated = [k for k in keys if len(initials) > 1 and k.rsplit(".", 1)[-1] == initials]
+    if abbreviated:
+        return abbreviated[0]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _param(key: str, hint: Any, value: Any) -> dict:
+    if isinstance(value, Mapping) and set(value) == {"choices"}:
+        value = value["choices"]
+    if isinstance(value, (list, tuple)):
+        choices = []
+        for v in value:
+            v = _coerce(key, hint, v)
+            if v not in choices:  # a repeated value would only be evaluated twice
+                choices.append(v)
+        if not choices:
+            raise UserError(f"search space: {key} has no choices")
+        return {"choices": choices}
+    if not isinstance(value, Mapping):
+        raise UserError(f"search space: {key} needs a list of choices or a range {{low, high[, log, step]}}, "
+                        f"got {value!r}")
+    unknown = set(value) - _RANGE_KEYS
+    if unknown or not {"low", "high"} <= set(value):
+        raise UserError(f"search space: {key} range needs low and high (and optionally log, step); "
+                        f"got keys {sorted(map(str, value))}")
+    kind = _numeric_kind(hint)
+    if kind is None:
+        raise UserError(f"search space: {key} is not numeric: give a list of choices")
+    low, high = _coerce(f"{key}.low", float, value["low"]), _coerce(f"{key}.high", float, value["high"])
+    step = _coerce(f"{key}.step", float, value["step"]) if value.get("step") is not None else None
+    log = value.get("log", False)
+    if not isinstance(log, bool):
+        raise UserError(f"search space: {key}.log must be true or false")
+    if kind == "int":
+        raw = [value["low"], value["high"]] + ([value["step"]] if value.get("step") is not None else [])
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
+            raise UserError(f"search space: {key} is an integer field: low, high and step must be integers")
+        low, high, step = int(low), int(high), int(step) if step is not None else 1
+    if not low < high:
+        raise UserError(f"search space: {key} needs low < high, got {low} and {high}")
+    if step is not None and step <= 0:
+        raise UserError(f"search space: {key}.step must be positive")
+    if log and low <= 0:
+        raise UserError(f"search space: {key} with log: true needs low > 0")
+    if log and step not in (None, 1):
+        raise UserError(f"search space: {key}: log and step can't be combined")
+    return {"type": kind, "low": low, "high": high, "log": log, "step": step}
+
+
+def grid_values(key: str, p: dict) -> list:
+    """The finite list of values a parameter takes in a grid search."""
+    if "choices" in p:
+        return list(p["choices"])
+    if p["type"] == "int":
+        return list(range(p["low"], p["high"] + 1, p["step"] or 1))
+    if not p["step"]:
+        raise UserError(f"grid search needs a finite set of values: give {key} a list of choices or a step")
+    n = int(math.floor((p["high"] - p["low"]) / p["step"] + 1e-9))
+    return [float(f"{p['low'] + i * p['step']:.12g}") for i in range(n + 1)]  # 12 digits: no 0.30000000000000004
+
+
+def grid_size(space: dict[str, dict]) -> int:
+    return math.prod(len(grid_values(k, p)) for k, p in space.items())
+
+
+# ---------------------------------------------------------------- the search
+class _TrialFailed(Exception):
+    """A trial whose training failed (bad combination, NaN loss, out of memory): recorded, not fatal."""
+
+
+def _sampler(method: str, space: dict[str, dict], seed: int, startup: int):
+    import optuna
+
+    if method == "grid":
+        return optuna.samplers.GridSampler({k: grid_values(k, p) for k, p in space.items()}, seed=seed)
+    if method == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+
+
+def _suggest(trial, method: str, space: dict[str, dict]) -> dict[str, Any]:
+    params = {}
+    for key, p in space.items():
+        if method == "grid" or "choices" in p:
+            params[key] = trial.suggest_categorical(key, grid_values(key, p) if method == "grid" else p["choices"])
+        elif p["type"] == "int":
+            params[key] = trial.suggest_int(key, p["low"], p["high"], step=p["step"] or 1, log=p["log"])
+        else:
+            params[key] = trial.suggest_float(key, p["low"], p["high"], step=p["step"], log=p["log"])
+    return params
+
+
+def apply_params(base: dict[str, Any], params: Mapping[str, Any]) -> tuple[ModelConfig, TrainConfig, OptimConfig]:
+    """The three config sections of a trial: `base` (section -> dataclass) with `params` set.
+
+    ValueError when the combination is invalid (e.g. n_embd not divisible by n_head).
+    """
+    sections = {name: {} for name in SECTIONS}
+    for key, value in params.items():
+        section, name = key.split(".", 1)
+        sections[section][name] = value
+    return tuple(replace(base[name], **sections[name]) for name in SECTIONS)  # type: ignore[return-value]
+
+
+def _section(cls, d: dict):
+    d = dict(d)
+    if "betas" in d:
+        d["betas"] = tuple(d["betas"])
+    return cls(**d)
+
+
+def _check_same(what: str, given: Any, saved: Any) -> None:
+    if given is not None and given != saved:
+        raise UserError(f"--resume: {what} differs from the saved search ({saved!r} there, {given!r} now); "
+                        "use another --out, or --force to start over")
+
+
+def _note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr)
+
+
+def _read_trials(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a line torn by a crash mid-write: drop it, and that trial runs again
+                _note(f"{path}: dropping an incomplete last line")
+                atomic_write_bytes(path, "".join(line + "\n" for line in lines[:i]).encode("utf-8"))
+                break
+            raise UserError(f"{path}: line {i + 1} is not valid JSON") from None
+    for i, r in enumerate(records):
+        if r.get("trial") != i:
+            raise UserError(f"{path}: expected trial {i} on line {i + 1}, found {r.get('trial')!r}")
+    return records
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # a finished trial is never lost to a crash
+
+
+def _fmt(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def tune(
+    space: Union[str, os.PathLike, Mapping, None],
+    out: Union[str, os.PathLike],
+    *,
+    data: Optional[Union[str, os.PathLike]] = None,
+    method: Optional[Method] = None,
+    trials: int = 20,
+    model: Optional[ModelConfig] = None,
+    train: Optional[TrainConfig] = None,
+    optim: Optional[OptimConfig] = None,
+    seed: Optional[int] = None,
+    resume: bool = False,
+    force: bool = False,
+) -> dict:
+    """Run (or continue) a search; returns best.json's content.
+
+    `trials` is the total number of trials, counting those already recorded. `model`/`train`/
+    `optim` are the base config each trial starts from. With `resume`, the saved space, method,
+    seed and base config are used; any given here must match them (base-config fields only
+    where they differ from the defaults, as with `scratchgpt train --resume`).
+    """
+    import optuna
+
+    from .train import default_data_dir, train as run_training
+
+    out = Path(out)
+    if trials < 1:
+        raise UserError(f"--trials must be at least 1, got {trials}")
+    if method is not None and method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    study_file, trials_file = out / "study.json", out / "trials.jsonl"
+    exists = study_file.exists() or trials_file.exists()
+    if exists and not (resume or force):
+        raise UserError(f"{out} already holds a search: pass --resume to continue it or --force to replace it")
+    if resume and not study_file.exists():
+        raise UserError(f"{out}: nothing to resume (no study.json)")
+    if force and not resume:
+        _clear(out)
+    given = {"model": model, "train": train, "optim": optim}
+
+    if resume:
+        saved = read_json(study_file)
+        if saved.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{study_file}: unsupported format {saved.get('format_version')!r}")
+        if space is not None:
+            _check_same("the search space", load_space(space), saved["space"])
+        _check_same("--method", method, saved["method"])
+        _check_same("--seed", seed, saved["seed"])
+        _check_same("--data", str(data) if data is not None else None, saved["data"])
+        base = {name: _section(cls, saved["base"][name]) for name, cls in SECTIONS.items()}
+        for name, cls in SECTIONS.items():
+            if given[name] is None:
+                continue
+            defaults = asdict(cls())
+            for key, value in asdict(given[name]).items():
+                if _plain(value) != _plain(defaults[key]):
+                    _check_same(f"{name}.{key}", _plain(value), _plain(saved["base"][name][key]))
+        settings = saved
+    else:
+        if space is None:
+            raise UserError("--space is required: a YAML/JSON file or inline mapping of config keys to search")
+        data_path = Path(data) if data is not None else default_data_dir()
+        from .data import load_meta
+
+        load_meta(data_path)  # a bad data dir fails now, not once per trial
+        base = {"model": model or ModelConfig(), "train": train or TrainConfig(), "optim": optim or OptimConfig()}
+        settings = {"format_version": FORMAT_VERSION, "method": method or "bayes", "seed": 0 if seed is None else seed,
+                    "space": load_space(space), "data": str(data_path),
+                    "base": {name: asdict(cfg) for name, cfg in base.items()}}
+        # fixed once: a different number of TPE's random start-up trials would change every later trial
+        settings["startup_trials"] = max(1, min(10, trials // 3))
+    space_n, method_n = settings["space"], settings["method"]
+    if method_n == "grid":
+        size = grid_size(space_n)
+        if trials > size:
+            _note(f"the grid has {size} combinations: running {size} trials, not {trials}")
+            trials = size
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_json(study_file, settings)
+    records = _read_trials(trials_file)
+    if len(records) >= trials:
+        _note(f"{out} already has {len(records)} trials (--trials {trials}); nothing to run")
+
+    def objective(trial) -> float:
+        n = trial.number
+        params = _suggest(trial, method_n, space_n)
+        if n < len(records):  # replay: same sampler, same seed, so the same params come out
+            rec = records[n]
+            if rec["params"] != params:
+                raise UserError(f"{trials_file}: trial {n} has params {rec['params']}, but the sampler now proposes "
+                                f"{params} (another Optuna version?); continue in a new --out")
+            if rec["status"] != "complete":
+                raise _TrialFailed(rec.get("error", "failed"))
+            return rec["val_loss"]
+        record = _run_trial(n, params, out, settings, base, run_training, total=trials)
+        _append_jsonl(trials_file, record)
+        records.append(record)
+        _write_best(out, records, settings)
+        if record["status"] != "complete":
+            raise _TrialFailed(record["error"])
+        return record["val_loss"]
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own one line per trial replaces Optuna's log
+    try:
+        study = optuna.create_study(direction="minimize",
+                                    sampler=_sampler(method_n, space_n, settings["seed"], settings["startup_trials"]))
+        study.optimize(objective, n_trials=max(trials, len(records)), catch=(_TrialFailed,))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    best = _write_best(out, records, settings)
+    if best is None:
+        first = next((r.get("error") for r in records if r.get("error")), "unknown error")
+        raise UserError(f"no trial finished: {first} (logs in {out}/trial-*/train.log)")
+    return best
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _clear(out: Path) -> None:
+    """--force: remove only what a search writes, never unrelated files that share the directory."""
+    for name in ("study.json", "trials.jsonl", "best.json", "best-config.json"):
+        (out / name).unlink(missing_ok=True)
+    for d in out.glob("trial-[0-9][0-9][0-9]*"):
+        if d.is_dir():
+            shutil.rmtree(d)
+
+
+def _run_trial(n: int, params: dict, out: Path, settings: dict, base: dict, run_training, total: int) -> dict:
+    run_dir = out / f"trial-{n:03d}"
+    record: dict[str, Any] = {"trial": n, "run": run_dir.name, "params": params}
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # left by an interrupted attempt at this trial
+    t0 = time.perf_counter()
+    try:
+        model, train_cfg, optim = apply_params(base, params)
+        run_dir.mkdir(parents=True)
+        # each trial's training output goes to its own log, so the terminal shows one line per trial
+        with open(run_dir / "train.log", "w", encoding="utf-8") as log, contextlib.redirect_stderr(log):
+            result = run_training(data=Path(settings["data"]), out=run_dir, model=model, train=train_cfg, optim=optim)
+        value = result.get("final_val_loss")
+        if value is None:
+            value = result.get("best_val_loss")
+        if value is None or not math.isfinite(value):
+            raise UserError(f"no validation loss (step {result.get('step')}): raise train.max_iters or lower "
+                            "train.eval_interval")
+        record.update(status="complete", val_loss=value, best_val_loss=result.get("best_val_loss"),
+                      final_val_loss=result.get("final_val_loss"), step=result.get("step"),
+                      stop_reason=result.get("stop_reason"))
+    except (UserError, ValueError, MemoryError) as e:  # this combination failed; the search goes on
+        record.update(status="failed", val_loss=None, error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except RuntimeError as e:
+        if "memory" not in str(e).lower():  # CPU and CUDA out-of-memory are RuntimeErrors; others are bugs
+            raise
+        record.update(status="failed", val_loss=None, error=str(e).splitlines()[0])
+    record["wall_s"] = round(time.perf_counter() - t0, 3)
+    log_file = run_dir / "train.log"
+    outcome = (f"val loss {record['val_loss']:.4f}" if record["status"] == "complete" else f"failed: {record['error']}"
+               + (f" (see {log_file})" if log_file.exists() and log_file.stat().st_size else ""))
+    print(f"trial {n + 1}/{total}: {_fmt(params)} -> {outcome} ({record['wall_s']:.1f} s)", file=sys.stderr)
+    return record
+
+
+def _write_best(out: Path, records: list[dict], settings: dict) -> Optional[dict]:
+    done = [r for r in records if r["status"] == "complete"]
+    if not done:
+        return None
+    r = min(done, key=lambda r: (r["val_loss"], r["trial"]))
+    base = {name: _section(cls, settings["base"][name]) for name, cls in SECTIONS.items()}
+    config = {"data": settings["data"]} | {name: asdict(cfg) for name, cfg in zip(SECTIONS, apply_params(base, r["params"]))}
+    run_config = out / r["run"] / "config.json"
+    if run_config.exists():  # what training actually used, e.g. vocab_size filled in from the data
+        config["model"] = read_json(run_config)["model"]
+    best = {"trial": r["trial"], "run": str(out / r["run"]), "val_loss": r["val_loss"], "params": r["params"],
+            "method": settings["method"], "trials_complete": len(done), "trials_failed": len(records) - len(done),
+            "config": config}
+    atomic_write_json(out / "best.json", best)
+    atomic_write_json(out / "best-config.json", config)
+    return best
+
+
+def tune_cli(**kwargs: Any) -> dict:
+    """`scratchgpt tune`: run the search, then print the best trial as one JSON line."""
+    best = tune(**kwargs)
+    print(f"best: trial {best['trial']}, val loss {best['val_loss']:.4f}: {_fmt(best['params'])} "
+          f"(full config in {Path(kwargs['out']) / 'best.json'})", file=sys.stderr)
+    print(json.dumps({k: best[k] for k in ("trial", "val_loss", "params", "run")}))
+    return best

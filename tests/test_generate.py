@@ -1,0 +1,332 @@
+"""Generation: KV cache vs no cache, the sliding-window rule, sampling options, streaming, CLI, chat."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from scratchgpt import UserError
+from scratchgpt import generate as G
+from scratchgpt.checkpoint import save_checkpoint
+from scratchgpt.cli import main
+from scratchgpt.model import GPT, ModelConfig
+from scratchgpt.tokenizer import train_bpe_tokenizer, train_char_tokenizer
+
+TEXT = "hello world, the quick brown fox jumps over the lazy dog.\nHéllo wörld 日本語 😀 ünïcödé\n" * 4
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    return train_char_tokenizer([TEXT])
+
+
+@pytest.fixture(scope="module")
+def bpe_tok():
+    return train_bpe_tokenizer([TEXT], 300, exact=False)
+
+
+def tiny(vocab: int, pos: str = "learned", block_size: int = 16, seed: int = 0, **kw) -> GPT:
+    # init_std 0.3 spreads the logits, so greedy choices are never near-ties that rounding could flip
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, block_size=block_size, n_layer=2, n_head=2, n_embd=32, pos=pos, init_std=0.3, **kw)
+    return GPT(cfg).eval()
+
+
+def crop_reference(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding the naive way (nanoGPT): the whole last-block_size window, every step."""
+    seq = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(seq[:, -model.cfg.block_size :])[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    return seq[0, len(prompt) :].tolist()
+
+
+# ----------------------------------------------------------------------- cache == no cache
+VARIANTS = {
+    "learned": {},
+    "sinusoidal": {},
+    "rope": {},
+    "rope-modern": dict(norm="rmsnorm", mlp="swiglu", qk_norm=True, logit_softcap=30.0, bias=False, tie_embeddings=False),
+    "learned-post": dict(norm_placement="post", mlp="relu2"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_cache_equals_no_cache_past_block_size(variant, char_tok):
+    pos = variant.split("-")[0]
+    model = tiny(char_tok.vocab_size, pos, **VARIANTS[variant])
+    prompts = [char_tok.encode("hello"), char_tok.encode("world")]  # one batch of 2
+    n = 40  # 5 + 40 tokens: well past block_size 16, so the window slides 29 times
+    cached = G.generate_tokens(model, prompts, max_new_tokens=n, temperature=0)
+    uncached = G.generate_tokens(model, prompts, max_new_tokens=n, temperature=0, use_cache=False)
+    assert cached == uncached
+    assert cached[0] == crop_reference(model, prompts[0], n)  # the documented rule: last block_size tokens
+    assert len(set(cached[0])) > 1 or len(set(cached[1])) > 1  # not a degenerate test
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fast_decode_step_is_used(variant, char_tok):
+    """The cached path decodes with _FastStep after checking it once against GPT.forward."""
+    model = tiny(char_tok.vocab_size, variant.split("-")[0], **VARIANTS[variant])
+    dec = G._decoder(model, char_tok.vocab_size, [char_tok.encode("hello")], G.GenerationConfig(max_new_tokens=6, temperature=0), [0])
+    for _ in range(6):
+        dec.next()
+    assert dec.fast_checked and dec.fast is not None
+
+
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
+def test_window_shift_and_sampling_agree_with_and_without_cache(pos, char_tok):
+    model = tiny(char_tok.vocab_size, pos)
+    prompt = [char_tok.encode("the quick brown fox jumps")]  # longer than block_size: the tail is kept
+    for shift in (1, 5, 16):
+        kw = dict(max_new_tokens=30, temperature=0.9, top_k=20, top_p=0.95, seed=7, window_shift=shift)
+        assert G.generate_tokens(model, prompt, **kw) == G.generate_tokens(model, prompt, use_cache=False, **kw)
+
+
+# ----------------------------------------------------------------------- seeds and golden output
+def test_golden_seeded_sample(char_tok):
+    """The same seed gives the same text; this pins it, so any change to sampling shows up here."""
+    model = tiny(char_tok.vocab_size, "learned", block_size=32)
+    kw = dict(max_new_tokens=24, temperature=0.8, top_k=10, top_p=0.9, repetition_penalty=1.1, seed=1234)
+    c = G.complete(model, char_tok, ["hello "], **kw)[0]
+    assert c.token_ids == GOLDEN_IDS
+    assert c.text == GOLDEN_TEXT
+    assert G.generate(model, char_tok, "hello ", **kw) == GOLDEN_TEXT
+    assert G.generate(model, char_tok, "hello ", **dict(kw, seed=1235)) != GOLDEN_TEXT
+
+
+GOLDEN_IDS = [18, 38, 28, 34, 0, 34, 0, 34, 0, 7, 38, 11, 13, 13, 0, 21, 34, 6, 1, 3, 0, 21, 1, 34]
+GOLDEN_TEXT = "n😀xü\nü\nü\nc😀gii\nqüb .\nq ü"
+
+
+def test_rows_are_independent_of_batching(char_tok):
+    model = tiny(char_tok.vocab_size, "rope")
+    both = G.generate(model, char_tok, ["ab", "hello"], max_new_tokens=12, seed=3)
+    assert both[1] == G.generate(model, char_tok, "hello", max_new_tokens=12, seed=4)  # row i uses seed + i
+    assert both[0] == G.generate(model, char_tok, "ab", max_new_tokens=12, seed=3)
+
+
+def test_greedy_ignores_seed_and_top_k_1_is_greedy(char_tok):
+    model = tiny(char_tok.vocab_size)
+    greedy = G.generate(model, char_tok, "fox", max_new_tokens=10, temperature=0, seed=1)
+    assert greedy == G.generate(model, char_tok, "fox", max_new_tokens=10, temperature=0, seed=2)
+    assert greedy == G.generate(model, char_tok, "fox", max_new_tokens=10, top_k=1, seed=3)
+    assert greedy == G.generate(model, char_tok, "fox", max_new_tokens=10, top_p=1e-6, seed=4)
+
+
+def test_train_mode_model_samples_without_dropout_and_stays_in_train_mode(char_tok):
+    model = tiny(char_tok.vocab_size, dropout=0.5)
+    expected = G.generate(model, char_tok, "fox", max_new_tokens=10, seed=2)
+    model.train()
+    assert G.generate(model, char_tok, "fox", max_new_tokens=10, seed=2) == expected
+    assert "".join(G.stream(model, char_tok, "fox", max_new_tokens=10, seed=2)) == expected
+    assert model.training
+
+
+def test_repetition_penalty_and_top_p_filtering():
+    logits = torch.tensor([[2.0, 1.0, -1.0, -3.0]])
+    ctx = torch.tensor([[0]])
+    s = G._Sampler(G.GenerationConfig(temperature=0, repetition_penalty=4.0), ctx, 4, 4, [0])
+    assert s(logits.clone()).tolist() == [1]  # token 0 was seen: 2/4 < 1
+    assert s.seen[0].tolist() == [True, True, False, False]
+    assert s(logits.clone()).tolist() == [0]  # both seen now: 0.5 vs 0.25
+    # top_p 0.5: token 0 alone has probability > 0.5, so it is always drawn
+    s = G._Sampler(G.GenerationConfig(top_p=0.5, seed=0), ctx, 4, 4, [0])
+    assert {s(logits.clone()).item() for _ in range(50)} == {0}
+    # ids beyond the tokenizer's vocabulary (a padded model vocab) are never drawn
+    s = G._Sampler(G.GenerationConfig(temperature=5.0), ctx, 4, 2, [0])
+    assert {s(logits.clone()).item() for _ in range(100)} <= {0, 1}
+
+
+# ----------------------------------------------------------------------- stops, streaming, text
+def test_stop_strings_and_tokens(char_tok, bpe_tok):
+    model = tiny(char_tok.vocab_size, "rope")
+    full = G.generate(model, char_tok, "hello", max_new_tokens=30, seed=5)
+    stop = full[10:12]
+    c = G.complete(model, char_tok, ["hello"], max_new_tokens=30, seed=5, stop=[stop, "never-there"])[0]
+    assert c.text == full[: full.index(stop)] and c.finish_reason == "stop"
+    assert "".join(G.stream(model, char_tok, "hello", max_new_tokens=30, seed=5, stop=[stop])) == c.text
+    # a stop token ends the text before it, whether or not stop strings force per-step checks
+    ids = G.complete(model, char_tok, ["hello"], max_new_tokens=30, seed=5)[0].token_ids
+    for extra in ({}, {"stop": ["never-there"]}):
+        c = G.complete(model, char_tok, ["hello"], max_new_tokens=30, seed=5, stop_tokens=[ids[4]], **extra)[0]
+        assert c.token_ids == ids[: ids.index(ids[4])] and c.finish_reason == "stop"
+    assert G.complete(model, char_tok, ["hello"], max_new_tokens=30, seed=5)[0].finish_reason == "length"
+    # bpe: EOT stops by default; "<|endoftext|>" as a stop string means the EOT id
+    assert G._stops(bpe_tok, G.GenerationConfig())[0] == {bpe_tok.eot_id}
+    assert G._stops(bpe_tok, G.GenerationConfig(stop_tokens=(), stop=("<|endoftext|>",)))[0] == {bpe_tok.eot_id}
+    assert G._stops(char_tok, G.GenerationConfig())[0] == set()
+    bmodel = tiny(bpe_tok.vocab_size, tie_embeddings=False)
+    with torch.no_grad():  # final hidden state all ones, and only EOT's head row sees it: EOT every time
+        bmodel.transformer.ln_f.weight.zero_()
+        bmodel.transformer.ln_f.bias.fill_(1.0)
+        bmodel.lm_head.weight.zero_()
+        bmodel.lm_head.weight[bpe_tok.eot_id] = 1.0
+    c = G.complete(bmodel, bpe_tok, ["hello"], max_new_tokens=20, seed=1)[0]
+    assert (c.text, c.token_ids, c.finish_reason) == ("", [], "stop")
+    assert G.complete(bmodel, bpe_tok, ["hello"], max_new_tokens=20, seed=1, stop_tokens=())[0].token_ids == [bpe_tok.eot_id] * 20
+
+
+def test_stream_never_splits_utf8(bpe_tok):
+    text = "日本語 😀 ünïcödé Héllo"
+    ids = bpe_tok.encode(text)
+    assert len(ids) > len(text) // 2  # several tokens per multi-byte character somewhere
+    t = G._Text(bpe_tok, [])
+    pieces = [t.push(i) for i in ids] + [t.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    # stop strings are held back until they can't be one, then cut
+    t = G._Text(bpe_tok, ["ünï"])
+    pieces = [t.push(i) for i in ids]
+    assert "".join(pieces) == "日本語 😀 " and t.stopped
+
+
+def test_stream_joins_to_generate_and_reports(bpe_tok):
+    model = tiny(bpe_tok.vocab_size, "rope")
+    s = G.stream(model, bpe_tok, "Héllo", max_new_tokens=25, seed=9, stop_tokens=())
+    pieces = list(s)
+    assert "".join(pieces) == G.generate(model, bpe_tok, "Héllo", max_new_tokens=25, seed=9, stop_tokens=())
+    assert s.finish_reason == "length" and len(s.token_ids) == 25 and s.text == "".join(pieces)
+
+
+# ----------------------------------------------------------------------- bad input
+def test_bad_options_are_user_errors():
+    for kw in (dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=-1),
+               dict(repetition_penalty=0.0), dict(window_shift=0), dict(temperature=float("nan"))):
+        with pytest.raises(UserError):
+            G.GenerationConfig(**kw)
+
+
+def test_empty_long_and_unknown_prompts(char_tok, bpe_tok):
+    model = tiny(bpe_tok.vocab_size)
+    c = G.complete(model, bpe_tok, [""], max_new_tokens=5, seed=1, stop_tokens=())[0]
+    assert c.prompt_tokens == 1
+    assert c.token_ids == G.generate_tokens(model, [[bpe_tok.eot_id]], max_new_tokens=5, seed=1)[0]
+    assert G.start_token(char_tok) == char_tok.encode("\n")[0]
+    assert G.start_token(train_char_tokenizer(["ab"])) == 0
+    notes = []
+    c = G.complete(model, bpe_tok, ["the lazy dog " * 20], max_new_tokens=3, note=notes.append)[0]
+    assert c.prompt_tokens == 16 and "keeping the last 16" in notes[0]
+    cmodel = tiny(char_tok.vocab_size)
+    with pytest.raises(UserError, match="'Q'"):
+        G.generate(cmodel, char_tok, "Q?", max_new_tokens=3)
+    assert G.generate(cmodel, char_tok, "hello", max_new_tokens=0) == ""
+
+
+# ----------------------------------------------------------------------- chat
+TEMPLATE = {"system": "Be nice.\n", "user": "### Instruction:\n{prompt}\n\n### Response:\n",
+            "assistant_end": "<|endoftext|>", "stop": ["###", "<|endoftext|>"]}
+
+
+def test_chat_template_reset_exit(bpe_tok, monkeypatch):
+    model = tiny(bpe_tok.vocab_size, "rope", block_size=128)
+    prompts = []
+    real = G.stream
+
+    def spy(model, tokenizer, prompt, gen=None, **kw):
+        prompts.append(list(prompt))
+        return real(model, tokenizer, prompt, gen, **kw)
+
+    monkeypatch.setattr(G, "stream", spy)
+    out, err = io.StringIO(), io.StringIO()
+    gen = G.GenerationConfig(max_new_tokens=6, seed=1)
+    G.chat(model, bpe_tok, {"chat_template": TEMPLATE}, ["hi\n", "more\n", "/reset\n", "hi\n", "/exit\n", "never\n"], out, gen, err=err)
+    assert len(prompts) == 3 and out.getvalue().count("\n") == 3
+    system = bpe_tok.encode("Be nice.\n")
+    first = system + bpe_tok.encode("### Instruction:\n") + bpe_tok.encode("hi") + bpe_tok.encode("\n\n### Response:\n")
+    assert prompts[0] == first
+    assert len(prompts[1]) > len(first) and bpe_tok.eot_id in prompts[1]  # history ends each reply with EOT
+    assert prompts[2] == first  # /reset
+    assert "history cleared" in err.getvalue()
+
+
+def test_chat_plain_ctrl_c_stops_one_reply(char_tok, monkeypatch):
+    model = tiny(char_tok.vocab_size, block_size=64)
+    real = G.stream
+    calls = []
+
+    def flaky(*a, **kw):
+        s = real(*a, **kw)
+        calls.append(1)
+        if len(calls) == 1:  # the first reply gets Ctrl-C after one piece
+            inner = iter(s)
+
+            class Interrupted:
+                text = ""
+
+                def __iter__(self):
+                    yield next(inner)
+                    raise KeyboardInterrupt
+
+                def close(self):
+                    s.close()
+
+            return Interrupted()
+        return s
+
+    monkeypatch.setattr(G, "stream", flaky)
+    out, err = io.StringIO(), io.StringIO()
+    G.chat(model, char_tok, {}, ["hello\n", "world\n", "bad Q\n", "fox\n"], out, G.GenerationConfig(max_new_tokens=5, seed=0), err=err)
+    assert len(calls) == 3  # the session went on after Ctrl-C, and after the unknown character
+    assert "reply stopped" in err.getvalue() and "'Q'" in err.getvalue()
+
+
+# ----------------------------------------------------------------------- CLI
+CHAR_TEMPLATE = {"system": "hello.\n", "user": "the {prompt} dog.\n", "assistant_end": "\n", "stop": ["fox"]}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, char_tok):
+    d = tmp_path_factory.mktemp("run")
+    model = tiny(char_tok.vocab_size, "rope", block_size=32)
+    tok_file = char_tok.save(d / "tok")
+    save_checkpoint(d, model=model, optimizer=None, state={"step": 1}, config={"model": asdict(model.cfg), "chat_template": CHAR_TEMPLATE},
+                    tokenizer_file=tok_file)
+    return d
+
+
+def test_cli_sample(run_dir, capsys):
+    args = ["sample", str(run_dir), "--prompt", "hello", "--max-new-tokens", "12", "--seed", "3", "--num-samples", "2"]
+    assert main(args) == 0
+    batched = capsys.readouterr().out
+    assert batched.count("hello") == 2 and "---------------" in batched
+    assert main(args + ["--stream"]) == 0
+    assert capsys.readouterr().out == batched
+    assert main(["sample", str(run_dir), "--prompt", "", "--max-new-tokens", "5", "--temperature", "0", "--which", "latest"]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--prompt", "Qx"], "'Q'"),
+        (["--prompt", "a", "--prompt-file", "f"], "not both"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "prompt-file"),
+    ],
+)
+def test_cli_sample_errors(run_dir, capsys, extra, message):
+    assert main(["sample", str(run_dir), "--max-new-tokens", "3"] + extra) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
+
+
+def test_cli_sample_without_checkpoint(tmp_path, capsys):
+    assert main(["sample", str(tmp_path), "--prompt", "a"]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_cli_chat_piped_stdin(run_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "scratchgpt", "chat", str(run_dir), "--max-new-tokens", "8", "--seed", "1"],
+        input="hello\n/reset\nworld\n/exit\n", capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 2 and "history cleared" in proc.stderr and "Traceback" not in proc.stderr
