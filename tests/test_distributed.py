@@ -89,11 +89,6 @@ def _elastic_worker(args: list, env: dict) -> int:
     return code
 
 
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
 def single(*args: str) -> None:
     """One process, in this interpreter (torch is already imported: saves seconds per run)."""
     from scratchgpt.cli import main

@@ -326,6 +326,13 @@ def test_sft_answers_held_out_prompts(sft_run, capsys):
     chat(model, tok, config, lines, replies, GenerationConfig(temperature=0.0, max_new_tokens=8), err=io.StringIO())
     hits = sum(r == w for r, w in zip(replies.getvalue().splitlines(), val_w[:10]))
     assert hits >= 8
+    # `sample` wraps the prompt in the stored template too, and prints only the reply
+    sampled = []
+    for w in val_w[:5]:
+        code, stdout, _ = cli(capsys, "sample", run, "--prompt", w, "--temperature", "0", "--max-new-tokens", "8")
+        assert code == 0
+        sampled.append(stdout.strip())
+    assert sum(s == w for s, w in zip(sampled, val_w[:5])) >= 4
     print(f"\nSFT copy task: exact match {ev['exact_match']:.3f}, BLEU {ev['bleu']:.1f}, chrF {ev['chrf']:.1f}, "
           f"chat {hits}/10")
 

@@ -80,6 +80,25 @@ def test_fast_decode_step_is_used(variant, char_tok):
     assert dec.fast_checked and dec.fast is not None
 
 
+def test_wrapped_layers_use_the_module_path(char_tok):
+    """A layer the fast step doesn't know (like an unmerged LoRA Linear) keeps decoding exact."""
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 1.5
+
+    model = tiny(char_tok.vocab_size, "rope")
+    old = model.transformer.h[0].mlp.c_fc
+    model.transformer.h[0].mlp.c_fc = new = Scaled(old.in_features, old.out_features)
+    new.load_state_dict(old.state_dict())
+    dec = G._decoder(model, char_tok.vocab_size, [char_tok.encode("hello")], G.GenerationConfig(max_new_tokens=4, temperature=0), [0])
+    for _ in range(4):
+        dec.next()
+    assert dec.fast is None
+    kw = dict(max_new_tokens=25, temperature=0)
+    assert G.generate_tokens(model, [char_tok.encode("hello")], **kw) == G.generate_tokens(model, [char_tok.encode("hello")], use_cache=False, **kw)
+
+
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
 def test_window_shift_and_sampling_agree_with_and_without_cache(pos, char_tok):
     model = tiny(char_tok.vocab_size, pos)

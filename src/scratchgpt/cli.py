@@ -332,6 +332,7 @@ def _sample_parser() -> Parser:
     p.add_argument("--prompt-file", type=Optional[Path], default=None, help="read the prompt from a file")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--raw", action="store_true", help="ignore a fine-tuned run's chat template; continue the prompt as is")
     return p
 
 
@@ -347,6 +348,7 @@ def cmd_sample(a) -> None:
         num_samples=a.num_samples,
         stream_output=a.stream,
         gen=_generation_config(a),
+        raw=a.raw,
     )
 
 

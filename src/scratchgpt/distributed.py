@@ -56,7 +56,8 @@ def setup(tcfg) -> DistContext:
         try:
             timeout = datetime.timedelta(seconds=float(os.environ.get("SCRATCHGPT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
         except ValueError:
-            raise UserError(f"SCRATCHGPT_DIST_TIMEOUT must be a number of seconds, not {os.environ['SCRATCHGPT_DIST_TIMEOUT']!r}") from None
+            raise UserError("SCRATCHGPT_DIST_TIMEOUT must be a number of seconds, "
+                            f"not {os.environ['SCRATCHGPT_DIST_TIMEOUT']!r}") from None
         backend = "nccl" if use_cuda else "gloo"
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun keeps one key-value store for every restart of its workers, so a restarted
@@ -90,9 +91,11 @@ def maybe_fail(step: int, ctx: DistContext) -> None:
     """Fault injection for the tests: SCRATCHGPT_FAULT_RANK=r SCRATCHGPT_FAULT_STEP=s makes rank r
     exit with status 1 (no cleanup, as a crash) before step s, on the first attempt only, so that
     a torchrun restart can be seen to recover."""
-    if (os.environ.get("SCRATCHGPT_FAULT_STEP") == str(step) and os.environ.get("SCRATCHGPT_FAULT_RANK") == str(ctx.rank)
-            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
-        print(f"rank {ctx.rank}: injected fault at step {step} (SCRATCHGPT_FAULT_STEP), exiting", file=sys.stderr, flush=True)
+    env = os.environ
+    if (env.get("SCRATCHGPT_FAULT_STEP") == str(step) and env.get("SCRATCHGPT_FAULT_RANK") == str(ctx.rank)
+            and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+        print(f"rank {ctx.rank}: injected fault at step {step} (SCRATCHGPT_FAULT_STEP), exiting",
+              file=sys.stderr, flush=True)
         os._exit(1)
 
 
@@ -200,7 +203,8 @@ def load_optimizers(ckpt: Path, model: torch.nn.Module, optimizers: list, state:
 
     metas = state["optimizer"]
     if len(metas) != len(optimizers):
-        raise UserError(f"{ckpt}: checkpoint has {len(metas)} optimizers, this run {len(optimizers)} (optim.optimizer changed?)")
+        raise UserError(f"{ckpt}: checkpoint has {len(metas)} optimizers, this run {len(optimizers)} "
+                        "(optim.optimizer changed?)")
     if (Path(ckpt) / SHARDED_DIR).is_dir():
         tensors = load_sharded(Path(ckpt) / SHARDED_DIR, model, optimizers, metas, ctx)
     else:

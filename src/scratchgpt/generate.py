@@ -1,6 +1,6 @@
 """Text generation: batched sampling with a KV cache, streaming, and an interactive chat loop.
 
-Public API (every function takes a model in eval mode and its `Tokenizer`):
+Public API (a GPT, possibly DDP/compile/PEFT-wrapped, sampled in eval mode whatever its mode):
 
     complete(model, tokenizer, prompts, gen=None, **options) -> list[Completion]
     generate(model, tokenizer, prompt_or_prompts, gen=None, **options) -> str | list[str]
@@ -33,6 +33,12 @@ separate batches (no padding), so every row is exact. Sampling row i uses its ow
 `torch.Generator` seeded with `seed + i`, so a prompt's text does not depend on which
 other prompts were batched with it.
 
+Speed: the KV cache is preallocated once per call (`KVCache`, sized min(block_size, prompt +
+new tokens)); decoding steps after the prefill run `_FastStep`, the model's one-token forward
+in plain torch calls (no module dispatch), checked once per call against GPT.forward.
+Everything runs under torch.inference_mode; without stop strings the only host syncs are a
+stop-token check every 16 steps; sampling uses torch.multinomial on per-row generators.
+
 Chat template: a checkpoint's config.json may hold `"chat_template"` (written by SFT):
 
     "chat_template": {
@@ -45,7 +51,7 @@ Chat template: a checkpoint's config.json may hold `"chat_template"` (written by
 `{prompt}` is replaced literally (no str.format, so other braces are safe). In template
 fields (not in user text) the literal `<|endoftext|>` is encoded as the EOT token id, and as
 a stop string it means "stop at the EOT token". Without a template, chat is plain
-continuation of one running text.
+continuation of one running text: each message plus a newline is appended, then the reply.
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ class GenerationConfig:
     temperature: float = 1.0  # 0: greedy (argmax)
     top_k: Optional[int] = None  # None or 0: off
     top_p: float = 1.0  # nucleus: smallest set of tokens whose probability reaches top_p; 1: off
-    repetition_penalty: float = 1.0  # CTRL-style: divide positive logits (multiply negative) of seen tokens
+    repetition_penalty: float = 1.0  # CTRL: divide positive logits (multiply negative) of tokens in the kept prompt or generated
     stop: tuple[str, ...] = ()  # stop strings; the text ends before the first one
     stop_tokens: Optional[tuple[int, ...]] = None  # None: the tokenizer's EOT, if it has one; (): none
     seed: Optional[int] = None  # None: a fresh random seed per call
@@ -272,6 +278,13 @@ class _FastStep:
         self.head = self._linear(model.lm_head)
 
     @staticmethod
+    def supports(model: GPT) -> bool:
+        """Plain Linear layers only: wrapped ones (e.g. unmerged LoRA) need their own forward."""
+        t = model.transformer
+        linears = [model.lm_head] + [m for b in t.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        return type(model) is GPT and all(type(m) is torch.nn.Linear for m in linears)
+
+    @staticmethod
     def _norm(m: torch.nn.Module) -> tuple:
         # torch.* ops directly: the F.* wrappers add a Python layer per call
         if isinstance(m, torch.nn.LayerNorm):
@@ -359,7 +372,7 @@ class _Decoder:
             # the last sampled token is never fed back, hence -1
             self.cache = KVCache(cfg, B, max(T0, min(self.bs, T0 + max_new - 1)), param.device, param.dtype)
         self.logits: Optional[torch.Tensor] = None
-        self.fast = _FastStep(model, self.cache) if self.cache is not None and type(model) is GPT else None
+        self.fast = _FastStep(model, self.cache) if self.cache is not None and _FastStep.supports(model) else None
         self.fast_checked = False
 
     @torch.inference_mode()
@@ -413,6 +426,8 @@ def _check_model(model: torch.nn.Module) -> GPT:
     from .checkpoint import unwrap
 
     model = unwrap(model)
+    if hasattr(model, "get_base_model"):  # PEFT: the GPT inside, its LoRA layers still in place
+        model = model.get_base_model()
     if not isinstance(model, GPT):
         raise TypeError(f"expected a scratchgpt GPT model, got {type(model).__name__}")
     if not model.cfg.causal:
@@ -736,6 +751,7 @@ def chat(
     the history), not the session. With a seed, reply k uses seed + k, so a piped session
     is reproducible. History that outgrows the context loses its oldest turns first.
     """
+    model = _check_model(model)
     gen = gen or GenerationConfig()
     err = err or sys.stderr
     template = ChatTemplate.from_config(config)
@@ -798,6 +814,10 @@ def chat(
 def _pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # no such device, or torch built without it
+        raise UserError(f"--device {device}: not usable here ({str(e).splitlines()[0]})") from None
     return device
 
 
@@ -812,8 +832,13 @@ def sample_cli(
     stream_output: bool,
     gen: GenerationConfig,
     out: Optional[TextIO] = None,
+    raw: bool = False,
 ) -> None:
-    """Print `num_samples` continuations (prompt included); sample i uses seed + i, streamed or not."""
+    """Print `num_samples` continuations (prompt included); sample i uses seed + i, streamed or not.
+
+    A run fine-tuned with a chat template gets the prompt wrapped in it and prints only the reply;
+    `raw` continues the text as given instead.
+    """
     from .checkpoint import load_model
 
     out = out or sys.stdout
@@ -829,10 +854,24 @@ def sample_cli(
     prompt = prompt or ""
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
-    model, tokenizer, _ = load_model(run, which=which, device=_pick_device(device))
+    model, tokenizer, config = load_model(run, which=which, device=_pick_device(device))
     gen = replace(gen, seed=_base_seed(gen))  # one base seed, so streamed and batched samples agree
     tokenizer.encode(prompt)  # unknown characters fail here, before any output
     sep = "\n---------------\n" if num_samples > 1 else "\n"
+    template = None if raw else ChatTemplate.from_config(config)
+    if template is not None:
+        # a fine-tuned run answers inside its template: wrap the prompt, stop where a reply ends, print the reply
+        ids = encode_with_eot(tokenizer, template.system) + template.user_ids(tokenizer, prompt)
+        gen = replace(gen, stop=tuple(gen.stop) + tuple(s for s in template.stop if s not in gen.stop))
+        for i in range(num_samples):
+            g = replace(gen, seed=gen.seed + i)
+            pieces = stream(model, tokenizer, ids, g) if stream_output else [complete(model, tokenizer, [ids], g)[0].text]
+            for piece in pieces:
+                out.write(piece)
+                out.flush()
+            out.write(sep)
+        out.flush()
+        return
     if stream_output:
         for i in range(num_samples):
             out.write(prompt)

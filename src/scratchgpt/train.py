@@ -248,9 +248,17 @@ def default_data_dir() -> Path:
     from .data import prepare
 
     d = Path("data/default")
-    if not (d / "meta.json").exists():
-        print(f"preparing the embedded default corpus into {d} ...", file=sys.stderr)
-        prepare(inputs=[], out=d, tokenizer="char")
+    if (d / "meta.json").exists():
+        return d
+    if int(os.environ.get("RANK", 0)) > 0:  # under torchrun only rank 0 prepares; the others wait for it
+        deadline = time.time() + 600
+        while not (d / "meta.json").exists():
+            if time.time() > deadline:
+                raise UserError(f"timed out waiting for rank 0 to prepare {d}")
+            time.sleep(0.5)
+        return d
+    print(f"preparing the embedded default corpus into {d} ...", file=sys.stderr)
+    prepare(inputs=[], out=d, tokenizer="char")
     return d
 
 
