@@ -312,11 +312,17 @@ def run_dir(tmp_path_factory, char_tok):
 
 def test_cli_sample(run_dir, capsys):
     args = ["sample", str(run_dir), "--prompt", "hello", "--max-new-tokens", "12", "--seed", "3", "--num-samples", "2"]
-    assert main(args) == 0
+    assert main(args + ["--raw"]) == 0  # --raw: plain continuation, prompt printed first
     batched = capsys.readouterr().out
     assert batched.count("hello") == 2 and "---------------" in batched
-    assert main(args + ["--stream"]) == 0
+    assert main(args + ["--raw", "--stream"]) == 0
     assert capsys.readouterr().out == batched
+    # without --raw the run's chat template wraps the prompt and only the replies are printed
+    assert main(args) == 0
+    templated = capsys.readouterr().out
+    assert main(args + ["--stream"]) == 0
+    assert capsys.readouterr().out == templated
+    assert templated.count("---------------") == 2 and not templated.startswith("hello")
     assert main(["sample", str(run_dir), "--prompt", "", "--max-new-tokens", "5", "--temperature", "0", "--which", "latest"]) == 0
 
 

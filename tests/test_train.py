@@ -19,6 +19,19 @@ from scratchgpt.model import GPT, ModelConfig
 from scratchgpt.train import OptimConfig, TrainConfig, lr_at, train
 
 
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """`scratchgpt ARGS` in this process (no torch import per call): (exit code, stdout, stderr)."""
+    from scratchgpt.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def quiet_train(**kw) -> TrainConfig:
     base = dict(batch_size=8, eval_iters=2, sample_tokens=0, progress=False, tensorboard=False, plot=False,
                 final_eval=False, log_interval=1)
@@ -140,13 +153,12 @@ def test_nan_stops_before_the_optimizer_step(tmp_path, char_data, monkeypatch):
 
 def _two_checkpoint_run(tmp_path, char_data) -> Path:
     run = tmp_path / "run"
-    run_cli("train", "--data", char_data, "--out", run, *tiny_flags(**{"train.max_iters": 10, "train.eval_interval": 5}),
-            check=True)
+    train(data=char_data, out=run, model=ModelConfig(**TINY), train=quiet_train(max_iters=10, eval_interval=5))
     return run
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bitflip"])
-def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, char_data, damage):
+def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, char_data, damage, capsys):
     run = _two_checkpoint_run(tmp_path, char_data)
     target = run / "latest/model.safetensors"  # a hard link: checkpoints/step-0000010 is damaged with it
     blob = bytearray(target.read_bytes())
@@ -156,14 +168,13 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, char_data, 
         blob[len(blob) - 100] ^= 0x01
     target.write_bytes(bytes(blob))
 
-    ev = run_cli("eval", run, "--which", "latest")
-    assert ev.returncode != 0 and "Traceback" not in ev.stderr
-    assert "model.safetensors" in ev.stderr and ev.stderr.startswith("error:")
+    code, _, err = cli(capsys, "eval", run, "--which", "latest")
+    assert code != 0 and err.startswith("error:") and "model.safetensors" in err
 
-    res = run_cli("train", "--out", run, "--resume", "--train.max_iters=12")
-    assert res.returncode == 0, res.stderr
-    assert "skipping corrupt checkpoint" in res.stderr and "model.safetensors" in res.stderr
-    assert "resumed from" in res.stderr and "step-0000005" in res.stderr
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--train.max_iters=12")
+    assert code == 0, err
+    assert "skipping corrupt checkpoint" in err and "model.safetensors" in err
+    assert "resumed from" in err and "step-0000005" in err
     assert json.loads((run / "latest/state.json").read_text())["step"] == 12
 
 
@@ -200,17 +211,18 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, char_dat
     assert state["step"] == 5
     load_model(run, "latest")  # loads and verifies
     assert not list((run / "checkpoints").glob("step-0000010"))
-    res = run_cli("train", "--out", run, "--resume")
+    res = run_cli("train", "--out", run, "--resume")  # a new process, as after a real crash
     assert res.returncode == 0, res.stderr
     assert json.loads((run / "latest/state.json").read_text())["step"] == 10
 
 
-def test_run_outputs_metrics_plot_and_eval(tmp_path, char_data):
+def test_run_outputs_metrics_plot_and_eval(tmp_path, char_data, capsys):
     run = tmp_path / "run"
     flags = tiny_flags(**{"train.max_iters": 20, "train.eval_interval": 10, "train.plot": "true",
                           "train.final_eval": "true", "train.sample_tokens": 20})
-    res = run_cli("train", "--data", char_data, "--out", run, *flags, check=True)
-    assert "step 10: train" in res.stderr
+    code, _, err = cli(capsys, "train", "--data", char_data, "--out", run, *flags)
+    assert code == 0, err
+    assert "step 10: train" in err
     rows = metrics(run)
     for key in ("step", "tokens", "elapsed_s", "lr", "train_loss", "grad_norm", "tok_per_s"):
         assert key in rows[0]
@@ -223,12 +235,12 @@ def test_run_outputs_metrics_plot_and_eval(tmp_path, char_data):
     for key in ("step", "tokens", "rng", "data", "scheduler", "best_val_loss", "format_version"):
         assert key in state
     result = json.loads((run / "result.json").read_text())
-    ev = run_cli("eval", run, "--which", "latest", check=True)
-    out = json.loads(ev.stdout)
+    code, stdout, _ = cli(capsys, "eval", run, "--which", "latest")
+    out = json.loads(stdout)
     assert set(out) >= {"val_loss", "perplexity", "bits_per_byte"}
     assert out["val_loss"] == pytest.approx(result["final_val_loss"], rel=1e-5)
     assert out["perplexity"] == pytest.approx(math.exp(out["val_loss"]))
-    info = json.loads(run_cli("info", run, check=True).stdout)
+    info = json.loads(cli(capsys, "info", run)[1])
     assert info["params"] > 0 and info["latest"]["step"] == 20
 
 
@@ -242,44 +254,56 @@ def test_early_stopping_and_target(tmp_path, char_data):
 
 
 # ---------------------------------------------------------------- bad input
-def _one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, proc.stderr
+def _one_line_error(result: tuple[int, str, str]) -> str:
+    code, _, err = result
+    assert code != 0
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
     return lines[0]
 
 
-def test_bad_inputs(tmp_path, char_data):
-    assert "does not exist" in _one_line_error(run_cli("train", "--data", tmp_path / "nope", "--out", tmp_path / "r"))
+def test_bad_inputs(tmp_path, char_data, capsys):
+    assert "does not exist" in _one_line_error(cli(capsys, "train", "--data", tmp_path / "nope", "--out", tmp_path / "r"))
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "meta.json").write_text("{not json")
-    assert "meta.json" in _one_line_error(run_cli("train", "--data", bad, "--out", tmp_path / "r"))
-    msg = _one_line_error(run_cli("train", "--data", char_data, "--out", tmp_path / "r", "--model.block_size=100000"))
+    assert "meta.json" in _one_line_error(cli(capsys, "train", "--data", bad, "--out", tmp_path / "r"))
+    msg = _one_line_error(cli(capsys, "train", "--data", char_data, "--out", tmp_path / "r", "--model.block_size=100000"))
     assert "block size 100000" in msg and "val split" in msg
-    msg = _one_line_error(run_cli("train", "--data", char_data, "--out", tmp_path / "r", "--model.n_lyer=2"))
+    msg = _one_line_error(cli(capsys, "train", "--data", char_data, "--out", tmp_path / "r", "--model.n_lyer=2"))
     assert "n_lyer" in msg and "model.n_layer" in msg
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  max_iter: 5\n")
-    msg = _one_line_error(run_cli("train", "--data", char_data, "--out", tmp_path / "r", "--config", cfg))
+    msg = _one_line_error(cli(capsys, "train", "--data", char_data, "--out", tmp_path / "r", "--config", cfg))
     assert "max_iter" in msg and "max_iters" in msg
+    msg = _one_line_error(cli(capsys, "train", "--data", char_data, "--out", tmp_path / "r", "--model.n_head=3"))
+    assert "divisible" in msg
+    assert not (tmp_path / "r" / "latest").exists()
 
 
-def test_existing_run_is_never_clobbered(tmp_path, char_data):
+def test_unknown_key_errors_in_a_real_process(tmp_path, char_data):
+    proc = run_cli("train", "--data", char_data, "--out", tmp_path / "r", "--optim.lrr=1")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "optim.lr" in proc.stderr
+
+
+def test_existing_run_is_never_clobbered(tmp_path, char_data, capsys):
     run = _two_checkpoint_run(tmp_path, char_data)
     before = (run / "latest/model.safetensors").read_bytes()
-    msg = _one_line_error(run_cli("train", "--data", char_data, "--out", run, *tiny_flags()))
+    msg = _one_line_error(cli(capsys, "train", "--data", char_data, "--out", run, *tiny_flags()))
     assert "--resume" in msg and "--force" in msg
     assert (run / "latest/model.safetensors").read_bytes() == before
 
 
-def test_vocab_mismatch_on_resume(tmp_path, char_data):
+def test_vocab_mismatch_on_resume(tmp_path, char_data, capsys):
     from scratchgpt.data import prepare
 
     run = _two_checkpoint_run(tmp_path, char_data)
     other = tmp_path / "other.txt"
     other.write_text("abc abc abc\n" * 500)
     prepare(inputs=[str(other)], out=tmp_path / "d2", tokenizer="char", progress=False)
-    msg = _one_line_error(run_cli("train", "--data", tmp_path / "d2", "--out", run, "--resume"))
+    before = (run / "latest/model.safetensors").read_bytes()
+    msg = _one_line_error(cli(capsys, "train", "--data", tmp_path / "d2", "--out", run, "--resume"))
     assert "vocabulary mismatch" in msg
+    assert (run / "latest/model.safetensors").read_bytes() == before

@@ -123,9 +123,9 @@ def _train_parser() -> Parser:
     p.add_argument("--out", type=Optional[Path], default=None, help="run directory (default: runs/default)")
     p.add_argument("--resume", action="store_true", help="continue RUN/latest bit-exactly")
     p.add_argument("--force", action="store_true", help="replace a run that is already in --out")
-    p.add_dataclass_arguments(ModelConfig, "model")
-    p.add_dataclass_arguments(TrainConfig, "train")
-    p.add_dataclass_arguments(OptimConfig, "optim")
+    p.add_class_arguments(ModelConfig, "model")
+    p.add_class_arguments(TrainConfig, "train")
+    p.add_class_arguments(OptimConfig, "optim")
     return p
 
 
@@ -386,9 +386,9 @@ def _tune_parser() -> Parser:
     p.add_argument("--seed", type=Optional[int], default=None, help="seeds the sampler (default 0); trials train with --train.seed")
     p.add_argument("--resume", action="store_true", help="continue the search in --out with its saved settings")
     p.add_argument("--force", action="store_true", help="replace a search that is already in --out")
-    p.add_dataclass_arguments(ModelConfig, "model")
-    p.add_dataclass_arguments(TrainConfig, "train")
-    p.add_dataclass_arguments(OptimConfig, "optim")
+    p.add_class_arguments(ModelConfig, "model")
+    p.add_class_arguments(TrainConfig, "train")
+    p.add_class_arguments(OptimConfig, "optim")
     return p
 
 
