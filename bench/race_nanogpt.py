@@ -150,7 +150,7 @@ def last_mtime(paths: list[Path]) -> float:
 
 
 # ---------------------------------------------------------------- the two contenders
-def run_nanogpt(nanogpt: Path, args: str, data: Path, out: Path, log: Path) -> dict:
+def run_nanogpt(nanogpt: Path, args: str, data: Path, out: Path, log: Path, eval_data: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     # --dataset=<absolute path>: nanoGPT joins it onto 'data/', which keeps an absolute path as is
     cmd = [sys.executable, "train.py", *shlex.split(args), f"--dataset={data}", f"--out_dir={out}"]
@@ -162,7 +162,7 @@ def run_nanogpt(nanogpt: Path, args: str, data: Path, out: Path, log: Path) -> d
     info = json.loads(meta.read_text())
     r["iters"] = info["iter_num"]
     r["est_val"] = info["best_val_loss"]
-    r["val"] = evaluate_nanogpt(st, info["model_args"], data)
+    r["val"] = evaluate_nanogpt(st, info["model_args"], eval_data)  # our data dir: same tokens, checked above
     return r
 
 
@@ -228,7 +228,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     ng_data, data = prepare_data(a.text, work, a.data)
     contenders = {"nanogpt": lambda i: run_nanogpt(a.nanogpt.resolve(), a.nanogpt_args, ng_data, work / f"ng{i}",
-                                                   work / f"ng{i}.log"),
+                                                   work / f"ng{i}.log", data),
                   "ours": lambda i: run_ours(a.ours_args, data, work / f"ours{i}", work / f"ours{i}.log")}
     names = ["nanogpt", "ours"] if a.only == "both" else [a.only]
     results: dict[str, list[dict]] = {n: [] for n in names}

@@ -2,8 +2,9 @@
 
 torch's Muon orthogonalises one matrix at a time in bf16. On GPUs that is right. On CPUs two
 things change (measured in BENCHMARKS_race.md, 2 cores):
-- one small matmul chain per weight is overhead-bound, so same-shaped updates (every layer's
-  c_attn, every layer's c_fc, ...) are stacked and iterated together with batched matmuls;
+- one small matmul chain per weight is overhead-bound, so updates of the same shape up to a
+  transpose (every layer's c_attn, c_fc and mlp c_proj at 4x width, ...) are stacked and
+  iterated together with batched matmuls;
 - bf16 only pays where the CPU multiplies bf16 in hardware (AMX tiles: Sapphire Rapids and
   later, where it is ~4x fp32); elsewhere bf16 is emulated and several times slower than fp32,
   so the iteration runs in fp32 there.
@@ -13,6 +14,8 @@ checkpoints and results carry over between the two paths.
 
 from __future__ import annotations
 
+import inspect
+import sys
 from collections import defaultdict
 
 import torch
@@ -65,17 +68,23 @@ class Muon(torch.optim.Muon):
             lr, momentum = group["lr"], group["momentum"]
             torch._foreach_lerp_(bufs, grads, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * grad
             updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-            by_shape: dict[torch.Size, list[int]] = defaultdict(list)
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            # a tall matrix is iterated as its transpose, so (384, 128) and (128, 384) share one stack
+            stacks: dict[tuple[int, int], list[int]] = defaultdict(list)
             for i, p in enumerate(params):
-                by_shape[p.shape].append(i)
-            for shape, idx in by_shape.items():
-                ortho = newton_schulz(torch.stack([updates[i] for i in idx]), group["ns_coefficients"],
-                                      group["ns_steps"], group["eps"], self.ns_dtype).to(params[idx[0]].dtype)
-                ps = [params[i] for i in idx]
-                if group["weight_decay"]:
-                    torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
-                adjusted = _torch_muon._adjust_lr(lr, group["adjust_lr_fn"], shape)
-                torch._foreach_add_(ps, list(ortho.unbind(0)), alpha=-adjusted)
+                stacks[(min(p.shape), max(p.shape))].append(i)
+            for idx in stacks.values():
+                wide = [updates[i].mT if updates[i].size(0) > updates[i].size(1) else updates[i] for i in idx]
+                ortho = newton_schulz(torch.stack(wide), group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                      self.ns_dtype).to(params[idx[0]].dtype).unbind(0)
+                by_shape: dict[torch.Size, tuple[list, list]] = defaultdict(lambda: ([], []))
+                for i, o in zip(idx, ortho):
+                    ps, os_ = by_shape[params[i].shape]
+                    ps.append(params[i])
+                    os_.append(o.mT if params[i].size(0) > params[i].size(1) else o)
+                for shape, (ps, os_) in by_shape.items():
+                    torch._foreach_add_(ps, os_, alpha=-_torch_muon._adjust_lr(lr, group["adjust_lr_fn"], shape))
         return loss
 
 
@@ -88,3 +97,33 @@ def make_muon(params: list[torch.Tensor], o) -> torch.optim.Optimizer:
         momentum=o.muon_momentum,
         adjust_lr_fn="original",  # lr scaled by sqrt(max(1, rows/cols)), as Keller Jordan's reference
     )
+
+
+# ---------------------------------------------------------------- start-up: torch.optim without torch._dynamo
+# torch.optim imports torch._dynamo (~1.5 s on 2 CPU cores: 8% of a 20 s run) the first time an optimizer
+# is built (add_param_group is wrapped in torch._disable_dynamo) and the first time Adam steps (its step
+# is wrapped in _use_grad_for_differentiable). Both wrappers exist for torch.compile only; without it the
+# functions they wrap are all that runs. Everything falls back to torch's own path if its internals move.
+_ADAM_STEP = inspect.unwrap(torch.optim.Adam.step)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch.optim.AdamW whose step is torch's own step function, minus the wrapper that imports torch._dynamo."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.defaults.get("differentiable") or _ADAM_STEP is torch.optim.Adam.step:
+            return super().step(closure)
+        return _ADAM_STEP(self, closure)
+
+
+def skip_dynamo_import() -> None:
+    """Call when nothing will be compiled: torch.optim's `_disable_dynamo` wrappers caches the dynamo-disabled
+    function on first use; pre-filling that cache with the function itself skips the import. (A compiled region
+    calling these optimizer methods would then trace them instead of breaking the graph.)"""
+    if "torch._dynamo" in sys.modules:
+        return
+    for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict"):
+        fn = getattr(getattr(torch.optim.Optimizer, name, None), "__wrapped__", None)
+        if fn is not None and getattr(fn, "__dynamo_disable", None) is None:
+            setattr(fn, "__dynamo_disable", fn)
