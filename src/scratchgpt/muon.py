@@ -1,7 +1,7 @@
 """Muon for the 2-D hidden weights: `torch.optim.Muon` with a batched Newton-Schulz step for CPUs.
 
 torch's Muon orthogonalises one matrix at a time in bf16. On GPUs that is right. On CPUs two
-things change (measured in BENCHMARKS_race.md, 2 cores):
+things change (measured in BENCHMARKS.md, 2 cores):
 - one small matmul chain per weight is overhead-bound, so updates of the same shape up to a
   transpose (every layer's c_attn, c_fc and mlp c_proj at 4x width, ...) are stacked and
   iterated together with batched matmuls;
