@@ -37,6 +37,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # this checkout's scratchgpt, whatever `pip install -e` points at
+# the same for the training subprocesses
+OURS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
 TEXT = Path("/work/shared/data/tinyshakespeare.txt")
 # nanoGPT README, "I only have a macbook" (CPU) section, verbatim but for where data and output go
 NANOGPT_README_CPU = ("config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 --log_interval=1 "
@@ -79,7 +82,7 @@ def prepare_data(text_path: Path, work: Path, ours_data: Path | None) -> tuple[P
     if ours_data is None:
         ours_data = work / "data"
         run([sys.executable, "-m", "scratchgpt", "prepare", str(text_path), "--out", str(ours_data),
-             "--tokenizer", "char", "--force"], quiet=True)
+             "--tokenizer", "char", "--force"], quiet=True, env=OURS_ENV)
     for split in ("train", "val"):  # the race is only fair on identical splits
         a = np.fromfile(ng / f"{split}.bin", dtype=np.uint16)
         b = np.fromfile(ours_data / f"{split}.bin", dtype=np.uint16)
@@ -169,7 +172,7 @@ def run_nanogpt(nanogpt: Path, args: str, data: Path, out: Path, log: Path, eval
 def run_ours(args: str, data: Path, out: Path, log: Path) -> dict:
     cmd = [sys.executable, "-m", "scratchgpt", "train", "--data", str(data), "--out", str(out), "--force",
            "--train.progress", "false", *shlex.split(args)]
-    r = run(cmd, cwd=REPO, log=log)
+    r = run(cmd, cwd=REPO, log=log, env=OURS_ENV)
     r["wall_s"] = last_mtime([out / "latest", out / "best"]) - r["t0"]
     res = json.loads((out / "result.json").read_text())
     r["iters"], r["est_val"] = res["step"], res.get("best_val_loss")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from race_nanogpt import REPO, TEXT, prepare_data, run, wait_quiet  # noqa: E402
+from race_nanogpt import OURS_ENV, REPO, TEXT, prepare_data, run, wait_quiet  # noqa: E402  (puts REPO/src first)
 
 SIZES = {
     # name: (nanoGPT flags, our flags, iterations, tokens per iteration)
@@ -79,7 +79,7 @@ def g2(a) -> None:
                 cmd = [sys.executable, "-m", "scratchgpt", "train", "--data", str(data), "--out", str(out), "--force",
                        *shlex.split(our_flags.format(n=n)), "--train.log_interval", "10", "--train.final_eval", "false",
                        "--train.progress", "false", "--train.sample_tokens", "0", *shlex.split(a.ours_args)]
-                r = run(cmd, cwd=REPO, log=work / f"ours{i}.log")
+                r = run(cmd, cwd=REPO, log=work / f"ours{i}.log", env=OURS_ENV)
                 r["tok_s"] = ours_tok_s(out, tpi)
             r["load_before"] = load_before
             res[name].append(r)
@@ -103,7 +103,7 @@ def _variant(name: str):
 
     model = dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False)
     optim = dict()
-    extra = dict(batch=12, fused=None, compile=False, threads=0, dtype="float32")
+    extra = dict(batch=12, fused=None, compile=False, threads=0, dtype="float32", precision="highest")
     for tok in name.split("+"):
         if tok == "base":
             continue
@@ -144,10 +144,11 @@ def ab(a) -> None:
         step_model = torch.compile(net) if extra["compile"] else net
         ds = TokenDataset(data, "train", mcfg.block_size)
         runs.append(dict(name=name, net=net, opts=opts, model=step_model, ds=ds, ocfg=ocfg, batch=extra["batch"],
-                         tokens=extra["batch"] * mcfg.block_size, times=[], step=0,
+                         tokens=extra["batch"] * mcfg.block_size, times=[], step=0, precision=extra["precision"],
                          autocast=torch.autocast("cpu", dtype=getattr(torch, extra["dtype"]), enabled=extra["dtype"] != "float32")))
 
     def one_step(r) -> None:
+        torch.set_float32_matmul_precision(r["precision"])  # global: set for whichever variant runs
         offsets = r["ds"].batch_offsets(r["step"], r["batch"], 1337)
         x, y = r["ds"].get_batch(offsets)
         with r["autocast"]:

@@ -5,9 +5,9 @@ things change (measured in BENCHMARKS.md, 2 cores):
 - one small matmul chain per weight is overhead-bound, so updates of the same shape up to a
   transpose (every layer's c_attn, c_fc and mlp c_proj at 4x width, ...) are stacked and
   iterated together with batched matmuls;
-- bf16 only pays where the CPU multiplies bf16 in hardware (AMX tiles: Sapphire Rapids and
-  later, where it is ~4x fp32); elsewhere bf16 is emulated and several times slower than fp32,
-  so the iteration runs in fp32 there.
+- bf16 only pays where the CPU multiplies bf16 in hardware (AMX tiles, as on the project's
+  2-core Xeon: 512x512 bf16 matmuls ~3.5x fp32); CPUs without bf16 units emulate it, several
+  times slower than fp32, so the iteration runs in fp32 there.
 The state (`momentum_buffer`), the update rule and the LR adjustment are torch's own, so
 checkpoints and results carry over between the two paths.
 """
