@@ -176,3 +176,58 @@ def test_cpu_training_does_not_import_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_cpu_dropout_mask_is_bernoulli_and_seeded():
+    from scratchgpt.model import cpu_dropout_mask
+
+    torch.manual_seed(0)
+    m = cpu_dropout_mask((1000, 1000), 0.2, torch.float32)
+    assert torch.unique(m).tolist() == pytest.approx([0.0, 1.25], abs=1e-4)
+    assert abs((m > 0).float().mean().item() - 0.8) < 0.003
+    assert abs(m.mean().item() - 1.0) < 0.004  # unbiased: the scale matches the p actually applied
+    # neighbouring elements are independent (the int16 draws come four to a 64-bit word)
+    keep = (m > 0).float().view(-1, 4)
+    assert abs((keep[:, 0] * keep[:, 3]).mean().item() - 0.64) < 0.005
+    torch.manual_seed(0)
+    assert torch.equal(cpu_dropout_mask((1000, 1000), 0.2, torch.float32), m)  # torch's seed fixes it
+    assert not torch.equal(cpu_dropout_mask((1000, 1000), 0.2, torch.float32), m)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_dropout_attention_is_sdpa_with_that_mask(causal, monkeypatch):
+    """The written-out attention used for CPU dropout equals SDPA, values and gradients, when no
+    element is dropped; with dropout on, eval mode still takes SDPA."""
+    import scratchgpt.model as model_mod
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SMALL, dropout=0.3, causal=causal)
+    net = GPT(cfg)
+    x = torch.randint(0, 37, (3, 16))
+    monkeypatch.setattr(model_mod, "cpu_dropout_mask", lambda shape, p, dtype: torch.ones(shape, dtype=dtype))
+    net.train()
+    logits_manual, _ = net(x, x)
+    logits_manual.sum().backward()
+    grads_manual = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net.cfg.dropout = 0.0  # the SDPA path, same weights
+    for mod in net.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    logits_sdpa, _ = net(x, x)
+    logits_sdpa.sum().backward()
+    torch.testing.assert_close(logits_manual, logits_sdpa, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_manual, (p.grad for p in net.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_module_edges():
+    from scratchgpt.model import Dropout
+
+    x = torch.randn(4, 8)
+    d = Dropout(0.5).eval()
+    assert torch.equal(d(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    torch.manual_seed(1)
+    y = Dropout(0.5).train()(x)
+    assert torch.all((y == 0) | torch.isclose(y, 2 * x))

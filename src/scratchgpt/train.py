@@ -107,6 +107,25 @@ def configure_threads(threads: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 if (os.cpu_count() or 1) > 2 else 1)))
 
 
+def keep_freed_memory() -> None:
+    """Stop glibc from handing each step's freed activations back to the OS and faulting them in again.
+
+    With glibc's defaults a training step at nanoGPT's CPU size takes ~1000 page faults; keeping freed
+    memory in the heap (trim threshold 1 GiB, mmap threshold at glibc's 32 MiB maximum) cuts that ~5x:
+    median +9% tok/s over 6 alternating runs on 2 cores. Memory is reused, not grown. A no-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (fixing it also stops glibc's dynamic adjustment)
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def lr_at(step: int, o: OptimConfig, max_iters: int) -> float:
     """LR multiplier schedule: linear warmup, then cosine / constant / linear / warmup-stable-decay."""
     total = o.decay_iters or max_iters
@@ -307,6 +326,7 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
     ctx = dist.setup(tcfg)  # rank, world size, device; a no-op without torchrun
     master = ctx.rank == 0
     configure_threads(tcfg.threads)
+    keep_freed_memory()
     device = ctx.device or pick_device(tcfg.device)
     dtype = pick_dtype(tcfg.dtype, device)
     if force and master and out.exists() and not resume:
