@@ -11,6 +11,11 @@ compete for the cores; with one thread the fairest figure, with more it counts s
 
     python bench/generate.py --nanogpt /tmp/nanogpt            # both model sizes
     python bench/generate.py --models small --runs 5
+    python bench/generate.py --models gpt2 --quantize int8   # adds scratchgpt with int8 weights
+
+With --quantize int8 a fourth contender runs our decoder on a copy whose Linear layers hold
+int8 weights (`scratchgpt sample --quantize int8`); the others stay fp32. Its greedy tokens
+are compared with the fp32 model's, and its speed-ups are given against every contender.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 
 from scratchgpt.generate import GenerationConfig, generate_tokens
 from scratchgpt.model import GPT, ModelConfig
+from scratchgpt.quantize import quantize_model
 
 MODELS = {
     # ~10M parameters: the project's small default shape, with a context that holds 500 new tokens
@@ -123,6 +129,7 @@ def main() -> None:
     ap.add_argument("--nanogpt", type=Path, default=None, help="path to a nanoGPT checkout (its model.py)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--quantize", choices=["none", "int8"], default="none", help="also run ours with int8 weights")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -132,6 +139,11 @@ def main() -> None:
     for name in a.models.split(","):
         model = ours(MODELS[name])
         contenders = {"scratchgpt": (run_ours, model)}
+        if a.quantize != "none":
+            import copy
+
+            qmodel = quantize_model(copy.deepcopy(model), a.quantize)
+            contenders[f"scratchgpt {a.quantize}"] = (run_ours, qmodel)
         if not a.no_hf:
             import transformers
 
@@ -140,7 +152,14 @@ def main() -> None:
             contenders["nanoGPT sample.py"] = (run_nanogpt, nanogpt_copy(model, a.nanogpt))
         print(f"{name}: {model.num_params() / 1e6:.1f}M parameters, {MODELS[name]}", flush=True)
         prompt = torch.randint(0, model.cfg.vocab_size, (a.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
-        greedy_check(name, model, {("hf" if k.startswith("HF") else "nanogpt"): m for k, (_, m) in contenders.items() if k != "scratchgpt"}, prompt)
+        greedy_check(name, model, {("hf" if k.startswith("HF") else "nanogpt"): m for k, (_, m) in contenders.items()
+                                   if not k.startswith("scratchgpt")}, prompt)
+        if a.quantize != "none":
+            n_check = 32
+            ref = generate_tokens(model, [prompt], max_new_tokens=n_check, temperature=0, stop_tokens=())[0]
+            got = generate_tokens(qmodel, [prompt], max_new_tokens=n_check, temperature=0, stop_tokens=())[0]
+            same = next((i for i, (x, y) in enumerate(zip(ref, got)) if x != y), n_check)
+            print(f"  greedy {a.quantize} vs fp32: first {same} of {n_check} tokens identical", flush=True)
         for label, (fn, m) in contenders.items():  # warm-up: thread pools, allocator, first-call paths
             fn(m, prompt, 16, 0)
         times: dict[str, list[float]] = {k: [] for k in contenders}
@@ -156,19 +175,24 @@ def main() -> None:
                 times[label].append(dt)
                 cpu[label].append(dc)
                 print(f"  run {r + 1} {label}: {a.new_tokens / dt:.1f} tok/s ({a.new_tokens / dc:.1f} per CPU second)", flush=True)
-        ours_t, ours_c = times["scratchgpt"], cpu["scratchgpt"]
+        ours_labels = [k for k in times if k.startswith("scratchgpt")]
         for label in times:
             ts, cs = times[label], cpu[label]
             # ratios within a round (contenders ran back to back) cancel most of the drift in machine load
-            paired = statistics.median(t / ours_t[i] for i, t in enumerate(ts))
-            paired_cpu = statistics.median(c / ours_c[i] for i, c in enumerate(cs))
-            rows.append((name, label, len(ts), a.new_tokens / statistics.median(ts), a.new_tokens / min(ts),
-                         paired, min(ts) / min(ours_t), paired_cpu))
+            ups = []
+            for ours_label in ours_labels:
+                ot, oc = times[ours_label], cpu[ours_label]
+                ups.append((statistics.median(t / ot[i] for i, t in enumerate(ts)),
+                            statistics.median(c / oc[i] for i, c in enumerate(cs))))
+            rows.append((name, label, len(ts), a.new_tokens / statistics.median(ts), a.new_tokens / min(ts), ups))
     print()
-    print("| model | implementation | runs | median tok/s | best tok/s | speed-up (median of rounds) | speed-up (best vs best) | speed-up (CPU time) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, label, n, med, best, paired, best_ratio, cpu_ratio in rows:
-        print(f"| {name} | {label} | {n} | {med:.1f} | {best:.1f} | {paired:.2f}x | {best_ratio:.2f}x | {cpu_ratio:.2f}x |")
+    heads = [f"{o} speed-up over it (median of rounds / CPU time)" for o in ours_labels]
+    print("| model | implementation | runs | median tok/s | best tok/s | " + " | ".join(heads) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(heads))
+    for name, label, n, med, best, ups in rows:
+        cells = " | ".join(f"{w:.2f}x / {c:.2f}x" for w, c in ups)
+        print(f"| {name} | {label} | {n} | {med:.1f} | {best:.1f} | {cells} |")
+
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import UserError
+from .quantize import quantize_model
 from .utils import atomic_write_json
 
 
@@ -76,7 +77,7 @@ def evaluate_lm(model, dataset, context: int, device="cpu", batch_size: int = 16
 
 
 def evaluate_lm_cli(run: Path, data: Optional[Path] = None, context: int = 0, which: str = "best",
-                    batch_size: int = 16, base: Optional[Path] = None) -> dict:
+                    batch_size: int = 16, base: Optional[Path] = None, quantize: Optional[str] = None) -> dict:
     """`scratchgpt eval RUN [--task lm]`: val_loss, perplexity, bits_per_byte; printed, saved as RUN/eval-lm.json.
 
     `data` is a prepared data dir (its val split; default: the run's) or a text file.
@@ -85,7 +86,7 @@ def evaluate_lm_cli(run: Path, data: Optional[Path] = None, context: int = 0, wh
     from .finetune import _gpt_of, load_finetuned
 
     model, tokenizer, config = load_finetuned(run, which, base=base)
-    model = _gpt_of(model)  # a classifier's backbone is still a language model
+    model = quantize_model(_gpt_of(model), quantize)  # a classifier's backbone is still a language model
     if not model.cfg.causal:
         raise UserError(f"{run} is a bidirectional (mlm) model: --task lm measures next-token prediction, "
                         "which needs a causal model")
@@ -101,7 +102,7 @@ def evaluate_lm_cli(run: Path, data: Optional[Path] = None, context: int = 0, wh
             raise UserError(f"vocabulary mismatch: the model has {model.cfg.vocab_size} tokens, {data} has {meta['vocab_size']}")
         dataset, split = TokenDataset(data, "val", 1), "val"
     result = evaluate_lm(model, dataset, context, batch_size=batch_size, tokenizer=tokenizer)
-    result = {"run": str(run), "task": "lm", "data": str(data), "split": split, **result}
+    result = {"run": str(run), "task": "lm", "data": str(data), "split": split, **result, "quantize": quantize or "none"}
     _report(run, "lm", result)
     return result
 
@@ -130,9 +131,13 @@ def _text_dataset(path: Path, tokenizer) -> _Tokens:
 
 
 def _report(run: Path, task: str, result: dict) -> None:
+    quantized = result.get("quantize", "none") != "none"
     print(json.dumps(result, indent=2, ensure_ascii=False))
     if Path(run).is_dir():
-        names = [f"eval-{task}.json"] + (["eval.json"] if task == "lm" else [])  # eval.json: earlier name
+        if quantized:  # kept beside the full-precision figures, not over them
+            names = [f"eval-{task}-{result['quantize']}.json"]
+        else:
+            names = [f"eval-{task}.json"] + (["eval.json"] if task == "lm" else [])  # eval.json: earlier name
         for name in names:
             try:
                 atomic_write_json(Path(run) / name, result)
@@ -141,13 +146,15 @@ def _report(run: Path, task: str, result: dict) -> None:
 
 
 def evaluate_classify_cli(run: Path, data: Path, which: str = "best", text_field: Optional[str] = None,
-                          label_field: Optional[str] = None, batch_size: int = 64, base: Optional[Path] = None) -> dict:
+                          label_field: Optional[str] = None, batch_size: int = 64, base: Optional[Path] = None,
+                          quantize: Optional[str] = None) -> dict:
     """`scratchgpt eval RUN --task classify --data FILE`: accuracy, macro-F1, confusion matrix."""
     from .finetune import _gpt_of, classification_metrics, encode_texts, load_finetuned, predict_proba, read_labelled
 
     if data is None:
         raise UserError("--task classify needs --data FILE (CSV or JSONL with text and label fields)")
     model, tokenizer, config = load_finetuned(run, which, base=base)
+    quantize_model(model, quantize)
     cls = config.get("classifier")
     if not cls:
         raise UserError(f"{run} is not a classification run (make one with `scratchgpt finetune classify`)")
@@ -162,13 +169,14 @@ def evaluate_classify_cli(run: Path, data: Path, which: str = "best", text_field
     probs = predict_proba(model, ids, "cpu", batch_size)
     y_pred = [labels[i] for i in probs.argmax(-1).tolist()]
     metrics = classification_metrics(y_true, y_pred, labels)
-    result = {"run": str(run), "task": "classify", "data": str(data), "truncated": cut, **metrics}
+    result = {"run": str(run), "task": "classify", "data": str(data), "truncated": cut, **metrics,
+              "quantize": quantize or "none"}
     _report(run, "classify", result)
     return result
 
 
 def evaluate_generate_cli(run: Path, data: Path, which: str = "best", max_new_tokens: int = 128, limit: int = 0,
-                          base: Optional[Path] = None) -> dict:
+                          base: Optional[Path] = None, quantize: Optional[str] = None) -> dict:
     """`scratchgpt eval RUN --task generate --data FILE`: BLEU, chrF and exact match of greedy replies."""
     from .finetune import default_template, generation_metrics, load_finetuned, prompt_ids, read_sft
     from .generate import complete
@@ -178,6 +186,7 @@ def evaluate_generate_cli(run: Path, data: Path, which: str = "best", max_new_to
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     model, tokenizer, config = load_finetuned(run, which, base=base)
+    quantize_model(model, quantize)
     if "classifier" in config:
         raise UserError(f"{run} is a classification run: use --task classify")
     template = config.get("chat_template") or default_template(tokenizer)
@@ -195,6 +204,7 @@ def evaluate_generate_cli(run: Path, data: Path, which: str = "best", max_new_to
     hyps = [c.text.strip() for c in done]
     refs = [ex.reference.strip() for ex in examples]
     result = {"run": str(run), "task": "generate", "data": str(data), **generation_metrics(hyps, refs),
+              "quantize": quantize or "none",
               "max_new_tokens": max_new_tokens,
               "samples": [{"prompt": ex.context[-1][1], "reference": r, "output": h}
                           for ex, r, h in list(zip(examples, refs, hyps))[:5]]}
@@ -204,12 +214,14 @@ def evaluate_generate_cli(run: Path, data: Path, which: str = "best", max_new_to
 
 def evaluate_cli(run: Path, task: str = "lm", data: Optional[Path] = None, *, context: int = 0, which: str = "best",
                  batch_size: int = 16, text_field: Optional[str] = None, label_field: Optional[str] = None,
-                 max_new_tokens: int = 128, limit: int = 0, base: Optional[Path] = None) -> dict:
+                 max_new_tokens: int = 128, limit: int = 0, base: Optional[Path] = None,
+                 quantize: Optional[str] = None) -> dict:
     """`scratchgpt eval`: dispatch on --task."""
     if task == "lm":
-        return evaluate_lm_cli(run, data=data, context=context, which=which, batch_size=batch_size, base=base)
+        return evaluate_lm_cli(run, data=data, context=context, which=which, batch_size=batch_size, base=base,
+                               quantize=quantize)
     if task == "classify":
-        return evaluate_classify_cli(run, data, which, text_field, label_field, max(batch_size, 1), base)
+        return evaluate_classify_cli(run, data, which, text_field, label_field, max(batch_size, 1), base, quantize)
     if task == "generate":
-        return evaluate_generate_cli(run, data, which, max_new_tokens, limit, base)
+        return evaluate_generate_cli(run, data, which, max_new_tokens, limit, base, quantize)
     raise UserError(f"--task must be lm, classify or generate, not {task!r}")

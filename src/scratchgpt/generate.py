@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 from . import UserError
 from .model import GPT, KVCache, apply_rope, rope_cos_sin
+from .quantize import Int8Linear, quantize_model
 from .tokenizer import EOT, Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -279,10 +280,10 @@ class _FastStep:
 
     @staticmethod
     def supports(model: GPT) -> bool:
-        """Plain Linear layers only: wrapped ones (e.g. unmerged LoRA) need their own forward."""
+        """Plain or int8 Linear layers only: wrapped ones (e.g. unmerged LoRA) need their own forward."""
         t = model.transformer
         linears = [model.lm_head] + [m for b in t.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-        return type(model) is GPT and all(type(m) is torch.nn.Linear for m in linears)
+        return type(model) is GPT and all(type(m) in (torch.nn.Linear, Int8Linear) for m in linears)
 
     @staticmethod
     def _norm(m: torch.nn.Module) -> tuple:
@@ -292,12 +293,17 @@ class _FastStep:
         return (torch.rms_norm, (m.weight.numel(),), m.weight, m.eps)
 
     @staticmethod
-    def _linear(m: torch.nn.Linear) -> tuple:
+    def _linear(m: torch.nn.Module) -> tuple:
+        if isinstance(m, Int8Linear):  # (int8 W, row scales, bias): Int8Linear.forward without the reshapes
+            return (m.weight, m.scales, m.bias)
         # (W^T view, bias): addmm/mm on a transposed view is exactly what F.linear does, minus two dispatches
         return (m.weight.t(), m.bias)
 
     @staticmethod
     def _mm(x: torch.Tensor, lin: tuple) -> torch.Tensor:
+        if len(lin) == 3:
+            y = torch._weight_int8pack_mm(x.to(lin[1].dtype), lin[0], lin[1])
+            return y.to(x.dtype) if lin[2] is None else torch.add(y, lin[2])  # bf16 + fp32 bias -> fp32, one kernel
         return torch.mm(x, lin[0]) if lin[1] is None else torch.addmm(lin[1], x, lin[0])
 
     def __call__(self, tok: torch.Tensor) -> torch.Tensor:
@@ -833,6 +839,7 @@ def sample_cli(
     gen: GenerationConfig,
     out: Optional[TextIO] = None,
     raw: bool = False,
+    quantize: Optional[str] = None,
 ) -> None:
     """Print `num_samples` continuations (prompt included); sample i uses seed + i, streamed or not.
 
@@ -855,6 +862,7 @@ def sample_cli(
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
     model, tokenizer, config = load_model(run, which=which, device=_pick_device(device))
+    quantize_model(model, quantize)
     gen = replace(gen, seed=_base_seed(gen))  # one base seed, so streamed and batched samples agree
     tokenizer.encode(prompt)  # unknown characters fail here, before any output
     sep = "\n---------------\n" if num_samples > 1 else "\n"
@@ -900,9 +908,10 @@ def _stdin_lines(err: TextIO) -> Iterator[str]:
             print("\n(Ctrl-C stops a reply; /exit or Ctrl-D quits)", file=err)
 
 
-def chat_cli(run, *, which: str, device: str, gen: GenerationConfig) -> None:
+def chat_cli(run, *, which: str, device: str, gen: GenerationConfig, quantize: Optional[str] = None) -> None:
     """The interactive (or piped) chat session of `scratchgpt chat`."""
     from .checkpoint import load_model
 
     model, tokenizer, config = load_model(run, which=which, device=_pick_device(device))
+    quantize_model(model, quantize)
     chat(model, tokenizer, config, _stdin_lines(sys.stderr), sys.stdout, gen, interactive=sys.stdin.isatty())

@@ -342,12 +342,14 @@ def _check_bind(host: str, port: int) -> None:
 
 
 def serve(run: Union[str, Path], *, host: str = "127.0.0.1", port: int = 8000, which: str = "best",
-          device: str = "auto", max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, log_level: str = "info") -> None:
+          device: str = "auto", max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, log_level: str = "info",
+          quantize: Optional[str] = None) -> None:
     """`scratchgpt serve RUN`: load the checkpoint once and serve it until Ctrl-C."""
     import torch
     import uvicorn
 
     from .checkpoint import load_model
+    from .quantize import quantize_model
 
     if max_tokens_limit < 1:
         raise UserError(f"--max-tokens-limit must be at least 1, got {max_tokens_limit}")
@@ -355,6 +357,7 @@ def serve(run: Union[str, Path], *, host: str = "127.0.0.1", port: int = 8000, w
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, config = load_model(run, which=which, device=device)
+    quantize_model(model, quantize)
     run_path = Path(run).resolve()
     name = run_path.parent.name if run_path.name in ("best", "latest") else run_path.name
     app = create_app(model, tokenizer, config, name=name, max_tokens_limit=max_tokens_limit)

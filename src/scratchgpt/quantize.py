@@ -1,0 +1,72 @@
+"""Weight-only int8 quantization of a trained GPT, for generation (`--quantize int8`).
+
+Decoding one token at batch 1 reads every weight once and does two FLOPs with it, so on a
+CPU it runs at memory speed: GPT-2 124M in fp32 streams ~500 MB per token. Storing the
+Linear weights as int8 with one fp32-derived scale per output row cuts that 4x (the scheme of
+gpt-fast and torchao's int8 weight-only), and torch's `_weight_int8pack_mm` kernel multiplies
+them directly against bf16 activations. Measured on the project's 2-core CPU (BENCHMARKS.md):
+the GPT-2-shaped model's matrix-vector products take 18.6 ms per token instead of 40 ms.
+
+What changes: every Linear inside the blocks and the output head (a tied head gets its own
+int8 copy; the embedding table stays fp32 for lookups). Norms, attention, the residual stream
+and the KV cache stay in fp32; only each matmul's input is rounded to bf16. The cost in model
+quality is measured by `scratchgpt eval RUN --quantize int8` (BENCHMARKS.md gives figures).
+Training never sees these modules: quantize a loaded model, not one you will train further.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import UserError
+
+QUANTIZE_CHOICES = ("none", "int8")
+ACT_DTYPE = torch.bfloat16  # the kernel's fast path: fp32 inputs take a ~7x slower route on CPU (measured)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 rows times a per-row scale (symmetric, max-abs)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scales", scale.to(ACT_DTYPE))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(ACT_DTYPE), self.weight, self.scales)
+        y = y.to(x.dtype) if self.bias is None else torch.add(y, self.bias)  # the add promotes to the bias' dtype
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace the model's Linear layers with Int8Linear in place; returns the model (eval mode)."""
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        raise UserError("--quantize int8 needs torch._weight_int8pack_mm (torch >= 2.3)")
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    wrapped = [name for name, m in targets if type(m) is not nn.Linear]
+    if wrapped or hasattr(model, "peft_config"):
+        raise UserError("--quantize int8: this model has adapter (LoRA) layers; fold them in first with `scratchgpt merge-lora`")
+    for name, m in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8Linear(m).to(m.weight.device))
+    return model.eval()
+
+
+def quantize_model(model: nn.Module, quantize: Optional[str]) -> nn.Module:
+    """Apply a `--quantize` choice ("none"/None leaves the model as it is)."""
+    if quantize in (None, "none"):
+        return model
+    if quantize == "int8":
+        return quantize_int8(model)
+    raise UserError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
