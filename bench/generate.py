@@ -11,10 +11,10 @@ compete for the cores; with one thread the fairest figure, with more it counts s
 
     python bench/generate.py --nanogpt /tmp/nanogpt            # both model sizes
     python bench/generate.py --models small --runs 5
-    python bench/generate.py --models gpt2 --quantize int8   # adds scratchgpt with int8 weights
+    python bench/generate.py --models gpt2 --quantize int8 int4   # adds scratchgpt with int8 / int4 weights
 
-With --quantize int8 a fourth contender runs our decoder on a copy whose Linear layers hold
-int8 weights (`scratchgpt sample --quantize int8`); the others stay fp32. Its greedy tokens
+With --quantize int8 (or int4) another contender runs our decoder on a copy whose Linear layers
+hold int8 (int4) weights (`scratchgpt sample --quantize int8`); the others stay fp32. Its greedy tokens
 are compared with the fp32 model's, and its speed-ups are given against every contender.
 """
 
@@ -129,7 +129,8 @@ def main() -> None:
     ap.add_argument("--nanogpt", type=Path, default=None, help="path to a nanoGPT checkout (its model.py)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    ap.add_argument("--quantize", choices=["none", "int8"], default="none", help="also run ours with int8 weights")
+    ap.add_argument("--quantize", nargs="+", choices=["none", "int8", "int4"], default=["none"],
+                    help="also run ours with these weight formats")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -139,11 +140,13 @@ def main() -> None:
     for name in a.models.split(","):
         model = ours(MODELS[name])
         contenders = {"scratchgpt": (run_ours, model)}
-        if a.quantize != "none":
-            import copy
+        quantized = {}
+        for q in a.quantize:
+            if q != "none":
+                import copy
 
-            qmodel = quantize_model(copy.deepcopy(model), a.quantize)
-            contenders[f"scratchgpt {a.quantize}"] = (run_ours, qmodel)
+                quantized[q] = quantize_model(copy.deepcopy(model), q)
+                contenders[f"scratchgpt {q}"] = (run_ours, quantized[q])
         if not a.no_hf:
             import transformers
 
@@ -154,12 +157,12 @@ def main() -> None:
         prompt = torch.randint(0, model.cfg.vocab_size, (a.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
         greedy_check(name, model, {("hf" if k.startswith("HF") else "nanogpt"): m for k, (_, m) in contenders.items()
                                    if not k.startswith("scratchgpt")}, prompt)
-        if a.quantize != "none":
+        for q, qmodel in quantized.items():
             n_check = 32
             ref = generate_tokens(model, [prompt], max_new_tokens=n_check, temperature=0, stop_tokens=())[0]
             got = generate_tokens(qmodel, [prompt], max_new_tokens=n_check, temperature=0, stop_tokens=())[0]
             same = next((i for i, (x, y) in enumerate(zip(ref, got)) if x != y), n_check)
-            print(f"  greedy {a.quantize} vs fp32: first {same} of {n_check} tokens identical", flush=True)
+            print(f"  greedy {q} vs fp32: first {same} of {n_check} tokens identical", flush=True)
         for label, (fn, m) in contenders.items():  # warm-up: thread pools, allocator, first-call paths
             fn(m, prompt, 16, 0)
         times: dict[str, list[float]] = {k: [] for k in contenders}

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 
 from . import UserError
 from .model import GPT, KVCache, apply_rope, rope_cos_sin
-from .quantize import Int8Linear, quantize_model
+from .quantize import Int4Linear, Int8Linear, quantize_model
 from .tokenizer import EOT, Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -280,10 +280,10 @@ class _FastStep:
 
     @staticmethod
     def supports(model: GPT) -> bool:
-        """Plain or int8 Linear layers only: wrapped ones (e.g. unmerged LoRA) need their own forward."""
+        """Plain or quantized Linear layers only: wrapped ones (e.g. unmerged LoRA) need their own forward."""
         t = model.transformer
         linears = [model.lm_head] + [m for b in t.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-        return type(model) is GPT and all(type(m) in (torch.nn.Linear, Int8Linear) for m in linears)
+        return type(model) is GPT and all(type(m) in (torch.nn.Linear, Int8Linear, Int4Linear) for m in linears)
 
     @staticmethod
     def _norm(m: torch.nn.Module) -> tuple:
@@ -296,11 +296,15 @@ class _FastStep:
     def _linear(m: torch.nn.Module) -> tuple:
         if isinstance(m, Int8Linear):  # (int8 W, row scales, bias): Int8Linear.forward without the reshapes
             return (m.weight, m.scales, m.bias)
+        if isinstance(m, Int4Linear):  # the module itself: its forward is already one kernel plus the bias
+            return (m,)
         # (W^T view, bias): addmm/mm on a transposed view is exactly what F.linear does, minus two dispatches
         return (m.weight.t(), m.bias)
 
     @staticmethod
     def _mm(x: torch.Tensor, lin: tuple) -> torch.Tensor:
+        if len(lin) == 1:
+            return lin[0](x)
         if len(lin) == 3:
             y = torch._weight_int8pack_mm(x.to(lin[1].dtype), lin[0], lin[1])
             return y.to(x.dtype) if lin[2] is None else torch.add(y, lin[2])  # bf16 + fp32 bias -> fp32, one kernel
