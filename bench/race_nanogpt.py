@@ -268,6 +268,9 @@ def main() -> None:
         print(f"\nG1 (val <= nanoGPT's and wall <= 1/5 of its): {'met' if ok else 'not met'}; median wall ratio "
               f"{statistics.median(ratios):.3f} (nanoGPT/ours {1 / statistics.median(ratios):.2f}x); "
               f"median other load {statistics.median(r['load'] for rs in results.values() for r in rs):.2f} cores")
+        ok3 = med["ours"]["val"] <= 1.70 and statistics.median(ratios) <= 1.0
+        print(f"G3 (val <= 1.70 within nanoGPT's wall time): {'met' if ok3 else 'not met'}; ours {med['ours']['val']:.4f} "
+              f"in {med['ours']['wall_s']:.1f} s vs nanoGPT's {med['nanogpt']['wall_s']:.1f} s")
     if a.json:
         a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "results": results,
                                       "medians": med, "ratios": ratios}, indent=2))

@@ -97,8 +97,8 @@ class Dropout(nn.Dropout):
     """nn.Dropout with the fast mask above on CPU; elsewhere (CUDA's fused kernel) torch's own."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu":
-            return F.dropout(x, self.p, self.training)
+        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return F.dropout(x, self.p, self.training)  # (numpy inside a compiled graph would break it)
         return x * cpu_dropout_mask(x.shape, self.p, x.dtype)
 
 
@@ -185,7 +185,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dropout = self.cfg.dropout if self.training else 0.0
-        if cache is None and 0 < dropout < 1 and x.device.type == "cpu":
+        if cache is None and 0 < dropout < 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
             y = self._attend_with_cpu_dropout(q, k, v, dropout)
         elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.cfg.causal)
