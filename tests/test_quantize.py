@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict
 
@@ -89,7 +90,7 @@ def test_adapter_layers_are_refused():
     assert quantize_model(model, "none") is model
 
 
-def test_cli_sample_and_eval_quantized(tmp_path, capsys):
+def test_cli_sample_chat_and_eval_quantized(tmp_path, capsys, monkeypatch):
     from scratchgpt.data import prepare
 
     (tmp_path / "t.txt").write_text(TEXT)
@@ -103,6 +104,10 @@ def test_cli_sample_and_eval_quantized(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("the ")
     assert main(["sample", str(run), "--prompt", "the ", "--max-new-tokens", "10", "--quantize", "int4"]) == 0
     assert capsys.readouterr().out.startswith("the ")
+    monkeypatch.setattr("sys.stdin", io.StringIO("the \n/exit\n"))  # piped chat, plain continuation
+    assert main(["chat", str(run), "--max-new-tokens", "5", "--seed", "1", "--quantize", "int8"]) == 0
+    reply = capsys.readouterr().out
+    assert reply.endswith("\n") and reply.strip()  # one streamed reply (it may contain newlines itself)
     assert main(["eval", str(run)]) == 0
     full = json.loads(capsys.readouterr().out)
     assert main(["eval", str(run), "--quantize", "int8"]) == 0
