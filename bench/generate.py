@@ -21,6 +21,7 @@ are compared with the fp32 model's, and its speed-ups are given against every co
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -143,8 +144,6 @@ def main() -> None:
         quantized = {}
         for q in a.quantize:
             if q != "none":
-                import copy
-
                 quantized[q] = quantize_model(copy.deepcopy(model), q)
                 contenders[f"scratchgpt {q}"] = (run_ours, quantized[q])
         if not a.no_hf:

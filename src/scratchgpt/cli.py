@@ -314,8 +314,8 @@ def _generation_args(p: Parser, max_new_tokens: int) -> None:
 
 def _quantize_arg(p: Parser) -> None:
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
-                   help="weight-only quantized Linear layers for faster CPU decoding: int8 (~1.5x fp32) or int4 "
-                        "(~2.3x; larger quality cost; see BENCHMARKS.md)")
+                   help="weight-only quantized Linear layers for faster CPU decoding of large models: int8 (~1.6x "
+                        "fp32 at GPT-2 size) or int4 (~2.4x; larger quality cost; see BENCHMARKS.md)")
 
 
 def _generation_config(a):

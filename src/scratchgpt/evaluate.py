@@ -86,10 +86,11 @@ def evaluate_lm_cli(run: Path, data: Optional[Path] = None, context: int = 0, wh
     from .finetune import _gpt_of, load_finetuned
 
     model, tokenizer, config = load_finetuned(run, which, base=base)
-    model = quantize_model(_gpt_of(model), quantize)  # a classifier's backbone is still a language model
+    model = _gpt_of(model)  # a classifier's backbone is still a language model
     if not model.cfg.causal:
         raise UserError(f"{run} is a bidirectional (mlm) model: --task lm measures next-token prediction, "
                         "which needs a causal model")
+    quantize_model(model, quantize)
     context = context or model.cfg.block_size
     if context < 1:
         raise UserError("--context must be at least 1")
@@ -154,10 +155,10 @@ def evaluate_classify_cli(run: Path, data: Path, which: str = "best", text_field
     if data is None:
         raise UserError("--task classify needs --data FILE (CSV or JSONL with text and label fields)")
     model, tokenizer, config = load_finetuned(run, which, base=base)
-    quantize_model(model, quantize)
     cls = config.get("classifier")
     if not cls:
         raise UserError(f"{run} is not a classification run (make one with `scratchgpt finetune classify`)")
+    quantize_model(model, quantize)
     labels = cls["labels"]
     texts, y_true, wheres = read_labelled(data, text_field or cls.get("text_field", "text"),
                                           label_field or cls.get("label_field", "label"))
@@ -186,9 +187,9 @@ def evaluate_generate_cli(run: Path, data: Path, which: str = "best", max_new_to
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     model, tokenizer, config = load_finetuned(run, which, base=base)
-    quantize_model(model, quantize)
     if "classifier" in config:
         raise UserError(f"{run} is a classification run: use --task classify")
+    quantize_model(model, quantize)
     template = config.get("chat_template") or default_template(tokenizer)
     examples = read_sft(data)
     if limit:

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 
 from . import UserError
 from .model import GPT, KVCache, apply_rope, rope_cos_sin
-from .quantize import Int4Linear, Int8Linear, quantize_model
+from .quantize import _QuantizedLinear, quantize_model
 from .tokenizer import EOT, Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -283,7 +283,7 @@ class _FastStep:
         """Plain or quantized Linear layers only: wrapped ones (e.g. unmerged LoRA) need their own forward."""
         t = model.transformer
         linears = [model.lm_head] + [m for b in t.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-        return type(model) is GPT and all(type(m) in (torch.nn.Linear, Int8Linear, Int4Linear) for m in linears)
+        return type(model) is GPT and all(type(m) is torch.nn.Linear or isinstance(m, _QuantizedLinear) for m in linears)
 
     @staticmethod
     def _norm(m: torch.nn.Module) -> tuple:
@@ -294,9 +294,7 @@ class _FastStep:
 
     @staticmethod
     def _linear(m: torch.nn.Module) -> tuple:
-        if isinstance(m, Int8Linear):  # (int8 W, row scales, bias): Int8Linear.forward without the reshapes
-            return (m.weight, m.scales, m.bias)
-        if isinstance(m, Int4Linear):  # the module itself: its forward is already one kernel plus the bias
+        if isinstance(m, _QuantizedLinear):  # the module: its forward is one kernel plus the bias already
             return (m,)
         # (W^T view, bias): addmm/mm on a transposed view is exactly what F.linear does, minus two dispatches
         return (m.weight.t(), m.bias)
@@ -305,9 +303,6 @@ class _FastStep:
     def _mm(x: torch.Tensor, lin: tuple) -> torch.Tensor:
         if len(lin) == 1:
             return lin[0](x)
-        if len(lin) == 3:
-            y = torch._weight_int8pack_mm(x.to(lin[1].dtype), lin[0], lin[1])
-            return y.to(x.dtype) if lin[2] is None else torch.add(y, lin[2])  # bf16 + fp32 bias -> fp32, one kernel
         return torch.mm(x, lin[0]) if lin[1] is None else torch.addmm(lin[1], x, lin[0])
 
     def __call__(self, tok: torch.Tensor) -> torch.Tensor:

@@ -33,68 +33,81 @@ INT4_GROUP = 32  # input features per (scale, offset) pair
 ACT_DTYPE = torch.bfloat16  # the kernel's fast path: fp32 inputs take a ~7x slower route on CPU (measured)
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W stored as int8 rows times a per-row scale (symmetric, max-abs)."""
+class _QuantizedLinear(nn.Module):
+    """What both formats share: y = x W^T + b, the kernel taking bf16 rows, the bias added in fp32."""
+
+    bits = 0
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous())
-        self.register_buffer("scales", scale.to(ACT_DTYPE))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:  # (rows, in) bf16 -> (rows, out) bf16
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(ACT_DTYPE), self.weight, self.scales)
+        y = self._matmul(x.reshape(-1, self.in_features).to(ACT_DTYPE))
         y = y.to(x.dtype) if self.bias is None else torch.add(y, self.bias)  # the add promotes to the bias' dtype
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int{self.bits}"
 
 
-class Int4Linear(nn.Module):
-    """y = x W^T + b with W in 4-bit groups: w = (q - 8) * scale + offset, per group of INT4_GROUP inputs."""
+class Int8Linear(_QuantizedLinear):
+    """W stored as int8 rows times a per-row scale (symmetric, max-abs)."""
+
+    bits = 8
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scales", scale.to(ACT_DTYPE))
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x2d, self.weight, self.scales)
+
+
+class Int4Linear(_QuantizedLinear):
+    """W in 4-bit groups: w = (q - 8) * scale + offset, per group of INT4_GROUP inputs."""
+
+    bits = 4
 
     def __init__(self, linear: nn.Linear, group: int = INT4_GROUP):
-        super().__init__()
+        super().__init__(linear)
         n, k = linear.out_features, linear.in_features
         g = linear.weight.detach().float().reshape(n, k // group, group)
         low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
         scale = (high - low).clamp(min=1e-6) / 15
         q = ((g - low) / scale).round_().clamp_(0, 15).to(torch.int32).reshape(n, k)
         offset = low + 8 * scale  # the kernel computes (q - 8) * scale + offset
-        scales_offsets = torch.cat([scale, offset], -1).transpose(0, 1).contiguous().to(ACT_DTYPE)  # (k/group, n, 2)
-        self.in_features, self.out_features, self.group = k, n, group
+        self.group = group
         self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(q, 2))
-        self.register_buffer("scales_offsets", scales_offsets)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        # (k/group, n, 2): the kernel's layout
+        self.register_buffer("scales_offsets", torch.cat([scale, offset], -1).transpose(0, 1).contiguous().to(ACT_DTYPE))
 
     @staticmethod
     def fits(linear: nn.Linear, group: int = INT4_GROUP) -> bool:
         return linear.out_features % 16 == 0 and linear.in_features % group == 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(ACT_DTYPE), self.weight, self.group,
-                                              self.scales_offsets)
-        y = y.to(x.dtype) if self.bias is None else torch.add(y, self.bias)
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int4"
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x2d, self.weight, self.group, self.scales_offsets)
 
 
-def quantize_int8(model: nn.Module, bits: int = 8) -> nn.Module:
-    """Replace the model's Linear layers with Int8Linear (or, with bits=4, Int4Linear where the
-    shape allows) in place; returns the model in eval mode."""
+def quantize_linears(model: nn.Module, bits: int) -> nn.Module:
+    """Replace the model's Linear layers with Int8Linear (bits=8) or Int4Linear (bits=4, where the
+    shape allows; Int8Linear elsewhere) in place; returns the model in eval mode."""
     op = "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm_for_cpu"
     if not hasattr(torch, op):
         raise UserError(f"--quantize int{bits} needs torch.{op}, which this torch lacks")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     wrapped = [name for name, m in targets if type(m) is not nn.Linear]
     if wrapped or hasattr(model, "peft_config"):
-        raise UserError("--quantize int8: this model has adapter (LoRA) layers; fold them in first with `scratchgpt merge-lora`")
+        raise UserError(f"--quantize int{bits}: this model has adapter (LoRA) layers; fold them in first with "
+                        "`scratchgpt merge-lora`")
     for name, m in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -105,10 +118,14 @@ def quantize_int8(model: nn.Module, bits: int = 8) -> nn.Module:
     return model.eval()
 
 
+def quantize_int8(model: nn.Module) -> nn.Module:
+    return quantize_linears(model, 8)
+
+
 def quantize_model(model: nn.Module, quantize: Optional[str]) -> nn.Module:
     """Apply a `--quantize` choice ("none"/None leaves the model as it is)."""
     if quantize in (None, "none"):
         return model
     if quantize in ("int8", "int4"):
-        return quantize_int8(model, bits=int(quantize[3:]))
+        return quantize_linears(model, bits=int(quantize[3:]))
     raise UserError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
