@@ -8,6 +8,11 @@
     # hits all of them alike; prints median tok/s per variant and the ratio to the first
     python bench/throughput.py ab --variants base fused_adamw --rounds 20
 
+    # A/B of whole `scratchgpt train` processes at the 0.8M G2 shape, taking turns: what only a
+    # fresh process shows (allocator, thread binding, torchrun). A variant is "label;ENV=V ...;flags"
+    python bench/throughput.py runs --rounds 4 --variants "base;;" "bind;OMP_PROC_BIND=true;" \
+        "tcmalloc;LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4;" "mb6;;--train.micro_batch_size 6"
+
 tok/s in g2 is steady state: tokens from step 10 to the last step over the time between them,
 read from each trainer's own log (nanoGPT's per-iteration `time`, our metrics.jsonl elapsed_s),
 with no evaluation in between. The 0.8M size is nanoGPT's README CPU recipe; 10m is its
@@ -183,6 +188,35 @@ def ab(a) -> None:
         print(f"| {r['name']} | {r['tokens'] / m:.0f} | {1000 * m:.1f} | {ratio * r['tokens'] / runs[0]['tokens']:.3f} |")
 
 
+def runs(a) -> None:
+    """Whole trainer processes at the 0.8M G2 shape, variants taking turns; steady-state tok/s as in g2."""
+    _, our_flags, n, tpi = SIZES["small"]
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    _, data = prepare_data(TEXT, work, None)
+    specs = [v.split(";", 2) + [""] * (2 - v.count(";")) for v in a.variants]
+    res: dict[str, list[float]] = {label: [] for label, _, _ in specs}
+    for r in range(a.rounds):
+        for label, env, flags in (specs if r % 2 == 0 else specs[::-1]):
+            wait_quiet(a.quiet_wait)
+            out = work / f"runs-{label}"
+            cmd = [sys.executable, "-m", "scratchgpt", "train", "--data", str(data), "--out", str(out), "--force",
+                   *shlex.split(our_flags.format(n=a.iters or n)), "--train.log_interval", "10",
+                   "--train.final_eval", "false", "--train.progress", "false", "--train.sample_tokens", "0",
+                   *shlex.split(flags)]
+            extra = dict(kv.split("=", 1) for kv in shlex.split(env))
+            if label.startswith("torchrun"):  # e.g. "torchrun2;OMP_NUM_THREADS=1;--train.batch_size 12 --train.threads 1"
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd[1:]]
+            run(cmd, cwd=REPO, log=work / f"runs-{label}.log", env={**OURS_ENV, **extra})
+            res[label].append(ours_tok_s(out, tpi))
+            print(f"round {r} {label:12s} {res[label][-1]:8.0f} tok/s", file=sys.stderr, flush=True)
+    base = specs[0][0]
+    print(f"\n| variant | tok/s per round | median | ratio to {base} (median per round) |\n|---|---|---|---|")
+    for label, ts in res.items():
+        ratio = statistics.median(t / b for t, b in zip(ts, res[base]))
+        print(f"| {label} | {', '.join(f'{t:.0f}' for t in ts)} | {statistics.median(ts):.0f} | {ratio:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -204,8 +238,14 @@ def main() -> None:
     b.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--threads", type=int, default=0)
+    w = sub.add_parser("runs", help="whole trainer processes at the 0.8M shape, per-variant environment and flags")
+    w.add_argument("--variants", nargs="+", required=True, help='"label;ENV=V ...;flags" (the first is the base)')
+    w.add_argument("--rounds", type=int, default=4)
+    w.add_argument("--iters", type=int, default=250)
+    w.add_argument("--quiet-wait", type=float, default=30.0)
+    w.add_argument("--work", default="/tmp/throughput")
     a = ap.parse_args()
-    g2(a) if a.mode == "g2" else ab(a)
+    {"g2": g2, "ab": ab, "runs": runs}[a.mode](a)
 
 
 if __name__ == "__main__":
