@@ -113,6 +113,19 @@ def test_batched_muon_matches_torch_muon():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_muon_ns_steps_reaches_the_iteration():
+    from scratchgpt.muon import make_muon
+
+    opt = make_muon([torch.nn.Parameter(torch.randn(16, 48))], OptimConfig(optimizer="muon", muon_ns_steps=3))
+    assert opt.param_groups[0]["ns_steps"] == 3
+    ref3 = _muon_run(torch.optim.Muon, dtype_patch=torch.float32, ns_steps=3)
+    ours3 = _muon_run(Muon, ns_dtype=torch.float32, ns_steps=3)
+    ours5 = _muon_run(Muon, ns_dtype=torch.float32)
+    for a, b, c in zip(ref3, ours3, ours5):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(b, c, atol=1e-4) for b, c in zip(ours3, ours5))
+
+
 def test_fast_recipe_config_parses():
     import yaml
 

@@ -95,6 +95,7 @@ def make_muon(params: list[torch.Tensor], o) -> torch.optim.Optimizer:
         lr=o.muon_lr,
         weight_decay=o.weight_decay,
         momentum=o.muon_momentum,
+        ns_steps=o.muon_ns_steps,
         adjust_lr_fn="original",  # lr scaled by sqrt(max(1, rows/cols)), as Keller Jordan's reference
     )
 

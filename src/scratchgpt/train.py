@@ -78,6 +78,7 @@ class OptimConfig:
     head_lr: float = 0.0  # 0: lr
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon step (torch's default)
 
 
 # ---------------------------------------------------------------- setup helpers
