@@ -81,7 +81,7 @@ def phases(nanogpt: Path, x: torch.Tensor, y: torch.Tensor, rounds: int) -> None
     from model import GPT as NanoGPT, GPTConfig  # nanoGPT's model.py
 
     torch.manual_seed(0)
-    ng = NanoGPT(GPTConfig(**{k: v for k, v in SHAPE.items()}))
+    ng = NanoGPT(GPTConfig(**SHAPE))
     ng_opt = ng.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
     net, opts = our_model()
     sides = {

@@ -9,9 +9,11 @@
     python bench/throughput.py ab --variants base fused_adamw --rounds 20
 
     # A/B of whole `scratchgpt train` processes at the 0.8M G2 shape, taking turns: what only a
-    # fresh process shows (allocator, thread binding, torchrun). A variant is "label;ENV=V ...;flags"
+    # fresh process shows (allocator, thread binding, torchrun). A variant is "label;ENV=V ...;flags;processes"
+    # (processes > 1: launched by torchrun, batch split over the ranks)
     python bench/throughput.py runs --rounds 4 --variants "base;;" "bind;OMP_PROC_BIND=true;" \
-        "tcmalloc;LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4;" "mb6;;--train.micro_batch_size 6"
+        "tcmalloc;LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4;" "mb6;;--train.micro_batch_size 6" \
+        "torchrun2;OMP_NUM_THREADS=1;--train.threads 1;2"
 
 tok/s in g2 is steady state: tokens from step 10 to the last step over the time between them,
 read from each trainer's own log (nanoGPT's per-iteration `time`, our metrics.jsonl elapsed_s),
@@ -63,6 +65,14 @@ def ours_tok_s(run_dir: Path, tokens_per_iter: int) -> float:
     return tokens_per_iter * (last - FIRST) / (rows[last]["elapsed_s"] - rows[FIRST]["elapsed_s"])
 
 
+def our_train_cmd(data: Path, out: Path, flags: str, nproc: int = 1) -> list[str]:
+    """`scratchgpt train` for a throughput window: log every 10 steps, no final eval, bar or samples."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    return [sys.executable, *launcher, "-m", "scratchgpt", "train", "--data", str(data), "--out", str(out), "--force",
+            *shlex.split(flags), "--train.log_interval", "10", "--train.final_eval", "false", "--train.progress", "false",
+            "--train.sample_tokens", "0"]
+
+
 def g2(a) -> None:
     ng_flags, our_flags, n, tpi = SIZES[a.size]
     n = a.iters or n
@@ -81,9 +91,7 @@ def g2(a) -> None:
                 r["tok_s"] = nanogpt_tok_s(log, tpi)
             else:
                 out = work / f"ours{i}"
-                cmd = [sys.executable, "-m", "scratchgpt", "train", "--data", str(data), "--out", str(out), "--force",
-                       *shlex.split(our_flags.format(n=n)), "--train.log_interval", "10", "--train.final_eval", "false",
-                       "--train.progress", "false", "--train.sample_tokens", "0", *shlex.split(a.ours_args)]
+                cmd = our_train_cmd(data, out, f"{our_flags.format(n=n)} {a.ours_args}")
                 r = run(cmd, cwd=REPO, log=work / f"ours{i}.log", env=OURS_ENV)
                 r["tok_s"] = ours_tok_s(out, tpi)
             r["load_before"] = load_before
@@ -194,19 +202,14 @@ def runs(a) -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     _, data = prepare_data(TEXT, work, None)
-    specs = [v.split(";", 2) + [""] * (2 - v.count(";")) for v in a.variants]
-    res: dict[str, list[float]] = {label: [] for label, _, _ in specs}
+    specs = [(v.split(";") + ["", "", "1"])[:4] for v in a.variants]  # label;env;flags;processes
+    res: dict[str, list[float]] = {spec[0]: [] for spec in specs}
     for r in range(a.rounds):
-        for label, env, flags in (specs if r % 2 == 0 else specs[::-1]):
+        for label, env, flags, nproc in (specs if r % 2 == 0 else specs[::-1]):
             wait_quiet(a.quiet_wait)
             out = work / f"runs-{label}"
-            cmd = [sys.executable, "-m", "scratchgpt", "train", "--data", str(data), "--out", str(out), "--force",
-                   *shlex.split(our_flags.format(n=a.iters or n)), "--train.log_interval", "10",
-                   "--train.final_eval", "false", "--train.progress", "false", "--train.sample_tokens", "0",
-                   *shlex.split(flags)]
+            cmd = our_train_cmd(data, out, f"{our_flags.format(n=a.iters or n)} {flags}", int(nproc or 1))
             extra = dict(kv.split("=", 1) for kv in shlex.split(env))
-            if label.startswith("torchrun"):  # e.g. "torchrun2;OMP_NUM_THREADS=1;--train.batch_size 12 --train.threads 1"
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd[1:]]
             run(cmd, cwd=REPO, log=work / f"runs-{label}.log", env={**OURS_ENV, **extra})
             res[label].append(ours_tok_s(out, tpi))
             print(f"round {r} {label:12s} {res[label][-1]:8.0f} tok/s", file=sys.stderr, flush=True)
@@ -239,7 +242,7 @@ def main() -> None:
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--threads", type=int, default=0)
     w = sub.add_parser("runs", help="whole trainer processes at the 0.8M shape, per-variant environment and flags")
-    w.add_argument("--variants", nargs="+", required=True, help='"label;ENV=V ...;flags" (the first is the base)')
+    w.add_argument("--variants", nargs="+", required=True, help='"label;ENV=V ...;flags;processes" (the first is the base)')
     w.add_argument("--rounds", type=int, default=4)
     w.add_argument("--iters", type=int, default=250)
     w.add_argument("--quiet-wait", type=float, default=30.0)
