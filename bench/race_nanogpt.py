@@ -184,7 +184,7 @@ def run_ours(args: str, data: Path, out: Path, log: Path) -> dict:
 def _evaluate(model, data: Path) -> float:
     import torch
     from scratchgpt.data import TokenDataset
-    from scratchgpt.evaluate import evaluate_lm
+    from scratchgpt.metrics import evaluate_lm
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
     return evaluate_lm(model, TokenDataset(data, "val", 1), context=64)["val_loss"]

@@ -40,7 +40,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from scratchgpt import distributed as dist  # noqa: E402
 from scratchgpt.model import GPT, ModelConfig  # noqa: E402
-from scratchgpt.train import OptimConfig, build_optimizer, configure_threads, keep_freed_memory  # noqa: E402
+from scratchgpt.optim import OptimConfig, build_optimizer
+from scratchgpt.runtime import configure_threads, keep_freed_memory  # noqa: E402
 
 aten = torch.ops.aten
 SHAPE = dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)

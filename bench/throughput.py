@@ -112,7 +112,7 @@ def g2(a) -> None:
 def _variant(name: str):
     """name -> (ModelConfig kwargs, OptimConfig kwargs, batch size, extra) from '+'-joined tokens."""
     from scratchgpt.model import ModelConfig
-    from scratchgpt.train import OptimConfig
+    from scratchgpt.optim import OptimConfig
 
     model = dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False)
     optim = dict()
@@ -141,7 +141,8 @@ def ab(a) -> None:
 
     from scratchgpt.data import TokenDataset
     from scratchgpt.model import GPT
-    from scratchgpt.train import build_optimizer, configure_threads, lr_at, set_lr
+    from scratchgpt.optim import build_optimizer, lr_at, set_lr
+    from scratchgpt.runtime import configure_threads
     from scratchgpt import distributed as dist
 
     configure_threads(a.threads)

@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from scratchgpt.cli import main  # noqa: E402
-from scratchgpt.finetune import classification_metrics, generation_metrics  # noqa: E402
+from scratchgpt.metrics import classification_metrics, generation_metrics  # noqa: E402
 from scratchgpt.model import GPT, ModelConfig  # noqa: E402
 
 

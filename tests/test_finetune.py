@@ -20,10 +20,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from scratchgpt import UserError  # noqa: E402
 from scratchgpt.cli import main  # noqa: E402
+from scratchgpt.checkpoint import load_run  # noqa: E402
+from scratchgpt.data import mlm_mask_batch  # noqa: E402
 from scratchgpt.finetune import (  # noqa: E402
-    FinetuneOptions, GPTClassifier, classifier_logits, default_template, encode_conversation, finetune_classify,
-    finetune_sft, load_finetuned, mlm_mask_batch, pack_rows, setup_trainable, sft_labels, sft_loss, train_classifier,
+    FinetuneOptions, finetune_classify, finetune_sft, pack_rows, setup_trainable, sft_labels, sft_loss, train_classifier,
 )
+from scratchgpt.heads import GPTClassifier, classifier_logits  # noqa: E402
+from scratchgpt.prompts import default_template, encode_conversation  # noqa: E402
 from scratchgpt.model import GPT, ModelConfig  # noqa: E402
 
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
@@ -100,7 +103,8 @@ def base_run(ft_root) -> Path:
     from pydoc_data.topics import topics
 
     from scratchgpt.data import prepare
-    from scratchgpt.train import OptimConfig, TrainConfig, train
+    from scratchgpt.optim import OptimConfig
+    from scratchgpt.train import TrainConfig, train
 
     # printable ASCII first: the train split (the head) then knows every character the test files use
     text = string.printable + "\n\n".join(topics[k] for k in sorted(topics))[:60000] + inspect.getsource(textwrap)
@@ -213,9 +217,7 @@ def test_padding_never_changes_a_prediction(pooling, causal):
 
 
 def test_freeze_except_trains_only_the_last_blocks(base_run, ft_root):
-    from scratchgpt.finetune import load_base
-
-    gpt, _, _, _ = load_base(base_run)
+    gpt = load_run(base_run).gpt.train()
     model = setup_trainable(GPTClassifier(gpt, 2), freeze_except=1)
     before = {n: sha(p) for n, p in model.named_parameters()}
     seqs = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12], [2, 2]] * 4
@@ -227,7 +229,7 @@ def test_freeze_except_trains_only_the_last_blocks(base_run, ft_root):
 
 
 def test_best_checkpoint_and_early_stopping(tmp_path):
-    from scratchgpt.finetune import _fit
+    from scratchgpt.finetune import fit
 
     model = torch.nn.Linear(2, 1)
     scores = iter([0.1, 0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # step 0, then one per step
@@ -236,7 +238,7 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
     def loss_of(batch):
         return model(torch.ones(1, 2)).square().sum()
 
-    result = _fit(model, lambda epoch: [0] * 100, loss_of, lambda: {"score": next(scores)},
+    result = fit(model, lambda epoch: [0] * 100, loss_of, lambda: {"score": next(scores)},
                   lambda ev, best: best is None or ev["score"] > best["score"],
                   lambda name, progress, ev: saved.append((name, progress["step"], ev["score"])),
                   FinetuneOptions(epochs=1, eval_interval=1, patience=2, lr=1e-3), tmp_path, lambda s, ev, tl: "",
@@ -247,9 +249,7 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
 
 # ---------------------------------------------------------------- LoRA
 def test_lora_trains_only_adapters(base_run, ft_root):
-    from scratchgpt.finetune import load_base
-
-    gpt, _, _, _ = load_base(base_run)
+    gpt = load_run(base_run).gpt.train()
     model = setup_trainable(GPTClassifier(gpt, 2), lora={"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"]})
     before = {n: sha(p) for n, p in model.named_parameters()}
     seqs = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12], [2, 2]] * 4
@@ -284,8 +284,8 @@ def test_lora_run_saves_adapter_alone_and_merges_exactly(base_run, cls_files, ft
 
     code, _, err = cli(capsys, "merge-lora", out, "--out", ft_root / "cls_merged")
     assert code == 0, err
-    unmerged, tok, _ = load_finetuned(out, merge=False)
-    merged, _, _ = load_finetuned(ft_root / "cls_merged")
+    unmerged, tok = load_run(out, merge=False).model, load_run(out).tokenizer
+    merged = load_run(ft_root / "cls_merged").model
     assert type(unmerged).__name__ == "PeftModel" and isinstance(merged, GPTClassifier)
     seqs = [tok.encode("def f(x): return x"), tok.encode("Some words of plain English prose.")]
     with torch.no_grad():
@@ -309,7 +309,8 @@ def test_lora_run_saves_adapter_alone_and_merges_exactly(base_run, cls_files, ft
 
 # ---------------------------------------------------------------- SFT
 def test_sft_answers_held_out_prompts(sft_run, capsys):
-    from scratchgpt.generate import GenerationConfig, chat
+    from scratchgpt.chat import chat
+    from scratchgpt.generate import GenerationConfig
 
     run, val_w = sft_run
     code, stdout, _ = cli(capsys, "eval", run, "--task", "generate", "--data", run.parent / "copy_val.jsonl",
@@ -319,7 +320,8 @@ def test_sft_answers_held_out_prompts(sft_run, capsys):
     assert ev["n"] == 40 and ev["exact_match"] >= 0.8 and ev["chrf"] >= 80
     assert (run / "eval-generate.json").exists()
     # chat reads the template stored in the checkpoint and formats the turn exactly as in training
-    model, tok, config = load_finetuned(run)
+    _r = load_run(run)
+    model, tok, config = _r.model, _r.tokenizer, _r.config
     assert config["chat_template"]["user"] == COMPACT["user"]
     replies = io.StringIO()
     lines = [ln for w in val_w[:10] for ln in (w + "\n", "/reset\n")]  # single-turn, as trained
@@ -378,7 +380,7 @@ def test_pack_keeps_whole_examples():
 
 def test_sft_cli_lora_pack_default_template_and_merge(base_run, ft_root, capsys):
     from scratchgpt.checkpoint import load_model
-    from scratchgpt.generate import ChatTemplate
+    from scratchgpt.prompts import ChatTemplate
 
     rows = [{"prompt": w, "response": w[::-1]} for w in words(40, 3)]
     rows.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ih"}]})
@@ -388,7 +390,7 @@ def test_sft_cli_lora_pack_default_template_and_merge(base_run, ft_root, capsys)
                        ft_root / "rev.jsonl", "--out", out, "--lora", "--pack", "--max-steps", "2", "--device", "cpu")
     assert code == 0, err
     config = json.loads((out / "best/config.json").read_text())
-    assert config["chat_template"] == default_template(load_finetuned(out)[1])
+    assert config["chat_template"] == default_template(load_run(out).tokenizer)
     assert ChatTemplate.from_config(config) is not None and config["finetune"]["pack"] is True
     code, _, err = cli(capsys, "merge-lora", out, "--out", ft_root / "sft_merged")
     assert code == 0, err
@@ -418,7 +420,8 @@ def test_mlm_masking_is_bert_style_and_deterministic():
 
 def test_mlm_loss_falls_and_attention_is_bidirectional(ft_root, base_run):
     from scratchgpt.checkpoint import load_model
-    from scratchgpt.train import OptimConfig, TrainConfig, train
+    from scratchgpt.optim import OptimConfig
+    from scratchgpt.train import TrainConfig, train
 
     out = ft_root / "mlm"
     train(data=ft_root / "data", out=out, model=ModelConfig(**BASE),
@@ -481,7 +484,7 @@ def test_bad_inputs_are_one_line_errors(base_run, cls_files, ft_root, capsys):
 
 
 def test_unknown_characters_are_named_even_with_unk():
-    from scratchgpt.finetune import encode_strict
+    from scratchgpt.prompts import encode_strict
     from scratchgpt.tokenizer import train_char_tokenizer
 
     tok = train_char_tokenizer(["abc "], add_unk=True)
@@ -492,7 +495,7 @@ def test_unknown_characters_are_named_even_with_unk():
 
 
 def test_messages_format_is_validated(ft_root):
-    from scratchgpt.finetune import read_sft
+    from scratchgpt.data.readers import read_sft
 
     p = write_jsonl(ft_root / "msgs.jsonl", [
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},

@@ -12,6 +12,10 @@ import torch
 
 from scratchgpt import UserError
 from scratchgpt import generate as G
+from scratchgpt import chat as chat_module
+from scratchgpt.chat import chat
+from scratchgpt.prompts import start_token
+from scratchgpt.model import DecodeStep
 from scratchgpt.checkpoint import save_checkpoint
 from scratchgpt.cli import main
 from scratchgpt.model import GPT, ModelConfig
@@ -72,12 +76,12 @@ def test_greedy_cache_equals_no_cache_past_block_size(variant, char_tok):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fast_decode_step_is_used(variant, char_tok):
-    """The cached path decodes with _FastStep after checking it once against GPT.forward."""
+    """The cached path decodes with model.DecodeStep (checked against GPT.forward in test_model_options)."""
     model = tiny(char_tok.vocab_size, variant.split("-")[0], **VARIANTS[variant])
     dec = G._decoder(model, char_tok.vocab_size, [char_tok.encode("hello")], G.GenerationConfig(max_new_tokens=6, temperature=0), [0])
     for _ in range(6):
         dec.next()
-    assert dec.fast_checked and dec.fast is not None
+    assert isinstance(dec.fast, DecodeStep)
 
 
 def test_wrapped_layers_use_the_module_path(char_tok):
@@ -227,8 +231,8 @@ def test_empty_long_and_unknown_prompts(char_tok, bpe_tok):
     c = G.complete(model, bpe_tok, [""], max_new_tokens=5, seed=1, stop_tokens=())[0]
     assert c.prompt_tokens == 1
     assert c.token_ids == G.generate_tokens(model, [[bpe_tok.eot_id]], max_new_tokens=5, seed=1)[0]
-    assert G.start_token(char_tok) == char_tok.encode("\n")[0]
-    assert G.start_token(train_char_tokenizer(["ab"])) == 0
+    assert start_token(char_tok) == char_tok.encode("\n")[0]
+    assert start_token(train_char_tokenizer(["ab"])) == 0
     notes = []
     c = G.complete(model, bpe_tok, ["the lazy dog " * 20], max_new_tokens=3, note=notes.append)[0]
     assert c.prompt_tokens == 16 and "keeping the last 16" in notes[0]
@@ -252,10 +256,10 @@ def test_chat_template_reset_exit(bpe_tok, monkeypatch):
         prompts.append(list(prompt))
         return real(model, tokenizer, prompt, gen, **kw)
 
-    monkeypatch.setattr(G, "stream", spy)
+    monkeypatch.setattr(chat_module, "stream", spy)
     out, err = io.StringIO(), io.StringIO()
     gen = G.GenerationConfig(max_new_tokens=6, seed=1)
-    G.chat(model, bpe_tok, {"chat_template": TEMPLATE}, ["hi\n", "more\n", "/reset\n", "hi\n", "/exit\n", "never\n"], out, gen, err=err)
+    chat(model, bpe_tok, {"chat_template": TEMPLATE}, ["hi\n", "more\n", "/reset\n", "hi\n", "/exit\n", "never\n"], out, gen, err=err)
     assert len(prompts) == 3 and out.getvalue().count("\n") == 3
     system = bpe_tok.encode("Be nice.\n")
     first = system + bpe_tok.encode("### Instruction:\n") + bpe_tok.encode("hi") + bpe_tok.encode("\n\n### Response:\n")
@@ -289,9 +293,9 @@ def test_chat_plain_ctrl_c_stops_one_reply(char_tok, monkeypatch):
             return Interrupted()
         return s
 
-    monkeypatch.setattr(G, "stream", flaky)
+    monkeypatch.setattr(chat_module, "stream", flaky)
     out, err = io.StringIO(), io.StringIO()
-    G.chat(model, char_tok, {}, ["hello\n", "world\n", "bad Q\n", "fox\n"], out, G.GenerationConfig(max_new_tokens=5, seed=0), err=err)
+    chat(model, char_tok, {}, ["hello\n", "world\n", "bad Q\n", "fox\n"], out, G.GenerationConfig(max_new_tokens=5, seed=0), err=err)
     assert len(calls) == 3  # the session went on after Ctrl-C, and after the unknown character
     assert "reply stopped" in err.getvalue() and "'Q'" in err.getvalue()
 

@@ -9,7 +9,7 @@ import torch
 
 from scratchgpt.model import GPT, ModelConfig
 from scratchgpt.muon import Muon, newton_schulz
-from scratchgpt.train import OptimConfig, build_optimizer
+from scratchgpt.optim import OptimConfig, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -177,7 +177,7 @@ def test_cpu_training_does_not_import_dynamo():
         "import sys, torch\n"
         "from scratchgpt.model import GPT, ModelConfig\n"
         "from scratchgpt.muon import skip_dynamo_import\n"
-        "from scratchgpt.train import OptimConfig, build_optimizer\n"
+        "from scratchgpt.optim import OptimConfig, build_optimizer\n"
         "skip_dynamo_import()\n"
         "m = GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=16))\n"
         "opts = build_optimizer(m, OptimConfig(optimizer='muon'), torch.device('cpu'))\n"

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from conftest import TINY, run_cli, tiny_flags
 from scratchgpt import UserError
 from scratchgpt.model import GPT, ModelConfig
-from scratchgpt.train import OptimConfig, TrainConfig, lr_at, train
+from scratchgpt.optim import OptimConfig, lr_at
+from scratchgpt.train import TrainConfig, train
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -181,7 +182,7 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, char_data, 
 KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys
     import safetensors.torch as st
-    import scratchgpt.checkpoint as ck
+    import scratchgpt.checkpoint.store as ck
     real = st.save_file
     count = {"n": 0}
     def save_then_die(tensors, path, metadata=None):

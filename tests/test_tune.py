@@ -12,7 +12,8 @@ pytest.importorskip("optuna")
 from scratchgpt import UserError  # noqa: E402
 from scratchgpt.cli import main  # noqa: E402
 from scratchgpt.model import ModelConfig  # noqa: E402
-from scratchgpt.train import OptimConfig, TrainConfig  # noqa: E402
+from scratchgpt.optim import OptimConfig  # noqa: E402
+from scratchgpt.train import TrainConfig  # noqa: E402
 from scratchgpt.tune import grid_values, load_space, tune  # noqa: E402
 
 # a 1-layer, 16-dim model trained for 3 steps: a trial takes a fraction of a second

@@ -7,7 +7,7 @@ so the training loop reads the same for one process and for many.
   the global batch B, so the data cursor of every rank is (seed, step) and nothing else.
 - DDP checkpoints are the single-process checkpoint (written by rank 0). FSDP checkpoints hold
   the sharded state as `torch.distributed.checkpoint` safetensors shards plus a full
-  `model.safetensors` export (see fsdp_checkpoint.py). Any of them resumes on any world size.
+  `model.safetensors` export (see checkpoint/fsdp.py). Any of them resumes on any world size.
 - Failures: a rank that dies takes the job down (torchrun stops the others and names the rank);
   a rank that hangs is caught by the collective timeout (SCRATCHGPT_DIST_TIMEOUT seconds).
   Under `torchrun --max-restarts K` a restarted worker resumes from RUN/latest by itself.
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as tdist
 
 from . import UserError
+from .runtime import pick_device
 
 # Long enough for rank 0 to write a large checkpoint or print a sample while the others wait
 # in a collective; short enough that a hung rank ends the job instead of stalling it for hours.
@@ -45,11 +46,12 @@ class DistContext:
 def setup(tcfg) -> DistContext:
     """Join the process group torchrun describes: nccl on CUDA, gloo on CPU, with a collective timeout."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistContext()  # one process: train.parallel does not apply (a run saved under FSDP resumes here)
+        # one process: train.parallel does not apply (a run saved under FSDP resumes here)
+        return DistContext(device=pick_device(tcfg.device))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() and tcfg.device in ("auto", "cuda")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    device = pick_device(tcfg.device)  # auto: cuda:LOCAL_RANK (one line if ranks outnumber GPUs), else the CPU
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
@@ -174,73 +176,6 @@ def unsharded(model: torch.nn.Module, ctx: DistContext):
         yield
     finally:
         model.reshard()
-
-
-def save(out: Path, model, optimizers, state: dict, config: dict, tokenizer_file, tcfg, ctx: DistContext,
-         is_best: bool) -> None:
-    """DDP / one process: rank 0 writes the single-process checkpoint. FSDP: sharded state + full model export."""
-    from .checkpoint import save_checkpoint
-
-    if ctx.parallel == "fsdp":
-        from .fsdp_checkpoint import save_fsdp
-
-        save_fsdp(out, model, optimizers, state, config, tokenizer_file, tcfg, ctx, is_best)
-        return
-    if ctx.rank == 0:
-        save_checkpoint(out, model=model, optimizer=optimizers, state=state, config=config,
-                        tokenizer_file=tokenizer_file, keep_last=tcfg.keep_last, is_best=is_best)
-    if ctx.world > 1:
-        tdist.barrier()  # nobody runs ahead (or exits) before the checkpoint is in place
-
-
-def load_optimizers(ckpt: Path, model: torch.nn.Module, optimizers: list, state: dict, ctx: DistContext) -> None:
-    """Optimizer state from any checkpoint layout into this run's (possibly sharded) optimizers.
-
-    optimizer.safetensors (one process / DDP) holds full tensors; FSDP checkpoints hold shards.
-    Either is reshaped to what the live parameters are: full tensors, or this rank's shards."""
-    from .checkpoint import OPTIM_FILE, load_tensors, optimizer_from_tensors
-    from .fsdp_checkpoint import SHARDED_DIR, load_sharded
-
-    metas = state["optimizer"]
-    if len(metas) != len(optimizers):
-        raise UserError(f"{ckpt}: checkpoint has {len(metas)} optimizers, this run {len(optimizers)} "
-                        "(optim.optimizer changed?)")
-    if (Path(ckpt) / SHARDED_DIR).is_dir():
-        tensors = load_sharded(Path(ckpt) / SHARDED_DIR, model, optimizers, metas, ctx)
-    else:
-        tensors = load_tensors(Path(ckpt) / OPTIM_FILE)
-        if ctx.parallel == "fsdp":
-            tensors = _shard_like_params(tensors, optimizers, metas)
-    for i, opt in enumerate(optimizers):
-        sub = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}.")}
-        optimizer_from_tensors(opt, sub, metas[i])
-
-
-def param_of_key(optimizers: list, metas: list) -> dict[str, torch.Tensor]:
-    """'<optimizer>.<param id>' -> the live parameter it belongs to (ids follow param_groups order)."""
-    out = {}
-    for i, (opt, meta) in enumerate(zip(optimizers, metas)):
-        for saved, live in zip(meta["param_groups"], opt.param_groups):
-            if len(saved["params"]) != len(live["params"]):
-                raise UserError("checkpoint optimizer does not match the model (parameter groups differ)")
-            for pid, p in zip(saved["params"], live["params"]):
-                out[f"{i}.{pid}"] = p
-    return out
-
-
-def _shard_like_params(tensors: dict, optimizers: list, metas: list) -> dict:
-    """Full optimizer tensors -> this rank's shards, laid out as their parameter (FSDP2: dim 0)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    params = param_of_key(optimizers, metas)
-    out = {}
-    for key, t in tensors.items():
-        p = params.get(key.rsplit(".", 1)[0])
-        if isinstance(p, DTensor) and tuple(t.shape) == tuple(p.shape):
-            # src_data_rank=None: every rank holds the full tensor, so each just slices (no communication)
-            t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-        out[key] = t
-    return out
 
 
 def teardown(ctx: DistContext) -> None:

@@ -17,63 +17,22 @@ The result is printed as JSON and saved as RUN/eval-<task>.json (lm also as RUN/
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from . import UserError
+from .checkpoint import load_run
+from .data import TokenDataset, load_meta
+from .data.readers import read_labelled, read_sft
+from .generate import complete
+from .heads import predict_proba
+from .metrics import classification_metrics, evaluate_lm, generation_metrics
+from .prompts import default_template, encode_texts, prompt_ids
 from .quantize import quantize_model
 from .utils import atomic_write_json
-
-
-@torch.no_grad()
-def evaluate_lm(model, dataset, context: int, device="cpu", batch_size: int = 16, tokenizer=None) -> dict:
-    """Mean next-token loss over the whole split in non-overlapping windows of `context` tokens.
-
-    Every token after the first is predicted exactly once, with at most `context - 1` tokens of
-    history (the same rule for every model, so figures from different tools compare).
-    With a tokenizer, bits per byte = total nats / ln 2 / UTF-8 bytes of the predicted text.
-    """
-    tokens = dataset.tokens
-    n = len(tokens)
-    if n < 2:
-        raise UserError("the split has fewer than 2 tokens")
-    if context > model.cfg.block_size and model.cfg.pos != "rope":
-        raise UserError(f"context {context} exceeds the model's block_size {model.cfg.block_size}")
-    was_training = model.training
-    model.eval()
-    starts = list(range(0, n - 1, context))
-    total_nats, total_tokens = 0.0, 0
-    full = [s for s in starts if s + context + 1 <= n]
-    tail = [s for s in starts if s + context + 1 > n]
-    offsets_all = np.arange(context + 1)
-    for i in range(0, len(full), batch_size):
-        idx = np.asarray(full[i:i + batch_size])[:, None] + offsets_all
-        block = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
-        x, y = block[:, :-1].to(device), block[:, 1:].to(device)
-        logits = model(x)
-        nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-        total_nats += nats.item()
-        total_tokens += y.numel()
-    for s in tail:
-        block = torch.from_numpy(np.asarray(tokens[s:n], dtype=np.int64))[None]
-        x, y = block[:, :-1].to(device), block[:, 1:].to(device)
-        logits = model(x)
-        total_nats += torch.nn.functional.cross_entropy(logits[0].float(), y[0], reduction="sum").item()
-        total_tokens += y.numel()
-    if was_training:
-        model.train()
-    loss = total_nats / total_tokens
-    result = {"val_loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": total_tokens, "context": context}
-    if tokenizer is not None:
-        n_bytes = len(tokenizer.decode(np.asarray(tokens[1:n]).tolist()).encode("utf-8"))
-        result["bytes"] = n_bytes
-        result["bits_per_byte"] = total_nats / math.log(2) / max(n_bytes, 1)
-    return result
 
 
 def evaluate_lm_cli(run: Path, data: Optional[Path] = None, context: int = 0, which: str = "best",
@@ -82,11 +41,8 @@ def evaluate_lm_cli(run: Path, data: Optional[Path] = None, context: int = 0, wh
 
     `data` is a prepared data dir (its val split; default: the run's) or a text file.
     """
-    from .data import TokenDataset, load_meta
-    from .finetune import _gpt_of, load_finetuned
-
-    model, tokenizer, config = load_finetuned(run, which, base=base)
-    model = _gpt_of(model)  # a classifier's backbone is still a language model
+    loaded = load_run(run, which, base=base)
+    model, tokenizer, config = loaded.gpt, loaded.tokenizer, loaded.config  # a classifier's backbone is still an LM
     if not model.cfg.causal:
         raise UserError(f"{run} is a bidirectional (mlm) model: --task lm measures next-token prediction, "
                         "which needs a causal model")
@@ -150,11 +106,10 @@ def evaluate_classify_cli(run: Path, data: Path, which: str = "best", text_field
                           label_field: Optional[str] = None, batch_size: int = 64, base: Optional[Path] = None,
                           quantize: Optional[str] = None) -> dict:
     """`scratchgpt eval RUN --task classify --data FILE`: accuracy, macro-F1, confusion matrix."""
-    from .finetune import _gpt_of, classification_metrics, encode_texts, load_finetuned, predict_proba, read_labelled
-
     if data is None:
         raise UserError("--task classify needs --data FILE (CSV or JSONL with text and label fields)")
-    model, tokenizer, config = load_finetuned(run, which, base=base)
+    loaded = load_run(run, which, base=base)
+    model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
     cls = config.get("classifier")
     if not cls:
         raise UserError(f"{run} is not a classification run (make one with `scratchgpt finetune classify`)")
@@ -165,7 +120,7 @@ def evaluate_classify_cli(run: Path, data: Path, which: str = "best", text_field
     for lab, where in zip(y_true, wheres):
         if lab not in labels:
             raise UserError(f"{where}: label {lab!r} is not one the model knows ({', '.join(map(repr, labels))})")
-    ids, cut = encode_texts(tokenizer, texts, wheres, _gpt_of(model).cfg.block_size,
+    ids, cut = encode_texts(tokenizer, texts, wheres, loaded.gpt.cfg.block_size,
                             lambda m: print(m, file=sys.stderr))
     probs = predict_proba(model, ids, "cpu", batch_size)
     y_pred = [labels[i] for i in probs.argmax(-1).tolist()]
@@ -179,16 +134,14 @@ def evaluate_classify_cli(run: Path, data: Path, which: str = "best", text_field
 def evaluate_generate_cli(run: Path, data: Path, which: str = "best", max_new_tokens: int = 128, limit: int = 0,
                           base: Optional[Path] = None, quantize: Optional[str] = None) -> dict:
     """`scratchgpt eval RUN --task generate --data FILE`: BLEU, chrF and exact match of greedy replies."""
-    from .finetune import default_template, generation_metrics, load_finetuned, prompt_ids, read_sft
-    from .generate import complete
-
     if data is None:
         raise UserError("--task generate needs --data FILE (SFT JSONL: prompt/response or messages)")
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    model, tokenizer, config = load_finetuned(run, which, base=base)
-    if "classifier" in config:
+    loaded = load_run(run, which, base=base)
+    if loaded.is_classifier:
         raise UserError(f"{run} is a classification run: use --task classify")
+    model, tokenizer, config = loaded.language_model("eval --task generate"), loaded.tokenizer, loaded.config
     quantize_model(model, quantize)
     template = config.get("chat_template") or default_template(tokenizer)
     examples = read_sft(data)

@@ -6,7 +6,6 @@ Public API (a GPT, possibly DDP/compile/PEFT-wrapped, sampled in eval mode whate
     generate(model, tokenizer, prompt_or_prompts, gen=None, **options) -> str | list[str]
     generate_tokens(model, prompt_ids_list, gen=None, **options) -> list[list[int]]   (no tokenizer)
     stream(model, tokenizer, prompt, gen=None, **options) -> TextStream   (iterator of text pieces)
-    chat(model, tokenizer, config, lines, out, gen=None, ...)            (the `scratchgpt chat` loop)
 
 `options` are the fields of `GenerationConfig` (temperature, top_k, top_p, ...).
 
@@ -34,41 +33,27 @@ separate batches (no padding), so every row is exact. Sampling row i uses its ow
 other prompts were batched with it.
 
 Speed: the KV cache is preallocated once per call (`KVCache`, sized min(block_size, prompt +
-new tokens)); decoding steps after the prefill run `_FastStep`, the model's one-token forward
-in plain torch calls (no module dispatch), checked once per call against GPT.forward.
+new tokens)); decoding steps after the prefill run `model.DecodeStep`, the model's one-token
+forward in plain torch calls (no module dispatch).
 Everything runs under torch.inference_mode; without stop strings the only host syncs are a
 stop-token check every 16 steps; sampling uses torch.multinomial on per-row generators.
 
-Chat template: a checkpoint's config.json may hold `"chat_template"` (written by SFT):
-
-    "chat_template": {
-        "system": "Below is an instruction ...\\n\\n",         # optional, default "": once, at the start
-        "user": "### Instruction:\\n{prompt}\\n\\n### Response:\\n",  # required; {prompt} = the user's message
-        "assistant_end": "<|endoftext|>",                     # optional, default "": after each reply in the history
-        "stop": ["###", "<|endoftext|>"]                       # optional: a reply ends at the first of these
-    }
-
-`{prompt}` is replaced literally (no str.format, so other braces are safe). In template
-fields (not in user text) the literal `<|endoftext|>` is encoded as the EOT token id, and as
-a stop string it means "stop at the EOT token". Without a template, chat is plain
-continuation of one running text: each message plus a newline is appended, then the reply.
+Chat templates (how a fine-tuned run is prompted) live in prompts.py; the `chat` loop and the
+`sample` command in chat.py.
 """
-
 from __future__ import annotations
 
 import random
 import sys
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Iterable, Iterator, Optional, Sequence, TextIO, Union, overload
+from typing import Callable, Iterator, Optional, Sequence, Union, overload
 
 import torch
-import torch.nn.functional as F
 
 from . import UserError
-from .model import GPT, KVCache, apply_rope, rope_cos_sin
-from .quantize import _QuantizedLinear, quantize_model
+from .model import GPT, DecodeStep, KVCache, gpt_of
+from .prompts import start_token
 from .tokenizer import EOT, Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -78,20 +63,34 @@ Prompt = Union[str, Sequence[int]]
 # Options
 
 
+SEED_RANGE = 2**63  # seeds of any size are reduced modulo this (torch generators take 64 bits; row i adds i)
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How to sample. Bad values raise UserError when the config is built."""
+    """How to sample. One declaration for `sample`, `chat`, `serve` and the Python API; bad values
+    raise UserError when the config is built."""
 
     max_new_tokens: int = 256
-    temperature: float = 1.0  # 0: greedy (argmax)
-    top_k: Optional[int] = None  # None or 0: off
-    top_p: float = 1.0  # nucleus: smallest set of tokens whose probability reaches top_p; 1: off
-    repetition_penalty: float = 1.0  # CTRL: divide positive logits (multiply negative) of tokens in the kept prompt or generated
-    stop: tuple[str, ...] = ()  # stop strings; the text ends before the first one
-    stop_tokens: Optional[tuple[int, ...]] = None  # None: the tokenizer's EOT, if it has one; (): none
-    seed: Optional[int] = None  # None: a fresh random seed per call
-    use_cache: bool = True  # False: recompute the whole window every step (the reference path)
-    window_shift: int = 1  # past the context, the window advances this many tokens at a time (module doc)
+    """Most tokens to generate (a stop token or string may end the text sooner)."""
+    temperature: float = 0.8
+    """Divides the logits before sampling: lower is more conservative; 0 is greedy (argmax)."""
+    top_k: Optional[int] = 200
+    """Sample among the k most likely tokens only; 0 or null: off."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p, in (0, 1]; 1: off."""
+    repetition_penalty: float = 1.0
+    """Above 1 discourages tokens already in the prompt or output (CTRL's penalty); 1: off."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: the text ends before the first one (\\n and \\t escapes are understood)."""
+    stop_tokens: Optional[tuple[int, ...]] = field(default=None, metadata={"cli": False})
+    """Token ids that end the text; null: the tokenizer's <|endoftext|>, if it has one."""
+    seed: Optional[int] = None
+    """The same seed gives the same text; null: a fresh random seed. Any integer (reduced to 63 bits)."""
+    use_cache: bool = field(default=True, metadata={"cli": False})
+    """False recomputes the whole window every step (the reference path the KV cache is tested against)."""
+    window_shift: int = 1
+    """Past the context, slide the window this many tokens at a time (faster, less context per token)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -99,6 +98,10 @@ class GenerationConfig:
         object.__setattr__(self, "stop", tuple(self.stop))
         if self.stop_tokens is not None:
             object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+                raise UserError(f"seed must be an integer, got {self.seed!r}")
+            object.__setattr__(self, "seed", self.seed % SEED_RANGE)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
         if not self.temperature >= 0:  # also rejects NaN
@@ -133,30 +136,6 @@ class Completion:
 
 # ---------------------------------------------------------------------------------------
 # Prompts
-
-
-def start_token(tokenizer: Tokenizer) -> int:
-    """The token an empty prompt starts from: EOT, else a newline, else id 0."""
-    if tokenizer.eot_id is not None:
-        return tokenizer.eot_id
-    try:
-        ids = tokenizer.encode("\n")
-    except UserError:
-        ids = []
-    return ids[0] if len(ids) == 1 else 0
-
-
-def encode_with_eot(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Encode text in which a literal `<|endoftext|>` means the EOT token (for templates, not user text)."""
-    if tokenizer.eot_id is None or EOT not in text:
-        return tokenizer.encode(text)
-    ids: list[int] = []
-    for i, part in enumerate(text.split(EOT)):
-        if i:
-            ids.append(tokenizer.eot_id)
-        if part:
-            ids += tokenizer.encode(part)
-    return ids
 
 
 def _prompt_ids(tokenizer: Optional[Tokenizer], prompt: Prompt, block_size: int, note: Callable[[str], None]) -> list[int]:
@@ -242,117 +221,7 @@ class _Sampler:
 
 def _last_logits(model: GPT, idx: torch.Tensor, cache: Optional[KVCache]) -> torch.Tensor:
     """Logits of the last position only: the head over a whole prefill would be wasted work."""
-    h = model(idx, cache=cache, return_hidden=True)[:, -1]
-    logits = model.lm_head(h)
-    cap = model.cfg.logit_softcap
-    if cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits.float()
-
-
-class _FastStep:
-    """A one-token decode step over the model's own weights, in plain torch calls.
-
-    At batch 1 on a CPU the module path (GPT.forward with a cache) spends about as long in
-    per-call overhead (module dispatch, no-op dropouts, linear's transpose, indexing) as a
-    small model spends in arithmetic. This mirrors GPT.forward for one token; `_Decoder`
-    compares it with GPT.forward on its first step and falls back to the module path if
-    they ever disagree (a model change this step doesn't know about).
-    """
-
-    def __init__(self, model: GPT, cache: KVCache):
-        cfg = model.cfg
-        self.cfg, self.model, self.cache = cfg, model, cache
-        t = model.transformer
-        self.wte = t.wte.weight
-        self.pos_table = t.wpe.weight if cfg.pos == "learned" else getattr(model, "sinusoidal", None)
-        self.pre = cfg.norm_placement == "pre"
-        self.layers = [
-            (
-                self._norm(b.ln_1), self._linear(b.attn.c_attn), self._linear(b.attn.c_proj),
-                self._norm(b.ln_2), self._linear(b.mlp.c_fc), self._linear(b.mlp.c_proj),
-                cache.k[i], cache.v[i],
-            )
-            for i, b in enumerate(t.h)
-        ]
-        self.ln_f = self._norm(t.ln_f) if self.pre else None
-        self.head = self._linear(model.lm_head)
-
-    @staticmethod
-    def supports(model: GPT) -> bool:
-        """Plain or quantized Linear layers only: wrapped ones (e.g. unmerged LoRA) need their own forward."""
-        t = model.transformer
-        linears = [model.lm_head] + [m for b in t.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-        return type(model) is GPT and all(type(m) is torch.nn.Linear or isinstance(m, _QuantizedLinear) for m in linears)
-
-    @staticmethod
-    def _norm(m: torch.nn.Module) -> tuple:
-        # torch.* ops directly: the F.* wrappers add a Python layer per call
-        if isinstance(m, torch.nn.LayerNorm):
-            return (torch.layer_norm, m.normalized_shape, m.weight, m.bias, m.eps)
-        return (torch.rms_norm, (m.weight.numel(),), m.weight, m.eps)
-
-    @staticmethod
-    def _linear(m: torch.nn.Module) -> tuple:
-        if isinstance(m, _QuantizedLinear):  # the module: its forward is one kernel plus the bias already
-            return (m,)
-        # (W^T view, bias): addmm/mm on a transposed view is exactly what F.linear does, minus two dispatches
-        return (m.weight.t(), m.bias)
-
-    @staticmethod
-    def _mm(x: torch.Tensor, lin: tuple) -> torch.Tensor:
-        if len(lin) == 1:
-            return lin[0](x)
-        return torch.mm(x, lin[0]) if lin[1] is None else torch.addmm(lin[1], x, lin[0])
-
-    def __call__(self, tok: torch.Tensor) -> torch.Tensor:
-        cfg, mm = self.cfg, self._mm
-        B, C, H, D = tok.size(0), cfg.n_embd, cfg.n_head, cfg.head_dim
-        pos = self.cache.length
-        x = self.wte[tok]
-        rope = None
-        if self.pos_table is not None:
-            x = x + self.pos_table[pos]
-        elif cfg.pos == "rope":
-            if pos < cfg.block_size:
-                rope = (self.model.rope_cos[pos], self.model.rope_sin[pos])
-            else:
-                rope = rope_cos_sin(torch.tensor([pos], device=tok.device), D, cfg.rope_base)
-        for n1, attn, proj, n2, fc, out, kc, vc in self.layers:
-            h = n1[0](x, *n1[1:]) if self.pre else x
-            q, k, v = mm(h, attn).view(B, 3, H, 1, D).unbind(1)  # each (B, H, 1, D)
-            if cfg.qk_norm:
-                q, k = torch.rms_norm(q, (D,)), torch.rms_norm(k, (D,))
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            kc.narrow(2, pos, 1).copy_(k)
-            vc.narrow(2, pos, 1).copy_(v)
-            y = F.scaled_dot_product_attention(q, kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1))
-            y = mm(y.view(B, C), proj)
-            if self.pre:
-                x = x + y
-                x = x + mm(self._act(mm(n2[0](x, *n2[1:]), fc)), out)
-            else:
-                x = n1[0](x + y, *n1[1:])
-                x = n2[0](x + mm(self._act(mm(x, fc)), out), *n2[1:])
-        if self.ln_f is not None:
-            x = self.ln_f[0](x, *self.ln_f[1:])
-        self.cache.length += 1
-        logits = mm(x, self.head)
-        if cfg.logit_softcap > 0:
-            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
-        return logits.float()
-
-    def _act(self, h: torch.Tensor) -> torch.Tensor:
-        kind = self.cfg.mlp
-        if kind == "gelu":
-            return F.gelu(h)
-        if kind == "relu":
-            return F.relu(h)
-        if kind == "relu2":
-            return F.relu(h).square()
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
+    return model.logits(model(idx, cache=cache, return_hidden=True)[:, -1]).float()
 
 
 class _Decoder:
@@ -377,8 +246,7 @@ class _Decoder:
             # the last sampled token is never fed back, hence -1
             self.cache = KVCache(cfg, B, max(T0, min(self.bs, T0 + max_new - 1)), param.device, param.dtype)
         self.logits: Optional[torch.Tensor] = None
-        self.fast = _FastStep(model, self.cache) if self.cache is not None and _FastStep.supports(model) else None
-        self.fast_checked = False
+        self.fast = DecodeStep(model, self.cache) if self.cache is not None and DecodeStep.supports(model) else None
 
     @torch.inference_mode()
     def next(self) -> torch.Tensor:
@@ -409,16 +277,6 @@ class _Decoder:
             return _last_logits(self.model, window, cache)
         if self.fast is None:
             return _last_logits(self.model, self.seq[:, n - 1 : n], cache)
-        if not self.fast_checked:  # the first time: the fast step must match the module path
-            self.fast_checked = True
-            fast = self.fast(self.seq[:, n - 1])
-            cache.length -= 1
-            ref = _last_logits(self.model, self.seq[:, n - 1 : n], cache)
-            if not torch.allclose(fast, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max())):
-                # a model change the fast step doesn't know about: stay correct, on the module path
-                warnings.warn("generate: _FastStep disagrees with GPT.forward; decoding on the slower module path")
-                self.fast = None
-            return ref
         return self.fast(self.seq[:, n - 1])
 
 
@@ -427,14 +285,8 @@ def _device(model: GPT) -> torch.device:
 
 
 def _check_model(model: torch.nn.Module) -> GPT:
-    """The plain GPT inside DDP / torch.compile wrappers (the decode loop drives it directly)."""
-    from .checkpoint import unwrap
-
-    model = unwrap(model)
-    if hasattr(model, "get_base_model"):  # PEFT: the GPT inside, its LoRA layers still in place
-        model = model.get_base_model()
-    if not isinstance(model, GPT):
-        raise TypeError(f"expected a scratchgpt GPT model, got {type(model).__name__}")
+    """The plain GPT inside DDP / torch.compile / PEFT wrappers (the decode loop drives it directly)."""
+    model = gpt_of(model)
     if not model.cfg.causal:
         raise UserError("this model was trained with bidirectional attention (model.causal=false); it cannot generate text")
     return model
@@ -453,8 +305,8 @@ def _eval_mode(model: GPT) -> Iterator[None]:
         model.train()
 
 
-def _base_seed(gen: GenerationConfig) -> int:
-    return gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**62)
+def resolve_seed(gen: GenerationConfig) -> int:
+    return gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**62)  # room for + row
 
 
 def _decoder(model: GPT, valid_vocab: int, rows: list[list[int]], gen: GenerationConfig, seeds: list[int]) -> _Decoder:
@@ -588,7 +440,7 @@ def _run_batches(model: GPT, valid_vocab: int, rows: list[list[int]], gen: Gener
     """Run equal-length prompts as one batch each; row i samples with seed + i."""
     if not gen.max_new_tokens:
         return
-    base = _base_seed(gen)
+    base = resolve_seed(gen)
     groups: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(len(r), []).append(i)
@@ -656,7 +508,7 @@ class TextStream:
     def _run(self, model, tokenizer, ids, gen) -> Iterator[str]:
         row = self._row
         if gen.max_new_tokens:
-            dec = _decoder(model, tokenizer.vocab_size, [ids], gen, [_base_seed(gen)])
+            dec = _decoder(model, tokenizer.vocab_size, [ids], gen, [resolve_seed(gen)])
             for _ in range(gen.max_new_tokens):
                 with _eval_mode(model):  # per step: the caller's code between pieces sees its own mode
                     tok = int(dec.next()[0])
@@ -704,213 +556,3 @@ def stream(
     return TextStream(model, tokenizer, prompt, _config(gen, options), note)
 
 
-# ---------------------------------------------------------------------------------------
-# Chat
-
-
-@dataclass
-class ChatTemplate:
-    """The `chat_template` of a checkpoint's config (format in the module docstring)."""
-
-    user: str
-    system: str = ""
-    assistant_end: str = ""
-    stop: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_config(cls, config: dict) -> Optional["ChatTemplate"]:
-        raw = config.get("chat_template")
-        if not raw:
-            return None
-        if not isinstance(raw, dict) or not isinstance(raw.get("user"), str) or "{prompt}" not in raw["user"]:
-            raise UserError('chat_template in the checkpoint config needs a "user" string containing {prompt}')
-        stop = raw.get("stop") or []
-        # unknown keys are ignored, so a newer fine-tuner can add fields without breaking chat
-        return cls(
-            user=raw["user"],
-            system=str(raw.get("system") or ""),
-            assistant_end=str(raw.get("assistant_end") or ""),
-            stop=[stop] if isinstance(stop, str) else [str(s) for s in stop],
-        )
-
-    def user_ids(self, tokenizer: Tokenizer, message: str) -> list[int]:
-        # the message is ordinary text: only the template around it may hold EOT markers
-        before, _, after = self.user.partition("{prompt}")
-        return encode_with_eot(tokenizer, before) + tokenizer.encode(message) + encode_with_eot(tokenizer, after)
-
-
-def chat(
-    model: GPT,
-    tokenizer: Tokenizer,
-    config: dict,
-    lines: Iterable[str],
-    out: TextIO,
-    gen: Optional[GenerationConfig] = None,
-    *,
-    err: Optional[TextIO] = None,
-    interactive: bool = False,
-) -> None:
-    """Multi-turn chat over `lines` (user messages; `/reset` clears the history, `/exit` ends).
-
-    Replies stream to `out`. Ctrl-C during a reply stops that reply (its text so far stays in
-    the history), not the session. With a seed, reply k uses seed + k, so a piped session
-    is reproducible. History that outgrows the context loses its oldest turns first.
-    """
-    model = _check_model(model)
-    gen = gen or GenerationConfig()
-    err = err or sys.stderr
-    template = ChatTemplate.from_config(config)
-    stop = tuple(gen.stop) + tuple(s for s in (template.stop if template else []) if s not in gen.stop)
-    system_ids = encode_with_eot(tokenizer, template.system) if template else []
-    turns: list[list[int]] = []  # token ids of each finished exchange
-    bs = model.cfg.block_size
-    reserve = min(max(gen.max_new_tokens, 1), bs // 2)  # room left for the reply
-    n_reply = 0
-
-    def note(msg: str) -> None:
-        print(f"note: {msg}", file=err)
-
-    if interactive:
-        kind = "chat template" if template else "plain continuation (no chat template in this checkpoint)"
-        print(f"chat: {kind}; /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply", file=err)
-    for line in lines:
-        msg = line.rstrip("\r\n")
-        if msg.strip() == "/exit":
-            break
-        if msg.strip() == "/reset":
-            turns.clear()
-            print("(history cleared)", file=err)
-            continue
-        try:
-            user_ids = template.user_ids(tokenizer, msg) if template else tokenizer.encode(msg + "\n")
-        except UserError as e:  # e.g. characters a char tokenizer doesn't know: this message only
-            print(f"error: {e}", file=err)
-            continue
-        dropped = 0
-        while turns and len(system_ids) + sum(map(len, turns)) + len(user_ids) > bs - reserve:
-            turns.pop(0)
-            dropped += 1
-        if dropped:
-            note(f"dropped the {dropped} oldest turn(s) to fit the context of {bs} tokens")
-        prompt = system_ids + [t for turn in turns for t in turn] + user_ids
-        seed = gen.seed + n_reply if gen.seed is not None else None
-        s = stream(model, tokenizer, prompt, replace(gen, stop=stop, seed=seed), note=note)
-        try:
-            for piece in s:
-                out.write(piece)
-                out.flush()
-        except KeyboardInterrupt:
-            s.close()
-            print("\n(reply stopped)", file=err)
-        out.write("\n")
-        out.flush()
-        n_reply += 1
-        reply = s.text
-        if template:
-            turns.append(user_ids + tokenizer.encode(reply) + encode_with_eot(tokenizer, template.assistant_end))
-        else:
-            turns.append(user_ids + tokenizer.encode(reply if reply.endswith("\n") or not reply else reply + "\n"))
-
-
-# ---------------------------------------------------------------------------------------
-# Command-line entry points (`scratchgpt sample` / `scratchgpt chat`)
-
-
-def _pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:  # no such device, or torch built without it
-        raise UserError(f"--device {device}: not usable here ({str(e).splitlines()[0]})") from None
-    return device
-
-
-def sample_cli(
-    run,
-    *,
-    prompt: Optional[str],
-    prompt_file,
-    which: str,
-    device: str,
-    num_samples: int,
-    stream_output: bool,
-    gen: GenerationConfig,
-    out: Optional[TextIO] = None,
-    raw: bool = False,
-    quantize: Optional[str] = None,
-) -> None:
-    """Print `num_samples` continuations (prompt included); sample i uses seed + i, streamed or not.
-
-    A run fine-tuned with a chat template gets the prompt wrapped in it and prints only the reply;
-    `raw` continues the text as given instead.
-    """
-    from .checkpoint import load_model
-
-    out = out or sys.stdout
-
-    if prompt is not None and prompt_file is not None:
-        raise UserError("give --prompt or --prompt-file, not both")
-    if prompt_file is not None:
-        try:
-            with open(prompt_file, encoding="utf-8") as f:
-                prompt = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --prompt-file {prompt_file}: {e}") from None
-    prompt = prompt or ""
-    if num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
-    model, tokenizer, config = load_model(run, which=which, device=_pick_device(device))
-    quantize_model(model, quantize)
-    gen = replace(gen, seed=_base_seed(gen))  # one base seed, so streamed and batched samples agree
-    tokenizer.encode(prompt)  # unknown characters fail here, before any output
-    sep = "\n---------------\n" if num_samples > 1 else "\n"
-    template = None if raw else ChatTemplate.from_config(config)
-    if template is not None:
-        # a fine-tuned run answers inside its template: wrap the prompt, stop where a reply ends, print the reply
-        ids = encode_with_eot(tokenizer, template.system) + template.user_ids(tokenizer, prompt)
-        gen = replace(gen, stop=tuple(gen.stop) + tuple(s for s in template.stop if s not in gen.stop))
-        for i in range(num_samples):
-            g = replace(gen, seed=gen.seed + i)
-            pieces = stream(model, tokenizer, ids, g) if stream_output else [complete(model, tokenizer, [ids], g)[0].text]
-            for piece in pieces:
-                out.write(piece)
-                out.flush()
-            out.write(sep)
-        out.flush()
-        return
-    if stream_output:
-        for i in range(num_samples):
-            out.write(prompt)
-            out.flush()
-            for piece in stream(model, tokenizer, prompt, replace(gen, seed=gen.seed + i)):
-                out.write(piece)
-                out.flush()
-            out.write(sep)
-    else:
-        for text in generate(model, tokenizer, [prompt] * num_samples, gen):
-            out.write(prompt + text + sep)
-    out.flush()
-
-
-def _stdin_lines(err: TextIO) -> Iterator[str]:
-    if not sys.stdin.isatty():  # piped: one message per line, EOF ends the session
-        yield from sys.stdin
-        return
-    while True:
-        try:
-            yield input("> ")
-        except EOFError:
-            print(file=err)
-            return
-        except KeyboardInterrupt:  # at the prompt: don't end the session by accident
-            print("\n(Ctrl-C stops a reply; /exit or Ctrl-D quits)", file=err)
-
-
-def chat_cli(run, *, which: str, device: str, gen: GenerationConfig, quantize: Optional[str] = None) -> None:
-    """The interactive (or piped) chat session of `scratchgpt chat`."""
-    from .checkpoint import load_model
-
-    model, tokenizer, config = load_model(run, which=which, device=_pick_device(device))
-    quantize_model(model, quantize)
-    chat(model, tokenizer, config, _stdin_lines(sys.stderr), sys.stdout, gen, interactive=sys.stdin.isatty())

@@ -1,7 +1,7 @@
 """The GPT model: a decoder-only transformer, its config, and its KV cache.
 
 Read top to bottom in architecture order: config, norms and positions, attention, MLP,
-block, GPT. Module names follow nanoGPT / HF GPT-2 (`transformer.h.0.attn.c_attn`, ...), so
+block, GPT, and the one-token decode step generation runs on. Module names follow nanoGPT / HF GPT-2 (`transformer.h.0.attn.c_attn`, ...), so
 weights map onto those tools one to one.
 """
 
@@ -21,26 +21,46 @@ import torch.nn.functional as F
 class ModelConfig:
     """Architecture. Every field is a `--model.<field>` flag and a `model:` config key."""
 
-    vocab_size: int = 0  # 0: taken from the prepared data's tokenizer
-    block_size: int = 128  # context length in tokens (defaults: a small model that trains in minutes on a CPU)
+    vocab_size: int = 0
+    """Tokens in the vocabulary; 0: taken from the prepared data's tokenizer."""
+    block_size: int = 128
+    """Context length in tokens."""
     n_layer: int = 4
+    """Transformer blocks."""
     n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
     n_embd: int = 128
+    """Width of the residual stream (the defaults: a small model that trains in minutes on a CPU)."""
     dropout: float = 0.0
-    bias: bool = True  # False drops every bias: fewer params, no loss in quality at scale
-    pos: Literal["learned", "sinusoidal", "rope"] = "learned"  # rope: relative, extrapolates, trains faster
+    """Dropout on embeddings, attention weights and residual branches, in [0, 1)."""
+    bias: bool = True
+    """Biases in Linear and LayerNorm layers; false drops every bias: fewer params, no loss in quality at scale."""
+    pos: Literal["learned", "sinusoidal", "rope"] = "learned"
+    """Positions: a learned table (GPT-2), fixed sinusoids (the 2017 paper), or rope (relative, trains faster)."""
     rope_base: float = 10000.0
-    mlp: Literal["gelu", "relu", "swiglu", "relu2"] = "gelu"  # relu2 (ReLU squared): cheap and strong in modded-nanogpt
-    mlp_hidden: int = 0  # 0: 4*n_embd (swiglu: 8/3*n_embd rounded to 32, same parameter count)
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # rmsnorm: no mean/bias, a little cheaper, as good
-    norm_placement: Literal["pre", "post"] = "pre"  # pre trains stably without warmup tricks; post is the 2017 original
-    qk_norm: bool = False  # normalise q and k per head: bounds attention logits, allows higher LR
-    tie_embeddings: bool = True  # share wte and lm_head: fewer params; untying helps once data is plentiful
-    zero_init_proj: bool = False  # zero-init residual output projections (and an untied head): each block starts as identity
-    logit_softcap: float = 0.0  # >0: cap*tanh(logits/cap), keeps logits from running away early in training
-    value_embeds: bool = False  # add a token embedding to every layer's values (modded-nanogpt): cheap extra capacity
-    causal: bool = True  # False: bidirectional attention, for the masked-LM objective
+    """RoPE's base frequency (theta)."""
+    mlp: Literal["gelu", "relu", "swiglu", "relu2"] = "gelu"
+    """MLP nonlinearity; swiglu: gated (Llama); relu2: ReLU squared (cheap and strong in modded-nanogpt)."""
+    mlp_hidden: int = 0
+    """MLP hidden width; 0: 4*n_embd (swiglu: 8/3*n_embd rounded up to 32, the same parameter count)."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """layernorm, or rmsnorm (no mean, no bias: a little cheaper on GPUs, as good)."""
+    norm_placement: Literal["pre", "post"] = "pre"
+    """pre: norm before each branch (trains stably without warmup tricks); post: the 2017 original."""
+    qk_norm: bool = False
+    """Normalise queries and keys per head (RMS): bounds attention logits, allows a higher LR."""
+    tie_embeddings: bool = True
+    """Share the token embedding and the output head: fewer params; untying helps once data is plentiful."""
+    zero_init_proj: bool = False
+    """Zero-init residual output projections (and an untied head): each block starts as the identity."""
+    logit_softcap: float = 0.0
+    """If > 0, logits become cap*tanh(logits/cap): keeps them from running away early in training."""
+    value_embeds: bool = False
+    """Add a token embedding to every layer's values (modded-nanogpt): cheap extra capacity."""
+    causal: bool = True
+    """Causal attention (a GPT); false: bidirectional, for the masked-LM objective."""
     init_std: float = 0.02
+    """Standard deviation of the normal init (residual projections scaled by 1/sqrt(2*n_layer))."""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -165,6 +185,18 @@ class KVCache:
         self.length = 0
 
 
+def attention_inputs(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ve: Optional[torch.Tensor],
+                     rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the projected heads (B, H, T, D) to what attention sees: value embeddings, qk norm, rotation."""
+    if ve is not None:
+        v = v + ve
+    if cfg.qk_norm:
+        q, k = F.rms_norm(q, (cfg.head_dim,)), F.rms_norm(k, (cfg.head_dim,))
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return q, k, v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -178,12 +210,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         q, k, v = self.c_attn(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        if ve is not None:
-            v = v + ve.view(B, T, H, D).transpose(1, 2)
-        if self.cfg.qk_norm:
-            q, k = F.rms_norm(q, (D,)), F.rms_norm(k, (D,))
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = attention_inputs(self.cfg, q, k, v, None if ve is None else ve.view(B, T, H, D).transpose(1, 2), rope)
         dropout = self.cfg.dropout if self.training else 0.0
         if cache is None and 0 < dropout < 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
             y = self._attend_with_cpu_dropout(q, k, v, dropout)
@@ -224,6 +251,18 @@ class CausalSelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer])
 
 
+def mlp_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """The MLP's nonlinearity on c_fc's output (swiglu: c_fc holds [gate; up])."""
+    if kind == "gelu":
+        return F.gelu(h)
+    if kind == "relu":
+        return F.relu(h)
+    if kind == "relu2":
+        return F.relu(h).square()
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -236,17 +275,7 @@ class MLP(nn.Module):
         self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)
-        if self.kind == "gelu":
-            h = F.gelu(h)
-        elif self.kind == "relu":
-            h = F.relu(h)
-        elif self.kind == "relu2":
-            h = F.relu(h).square()
-        else:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(mlp_activation(self.c_fc(x), self.kind)))
 
 
 class Block(nn.Module):
@@ -330,8 +359,26 @@ class GPT(nn.Module):
             n -= self.transformer.vte.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T * (0.5 if cfg.causal else 1.0)
 
-    def _positions(self, start: int, T: int, device) -> torch.Tensor:
-        return torch.arange(start, start + T, device=device)
+    def embed(self, idx: torch.Tensor, start: int = 0):
+        """Token (+ absolute position) embeddings of idx at positions start.., and RoPE's (cos, sin) or None."""
+        cfg, T = self.cfg, idx.size(-1)
+        x = self.transformer.wte(idx)
+        if cfg.pos == "rope":
+            return x, self.rope_at(start, T, idx.device)
+        if start + T > cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {cfg.block_size}")
+        table = self.transformer.wpe.weight if cfg.pos == "learned" else self.sinusoidal
+        return x + table[start : start + T], None
+
+    def rope_at(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if start + T <= self.cfg.block_size:
+            return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        # past the table (long generation): compute the angles on the fly
+        return rope_cos_sin(torch.arange(start, start + T, device=device), self.cfg.head_dim, self.cfg.rope_base)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The output head on final hidden states, with the optional soft cap."""
+        return softcap(self.lm_head(x), self.cfg.logit_softcap)
 
     def forward(
         self,
@@ -345,36 +392,114 @@ class GPT(nn.Module):
         With a cache, idx continues the cached sequence at position `cache.length`.
         return_hidden returns the final normed hidden states (B, T, C) instead of logits.
         """
-        cfg = self.cfg
-        B, T = idx.shape
         start = cache.length if cache is not None else 0
-        x = self.transformer.wte(idx)
-        rope = None
-        if cfg.pos == "learned" or cfg.pos == "sinusoidal":
-            if start + T > cfg.block_size:
-                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {cfg.block_size}")
-            if cfg.pos == "learned":
-                x = x + self.transformer.wpe(self._positions(start, T, idx.device))
-            else:
-                x = x + self.sinusoidal[start : start + T]
-        else:
-            if start + T <= cfg.block_size:
-                rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
-            else:  # past the table (long generation): compute the angles on the fly
-                rope = rope_cos_sin(self._positions(start, T, idx.device), cfg.head_dim, cfg.rope_base)
+        x, rope = self.embed(idx, start)
         x = self.transformer.drop(x)
-        ve = self.transformer.vte(idx) if cfg.value_embeds else None
+        ve = self.transformer.vte(idx) if self.cfg.value_embeds else None
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, cache, i, ve)
         x = self.transformer.ln_f(x)
         if cache is not None:
-            cache.length += T
+            cache.length += idx.size(1)
         if return_hidden:
             return x
-        logits = self.lm_head(x)
-        if cfg.logit_softcap > 0:
-            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        logits = self.logits(x)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+def gpt_of(model: nn.Module) -> GPT:
+    """The GPT inside any wrapper: DDP, torch.compile, PEFT, a classifier."""
+    if isinstance(model, GPT):
+        return model
+    for m in model.modules():
+        if isinstance(m, GPT):
+            return m
+    raise TypeError(f"no scratchgpt GPT inside {type(model).__name__}")
+
+
+class DecodeStep:
+    """GPT.forward for one new token per row with a KV cache, without nn.Module dispatch.
+
+    At batch 1 on a CPU the module path spends about as long in per-call overhead (module
+    dispatch, no-op dropouts, linear's transpose, indexing) as a small model spends in
+    arithmetic. This step runs the same computation through the model's own weights and the
+    same helpers as forward (embed, attention_inputs, mlp_activation, logits); tests check it
+    against forward for every option that changes the forward. Eval mode only (no dropout).
+    """
+
+    def __init__(self, model: GPT, cache: KVCache):
+        cfg = model.cfg
+        self.cfg, self.model, self.cache = cfg, model, cache
+        t = model.transformer
+        self.pre = cfg.norm_placement == "pre"
+        self.vte = t.vte.weight if cfg.value_embeds else None
+        self.layers = [
+            (self._norm(b.ln_1), self._linear(b.attn.c_attn), self._linear(b.attn.c_proj),
+             self._norm(b.ln_2), self._linear(b.mlp.c_fc), self._linear(b.mlp.c_proj), cache.k[i], cache.v[i])
+            for i, b in enumerate(t.h)
+        ]
+        self.ln_f = self._norm(t.ln_f) if self.pre else None
+        self.head = self._linear(model.lm_head)
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """A plain GPT whose Linears are plain or quantized; wrapped ones (unmerged LoRA) use forward."""
+        if type(model) is not GPT:
+            return False
+        t = model.transformer
+        linears = [model.lm_head] + [m for b in t.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        return all(type(m) is nn.Linear or getattr(m, "quantized", False) for m in linears)
+
+    @staticmethod
+    def _norm(m: nn.Module) -> tuple:
+        # torch.* ops directly: the F.* wrappers add a Python layer per call
+        if isinstance(m, nn.LayerNorm):
+            return (torch.layer_norm, m.normalized_shape, m.weight, m.bias, m.eps)
+        return (torch.rms_norm, (m.weight.numel(),), m.weight, m.eps)
+
+    @staticmethod
+    def _linear(m: nn.Module) -> tuple:
+        if type(m) is not nn.Linear:  # a quantized layer: its forward is one kernel plus the bias already
+            return (m,)
+        # (W^T view, bias): addmm/mm on a transposed view is exactly what F.linear does, minus two dispatches
+        return (m.weight.t(), m.bias)
+
+    @staticmethod
+    def _mm(x: torch.Tensor, lin: tuple) -> torch.Tensor:
+        if len(lin) == 1:
+            return lin[0](x)
+        return torch.mm(x, lin[0]) if lin[1] is None else torch.addmm(lin[1], x, lin[0])
+
+    def __call__(self, tok: torch.Tensor) -> torch.Tensor:
+        """tok (B,) at position cache.length -> float logits (B, V); appends to the cache."""
+        cfg, mm = self.cfg, self._mm
+        B, C, H, D = tok.size(0), cfg.n_embd, cfg.n_head, cfg.head_dim
+        pos = self.cache.length
+        x, rope = self.model.embed(tok[:, None], pos)
+        x = x[:, 0]
+        ve = None if self.vte is None else self.vte[tok].view(B, H, 1, D)
+        for n1, attn, proj, n2, fc, out, kc, vc in self.layers:
+            h = n1[0](x, *n1[1:]) if self.pre else x
+            q, k, v = mm(h, attn).view(B, 3, H, 1, D).unbind(1)  # each (B, H, 1, D)
+            q, k, v = attention_inputs(cfg, q, k, v, ve, rope)
+            kc.narrow(2, pos, 1).copy_(k)
+            vc.narrow(2, pos, 1).copy_(v)
+            y = F.scaled_dot_product_attention(q, kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1))
+            y = mm(y.view(B, C), proj)
+            if self.pre:
+                x = x + y
+                x = x + mm(mlp_activation(mm(n2[0](x, *n2[1:]), fc), cfg.mlp), out)
+            else:
+                x = n1[0](x + y, *n1[1:])
+                x = n2[0](x + mm(mlp_activation(mm(x, fc), cfg.mlp), out), *n2[1:])
+        if self.ln_f is not None:
+            x = self.ln_f[0](x, *self.ln_f[1:])
+        self.cache.length += 1
+        return softcap(mm(x, self.head), cfg.logit_softcap).float()

@@ -37,6 +37,7 @@ class _QuantizedLinear(nn.Module):
     """What both formats share: y = x W^T + b, the kernel taking bf16 rows, the bias added in fp32."""
 
     bits = 0
+    quantized = True  # model.DecodeStep calls such layers as modules
 
     def __init__(self, linear: nn.Linear):
         super().__init__()

@@ -41,7 +41,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import UserError
-from .generate import ChatTemplate, Completion, GenerationConfig, complete, stream
+from .generate import Completion, GenerationConfig, complete, stream
+from .prompts import ChatTemplate, encode_conversation
+
+_GEN = GenerationConfig()  # the defaults shared with `sample`, `chat` and the Python API
 
 DEFAULT_MAX_TOKENS_LIMIT = 4096
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -59,10 +62,10 @@ class _Options(BaseModel):
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0)
+    temperature: float = Field(_GEN.temperature, ge=0)
+    top_p: float = Field(_GEN.top_p, gt=0, le=1)
+    top_k: Optional[int] = Field(_GEN.top_k, ge=0)
+    repetition_penalty: float = Field(_GEN.repetition_penalty, gt=0)
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
     n: int = Field(1, ge=1, le=16)
@@ -191,9 +194,7 @@ class _Server:
 
     def _encode_chat(self, system: list[str], turns: list[tuple[str, str]]) -> list[int]:
         tok = self.tokenizer
-        if self.template is not None:
-            from .finetune import encode_conversation  # the layout SFT trained on, token for token
-
+        if self.template is not None:  # the layout SFT trained on, token for token
             ids, _ = encode_conversation(tok, self.config["chat_template"], [("system", s) for s in system] + turns)
             return ids
         # no template: one running text, a line per message, as `scratchgpt chat` continues it
@@ -242,7 +243,7 @@ def create_app(model, tokenizer, config: dict, *, name: str = "scratchgpt",
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        gen = srv.gen_config(req, req.max_tokens, default=16)
+        gen = srv.gen_config(req, req.max_tokens, default=min(_GEN.max_new_tokens, srv.max_tokens_limit))
         ids = [tokenizer.encode(p) for p in prompts]  # unknown characters: a 400 now, not mid-generation
         rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
 
@@ -267,7 +268,7 @@ def create_app(model, tokenizer, config: dict, *, name: str = "scratchgpt",
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        gen = srv.gen_config(req, max_tokens, default=min(256, srv.max_tokens_limit),
+        gen = srv.gen_config(req, max_tokens, default=min(_GEN.max_new_tokens, srv.max_tokens_limit),
                              extra_stop=tuple(srv.template.stop) if srv.template else ())
         reserve = min(max(gen.max_new_tokens, 1), model.cfg.block_size // 2)  # room for the reply, as `chat` leaves
         ids = srv.chat_prompt(req.messages, reserve)
@@ -345,18 +346,17 @@ def serve(run: Union[str, Path], *, host: str = "127.0.0.1", port: int = 8000, w
           device: str = "auto", max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, log_level: str = "info",
           quantize: Optional[str] = None) -> None:
     """`scratchgpt serve RUN`: load the checkpoint once and serve it until Ctrl-C."""
-    import torch
     import uvicorn
 
-    from .checkpoint import load_model
+    from .checkpoint import load_run
     from .quantize import quantize_model
+    from .runtime import pick_device
 
     if max_tokens_limit < 1:
         raise UserError(f"--max-tokens-limit must be at least 1, got {max_tokens_limit}")
     _check_bind(host, port)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, config = load_model(run, which=which, device=device)
+    loaded = load_run(run, which, device=pick_device(device))
+    model, tokenizer, config = loaded.language_model("serve"), loaded.tokenizer, loaded.config
     quantize_model(model, quantize)
     run_path = Path(run).resolve()
     name = run_path.parent.name if run_path.name in ("best", "latest") else run_path.name

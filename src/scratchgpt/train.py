@@ -1,8 +1,10 @@
-"""Training: configs, optimizer and schedule, the training loop, and `scratchgpt info`.
+"""Training (`scratchgpt train`): the config, setup, the loop, evaluate-and-save, teardown; `scratchgpt info`.
 
-The loop (`train`) does the same things in the same order every step: batch, forward,
+The loop (`loop`) does the same things in the same order every step: batch, forward,
 backward, clip, finite-check, step, schedule, log, eval, save. Batches are a pure function of
 (seed, step), so a resumed run, or one on a different number of ranks, sees the same data.
+Setup (`setup`) builds everything the loop touches into one `Session`; `finish` writes the
+result and tears down.
 """
 
 from __future__ import annotations
@@ -10,20 +12,24 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 
 from . import UserError
-from .checkpoint import find_resumable, load_model_tensors, load_tensors, optimizer_from_tensors, save_checkpoint
-from .checkpoint import set_rng_state, rng_state, unwrap, MODEL_FILE, OPTIM_FILE
+from . import distributed as dist
+from .checkpoint import find_resumable, load_model_tensors, load_tensors, remove_stale_temps, rng_state, set_rng_state
+from .checkpoint.fsdp import load_optimizers, save_training_checkpoint
+from .data import TokenDataset, default_data_dir, load_meta, mlm_mask_batch
+from .metrics import evaluate_lm
 from .model import GPT, ModelConfig
+from .optim import OptimConfig, build_optimizer, lr_at, set_lr
+from .runtime import configure_threads, keep_freed_memory, measure_peak_flops, pick_dtype
 from .utils import atomic_write, atomic_write_json, read_json
 
 
@@ -31,179 +37,56 @@ from .utils import atomic_write, atomic_write_json, read_json
 class TrainConfig:
     """The loop. Every field is a `--train.<field>` flag and a `train:` config key."""
 
-    batch_size: int = 12  # sequences per optimizer step, summed over ranks and accumulation micro-steps
-    micro_batch_size: int = 0  # sequences per forward pass and rank; 0: batch_size / world size (no accumulation)
-    max_iters: int = 1000  # the default run: a few minutes on a laptop CPU
-    max_time_s: float = 0.0  # >0: stop (and save) after this much wall time
+    batch_size: int = 12
+    """Sequences per optimizer step, summed over ranks and accumulation micro-steps."""
+    micro_batch_size: int = 0
+    """Sequences per forward pass and rank; 0: batch_size / world size (no accumulation)."""
+    max_iters: int = 1000
+    """Optimizer steps (the default run: a few minutes on a laptop CPU)."""
+    max_time_s: float = 0.0
+    """If > 0, stop (and save) after this much wall time."""
     eval_interval: int = 250
-    eval_iters: int = 20  # batches for the periodic train/val loss estimate
+    """Steps between val estimates, samples and checkpoints."""
+    eval_iters: int = 20
+    """Batches per split for the periodic train/val loss estimate."""
     log_interval: int = 10
+    """Steps between metrics.jsonl rows."""
     seed: int = 1337
-    device: str = "auto"  # auto: cuda > mps > cpu
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 where supported, else fp16
+    """Seeds the init and the batches (a pure function of seed and step)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1, mps; auto: cuda (this rank's GPU under torchrun) > mps > cpu."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Autocast dtype; auto: fp32 on CPU, bf16 on GPUs that have it, else fp16 (with loss scaling)."""
     compile: bool = False
-    threads: int = 0  # CPU threads for torch; 0: all physical cores
-    patience: int = 0  # early stopping: evals without val improvement before stopping; 0: off
-    target_val_loss: Optional[float] = None  # stop once val loss reaches this
+    """torch.compile the model (pays off on runs longer than its compile time)."""
+    threads: int = 0
+    """CPU threads for torch; 0: OMP_NUM_THREADS, else one per physical core."""
+    patience: int = 0
+    """Early stopping: evals without val improvement before stopping; 0: off."""
+    target_val_loss: Optional[float] = None
+    """Stop once a val estimate reaches this; null: off."""
     sample_prompt: str = "\n"
-    sample_tokens: int = 200  # tokens of sample text printed at each eval; 0: off
-    keep_last: int = 2  # complete checkpoints kept in RUN/checkpoints (latest and best are kept besides)
-    skip_nonfinite: bool = False  # on NaN/inf: skip the batch instead of stopping the run
-    final_eval: bool = True  # evaluate on the whole val split at the end
-    peak_flops: float = 0.0  # for MFU; 0: measured with a matmul benchmark at start
-    objective: Literal["clm", "mlm"] = "clm"  # clm: next-token prediction (GPT); mlm: BERT-style masking
-    parallel: Literal["none", "ddp", "fsdp"] = "none"  # under torchrun: none means ddp
+    """Prompt of the samples printed at each eval."""
+    sample_tokens: int = 200
+    """Tokens of sample text printed at each eval; 0: off."""
+    keep_last: int = 2
+    """Complete checkpoints kept in RUN/checkpoints (latest and best are kept besides)."""
+    skip_nonfinite: bool = False
+    """On a NaN/inf loss or gradient: skip the batch instead of stopping the run."""
+    final_eval: bool = True
+    """Evaluate on the whole val split at the end (result.json's final_val_loss)."""
+    peak_flops: float = 0.0
+    """The MFU denominator in FLOP/s; 0: measured with a matmul benchmark at start."""
+    objective: Literal["clm", "mlm"] = "clm"
+    """clm: next-token prediction (a GPT); mlm: BERT-style masking (bidirectional; cannot generate)."""
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    """Under torchrun: ddp (none means ddp there) or fsdp (FSDP2: shards parameters, grads, optimizer state)."""
     progress: bool = True
+    """A progress bar on stderr."""
     tensorboard: bool = True
+    """TensorBoard event files in RUN/tb (when tensorboard is installed)."""
     plot: bool = True
-
-
-@dataclass
-class OptimConfig:
-    """Optimizer and LR schedule. Every field is an `--optim.<field>` flag and an `optim:` config key."""
-
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for 2-D hidden weights, AdamW for the rest
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    schedule: Literal["cosine", "constant", "wsd", "linear"] = "cosine"
-    decay_iters: int = 0  # length of the schedule; 0: max_iters
-    wsd_decay_frac: float = 0.2  # wsd: the final fraction of steps that decays linearly to min_lr
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0: off
-    fused: Optional[bool] = None  # None: fused AdamW on CUDA and CPU (one kernel per step: ~10% faster on 2 CPU cores)
-    embed_lr: float = 0.0  # 0: lr. Own LRs per group, as modded-nanogpt tunes them
-    head_lr: float = 0.0  # 0: lr
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon step (torch's default)
-
-
-# ---------------------------------------------------------------- setup helpers
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # CPUs without bf16 units run bf16 several times slower than fp32
-
-
-def configure_threads(threads: int) -> None:
-    if threads > 0:
-        torch.set_num_threads(threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        # one thread per physical core; hyperthreads only add contention on matmul-bound work
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 if (os.cpu_count() or 1) > 2 else 1)))
-
-
-def keep_freed_memory() -> None:
-    """Stop glibc from handing each step's freed activations back to the OS and faulting them in again.
-
-    With glibc's defaults a training step at nanoGPT's CPU size takes ~1000 page faults; keeping freed
-    memory in the heap (trim threshold 1 GiB, mmap threshold at glibc's 32 MiB maximum) cuts that ~5x:
-    median +9% tok/s over 6 alternating runs on 2 cores. Memory is reused, not grown. A no-op off glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (fixing it also stops glibc's dynamic adjustment)
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def lr_at(step: int, o: OptimConfig, max_iters: int) -> float:
-    """LR multiplier schedule: linear warmup, then cosine / constant / linear / warmup-stable-decay."""
-    total = o.decay_iters or max_iters
-    if step < o.warmup_iters:
-        return o.lr * (step + 1) / (o.warmup_iters + 1)
-    if o.schedule == "constant" or step >= total:
-        return o.lr if o.schedule == "constant" else o.min_lr
-    if o.schedule == "wsd":
-        decay_start = total - int(o.wsd_decay_frac * total)
-        if step < decay_start:
-            return o.lr
-        frac = (step - decay_start) / max(1, total - decay_start)
-        return o.lr + frac * (o.min_lr - o.lr)
-    frac = (step - o.warmup_iters) / max(1, total - o.warmup_iters)
-    if o.schedule == "linear":
-        return o.lr + frac * (o.min_lr - o.lr)
-    return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (o.lr - o.min_lr)
-
-
-def build_optimizer(model: GPT, o: OptimConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """AdamW with no decay on norms, biases and embeddings; optionally Muon for 2-D hidden weights.
-
-    Each param group remembers its `base_lr` relative to optim.lr so one schedule drives them all.
-    """
-    from .muon import AdamW  # torch.optim.AdamW minus its torch._dynamo import at the first step
-
-    embed, head, hidden_2d, other = [], [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith(("transformer.wte", "transformer.wpe", "transformer.vte")):  # token/position/value tables
-            embed.append(p)
-        elif name.startswith("lm_head"):
-            head.append(p)
-        elif p.dim() == 2:
-            hidden_2d.append(p)
-        else:
-            other.append(p)  # norms, biases, scalars
-    fused = o.fused if o.fused is not None else device.type in ("cuda", "cpu")
-
-    def scale(group_lr: float) -> float:
-        return (group_lr or o.lr) / o.lr if o.lr else 1.0
-
-    adam_groups = [
-        dict(params=embed, weight_decay=0.0, lr_scale=scale(o.embed_lr)),
-        dict(params=head, weight_decay=o.weight_decay, lr_scale=scale(o.head_lr)),
-        dict(params=other, weight_decay=0.0, lr_scale=1.0),
-    ]
-    optimizers: list[torch.optim.Optimizer] = []
-    if o.optimizer == "muon":
-        from .muon import make_muon
-
-        optimizers.append(make_muon(hidden_2d, o))
-    else:
-        adam_groups.insert(0, dict(params=hidden_2d, weight_decay=o.weight_decay, lr_scale=1.0))
-    adam_groups = [g for g in adam_groups if g["params"]]
-    optimizers.insert(0, AdamW(adam_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused))
-    return optimizers
-
-
-def set_lr(optimizers: list[torch.optim.Optimizer], lr: float, o: OptimConfig) -> None:
-    for opt in optimizers:
-        for g in opt.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
-    """A quick matmul benchmark: the denominator of MFU when train.peak_flops is not given."""
-    a = torch.ones(n, n, device=device, dtype=dtype)  # not randn: must not consume the training RNG
-    for _ in range(2):
-        a @ a
-    reps, t0 = 8, time.perf_counter()
-    for _ in range(reps):
-        a @ a
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    """RUN/loss.png after each eval."""
 
 
 # ---------------------------------------------------------------- logging
@@ -260,56 +143,87 @@ class RunLog:
             self.tb.close()
 
 
-# ---------------------------------------------------------------- run setup
+# ---------------------------------------------------------------- setup
+@dataclass
+class Session:
+    """Everything the loop touches, built once by `setup`; `step`.. are the counters a checkpoint stores."""
+
+    out: Path
+    data: Path
+    meta: dict
+    model_cfg: ModelConfig
+    tcfg: TrainConfig
+    ocfg: OptimConfig
+    ctx: dist.DistContext
+    device: torch.device
+    net: GPT  # the plain model (checkpoints, evals, samples)
+    model_for_step: torch.nn.Module  # what the step runs: DDP / FSDP / compiled wrappers of net
+    optimizers: list[torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    train_ds: TokenDataset
+    val_ds: TokenDataset
+    log: "RunLog"
+    config: dict
+    per_rank: int
+    micro: int
+    flops_per_step: float
+    peak_flops: float
+    mask_batch: Optional[Callable]
+    step: int = 0
+    tokens: int = 0
+    best_val: float = float("inf")
+    bad_evals: int = 0
+    elapsed_before: float = 0.0
+    t_start: float = field(default_factory=time.time)
+
+    @property
+    def master(self) -> bool:
+        return self.ctx.rank == 0
+
+    @property
+    def accum(self) -> int:
+        return self.per_rank // self.micro
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t_start
+
+
 def _run_has_content(out: Path) -> bool:
     return out.exists() and any((out / n).exists() for n in ("config.json", "latest", "checkpoints", "metrics.jsonl"))
 
 
-def default_data_dir() -> Path:
-    """The embedded corpus (CPython's pydoc topics), prepared on first use."""
-    from .data import prepare
-
-    d = Path("data/default")
-    if (d / "meta.json").exists():
-        return d
-    if int(os.environ.get("RANK", 0)) > 0:  # under torchrun only rank 0 prepares; the others wait for it
-        deadline = time.time() + 600
-        while not (d / "meta.json").exists():
-            if time.time() > deadline:
-                raise UserError(f"timed out waiting for rank 0 to prepare {d}")
-            time.sleep(0.5)
-        return d
-    print(f"preparing the embedded default corpus into {d} ...", file=sys.stderr)
-    prepare(inputs=[], out=d, tokenizer="char")
-    return d
-
-
 def resolve_config(out: Path, data: Optional[Path], model: ModelConfig, train: TrainConfig, optim: OptimConfig,
                    resume: bool, overrides: Optional[dict] = None):
-    """On resume the saved config wins, except for train/optim keys given on the command line."""
+    """On resume the saved config wins, except for the train/optim keys the user gave (`overrides`).
+
+    A longer train.max_iters keeps the schedule's original length unless optim.decay_iters is given."""
     if not resume:
         return data, model, train, optim
     saved = read_json(out / "config.json") if (out / "config.json").exists() else None
     if saved is None:
         raise UserError(f"{out}: nothing to resume (no config.json)")
     sections = {"train": asdict(TrainConfig()) | saved["train"], "optim": asdict(OptimConfig()) | saved["optim"]}
-    for key, value in (overrides or {}).items():
+    overrides = overrides or {}
+    for key, value in overrides.items():
         section, name = key.split(".", 1)
         if section in sections:
             sections[section][name] = value
-    optim_d = sections["optim"]
+    optim_d, old_iters = sections["optim"], saved["train"].get("max_iters")
+    if (not optim_d["decay_iters"] and "optim.decay_iters" not in overrides
+            and sections["train"]["max_iters"] != old_iters and old_iters):
+        optim_d["decay_iters"] = old_iters
+        print(f"note: train.max_iters is now {sections['train']['max_iters']}; the LR schedule keeps its original "
+              f"length of {old_iters} steps (give --optim.decay_iters to change it)", file=sys.stderr)
     optim_d["betas"] = tuple(optim_d["betas"])
     return (data or Path(saved["data"]), ModelConfig(**saved["model"]), TrainConfig(**sections["train"]),
             OptimConfig(**optim_d))
 
 
-# ---------------------------------------------------------------- the loop
-def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelConfig = None, train: TrainConfig = None,
-          optim: OptimConfig = None, resume: bool = False, force: bool = False, overrides: Optional[dict] = None) -> dict:
-    """Train a GPT on a prepared data dir; returns the final metrics. See the module docstring for the order."""
-    from .data import TokenDataset, load_meta
-    from . import distributed as dist
-
+def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig], train: Optional[TrainConfig],
+          optim: Optional[OptimConfig], resume: bool, force: bool, overrides: Optional[dict]) -> Session:
+    """Resolve the config, join the process group, build data, model and optimizers, restore a checkpoint."""
     out = Path(out or "runs/default")
     resume, force = dist.restart_mode(out, resume, force)  # torchrun --max-restarts: a restarted worker resumes
     model_cfg, tcfg, ocfg = model or ModelConfig(), train or TrainConfig(), optim or OptimConfig()
@@ -325,19 +239,19 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
     if tcfg.objective == "mlm":
         model_cfg.causal = False  # a masked token is predicted from both sides
     ctx = dist.setup(tcfg)  # rank, world size, device; a no-op without torchrun
-    master = ctx.rank == 0
     configure_threads(tcfg.threads)
     keep_freed_memory()
-    device = ctx.device or pick_device(tcfg.device)
+    device = ctx.device
     dtype = pick_dtype(tcfg.dtype, device)
-    if force and master and out.exists() and not resume:
+    if force and ctx.rank == 0 and out.exists() and not resume:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    if ctx.rank == 0:
+        remove_stale_temps(out)
     per_rank = tcfg.batch_size // ctx.world
     micro = min(tcfg.micro_batch_size or per_rank, per_rank)  # a resume on more ranks may shrink a rank's share
     if tcfg.batch_size % ctx.world or per_rank % micro:
         raise UserError(f"train.batch_size {tcfg.batch_size} must split evenly over {ctx.world} ranks x micro-batches of {micro}")
-    accum = per_rank // micro
     train_ds = TokenDataset(data, "train", model_cfg.block_size)
     val_ds = TokenDataset(data, "val", model_cfg.block_size)
     config = {"format_version": 1, "data": str(data), "model": asdict(model_cfg), "train": asdict(tcfg),
@@ -346,20 +260,8 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
     torch.manual_seed(tcfg.seed)
     net = GPT(model_cfg).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-    step, tokens, best_val, bad_evals, elapsed_before = 0, 0, float("inf"), 0, 0.0
-    if resume:
-        found = find_resumable(out, log=lambda m: print(m, file=sys.stderr))
-        if found is None:
-            raise UserError(f"{out}: no checkpoint to resume from")
-        ckpt, state = found
-        load_model_tensors(net, load_tensors(ckpt / MODEL_FILE))
-        step, tokens, best_val = state["step"], state["tokens"], state.get("best_val_loss") or float("inf")
-        bad_evals, elapsed_before = state.get("bad_evals", 0), state.get("elapsed_s", 0.0)
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if master:
-            print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
-    if master:
+    restored = _restore_model(out, net, scaler, ctx) if resume else None
+    if ctx.rank == 0:
         atomic_write_json(out / "config.json", config)
     model_for_step = dist.wrap(net, tcfg, ctx)
     if not tcfg.compile:
@@ -367,130 +269,181 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: ModelC
 
         skip_dynamo_import()  # torch.optim would import torch._dynamo: ~1.5 s of start-up, for compile's sake only
     optimizers = build_optimizer(net, ocfg, device)  # after wrap: FSDP2 replaces the parameters with sharded ones
-    if resume:
-        dist.load_optimizers(ckpt, net, optimizers, state, ctx)  # full or sharded checkpoint, onto any world size
+    if restored:
+        load_optimizers(restored[0], net, optimizers, restored[1], ctx)  # full or sharded, onto any world size
     if tcfg.compile:
         model_for_step = torch.compile(model_for_step)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    log = RunLog(out, master, tcfg.tensorboard, tcfg.plot)
-    flops_per_step = net.flops_per_token() * tcfg.batch_size * model_cfg.block_size
-    peak = tcfg.peak_flops or measure_peak_flops(device, dtype if device.type == "cuda" else torch.float32)
-    tokenizer_file = data / "tokenizer.json"
-    mask_batch = None
-    if tcfg.objective == "mlm":
-        from .finetune import mlm_mask_batch as mask_batch  # BERT-style 80/10/10 masking
-
-    def checkpoint(is_best: bool) -> None:
-        state = {"step": step, "tokens": tokens, "best_val_loss": None if math.isinf(best_val) else best_val,
-                 "bad_evals": bad_evals, "elapsed_s": elapsed_before + time.time() - t_start, "rng": rng_state(),
-                 "data": {"seed": tcfg.seed, "step": step, "sampling": "stateless(seed, step)",
-                          **dist.data_slices(tcfg.batch_size, per_rank, micro, ctx)},
-                 "scheduler": {"step": step, "lr": lr_at(step, ocfg, tcfg.max_iters)},
-                 "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-        dist.save(out, net, optimizers, state, config, tokenizer_file, tcfg, ctx, is_best)
-
-    if resume:
+    s = Session(
+        out=out, data=data, meta=meta, model_cfg=model_cfg, tcfg=tcfg, ocfg=ocfg, ctx=ctx, device=device, net=net,
+        model_for_step=model_for_step, optimizers=optimizers, scaler=scaler,
+        autocast=torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext(),
+        train_ds=train_ds, val_ds=val_ds, log=RunLog(out, ctx.rank == 0, tcfg.tensorboard, tcfg.plot), config=config,
+        per_rank=per_rank, micro=micro, flops_per_step=net.flops_per_token() * tcfg.batch_size * model_cfg.block_size,
+        peak_flops=tcfg.peak_flops or measure_peak_flops(device, dtype if device.type == "cuda" else torch.float32),
+        mask_batch=mlm_mask_batch if tcfg.objective == "mlm" else None)
+    if restored:
+        state = restored[1]
+        s.step, s.tokens = state["step"], state["tokens"]
+        s.best_val = state.get("best_val_loss") or float("inf")
+        s.bad_evals, s.elapsed_before = state.get("bad_evals", 0), state.get("elapsed_s", 0.0)
         set_rng_state(state["rng"])  # last, so no setup step (init, peak measurement) shifts the stream
-    t_start = time.time()
-    t_last, tokens_last = time.time(), tokens
-    bar = _progress(tcfg, master, step)
+    s.t_start = time.time()
+    return s
+
+
+def _restore_model(out: Path, net: GPT, scaler, ctx) -> tuple[Path, dict]:
+    """Weights (and the loss scaler) from the newest intact checkpoint; (checkpoint, state) for the rest."""
+    found = find_resumable(out, log=lambda m: print(m, file=sys.stderr))
+    if found is None:
+        raise UserError(f"{out}: no checkpoint to resume from")
+    ckpt, state = found
+    load_model_tensors(net, load_tensors(ckpt / "model.safetensors"))
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if ctx.rank == 0:
+        print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
+    return ckpt, state
+
+
+# ---------------------------------------------------------------- the loop
+def train(data: Optional[Path] = None, out: Optional[Path] = None, model: Optional[ModelConfig] = None,
+          train: Optional[TrainConfig] = None, optim: Optional[OptimConfig] = None, resume: bool = False,
+          force: bool = False, overrides: Optional[dict] = None) -> dict:
+    """Train a GPT on a prepared data dir; returns the final metrics (also RUN/result.json)."""
+    s = setup(data, out, model, train, optim, resume, force, overrides)
+    stop_reason = loop(s)
+    return finish(s, stop_reason)
+
+
+def loop(s: Session) -> str:
+    """Step until max_iters, a stop condition or the time limit; returns why it stopped."""
+    tcfg, ocfg, ctx, device = s.tcfg, s.ocfg, s.ctx, s.device
+    t_last, tokens_last = time.time(), s.tokens
+    bar = _progress(tcfg, s.master, s.step)
     metrics: dict = {}
     stop_reason = "max_iters"
-    while step < tcfg.max_iters:
-        dist.maybe_fail(step, ctx)  # test-only fault injection (SCRATCHGPT_FAULT_RANK/STEP); otherwise a no-op
+    while s.step < tcfg.max_iters:
+        dist.maybe_fail(s.step, ctx)  # test-only fault injection (SCRATCHGPT_FAULT_RANK/STEP); otherwise a no-op
         # batch + forward + backward (accumulating over micro-steps; DDP syncs only on the last)
-        offsets = train_ds.batch_offsets(step, tcfg.batch_size, tcfg.seed)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+        offsets = s.train_ds.batch_offsets(s.step, tcfg.batch_size, tcfg.seed)[ctx.rank * s.per_rank:(ctx.rank + 1) * s.per_rank]
         loss_sum = torch.zeros((), device=device)
-        for k in range(accum):
-            x, y = train_ds.get_batch(offsets[k * micro:(k + 1) * micro])
-            if mask_batch is not None:
-                x, y = mask_batch(x, model_cfg.vocab_size, meta, step, k, ctx.rank, tcfg.seed)
+        for k in range(s.accum):
+            x, y = s.train_ds.get_batch(offsets[k * s.micro:(k + 1) * s.micro])
+            if s.mask_batch is not None:
+                x, y = s.mask_batch(x, s.model_cfg.vocab_size, s.meta, s.step, k, ctx.rank, tcfg.seed)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with dist.no_sync(model_for_step, last=(k == accum - 1)), autocast:
-                _, loss = model_for_step(x, y)
-            scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach() / accum
+            with dist.no_sync(s.model_for_step, last=(k == s.accum - 1)), s.autocast:
+                _, loss = s.model_for_step(x, y)
+            s.scaler.scale(loss / s.accum).backward()
+            loss_sum += loss.detach() / s.accum
         # clip + finite check (one host sync per step: the price of never stepping on NaN)
-        for opt in optimizers:
-            scaler.unscale_(opt)
-        grad_norm = dist.clip_grad_norm(net, ocfg.grad_clip)
+        for opt in s.optimizers:
+            s.scaler.unscale_(opt)
+        grad_norm = dist.clip_grad_norm(s.net, ocfg.grad_clip)
         finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
         if not finite:
             if not tcfg.skip_nonfinite:
-                log.close()
-                raise UserError(f"non-finite loss or gradient at step {step} (loss {loss_sum.item()}, grad norm "
+                s.log.close()
+                raise UserError(f"non-finite loss or gradient at step {s.step} (loss {loss_sum.item()}, grad norm "
                                 f"{grad_norm.item()}); no checkpoint written. Lower optim.lr or pass --train.skip_nonfinite")
-            print(f"warning: skipping step {step}: non-finite loss or gradient", file=sys.stderr)
+            print(f"warning: skipping step {s.step}: non-finite loss or gradient", file=sys.stderr)
         # step + schedule
-        lr = lr_at(step, ocfg, tcfg.max_iters)
-        set_lr(optimizers, lr, ocfg)
+        lr = lr_at(s.step, ocfg, tcfg.max_iters)
+        set_lr(s.optimizers, lr, ocfg)
         if finite:
-            for opt in optimizers:
-                scaler.step(opt)
-            scaler.update()
-        for opt in optimizers:
+            for opt in s.optimizers:
+                s.scaler.step(opt)
+            s.scaler.update()
+        for opt in s.optimizers:
             opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens += tcfg.batch_size * model_cfg.block_size
+        s.step += 1
+        s.tokens += tcfg.batch_size * s.model_cfg.block_size
         # log
-        elapsed = elapsed_before + time.time() - t_start
-        is_eval = step % tcfg.eval_interval == 0 or step == tcfg.max_iters
-        if step % tcfg.log_interval == 0 or is_eval or step == 1:
-            train_loss = dist.mean(loss_sum, ctx).item()
+        is_eval = s.step % tcfg.eval_interval == 0 or s.step == tcfg.max_iters
+        if s.step % tcfg.log_interval == 0 or is_eval or s.step == 1:
             now = time.time()
-            tok_s = (tokens - tokens_last) / max(now - t_last, 1e-9)
-            t_last, tokens_last = now, tokens
-            metrics = {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3), "lr": lr,
-                       "train_loss": train_loss, "grad_norm": float(grad_norm), "tok_per_s": round(tok_s, 1),
-                       "mfu": round(flops_per_step * tok_s / (tcfg.batch_size * model_cfg.block_size) / peak, 4)}
-            bar.update(step - bar.n)
-            bar.set_postfix(loss=f"{train_loss:.4f}", tokens=_human(tokens), tok_s=_human(tok_s), mfu=f"{metrics['mfu']:.0%}")
+            tok_s = (s.tokens - tokens_last) / max(now - t_last, 1e-9)
+            t_last, tokens_last = now, s.tokens
+            metrics = {"step": s.step, "tokens": s.tokens, "elapsed_s": round(s.elapsed, 3), "lr": lr,
+                       "train_loss": dist.mean(loss_sum, ctx).item(), "grad_norm": float(grad_norm),
+                       "tok_per_s": round(tok_s, 1),
+                       "mfu": round(s.flops_per_step * tok_s / (tcfg.batch_size * s.model_cfg.block_size) / s.peak_flops, 4)}
+            bar.update(s.step - bar.n)
+            bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", tokens=_human(s.tokens), tok_s=_human(tok_s),
+                            mfu=f"{metrics['mfu']:.0%}")
         # eval + save
         if is_eval:
-            losses = estimate_loss(net, train_ds, val_ds, tcfg, device, autocast, mask_batch, meta)
-            metrics.update(val_loss=losses["val"], val_ppl=math.exp(min(losses["val"], 50)), eval_train_loss=losses["train"])
-            improved = losses["val"] < best_val
-            best_val, bad_evals = (losses["val"], 0) if improved else (best_val, bad_evals + 1)
-            if master:
-                bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} (ppl {metrics['val_ppl']:.2f})",
-                          file=sys.stderr)
-            if tcfg.sample_tokens and tcfg.objective == "clm" and (master or ctx.parallel == "fsdp"):
-                with dist.unsharded(net, ctx):  # FSDP: every rank runs the sample's forwards; rank 0 prints
-                    text = sample_text(net, data, tcfg.sample_prompt, tcfg.sample_tokens, device, tcfg.seed)
-                if master:
-                    bar.write(text, file=sys.stderr)
-            checkpoint(improved)
-            if tcfg.patience and bad_evals >= tcfg.patience:
-                stop_reason = f"early stopping: no val improvement in {bad_evals} evals"
-            if tcfg.target_val_loss is not None and losses["val"] <= tcfg.target_val_loss:
-                stop_reason = f"reached target val loss {tcfg.target_val_loss}"
-        if metrics.get("step") == step:
-            log.write(metrics)
+            stop_reason = evaluate_and_save(s, metrics, bar.write) or stop_reason
+        if metrics.get("step") == s.step:
+            s.log.write(metrics)
             if is_eval:
-                log.draw()
+                s.log.draw()
         if stop_reason != "max_iters":
             break
-        if tcfg.max_time_s and dist.any_rank(elapsed >= tcfg.max_time_s, ctx):  # clocks differ: ranks stop together
+        if tcfg.max_time_s and dist.any_rank(s.elapsed >= tcfg.max_time_s, ctx):  # clocks differ: ranks stop together
             stop_reason = f"time limit {tcfg.max_time_s}s"
             if not is_eval:
-                checkpoint(False)
+                save(s, is_best=False)
             break
     bar.close()
-    result = {"step": step, "tokens": tokens, "stop_reason": stop_reason,
-              "best_val_loss": None if math.isinf(best_val) else best_val}
-    if tcfg.final_eval and (master or ctx.parallel == "fsdp") and tcfg.objective == "clm":  # FSDP: all ranks forward
-        from .evaluate import evaluate_lm
+    return stop_reason
 
-        result.update({"final_" + k: v for k, v in evaluate_lm(net, val_ds, model_cfg.block_size, device=device).items()})
-    if master:
-        atomic_write_json(out / "result.json", result)
+
+# ---------------------------------------------------------------- evaluate and save
+def evaluate_and_save(s: Session, metrics: dict, write: Callable[..., None]) -> Optional[str]:
+    """Estimate train/val loss, print a sample, save a checkpoint (best if val improved); a stop reason or None."""
+    tcfg = s.tcfg
+    losses = estimate_loss(s.net, s.train_ds, s.val_ds, tcfg, s.device, s.autocast, s.mask_batch, s.meta)
+    metrics.update(val_loss=losses["val"], val_ppl=math.exp(min(losses["val"], 50)), eval_train_loss=losses["train"])
+    improved = losses["val"] < s.best_val
+    s.best_val, s.bad_evals = (losses["val"], 0) if improved else (s.best_val, s.bad_evals + 1)
+    if s.master:
+        write(f"step {s.step}: train {losses['train']:.4f}, val {losses['val']:.4f} (ppl {metrics['val_ppl']:.2f})",
+              file=sys.stderr)
+    if tcfg.sample_tokens and tcfg.objective == "clm" and (s.master or s.ctx.parallel == "fsdp"):
+        with dist.unsharded(s.net, s.ctx):  # FSDP: every rank runs the sample's forwards; rank 0 prints
+            text = sample_text(s.net, s.data, tcfg.sample_prompt, tcfg.sample_tokens, s.device, tcfg.seed)
+        if s.master:
+            write(text, file=sys.stderr)
+    save(s, improved)
+    if tcfg.patience and s.bad_evals >= tcfg.patience:
+        return f"early stopping: no val improvement in {s.bad_evals} evals"
+    if tcfg.target_val_loss is not None and losses["val"] <= tcfg.target_val_loss:
+        return f"reached target val loss {tcfg.target_val_loss}"
+    return None
+
+
+def save(s: Session, is_best: bool) -> None:
+    """A checkpoint of everything a bit-exact resume needs: weights, optimizers, RNG, data cursor, counters."""
+    tcfg = s.tcfg
+    state = {"step": s.step, "tokens": s.tokens, "best_val_loss": None if math.isinf(s.best_val) else s.best_val,
+             "bad_evals": s.bad_evals, "elapsed_s": s.elapsed, "rng": rng_state(),
+             "data": {"seed": tcfg.seed, "step": s.step, "sampling": "stateless(seed, step)",
+                      **dist.data_slices(tcfg.batch_size, s.per_rank, s.micro, s.ctx)},
+             "scheduler": {"step": s.step, "lr": lr_at(s.step, s.ocfg, tcfg.max_iters)},
+             "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None}
+    save_training_checkpoint(s.out, s.net, s.optimizers, state, s.config, s.data / "tokenizer.json", s.ctx,
+                             tcfg.keep_last, is_best)
+
+
+# ---------------------------------------------------------------- teardown
+def finish(s: Session, stop_reason: str) -> dict:
+    """The final whole-split eval, result.json, and closing the logs and the process group."""
+    tcfg = s.tcfg
+    result = {"step": s.step, "tokens": s.tokens, "stop_reason": stop_reason,
+              "best_val_loss": None if math.isinf(s.best_val) else s.best_val}
+    if tcfg.final_eval and (s.master or s.ctx.parallel == "fsdp") and tcfg.objective == "clm":  # FSDP: all ranks forward
+        result.update({"final_" + k: v for k, v in
+                       evaluate_lm(s.net, s.val_ds, s.model_cfg.block_size, device=s.device).items()})
+    if s.master:
+        atomic_write_json(s.out / "result.json", result)
         print(json.dumps(result), file=sys.stderr)
-    log.close()
-    dist.teardown(ctx)
+    s.log.close()
+    dist.teardown(s.ctx)
     return result
 
 
-# ---------------------------------------------------------------- helpers of the loop
+# ---------------------------------------------------------------- helpers
 @torch.no_grad()
 def estimate_loss(net: GPT, train_ds, val_ds, tcfg: TrainConfig, device, autocast, mask_batch=None, meta=None) -> dict:
     """Mean loss over eval_iters fixed batches per split (fixed: comparable across evals, no RNG consumed)."""
@@ -512,11 +465,10 @@ def estimate_loss(net: GPT, train_ds, val_ds, tcfg: TrainConfig, device, autocas
 
 def sample_text(net: GPT, data: Path, prompt: str, n_tokens: int, device, seed: int) -> str:
     """A short sample during training, from its own RNG so it never perturbs the training stream."""
+    from .generate import generate
     from .tokenizer import Tokenizer
 
     try:
-        from .generate import generate
-
         tok = Tokenizer.load(data)
         net.eval()
         try:
@@ -544,17 +496,26 @@ def _progress(tcfg: TrainConfig, master: bool, start: int):
 
 
 def run_info(run: Path) -> dict:
-    """`scratchgpt info RUN`: config, parameter count, steps, best val loss, files."""
+    """`scratchgpt info RUN`: config, kind, parameter count, steps, best val loss, files."""
+    from .checkpoint import load_run
+
     run = Path(run)
     if not (run / "config.json").exists():
         raise UserError(f"{run}: not a run directory (no config.json)")
     config = read_json(run / "config.json")
-    net = GPT(ModelConfig(**config["model"]))
-    info = {"run": str(run), "params": net.num_params(), "flops_per_token": net.flops_per_token(), "config": config}
+    info: dict[str, Any] = {"run": str(run)}
+    if (run / "latest").exists() or (run / "best").exists():
+        loaded = load_run(run, verify=False)
+        net = loaded.gpt
+        info["kind"] = ("classifier" if loaded.is_classifier else "sft" if "chat_template" in loaded.config
+                        else "lm") + (" (LoRA adapter)" if loaded.is_lora else "")
+    else:  # started, no checkpoint yet
+        net = GPT(ModelConfig(**config["model"]))
+    info.update(params=net.num_params(), flops_per_token=net.flops_per_token(), config=config)
     for name in ("latest", "best"):
         if (run / name / "state.json").exists():
             st = read_json(run / name / "state.json")
-            info[name] = {"step": st["step"], "tokens": st["tokens"], "best_val_loss": st.get("best_val_loss")}
+            info[name] = {"step": st["step"], "tokens": st.get("tokens"), "best_val_loss": st.get("best_val_loss")}
     if (run / "result.json").exists():
         info["result"] = read_json(run / "result.json")
     info["files"] = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "tb" not in p.parts)

@@ -43,7 +43,8 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from . import UserError
 from .model import ModelConfig
-from .train import OptimConfig, TrainConfig
+from .optim import OptimConfig
+from .train import TrainConfig
 from .utils import atomic_write_bytes, atomic_write_json, read_json
 
 Method = Literal["grid", "random", "bayes"]
@@ -338,17 +339,20 @@ def tune(
     seed: Optional[int] = None,
     resume: bool = False,
     force: bool = False,
+    given: Optional[set[str]] = None,
 ) -> dict:
     """Run (or continue) a search; returns best.json's content.
 
     `trials` is the total number of trials, counting those already recorded. `model`/`train`/
     `optim` are the base config each trial starts from. With `resume`, the saved space, method,
-    seed and base config are used; any given here must match them (base-config fields only
-    where they differ from the defaults, as with `scratchgpt train --resume`).
+    seed and base config are used; any given here must match them: the base-config keys named
+    in `given` (dotted, e.g. "train.max_iters": what the user set), or, without `given`,
+    every field of a section passed in.
     """
     import optuna
 
-    from .train import default_data_dir, train as run_training
+    from .data import default_data_dir
+    from .train import train as run_training
 
     out = Path(out)
     if trials < 1:
@@ -363,7 +367,7 @@ def tune(
         raise UserError(f"{out}: nothing to resume (no study.json)")
     if force and not resume:
         _clear(out)
-    given = {"model": model, "train": train, "optim": optim}
+    passed = {"model": model, "train": train, "optim": optim}
 
     if resume:
         saved = read_json(study_file)
@@ -375,12 +379,11 @@ def tune(
         _check_same("--seed", seed, saved["seed"])
         _check_same("--data", str(data) if data is not None else None, saved["data"])
         base = {name: _section(cls, saved["base"][name]) for name, cls in SECTIONS.items()}
-        for name, cls in SECTIONS.items():
-            if given[name] is None:
+        for name in SECTIONS:
+            if passed[name] is None:
                 continue
-            defaults = asdict(cls())
-            for key, value in asdict(given[name]).items():
-                if _plain(value) != _plain(defaults[key]):
+            for key, value in asdict(passed[name]).items():
+                if given is None or f"{name}.{key}" in given:
                     _check_same(f"{name}.{key}", _plain(value), _plain(saved["base"][name][key]))
         settings = saved
     else:

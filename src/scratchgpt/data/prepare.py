@@ -1,9 +1,7 @@
-"""Prepared token data: reading it (TokenDataset) and making it (prepare).
+"""Making prepared token data: `scratchgpt prepare` (cleaning, tokenizer training, encoding).
 
-A prepared data directory holds:
-  train.bin, val.bin   flat token ids, little-endian uint16 (vocab <= 65536) or uint32
-  tokenizer.json       see scratchgpt.tokenizer
-  meta.json            manifest: counts, dtype, cleaning report, sha256s, settings
+A prepared data directory holds train.bin / val.bin (flat token ids), tokenizer.json and
+meta.json; dataset.py reads it.
 """
 
 from __future__ import annotations
@@ -17,194 +15,18 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 
-from . import UserError
-from .utils import atomic_write_json, fsync_dir, read_json, sha256_file
-
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
-SPLITS = ("train", "val")
-_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-
-
-def dtype_for_vocab(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 65536 else "uint32"
-
-
-# ---------------------------------------------------------------------------------------
-# Reading
-
-
-def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and check `data_dir/meta.json`; UserError when missing, invalid or inconsistent."""
-    data_dir = Path(data_dir)
-    path = data_dir / META_FILE
-    if not path.is_file():
-        if not data_dir.exists():
-            raise UserError(f"data directory {data_dir} does not exist (run `scratchgpt prepare` first)")
-        raise UserError(f"{path} not found: {data_dir} is not a prepared data directory")
-    try:
-        meta = read_json(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable meta.json ({e})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: meta.json must hold a JSON object")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
-    for key, typ in (("tokenizer", str), ("vocab_size", int), ("dtype", str),
-                     ("train_tokens", int), ("val_tokens", int)):
-        if not isinstance(meta.get(key), typ):
-            raise UserError(f"{path}: field {key!r} missing or not a {typ.__name__}")
-    if meta["dtype"] not in _DTYPES:
-        raise UserError(f"{path}: dtype {meta['dtype']!r} must be one of {sorted(_DTYPES)}")
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in SPLITS:
-        bin_path = data_dir / f"{split}.bin"
-        if not bin_path.is_file():
-            raise UserError(f"{bin_path} is missing")
-        want = meta[f"{split}_tokens"] * itemsize
-        got = bin_path.stat().st_size
-        if got != want:
-            raise UserError(
-                f"{bin_path} holds {got} bytes but meta.json says {meta[f'{split}_tokens']} "
-                f"{meta['dtype']} tokens ({want} bytes): the directory is damaged or mixed up"
-            )
-    return meta
-
-
-class TokenDataset:
-    """One split of a prepared data directory, memory-mapped read-only.
-
-    Batches come from `batch_offsets(step, ...)`, a pure function of (seed, step), so a
-    resumed run or any number of data-parallel ranks (each slicing the global batch)
-    see exactly the same token windows.
-    """
-
-    def __init__(
-        self,
-        data_dir: str | os.PathLike,
-        split: str = "train",
-        block_size: int = 256,
-        *,
-        seed: int = 1337,
-        shuffle: bool = True,
-    ) -> None:
-        if split not in SPLITS:
-            raise UserError(f"split must be one of {SPLITS}, not {split!r}")
-        if block_size < 1:
-            raise UserError(f"block size must be at least 1, not {block_size}")
-        self.data_dir = Path(data_dir)
-        self.meta = load_meta(self.data_dir)
-        self.split = split
-        self.block_size = int(block_size)
-        self.seed = int(seed)
-        self.shuffle = bool(shuffle)
-        self.position = 0
-        self.n_tokens: int = self.meta[f"{split}_tokens"]
-        self.dtype = np.dtype(self.meta["dtype"])
-        path = self.data_dir / f"{split}.bin"
-        if self.n_tokens == 0:
-            raise UserError(f"{path} is empty")
-        self.tokens: np.memmap = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
-        if self.block_size > self.n_tokens - 1:
-            raise UserError(
-                f"block size {self.block_size} is too large for the {split} split of {self.data_dir}: "
-                f"it holds {self.n_tokens} tokens, so the block size can be at most {self.n_tokens - 1}"
-            )
-
-    @property
-    def vocab_size(self) -> int:
-        return self.meta["vocab_size"]
-
-    def __len__(self) -> int:
-        return self.n_tokens
-
-    @property
-    def max_offset(self) -> int:
-        """Largest valid window start: x and y need block_size + 1 tokens together."""
-        return self.n_tokens - self.block_size - 1
-
-    def batch_offsets(self, step: int, batch_size: int, seed: int | None = None) -> np.ndarray:
-        """Random window starts for global optimizer step `step`, uniform in [0, max_offset]."""
-        seed = self.seed if seed is None else seed
-        rng = np.random.default_rng([int(seed), int(step)])
-        return rng.integers(0, self.max_offset, size=batch_size, endpoint=True, dtype=np.int64)
-
-    def sequential_offsets(self, step: int, batch_size: int) -> np.ndarray:
-        """Non-overlapping windows in order, wrapping around: batch `step` of an epoch loop."""
-        n_windows = (self.n_tokens - 1) // self.block_size
-        k = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
-        return (k % n_windows) * self.block_size
-
-    def get_batch(self, offsets: np.ndarray):
-        """(x, y) int64 tensors of shape (B, block_size); y is x shifted by one token."""
-        import torch
-
-        offsets = np.asarray(offsets, dtype=np.int64)
-        if offsets.ndim != 1:
-            raise ValueError("offsets must be one-dimensional")
-        if offsets.size and (offsets.min() < 0 or offsets.max() > self.max_offset):
-            raise ValueError(f"offsets must lie in [0, {self.max_offset}]")
-        idx = offsets[:, None] + np.arange(self.block_size + 1, dtype=np.int64)
-        buf = self.tokens[idx].astype(np.int64)
-        x = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))
-        y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
-        return x, y
-
-    def next_batch(self, batch_size: int):
-        """The batch at the internal cursor (random or sequential), then advance it."""
-        if self.shuffle:
-            offsets = self.batch_offsets(self.position, batch_size)
-        else:
-            offsets = self.sequential_offsets(self.position, batch_size)
-        self.position += 1
-        return self.get_batch(offsets)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.position = int(d["position"])
-        self.seed = int(d.get("seed", self.seed))
-        self.shuffle = bool(d.get("shuffle", self.shuffle))
-
-    def eval_windows(self, context: int, batch_size: int) -> Iterator[tuple[Any, Any]]:
-        """Whole-split evaluation: non-overlapping windows of `context` tokens, in order.
-
-        Every token but the first is predicted exactly once. Full windows come in batches
-        of up to `batch_size`; a last, shorter window (if any) comes alone as shape (1, L).
-        """
-        import torch
-
-        if context < 1 or batch_size < 1:
-            raise UserError("context and batch size must be positive")
-        n_pred = self.n_tokens - 1
-        n_full = n_pred // context
-        ar = np.arange(context + 1, dtype=np.int64)
-        for first in range(0, n_full, batch_size):
-            starts = np.arange(first, min(first + batch_size, n_full), dtype=np.int64) * context
-            buf = self.tokens[starts[:, None] + ar].astype(np.int64)
-            yield (torch.from_numpy(np.ascontiguousarray(buf[:, :-1])),
-                   torch.from_numpy(np.ascontiguousarray(buf[:, 1:])))
-        rest = n_pred - n_full * context
-        if rest:
-            buf = np.asarray(self.tokens[n_full * context:], dtype=np.int64)
-            yield torch.from_numpy(buf[None, :-1].copy()), torch.from_numpy(buf[None, 1:].copy())
-
-
-def load_tokenizer(data_dir: str | os.PathLike):
-    """The tokenizer of a prepared data directory."""
-    from .tokenizer import Tokenizer
-
-    return Tokenizer.load(data_dir)
+from .. import UserError
+from ..utils import atomic_write_json, fsync_dir, sha256_file
+from .dataset import FORMAT_VERSION, META_FILE, SPLITS, dtype_for_vocab
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,32 +113,67 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def prepare(
-    inputs: Sequence[str | os.PathLike] | None,
-    out: str | os.PathLike,
-    *,
-    tokenizer: str = "bpe",
-    vocab_size: int = 4096,
-    val: Sequence[str | os.PathLike] | None = None,
-    val_fraction: float = 0.1,
-    seed: int = 1337,
-    jsonl_field: str = "text",
-    nfc: bool = True,
-    normalize_newlines: bool = True,
-    strip_control: bool = True,
-    strip_gutenberg: bool = False,
-    dedup: bool = False,
-    errors: str = "strict",
-    min_frequency: int = 2,
-    buffer_mb: int = 64,
-    workers: int | None = None,
-    force: bool = False,
-    progress: bool | None = None,
-    stdin: BinaryIO | None = None,
-) -> dict[str, Any]:
+@dataclass
+class PrepareConfig:
+    """How `scratchgpt prepare` cleans, splits and tokenizes. Every field is a `prepare` flag
+    (`vocab_size` -> `--vocab-size`; a field that is on by default is turned off with `--no-...`)."""
+
+    tokenizer: Literal["char", "bpe"] = "bpe"
+    """char: one id per character (nanoGPT's shakespeare_char); bpe: GPT-2 style byte-level BPE."""
+    vocab_size: int = 4096
+    """BPE vocabulary size, at least 257 (256 bytes + <|endoftext|>)."""
+    val: Optional[list[str]] = None
+    """Explicit validation inputs (otherwise --val-fraction of the documents, or one document's tail)."""
+    val_fraction: float = 0.1
+    """Share of documents (or of a single document's tail) held out for validation, in (0, 1)."""
+    jsonl_field: str = "text"
+    """Field holding the text in .jsonl inputs."""
+    errors: Literal["strict", "replace"] = "strict"
+    """Invalid UTF-8: fail naming the byte offset, or replace the bytes and count them."""
+    nfc: bool = True
+    """Unicode NFC normalisation (--no-nfc skips it)."""
+    normalize_newlines: bool = field(default=True, metadata={"flag": "--no-newlines"})
+    """Turn \\r\\n and \\r into \\n (--no-newlines keeps them as they are)."""
+    strip_control: bool = True
+    """Remove control characters other than tab and newline (--no-strip-control keeps them)."""
+    strip_gutenberg: bool = False
+    """Strip Project Gutenberg headers and footers."""
+    dedup: bool = False
+    """Drop exact-duplicate documents."""
+    buffer_mb: int = 64
+    """Text buffered in memory at once, in MB (speed and memory only, never the output)."""
+    min_frequency: int = 2
+    """BPE: merge only pairs seen at least this often."""
+    workers: Optional[int] = None
+    """Worker processes (default: all cores; speed only, never the output)."""
+    seed: int = 1337
+    """Seeds the document split."""
+    force: bool = False
+    """Replace an existing output directory."""
+
+
+def default_data_dir() -> Path:
+    """The embedded corpus (CPython's pydoc topics) as char-level data, prepared on first use."""
+    d = Path("data/default")
+    if (d / META_FILE).exists():
+        return d
+    if int(os.environ.get("RANK", 0)) > 0:  # under torchrun only rank 0 prepares; the others wait for it
+        deadline = time.time() + 600
+        while not (d / META_FILE).exists():
+            if time.time() > deadline:
+                raise UserError(f"timed out waiting for rank 0 to prepare {d}")
+            time.sleep(0.5)
+        return d
+    print(f"preparing the embedded default corpus into {d} ...", file=sys.stderr)
+    prepare(inputs=[], out=d, tokenizer="char")
+    return d
+
+
+def prepare(inputs: Sequence[str | os.PathLike] | None, out: str | os.PathLike, options: Optional[PrepareConfig] = None,
+            *, progress: bool | None = None, stdin: BinaryIO | None = None, **overrides: Any) -> dict[str, Any]:
     """Turn text into a prepared data directory `out`; returns its meta.json content.
 
-    `inputs`: text files, directories (recursive *.txt, *.md), globs, JSONL files (one
+    `options` (PrepareConfig, or its fields as keywords) say how. `inputs`: text files, directories (recursive *.txt, *.md), globs, JSONL files (one
     document per line, field `jsonl_field`) and "-" for stdin; none means the bundled
     pydoc topics. Each file is one document. `val` names explicit validation inputs;
     otherwise `val_fraction` of the documents (chosen by a hash of `seed` and the
@@ -325,8 +182,13 @@ def prepare(
     `min_frequency` apply to bpe only. `workers` and `buffer_mb` change speed and memory
     only, never the output. Bad input raises UserError and leaves nothing behind.
     """
-    from .tokenizer import MIN_BPE_VOCAB, MAX_VOCAB
+    from ..tokenizer import MIN_BPE_VOCAB, MAX_VOCAB
 
+    o = replace(options or PrepareConfig(), **overrides)
+    tokenizer, vocab_size, val, val_fraction, seed = o.tokenizer, o.vocab_size, o.val, o.val_fraction, o.seed
+    jsonl_field, nfc, normalize_newlines, strip_control = o.jsonl_field, o.nfc, o.normalize_newlines, o.strip_control
+    strip_gutenberg, dedup, errors, min_frequency = o.strip_gutenberg, o.dedup, o.errors, o.min_frequency
+    buffer_mb, workers, force = o.buffer_mb, o.workers, o.force
     out = Path(out)
     inputs = list(inputs or [])
     val = list(val or [])
@@ -823,7 +685,7 @@ def _count_task(spool: str, piece_dir: str, item: tuple[int, _Task]) -> tuple[li
     The piece sequence is also saved (as indices into the distinct pieces) so that pass 3
     does not split the text again: splitting is the most expensive step in Python.
     """
-    from .tokenizer import index_pieces, split_pieces
+    from ..tokenizer import index_pieces, split_pieces
 
     i, task = item
     pieces: list[str] = []
@@ -848,7 +710,7 @@ def _encode_task(spool: str, tok_path: str, dtype: str, piece_dir: str | None,
                  item: tuple[int, _Task]) -> tuple[bytes, int]:
     """Pass 3: the task's token ids as raw bytes (separators between documents included),
     and how many ids are <unk>. Uses the pieces saved by `_count_task` when there are some."""
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     i, task = item
     tok = _WORKER_STATE.get(tok_path)
@@ -935,8 +797,8 @@ def _bar(show: bool, total: int | None, desc: str):
 def _prepare_into(tmp: Path, sources: list[_Source], opts: _Options, *, tokenizer: str, vocab_size: int,
                   explicit_val: bool, val_fraction: float, min_frequency: int, buffer_bytes: int,
                   workers: int, show: bool, stdin: BinaryIO | None, settings: dict) -> dict[str, Any]:
-    from . import __version__
-    from .tokenizer import EOT, scale_counts, train_bpe_from_counts, train_char_tokenizer
+    from .. import __version__
+    from ..tokenizer import EOT, scale_counts, train_bpe_from_counts, train_char_tokenizer
 
     spool_path = tmp / "corpus.spool"
     with open(spool_path, "wb+") as spool, _bar(show, None, "reading") as bar:
@@ -1056,33 +918,3 @@ def _prepare_into(tmp: Path, sources: list[_Source], opts: _Options, *, tokenize
     return meta
 
 
-# -- inspecting ---------------------------------------------------------------------------
-
-
-def data_info(data_dir: str | os.PathLike, *, sample_tokens: int = 200, verify: bool = False) -> str:
-    """A readable summary of a prepared directory: manifest, token counts, decoded samples.
-
-    With `verify`, the sha256 of every file is checked against meta.json (UserError if not).
-    """
-    data_dir = Path(data_dir)
-    meta = load_meta(data_dir)
-    tok = load_tokenizer(data_dir)
-    lines = [f"data directory: {data_dir}", "manifest (meta.json):"]
-    lines += ["  " + line for line in json.dumps(meta, indent=2, ensure_ascii=False).splitlines()]
-    lines.append(
-        f"tokens: train {meta['train_tokens']:,}  val {meta['val_tokens']:,}  "
-        f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}, {meta['dtype']})"
-    )
-    if verify:
-        for name, info in meta.get("files", {}).items():
-            got = sha256_file(data_dir / name)
-            if got != info.get("sha256"):
-                raise UserError(f"{data_dir / name}: sha256 {got} does not match meta.json")
-        lines.append("sha256: all files match meta.json")
-    for split in SPLITS:
-        n = meta[f"{split}_tokens"]
-        tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r", shape=(n,))
-        sample = tok.decode(np.asarray(tokens[: max(0, sample_tokens)]).astype(np.int64))
-        lines.append(f"{split} sample (first {min(n, sample_tokens)} tokens, decoded):")
-        lines += ["  | " + line for line in sample.split("\n")]
-    return "\n".join(lines)

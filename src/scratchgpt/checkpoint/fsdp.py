@@ -1,4 +1,6 @@
-"""FSDP2 checkpoints: sharded state via `torch.distributed.checkpoint`, plus a full model export.
+"""Checkpoints under torchrun: who writes (rank 0, or every rank under FSDP2) and how state is read back.
+
+FSDP2 checkpoints: sharded state via `torch.distributed.checkpoint`, plus a full model export.
 
 A checkpoint written under FSDP has the single-process layout, except that the optimizer lives
 in shards instead of `optimizer.safetensors`:
@@ -18,13 +20,14 @@ temporary name and renamed into place, so a crash mid-save leaves the previous c
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
 
-from . import UserError
+from .. import UserError
+from .store import (CONFIG_FILE, MODEL_FILE, OPTIM_FILE, load_tensors, optimizer_from_tensors, save_checkpoint,
+                    staging_dir, write_checkpoint)
 
 SHARDED_DIR = "sharded"
 
@@ -47,26 +50,32 @@ def _sharded_state(model: torch.nn.Module, optimizers: list) -> tuple[dict, list
     return tensors, metas
 
 
-def save_fsdp(out: Path, model, optimizers, state: dict, config: dict, tokenizer_file, tcfg, ctx, is_best: bool) -> Path:
-    """Every rank writes its shards; rank 0 adds the full model export and the JSON, then swaps the directory in."""
+def save_training_checkpoint(out: Path, model, optimizers, state: dict, config: dict, tokenizer_file, ctx,
+                             keep_last: int, is_best: bool) -> None:
+    """One process / DDP: rank 0 writes the single-process checkpoint. FSDP: sharded state + full model export.
+    Every rank calls this; nobody leaves before the checkpoint is in place."""
+    if ctx.parallel == "fsdp":
+        _save_fsdp(out, model, optimizers, state, config, tokenizer_file, ctx, keep_last, is_best)
+    elif ctx.rank == 0:
+        save_checkpoint(out, model=model, optimizer=optimizers, state=state, config=config,
+                        tokenizer_file=tokenizer_file, keep_last=keep_last, is_best=is_best)
+    if ctx.world > 1:
+        tdist.barrier()
+
+
+def _save_fsdp(out: Path, model, optimizers, state: dict, config: dict, tokenizer_file, ctx, keep_last: int,
+               is_best: bool) -> Path:
+    """Every rank writes its shards into the staging dir; rank 0 adds the full model export and the JSON,
+    then write_checkpoint hashes everything and swaps the directory in."""
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from .checkpoint import (CONFIG_FILE, FORMAT_VERSION, MODEL_FILE, STATE_FILE, TOKENIZER_FILE, _link_or_copy,
-                             _swap_dir)
-    from .utils import atomic_write_json, sha256_file
-
-    run_dir = Path(out)
-    history = run_dir / "checkpoints"
-    final = history / f"step-{state['step']:07d}"
-    tmp = history / f".tmp-fsdp-{state['step']:07d}"  # one name every rank can derive without a broadcast
+    tmp = staging_dir(out, state["step"])
     master = ctx.rank == 0
     if master:
-        history.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save of this step
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
     tdist.barrier()
     try:
         tensors, metas = _sharded_state(model, optimizers)
@@ -75,31 +84,18 @@ def save_fsdp(out: Path, model, optimizers, state: dict, config: dict, tokenizer
         if master:
             if getattr(model.cfg, "tie_embeddings", False):
                 full.pop("lm_head.weight", None)  # shared with wte; safetensors refuses shared storage
-            save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-            atomic_write_json(tmp / CONFIG_FILE, config)
-            files = [MODEL_FILE] + sorted(str(p.relative_to(tmp)) for p in (tmp / SHARDED_DIR).iterdir())
-            if tokenizer_file is not None and Path(tokenizer_file).exists():
-                shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-                files.append(TOKENIZER_FILE)
-            full_state = dict(state, format_version=FORMAT_VERSION, optimizer=metas,
-                              sharded={"dir": SHARDED_DIR, "world_size": ctx.world, "writer": "torch.distributed.checkpoint"
-                                       " HuggingFaceStorageWriter (safetensors, offsets in each file's header)"})
-            full_state["sha256"] = {name: sha256_file(tmp / name) for name in files + [CONFIG_FILE]}
-            atomic_write_json(tmp / STATE_FILE, full_state)
-            _swap_dir(tmp, final)
-            for alias in ["latest"] + (["best"] if is_best else []):
-                link_tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{alias}-", dir=run_dir))
-                shutil.copytree(final, link_tmp, copy_function=_link_or_copy, dirs_exist_ok=True)  # hard links
-                _swap_dir(link_tmp, run_dir / alias)
-            steps = sorted(history.glob("step-*"))
-            for stale in steps[: max(0, len(steps) - max(tcfg.keep_last, 1))]:
-                shutil.rmtree(stale, ignore_errors=True)
+            sharded = {"dir": SHARDED_DIR, "world_size": ctx.world,
+                       "writer": "torch.distributed.checkpoint HuggingFaceStorageWriter (safetensors, offsets in each "
+                                 "file's header)"}
+            write_checkpoint(out, state["step"], tensors={MODEL_FILE: {k: v.contiguous() for k, v in full.items()}},
+                             json_files={CONFIG_FILE: config}, tokenizer_file=tokenizer_file,
+                             state=dict(state, optimizer=metas, sharded=sharded), keep_last=keep_last,
+                             aliases=["latest"] + (["best"] if is_best else []), staged=True)
     except BaseException:
         if master:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    tdist.barrier()  # nobody runs ahead (or exits) before the checkpoint is in place
-    return final
+    return tmp
 
 
 def load_sharded(sharded_dir: Path, model: torch.nn.Module, optimizers: list, metas: list, ctx) -> dict:
@@ -111,7 +107,6 @@ def load_sharded(sharded_dir: Path, model: torch.nn.Module, optimizers: list, me
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.tensor import DTensor
 
-    from .distributed import param_of_key
 
     sharded = ctx.parallel == "fsdp"
     try:
@@ -150,4 +145,51 @@ def load_sharded(sharded_dir: Path, model: torch.nn.Module, optimizers: list, me
         if key.startswith("optim."):
             p = params[key[len("optim."):].rsplit(".", 1)[0]]
             out[key[len("optim."):]] = t if isinstance(t, DTensor) or t.dim() == 0 else t.to(p.device)
+    return out
+
+
+def load_optimizers(ckpt: Path, model: torch.nn.Module, optimizers: list, state: dict, ctx) -> None:
+    """Optimizer state from any checkpoint layout into this run's (possibly sharded) optimizers.
+
+    optimizer.safetensors (one process / DDP) holds full tensors; FSDP checkpoints hold shards.
+    Either is reshaped to what the live parameters are: full tensors, or this rank's shards."""
+    metas = state["optimizer"]
+    if len(metas) != len(optimizers):
+        raise UserError(f"{ckpt}: checkpoint has {len(metas)} optimizers, this run {len(optimizers)} "
+                        "(optim.optimizer changed?)")
+    if (Path(ckpt) / SHARDED_DIR).is_dir():
+        tensors = load_sharded(Path(ckpt) / SHARDED_DIR, model, optimizers, metas, ctx)
+    else:
+        tensors = load_tensors(Path(ckpt) / OPTIM_FILE)
+        if ctx.parallel == "fsdp":
+            tensors = _shard_like_params(tensors, optimizers, metas)
+    for i, opt in enumerate(optimizers):
+        sub = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}.")}
+        optimizer_from_tensors(opt, sub, metas[i])
+
+
+def param_of_key(optimizers: list, metas: list) -> dict[str, torch.Tensor]:
+    """'<optimizer>.<param id>' -> the live parameter it belongs to (ids follow param_groups order)."""
+    out = {}
+    for i, (opt, meta) in enumerate(zip(optimizers, metas)):
+        for saved, live in zip(meta["param_groups"], opt.param_groups):
+            if len(saved["params"]) != len(live["params"]):
+                raise UserError("checkpoint optimizer does not match the model (parameter groups differ)")
+            for pid, p in zip(saved["params"], live["params"]):
+                out[f"{i}.{pid}"] = p
+    return out
+
+
+def _shard_like_params(tensors: dict, optimizers: list, metas: list) -> dict:
+    """Full optimizer tensors -> this rank's shards, laid out as their parameter (FSDP2: dim 0)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = param_of_key(optimizers, metas)
+    out = {}
+    for key, t in tensors.items():
+        p = params.get(key.rsplit(".", 1)[0])
+        if isinstance(p, DTensor) and tuple(t.shape) == tuple(p.shape):
+            # src_data_rank=None: every rank holds the full tensor, so each just slices (no communication)
+            t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        out[key] = t
     return out

@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors for tensors, JSON for everything else, atomic directory swaps.
+"""The one checkpoint writer: safetensors for tensors, JSON for everything else, atomic directory swaps.
 
 Layout of a run directory:
 
@@ -7,10 +7,14 @@ Layout of a run directory:
     RUN/latest/                      the newest checkpoint (hard links into checkpoints/)
     RUN/best/                        the checkpoint with the lowest val loss
 
-Each checkpoint directory holds model.safetensors, optimizer.safetensors, state.json (step,
-tokens, RNG states, data cursor, scheduler/scaler state, file hashes), config.json and
-tokenizer.json. A directory is written under a temporary name and renamed into place only
-when every file is fsynced, so a kill at any moment leaves the previous checkpoint loadable.
+Every run kind writes through `write_checkpoint`: pretraining (model.safetensors,
+optimizer.safetensors), FSDP (plus sharded/, see fsdp.py), classifiers (plus head.safetensors),
+SFT, LoRA (adapter_model.safetensors + adapter_config.json instead of full weights) and merged
+runs. Each checkpoint directory also holds state.json (step, tokens, RNG states, data cursor,
+scheduler/scaler state, the sha256 of every file), config.json and tokenizer.json. A directory
+is written under a temporary name and renamed into place only when every file is fsynced, so a
+kill at any moment leaves the previous checkpoint loadable; `remove_stale_temps` clears what
+such a kill left behind.
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import UserError
-from .utils import atomic_write_json, fsync_dir, read_json, sha256_file
+from .. import UserError
+from ..model import gpt_of
+from ..utils import atomic_write_json, fsync_dir, read_json, sha256_file
 
 FORMAT_VERSION = 1
 MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE, TOKENIZER_FILE = (
@@ -39,31 +44,21 @@ MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE, TOKENIZER_FILE = (
     "config.json",
     "tokenizer.json",
 )
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain GPT inside DDP and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        else:
-            return model
+HEAD_FILE = "head.safetensors"  # a classifier's head
+ADAPTER_FILE, ADAPTER_CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"  # LoRA (PEFT's names)
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without the tied head (safetensors refuses shared storage, and it is redundant)."""
-    model = unwrap(model)
+    """The GPT's state dict without the tied head (safetensors refuses shared storage, and it is redundant)."""
+    model = gpt_of(model)
     sd = model.state_dict()
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and getattr(cfg, "tie_embeddings", False):
+    if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
 def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    model = unwrap(model)
+    model = gpt_of(model)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
     if missing or unexpected:
@@ -135,6 +130,66 @@ def _swap_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def optimizer_files(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Several optimizers (Muon + AdamW) in one file: keys "<optimizer index>.<param id>.<name>"; plain data apart."""
+    tensors, metas = {}, []
+    for i, opt in enumerate(optimizers):
+        t, m = optimizer_to_tensors(opt)
+        tensors.update({f"{i}.{k}": v for k, v in t.items()})
+        metas.append(m)
+    return tensors, metas
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """Where a checkpoint is assembled before it is renamed into place; a name every rank can derive."""
+    return Path(run_dir) / "checkpoints" / f".tmp-step-{step:07d}"
+
+
+def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, dict[str, torch.Tensor]],
+                     json_files: dict[str, Any], tokenizer_file: Optional[Path], state: dict,
+                     aliases: Sequence[str] = ("latest",), keep_last: int = 2, staged: bool = False) -> Path:
+    """Write RUN/checkpoints/step-N atomically, then point each alias (latest, best) at it. Returns its path.
+
+    `tensors` maps file names to tensors (safetensors), `json_files` file names to JSON data.
+    With `staged`, staging_dir(run_dir, step) already holds files written by others (FSDP
+    shards); they are hashed and swapped in with the rest.
+    """
+    run_dir = Path(run_dir)
+    history = run_dir / "checkpoints"
+    history.mkdir(parents=True, exist_ok=True)
+    final = history / f"step-{step:07d}"
+    tmp = staging_dir(run_dir, step)
+    if not staged:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a kill during an earlier save of this step
+        tmp.mkdir()
+    try:
+        for name, tensor_dict in tensors.items():
+            save_file(tensor_dict, str(tmp / name), metadata={"format": "pt"})
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+        for name, obj in json_files.items():
+            atomic_write_json(tmp / name, obj)
+        if tokenizer_file is not None and Path(tokenizer_file).exists():
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != STATE_FILE)
+        full_state = dict(state, format_version=FORMAT_VERSION)
+        full_state.setdefault("optimizer", None)
+        full_state["sha256"] = {name: sha256_file(tmp / name) for name in files}
+        atomic_write_json(tmp / STATE_FILE, full_state)
+        _swap_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for alias in aliases:
+        link_tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{alias}-", dir=run_dir))
+        shutil.copytree(final, link_tmp, copy_function=_link_or_copy, dirs_exist_ok=True)  # hard links
+        _swap_dir(link_tmp, run_dir / alias)
+    steps = sorted(history.glob("step-*"))
+    for stale in steps[: max(0, len(steps) - max(keep_last, 1))]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
 def save_checkpoint(
     run_dir: Path,
     *,
@@ -146,48 +201,24 @@ def save_checkpoint(
     keep_last: int = 2,
     is_best: bool = False,
 ) -> Path:
-    """Write checkpoints/step-N atomically, then point latest (and best) at it. Returns its path."""
+    """A pretraining checkpoint (full weights, optimizer state) through write_checkpoint."""
+    tensors = {MODEL_FILE: model_tensors(model)}
+    state = dict(state)
+    if optimizer is not None:
+        tensors[OPTIM_FILE], state["optimizer"] = optimizer_files(optimizer if isinstance(optimizer, list) else [optimizer])
+    return write_checkpoint(run_dir, state["step"], tensors=tensors, json_files={CONFIG_FILE: config},
+                            tokenizer_file=tokenizer_file, state=state, keep_last=keep_last,
+                            aliases=["latest"] + (["best"] if is_best else []))
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Delete the half-written checkpoints a killed save left behind (a full model + optimizer each)."""
     run_dir = Path(run_dir)
-    history = run_dir / "checkpoints"
-    history.mkdir(parents=True, exist_ok=True)
-    final = history / f"step-{state['step']:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=history))
-    try:
-        save_file(model_tensors(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        files = [MODEL_FILE]
-        optim_meta = None
-        if optimizer is not None:
-            # several optimizers (Muon + AdamW) share one file: keys are "<optimizer index>.<param id>.<name>"
-            tensors, optim_meta = {}, []
-            for i, opt in enumerate(optimizer if isinstance(optimizer, list) else [optimizer]):
-                t, m = optimizer_to_tensors(opt)
-                tensors.update({f"{i}.{k}": v for k, v in t.items()})
-                optim_meta.append(m)
-            save_file(tensors, str(tmp / OPTIM_FILE))
-            files.append(OPTIM_FILE)
-        for name in files:
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
-        atomic_write_json(tmp / CONFIG_FILE, config)
-        if tokenizer_file is not None and Path(tokenizer_file).exists():
-            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-            files.append(TOKENIZER_FILE)
-        full_state = dict(state, format_version=FORMAT_VERSION, optimizer=optim_meta)
-        full_state["sha256"] = {name: sha256_file(tmp / name) for name in files + [CONFIG_FILE]}
-        atomic_write_json(tmp / STATE_FILE, full_state)
-        _swap_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for alias in ["latest"] + (["best"] if is_best else []):
-        link_tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{alias}-", dir=run_dir))
-        for f in final.iterdir():
-            _link_or_copy(f, link_tmp / f.name)
-        _swap_dir(link_tmp, run_dir / alias)
-    steps = sorted(history.glob("step-*"))
-    for stale in steps[: max(0, len(steps) - max(keep_last, 1))]:
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
+    stale = [p for p in [*run_dir.glob(".tmp-*"), *run_dir.glob(".*.old"), *(run_dir / "checkpoints").glob(".tmp-*")]
+             if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def verify_checkpoint(ckpt: Path) -> dict:
@@ -245,25 +276,17 @@ def resolve_checkpoint(run: Path, which: str = "best") -> Path:
     run = Path(run)
     if not run.exists():
         raise UserError(f"{run}: no such run directory")
-    if (run / MODEL_FILE).exists():
+    def holds_weights(d: Path) -> bool:
+        return (d / MODEL_FILE).exists() or (d / ADAPTER_FILE).exists()
+
+    if holds_weights(run):
         return run
     for name in ([which, "latest"] if which != "latest" else ["latest"]):
-        if (run / name / MODEL_FILE).exists():
+        if holds_weights(run / name):
             return run / name
-    raise UserError(f"{run}: no checkpoint found (expected {run}/{which}/{MODEL_FILE})")
+    raise UserError(f"{run}: no checkpoint found (expected {run}/{which}/{MODEL_FILE} or {ADAPTER_FILE})")
 
 
-def load_model(run: Path, which: str = "best", device: str | torch.device = "cpu", verify: bool = True):
-    """Load a trained model for inference: returns (model in eval mode, tokenizer, config dict)."""
-    from .model import GPT, ModelConfig
-    from .tokenizer import Tokenizer
-
-    ckpt = resolve_checkpoint(run, which)
-    if verify:
-        verify_checkpoint(ckpt)
-    config = read_json(ckpt / CONFIG_FILE)
-    model = GPT(ModelConfig(**config["model"]))
-    load_model_tensors(model, load_tensors(ckpt / MODEL_FILE))
-    model.to(device).eval()
-    tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE)
-    return model, tokenizer, config
+def weights_sha256(ckpt: Path) -> str:
+    """What identifies a checkpoint's weights: its full weights, or its LoRA adapter."""
+    return sha256_file(ckpt / MODEL_FILE) if (ckpt / MODEL_FILE).exists() else sha256_file(ckpt / ADAPTER_FILE)

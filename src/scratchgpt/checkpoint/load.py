@@ -1,0 +1,124 @@
+"""The one loader: any run directory (or checkpoint directory) -> a ready model.
+
+Every command that takes a RUN loads it here: `sample`, `chat`, `serve`, `eval`, `predict`,
+`info`, `finetune` (its base) and `merge-lora`. What a checkpoint holds decides what comes back:
+
+    model.safetensors                         a GPT (pretrained, SFT, merged)
+    + head.safetensors, config "classifier"    a GPTClassifier around it
+    adapter_model.safetensors (LoRA)           the base run it names, loaded the same way, with the
+                                               adapter applied by PEFT (and folded in unless merge=False)
+
+Every file is checked against the sha256 in state.json first. A command that cannot use a
+kind of run says so in one line (`LoadedRun.language_model`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .. import UserError
+from ..model import GPT, ModelConfig, gpt_of
+from ..tokenizer import Tokenizer
+from ..utils import read_json
+from .store import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, TOKENIZER_FILE,
+                    load_model_tensors, load_tensors, resolve_checkpoint, verify_checkpoint, weights_sha256)
+
+
+@dataclass
+class LoadedRun:
+    """A loaded checkpoint: the model (in eval mode), its tokenizer and its config.json."""
+
+    model: nn.Module  # a GPT, or a GPTClassifier; a LoRA run's adapter is applied
+    tokenizer: Tokenizer
+    config: dict
+    checkpoint: Path
+
+    @property
+    def gpt(self) -> GPT:
+        """The language model inside (a classifier's backbone)."""
+        return gpt_of(self.model)
+
+    @property
+    def is_classifier(self) -> bool:
+        return "classifier" in self.config
+
+    @property
+    def is_lora(self) -> bool:
+        return (self.checkpoint / ADAPTER_FILE).exists()
+
+    def language_model(self, command: str) -> GPT:
+        """The GPT, for a command that generates or scores text; a one-line refusal where it can't."""
+        if self.is_classifier:
+            raise UserError(f"{self.checkpoint} is a classification run: `{command}` needs a language model; use "
+                            "`scratchgpt predict` or `scratchgpt eval --task classify` with it")
+        if not self.gpt.cfg.causal:
+            raise UserError(f"{self.checkpoint} is a bidirectional (model.causal=false, mlm) model: `{command}` needs "
+                            "a causal model that predicts the next token")
+        return self.gpt
+
+
+def load_run(run: str | Path, which: str = "best", *, device: str | torch.device = "cpu",
+             base: Optional[str | Path] = None, merge: bool = True, verify: bool = True) -> LoadedRun:
+    """Load RUN/which (falling back to latest) or a checkpoint directory, whatever kind of run it is.
+
+    `base` overrides the base run a LoRA adapter records (when it moved). merge=True folds a LoRA
+    adapter into the weights (faster, and what quantization needs); merge=False keeps PEFT's wrapper.
+    """
+    ckpt = resolve_checkpoint(Path(run), which)
+    if verify:
+        verify_checkpoint(ckpt)
+    config = read_json(ckpt / CONFIG_FILE)
+    lora = (ckpt / ADAPTER_FILE).exists()
+    if lora:
+        gpt = _base_for_adapter(ckpt, config.get("finetune") or {}, base)
+    else:
+        gpt = GPT(ModelConfig(**config["model"]))
+        load_model_tensors(gpt, load_tensors(ckpt / MODEL_FILE))
+    model: nn.Module = gpt
+    if "classifier" in config:
+        from ..heads import GPTClassifier
+
+        cls = config["classifier"]
+        model = GPTClassifier(gpt, len(cls["labels"]), cls.get("pooling", "last"))
+        try:
+            model.head.load_state_dict(load_tensors(ckpt / HEAD_FILE))
+        except RuntimeError as e:
+            raise UserError(f"{ckpt / HEAD_FILE}: does not match the config ({str(e).splitlines()[0][:200]})") from None
+    if lora:
+        from ..lora import load_adapter
+
+        model = load_adapter(model, read_json(ckpt / ADAPTER_CONFIG_FILE), load_tensors(ckpt / ADAPTER_FILE), str(ckpt))
+        if merge:
+            model = model.merge_and_unload()
+    model.to(device).eval()
+    return LoadedRun(model, Tokenizer.load(ckpt / TOKENIZER_FILE), config, ckpt)
+
+
+def load_model(run: str | Path, which: str = "best", device: str | torch.device = "cpu",
+               verify: bool = True) -> tuple[GPT, Tokenizer, dict]:
+    """load_run's language-model view: (GPT in eval mode, tokenizer, config dict)."""
+    loaded = load_run(run, which, device=device, verify=verify)
+    return loaded.gpt, loaded.tokenizer, loaded.config
+
+
+def _base_for_adapter(ckpt: Path, finetune: dict, base: Optional[str | Path]) -> GPT:
+    """The base GPT an adapter was trained on; a different base (by sha256 of its weights) is an error."""
+    recorded = finetune.get("base")
+    if base is None and not recorded:
+        raise UserError(f"{ckpt}: LoRA run without a recorded base; pass --base")
+    base_path = Path(base) if base is not None else Path(recorded)
+    if base is None and not base_path.exists():
+        raise UserError(f"{ckpt}: its base {base_path} is gone; pass --base with a copy of it")
+    base_run = load_run(base_path)
+    want, got = finetune.get("base_sha256"), weights_sha256(base_run.checkpoint)
+    if want and want != got:
+        raise UserError(f"{ckpt}: this adapter was trained on a different base ({recorded}, weights sha256 "
+                        f"{want[:12]}...); {base_run.checkpoint} has {got[:12]}...")
+    gpt = base_run.gpt
+    gpt.train()
+    return gpt

@@ -1,0 +1,226 @@
+"""Prepared token data, read: the manifest (meta.json), the memory-mapped splits, `data-info`.
+
+A prepared data directory holds:
+  train.bin, val.bin   flat token ids, little-endian uint16 (vocab <= 65536) or uint32
+  tokenizer.json       see scratchgpt.tokenizer
+  meta.json            manifest: counts, dtype, cleaning report, sha256s, settings
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .. import UserError
+from ..utils import read_json, sha256_file
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65536 else "uint32"
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check `data_dir/meta.json`; UserError when missing, invalid or inconsistent."""
+    data_dir = Path(data_dir)
+    path = data_dir / META_FILE
+    if not path.is_file():
+        if not data_dir.exists():
+            raise UserError(f"data directory {data_dir} does not exist (run `scratchgpt prepare` first)")
+        raise UserError(f"{path} not found: {data_dir} is not a prepared data directory")
+    try:
+        meta = read_json(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable meta.json ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: meta.json must hold a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    for key, typ in (("tokenizer", str), ("vocab_size", int), ("dtype", str),
+                     ("train_tokens", int), ("val_tokens", int)):
+        if not isinstance(meta.get(key), typ):
+            raise UserError(f"{path}: field {key!r} missing or not a {typ.__name__}")
+    if meta["dtype"] not in _DTYPES:
+        raise UserError(f"{path}: dtype {meta['dtype']!r} must be one of {sorted(_DTYPES)}")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in SPLITS:
+        bin_path = data_dir / f"{split}.bin"
+        if not bin_path.is_file():
+            raise UserError(f"{bin_path} is missing")
+        want = meta[f"{split}_tokens"] * itemsize
+        got = bin_path.stat().st_size
+        if got != want:
+            raise UserError(
+                f"{bin_path} holds {got} bytes but meta.json says {meta[f'{split}_tokens']} "
+                f"{meta['dtype']} tokens ({want} bytes): the directory is damaged or mixed up"
+            )
+    return meta
+
+
+class TokenDataset:
+    """One split of a prepared data directory, memory-mapped read-only.
+
+    Batches come from `batch_offsets(step, ...)`, a pure function of (seed, step), so a
+    resumed run or any number of data-parallel ranks (each slicing the global batch)
+    see exactly the same token windows.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str = "train",
+        block_size: int = 256,
+        *,
+        seed: int = 1337,
+        shuffle: bool = True,
+    ) -> None:
+        if split not in SPLITS:
+            raise UserError(f"split must be one of {SPLITS}, not {split!r}")
+        if block_size < 1:
+            raise UserError(f"block size must be at least 1, not {block_size}")
+        self.data_dir = Path(data_dir)
+        self.meta = load_meta(self.data_dir)
+        self.split = split
+        self.block_size = int(block_size)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.position = 0
+        self.n_tokens: int = self.meta[f"{split}_tokens"]
+        self.dtype = np.dtype(self.meta["dtype"])
+        path = self.data_dir / f"{split}.bin"
+        if self.n_tokens == 0:
+            raise UserError(f"{path} is empty")
+        self.tokens: np.memmap = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+        if self.block_size > self.n_tokens - 1:
+            raise UserError(
+                f"block size {self.block_size} is too large for the {split} split of {self.data_dir}: "
+                f"it holds {self.n_tokens} tokens, so the block size can be at most {self.n_tokens - 1}"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    @property
+    def max_offset(self) -> int:
+        """Largest valid window start: x and y need block_size + 1 tokens together."""
+        return self.n_tokens - self.block_size - 1
+
+    def batch_offsets(self, step: int, batch_size: int, seed: int | None = None) -> np.ndarray:
+        """Random window starts for global optimizer step `step`, uniform in [0, max_offset]."""
+        seed = self.seed if seed is None else seed
+        rng = np.random.default_rng([int(seed), int(step)])
+        return rng.integers(0, self.max_offset, size=batch_size, endpoint=True, dtype=np.int64)
+
+    def sequential_offsets(self, step: int, batch_size: int) -> np.ndarray:
+        """Non-overlapping windows in order, wrapping around: batch `step` of an epoch loop."""
+        n_windows = (self.n_tokens - 1) // self.block_size
+        k = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+        return (k % n_windows) * self.block_size
+
+    def get_batch(self, offsets: np.ndarray):
+        """(x, y) int64 tensors of shape (B, block_size); y is x shifted by one token."""
+        import torch
+
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if offsets.ndim != 1:
+            raise ValueError("offsets must be one-dimensional")
+        if offsets.size and (offsets.min() < 0 or offsets.max() > self.max_offset):
+            raise ValueError(f"offsets must lie in [0, {self.max_offset}]")
+        idx = offsets[:, None] + np.arange(self.block_size + 1, dtype=np.int64)
+        buf = self.tokens[idx].astype(np.int64)
+        x = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))
+        y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
+        return x, y
+
+    def next_batch(self, batch_size: int):
+        """The batch at the internal cursor (random or sequential), then advance it."""
+        if self.shuffle:
+            offsets = self.batch_offsets(self.position, batch_size)
+        else:
+            offsets = self.sequential_offsets(self.position, batch_size)
+        self.position += 1
+        return self.get_batch(offsets)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.position = int(d["position"])
+        self.seed = int(d.get("seed", self.seed))
+        self.shuffle = bool(d.get("shuffle", self.shuffle))
+
+    def eval_windows(self, context: int, batch_size: int) -> Iterator[tuple[Any, Any]]:
+        """Whole-split evaluation: non-overlapping windows of `context` tokens, in order.
+
+        Every token but the first is predicted exactly once. Full windows come in batches
+        of up to `batch_size`; a last, shorter window (if any) comes alone as shape (1, L).
+        """
+        import torch
+
+        if context < 1 or batch_size < 1:
+            raise UserError("context and batch size must be positive")
+        n_pred = self.n_tokens - 1
+        n_full = n_pred // context
+        ar = np.arange(context + 1, dtype=np.int64)
+        for first in range(0, n_full, batch_size):
+            starts = np.arange(first, min(first + batch_size, n_full), dtype=np.int64) * context
+            buf = self.tokens[starts[:, None] + ar].astype(np.int64)
+            yield (torch.from_numpy(np.ascontiguousarray(buf[:, :-1])),
+                   torch.from_numpy(np.ascontiguousarray(buf[:, 1:])))
+        rest = n_pred - n_full * context
+        if rest:
+            buf = np.asarray(self.tokens[n_full * context:], dtype=np.int64)
+            yield torch.from_numpy(buf[None, :-1].copy()), torch.from_numpy(buf[None, 1:].copy())
+
+
+def load_tokenizer(data_dir: str | os.PathLike):
+    """The tokenizer of a prepared data directory."""
+    from ..tokenizer import Tokenizer
+
+    return Tokenizer.load(data_dir)
+
+
+def data_info(data_dir: str | os.PathLike, *, sample_tokens: int = 200, verify: bool = False) -> str:
+    """A readable summary of a prepared directory: manifest, token counts, decoded samples.
+
+    With `verify`, the sha256 of every file is checked against meta.json (UserError if not).
+    """
+    data_dir = Path(data_dir)
+    meta = load_meta(data_dir)
+    tok = load_tokenizer(data_dir)
+    lines = [f"data directory: {data_dir}", "manifest (meta.json):"]
+    lines += ["  " + line for line in json.dumps(meta, indent=2, ensure_ascii=False).splitlines()]
+    lines.append(
+        f"tokens: train {meta['train_tokens']:,}  val {meta['val_tokens']:,}  "
+        f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}, {meta['dtype']})"
+    )
+    if verify:
+        for name, info in meta.get("files", {}).items():
+            got = sha256_file(data_dir / name)
+            if got != info.get("sha256"):
+                raise UserError(f"{data_dir / name}: sha256 {got} does not match meta.json")
+        lines.append("sha256: all files match meta.json")
+    for split in SPLITS:
+        n = meta[f"{split}_tokens"]
+        tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r", shape=(n,))
+        sample = tok.decode(np.asarray(tokens[: max(0, sample_tokens)]).astype(np.int64))
+        lines.append(f"{split} sample (first {min(n, sample_tokens)} tokens, decoded):")
+        lines += ["  | " + line for line in sample.split("\n")]
+    return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""`scratchgpt merge-lora`: fold a LoRA run's adapter into its base, a full checkpoint of its own.
+
+Not needed to use a LoRA run (every command applies the adapter on load), but a merged run
+loads without its base, exports as plain weights, and quantizes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .. import UserError
+from ..checkpoint import ADAPTER_FILE, CONFIG_FILE, STATE_FILE, TOKENIZER_FILE, load_run, resolve_checkpoint, write_checkpoint
+from ..utils import atomic_write_json, read_json
+from .loop import check_out, run_files
+
+
+def merge_lora(run: str | os.PathLike, out: str | os.PathLike, *, base: Optional[str | os.PathLike] = None,
+               which: str = "best", force: bool = False) -> Path:
+    """Fold a LoRA run's adapter into its base: a full checkpoint that out/best and out/latest point at."""
+    ckpt = resolve_checkpoint(Path(run), which)
+    if not (ckpt / ADAPTER_FILE).exists():
+        raise UserError(f"{ckpt} holds no LoRA adapter ({ADAPTER_FILE}); nothing to merge")
+    out = Path(out)
+    check_out(out, force, [Path(run)])
+    loaded = load_run(ckpt, base=base, merge=True)
+    config = dict(loaded.config)
+    config["finetune"] = dict(config.get("finetune") or {}, lora=None, merged_from=str(ckpt.resolve()))
+    state = read_json(ckpt / STATE_FILE)
+    step = state.get("step", 0)
+    final = write_checkpoint(out, step, tensors=run_files(loaded.model, lora=False), json_files={CONFIG_FILE: config},
+                             tokenizer_file=ckpt / TOKENIZER_FILE,
+                             state={"step": step, "tokens": state.get("tokens", 0), "merged": True},
+                             aliases=["latest", "best"])
+    atomic_write_json(out / CONFIG_FILE, config)
+    print(f"merged {ckpt} into {final}", file=sys.stderr)
+    return out / "best"
