@@ -398,6 +398,57 @@ def test_sft_cli_lora_pack_default_template_and_merge(base_run, ft_root, capsys)
     assert merged_cfg["chat_template"] == config["chat_template"]
 
 
+def test_lora_run_works_directly_with_sample_chat_serve_and_eval(base_run, ft_root, capsys, monkeypatch):
+    """No merge needed: every command loads a LoRA run through the one loader, which applies the adapter."""
+    rows = [{"prompt": w, "response": w[::-1]} for w in words(40, 5)]
+    write_jsonl(ft_root / "rev2.jsonl", rows)
+    lora, merged = ft_root / "sft_lora_direct", ft_root / "sft_lora_direct_merged"
+    code, _, err = cli(capsys, "finetune", "sft", base_run, "--train", ft_root / "rev2.jsonl", "--val",
+                       ft_root / "rev2.jsonl", "--out", lora, "--lora", "--max-steps", "6", "--lr", "0.05")
+    assert code == 0, err
+    assert cli(capsys, "merge-lora", lora, "--out", merged)[0] == 0
+    seeded = ["--prompt", "abcd", "--temperature", "1", "--seed", "3", "--max-new-tokens", "12", "--device", "cpu"]
+    texts = {}
+    for name, run in (("lora", lora), ("merged", merged)):
+        code, out, err = cli(capsys, "sample", run, *seeded, "--raw")
+        assert code == 0, err
+        texts[name] = out
+    assert texts["lora"] == texts["merged"]  # the adapter is applied, exactly as merged
+
+    replies = []
+    for run in (lora, merged):
+        monkeypatch.setattr("sys.stdin", io.StringIO("abcd\n/exit\n"))
+        code, chat_out, err = cli(capsys, "chat", run, "--seed", "3", "--max-new-tokens", "8", "--device", "cpu")
+        assert code == 0 and chat_out, err
+        replies.append(chat_out)
+    assert replies[0] == replies[1]
+
+    losses = {}
+    for name, run in (("lora", lora), ("merged", merged), ("base", base_run)):
+        code, out, err = cli(capsys, "eval", run)
+        assert code == 0, err
+        losses[name] = json.loads(out)["val_loss"]
+    assert losses["lora"] == pytest.approx(losses["merged"], rel=1e-5) and losses["lora"] != losses["base"]
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    apps = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: apps.append(app))
+    code, _, err = cli(capsys, "serve", lora, "--port", "0", "--device", "cpu")
+    assert code == 0 and len(apps) == 1, err
+    body = {"prompt": "abcd", "max_tokens": 12, "temperature": 1, "seed": 3}
+    reply = TestClient(apps[0]).post("/v1/completions", json=body).json()
+    assert reply["choices"][0]["text"] == texts["lora"][len("abcd"):].removesuffix("\n")
+
+
+def test_commands_refuse_run_kinds_they_cannot_use(cls_run, capsys):
+    run, _ = cls_run
+    for command in (["sample", run, "--prompt", "x"], ["chat", run], ["serve", run, "--port", "0"]):
+        msg = one_line_error(capsys, *command)
+        assert "classification run" in msg and "predict" in msg
+
+
 # ---------------------------------------------------------------- MLM
 def test_mlm_masking_is_bert_style_and_deterministic():
     V = 101  # 100 tokenizer ids + [MASK] = 100

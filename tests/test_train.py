@@ -308,3 +308,18 @@ def test_vocab_mismatch_on_resume(tmp_path, char_data, capsys):
     msg = _one_line_error(cli(capsys, "train", "--data", tmp_path / "d2", "--out", run, "--resume"))
     assert "vocabulary mismatch" in msg
     assert (run / "latest/model.safetensors").read_bytes() == before
+
+
+def test_resume_takes_exactly_the_keys_given_even_at_their_default(tmp_path, char_data, capsys):
+    """--resume keeps the saved config except for keys on the command line or in --config, whatever their value."""
+    run = tmp_path / "run"
+    flags = tiny_flags(**{"train.max_iters": 4, "train.eval_interval": 4, "optim.lr": 3e-3, "train.log_interval": 2})
+    assert cli(capsys, "train", "--data", char_data, "--out", run, *flags)[0] == 0
+    (tmp_path / "more.yaml").write_text("train:\n  log_interval: 10\n")  # 10 is TrainConfig's default
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--train.max_iters", "6", "--optim.lr", "0.001",
+                       "--config", tmp_path / "more.yaml")  # 0.001 is OptimConfig's default
+    assert code == 0, err
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["optim"]["lr"] == 0.001 and saved["train"]["log_interval"] == 10 and saved["train"]["max_iters"] == 6
+    assert saved["optim"]["warmup_iters"] == 2 and saved["train"]["batch_size"] == 8  # not given: kept from the run
+    assert "keeps its original length of 4 steps" in err and saved["optim"]["decay_iters"] == 4  # no LR jump

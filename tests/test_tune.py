@@ -184,3 +184,13 @@ def test_cli(char_data, tmp_path, capsys):
     assert err.strip() == "error: search space: unknown key 'optim.learning_rate' (did you mean optim.lr?)"
     assert main(argv) == 1  # out already holds a search
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_cli_resume_checks_exactly_the_keys_given(char_data, tmp_path, capsys):
+    """A base-config flag on `tune --resume` must match the saved search, even when it equals the default."""
+    out = tmp_path / "s"
+    tune({"optim.lr": [1e-3, 2e-3]}, out, data=char_data, method="random", trials=1, **BASE)
+    capsys.readouterr()
+    assert main(["tune", "--out", str(out), "--resume", "--trials", "1", "--train.max_iters", "1000"]) == 1
+    assert "train.max_iters differs from the saved search (3 there, 1000 now)" in capsys.readouterr().err
+    assert main(["tune", "--out", str(out), "--resume", "--trials", "1", "--train.max_iters", "3"]) == 0

@@ -14,6 +14,7 @@ from typing import Iterable, Iterator, Optional, TextIO
 
 from . import UserError
 from .checkpoint import load_run
+from .data.readers import read_text
 from .generate import GenerationConfig, resolve_seed, complete, generate, stream
 from .model import GPT, gpt_of
 from .prompts import ChatTemplate, encode_with_eot
@@ -127,10 +128,9 @@ def sample_cli(
         raise UserError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
         try:
-            with open(prompt_file, encoding="utf-8") as f:
-                prompt = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --prompt-file {prompt_file}: {e}") from None
+            prompt = read_text(prompt_file)
+        except UserError as e:
+            raise UserError(f"--prompt-file {e}") from None
     prompt = prompt or ""
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")

@@ -263,7 +263,7 @@ def _finetune_parser() -> Parser:
 
     p = Parser(prog="scratchgpt finetune",  # before add_subcommand: the sub-parsers' usage lines copy it
                description="Fine-tune a run: `classify` (text -> label) or `sft` (prompt -> response).")
-    sub = p.add_subcommands(dest="mode")
+    sub = p.add_subcommands(dest="mode", help="the task: classify (text -> label) or sft (prompt -> response)")
     c = Parser(description="Classifier: a head on the last (or mean) hidden state; reports accuracy, macro-F1 "
                            "and the confusion matrix on val; keeps the best checkpoint.")
     _finetune_common(c)

@@ -26,7 +26,7 @@ import numpy as np
 from . import UserError
 from .checkpoint import load_run
 from .data import TokenDataset, load_meta
-from .data.readers import read_labelled, read_sft
+from .data.readers import read_labelled, read_sft, read_text
 from .generate import complete
 from .heads import predict_proba
 from .metrics import classification_metrics, evaluate_lm, generation_metrics
@@ -72,12 +72,7 @@ class _Tokens:
 
 
 def _text_dataset(path: Path, tokenizer) -> _Tokens:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    text = read_text(path)
     try:
         tokens = tokenizer.encode_array(text)
     except UserError as e:

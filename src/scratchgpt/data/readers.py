@@ -18,6 +18,17 @@ from typing import Any, Sequence
 from .. import UserError
 
 
+def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
+    """A whole text file; a missing, unreadable or non-UTF-8 file is a one-line error naming it."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def read_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """(line number, row) for each record of a .csv/.tsv (header row) or .jsonl/.ndjson file.
 
@@ -28,12 +39,7 @@ def read_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    try:
-        raw = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    raw = read_text(path, encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first column's name
     if suffix in (".jsonl", ".ndjson"):
         rows = []
         for i, line in enumerate(raw.splitlines(), 1):
@@ -91,10 +97,7 @@ def read_texts(path: str | os.PathLike, text_field: str) -> tuple[list[str], lis
     """(texts, where) from a CSV/JSONL file, or every non-blank line of a .txt file."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: cannot read ({e})") from None
+        lines = read_text(path).splitlines()
         pairs = [(i, ln) for i, ln in enumerate(lines, 1) if ln.strip()]
         return [t for _, t in pairs], [f"{path}:{i}" for i, _ in pairs]
     rows = read_rows(path)

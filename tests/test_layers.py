@@ -1,0 +1,95 @@
+"""The package's layering: no import cycles, and library modules never import command modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "scratchgpt"
+# Commands (what a user runs) sit on top; everything else is library code they share.
+COMMANDS = {"train", "finetune", "evaluate", "chat", "tune", "serve", "report", "export", "cli", "__main__"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "__init__"
+
+
+def imports_of(path: Path) -> set[str]:
+    """Package modules `path` imports (relative or absolute, at any depth in the file)."""
+    mod = module_name(path)
+    package = mod.split(".") if path.name == "__init__.py" and mod != "__init__" else mod.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                target = ".".join([*base, node.module] if node.module else base)
+            elif node.module and node.module.startswith("scratchgpt"):
+                target = node.module.removeprefix("scratchgpt").lstrip(".")
+            else:
+                continue
+            names = [target] if node.module or not target else []
+            # `from . import distributed` imports a module; `from .x import name` imports module x
+            names += [f"{target}.{a.name}".lstrip(".") for a in node.names]
+            found.update(n for n in names if n)
+        elif isinstance(node, ast.Import):
+            found.update(a.name.removeprefix("scratchgpt.") for a in node.names if a.name.startswith("scratchgpt."))
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    edges = {}
+    for mod, path in files.items():
+        targets = set()
+        for name in imports_of(path):
+            # resolve "a.b.c" to the longest prefix that is a module of the package
+            parts = name.split(".")
+            while parts and ".".join(parts) not in files:
+                parts.pop()
+            if parts and ".".join(parts) != mod:
+                targets.add(".".join(parts))
+        edges[mod] = targets
+    return edges
+
+
+def top(mod: str) -> str:
+    return mod.split(".")[0]
+
+
+def test_graph_sees_the_package():
+    g = graph()
+    assert {"model", "train", "checkpoint.store", "checkpoint.load", "data.prepare", "finetune.loop", "cli"} <= set(g)
+    assert "model" in g["train"] and "checkpoint" in g["chat"] and "checkpoint.load" in g["checkpoint"]
+
+
+def test_no_import_cycles():
+    g = graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(g.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(g):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_library_never_imports_commands():
+    bad = [(mod, dep) for mod, deps in graph().items() if top(mod) not in COMMANDS
+           for dep in deps if top(dep) in COMMANDS and mod != "__init__"]
+    assert not bad, f"library modules importing command modules: {bad}"
+
+
+def test_package_init_stays_light():
+    """`import scratchgpt` (and so `scratchgpt --help`) must not pull in torch through the package root."""
+    assert graph()["__init__"] == set()
