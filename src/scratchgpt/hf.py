@@ -1,0 +1,1030 @@
+"""Hugging Face transformers interop: export a checkpoint as a stock transformers model, import one back.
+
+An exported folder loads with `AutoModelForCausalLM.from_pretrained(out)` and
+`AutoTokenizer.from_pretrained(out)`, no `trust_remote_code`: every scratchgpt model that
+has an exact standard twin is written as that class, with the same math, so fp32 logits
+agree within 1e-4 and greedy decoding agrees token for token. Nothing is approximated:
+a model without an exact twin is refused with one line naming the option.
+
+Mapping (our `ModelConfig` -> transformers class, and the config keys that carry the choice):
+
+    pos      norm       placement  mlp              -> class (model_type)
+    learned  layernorm  pre        gelu|relu|relu2  -> GPT2LMHeadModel (gpt2): activation_function, n_inner
+    learned  layernorm  post       gelu|relu|relu2  -> OPTForCausalLM (opt): do_layer_norm_before=false
+    rope     layernorm  pre        gelu|relu|relu2  -> GPTNeoXForCausalLM (gpt_neox): use_parallel_residual=false,
+                                                      partial_rotary_factor=1, hidden_act
+    rope     rmsnorm    pre        swiglu           -> LlamaForCausalLM (llama): hidden_act=silu
+    rope     rmsnorm    pre        gelu|relu|relu2  -> ArceeForCausalLM (arcee): Llama with a plain up/down MLP
+
+  every row: vocab_size, n_layer, n_head, n_embd, block_size (max_position_embeddings),
+  mlp_hidden (intermediate size), rope_base (rope_theta), tie_embeddings (tie_word_embeddings),
+  dropout, init_std (initializer_range). `bias=false` sets the classes' bias flags off
+  (OPT enable_bias, NeoX attention_bias, Llama/Arcee attention_bias and mlp_bias); a bias a
+  class always has (GPT-2's, every LayerNorm's, NeoX's MLP) is written as zeros. Our GELU is
+  the exact erf GELU (`"gelu"`, not GPT-2's `"gelu_new"`); LayerNorm eps 1e-5, RMSNorm 1e-6.
+
+Refused (no standard class computes the same function):
+  causal=false (bidirectional), value_embeds, logit_softcap (Gemma2's final_logit_softcapping
+  comes with (1+w) RMSNorms, sandwich norms, scaled embeddings and GeGLU), qk_norm (Qwen3's
+  per-head q/k RMSNorm uses eps=rms_norm_eps, 1e-6 here, where ours uses torch's default
+  1.2e-7: close, not the same), pos=sinusoidal, learned positions with rmsnorm or swiglu,
+  rope with post-norm, swiglu with layernorm.
+
+Weight layout: ours is nanoGPT's (`transformer.h.N.attn.c_attn` holds [q; k; v], each head
+contiguous; swiglu's c_fc holds [gate; up]). GPT-2 stores Linear weights transposed
+(Conv1D); OPT/Llama/Arcee split q, k, v (and gate, up); NeoX fuses qkv per head
+([q_h; k_h; v_h] for each head h); OPT's position table has 2 leading rows it never reads
+for unpadded input (written as zeros). A tied head is omitted from model.safetensors, as
+transformers does. RoPE rotates (first half, second half) of each head in both.
+
+Classifiers (`finetune classify` runs: a linear head on the last real token's hidden state)
+export as the family's `...ForSequenceClassification`. Its `score` layer has no bias, so our
+head's bias is folded into the final LayerNorm's bias (exact: that norm feeds only the
+score); RMSNorm families have no bias to fold into and are refused unless the bias is zero.
+transformers pools the rightmost token that is not `pad_token_id`, so the pad id must be one
+that text never encodes to: `<|endoftext|>` for BPE (our encoder never emits it), and for
+char tokenizers a new `<pad>` token with a zero embedding row. `pooling: mean` is refused.
+
+Tokenizer: tokenizer.json is copied as is (it is already a `tokenizers` file) with a
+tokenizer_config.json for `PreTrainedTokenizerFast`. `split_special_tokens: true` keeps
+`<|endoftext|>` inside text as plain characters, exactly as scratchgpt encodes it; the EOT
+id is the config's bos/eos id (append `tokenizer.eos_token_id` to mark a document end).
+
+Import (`import_hf`) reads model.safetensors or a sharded index (fp32, fp16 or bf16; held as
+fp32) for the five classes above and writes a scratchgpt run. Refused in one line: any other
+model_type, pytorch_model.bin (loading it means unpickling, which can run code), GQA
+(num_key_value_heads != num_attention_heads), scaled or partial RoPE, GPT-NeoX's parallel
+residual, epsilons or activations we lack (e.g. GPT-2's gelu_new). A bias is kept (bias=true)
+when the config declares linear biases or any bias tensor is nonzero; biases that are all
+zero are dropped, which is the same math with fewer parameters. Export -> import -> export
+reproduces model.safetensors and config.json byte for byte.
+
+Public API:
+    hf_architecture(cfg, classifier_pooling=None) -> str
+    hf_config(cfg, *, eot_id=None, pad_token_id=None, labels=None) -> dict
+    state_dict_to_hf(cfg, tensors) -> dict[str, Tensor]
+    export_checkpoint(ckpt, out, *, which="best", force=False) -> Path
+    read_hf_folder(hf_dir) -> (hf config dict, fp32 tensors)
+    config_from_hf(hf_config, tensors=None) -> ModelConfig
+    state_dict_from_hf(hf_config, tensors, cfg=None) -> dict[str, Tensor]
+    load_hf_tokenizer(path) -> Tokenizer
+    import_hf(hf_dir, out, *, tokenizer=None, force=False) -> Path
+`transformers` itself is never imported here: the files are written and read directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import UserError
+from .checkpoint import (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_tensors, resolve_checkpoint, save_checkpoint,
+                         verify_checkpoint)
+from .model import GPT, ModelConfig
+from .tokenizer import EOT, UNK, Tokenizer
+from .utils import atomic_write, atomic_write_bytes, atomic_write_json, fsync_dir, read_json, sha256_file
+
+__all__ = [
+    "FAMILIES",
+    "hf_architecture",
+    "hf_config",
+    "state_dict_to_hf",
+    "export_checkpoint",
+    "read_hf_folder",
+    "config_from_hf",
+    "state_dict_from_hf",
+    "load_hf_tokenizer",
+    "import_hf",
+]
+
+HEAD_FILE, ADAPTER_FILE = "head.safetensors", "adapter_model.safetensors"  # as finetune.py writes them
+LAYERNORM_EPS, RMSNORM_EPS = 1e-5, 1e-6  # model.py's norms
+ACTIVATIONS = ("gelu", "relu", "relu2")  # our non-gated MLPs; transformers' ACT2FN has the same three
+PAD = "<pad>"  # the pad token added for char-tokenizer classifiers
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    causal_lm: str
+    seq_cls: str
+    tied_default: bool  # the config class's tie_word_embeddings default, for configs that omit the key
+
+
+FAMILIES = {f.model_type: f for f in [
+    Family("gpt2", "GPT2LMHeadModel", "GPT2ForSequenceClassification", True),
+    Family("opt", "OPTForCausalLM", "OPTForSequenceClassification", True),
+    Family("gpt_neox", "GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification", False),
+    Family("llama", "LlamaForCausalLM", "LlamaForSequenceClassification", False),
+    Family("arcee", "ArceeForCausalLM", "ArceeForSequenceClassification", False),
+]}
+
+
+# ---------------------------------------------------------------------------------------
+# Which class
+
+
+def _model_type(cfg: ModelConfig) -> str:
+    """The transformers model_type that computes exactly what `cfg` does, or a one-line UserError."""
+    if not cfg.causal:
+        raise UserError("model.causal=false (bidirectional attention) has no transformers causal-LM class to export to")
+    if cfg.value_embeds:
+        raise UserError("model.value_embeds=true (a token embedding added to every layer's values) has no standard "
+                        "transformers equivalent")
+    if cfg.logit_softcap > 0:
+        raise UserError("model.logit_softcap has no standard transformers equivalent: Gemma2's final_logit_softcapping "
+                        "comes with (1+w) RMSNorms, sandwich norms, scaled embeddings and GeGLU")
+    if cfg.qk_norm:
+        raise UserError("model.qk_norm=true has no exact transformers equivalent: Qwen3's per-head q/k RMSNorm uses "
+                        f"eps=rms_norm_eps ({RMSNORM_EPS}) where ours uses torch's default ({torch.finfo(torch.float32).eps:.2g})")
+    if cfg.pos == "sinusoidal":
+        raise UserError("model.pos=sinusoidal has no transformers decoder with the same position table "
+                        "(pos=learned exports as GPT-2, pos=rope as GPT-NeoX/Llama)")
+    if cfg.pos == "learned":
+        if cfg.norm != "layernorm":
+            raise UserError("model.norm=rmsnorm with model.pos=learned has no standard transformers class "
+                            "(GPT-2 and OPT use LayerNorm)")
+        if cfg.mlp == "swiglu":
+            raise UserError("model.mlp=swiglu with model.pos=learned has no standard transformers class "
+                            "(GPT-2 and OPT have a plain MLP)")
+        return "gpt2" if cfg.norm_placement == "pre" else "opt"
+    if cfg.norm_placement == "post":
+        raise UserError("model.norm_placement=post with model.pos=rope has no standard transformers class "
+                        "(OPT, the post-norm decoder, has learned positions)")
+    if cfg.norm == "layernorm":
+        if cfg.mlp == "swiglu":
+            raise UserError("model.mlp=swiglu with model.norm=layernorm has no standard transformers class "
+                            "(Llama's SwiGLU comes with RMSNorm)")
+        return "gpt_neox"
+    return "llama" if cfg.mlp == "swiglu" else "arcee"
+
+
+def hf_architecture(cfg: ModelConfig, classifier_pooling: Optional[str] = None) -> str:
+    """The transformers class that represents this model exactly (a classifier's with `classifier_pooling`)."""
+    family = FAMILIES[_model_type(cfg)]
+    if classifier_pooling is None:
+        return family.causal_lm
+    if classifier_pooling != "last":
+        raise UserError(f"classifier pooling={classifier_pooling!r} has no transformers equivalent: "
+                        f"{family.seq_cls} pools the last non-pad token (pooling=last)")
+    return family.seq_cls
+
+
+# ---------------------------------------------------------------------------------------
+# Weight layout: one rule per tensor of ours, naming the transformers tensor(s) it becomes
+
+
+def _same(t: torch.Tensor) -> list[torch.Tensor]:
+    return [t]
+
+
+def _first(ts: list[torch.Tensor]) -> torch.Tensor:
+    return ts[0]
+
+
+def _transpose(t: torch.Tensor) -> list[torch.Tensor]:
+    return [t.t()]
+
+
+def _untranspose(ts: list[torch.Tensor]) -> torch.Tensor:
+    return ts[0].t()
+
+
+def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(ts, dim=0)
+
+
+def _pad_positions(t: torch.Tensor) -> list[torch.Tensor]:
+    # OPT looks positions up at index + 2 (rows 0 and 1 belonged to fairseq's padding scheme)
+    return [torch.cat([t.new_zeros(2, t.size(1)), t])]
+
+
+def _unpad_positions(ts: list[torch.Tensor]) -> torch.Tensor:
+    return ts[0][2:]
+
+
+SAME = (_same, _first)
+TRANSPOSED = (_transpose, _untranspose)  # GPT-2's Conv1D stores a Linear weight as (in, out)
+OPT_POSITIONS = (_pad_positions, _unpad_positions)
+
+
+def _chunks(n: int):
+    return (lambda t: list(t.chunk(n, dim=0)), _cat)
+
+
+def _per_head_qkv(n_head: int, head_dim: int):
+    """[q; k; v] (ours) <-> [q_0; k_0; v_0; q_1; ...] (GPT-NeoX's query_key_value), for weights and biases."""
+    def to_hf(t):
+        return [t.reshape(3, n_head, head_dim, -1).transpose(0, 1).reshape(t.shape)]
+
+    def from_hf(ts):
+        t = ts[0]
+        return t.reshape(n_head, 3, head_dim, -1).transpose(0, 1).reshape(t.shape)
+
+    return (to_hf, from_hf)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    ours: str
+    hf: tuple[str, ...]
+    to_hf: Callable[[torch.Tensor], list[torch.Tensor]]
+    from_hf: Callable[[list[torch.Tensor]], torch.Tensor]
+    bias: str = ""  # "": a weight; "flag": a bias the class has only with its bias flag on; "always": one it always has
+
+
+def _layout(model_type: str, cfg: ModelConfig, lm_head: bool = True) -> list[_Rule]:
+    """Every tensor of a `cfg` model with bias=True (ours) and where it lives in `model_type`."""
+    rules: list[_Rule] = []
+
+    def tensor(ours: str, hf: str | list[str], conv=SAME, bias: str = "") -> None:
+        rules.append(_Rule(ours, tuple(hf) if isinstance(hf, list) else (hf,), conv[0], conv[1], bias))
+
+    def linear(ours: str, hf: str | list[str], conv=SAME, bias: str = "flag") -> None:
+        names = hf if isinstance(hf, list) else [hf]
+        tensor(ours + ".weight", [n + ".weight" for n in names], conv)
+        tensor(ours + ".bias", [n + ".bias" for n in names], SAME if conv is TRANSPOSED else conv, bias)
+
+    def norm(ours: str, hf: str) -> None:
+        tensor(ours + ".weight", hf + ".weight")
+        if cfg.norm == "layernorm":  # these classes' LayerNorms always have a bias; RMSNorms never do
+            tensor(ours + ".bias", hf + ".bias", bias="always")
+
+    qkv = _chunks(3)
+    for i in range(cfg.n_layer):
+        o = f"transformer.h.{i}."
+        if model_type == "gpt2":  # same names as ours (nanoGPT copied them), weights transposed
+            norm(o + "ln_1", o + "ln_1")
+            linear(o + "attn.c_attn", o + "attn.c_attn", TRANSPOSED, "always")
+            linear(o + "attn.c_proj", o + "attn.c_proj", TRANSPOSED, "always")
+            norm(o + "ln_2", o + "ln_2")
+            linear(o + "mlp.c_fc", o + "mlp.c_fc", TRANSPOSED, "always")
+            linear(o + "mlp.c_proj", o + "mlp.c_proj", TRANSPOSED, "always")
+        elif model_type == "opt":
+            h = f"model.decoder.layers.{i}."
+            norm(o + "ln_1", h + "self_attn_layer_norm")
+            linear(o + "attn.c_attn", [h + "self_attn.q_proj", h + "self_attn.k_proj", h + "self_attn.v_proj"], qkv)
+            linear(o + "attn.c_proj", h + "self_attn.out_proj")
+            norm(o + "ln_2", h + "final_layer_norm")  # (OPT's name for the MLP's norm)
+            linear(o + "mlp.c_fc", h + "fc1")
+            linear(o + "mlp.c_proj", h + "fc2")
+        elif model_type == "gpt_neox":
+            h = f"gpt_neox.layers.{i}."
+            norm(o + "ln_1", h + "input_layernorm")
+            linear(o + "attn.c_attn", h + "attention.query_key_value", _per_head_qkv(cfg.n_head, cfg.head_dim))
+            linear(o + "attn.c_proj", h + "attention.dense")
+            norm(o + "ln_2", h + "post_attention_layernorm")
+            linear(o + "mlp.c_fc", h + "mlp.dense_h_to_4h", bias="always")
+            linear(o + "mlp.c_proj", h + "mlp.dense_4h_to_h", bias="always")
+        else:  # llama, arcee
+            h = f"model.layers.{i}."
+            norm(o + "ln_1", h + "input_layernorm")
+            linear(o + "attn.c_attn", [h + "self_attn.q_proj", h + "self_attn.k_proj", h + "self_attn.v_proj"], qkv)
+            linear(o + "attn.c_proj", h + "self_attn.o_proj")
+            norm(o + "ln_2", h + "post_attention_layernorm")
+            if model_type == "llama":
+                linear(o + "mlp.c_fc", [h + "mlp.gate_proj", h + "mlp.up_proj"], _chunks(2))
+            else:
+                linear(o + "mlp.c_fc", h + "mlp.up_proj")
+            linear(o + "mlp.c_proj", h + "mlp.down_proj")
+
+    embed, final_norm = {
+        "gpt2": ("transformer.wte", "transformer.ln_f"),
+        "opt": ("model.decoder.embed_tokens", "model.decoder.final_layer_norm"),
+        "gpt_neox": ("gpt_neox.embed_in", "gpt_neox.final_layer_norm"),
+        "llama": ("model.embed_tokens", "model.norm"),
+        "arcee": ("model.embed_tokens", "model.norm"),
+    }[model_type]
+    tensor("transformer.wte.weight", embed + ".weight")
+    if cfg.pos == "learned":
+        if model_type == "gpt2":
+            tensor("transformer.wpe.weight", "transformer.wpe.weight")
+        else:
+            tensor("transformer.wpe.weight", "model.decoder.embed_positions.weight", OPT_POSITIONS)
+    if cfg.norm_placement == "pre":  # post-norm ends on the last block's ln_2 (OPT-350m's layout)
+        norm("transformer.ln_f", final_norm)
+    if lm_head and not cfg.tie_embeddings:
+        tensor("lm_head.weight", "lm_head.weight")
+    return rules
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Our state dict's shapes for `cfg` (a tied head omitted), without allocating the weights."""
+    with torch.device("meta"):
+        sd = GPT(cfg).state_dict()
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.shape for k, v in sd.items()}
+
+
+def _check_shapes(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    want = _expected_shapes(cfg)
+    missing = sorted(want.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - want.keys() - {"lm_head.weight"})
+    if missing or unexpected:
+        raise UserError(f"{where}: tensors do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, shape in want.items():
+        if tensors[k].shape != shape:
+            raise UserError(f"{where}: {k} has shape {tuple(tensors[k].shape)}, the config needs {tuple(shape)}")
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    # a contiguous copy: chunks of one tensor share storage, which safetensors refuses to save
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def state_dict_to_hf(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our model's tensors (a checkpoint's model.safetensors) -> the fp32 tensors of `hf_architecture(cfg)`."""
+    return _to_hf(_model_type(cfg), cfg, tensors, lm_head=True)
+
+
+def _to_hf(model_type: str, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], lm_head: bool) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    used = set()
+    for rule in _layout(model_type, cfg, lm_head):
+        if rule.bias == "flag" and not cfg.bias:
+            continue  # the class's bias flag is off: it has no such tensor
+        t = tensors.get(rule.ours)
+        if t is None:
+            if not rule.bias:
+                raise UserError(f"checkpoint lacks tensor {rule.ours}")
+            t = torch.zeros(tensors[rule.ours[: -len("bias")] + "weight"].shape[0])  # bias=false: a bias of zeros
+        used.add(rule.ours)
+        for key, piece in zip(rule.hf, rule.to_hf(t.float()), strict=True):
+            out[key] = _owned(piece)
+    left = sorted(set(tensors) - used - {"lm_head.weight"})
+    if left:
+        raise UserError(f"checkpoint tensor {left[0]} has no place in {FAMILIES[model_type].causal_lm}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# transformers config.json
+
+
+def hf_config(cfg: ModelConfig, *, eot_id: Optional[int] = None, pad_token_id: Optional[int] = None,
+              labels: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """The config.json of `hf_architecture(cfg)` (a `...ForSequenceClassification` when `labels` are given).
+
+    Written for transformers 5 (rope_parameters, dtype) with the 4.x spellings beside them
+    (rope_theta, rotary_pct, torch_dtype), which 5.x reads as the same values.
+    """
+    mt = _model_type(cfg)
+    family = FAMILIES[mt]
+    c: dict[str, Any] = {
+        "architectures": [family.seq_cls if labels else family.causal_lm],
+        "model_type": mt,
+        "vocab_size": cfg.vocab_size,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "pad_token_id": pad_token_id,
+        # a classifier has no LM head: nothing to tie
+        "tie_word_embeddings": bool(cfg.tie_embeddings and not labels),
+        "dtype": "float32",
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_base)}
+    if mt == "gpt2":
+        c.update(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_positions=cfg.block_size,
+                 n_inner=cfg.hidden_dim, activation_function=cfg.mlp, layer_norm_epsilon=LAYERNORM_EPS,
+                 resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                 initializer_range=cfg.init_std, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                 reorder_and_upcast_attn=False, add_cross_attention=False)
+    elif mt == "opt":
+        c.update(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                 ffn_dim=cfg.hidden_dim, max_position_embeddings=cfg.block_size, word_embed_proj_dim=cfg.n_embd,
+                 do_layer_norm_before=False, activation_function=cfg.mlp, enable_bias=cfg.bias,
+                 layer_norm_elementwise_affine=True, dropout=cfg.dropout, attention_dropout=cfg.dropout,
+                 layerdrop=0.0, init_std=cfg.init_std)
+    elif mt == "gpt_neox":
+        c.update(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                 intermediate_size=cfg.hidden_dim, hidden_act=cfg.mlp, max_position_embeddings=cfg.block_size,
+                 layer_norm_eps=LAYERNORM_EPS, use_parallel_residual=False, attention_bias=cfg.bias,
+                 rope_parameters=dict(rope, partial_rotary_factor=1.0), rotary_pct=1.0, rotary_emb_base=rope["rope_theta"],
+                 attention_dropout=cfg.dropout, hidden_dropout=cfg.dropout, initializer_range=cfg.init_std)
+    else:  # llama, arcee
+        c.update(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                 num_key_value_heads=cfg.n_head, head_dim=cfg.head_dim, intermediate_size=cfg.hidden_dim,
+                 hidden_act="silu" if mt == "llama" else cfg.mlp, max_position_embeddings=cfg.block_size,
+                 rms_norm_eps=RMSNORM_EPS, rope_parameters=rope, rope_theta=rope["rope_theta"],
+                 attention_bias=cfg.bias, mlp_bias=cfg.bias, attention_dropout=cfg.dropout,
+                 initializer_range=cfg.init_std)
+        if mt == "llama":
+            c["pretraining_tp"] = 1
+    if labels:
+        c.update(id2label={str(i): lab for i, lab in enumerate(labels)}, label2id={lab: i for i, lab in enumerate(labels)},
+                 num_labels=len(labels), problem_type="single_label_classification")
+    return c
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------
+# Export
+
+
+def _check_out(out: Path, force: bool, source: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise UserError(f"{out} already exists and is not empty: pass force=True (--force) to replace it")
+        if not out.is_dir():
+            raise UserError(f"{out} is a file, not a directory")
+        src, dst = source.resolve(), out.resolve()
+        if src == dst or dst in src.parents:
+            raise UserError(f"{out} holds the source {source}: replacing it would delete what is being converted")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Put the finished directory `tmp` at `out`; a crash leaves the old `out` or the new one, never a mix."""
+    old = out.with_name(f".{out.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fold_head_bias(cfg: ModelConfig, tensors: dict[str, torch.Tensor], weight: torch.Tensor,
+                    bias: torch.Tensor, arch: str) -> None:
+    """Move the head's bias c into the final norm's bias b: find d with W d = c, then b += d.
+
+    The final norm feeds only the score layer in a ...ForSequenceClassification, so
+    W (norm(x) * g + b + d) = W (norm(x) * g + b) + c exactly (to float rounding).
+    """
+    if not bias.any():
+        return
+    if cfg.norm != "layernorm":
+        raise UserError(f"{arch}'s score layer has no bias and an RMSNorm has none to fold the classifier head's "
+                        "bias into; only a head with a zero bias exports")
+    key = "transformer.ln_f.bias" if cfg.norm_placement == "pre" else f"transformer.h.{cfg.n_layer - 1}.ln_2.bias"
+    w, c = weight.double(), bias.double()
+    d = torch.linalg.pinv(w) @ c  # the smallest d with W d = c when W has full row rank
+    if (w @ d - c).abs().max() > 1e-6 * max(1.0, c.abs().max().item()):
+        raise UserError("the classifier head's weight is rank-deficient: its bias cannot be folded into the final "
+                        f"norm, and {arch}'s score layer has no bias")
+    base = tensors.get(key, torch.zeros(cfg.n_embd))
+    tensors[key] = (base.double() + d).float()
+
+
+def _add_pad_token(tokenizer_json: bytes, pad_id: int) -> bytes:
+    """tokenizer.json with `<pad>` added as a special token at `pad_id` (one past the vocabulary)."""
+    spec = json.loads(tokenizer_json)
+    spec.setdefault("added_tokens", []).append({"id": pad_id, "content": PAD, "single_word": False, "lstrip": False,
+                                                "rstrip": False, "normalized": False, "special": True})
+    return (json.dumps(spec, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, which: str = "best",
+                      force: bool = False) -> Path:
+    """Write a transformers model folder for a checkpoint (or a run dir: its `which` checkpoint). Returns `out`.
+
+    The folder holds config.json, model.safetensors, generation_config.json (language
+    models), tokenizer.json, tokenizer_config.json, special_tokens_map.json and a README.md
+    model card. It is built under a temporary name and renamed into place.
+    """
+    for d in (Path(ckpt), Path(ckpt) / which):
+        if (d / ADAPTER_FILE).is_file() and not (d / MODEL_FILE).is_file():
+            raise UserError(f"{d} holds a LoRA adapter, not full weights: merge it first (scratchgpt merge-lora)")
+    ckpt, out = resolve_checkpoint(Path(ckpt), which), Path(out)
+    _check_out(out, force, ckpt)
+    state = verify_checkpoint(ckpt)
+    config = read_json(ckpt / CONFIG_FILE)
+    cfg = _model_config(config["model"], where=str(ckpt / CONFIG_FILE))
+    classifier = config.get("classifier")
+    arch = hf_architecture(cfg, classifier.get("pooling", "last") if classifier else None)
+    tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"{ckpt}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
+    tensors = {k: v.float() for k, v in load_tensors(ckpt / MODEL_FILE).items()}
+    _check_shapes(cfg, tensors, str(ckpt / MODEL_FILE))
+    eot, labels = tokenizer.eot_id, None
+    files = {"tokenizer.json": (ckpt / TOKENIZER_FILE).read_bytes()}
+    special = {"bos_token": EOT, "eos_token": EOT} if eot is not None else {}
+    if tokenizer.unk_id is not None:
+        special["unk_token"] = UNK
+    if classifier:
+        labels = list(classifier["labels"])
+        head = load_tensors(ckpt / HEAD_FILE)
+        hf_tensors, hf_cfg, special["pad_token"] = _classifier_export(cfg, tensors, head, labels, eot, arch, files)
+        n_params = sum(t.numel() for k, t in tensors.items() if k != "lm_head.weight")
+        n_params += sum(t.numel() for t in head.values())
+    else:
+        hf_tensors, hf_cfg = _to_hf(_model_type(cfg), cfg, tensors, lm_head=True), hf_config(cfg, eot_id=eot)
+        n_params = sum(t.numel() for t in tensors.values())
+        gen = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot} if eot is not None else {}
+        files["generation_config.json"] = _json_bytes(gen)
+    files["config.json"] = _json_bytes(hf_cfg)
+    files["tokenizer_config.json"] = _json_bytes(dict(
+        special, tokenizer_class="PreTrainedTokenizerFast", model_max_length=cfg.block_size,
+        clean_up_tokenization_spaces=False, split_special_tokens=True))
+    files["special_tokens_map.json"] = _json_bytes(special)
+    files["README.md"] = _model_card(ckpt, out, config, state, cfg, arch, n_params, tokenizer, labels).encode("utf-8")
+    _write_folder(out, hf_tensors, files)
+    return out
+
+
+def _classifier_export(cfg: ModelConfig, tensors: dict[str, torch.Tensor], head: dict[str, torch.Tensor],
+                       labels: list[str], eot: Optional[int], arch: str,
+                       files: dict[str, bytes]) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """(tensors, config.json, pad token) of a ...ForSequenceClassification; may add <pad> to files["tokenizer.json"]."""
+    if head["weight"].shape != (len(labels), cfg.n_embd):
+        raise UserError(f"{HEAD_FILE}: weight shape {tuple(head['weight'].shape)} does not match "
+                        f"{len(labels)} labels x n_embd {cfg.n_embd}")
+    tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}  # the head reads hidden states, not logits
+    _fold_head_bias(cfg, tensors, head["weight"].float(), head["bias"].float(), arch)
+    if eot is not None:  # our encoder never emits <|endoftext|> for text, so it never ends a real row
+        pad, pad_token = eot, EOT
+    else:  # a char vocabulary: every id is a character, so add a <pad> id with a zero embedding row
+        pad, pad_token = cfg.vocab_size, PAD
+        wte = tensors["transformer.wte.weight"]
+        tensors["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(1, cfg.n_embd)])
+        cfg = replace(cfg, vocab_size=cfg.vocab_size + 1)
+        files["tokenizer.json"] = _add_pad_token(files["tokenizer.json"], pad)
+    hf_tensors = _to_hf(_model_type(cfg), cfg, tensors, lm_head=False)
+    hf_tensors["score.weight"] = _owned(head["weight"].float())
+    return hf_tensors, hf_config(cfg, eot_id=eot, pad_token_id=pad, labels=labels), pad_token
+
+
+def _write_folder(out: Path, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
+    """model.safetensors and `files` into a temporary sibling of `out`, renamed to `out` once complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        atomic_write(tmp / "model.safetensors", lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        for name, data in files.items():
+            atomic_write_bytes(tmp / name, data)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _human(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def _run_metrics(ckpt: Path, state: dict) -> tuple[Optional[float], Optional[float], str]:
+    """(val loss, perplexity, where they come from): the run's eval-lm.json, result.json, else state.json."""
+    for d in (ckpt, ckpt.parent):
+        path = d / "eval-lm.json"
+        if path.is_file():
+            r = read_json(path)
+            if r.get("val_loss") is not None:
+                return r["val_loss"], r.get("perplexity"), f"`scratchgpt eval` ({path.name}, {r.get('split', 'val')})"
+        path = d / "result.json"
+        if path.is_file():
+            r = read_json(path)
+            if r.get("final_val_loss") is not None:
+                return r["final_val_loss"], r.get("final_perplexity"), "final evaluation on the whole val split (result.json)"
+            if r.get("best_val_loss") is not None:
+                return r["best_val_loss"], None, "best periodic val estimate (result.json)"
+    loss = state.get("best_val_loss")
+    return loss, None, "best periodic val estimate (state.json)"
+
+
+def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfig, arch: str, n_params: int,
+                tokenizer: Tokenizer, labels: Optional[list[str]]) -> str:
+    name = ckpt.parent.name if ckpt.name in ("best", "latest") else out.name
+    imported = config.get("imported_from")
+    loss, ppl, source = _run_metrics(ckpt, state)
+    if loss is not None and ppl is None:
+        ppl = math.exp(min(loss, 700))
+    command = config.get("command")
+    if isinstance(command, list):
+        command = " ".join(map(str, command))
+    ft = config.get("finetune") or {}
+    pipeline = "text-classification" if labels else "text-generation"
+    auto = "AutoModelForSequenceClassification" if labels else "AutoModelForCausalLM"
+    kind = {"char": "character-level", "bpe": "byte-level BPE"}.get(tokenizer.kind, tokenizer.kind)
+    mlp = f"{cfg.mlp}, hidden {cfg.hidden_dim}"
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"pipeline_tag: {pipeline}",
+        f"tags: [scratchgpt, {FAMILIES[_model_type(cfg)].model_type}]",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A small GPT trained from scratch with scratchgpt, exported as a stock `{arch}`: it loads with "
+        f"`{auto}.from_pretrained` (no `trust_remote_code`) and computes what scratchgpt computes "
+        "(fp32 logits within 1e-4).",
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | `{arch}` |",
+        f"| parameters | {_human(n_params)} ({n_params:,}) |",
+        f"| layers / heads / width | {cfg.n_layer} / {cfg.n_head} / {cfg.n_embd} |",
+        f"| context | {cfg.block_size} tokens |",
+        f"| positions / norm / MLP | {cfg.pos} / {cfg.norm} ({cfg.norm_placement}) / {mlp} |",
+        f"| biases / tied embeddings | {'yes' if cfg.bias else 'no'} / {'yes' if cfg.tie_embeddings else 'no'} |",
+        f"| tokenizer | {kind}, {tokenizer.vocab_size} tokens |",
+        "",
+        "## Training",
+        "",
+    ]
+    if imported:
+        lines.append(f"- imported from `{imported.get('path')}` ({imported.get('architecture')}); "
+                     "its training history is not recorded here")
+    lines += [
+        f"- data: `{config.get('data')}`" if config.get("data") else "- data: not recorded",
+        f"- tokens seen: {state.get('tokens', 0):,} in {state.get('step', 0):,} steps",
+    ]
+    if loss is not None:
+        lines.append(f"- val loss: {loss:.4f} nats/token (perplexity {ppl:.2f}); source: {source}")
+    else:
+        lines.append("- val loss: not recorded")
+    lines.append(f"- command: `{command}`" if command else "- command: not recorded")
+    if ft:
+        lines.append(f"- fine-tuned ({ft.get('mode', 'finetune')}) from `{ft.get('base')}`")
+    if labels:
+        lines.append(f"- classifier labels: {', '.join(labels)} (pooling: last token)")
+    lines += ["", "## Usage", "", "```python", f"from transformers import AutoTokenizer, {auto}", "",
+              f'tokenizer = AutoTokenizer.from_pretrained("{out.name}")',
+              f'model = {auto}.from_pretrained("{out.name}")']
+    if labels:
+        lines += ['batch = tokenizer(["some text"], return_tensors="pt", padding=True)',
+                  "label = model.config.id2label[model(**batch).logits.argmax(-1).item()]"]
+    else:
+        lines += ['ids = tokenizer("Once upon a time", return_tensors="pt").input_ids',
+                  "out = model.generate(ids, max_new_tokens=100, do_sample=True, top_k=50)",
+                  "print(tokenizer.decode(out[0]))"]
+    lines += ["```", ""]
+    if tokenizer.eot_id is not None:
+        lines += [f"`{EOT}` (id {tokenizer.eot_id}) is the bos/eos token. As in scratchgpt, that string inside text is "
+                  "encoded as plain characters (`split_special_tokens`); append `tokenizer.eos_token_id` to end a "
+                  "document.", ""]
+    if labels and tokenizer.eot_id is None:
+        lines += [f"`{PAD}` (id {cfg.vocab_size}) was added as the padding token, with a zero embedding: "
+                  "the classifier pools the last token that is not padding.", ""]
+    lines += [
+        "## Intended use and limits",
+        "",
+        "An educational and experimental model: small, trained on a small corpus, for studying how language "
+        "models train and behave. It produces fluent-looking but unreliable text: it has no knowledge beyond its "
+        "training data, makes up facts, and has had no safety tuning. Do not use it for decisions about people "
+        "or for anything that needs correct output. It sees at most "
+        f"{cfg.block_size} tokens"
+        + (" (learned positions: longer input is an error)" if cfg.pos == "learned" else
+           " (RoPE runs past that, but it was not trained there)") + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Import
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read ({str(e).splitlines()[0][:200]})") from None
+
+
+def read_hf_folder(hf_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json, every tensor as fp32) of a transformers folder: model.safetensors or a sharded index.
+
+    fp16 and bf16 weights are widened to fp32 (exact). pytorch_model.bin is refused: it is a
+    pickle, and unpickling a file can run arbitrary code.
+    """
+    d = Path(hf_dir)
+    if not d.is_dir():
+        raise UserError(f"{d}: no such directory")
+    if not (d / "config.json").is_file():
+        raise UserError(f"{d}: no config.json (not a transformers model folder)")
+    try:
+        hf_cfg = read_json(d / "config.json")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{d / 'config.json'}: not valid JSON ({e})") from None
+    index = d / "model.safetensors.index.json"
+    if (d / "model.safetensors").is_file():
+        files, expected = ["model.safetensors"], None
+    elif index.is_file():
+        try:
+            weight_map = read_json(index)["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{index}: not a safetensors index ({e})") from None
+        files, expected = sorted(set(weight_map.values())), set(weight_map)
+        for f in files:
+            if Path(f).name != f or not (d / f).is_file():
+                raise UserError(f"{index}: shard {f!r} is missing from {d}")
+    elif any(d.glob("pytorch_model*.bin")):
+        raise UserError(f"{d} holds only pytorch_model.bin, a pickle: loading it means unpickling, which can run "
+                        "arbitrary code; convert it to safetensors with transformers (save_pretrained) and import that")
+    else:
+        raise UserError(f"{d}: no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = _load_safetensors(d / f)
+        clash = tensors.keys() & part.keys()
+        if clash:
+            raise UserError(f"{d / f}: tensor {min(clash)} also appears in another shard")
+        tensors.update(part)
+    if expected is not None and expected != set(tensors):
+        diff = sorted(expected ^ set(tensors))
+        raise UserError(f"{index}: the index and the shards disagree about {diff[0]}")
+    return hf_cfg, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def _get(c: Mapping[str, Any], key: str, default: Any = ...) -> Any:
+    if key in c and c[key] is not None:
+        return c[key]
+    if default is ...:
+        raise UserError(f"config.json: missing {key}")
+    return default
+
+
+def _expect(c: Mapping[str, Any], key: str, want: Any, default: Any, why: str) -> None:
+    value = _get(c, key, default)
+    if value != want:
+        raise UserError(f"config.json: {key}={value!r} has no scratchgpt equivalent ({why})")
+
+
+def _activation(c: Mapping[str, Any], key: str, default: str) -> str:
+    act = _get(c, key, default)
+    if act in ACTIVATIONS:
+        return act
+    if act in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh"):
+        raise UserError(f"config.json: {key}={act!r} (GELU's tanh approximation) has no scratchgpt equivalent: "
+                        "model.mlp=gelu is the exact erf GELU")
+    raise UserError(f"config.json: {key}={act!r} has no scratchgpt equivalent (model.mlp is one of {', '.join(ACTIVATIONS)})")
+
+
+def _rope_base(c: Mapping[str, Any], partial_default: float) -> float:
+    """rope_theta of plain RoPE over whole heads; scaled or partial RoPE is refused."""
+    params = dict(c.get("rope_scaling") or {}) | dict(c.get("rope_parameters") or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise UserError(f"config.json: rope_type={kind!r} (scaled RoPE) has no scratchgpt equivalent: model.pos=rope "
+                        "is plain RoPE")
+    partial = params.get("partial_rotary_factor", c.get("partial_rotary_factor", c.get("rotary_pct", partial_default)))
+    if partial != 1:
+        raise UserError(f"config.json: partial_rotary_factor={partial} (RoPE on part of each head) has no scratchgpt "
+                        "equivalent: model.pos=rope rotates whole heads")
+    return float(params.get("rope_theta", c.get("rope_theta", c.get("rotary_emb_base", 10000.0))))
+
+
+def _model_type_of(c: Mapping[str, Any]) -> str:
+    mt = c.get("model_type")
+    if mt not in FAMILIES:
+        raise UserError(f"config.json: model_type {mt!r} is not supported; scratchgpt imports {', '.join(FAMILIES)}")
+    arch = (c.get("architectures") or [FAMILIES[mt].causal_lm])[0]
+    if arch != FAMILIES[mt].causal_lm:
+        raise UserError(f"config.json: architecture {arch} is not supported; scratchgpt imports the causal LM "
+                        f"{FAMILIES[mt].causal_lm}")
+    return mt
+
+
+def _model_config(kwargs: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
+    try:
+        return ModelConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, torch.Tensor]] = None) -> ModelConfig:
+    """Our ModelConfig for a transformers config.json (gpt2, opt, gpt_neox, llama, arcee), or a one-line UserError.
+
+    `tensors` settles `bias` where the config cannot: with no linear-bias flag set, a
+    model whose bias tensors are all zero imports as bias=false (same math). Without
+    tensors, biases the class always has count as present.
+    """
+    c = hf_config
+    mt = _model_type_of(c)
+    if mt == "gpt2":
+        for key, want, default in (("scale_attn_weights", True, True), ("scale_attn_by_inverse_layer_idx", False, False),
+                                   ("add_cross_attention", False, False)):
+            _expect(c, key, want, default, "scratchgpt's attention is plain scaled self-attention")
+        _expect(c, "layer_norm_epsilon", LAYERNORM_EPS, 1e-5, f"scratchgpt's LayerNorm eps is {LAYERNORM_EPS}")
+        n_embd = _get(c, "n_embd")
+        kw = dict(pos="learned", norm="layernorm", norm_placement="pre", mlp=_activation(c, "activation_function", "gelu_new"),
+                  block_size=_get(c, "n_positions", 1024), n_layer=_get(c, "n_layer"), n_head=_get(c, "n_head"),
+                  n_embd=n_embd, mlp_hidden=_get(c, "n_inner", 4 * n_embd), dropout=_get(c, "resid_pdrop", 0.1),
+                  init_std=_get(c, "initializer_range", 0.02))
+        flag = False  # GPT-2 has every bias, always
+    elif mt == "opt":
+        pre = _get(c, "do_layer_norm_before", True)
+        if pre:
+            _expect(c, "_remove_final_layer_norm", False, False, "a pre-norm scratchgpt model ends with a final norm")
+        n_embd = _get(c, "hidden_size")
+        _expect(c, "word_embed_proj_dim", n_embd, n_embd, "scratchgpt has no embedding projection")
+        _expect(c, "layer_norm_elementwise_affine", True, True, "scratchgpt's LayerNorms have a weight")
+        kw = dict(pos="learned", norm="layernorm", norm_placement="pre" if pre else "post",
+                  mlp=_activation(c, "activation_function", "relu"), block_size=_get(c, "max_position_embeddings", 2048),
+                  n_layer=_get(c, "num_hidden_layers"), n_head=_get(c, "num_attention_heads"), n_embd=n_embd,
+                  mlp_hidden=_get(c, "ffn_dim"), dropout=_get(c, "dropout", 0.1), init_std=_get(c, "init_std", 0.02))
+        flag = _get(c, "enable_bias", True)
+    elif mt == "gpt_neox":
+        _expect(c, "use_parallel_residual", False, True, "scratchgpt's blocks are sequential: x + attn, then + mlp")
+        _expect(c, "layer_norm_eps", LAYERNORM_EPS, 1e-5, f"scratchgpt's LayerNorm eps is {LAYERNORM_EPS}")
+        kw = dict(pos="rope", rope_base=_rope_base(c, partial_default=0.25), norm="layernorm", norm_placement="pre",
+                  mlp=_activation(c, "hidden_act", "gelu"), block_size=_get(c, "max_position_embeddings", 2048),
+                  n_layer=_get(c, "num_hidden_layers"), n_head=_get(c, "num_attention_heads"),
+                  n_embd=_get(c, "hidden_size"), mlp_hidden=_get(c, "intermediate_size"),
+                  dropout=_get(c, "hidden_dropout", 0.0), init_std=_get(c, "initializer_range", 0.02))
+        flag = _get(c, "attention_bias", True)
+    else:  # llama, arcee
+        n_embd, n_head = _get(c, "hidden_size"), _get(c, "num_attention_heads")
+        kv = _get(c, "num_key_value_heads", n_head)
+        if kv != n_head:
+            raise UserError(f"config.json: num_key_value_heads={kv} != num_attention_heads={n_head} (grouped-query "
+                            "attention) has no scratchgpt equivalent: every head has its own keys and values")
+        _expect(c, "head_dim", n_embd // n_head, n_embd // n_head, "scratchgpt's head_dim is n_embd / n_head")
+        _expect(c, "rms_norm_eps", RMSNORM_EPS, 1e-6 if mt == "llama" else 1e-5, f"scratchgpt's RMSNorm eps is {RMSNORM_EPS}")
+        if mt == "llama":
+            act = _get(c, "hidden_act", "silu")
+            if act not in ("silu", "swish"):
+                raise UserError(f"config.json: hidden_act={act!r} in Llama's gated MLP has no scratchgpt equivalent "
+                                "(model.mlp=swiglu is SiLU-gated)")
+            mlp = "swiglu"
+        else:
+            mlp = _activation(c, "hidden_act", "relu2")
+        kw = dict(pos="rope", rope_base=_rope_base(c, partial_default=1.0), norm="rmsnorm", norm_placement="pre",
+                  mlp=mlp, block_size=_get(c, "max_position_embeddings", 2048 if mt == "llama" else 4096),
+                  n_layer=_get(c, "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
+                  mlp_hidden=_get(c, "intermediate_size"), dropout=_get(c, "attention_dropout", 0.0),
+                  init_std=_get(c, "initializer_range", 0.02))
+        flag = _get(c, "attention_bias", False) or _get(c, "mlp_bias", False)
+    tied = _get(c, "tie_word_embeddings", FAMILIES[mt].tied_default)
+    cfg = _model_config(dict(kw, vocab_size=_get(c, "vocab_size"), tie_embeddings=bool(tied), bias=True,
+                             dropout=float(kw["dropout"])))
+    if flag:
+        return cfg
+    bias_rules = [r for r in _layout(mt, cfg) if r.bias]
+    if tensors is None:
+        return replace(cfg, bias=any(r.bias == "always" for r in bias_rules))
+    tensors = _canonical_keys(mt, tensors)
+    nonzero = any(tensors[k].any() for r in bias_rules for k in r.hf if k in tensors)
+    return replace(cfg, bias=bool(nonzero))
+
+
+# the prefix every transformers key of a causal LM starts with; a bare base model's keys lack it
+_PREFIX = {"gpt2": "transformer.", "opt": "model.", "gpt_neox": "gpt_neox.", "llama": "model.", "arcee": "model."}
+# buffers older checkpoints saved beside the weights: causal masks and RoPE frequencies
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias", ".inv_freq")
+
+
+def _canonical_keys(model_type: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = _PREFIX[model_type]
+    out = {}
+    bare = not any(k.startswith(prefix) for k in tensors)
+    for k, v in tensors.items():
+        if model_type == "gpt_neox" and k == "embed_out.weight":
+            k = "lm_head.weight"  # transformers < 5 named GPT-NeoX's head embed_out
+        elif bare and k != "lm_head.weight":
+            k = prefix + k
+        out[k] = v
+    return out
+
+
+def state_dict_from_hf(hf_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                       cfg: Optional[ModelConfig] = None) -> dict[str, torch.Tensor]:
+    """Our model's fp32 state dict (tied head omitted) from a transformers model's tensors."""
+    mt = _model_type_of(hf_config)
+    cfg = cfg or config_from_hf(hf_config, tensors)
+    tensors = _canonical_keys(mt, tensors)
+    out: dict[str, torch.Tensor] = {}
+    used = set()
+    for rule in _layout(mt, cfg):
+        used.update(k for k in rule.hf if k in tensors)
+        if rule.bias and not cfg.bias:
+            continue  # absent, or all zero (config_from_hf checked): our model has no such tensor
+        pieces = []
+        for key in rule.hf:
+            if key in tensors:
+                t = tensors[key]
+                if not t.is_floating_point():
+                    raise UserError(f"tensor {key} is {t.dtype}, not floating point (a quantized checkpoint?)")
+            elif rule.bias:  # e.g. Llama with attention_bias but no mlp_bias: ours has both, the missing one is zero
+                t = torch.zeros(tensors[key[: -len("bias")] + "weight"].shape[0])
+            else:
+                raise UserError(f"{FAMILIES[mt].causal_lm} weights lack tensor {key}")
+            pieces.append(t.float())
+        out[rule.ours] = _owned(rule.from_hf(pieces))
+    left = sorted(k for k in set(tensors) - used if not k.endswith(_IGNORED_SUFFIXES) and k != "lm_head.weight")
+    if left:
+        raise UserError(f"unexpected tensor {left[0]} for {FAMILIES[mt].causal_lm} (a variant scratchgpt cannot represent?)")
+    _check_shapes(cfg, out, FAMILIES[mt].causal_lm)
+    return out
+
+
+def _check_tokenizer_spec(spec: Mapping[str, Any], path: Path) -> None:
+    """Refuse a tokenizer.json that Tokenizer.load would read but encode differently from transformers.
+
+    scratchgpt encodes byte-level BPE with its own GPT-2 regex split and char vocabularies
+    code point by code point, so only those two shapes of file are accepted as they are.
+    """
+    model = spec.get("model") or {}
+    pre = spec.get("pre_tokenizer") or {}
+    post = spec.get("post_processor") or {}
+    what = None
+    if spec.get("normalizer"):
+        what = f"normalizer {spec['normalizer'].get('type')}"
+    elif model.get("type") == "BPE":
+        if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+            what = f"pre_tokenizer {pre.get('type')} (byte-level BPE needs ByteLevel without a prefix space)"
+        elif (spec.get("decoder") or {}).get("type") != "ByteLevel":
+            what = f"decoder {(spec.get('decoder') or {}).get('type')}"
+        elif model.get("byte_fallback") or model.get("dropout") or model.get("continuing_subword_prefix") \
+                or model.get("end_of_word_suffix"):
+            what = "a BPE model with byte_fallback, dropout or subword affixes"
+    elif model.get("type") == "WordLevel":
+        if pre.get("type") != "Split" or (pre.get("pattern") or {}).get("Regex") != r"[\s\S]" \
+                or pre.get("behavior") != "Isolated" or pre.get("invert"):
+            what = f"pre_tokenizer {pre.get('type')} (a char tokenizer splits every code point)"
+        elif (spec.get("decoder") or {}).get("type") != "Fuse":
+            what = f"decoder {(spec.get('decoder') or {}).get('type')}"
+    else:
+        what = f"model {model.get('type')}"
+    if what is None and post.get("type") not in (None, "ByteLevel", "TemplateProcessing"):
+        what = f"post_processor {post.get('type')}"
+    if what is None and post.get("type") == "TemplateProcessing" and post.get("special_tokens"):
+        what = "a post_processor that adds special tokens"
+    if what:
+        raise UserError(f"{path}: not a scratchgpt char or byte-level BPE tokenizer ({what}); scratchgpt cannot "
+                        "encode it exactly")
+
+
+def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A transformers tokenizer.json (or a folder holding one) in scratchgpt's char or byte-level BPE format.
+
+    `Tokenizer.load` already reads these files (they are what scratchgpt writes); this
+    checks first that the file really has that shape, so ids agree with transformers'.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise UserError(f"no tokenizer.json at {path}")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    _check_tokenizer_spec(spec, path)
+    return Tokenizer.load(path)
+
+
+def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: Optional[str | os.PathLike] = None,
+              force: bool = False) -> Path:
+    """Write a scratchgpt run (out/config.json, out/best, out/latest) from a transformers model folder.
+
+    The tokenizer is the folder's tokenizer.json unless `tokenizer` names another file or
+    folder. config["imported_from"] records the source path, class and file hashes.
+    Returns `out`.
+    """
+    hf_dir, out = Path(hf_dir), Path(out)
+    _check_out(out, force, hf_dir)
+    hf_cfg, tensors = read_hf_folder(hf_dir)
+    mt = _model_type_of(hf_cfg)
+    cfg = config_from_hf(hf_cfg, tensors)
+    sd = state_dict_from_hf(hf_cfg, tensors, cfg)
+    tok_path = Path(tokenizer) if tokenizer is not None else hf_dir
+    if tok_path.is_dir():
+        tok_path = tok_path / TOKENIZER_FILE
+    if not tok_path.is_file():
+        raise UserError(f"no tokenizer.json at {tok_path}: scratchgpt needs the model's tokenizer (pass tokenizer=PATH)")
+    tok = load_hf_tokenizer(tok_path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"{tok_path}: {tok.vocab_size} tokens, but the model has only {cfg.vocab_size} embeddings")
+    model = GPT(cfg)
+    if cfg.tie_embeddings:
+        sd = dict(sd, **{"lm_head.weight": sd["transformer.wte.weight"]})
+    model.load_state_dict(sd, strict=True)
+    files = sorted(p.name for p in hf_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
+    config = {"format_version": 1, "data": None, "model": asdict(cfg), "train": {}, "optim": {},
+              "tokenizer": tok.kind,
+              "imported_from": {"path": str(hf_dir.resolve()), "architecture": FAMILIES[mt].causal_lm,
+                                "model_type": mt, "sha256": {f: sha256_file(hf_dir / f) for f in files}}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_checkpoint(tmp, model=model, optimizer=None, state={"step": 0, "tokens": 0, "best_val_loss": None},
+                        config=config, tokenizer_file=tok_path, is_best=True)
+        atomic_write_json(tmp / CONFIG_FILE, config)  # the run-level copy, as train writes it
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,451 @@
+"""Hugging Face interop: every mapped variant matches transformers (logits, greedy decoding, tokenizer);
+imports from transformers folders (fp32/fp16/bf16, sharded) match; refusals are one line; round trips are exact.
+
+Models are tiny and made here (no network, no downloaded weights). Tests that need
+transformers skip without it; the rest (refusals, round trips) run anyway.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import english_text
+from scratchgpt import UserError
+from scratchgpt.checkpoint import load_model, save_checkpoint
+from scratchgpt.generate import generate_tokens
+from scratchgpt.hf import (config_from_hf, export_checkpoint, hf_architecture, import_hf, load_hf_tokenizer,
+                           read_hf_folder, state_dict_from_hf)
+from scratchgpt.model import GPT, ModelConfig
+from scratchgpt.tokenizer import EOT, train_bpe_tokenizer, train_char_tokenizer
+
+CHINESE = "我们的模型到处都能用。你好，世界！这是一个小模型，从零开始训练。"
+TEXTS = [
+    "Hello world, it's 2024!\n  Indented line\twith a tab.",
+    CHINESE,
+    f"one document{EOT}the next",
+    "  lots   of   spaces and 'quotes' (parens) -- dashes",
+]
+SMALL = dict(block_size=64, n_layer=2, n_head=2, n_embd=64)
+
+# (id, ModelConfig options, the class it must export as): every row of hf.py's mapping table
+VARIANTS = [
+    ("gpt2", {}, "GPT2LMHeadModel"),
+    ("gpt2-relu2-nobias-untied", dict(mlp="relu2", bias=False, tie_embeddings=False, mlp_hidden=96), "GPT2LMHeadModel"),
+    ("opt-post", dict(norm_placement="post"), "OPTForCausalLM"),
+    ("opt-post-relu-nobias-untied", dict(norm_placement="post", mlp="relu", bias=False, tie_embeddings=False),
+     "OPTForCausalLM"),
+    # configs/shakespeare-char-fast.yaml's recipe, scaled down: rope, layernorm without bias, gelu, 3x MLP, tied
+    ("neox-fast-recipe", dict(pos="rope", bias=False, mlp="gelu", mlp_hidden=192, zero_init_proj=True), "GPTNeoXForCausalLM"),
+    ("neox-relu2-bias-untied", dict(pos="rope", mlp="relu2", tie_embeddings=False, rope_base=500.0), "GPTNeoXForCausalLM"),
+    ("llama", dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False), "LlamaForCausalLM"),
+    ("llama-bias-untied", dict(pos="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False, rope_base=500.0),
+     "LlamaForCausalLM"),
+    ("arcee-relu2", dict(pos="rope", norm="rmsnorm", mlp="relu2", bias=False, tie_embeddings=False), "ArceeForCausalLM"),
+    ("arcee-gelu-bias", dict(pos="rope", norm="rmsnorm", mlp="gelu"), "ArceeForCausalLM"),
+]
+VARIANT_IDS = [v[0] for v in VARIANTS]
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def bpe_tok():
+    return train_bpe_tokenizer([english_text(30_000), CHINESE * 3], 300)
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    return train_char_tokenizer([english_text(30_000), *TEXTS])
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights far from init (norm weights away from 1, nonzero biases), so every mapped tensor matters."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g)
+        if p.dim() == 1:
+            p.copy_(1 + 0.3 * noise if name.endswith("weight") else 0.3 * noise)
+        else:
+            p.copy_(0.1 * noise)
+
+
+def make_run(tmp: Path, tok, options: dict, seed: int = 0, extra: dict | None = None) -> tuple[Path, GPT]:
+    """A run dir with one checkpoint (best = latest) of a randomized model and `tok`."""
+    cfg = ModelConfig(vocab_size=tok.vocab_size, **{**SMALL, **options})
+    model = GPT(cfg)
+    randomize(model, seed)
+    model.eval()
+    tok_dir = tmp / "tok"
+    tok.save(tok_dir)
+    run = tmp / "run"
+    config = {"format_version": 1, "data": "data/tiny", "model": asdict(cfg), "train": {}, "optim": {},
+              "tokenizer": tok.kind, **(extra or {})}
+    save_checkpoint(run, model=model, optimizer=None, state={"step": 7, "tokens": 3584, "best_val_loss": 2.5},
+                    config=config, tokenizer_file=tok_dir / "tokenizer.json", is_best=True)
+    return run, model
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    # eos_token_id=None: decode all n tokens, as scratchgpt does when no stop token is given
+    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                            eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+# ---------------------------------------------------------------------------------------
+# Export: logits and greedy parity for every mapped variant
+
+
+@pytest.mark.parametrize("name,options,arch", VARIANTS, ids=VARIANT_IDS)
+def test_export_matches_transformers(tmp_path, transformers, bpe_tok, name, options, arch):
+    run, ours = make_run(tmp_path, bpe_tok, options, seed=len(name))
+    assert hf_architecture(ours.cfg) == arch
+    out = export_checkpoint(run, tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == arch
+    x = torch.randint(0, bpe_tok.vocab_size, (2, SMALL["block_size"]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = ours(x)
+        assert ref.abs().max() > 1.0  # logits big enough for a 1e-4 bound to mean something
+        assert max_diff(theirs(x).logits, ref) <= 1e-4
+    prompt = x[0, :8].tolist()
+    assert generate_tokens(ours, [prompt], temperature=0, max_new_tokens=50)[0] == hf_greedy(theirs, prompt, 50)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_exported_tokenizer_matches(tmp_path, transformers, bpe_tok, char_tok, kind):
+    tok = bpe_tok if kind == "bpe" else char_tok
+    run, _ = make_run(tmp_path, tok, {})
+    out = export_checkpoint(run, tmp_path / "hf")
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert theirs(text)["input_ids"] == ids  # no BOS added, <|endoftext|> in text stays plain characters
+        assert theirs.decode(ids) == tok.decode(ids) == text
+    if kind == "bpe":
+        assert theirs.eos_token == theirs.bos_token == EOT and theirs.eos_token_id == tok.eot_id == 0
+        assert theirs.decode([tok.eot_id] + tok.encode("hi")) == tok.decode([tok.eot_id] + tok.encode("hi"))
+        config = json.loads((out / "config.json").read_text())
+        assert config["eos_token_id"] == config["bos_token_id"] == tok.eot_id
+    else:
+        assert theirs.eos_token is None  # a char vocabulary has no <|endoftext|>
+
+
+def test_export_files_and_model_card(tmp_path, bpe_tok):
+    run, model = make_run(tmp_path, bpe_tok, dict(pos="rope", bias=False, mlp_hidden=192),
+                          extra={"command": ["scratchgpt", "train", "--data", "data/tiny"]})
+    (run / "result.json").write_text(json.dumps({"final_val_loss": 1.25, "final_perplexity": 3.49}))
+    out = export_checkpoint(run, tmp_path / "hf")
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer_config.json"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gpt_neox" and config["architectures"] == ["GPTNeoXForCausalLM"]
+    assert config["dtype"] == config["torch_dtype"] == "float32" and config["tie_word_embeddings"] is True
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_cfg["split_special_tokens"] is True
+    assert (out / "tokenizer.json").read_bytes() == (run / "best" / "tokenizer.json").read_bytes()
+    card = (out / "README.md").read_text()
+    for fact in ("GPTNeoXForCausalLM", f"{model.num_params():,}", "data/tiny", "3,584", "1.2500", "3.49",
+                 "scratchgpt train --data data/tiny", "Intended use and limits"):
+        assert fact in card, fact
+
+
+def test_export_refuses_existing_out_dir(tmp_path, bpe_tok):
+    run, _ = make_run(tmp_path, bpe_tok, {})
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        export_checkpoint(run, out)
+    assert (out / "keep.txt").exists()
+    export_checkpoint(run, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    with pytest.raises(UserError, match="holds the source"):
+        export_checkpoint(run / "best", run, force=True)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary dirs left behind
+
+
+REFUSED = [
+    (dict(value_embeds=True), "model.value_embeds"),
+    (dict(norm_placement="post", pos="rope"), "model.norm_placement=post"),
+    (dict(pos="sinusoidal"), "model.pos=sinusoidal"),
+    (dict(causal=False), "model.causal=false"),
+    (dict(qk_norm=True, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False), "model.qk_norm"),
+    (dict(logit_softcap=15.0, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False), "model.logit_softcap"),
+    (dict(mlp="swiglu"), "model.mlp=swiglu"),
+    (dict(norm="rmsnorm"), "model.norm=rmsnorm"),
+    (dict(pos="rope", mlp="swiglu"), "model.mlp=swiglu with model.norm=layernorm"),
+]
+
+
+@pytest.mark.parametrize("options,named", REFUSED, ids=[r[1] for r in REFUSED])
+def test_unmappable_options_refused_in_one_line(options, named):
+    with pytest.raises(UserError) as e:
+        hf_architecture(ModelConfig(vocab_size=50, **{**SMALL, **options}))
+    assert named in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Round trip: export -> import -> export is byte-identical, and the imported model is the same model
+
+
+@pytest.mark.parametrize("name,options,arch", VARIANTS, ids=VARIANT_IDS)
+def test_export_import_export_is_bit_identical(tmp_path, bpe_tok, name, options, arch):
+    run, ours = make_run(tmp_path, bpe_tok, options, seed=3)
+    first = export_checkpoint(run, tmp_path / "hf1")
+    imported = import_hf(first, tmp_path / "imported")
+    second = export_checkpoint(imported, tmp_path / "hf2")
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (first / f).read_bytes() == (second / f).read_bytes(), f
+    model, tok, config = load_model(imported)
+    assert config["imported_from"]["architecture"] == arch and config["imported_from"]["path"] == str(first.resolve())
+    assert (imported / "latest" / "model.safetensors").exists() and (imported / "config.json").exists()
+    assert model.cfg.bias == ours.cfg.bias and tok.vocab_size == bpe_tok.vocab_size
+    x = torch.randint(0, bpe_tok.vocab_size, (1, 32))
+    with torch.no_grad():
+        assert torch.equal(model(x), ours(x))
+
+
+# ---------------------------------------------------------------------------------------
+# Import from folders that transformers wrote
+
+
+def hf_model(transformers, family: str, vocab: int, **overrides):
+    t = transformers
+    if family == "gpt2":
+        cfg = t.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, activation_function="gelu")
+        cls = t.GPT2LMHeadModel
+    elif family == "opt":
+        cfg = t.OPTConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, ffn_dim=64, do_layer_norm_before=False, pad_token_id=0)
+        cls = t.OPTForCausalLM
+    elif family == "gpt_neox":
+        cfg = t.GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=64, use_parallel_residual=False,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0})
+        cls = t.GPTNeoXForCausalLM
+    elif family == "llama":
+        cfg = t.LlamaConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64, bos_token_id=0, eos_token_id=0)
+        cls = t.LlamaForCausalLM
+    else:
+        cfg = t.ArceeConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=0)
+        cls = t.ArceeForCausalLM
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    model = cls(cfg)
+    randomize(model, 5)
+    return model.eval()
+
+
+IMPORTS = [  # (family, dtype it is saved in, max_shard_size)
+    ("gpt2", torch.float32, None),
+    ("gpt2", torch.float16, "20KB"),
+    ("llama", torch.float32, None),
+    ("llama", torch.float16, None),
+    ("llama", torch.bfloat16, None),
+    ("llama", torch.float32, "20KB"),
+    ("opt", torch.float32, None),
+    ("gpt_neox", torch.float32, None),
+    ("arcee", torch.float32, None),
+]
+
+
+@pytest.mark.parametrize("family,dtype,shard", IMPORTS,
+                         ids=[f"{f}-{str(d).split('.')[1]}{'-sharded' if s else ''}" for f, d, s in IMPORTS])
+def test_import_matches_transformers(tmp_path, transformers, bpe_tok, family, dtype, shard):
+    src = tmp_path / "src"
+    hf_model(transformers, family, bpe_tok.vocab_size).to(dtype).save_pretrained(src, **({"max_shard_size": shard} if shard else {}))
+    assert (src / "model.safetensors.index.json").exists() == bool(shard)
+    bpe_tok.save(src)
+    run = import_hf(src, tmp_path / "run")
+    ours, _, _ = load_model(run)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    x = torch.randint(0, bpe_tok.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = theirs(x).logits
+        assert ref.abs().max() > 1.0
+        assert max_diff(ours(x), ref) <= 1e-4
+    prompt = x[0, :8].tolist()
+    assert generate_tokens(ours, [prompt], temperature=0, max_new_tokens=50)[0] == hf_greedy(theirs, prompt, 50)
+
+
+def test_read_hf_folder_widens_half_precision(tmp_path, transformers):
+    src = tmp_path / "src"
+    model = hf_model(transformers, "llama", 64).to(torch.bfloat16)
+    model.save_pretrained(src)
+    _, tensors = read_hf_folder(src)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    ref = model.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(tensors["model.layers.0.mlp.up_proj.weight"], ref.float())
+
+
+def test_pytorch_bin_only_folder_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (src / "pytorch_model.bin").write_bytes(b"\x80\x04not read")
+    with pytest.raises(UserError) as e:
+        import_hf(src, tmp_path / "run")
+    assert "pickle" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_gqa_llama_folder_refused(tmp_path, transformers, bpe_tok):
+    src = tmp_path / "src"
+    hf_model(transformers, "llama", bpe_tok.vocab_size, num_key_value_heads=1).save_pretrained(src)
+    bpe_tok.save(src)
+    with pytest.raises(UserError) as e:
+        import_hf(src, tmp_path / "run")
+    assert "num_key_value_heads=1" in str(e.value) and "\n" not in str(e.value)
+
+
+LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+         "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "rms_norm_eps": 1e-6}
+NEOX = {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "use_parallel_residual": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}}
+GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 64, "n_embd": 32, "n_layer": 2,
+        "n_head": 2, "activation_function": "gelu"}
+UNSUPPORTED = [
+    ({**LLAMA, "num_key_value_heads": 1}, "num_key_value_heads"),
+    ({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type='linear'"),
+    ({**LLAMA, "rms_norm_eps": 1e-5}, "rms_norm_eps"),
+    ({**LLAMA, "hidden_act": "gelu"}, "hidden_act"),
+    ({**LLAMA, "architectures": ["LlamaForSequenceClassification"]}, "LlamaForSequenceClassification"),
+    ({**NEOX, "rope_parameters": None, "rotary_pct": 0.25}, "partial_rotary_factor"),
+    ({**NEOX, "use_parallel_residual": True}, "use_parallel_residual"),
+    ({**GPT2, "activation_function": "gelu_new"}, "gelu_new"),
+    ({**GPT2, "model_type": "qwen3"}, "model_type 'qwen3'"),
+]
+
+
+@pytest.mark.parametrize("hf_cfg,named", UNSUPPORTED, ids=[u[1] for u in UNSUPPORTED])
+def test_unsupported_transformers_configs_refused_in_one_line(hf_cfg, named):
+    with pytest.raises(UserError) as e:
+        config_from_hf(hf_cfg)
+    assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bias_flags_and_zero_biases(bpe_tok):
+    """Llama with attention biases but no MLP biases imports as bias=true with zero MLP biases; GPT-2 whose
+    biases are all zero imports as bias=false. Both are the same math as the source."""
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, pos="rope", norm="rmsnorm",
+                      mlp="swiglu", mlp_hidden=64)
+    ours = GPT(cfg)
+    randomize(ours, 1)
+    hf = {"model.embed_tokens.weight": ours.transformer.wte.weight.detach(), "model.norm.weight": torch.ones(32),
+          "lm_head.weight": ours.lm_head.weight.detach()}
+    q, k, v = ours.transformer.h[0].attn.c_attn.weight.detach().chunk(3)
+    qb, kb, vb = ours.transformer.h[0].attn.c_attn.bias.detach().chunk(3)
+    gate, up = ours.transformer.h[0].mlp.c_fc.weight.detach().chunk(2)
+    p = "model.layers.0."
+    hf.update({p + "input_layernorm.weight": torch.ones(32), p + "post_attention_layernorm.weight": torch.ones(32),
+               p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+               p + "self_attn.q_proj.bias": qb, p + "self_attn.k_proj.bias": kb, p + "self_attn.v_proj.bias": vb,
+               p + "self_attn.o_proj.weight": ours.transformer.h[0].attn.c_proj.weight.detach(),
+               p + "self_attn.o_proj.bias": torch.zeros(32), p + "mlp.gate_proj.weight": gate,
+               p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": ours.transformer.h[0].mlp.c_proj.weight.detach()})
+    hf_cfg = {**LLAMA, "vocab_size": 64, "num_hidden_layers": 1, "attention_bias": True, "mlp_bias": False}
+    cfg2 = config_from_hf(hf_cfg, hf)
+    sd = state_dict_from_hf(hf_cfg, hf, cfg2)
+    assert cfg2.bias and not sd["transformer.h.0.mlp.c_fc.bias"].any()
+    assert torch.equal(sd["transformer.h.0.attn.c_attn.bias"], ours.transformer.h[0].attn.c_attn.bias.detach())
+
+    gpt2 = {"transformer.wte.weight": torch.randn(64, 32), "transformer.wpe.weight": torch.randn(1024, 32)}
+    for name in ("ln_1", "ln_2", "ln_f"):
+        prefix = "transformer." + ("" if name == "ln_f" else "h.0.")
+        gpt2.update({f"{prefix}{name}.weight": torch.ones(32), f"{prefix}{name}.bias": torch.zeros(32)})
+    for name, (n_in, n_out) in {"attn.c_attn": (32, 96), "attn.c_proj": (32, 32), "mlp.c_fc": (32, 128),
+                                "mlp.c_proj": (128, 32)}.items():
+        gpt2.update({f"transformer.h.0.{name}.weight": torch.randn(n_in, n_out), f"transformer.h.0.{name}.bias": torch.zeros(n_out)})
+    gpt2_cfg = {**GPT2, "n_layer": 1}
+    assert config_from_hf(gpt2_cfg).bias and not config_from_hf(gpt2_cfg, gpt2).bias
+    sd = state_dict_from_hf(gpt2_cfg, {k.removeprefix("transformer."): v for k, v in gpt2.items()})  # a bare GPT2Model's names
+    assert torch.equal(sd["transformer.h.0.attn.c_attn.weight"], gpt2["transformer.h.0.attn.c_attn.weight"].t())
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_hf_tokenizer_imports(tmp_path, transformers, bpe_tok, char_tok, kind):
+    """A tokenizer.json re-saved by transformers still loads as ours and encodes the same."""
+    tok = bpe_tok if kind == "bpe" else char_tok
+    run, _ = make_run(tmp_path, tok, {})
+    out = export_checkpoint(run, tmp_path / "hf")
+    transformers.AutoTokenizer.from_pretrained(out).save_pretrained(tmp_path / "resaved")
+    again = load_hf_tokenizer(tmp_path / "resaved")
+    assert again.kind == kind
+    for text in TEXTS:
+        assert again.encode(text) == tok.encode(text)
+
+
+def test_foreign_tokenizer_refused(tmp_path, bpe_tok):
+    spec = json.loads(bpe_tok.to_json())
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="pre_tokenizer Metaspace"):
+        load_hf_tokenizer(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# Classifiers
+
+
+def make_classifier_run(tmp: Path, tok, options: dict, labels: list[str]) -> tuple[Path, torch.nn.Module]:
+    from scratchgpt.finetune import GPTClassifier
+
+    run, gpt = make_run(tmp, tok, options, extra={"classifier": {"labels": labels, "pooling": "last"}})
+    clf = GPTClassifier(gpt, len(labels), "last").eval()
+    with torch.no_grad():
+        clf.head.weight.normal_(0, 0.3)
+        clf.head.bias.normal_(0, 1.0)  # a trained head's bias: score has none, so export folds it into the norm
+    save_file({k: v.contiguous() for k, v in clf.head.state_dict().items()}, str(run / "best" / "head.safetensors"))
+    return run, clf
+
+
+@pytest.mark.parametrize("options,kind,arch", [
+    ({}, "bpe", "GPT2ForSequenceClassification"),
+    (dict(pos="rope", bias=False, tie_embeddings=False), "char", "GPTNeoXForSequenceClassification"),
+    (dict(norm_placement="post", bias=False), "char", "OPTForSequenceClassification"),
+], ids=["gpt2-bpe", "neox-char", "opt-post-char"])
+def test_classifier_export_matches(tmp_path, transformers, bpe_tok, char_tok, options, kind, arch):
+    from scratchgpt.finetune import classifier_logits
+
+    tok = bpe_tok if kind == "bpe" else char_tok
+    labels = ["negative", "neutral", "positive"]
+    run, clf = make_classifier_run(tmp_path, tok, options, labels)
+    out = export_checkpoint(run, tmp_path / "hf")
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert type(theirs).__name__ == arch and theirs.config.id2label[2] == "positive"
+    texts = ["It was fine.", "Terrible, I want my money back!!", "a", "我们的模型"]
+    assert hf_tok.pad_token_id == theirs.config.pad_token_id
+    batch = hf_tok(texts, padding=True, return_tensors="pt")  # right-padded, rows of different lengths
+    with torch.no_grad():
+        ref = classifier_logits(clf, [tok.encode(t) for t in texts])
+        assert max_diff(theirs(**batch).logits, ref) <= 1e-4
+
+
+def test_classifier_refusals(tmp_path, bpe_tok):
+    run, _ = make_classifier_run(tmp_path, bpe_tok, dict(pos="rope", norm="rmsnorm", mlp="swiglu"), ["a", "b"])
+    with pytest.raises(UserError, match="RMSNorm has none to fold"):
+        export_checkpoint(run, tmp_path / "hf")
+    with pytest.raises(UserError, match="pooling='mean'"):
+        hf_architecture(ModelConfig(vocab_size=50, **SMALL), classifier_pooling="mean")
