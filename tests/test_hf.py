@@ -409,7 +409,7 @@ def test_foreign_tokenizer_refused(tmp_path, bpe_tok):
 
 
 def make_classifier_run(tmp: Path, tok, options: dict, labels: list[str]) -> tuple[Path, torch.nn.Module]:
-    from scratchgpt.finetune import GPTClassifier
+    from scratchgpt.heads import GPTClassifier
 
     run, gpt = make_run(tmp, tok, options, extra={"classifier": {"labels": labels, "pooling": "last"}})
     clf = GPTClassifier(gpt, len(labels), "last").eval()
@@ -426,7 +426,7 @@ def make_classifier_run(tmp: Path, tok, options: dict, labels: list[str]) -> tup
     (dict(norm_placement="post", bias=False), "char", "OPTForSequenceClassification"),
 ], ids=["gpt2-bpe", "neox-char", "opt-post-char"])
 def test_classifier_export_matches(tmp_path, transformers, bpe_tok, char_tok, options, kind, arch):
-    from scratchgpt.finetune import classifier_logits
+    from scratchgpt.heads import classifier_logits
 
     tok = bpe_tok if kind == "bpe" else char_tok
     labels = ["negative", "neutral", "positive"]

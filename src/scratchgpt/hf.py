@@ -88,7 +88,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import UserError
-from .checkpoint import (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_tensors, resolve_checkpoint, save_checkpoint,
+from .checkpoint import (ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, TOKENIZER_FILE, load_tensors, resolve_checkpoint, save_checkpoint,
                          verify_checkpoint)
 from .model import GPT, ModelConfig
 from .tokenizer import EOT, UNK, Tokenizer
@@ -107,7 +107,6 @@ __all__ = [
     "import_hf",
 ]
 
-HEAD_FILE, ADAPTER_FILE = "head.safetensors", "adapter_model.safetensors"  # as finetune.py writes them
 LAYERNORM_EPS, RMSNORM_EPS = 1e-5, 1e-6  # model.py's norms
 ACTIVATIONS = ("gelu", "relu", "relu2")  # our non-gated MLPs; transformers' ACT2FN has the same three
 PAD = "<pad>"  # the pad token added for char-tokenizer classifiers
