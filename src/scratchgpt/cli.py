@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -193,9 +194,8 @@ def cmd_train(a, argv: list[str], parser: Parser) -> None:
     from .train import train
 
     model_cfg, train_cfg, optim_cfg = _sections(a)
-    overrides = {k: v for k, v in given_keys(parser, argv).items() if k.startswith(("train.", "optim."))}
     train(data=a.data, out=a.out, model=model_cfg, train=train_cfg, optim=optim_cfg, resume=a.resume, force=a.force,
-          overrides=overrides)
+          overrides=given_keys(parser, argv), command=shlex.join(["scratchgpt", "train", *argv]))
 
 
 def _eval_parser() -> Parser:
@@ -380,6 +380,43 @@ def cmd_chat(a) -> None:
     chat_cli(a.run, which=a.which, device=a.device, gen=_generation_config(a), quantize=a.quantize)
 
 
+# ---------------------------------------------------------------- export / import-hf
+def _export_parser() -> Parser:
+    p = Parser(description="Write a run as a Hugging Face transformers folder (config.json, model.safetensors, "
+                           "tokenizer files, generation_config.json, a model card) that AutoModelForCausalLM and "
+                           "AutoTokenizer load with no trust_remote_code.")
+    p.add_argument("run", type=Path, help="run directory (or a checkpoint directory)")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write")
+    _which_arg(p)
+    p.add_argument("--adapter", action="store_true",
+                   help="LoRA runs: a PEFT adapter folder (with the base exported into OUT/base) instead of merged weights")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    return p
+
+
+def cmd_export(a) -> None:
+    from .export import export_cli
+
+    export_cli(a.run, a.out, which=a.which, adapter=a.adapter, force=a.force)
+
+
+def _import_hf_parser() -> Parser:
+    p = Parser(description="Make a scratchgpt run from a transformers folder (GPT-2, OPT, GPT-NeoX, Llama family; "
+                           "model.safetensors or sharded; fp32/fp16/bf16). pytorch_model.bin is refused (unpickling).")
+    p.add_argument("dir", type=Path, help="a folder written by transformers' save_pretrained")
+    p.add_argument("--out", type=Path, required=True, help="the run directory to write")
+    p.add_argument("--tokenizer", type=Optional[Path], default=None,
+                   help="tokenizer.json (or its folder) if it is not in DIR")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    return p
+
+
+def cmd_import_hf(a) -> None:
+    from .export import import_cli
+
+    import_cli(a.dir, a.out, tokenizer=a.tokenizer, force=a.force)
+
+
 # ---------------------------------------------------------------- tune / serve
 def _tune_parser() -> Parser:
     from typing import Literal, Union
@@ -454,6 +491,8 @@ COMMANDS: dict[str, tuple[Callable[[], Parser], Callable, str]] = {
     "finetune": (_finetune_parser, cmd_finetune, "fine-tune a run: classify or sft, full, partial or LoRA"),
     "predict": (_predict_parser, cmd_predict, "label a file with a classification run"),
     "merge-lora": (_merge_lora_parser, cmd_merge_lora, "fold a LoRA run's adapter into full weights"),
+    "export": (_export_parser, cmd_export, "write a run as a Hugging Face transformers model folder"),
+    "import-hf": (_import_hf_parser, cmd_import_hf, "make a run from a Hugging Face transformers model folder"),
     "tune": (_tune_parser, cmd_tune, "hyperparameter search (grid, random, Bayesian) over short runs"),
     "serve": (_serve_parser, cmd_serve, "serve a run with an OpenAI-compatible HTTP API"),
 }

@@ -50,7 +50,9 @@ def evaluate_lm_cli(run: Path, data: Optional[Path] = None, context: int = 0, wh
     context = context or model.cfg.block_size
     if context < 1:
         raise UserError("--context must be at least 1")
-    data = Path(data or config.get("data") or "")
+    if not (data or config.get("data")):
+        raise UserError(f"{run} records no data directory (an imported model?): pass --data DIR or a text file")
+    data = Path(data or config["data"])
     if data.is_file():
         dataset, split = _text_dataset(data, tokenizer), "file"
     else:

@@ -438,7 +438,7 @@ def _json_bytes(obj: Any) -> bytes:
 def _check_out(out: Path, force: bool, source: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
-            raise UserError(f"{out} already exists and is not empty: pass force=True (--force) to replace it")
+            raise UserError(f"{out} already exists and is not empty: pass --force to replace it")
         if not out.is_dir():
             raise UserError(f"{out} is a file, not a directory")
         src, dst = source.resolve(), out.resolve()

@@ -87,6 +87,9 @@ class TrainConfig:
     """TensorBoard event files in RUN/tb (when tensorboard is installed)."""
     plot: bool = True
     """RUN/loss.png after each eval."""
+    init_from: Optional[str] = None
+    """Start from another run's weights (a run or checkpoint dir, e.g. made by import-hf): weights only, with a fresh
+    optimizer and schedule; the architecture is that run's (only --model.dropout may change)."""
 
 
 # ---------------------------------------------------------------- logging
@@ -222,7 +225,8 @@ def resolve_config(out: Path, data: Optional[Path], model: ModelConfig, train: T
 
 
 def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig], train: Optional[TrainConfig],
-          optim: Optional[OptimConfig], resume: bool, force: bool, overrides: Optional[dict]) -> Session:
+          optim: Optional[OptimConfig], resume: bool, force: bool, overrides: Optional[dict],
+          command: Optional[str] = None) -> Session:
     """Resolve the config, join the process group, build data, model and optimizers, restore a checkpoint."""
     out = Path(out or "runs/default")
     resume, force = dist.restart_mode(out, resume, force)  # torchrun --max-restarts: a restarted worker resumes
@@ -233,9 +237,12 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     data = Path(data) if data is not None else default_data_dir()
     meta = load_meta(data)
     n_vocab = meta["vocab_size"] + (tcfg.objective == "mlm")  # mlm: one extra id, the [MASK] token
-    if model_cfg.vocab_size and model_cfg.vocab_size != n_vocab:
+    initial = None
+    if tcfg.init_from and not resume:
+        model_cfg, initial = initial_weights(tcfg.init_from, data, overrides or {})
+    if model_cfg.vocab_size and model_cfg.vocab_size != n_vocab and not (initial and model_cfg.vocab_size > n_vocab):
         raise UserError(f"vocabulary mismatch: the model has {model_cfg.vocab_size} tokens, {data} has {meta['vocab_size']}")
-    model_cfg.vocab_size = n_vocab
+    model_cfg.vocab_size = model_cfg.vocab_size if initial else n_vocab
     if tcfg.objective == "mlm":
         model_cfg.causal = False  # a masked token is predicted from both sides
     ctx = dist.setup(tcfg)  # rank, world size, device; a no-op without torchrun
@@ -256,10 +263,16 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     val_ds = TokenDataset(data, "val", model_cfg.block_size)
     config = {"format_version": 1, "data": str(data), "model": asdict(model_cfg), "train": asdict(tcfg),
               "optim": asdict(ocfg), "world_size": ctx.world, "tokenizer": meta.get("tokenizer")}
+    if resume and (out / "config.json").exists():
+        command = read_json(out / "config.json").get("command", command)  # the run's own command, not the resume's
+    if command:
+        config["command"] = command
 
     torch.manual_seed(tcfg.seed)
     net = GPT(model_cfg).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+    if initial is not None:
+        load_model_tensors(net, initial)
     restored = _restore_model(out, net, scaler, ctx) if resume else None
     if ctx.rank == 0:
         atomic_write_json(out / "config.json", config)
@@ -291,6 +304,26 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     return s
 
 
+def initial_weights(source: str, data: Path, overrides: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """--train.init_from: the architecture and weights of another run, checked against the data's tokenizer."""
+    from dataclasses import replace
+
+    from .checkpoint import load_run, model_tensors
+    from .tokenizer import Tokenizer
+
+    changed = sorted(k for k in overrides if k.startswith("model.") and k != "model.dropout")
+    if changed:
+        raise UserError(f"--{changed[0]} cannot change the architecture of --train.init_from {source} "
+                        "(only --model.dropout can be set)")
+    loaded = load_run(source)
+    if Tokenizer.load(data).token_bytes_table() != loaded.tokenizer.token_bytes_table():
+        raise UserError(f"{data} was prepared with another tokenizer than {source}: prepare the text with that run's "
+                        f"tokenizer (scratchgpt prepare ... --tokenizer-from {loaded.checkpoint})")
+    cfg = replace(loaded.gpt.cfg, dropout=overrides.get("model.dropout", loaded.gpt.cfg.dropout))
+    print(f"initialised from {loaded.checkpoint} (weights only: a fresh optimizer and schedule)", file=sys.stderr)
+    return cfg, model_tensors(loaded.gpt)
+
+
 def _restore_model(out: Path, net: GPT, scaler, ctx) -> tuple[Path, dict]:
     """Weights (and the loss scaler) from the newest intact checkpoint; (checkpoint, state) for the rest."""
     found = find_resumable(out, log=lambda m: print(m, file=sys.stderr))
@@ -308,9 +341,12 @@ def _restore_model(out: Path, net: GPT, scaler, ctx) -> tuple[Path, dict]:
 # ---------------------------------------------------------------- the loop
 def train(data: Optional[Path] = None, out: Optional[Path] = None, model: Optional[ModelConfig] = None,
           train: Optional[TrainConfig] = None, optim: Optional[OptimConfig] = None, resume: bool = False,
-          force: bool = False, overrides: Optional[dict] = None) -> dict:
-    """Train a GPT on a prepared data dir; returns the final metrics (also RUN/result.json)."""
-    s = setup(data, out, model, train, optim, resume, force, overrides)
+          force: bool = False, overrides: Optional[dict] = None, command: Optional[str] = None) -> dict:
+    """Train a GPT on a prepared data dir; returns the final metrics (also RUN/result.json).
+
+    `overrides`: the dotted config keys the user gave (they win over a resumed run's saved config);
+    `command`: the command line, recorded in config.json (the model card of `export` shows it)."""
+    s = setup(data, out, model, train, optim, resume, force, overrides, command)
     stop_reason = loop(s)
     return finish(s, stop_reason)
 

@@ -1,0 +1,59 @@
+"""`scratchgpt export` and `scratchgpt import-hf`: runs leave and enter through the Hugging Face format.
+
+    scratchgpt export RUN --out DIR          a folder stock transformers loads (AutoModelForCausalLM,
+                                             AutoTokenizer), with a model card; hf.py has the mapping
+    scratchgpt import-hf DIR --out RUN       a GPT-2 / OPT / GPT-NeoX / Llama-family folder saved by
+                                             transformers, as a scratchgpt run every command takes
+
+A LoRA run exports merged (its adapter folded into the base weights) or, with `--adapter`, as
+a PEFT adapter folder beside its exported base.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from . import UserError
+from . import hf
+from .checkpoint import ADAPTER_FILE, resolve_checkpoint
+
+
+def export_cli(run: Path, out: Path, *, which: str = "best", adapter: bool = False, force: bool = False) -> Path:
+    """Export RUN/which (or a checkpoint dir) as a transformers folder; prints where it went and how to load it."""
+    ckpt = resolve_checkpoint(Path(run), which)
+    is_lora = (ckpt / ADAPTER_FILE).exists()
+    if adapter and not is_lora:
+        raise UserError(f"{ckpt} holds full weights, not a LoRA adapter: export it without --adapter")
+    if adapter:
+        written = hf.export_adapter(ckpt, out, force=force)
+    elif is_lora:
+        written = _export_merged(ckpt, Path(out), force)
+    else:
+        written = hf.export_checkpoint(ckpt, out, force=force)
+    print(f"exported {ckpt} to {written}: load it with transformers' AutoModelForCausalLM.from_pretrained"
+          f"({str(written)!r})", file=sys.stderr)
+    return written
+
+
+def _export_merged(ckpt: Path, out: Path, force: bool) -> Path:
+    """A LoRA run, its adapter folded into the base (in a temporary run beside `out`), exported as full weights."""
+    from .finetune import merge_lora
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
+    try:
+        merged = merge_lora(ckpt, tmp / "run", force=True)
+        return hf.export_checkpoint(merged, out, force=force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def import_cli(hf_dir: Path, out: Path, *, tokenizer: Path | None = None, force: bool = False) -> Path:
+    """Import a transformers folder as a scratchgpt run; prints what to do with it."""
+    run = hf.import_hf(hf_dir, out, tokenizer=tokenizer, force=force)
+    print(f"imported {hf_dir} as {run}: sample, chat, eval, serve and finetune take it; train --train.init_from "
+          f"{run} continues pretraining on new data prepared with its tokenizer", file=sys.stderr)
+    return run
