@@ -116,13 +116,15 @@ def test_prepare_without_inputs_uses_the_embedded_corpus(tmp_path):
     meta = prepare([], out, tokenizer="bpe", vocab_size=1024, workers=1)
     assert meta["split"] == "documents"
     assert meta["train_documents"] + meta["val_documents"] == len(topics)
-    assert meta["val_documents"] == round(len(topics) * 0.1)
+    assert 0 < meta["val_documents"] < len(topics) // 4  # each document is val with probability 0.1
     # documents are separated by <|endoftext|>
     tok = Tokenizer.load(out)
     val = _read_split(out, "val")
     assert int((val == tok.eot_id).sum()) == meta["val_documents"] - 1
     docs = tok.decode(val).split(EOT)
     assert all(d in topics.values() for d in docs)
+    train_docs = tok.decode(_read_split(out, "train")).split(EOT)
+    assert sorted(train_docs + docs) == sorted(topics.values())
 
 
 def test_chinese_text_char_and_bpe(tmp_path):

@@ -81,16 +81,17 @@ def add_options(parser: ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()
             continue
         hint, help_text = hints[f.name], docs.get(f.name, "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flags = (_flag(f), *f.metadata.get("aliases", ()))  # aliases: a field's older flag names
         if hint is bool:
             action = "store_false" if default is True else "store_true"
-            parser.add_argument(_flag(f), dest=f.name, action=action, help=help_text)
+            parser.add_argument(*flags, dest=f.name, action=action, help=help_text)
             continue
         origin, args = typing.get_origin(hint), typing.get_args(hint)
         inner = [a for a in args if a is not type(None)]
         if origin in (tuple, list) or (origin is typing.Union and inner and typing.get_origin(inner[0]) in (tuple, list)):
-            parser.add_argument(_flag(f), dest=f.name, nargs="+", default=default, help=help_text)
+            parser.add_argument(*flags, dest=f.name, nargs="+", default=default, help=help_text)
         else:
-            parser.add_argument(_flag(f), dest=f.name, type=hint, default=default, help=help_text)
+            parser.add_argument(*flags, dest=f.name, type=hint, default=default, help=help_text)
 
 
 def options_from(args: Any, cls: type, **values: Any):
@@ -112,8 +113,11 @@ def unescape(text: str) -> str:
 def _prepare_parser() -> Parser:
     from .data import PrepareConfig
 
-    p = Parser(description="Clean and tokenize raw text into train.bin / val.bin / tokenizer.json / meta.json.")
-    p.add_argument("inputs", nargs="*", default=[], help="files, directories, globs, .jsonl, or - for stdin; none: embedded corpus")
+    p = Parser(description="Clean and tokenize raw text into train.bin / val.bin (or shards) / tokenizer.json / "
+                           "meta.json; or, with --merge, combine the parts of a corpus prepared apart.")
+    p.add_argument("inputs", nargs="*", default=[], help="files, directories, globs, .jsonl, .parquet, datasets "
+                   "save_to_disk folders, .gz/.bz2/.xz/.zst text or JSONL, or - for stdin; none: embedded corpus; "
+                   "with --merge: the part directories")
     p.add_argument("--out", type=Path, default=Path("data/default"), help="output directory")
     add_options(p, PrepareConfig)
     return p
@@ -129,7 +133,7 @@ def _data_info_parser() -> Parser:
     p = Parser(description="Show a prepared data directory: manifest, token counts, a decoded sample.")
     p.add_argument("dir", type=Path, help="a prepared data directory")
     p.add_argument("--sample-tokens", type=int, default=200, help="tokens to decode from each split")
-    p.add_argument("--verify", action="store_true", help="check every file's sha256 against meta.json")
+    p.add_argument("--verify", action="store_true", help="check the sha256 of every file (each shard too) against meta.json")
     return p
 
 

@@ -1,9 +1,10 @@
 """Prepared token data, read: the manifest (meta.json), the memory-mapped splits, `data-info`.
 
 A prepared data directory holds:
-  train.bin, val.bin   flat token ids, little-endian uint16 (vocab <= 65536) or uint32
+  train.bin, val.bin   flat token ids, little-endian uint16 (vocab <= 65536) or uint32; a
+                       split longer than `prepare --shard-tokens` is train-00000.bin, ... (shards.py)
   tokenizer.json       see scratchgpt.tokenizer
-  meta.json            manifest: counts, dtype, cleaning report, sha256s, settings
+  meta.json            manifest: counts, dtype, shards, cleaning report, sha256s, settings
 """
 
 from __future__ import annotations
@@ -11,15 +12,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
 
 import numpy as np
 
 from .. import UserError
 from ..utils import read_json, sha256_file
+from .shards import ShardedTokens
 
+# 1: train.bin and val.bin in the directory; 2: a split may be shards, or files of other
+# directories (prepare --merge). New directories with one file per split still say 1.
 FORMAT_VERSION = 1
+SHARDED_FORMAT_VERSION = 2
 META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
@@ -32,8 +38,20 @@ def dtype_for_vocab(vocab_size: int) -> str:
 # Reading
 
 
+def split_shards(meta: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    """The files of one split, in order: [{"file": path relative to the data dir, "tokens": n, ...}]."""
+    shards = (meta.get("shards") or {}).get(split)
+    if shards is None:  # format 1 written before shards existed
+        return [{"file": f"{split}.bin", "tokens": meta[f"{split}_tokens"]}]
+    return shards
+
+
 def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and check `data_dir/meta.json`; UserError when missing, invalid or inconsistent."""
+    """Read and check `data_dir/meta.json`; UserError when missing, invalid or inconsistent.
+
+    Checks that every token file has the size meta.json gives it and that tokenizer.json is
+    the one meta.json was written with (its sha256: one small file hashed per call).
+    """
     data_dir = Path(data_dir)
     path = data_dir / META_FILE
     if not path.is_file():
@@ -47,8 +65,9 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise UserError(f"{path}: meta.json must hold a JSON object")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    if version not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
+        raise UserError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION} or "
+                        f"{SHARDED_FORMAT_VERSION}; a newer scratchgpt wrote it?)")
     for key, typ in (("tokenizer", str), ("vocab_size", int), ("dtype", str),
                      ("train_tokens", int), ("val_tokens", int)):
         if not isinstance(meta.get(key), typ):
@@ -57,17 +76,54 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path}: dtype {meta['dtype']!r} must be one of {sorted(_DTYPES)}")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
-        bin_path = data_dir / f"{split}.bin"
-        if not bin_path.is_file():
-            raise UserError(f"{bin_path} is missing")
-        want = meta[f"{split}_tokens"] * itemsize
-        got = bin_path.stat().st_size
-        if got != want:
-            raise UserError(
-                f"{bin_path} holds {got} bytes but meta.json says {meta[f'{split}_tokens']} "
-                f"{meta['dtype']} tokens ({want} bytes): the directory is damaged or mixed up"
-            )
+        shards = split_shards(meta, split)
+        try:
+            total = sum(int(s["tokens"]) for s in shards)
+            files = [(data_dir / s["file"], int(s["tokens"])) for s in shards]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: the {split} shards must each have a file and a token count") from None
+        if total != meta[f"{split}_tokens"]:
+            raise UserError(f"{path}: the {split} shards hold {total} tokens but {split}_tokens says "
+                            f"{meta[f'{split}_tokens']}")
+        for bin_path, n in files:
+            if not bin_path.is_file():
+                raise UserError(f"{bin_path} is missing")
+            want, got = n * itemsize, bin_path.stat().st_size
+            if got != want:
+                raise UserError(
+                    f"{bin_path} holds {got} bytes but meta.json says {n} {meta['dtype']} tokens ({want} bytes): "
+                    "the directory is damaged or mixed up"
+                )
+    _check_tokenizer(data_dir, meta)
     return meta
+
+
+def _check_tokenizer(data_dir: Path, meta: dict[str, Any]) -> None:
+    want = (meta.get("files") or {}).get(TOKENIZER_FILE, {}).get("sha256")
+    if want is None:
+        return
+    tok_path = data_dir / TOKENIZER_FILE
+    if not tok_path.is_file():
+        raise UserError(f"{tok_path} is missing (meta.json lists it)")
+    got = sha256_file(tok_path)
+    if got != want:
+        try:
+            from ..tokenizer import Tokenizer
+
+            vocab = f"vocab {Tokenizer.load(tok_path).vocab_size}"
+        except UserError:
+            vocab = "not a valid tokenizer"
+        raise UserError(f"{tok_path} ({vocab}, sha256 {got[:12]}) is not the tokenizer meta.json was written with "
+                        f"(vocab {meta['vocab_size']}, sha256 {want[:12]}): the directory is mixed up")
+
+
+def split_tokens(data_dir: str | os.PathLike, meta: dict[str, Any], split: str) -> Union[np.memmap, ShardedTokens]:
+    """The split's tokens as one flat read-only array (memory-mapped; shards joined)."""
+    data_dir = Path(data_dir)
+    shards = [s for s in split_shards(meta, split) if s["tokens"] > 0]
+    if len(shards) == 1:
+        return np.memmap(data_dir / shards[0]["file"], dtype=meta["dtype"], mode="r", shape=(shards[0]["tokens"],))
+    return ShardedTokens([data_dir / s["file"] for s in shards], [s["tokens"] for s in shards], meta["dtype"])
 
 
 class TokenDataset:
@@ -100,10 +156,10 @@ class TokenDataset:
         self.position = 0
         self.n_tokens: int = self.meta[f"{split}_tokens"]
         self.dtype = np.dtype(self.meta["dtype"])
-        path = self.data_dir / f"{split}.bin"
         if self.n_tokens == 0:
-            raise UserError(f"{path} is empty")
-        self.tokens: np.memmap = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+            raise UserError(f"the {split} split of {self.data_dir} is empty")
+        # one np.memmap, or ShardedTokens over several files: the same offsets give the same tokens
+        self.tokens = split_tokens(self.data_dir, self.meta, split)
         if self.block_size > self.n_tokens - 1:
             raise UserError(
                 f"block size {self.block_size} is too large for the {split} split of {self.data_dir}: "
@@ -212,15 +268,31 @@ def data_info(data_dir: str | os.PathLike, *, sample_tokens: int = 200, verify: 
         f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}, {meta['dtype']})"
     )
     if verify:
-        for name, info in meta.get("files", {}).items():
-            got = sha256_file(data_dir / name)
-            if got != info.get("sha256"):
-                raise UserError(f"{data_dir / name}: sha256 {got} does not match meta.json")
-        lines.append("sha256: all files match meta.json")
+        checked = _verify(data_dir, meta)
+        lines.append(f"sha256: all files match meta.json ({checked} files)")
     for split in SPLITS:
         n = meta[f"{split}_tokens"]
-        tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r", shape=(n,))
+        shards = split_shards(meta, split)
+        if len(shards) > 1:
+            lines.append(f"{split}: {len(shards)} shards ({shards[0]['file']} ... {shards[-1]['file']})")
+        tokens = split_tokens(data_dir, meta, split) if n else np.zeros(0, dtype=meta["dtype"])
         sample = tok.decode(np.asarray(tokens[: max(0, sample_tokens)]).astype(np.int64))
         lines.append(f"{split} sample (first {min(n, sample_tokens)} tokens, decoded):")
         lines += ["  | " + line for line in sample.split("\n")]
     return "\n".join(lines)
+
+
+def _verify(data_dir: Path, meta: dict[str, Any]) -> int:
+    """Check the sha256 of every shard and every listed file against meta.json; how many files."""
+    want: dict[str, str] = {name: info.get("sha256") for name, info in (meta.get("files") or {}).items()}
+    for split in SPLITS:
+        for s in split_shards(meta, split):
+            if "sha256" in s:
+                want.setdefault(s["file"], s["sha256"])
+            elif s["file"] not in want:
+                raise UserError(f"{data_dir / s['file']}: meta.json records no sha256 for it")
+    for name, digest in want.items():
+        got = sha256_file(data_dir / name)
+        if got != digest:
+            raise UserError(f"{data_dir / name}: sha256 {got} does not match meta.json")
+    return len(want)
