@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: prepare's worker processes import this package too
+    import torch
 
 IGNORE = -100
 MLM_PROB, MLM_MASK_FRAC, MLM_RANDOM_FRAC = 0.15, 0.8, 0.1
@@ -40,4 +42,6 @@ def mlm_mask_batch(x: torch.Tensor, vocab_size: int, meta: Optional[dict], step:
     swap = chosen & (r >= MLM_MASK_FRAC) & (r < MLM_MASK_FRAC + MLM_RANDOM_FRAC)
     inputs[swap] = random_ids[swap]
     labels = np.where(chosen, ids, IGNORE)
+    import torch
+
     return torch.from_numpy(inputs.astype(np.int64)), torch.from_numpy(labels.astype(np.int64))
