@@ -6,6 +6,7 @@
     python bench/prepare.py --corpus DIR_OR_FILE              # or measure your own inputs
     python bench/prepare.py --mb 2000 --format parquet --keep -- --workers 2   # flags after -- go to prepare
     python bench/prepare.py --train-shards 8 --mb 30 --rounds 3               # training tok/s: 8 shards vs 1 file
+    python bench/prepare.py --train-shards 8 --mb 30 --train-flags "--model.n_layer 6 --model.n_embd 384"
 
 The generated text is CPython's bundled pydoc topics (or --source), its lines shuffled afresh for every
 ~0.5 MB, so no network is needed and no block repeats verbatim. --format txt writes one such shuffle
@@ -27,6 +28,7 @@ import math
 import os
 import random
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -235,7 +237,7 @@ def shards_bench(tmp: Path, a) -> dict:
     assert len(json.loads((many / "meta.json").read_text())["shards"]["train"]) == a.train_shards
     flags = ["--train.max_iters", str(a.iters), "--train.eval_interval", "1000000", "--train.log_interval", "1",
              "--train.sample_tokens", "0", "--train.progress", "false", "--train.plot", "false",
-             "--train.tensorboard", "false", "--train.final_eval", "false", *a.train_flags]
+             "--train.tensorboard", "false", "--train.final_eval", "false", *shlex.split(a.train_flags)]
     rates: dict[str, list[float]] = {"one file": [], f"{a.train_shards} shards": []}
     for r in range(a.rounds):
         for label, data in zip(rates, (one, many)):
@@ -267,7 +269,7 @@ def main() -> None:
                     help="instead: training tok/s from this many shards against one file")
     ap.add_argument("--rounds", type=int, default=3, help="--train-shards: training runs per variant, taking turns")
     ap.add_argument("--iters", type=int, default=60, help="--train-shards: steps per training run")
-    ap.add_argument("--train-flags", nargs="*", default=[], help="--train-shards: more flags for `scratchgpt train`")
+    ap.add_argument("--train-flags", default="", help="--train-shards: more flags for `scratchgpt train`, one string")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (printed)")
     ap.add_argument("extra", nargs="*", help="more flags for `scratchgpt prepare` (after --)")
     a = ap.parse_args()

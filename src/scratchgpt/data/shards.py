@@ -109,12 +109,9 @@ class ShardedTokens:
             raise IndexError(f"indices must lie in [0, {n})")
         which = np.searchsorted(self.starts, flat, side="right") - 1
         out = np.empty(flat.shape, dtype=self.dtype)
-        if flat.size and which[0] == which[-1] and (which == which[0]).all():  # the usual case: one file
-            out[:] = self._maps[which[0]][flat - self.starts[which[0]]]
-        else:
-            for k in np.unique(which):
-                sel = which == k
-                out[sel] = self._maps[k][flat[sel] - self.starts[k]]
+        for k in np.flatnonzero(np.bincount(which, minlength=len(self._maps))):  # the files touched (bincount: no sort)
+            sel = which == k
+            out[sel] = self._maps[k][flat[sel] - self.starts[k]]
         return out.reshape(idx.shape)
 
     def _range(self, start: int, stop: int) -> np.ndarray:
