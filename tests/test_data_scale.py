@@ -209,24 +209,34 @@ def test_shards_read_like_one_file_batches_eval_and_verify(corpus, tok_dir, tmp_
         load_meta(sharded)
 
 
-def test_training_on_shards_matches_one_file(corpus, tok_dir, tmp_path):
+def test_training_on_shards_matches_one_file_and_resumes_bit_exactly(corpus, tok_dir, tmp_path):
     from conftest import TINY
     from scratchgpt.model import ModelConfig
     from scratchgpt.optim import OptimConfig
     from scratchgpt.train import TrainConfig, train
 
-    runs = []
-    for name, shard_tokens in (("one", 10**8), ("sharded", 1500)):
-        data = tmp_path / name
-        prepare([corpus], data, tokenizer_from=str(tok_dir), shard_tokens=shard_tokens, workers=1)
-        cfg = TrainConfig(max_iters=6, eval_interval=6, eval_iters=2, batch_size=8, log_interval=1, sample_tokens=0,
-                          progress=False, tensorboard=False, plot=False, final_eval=True)
-        result = train(data=data, out=tmp_path / f"run-{name}", model=ModelConfig(**TINY), train=cfg,
-                       optim=OptimConfig(warmup_iters=2))
-        rows = [json.loads(x) for x in (tmp_path / f"run-{name}" / "metrics.jsonl").read_text().splitlines()]
-        runs.append(([r["train_loss"] for r in rows if "train_loss" in r], result["best_val_loss"],
-                     result["final_val_loss"], result["final_tokens"]))
-    assert len(runs[0][0]) == 6 and runs[0] == runs[1]
+    def run(data: Path, out: Path, max_iters: int, resume: bool = False) -> dict:
+        cfg = TrainConfig(max_iters=max_iters, eval_interval=3, eval_iters=2, batch_size=8, log_interval=1,
+                          sample_tokens=0, progress=False, tensorboard=False, plot=False, final_eval=True)
+        return train(data=data, out=out, model=ModelConfig(**TINY), train=cfg,
+                     optim=OptimConfig(warmup_iters=2, decay_iters=6), resume=resume,
+                     overrides={"train.max_iters": max_iters} if resume else None)
+
+    def losses(out: Path) -> list[float]:
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["train_loss"] for r in rows if "train_loss" in r]
+
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    prepare([corpus], one, tokenizer_from=str(tok_dir), workers=1)
+    meta = prepare([corpus], sharded, tokenizer_from=str(tok_dir), shard_tokens=1500, workers=1)
+    assert len(meta["shards"]["train"]) > 8 and len(meta["shards"]["val"]) > 1
+    results = [run(one, tmp_path / "run-one", 6), run(sharded, tmp_path / "run-sharded", 6)]
+    assert losses(tmp_path / "run-one") == losses(tmp_path / "run-sharded") and len(losses(tmp_path / "run-one")) == 6
+    assert results[0]["final_val_loss"] == results[1]["final_val_loss"]  # whole-split eval across the val shards
+    run(sharded, tmp_path / "resumed", 3)
+    resumed = run(sharded, tmp_path / "resumed", 6, resume=True)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "run-one")
+    assert resumed["final_val_loss"] == results[0]["final_val_loss"]
 
 
 # -- parts and merge ----------------------------------------------------------------------
