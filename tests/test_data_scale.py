@@ -90,13 +90,13 @@ def test_parquet_arrow_and_compressed_inputs_give_their_documents_in_order(tmp_p
     # several zstd frames in one file, as parallel compressors write them
     frames = b"".join(zstandard.ZstdCompressor().compress(_jsonl([d], "body")) for d in docs[44:47])
     (src / "h.jsonl.zst").write_bytes(frames)
-    saved = tmp_path / "saved"
+    saved = tmp_path / "more" / "saved"  # a save_to_disk folder inside a folder counts too
     _save_to_disk_folder(saved, docs[47:57], "body")
     (tmp_path / "val.txt.xz").write_bytes(lzma.compress("\n".join(docs[57:]).encode()))
 
     out = tmp_path / "o"
-    meta = prepare([src / "pq", src, saved], out, tokenizer="char", text_field="body", val=[tmp_path / "val.txt.xz"],
-                   workers=1)
+    meta = prepare([src / "pq", src, tmp_path / "more"], out, tokenizer="char", text_field="body",
+                   val=[tmp_path / "val.txt.xz"], workers=1)
     # the folder of parquet files comes first; then `src` (its parquet files again: skipped), in sorted order
     assert _decoded_docs(out, "train") == docs[:57]
     assert _decoded_docs(out, "val") == ["\n".join(docs[57:])]

@@ -87,7 +87,7 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike], *, is_val: bool) -> list
             raise UserError(f"input not found: {s}")
         for m in matches:
             if m.is_dir():
-                found = _saved_dataset(m, is_val) or [_file_source(f, is_val) for f in _input_files_under(m)]
+                found = _sources_under(m, is_val)
                 if not found:
                     raise UserError(f"{m}: directory holds no text (no *.txt, *.md, *.jsonl or *.parquet files, "
                                     "compressed or not)")
@@ -121,14 +121,20 @@ def _file_source(p: Path, is_val: bool) -> Source:
     return Source(kind, str(p), p, compression, is_val)
 
 
-def _input_files_under(d: Path) -> list[Path]:
+def _sources_under(d: Path, is_val: bool) -> list[Source]:
+    """Every input in a directory tree, sorted; a save_to_disk folder inside counts as its rows."""
     wanted = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
     found = []
     for root, dirs, files in os.walk(d):
+        saved = _saved_dataset(Path(root), is_val)
+        if saved is not None:
+            found += saved
+            dirs[:] = []
+            continue
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         for f in sorted(files):
             if not f.startswith(".") and _split_suffix(f)[0] in wanted:
-                found.append(Path(root) / f)
+                found.append(_file_source(Path(root) / f, is_val))
     return found
 
 

@@ -254,7 +254,7 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, out: str | os.PathLike, 
     settings = {
         "inputs": [str(p) for p in inputs] or [BUILTIN], "val": [str(p) for p in val],
         "val_fraction": None if val else o.val_fraction, "seed": o.seed,
-        "tokenizer": o.tokenizer, "tokenizer_from": str(tok_file) if tok_file else None,
+        "tokenizer": None if tok_file else o.tokenizer, "tokenizer_from": str(tok_file) if tok_file else None,
         "vocab_size": o.vocab_size if o.tokenizer == "bpe" and not tok_file else None,
         "min_frequency": o.min_frequency if o.tokenizer == "bpe" and not tok_file else None,
         "bpe_sample_mb": o.bpe_sample_mb if o.tokenizer == "bpe" and not tok_file else None,
