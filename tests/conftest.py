@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,20 @@ import pytest
 # Tests run with few threads: the suite runs on 2 cores, and subprocesses must not oversubscribe them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# measured MFU peaks go to a cache of the test session's own, not the user's ~/.cache
+os.environ.setdefault("SCRATCHGPT_CACHE_DIR", tempfile.mkdtemp(prefix="scratchgpt-test-cache-"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests (tests/test_gpu.py) need CUDA: skipped with one reason where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
 
@@ -35,9 +50,9 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: f
 
 
 def tiny_flags(**overrides) -> list[str]:
-    """Flags for a 2-layer, 32-dim model that trains in a second or two."""
+    """Flags for a 2-layer, 32-dim model that trains in a second or two, on the CPU in fp32."""
     cfg = {"model." + k: v for k, v in TINY.items()}
-    cfg.update({"train.batch_size": 8, "train.eval_iters": 2, "train.sample_tokens": 0, "train.progress": "false",
+    cfg.update({"train.device": "cpu", "train.dtype": "float32", "train.batch_size": 8, "train.eval_iters": 2, "train.sample_tokens": 0, "train.progress": "false",
                 "train.tensorboard": "false", "train.plot": "false", "train.final_eval": "false",
                 "optim.warmup_iters": 2, "optim.lr": 3e-3})
     cfg.update(overrides)

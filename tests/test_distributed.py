@@ -36,7 +36,8 @@ FLAGS = {
     "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 16, "model.bias": "false",
     "train.batch_size": 8, "train.micro_batch_size": 2, "train.max_iters": STEPS, "train.eval_interval": SAVE_AT,
     "train.eval_iters": 1, "train.log_interval": 1, "train.keep_last": 5, "train.threads": 1,
-    "train.peak_flops": 1e9,  # skip the matmul benchmark
+    "train.peak_flops": 1e15,  # skip the matmul benchmark
+    "train.device": "cpu", "train.dtype": "float32",  # gloo on CPUs, even where CUDA is present (test_gpu.py: nccl)
     "train.sample_tokens": 0, "train.progress": "false", "train.tensorboard": "false", "train.plot": "false",
     "train.final_eval": "false", "optim.warmup_iters": 2, "optim.lr": 3e-3,
 }

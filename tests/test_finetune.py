@@ -112,7 +112,8 @@ def base_run(ft_root) -> Path:
     prepare([str(ft_root / "corpus.txt")], ft_root / "data", tokenizer="char", progress=False)
     train(data=ft_root / "data", out=ft_root / "base", model=ModelConfig(**BASE),
           train=TrainConfig(max_iters=40, batch_size=16, eval_interval=40, eval_iters=2, sample_tokens=0, progress=False,
-                            tensorboard=False, plot=False, final_eval=False, peak_flops=1e12),
+                            tensorboard=False, plot=False, final_eval=False, peak_flops=1e12, device="cpu",
+                            dtype="float32"),
           optim=OptimConfig(lr=3e-3, warmup_iters=5))
     return ft_root / "base"
 
@@ -222,7 +223,7 @@ def test_freeze_except_trains_only_the_last_blocks(base_run, ft_root):
     before = {n: sha(p) for n, p in model.named_parameters()}
     seqs = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12], [2, 2]] * 4
     train_classifier(model, seqs, [0, 1, 0, 1] * 4, seqs, [0, 1, 0, 1] * 4, ["a", "b"],
-                     FinetuneOptions(max_steps=3, batch_size=8, lr=1e-2), ft_root / "freeze", log=lambda m: None)
+                     FinetuneOptions(max_steps=3, batch_size=8, lr=1e-2, device="cpu"), ft_root / "freeze", log=lambda m: None)
     changed = {n for n, p in model.named_parameters() if sha(p) != before[n]}
     assert changed and all(n.startswith(("gpt.transformer.h.1.", "gpt.transformer.ln_f", "head.")) for n in changed)
     assert any(n.startswith("head.") for n in changed) and any(n.startswith("gpt.transformer.h.1.") for n in changed)
@@ -241,7 +242,7 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
     result = fit(model, lambda epoch: [0] * 100, loss_of, lambda: {"score": next(scores)},
                   lambda ev, best: best is None or ev["score"] > best["score"],
                   lambda name, progress, ev: saved.append((name, progress["step"], ev["score"])),
-                  FinetuneOptions(epochs=1, eval_interval=1, patience=2, lr=1e-3), tmp_path, lambda s, ev, tl: "",
+                  FinetuneOptions(epochs=1, eval_interval=1, patience=2, lr=1e-3, device="cpu"), tmp_path, lambda s, ev, tl: "",
                   lambda m: None)
     assert saved == [("best", 1, 0.5), ("best", 2, 0.7), ("latest", 4, 0.65)]
     assert result["steps"] == 4 and result["best"]["step"] == 2 and result["stop_reason"].startswith("early stopping")
@@ -254,7 +255,7 @@ def test_lora_trains_only_adapters(base_run, ft_root):
     before = {n: sha(p) for n, p in model.named_parameters()}
     seqs = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12], [2, 2]] * 4
     train_classifier(model, seqs, [0, 1, 0, 1] * 4, seqs, [0, 1, 0, 1] * 4, ["a", "b"],
-                     FinetuneOptions(max_steps=3, batch_size=8, lr=1e-2), ft_root / "lora_unit", log=lambda m: None)
+                     FinetuneOptions(max_steps=3, batch_size=8, lr=1e-2, device="cpu"), ft_root / "lora_unit", log=lambda m: None)
     changed = {n for n, p in model.named_parameters() if sha(p) != before[n]}
     base_names = [n for n in before if "lora_" not in n and ".head." not in n]
     assert len(base_names) > 20 and not changed & set(base_names)  # every base weight's checksum is unchanged
@@ -331,7 +332,8 @@ def test_sft_answers_held_out_prompts(sft_run, capsys):
     # `sample` wraps the prompt in the stored template too, and prints only the reply
     sampled = []
     for w in val_w[:5]:
-        code, stdout, _ = cli(capsys, "sample", run, "--prompt", w, "--temperature", "0", "--max-new-tokens", "8")
+        code, stdout, _ = cli(capsys, "sample", run, "--prompt", w, "--temperature", "0", "--max-new-tokens", "8",
+                              "--device", "cpu")
         assert code == 0
         sampled.append(stdout.strip())
     assert sum(s == w for s, w in zip(sampled, val_w[:5])) >= 4
@@ -477,7 +479,8 @@ def test_mlm_loss_falls_and_attention_is_bidirectional(ft_root, base_run):
     out = ft_root / "mlm"
     train(data=ft_root / "data", out=out, model=ModelConfig(**BASE),
           train=TrainConfig(objective="mlm", max_iters=60, batch_size=16, eval_interval=60, eval_iters=2, log_interval=1,
-                            sample_tokens=0, progress=False, tensorboard=False, plot=False, peak_flops=1e12),
+                            sample_tokens=0, progress=False, tensorboard=False, plot=False, peak_flops=1e12,
+                            device="cpu", dtype="float32"),
           optim=OptimConfig(lr=3e-3, warmup_iters=5))
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0]["train_loss"], sum(r["train_loss"] for r in rows[-10:]) / 10

@@ -353,9 +353,19 @@ def test_cli_sample_without_checkpoint(tmp_path, capsys):
 
 
 def test_cli_chat_piped_stdin(run_dir):
+    from scratchgpt.checkpoint import load_run
+
+    lines = ["hello\n", "/reset\n", "world\n", "/exit\n", "never read\n"]
     proc = subprocess.run(
-        [sys.executable, "-m", "scratchgpt", "chat", str(run_dir), "--max-new-tokens", "8", "--seed", "1"],
-        input="hello\n/reset\nworld\n/exit\n", capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "scratchgpt", "chat", str(run_dir), "--max-new-tokens", "8", "--seed", "1",
+         "--device", "cpu"], input="".join(lines), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("\n") == 2 and "history cleared" in proc.stderr and "Traceback" not in proc.stderr
+    assert "history cleared" in proc.stderr and "Traceback" not in proc.stderr
+    # the piped session is the library's chat over the same lines: two replies (which may hold newlines
+    # themselves), each ended by one; nothing after /exit
+    loaded = load_run(run_dir)
+    expected, err = io.StringIO(), io.StringIO()
+    chat(loaded.gpt, loaded.tokenizer, loaded.config, lines[:3], expected, G.GenerationConfig(max_new_tokens=8, seed=1),
+         err=err)
+    assert proc.stdout == expected.getvalue() and proc.stdout.endswith("\n")

@@ -100,12 +100,14 @@ def test_cli_sample_chat_and_eval_quantized(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     save_checkpoint(run, model=model, optimizer=None, state={"step": 0}, config={"model": asdict(model.cfg), "data": str(data)},
                     tokenizer_file=data / "tokenizer.json", is_best=True)
-    assert main(["sample", str(run), "--prompt", "the ", "--max-new-tokens", "10", "--seed", "1", "--quantize", "int8"]) == 0
+    assert main(["sample", str(run), "--prompt", "the ", "--max-new-tokens", "10", "--seed", "1", "--quantize", "int8",
+                 "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("the ")
-    assert main(["sample", str(run), "--prompt", "the ", "--max-new-tokens", "10", "--quantize", "int4"]) == 0
+    assert main(["sample", str(run), "--prompt", "the ", "--max-new-tokens", "10", "--quantize", "int4",
+                 "--device", "cpu"]) == 0  # the CPU kernels (test_gpu.py: CUDA's)
     assert capsys.readouterr().out.startswith("the ")
     monkeypatch.setattr("sys.stdin", io.StringIO("the \n/exit\n"))  # piped chat, plain continuation
-    assert main(["chat", str(run), "--max-new-tokens", "5", "--seed", "1", "--quantize", "int8"]) == 0
+    assert main(["chat", str(run), "--max-new-tokens", "5", "--seed", "1", "--quantize", "int8", "--device", "cpu"]) == 0
     reply = capsys.readouterr().out
     assert reply.endswith("\n") and reply.strip()  # one streamed reply (it may contain newlines itself)
     assert main(["eval", str(run)]) == 0

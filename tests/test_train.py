@@ -35,7 +35,7 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 
 def quiet_train(**kw) -> TrainConfig:
     base = dict(batch_size=8, eval_iters=2, sample_tokens=0, progress=False, tensorboard=False, plot=False,
-                final_eval=False, log_interval=1)
+                final_eval=False, log_interval=1, device="cpu", dtype="float32")  # CPU numerics (tests/test_gpu.py: CUDA)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -323,3 +323,28 @@ def test_resume_takes_exactly_the_keys_given_even_at_their_default(tmp_path, cha
     assert saved["optim"]["lr"] == 0.001 and saved["train"]["log_interval"] == 10 and saved["train"]["max_iters"] == 6
     assert saved["optim"]["warmup_iters"] == 2 and saved["train"]["batch_size"] == 8  # not given: kept from the run
     assert "keeps its original length of 4 steps" in err and saved["optim"]["decay_iters"] == 4  # no LR jump
+
+
+def test_startup_summary_says_what_the_run_will_do(tmp_path, char_data, capsys):
+    meta = json.loads((char_data / "meta.json").read_text())
+    train(data=char_data, out=tmp_path / "r", model=ModelConfig(**TINY),
+          train=quiet_train(max_iters=4, eval_interval=4, batch_size=8, micro_batch_size=4, threads=1, peak_flops=2e12),
+          optim=OptimConfig(optimizer="muon"))
+    err = capsys.readouterr().err
+    summary = err[:err.index("step 4:")]  # printed before the loop
+    net = GPT(ModelConfig(**TINY, vocab_size=meta["vocab_size"]))
+    assert f"params: {net.num_params():,} ({net.num_params(non_embedding=True):,} non-embedding)" in summary
+    assert "device: cpu, float32, 1 threads" in summary
+    assert f"data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens" in summary
+    assert "step: 256 tokens (batch 8 x context 32; 2 micro-step(s) of 4 per rank)" in summary
+    assert "plan: 4 steps, 1,024 tokens" in summary
+    assert "optimizer: muon (Newton-Schulz in " in summary and "per iteration" in summary
+    assert "MFU peak: 2 TFLOP/s (train.peak_flops)" in summary
+    rows = metrics(tmp_path / "r")
+    assert all(0 <= r["mfu"] <= 1 for r in rows)
+    # resumed: the plan says where it continues; a measured peak names its source
+    train(out=tmp_path / "r", resume=True, train=quiet_train(max_iters=6), overrides={"train.max_iters": 6,
+                                                                                     "train.peak_flops": 0.0})
+    err = capsys.readouterr().err
+    assert "plan: 6 steps, 1,536 tokens" in err and "resuming at step 4, 2 to go" in err
+    assert "MFU peak: " in err and "(measured: float32 matmul on " in err

@@ -19,7 +19,8 @@ from scratchgpt.tune import grid_values, load_space, tune  # noqa: E402
 # a 1-layer, 16-dim model trained for 3 steps: a trial takes a fraction of a second
 MODEL = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)
 TRAIN = TrainConfig(batch_size=4, max_iters=3, eval_interval=3, eval_iters=1, sample_tokens=0, progress=False,
-                    tensorboard=False, plot=False, final_eval=False, peak_flops=1.0, keep_last=1, threads=1)
+                    tensorboard=False, plot=False, final_eval=False, peak_flops=1e15, keep_last=1, threads=1,
+                    device="cpu", dtype="float32")
 OPTIM = OptimConfig(warmup_iters=1)
 BASE = dict(model=MODEL, train=TRAIN, optim=OPTIM)
 
@@ -167,7 +168,8 @@ def test_cli(char_data, tmp_path, capsys):
     base.write_text(json.dumps({"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
                                 "train": {"batch_size": 4, "max_iters": 3, "eval_interval": 3, "eval_iters": 1,
                                           "sample_tokens": 0, "progress": False, "tensorboard": False,
-                                          "plot": False, "final_eval": False, "peak_flops": 1.0, "threads": 1}}))
+                                          "plot": False, "final_eval": False, "peak_flops": 1e15, "threads": 1,
+                                          "device": "cpu", "dtype": "float32"}}))
     out = tmp_path / "cli"
     argv = ["tune", "--config", str(base), "--data", str(char_data), "--out", str(out), "--method", "random",
             "--trials", "1", "--space", '{"optim.lr": {"low": 1e-3, "high": 1e-2, "log": true}}']

@@ -344,7 +344,7 @@ def _generation_args(p: Parser) -> None:
 def _quantize_arg(p: Parser) -> None:
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantized Linear layers for faster CPU decoding of large models: int8 (~1.6x "
-                        "fp32 at GPT-2 size) or int4 (~2.4x; larger quality cost; see BENCHMARKS.md)")
+                        "fp32 at GPT-2 size) or int4 (~2.4x; larger quality cost; CPUs and Ampere+ GPUs; see BENCHMARKS.md)")
 
 
 def _generation_config(a):

@@ -72,8 +72,10 @@ def setup(tcfg) -> DistContext:
                                      rank=rank, world_size=world, timeout=timeout)
         else:
             tdist.init_process_group(backend, timeout=timeout)
-    parallel = tcfg.parallel if tcfg.parallel != "none" else "ddp"
-    return DistContext(rank, world, local_rank, device, parallel if world > 1 else "none")
+    # one rank wraps only when asked to (--train.parallel ddp|fsdp): the same code path as many ranks, e.g.
+    # DDP or FSDP under nccl on a one-GPU machine
+    parallel = tcfg.parallel if tcfg.parallel != "none" else ("ddp" if world > 1 else "none")
+    return DistContext(rank, world, local_rank, device, parallel)
 
 
 def restart_mode(out: Path, resume: bool, force: bool) -> tuple[bool, bool]:

@@ -5,9 +5,12 @@ things change (measured in BENCHMARKS.md, 2 cores):
 - one small matmul chain per weight is overhead-bound, so updates of the same shape up to a
   transpose (every layer's c_attn, c_fc and mlp c_proj at 4x width, ...) are stacked and
   iterated together with batched matmuls;
-- bf16 only pays where the CPU multiplies bf16 in hardware (AMX tiles, as on the project's
-  2-core Xeon: 512x512 bf16 matmuls ~3.5x fp32); CPUs without bf16 units emulate it, several
-  times slower than fp32, so the iteration runs in fp32 there.
+- bf16 pays only where the CPU multiplies bf16 in hardware (AMX tiles on recent Xeons, AVX512-BF16
+  on AMD Zen 4/5: several times fp32's rate); elsewhere it is emulated, several times slower than
+  fp32. CPU flags do not tell how large the difference is for the model's shapes, so the first
+  Muon built in a process times one Newton-Schulz iteration on the model's own stacks in both
+  dtypes (a few ms) and keeps the faster (`ns_dtype_by_measurement`). The choice is stored in the
+  optimizer's param group, so a resumed run keeps the dtype it started with.
 The state (`momentum_buffer`), the update rule and the LR adjustment are torch's own, so
 checkpoints and results carry over between the two paths.
 """
@@ -16,19 +19,11 @@ from __future__ import annotations
 
 import inspect
 import sys
+import time
 from collections import defaultdict
 
 import torch
 import torch.optim._muon as _torch_muon
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where bf16 matmuls run on AMX tiles (the one case measured faster than fp32 on CPU)."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(check and check())
-    except Exception:  # private API: absent or failing means no
-        return False
 
 
 def newton_schulz(x: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
@@ -45,12 +40,74 @@ def newton_schulz(x: torch.Tensor, coefficients, steps: int, eps: float, dtype: 
     return x.mT if tall else x
 
 
+# a dtype must beat the other by this factor to be chosen: timing noise must not flip the choice back and forth
+NS_MARGIN = 0.9
+_NS_CHOICES: dict[tuple, tuple[torch.dtype, dict[str, float]]] = {}
+
+
+def _stack_shapes(shapes) -> dict[tuple[int, int], int]:
+    """(rows, cols) of each Newton-Schulz stack (tall matrices as their transpose) and how many it holds."""
+    stacks: dict[tuple[int, int], int] = defaultdict(int)
+    for shape in shapes:
+        stacks[(min(shape), max(shape))] += 1
+    return dict(stacks)
+
+
+def time_newton_schulz(stacks: dict[tuple[int, int], int], dtypes=(torch.float32, torch.bfloat16), coefficients=(
+        _torch_muon.DEFAULT_A, _torch_muon.DEFAULT_B, _torch_muon.DEFAULT_C), eps: float = _torch_muon.EPS,
+        rounds: int = 5) -> dict[str, float]:
+    """Seconds for one Newton-Schulz iteration over every stack, per dtype: the best of `rounds`, the dtypes
+    taking turns (a busy machine slows both alike), after a warm-up. Stacks are capped at ~50 MFLOP each, so
+    a GPT-2-sized model costs about as little to measure as a small one."""
+    xs = []
+    for (rows, cols), count in stacks.items():
+        per_matrix = 2 * rows * rows * (2 * cols + rows)  # x x^T, then gram @ gram and (..) @ x
+        n = max(1, min(count, 50_000_000 // per_matrix))
+        xs.append(torch.ones(n, rows, cols).add_(torch.arange(cols) / cols))  # no RNG: must not shift training's
+    best = {_name(d): float("inf") for d in dtypes}
+    for trial in range(rounds + 1):
+        for dtype in dtypes:
+            t0 = time.perf_counter()
+            for x in xs:
+                newton_schulz(x, coefficients, 1, eps, dtype)
+            if trial:  # round 0 warms up (allocations, kernel selection)
+                best[_name(dtype)] = min(best[_name(dtype)], time.perf_counter() - t0)
+    return best
+
+
+def ns_dtype_by_measurement(shapes, coefficients=(_torch_muon.DEFAULT_A, _torch_muon.DEFAULT_B, _torch_muon.DEFAULT_C),
+                            eps: float = _torch_muon.EPS) -> tuple[torch.dtype, dict[str, float]]:
+    """bf16 or fp32 for the CPU Newton-Schulz iteration of weights of these shapes: bf16 if its measured
+    time is below NS_MARGIN x fp32's. Measured once per process for given stacks and thread count."""
+    stacks = _stack_shapes(shapes)
+    key = (tuple(sorted(stacks.items())), torch.get_num_threads())
+    if key not in _NS_CHOICES:
+        times = time_newton_schulz(stacks, coefficients=coefficients, eps=eps)
+        choice = torch.bfloat16 if times["bfloat16"] < NS_MARGIN * times["float32"] else torch.float32
+        _NS_CHOICES[key] = (choice, times)
+    return _NS_CHOICES[key]
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon; on CPU tensors the orthogonalisation is batched by shape, in `ns_dtype`."""
+    """torch.optim.Muon; on CPU tensors the orthogonalisation is batched by shape, in `ns_dtype`.
+
+    ns_dtype None: measured (ns_dtype_by_measurement) for CPU parameters; `ns_times` keeps the timings.
+    Each param group records its dtype as "ns_dtype", which a loaded state dict brings back."""
 
     def __init__(self, params, *args, ns_dtype: torch.dtype | None = None, **kwargs):
         super().__init__(params, *args, **kwargs)
-        self.ns_dtype = ns_dtype or (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+        self.ns_dtype, self.ns_times = ns_dtype, {}
+        params = [p for g in self.param_groups for p in g["params"]]
+        if ns_dtype is None and params and all(p.device.type == "cpu" for p in params):
+            group = self.param_groups[0]
+            self.ns_dtype, self.ns_times = ns_dtype_by_measurement([p.shape for p in params], group["ns_coefficients"],
+                                                                   group["eps"])
+        for group in self.param_groups:  # null on GPUs (torch's own bf16 path): a CPU resume measures anew
+            group.setdefault("ns_dtype", _name(self.ns_dtype) if self.ns_dtype else None)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -74,10 +131,11 @@ class Muon(torch.optim.Muon):
             stacks: dict[tuple[int, int], list[int]] = defaultdict(list)
             for i, p in enumerate(params):
                 stacks[(min(p.shape), max(p.shape))].append(i)
+            ns_dtype = getattr(torch, group.get("ns_dtype") or _name(self.ns_dtype or torch.float32))
             for idx in stacks.values():
                 wide = [updates[i].mT if updates[i].size(0) > updates[i].size(1) else updates[i] for i in idx]
                 ortho = newton_schulz(torch.stack(wide), group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                      self.ns_dtype).to(params[idx[0]].dtype).unbind(0)
+                                      ns_dtype).to(params[idx[0]].dtype).unbind(0)
                 by_shape: dict[torch.Size, tuple[list, list]] = defaultdict(lambda: ([], []))
                 for i, o in zip(idx, ortho):
                     ps, os_ = by_shape[params[i].shape]

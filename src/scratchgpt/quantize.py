@@ -14,8 +14,11 @@ quality is measured by `scratchgpt eval RUN --quantize int8` (BENCHMARKS.md give
 
 `int4` goes one step further, as llama.cpp's Q4 and gpt-fast's int4 do: 4-bit weights in groups
 of 32 along the input, each group with its own scale and offset (asymmetric), multiplied by
-`_weight_int4pack_mm_for_cpu`; ~1.6x int8's speed, at a larger quality cost. The kernel needs
-the output size to be a multiple of 16, so other layers (e.g. a 65-character head) stay int8.
+`_weight_int4pack_mm_for_cpu` on CPUs (~1.6x int8's speed, at a larger quality cost) and by
+tinygemm's `_weight_int4pack_mm` on CUDA GPUs of compute capability 8.0+ (Ampere and newer). The
+two kernels read the same groups packed two different ways, so a layer is packed for the device
+its weights are on: quantize after moving the model. The kernels need the output size to be a
+multiple of 16, so other layers (e.g. a 65-character head) stay int8.
 Training never sees these modules: quantize a loaded model, not one you will train further.
 """
 
@@ -76,6 +79,7 @@ class Int4Linear(_QuantizedLinear):
     """W in 4-bit groups: w = (q - 8) * scale + offset, per group of INT4_GROUP inputs."""
 
     bits = 4
+    INNER_K_TILES = 2  # tinygemm's tiling of the packed weight (2, 4 or 8); needs in_features % (16 x this)
 
     def __init__(self, linear: nn.Linear, group: int = INT4_GROUP):
         super().__init__(linear)
@@ -84,26 +88,48 @@ class Int4Linear(_QuantizedLinear):
         low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
         scale = (high - low).clamp(min=1e-6) / 15
         q = ((g - low) / scale).round_().clamp_(0, 15).to(torch.int32).reshape(n, k)
-        offset = low + 8 * scale  # the kernel computes (q - 8) * scale + offset
+        offset = low + 8 * scale  # the kernels compute (q - 8) * scale + offset
         self.group = group
-        self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(q, 2))
-        # (k/group, n, 2): the kernel's layout
+        self.packed_for = linear.weight.device.type
+        if self.packed_for == "cuda":  # two 4-bit values a byte, the even column in the high nibble
+            packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), self.INNER_K_TILES)
+        else:
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, self.INNER_K_TILES)
+        self.register_buffer("weight", packed)
+        # (k/group, n, 2): both kernels' layout
         self.register_buffer("scales_offsets", torch.cat([scale, offset], -1).transpose(0, 1).contiguous().to(ACT_DTYPE))
 
     @staticmethod
     def fits(linear: nn.Linear, group: int = INT4_GROUP) -> bool:
-        return linear.out_features % 16 == 0 and linear.in_features % group == 0
+        return linear.out_features % 16 == 0 and linear.in_features % max(group, 16 * Int4Linear.INNER_K_TILES) == 0
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if x2d.device.type != self.packed_for:
+            raise UserError(f"int4 weights packed for {self.packed_for} cannot run on {x2d.device.type}: "
+                            "quantize the model after moving it")
+        if self.packed_for == "cuda":
+            return torch._weight_int4pack_mm(x2d, self.weight, self.group, self.scales_offsets)
         return torch._weight_int4pack_mm_for_cpu(x2d, self.weight, self.group, self.scales_offsets)
 
 
 def quantize_linears(model: nn.Module, bits: int) -> nn.Module:
     """Replace the model's Linear layers with Int8Linear (bits=8) or Int4Linear (bits=4, where the
     shape allows; Int8Linear elsewhere) in place; returns the model in eval mode."""
-    op = "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm_for_cpu"
+    devices = {p.device for p in model.parameters()}
+    on_cuda = any(d.type == "cuda" for d in devices)
+    op = "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm" if on_cuda else "_weight_int4pack_mm_for_cpu"
     if not hasattr(torch, op):
         raise UserError(f"--quantize int{bits} needs torch.{op}, which this torch lacks")
+    if bits == 4 and on_cuda:
+        for d in devices:
+            major, minor = torch.cuda.get_device_capability(d)
+            if major < 8:  # tinygemm uses Ampere's tensor-core instructions
+                raise UserError(f"--quantize int4 on CUDA needs compute capability 8.0 or newer (Ampere+); "
+                                f"{torch.cuda.get_device_name(d)} is {major}.{minor}: use --quantize int8 there")
+    elif bits == 4 and any(d.type not in ("cpu", "cuda") for d in devices):
+        other = next(d.type for d in devices if d.type not in ("cpu", "cuda"))
+        raise UserError(f"--quantize int4 runs on CPUs and CUDA GPUs, not on {other} "
+                        "(use --quantize int8, or --device cpu)")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     wrapped = [name for name, m in targets if type(m) is not nn.Linear]
     if wrapped or hasattr(model, "peft_config"):
@@ -112,8 +138,6 @@ def quantize_linears(model: nn.Module, bits: int) -> nn.Module:
     for name, m in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if m.weight.device.type != "cpu" and bits == 4:
-            raise UserError("--quantize int4 runs on CPU only (use int8 on other devices)")
         quantized = Int4Linear(m) if bits == 4 and Int4Linear.fits(m) else Int8Linear(m)
         setattr(parent, child, quantized.to(m.weight.device))
     return model.eval()

@@ -7,9 +7,16 @@ under torchrun), then Apple's MPS, then the CPU.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import platform
+import re
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -17,7 +24,10 @@ from . import UserError
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """`auto` -> cuda:LOCAL_RANK > mps > cpu; an explicit name is checked now, with a one-line error."""
+    """`auto` -> cuda:LOCAL_RANK > mps > cpu; an explicit name is checked now, with a one-line error.
+
+    Under torchrun every rank of a node needs a GPU of its own: more ranks (LOCAL_WORLD_SIZE) than
+    GPUs is refused by every rank alike, before any of them joins the process group."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0) or 0)
     if name == "auto":
         if torch.cuda.is_available():
@@ -35,8 +45,8 @@ def pick_device(name: str = "auto") -> torch.device:
             raise UserError(f"--device {name}: CUDA is not available here (use --device cpu)")
         count = torch.cuda.device_count()
         if device.index is None:
-            if local_rank >= count:  # more ranks on this node than GPUs
-                ranks = os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1))
+            ranks = max(local_rank + 1, int(os.environ.get("LOCAL_WORLD_SIZE", 1) or 1))
+            if ranks > count:  # more ranks on this node than GPUs
                 raise UserError(f"{ranks} ranks on this node but only {count} GPU(s): run torchrun with "
                                 f"--nproc_per_node {count}, or train on the CPU with --train.device cpu")
             device = torch.device("cuda", local_rank)
@@ -59,14 +69,46 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32  # CPUs without bf16 units run bf16 several times slower than fp32
 
 
+def physical_cores() -> int:
+    """Cores this process may run on: one per physical core (SMT siblings count once), capped by a
+    cgroup CPU quota (`docker --cpus`). Read from /sys; os.cpu_count() where that is missing."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores = set(cpus)  # no topology (not Linux, or hidden): every CPU counts
+            break
+    n = len(cores) or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
 def configure_threads(threads: int) -> None:
-    """torch's CPU threads: `threads` if given, else OMP_NUM_THREADS if set, else one per physical core."""
+    """torch's CPU threads: `threads` if given, else OMP_NUM_THREADS if set, else one per physical core.
+
+    A core's second hyperthread only adds contention on matmul-bound work, so SMT siblings count once."""
     if threads > 0:
         torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in os.environ:
-        # hyperthreads only add contention on matmul-bound work
-        cpus = os.cpu_count() or 2
-        torch.set_num_threads(max(1, cpus // (2 if cpus > 2 else 1)))
+        torch.set_num_threads(physical_cores())
+
+
+def configure_device(device: torch.device) -> None:
+    """Process-wide settings for training on `device`: on CUDA, fp32 matmuls on TF32 tensor cores.
+
+    TF32 keeps fp32's range with a 10-bit mantissa, as nanoGPT and most GPU trainers run fp32
+    matmuls (~8x fp32's rate on an A100/H100). Under bf16/fp16 autocast it only touches the few
+    matmuls autocast leaves in fp32."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def keep_freed_memory() -> None:
@@ -88,14 +130,174 @@ def keep_freed_memory() -> None:
         pass
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
-    """A quick matmul benchmark: the denominator of MFU when train.peak_flops is not given."""
-    a = torch.ones(n, n, device=device, dtype=dtype)  # not randn: must not consume the training RNG
-    for _ in range(2):
-        a @ a
-    reps, t0 = 8, time.perf_counter()
-    for _ in range(reps):
-        a @ a
+# ---------------------------------------------------------------- MFU: the peak FLOP/s of the device
+def _dense(half: float, tf32: float, fp32: float, bf16: bool = True) -> dict[str, float]:
+    """A datasheet's dense (no 2:4 sparsity) tensor-core rates in TFLOP/s, fp32 accumulation."""
+    rates = {"float16": half, "tf32": tf32, "float32": fp32}
+    if bf16:
+        rates["bfloat16"] = half
+    return rates
+
+
+# (pattern in torch.cuda.get_device_name(), entry name, rates). NVIDIA quotes tensor rates "with
+# sparsity" (marked *): the dense rate is half of it. The first pattern that matches wins.
+GPU_PEAKS: list[tuple[str, str, dict[str, float]]] = [
+    # H200 datasheet: H200 NVL BF16/FP16 1,671* TF32 835* FP32 60; H200 SXM BF16 1,979* TF32 989* FP32 67
+    (r"H200 NVL", "H200 NVL", _dense(835.5, 417.5, 60.0)),
+    (r"H200", "H200 SXM", _dense(989.5, 494.5, 67.0)),
+    # GH200 datasheet: BF16 1,979* TF32 989* FP32 67 (the H100 SXM's tensor cores)
+    (r"GH200", "GH200", _dense(989.5, 494.5, 67.0)),
+    # H100 datasheet: NVL BF16 1,671* TF32 835* FP32 60; PCIe BF16 1,513* TF32 756* FP32 51; SXM as GH200
+    (r"H100 NVL", "H100 NVL", _dense(835.5, 417.5, 60.0)),
+    (r"H100 PCIe", "H100 PCIe", _dense(756.5, 378.0, 51.0)),
+    (r"H100", "H100 SXM", _dense(989.5, 494.5, 67.0)),
+    # A100 datasheet (40 and 80 GB, SXM and PCIe): BF16/FP16 312 (624*), TF32 156 (312*), FP32 19.5
+    (r"A100", "A100", _dense(312.0, 156.0, 19.5)),
+    # L40S datasheet: BF16/FP16 362.05 (733*), TF32 183 (366*), FP32 91.6
+    (r"L40S", "L40S", _dense(362.05, 183.0, 91.6)),
+    # L4 datasheet: BF16/FP16 242*, TF32 120*, FP32 30.3
+    (r"\bL4\b", "L4", _dense(121.0, 60.0, 30.3)),
+    # A10 datasheet: BF16/FP16 125 (250*), TF32 62.5 (125*), FP32 31.2
+    (r"\bA10\b", "A10", _dense(125.0, 62.5, 31.2)),
+    # Ada whitepaper, RTX 4090: FP16/BF16 tensor with FP32 accumulate 165.2 (330.4*), TF32 82.6, FP32 82.6
+    (r"RTX 4090", "RTX 4090", _dense(165.2, 82.6, 82.6)),
+    # Ampere GA102 whitepaper, RTX 3090: FP16/BF16 tensor with FP32 accumulate 71 (142*), TF32 35.6, FP32 35.6
+    (r"RTX 3090", "RTX 3090", _dense(71.0, 35.6, 35.6)),
+    # V100 datasheet: SXM2 tensor (fp16) 125, FP32 15.7; PCIe 112, 14. No bf16 or TF32 units.
+    (r"V100-SXM", "V100 SXM2", {"float16": 125.0, "float32": 15.7, "tf32": 15.7}),
+    (r"V100-PCIE", "V100 PCIe", {"float16": 112.0, "float32": 14.0, "tf32": 14.0}),
+    # T4 datasheet: mixed precision (fp16) 65, FP32 8.1
+    (r"\bT4\b", "T4", {"float16": 65.0, "float32": 8.1, "tf32": 8.1}),
+]
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The MFU denominator: FLOP/s and where the figure came from (said in train's start-up summary)."""
+
+    flops: float
+    source: str
+
+    def mfu(self, achieved_flops: float) -> float:
+        """achieved / peak, never above 1: a measured peak below what the model achieves (measured under
+        load, or a matmul too small for the device) is said once, and the ratio is capped."""
+        ratio = achieved_flops / self.flops
+        if ratio > 1.0 and self.source not in _WARNED:
+            _WARNED.add(self.source)
+            print(f"warning: the model runs at {achieved_flops / 1e12:.3g} TFLOP/s, above the peak used for MFU "
+                  f"({self.flops / 1e12:.3g}, {self.source}); MFU is capped at 1: give the device's peak with "
+                  "--train.peak_flops", file=sys.stderr)
+        return min(ratio, 1.0)
+
+    def describe(self) -> str:
+        return f"{self.flops / 1e12:.4g} TFLOP/s ({self.source})"
+
+
+_WARNED: set[str] = set()
+_MEASURED: dict[str, float] = {}
+
+
+def _precision(dtype: torch.dtype, device_type: str = "cuda") -> str:
+    """The table column of a compute dtype: CUDA runs fp32 matmuls as TF32 where torch allows it (configure_device)."""
+    if dtype == torch.float32 and device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return str(dtype).removeprefix("torch.")
+
+
+def table_peak(device_name: str, dtype: torch.dtype) -> Optional[Peak]:
+    """The datasheet's dense peak for this GPU and dtype, or None for a GPU (or dtype) not in GPU_PEAKS."""
+    column = _precision(dtype)
+    for pattern, entry, rates in GPU_PEAKS:
+        if re.search(pattern, device_name):
+            if column not in rates:
+                return None  # e.g. bf16 on a V100: emulated, no datasheet figure
+            return Peak(rates[column] * 1e12, f"table: {entry} {column} dense")
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (lscpu's), for tables and the peak cache."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine()
+    return device.type
+
+
+def cache_dir() -> Path:
+    """Where measured figures are kept between runs: $SCRATCHGPT_CACHE_DIR, else $XDG_CACHE_HOME/scratchgpt."""
+    if os.environ.get("SCRATCHGPT_CACHE_DIR"):
+        return Path(os.environ["SCRATCHGPT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scratchgpt"
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 0, budget_s: float = 0.3) -> float:
+    """The best rate of repeated n x n matmuls in `dtype`: large enough to saturate the device
+    (8192 on a GPU, 1024 on a CPU, where it reaches the GEMM rate of 2 cores). Not randn: must not
+    consume the training RNG."""
+    n = n or (8192 if device.type == "cuda" else 4096 if device.type == "mps" else 1024)
+    a = torch.ones(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
+
+    reps = 4 if device.type == "cpu" else 10  # per timing: GPU launches are async, one matmul is too short
+    for _ in range(2 if device.type == "cpu" else reps):
+        a @ a
+    sync()
+    best, deadline = float("inf"), time.perf_counter() + budget_s
+    for trial in range(5):
+        t0 = time.perf_counter()
+        for _ in range(1 if device.type == "cpu" else reps):
+            a @ a
+        sync()
+        best = min(best, (time.perf_counter() - t0) / (1 if device.type == "cpu" else reps))
+        if trial >= 1 and time.perf_counter() > deadline:
+            break
+    return 2 * n**3 / best
+
+
+def measured_peak(device: torch.device, dtype: torch.dtype) -> Peak:
+    """measure_peak_flops once per device, dtype, threads and torch version; kept in cache_dir()/peak_flops.json."""
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    precision = _precision(dtype, device.type)
+    key = f"{device_name(device)} | {precision}{threads} | torch {torch.__version__}"
+    path = cache_dir() / "peak_flops.json"
+    if key not in _MEASURED:
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            stored = {}
+        if isinstance(stored.get(key), (int, float)) and stored[key] > 0:
+            _MEASURED[key] = float(stored[key])
+        else:
+            _MEASURED[key] = measure_peak_flops(device, dtype)
+            try:
+                from .utils import atomic_write_json
+
+                atomic_write_json(path, {**stored, key: _MEASURED[key]})
+            except OSError:
+                pass  # a read-only home: measure again next time
+    return Peak(_MEASURED[key], f"measured: {precision} matmul on {key.split(' | ')[0]}{threads}, "
+                                f"cached in {path}")
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, given: float = 0.0) -> Peak:
+    """The dense peak of `dtype` on `device`: `given` (train.peak_flops) if > 0, else the datasheet
+    figure of a known GPU (GPU_PEAKS), else a measured one (cached)."""
+    if given > 0:
+        return Peak(given, "train.peak_flops")
+    if device.type == "cuda":
+        found = table_peak(device_name(device), dtype)
+        if found is not None:
+            return found
+    return measured_peak(device, dtype)

@@ -29,7 +29,7 @@ from .data import TokenDataset, default_data_dir, load_meta, mlm_mask_batch
 from .metrics import evaluate_lm
 from .model import GPT, ModelConfig
 from .optim import OptimConfig, build_optimizer, lr_at, set_lr
-from .runtime import configure_threads, keep_freed_memory, measure_peak_flops, pick_dtype
+from .runtime import Peak, configure_device, configure_threads, keep_freed_memory, peak_flops, pick_dtype
 from .utils import atomic_write, atomic_write_json, read_json
 
 
@@ -59,6 +59,9 @@ class TrainConfig:
     """Autocast dtype; auto: fp32 on CPU, bf16 on GPUs that have it, else fp16 (with loss scaling)."""
     compile: bool = False
     """torch.compile the model (pays off on runs longer than its compile time)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode: reduce-overhead adds CUDA graphs (fewer kernel launches on GPUs); max-autotune also
+    tunes matmul kernels (minutes of compiling)."""
     threads: int = 0
     """CPU threads for torch; 0: OMP_NUM_THREADS, else one per physical core."""
     patience: int = 0
@@ -76,7 +79,8 @@ class TrainConfig:
     final_eval: bool = True
     """Evaluate on the whole val split at the end (result.json's final_val_loss)."""
     peak_flops: float = 0.0
-    """The MFU denominator in FLOP/s; 0: measured with a matmul benchmark at start."""
+    """The MFU denominator in FLOP/s; 0: the GPU's datasheet figure for the dtype used (known GPUs), else
+    measured once with a large matmul and cached (SCRATCHGPT_CACHE_DIR, default ~/.cache/scratchgpt)."""
     objective: Literal["clm", "mlm"] = "clm"
     """clm: next-token prediction (a GPT); mlm: BERT-style masking (bidirectional; cannot generate)."""
     parallel: Literal["none", "ddp", "fsdp"] = "none"
@@ -171,8 +175,14 @@ class Session:
     per_rank: int
     micro: int
     flops_per_step: float
-    peak_flops: float
+    peak: Peak
     mask_batch: Optional[Callable]
+    dtype: torch.dtype = torch.float32
+    # CUDA with fused AdamW only: the finite check stays on the GPU (no host sync per step); a bad step's
+    # update is skipped by the optimizer kernel itself (found_inf) and reported at the next log/save
+    deferred_check: bool = False
+    first_bad_step: Optional[torch.Tensor] = None  # -1 while every step was finite
+    bad_steps: Optional[torch.Tensor] = None
     step: int = 0
     tokens: int = 0
     best_val: float = float("inf")
@@ -249,6 +259,7 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     configure_threads(tcfg.threads)
     keep_freed_memory()
     device = ctx.device
+    configure_device(device)
     dtype = pick_dtype(tcfg.dtype, device)
     if force and ctx.rank == 0 and out.exists() and not resume:
         shutil.rmtree(out)
@@ -285,21 +296,25 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     if restored:
         load_optimizers(restored[0], net, optimizers, restored[1], ctx)  # full or sharded, onto any world size
     if tcfg.compile:
-        model_for_step = torch.compile(model_for_step)
+        model_for_step = torch.compile(model_for_step, mode=tcfg.compile_mode)
     s = Session(
         out=out, data=data, meta=meta, model_cfg=model_cfg, tcfg=tcfg, ocfg=ocfg, ctx=ctx, device=device, net=net,
         model_for_step=model_for_step, optimizers=optimizers, scaler=scaler,
         autocast=torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext(),
         train_ds=train_ds, val_ds=val_ds, log=RunLog(out, ctx.rank == 0, tcfg.tensorboard, tcfg.plot), config=config,
         per_rank=per_rank, micro=micro, flops_per_step=net.flops_per_token() * tcfg.batch_size * model_cfg.block_size,
-        peak_flops=tcfg.peak_flops or measure_peak_flops(device, dtype if device.type == "cuda" else torch.float32),
-        mask_batch=mlm_mask_batch if tcfg.objective == "mlm" else None)
+        peak=peak_flops(device, dtype, tcfg.peak_flops), mask_batch=mlm_mask_batch if tcfg.objective == "mlm" else None,
+        dtype=dtype, deferred_check=device.type == "cuda" and not scaler.is_enabled() and all(
+            getattr(o, "_step_supports_amp_scaling", False) for o in optimizers))
+    if s.deferred_check:
+        s.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        s.bad_steps = torch.zeros((), dtype=torch.long, device=device)
     if restored:
         state = restored[1]
         s.step, s.tokens = state["step"], state["tokens"]
         s.best_val = state.get("best_val_loss") or float("inf")
         s.bad_evals, s.elapsed_before = state.get("bad_evals", 0), state.get("elapsed_s", 0.0)
-        set_rng_state(state["rng"])  # last, so no setup step (init, peak measurement) shifts the stream
+        set_rng_state(state["rng"], device)  # last, so no setup step (init, peak measurement) shifts the stream
     s.t_start = time.time()
     return s
 
@@ -322,6 +337,42 @@ def initial_weights(source: str, data: Path, overrides: dict) -> tuple[ModelConf
     cfg = replace(loaded.gpt.cfg, dropout=overrides.get("model.dropout", loaded.gpt.cfg.dropout))
     print(f"initialised from {loaded.checkpoint} (weights only: a fresh optimizer and schedule)", file=sys.stderr)
     return cfg, model_tensors(loaded.gpt)
+
+
+def startup_summary(s: Session) -> str:
+    """What this run is about to do, printed (stderr, rank 0) before the progress bar."""
+    from .muon import Muon
+    from .runtime import device_name
+
+    tcfg, cfg, ctx = s.tcfg, s.model_cfg, s.ctx
+    step_tokens = tcfg.batch_size * cfg.block_size
+    if ctx.world > 1 or ctx.parallel != "none":
+        workers = f"{ctx.world} rank(s) ({ctx.parallel}, {ctx.device.type})"
+    else:
+        workers = f"{torch.get_num_threads()} threads" if s.device.type == "cpu" else "1 process"
+    precision = "float32" if s.dtype == torch.float32 else f"{str(s.dtype).removeprefix('torch.')} autocast"
+    if s.device.type == "cuda" and s.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        precision += " (TF32 matmuls)"
+    name = f" ({device_name(s.device)})" if s.device.type == "cuda" else ""
+    muon = [o for o in s.optimizers if isinstance(o, Muon)]
+    optim = s.ocfg.optimizer
+    if muon and muon[0].ns_times:
+        times = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in muon[0].ns_times.items())
+        optim += f" (Newton-Schulz in {muon[0].param_groups[0]['ns_dtype']}: measured {times} per iteration)"
+    remaining = max(0, tcfg.max_iters - s.step)
+    lines = [
+        f"params: {s.net.num_params():,} ({s.net.num_params(non_embedding=True):,} non-embedding)",
+        f"device: {s.device}{name}, {precision}, {workers}",
+        f"data: {s.train_ds.n_tokens:,} train / {s.val_ds.n_tokens:,} val tokens",
+        f"step: {step_tokens:,} tokens (batch {tcfg.batch_size} x context {cfg.block_size}; "
+        f"{s.accum} micro-step(s) of {s.micro} per rank)",
+        f"plan: {tcfg.max_iters:,} steps, {tcfg.max_iters * step_tokens:,} tokens "
+        f"({tcfg.max_iters * step_tokens / max(s.train_ds.n_tokens, 1):.2f} epochs)"
+        + (f"; resuming at step {s.step:,}, {remaining:,} to go" if s.step else ""),
+        f"optimizer: {optim}",
+        f"MFU peak: {s.peak.describe()}",
+    ]
+    return "\n".join(lines)
 
 
 def _restore_model(out: Path, net: GPT, scaler, ctx) -> tuple[Path, dict]:
@@ -347,6 +398,8 @@ def train(data: Optional[Path] = None, out: Optional[Path] = None, model: Option
     `overrides`: the dotted config keys the user gave (they win over a resumed run's saved config);
     `command`: the command line, recorded in config.json (the model card of `export` shows it)."""
     s = setup(data, out, model, train, optim, resume, force, overrides, command)
+    if s.master:
+        print(startup_summary(s), file=sys.stderr, flush=True)
     stop_reason = loop(s)
     return finish(s, stop_reason)
 
@@ -364,25 +417,16 @@ def loop(s: Session) -> str:
         offsets = s.train_ds.batch_offsets(s.step, tcfg.batch_size, tcfg.seed)[ctx.rank * s.per_rank:(ctx.rank + 1) * s.per_rank]
         loss_sum = torch.zeros((), device=device)
         for k in range(s.accum):
-            x, y = s.train_ds.get_batch(offsets[k * s.micro:(k + 1) * s.micro])
-            if s.mask_batch is not None:
-                x, y = s.mask_batch(x, s.model_cfg.vocab_size, s.meta, s.step, k, ctx.rank, tcfg.seed)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = micro_batch(s, offsets[k * s.micro:(k + 1) * s.micro], k)
             with dist.no_sync(s.model_for_step, last=(k == s.accum - 1)), s.autocast:
                 _, loss = s.model_for_step(x, y)
             s.scaler.scale(loss / s.accum).backward()
             loss_sum += loss.detach() / s.accum
-        # clip + finite check (one host sync per step: the price of never stepping on NaN)
+        # clip + finite check: a non-finite loss or gradient never reaches the weights
         for opt in s.optimizers:
             s.scaler.unscale_(opt)
         grad_norm = dist.clip_grad_norm(s.net, ocfg.grad_clip)
-        finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-        if not finite:
-            if not tcfg.skip_nonfinite:
-                s.log.close()
-                raise UserError(f"non-finite loss or gradient at step {s.step} (loss {loss_sum.item()}, grad norm "
-                                f"{grad_norm.item()}); no checkpoint written. Lower optim.lr or pass --train.skip_nonfinite")
-            print(f"warning: skipping step {s.step}: non-finite loss or gradient", file=sys.stderr)
+        finite = check_finite(s, loss_sum, grad_norm)
         # step + schedule
         lr = lr_at(s.step, ocfg, tcfg.max_iters)
         set_lr(s.optimizers, lr, ocfg)
@@ -394,18 +438,19 @@ def loop(s: Session) -> str:
             opt.zero_grad(set_to_none=True)
         s.step += 1
         s.tokens += tcfg.batch_size * s.model_cfg.block_size
-        # log
+        # log (the loss read here is the host sync that makes the clock honest)
         is_eval = s.step % tcfg.eval_interval == 0 or s.step == tcfg.max_iters
         if s.step % tcfg.log_interval == 0 or is_eval or s.step == 1:
+            report_nonfinite(s)
+            train_loss = dist.mean(loss_sum, ctx).item()
             now = time.time()
             tok_s = (s.tokens - tokens_last) / max(now - t_last, 1e-9)
             t_last, tokens_last = now, s.tokens
             metrics = {"step": s.step, "tokens": s.tokens, "elapsed_s": round(s.elapsed, 3), "lr": lr,
-                       "train_loss": dist.mean(loss_sum, ctx).item(), "grad_norm": float(grad_norm),
-                       "tok_per_s": round(tok_s, 1),
-                       "mfu": round(s.flops_per_step * tok_s / (tcfg.batch_size * s.model_cfg.block_size) / s.peak_flops, 4)}
+                       "train_loss": train_loss, "grad_norm": float(grad_norm), "tok_per_s": round(tok_s, 1),
+                       "mfu": round(s.peak.mfu(s.flops_per_step * tok_s / (tcfg.batch_size * s.model_cfg.block_size)), 4)}
             bar.update(s.step - bar.n)
-            bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", tokens=_human(s.tokens), tok_s=_human(tok_s),
+            bar.set_postfix(loss=f"{train_loss:.4f}", tokens=_human(s.tokens), tok_s=_human(tok_s),
                             mfu=f"{metrics['mfu']:.0%}")
         # eval + save
         if is_eval:
@@ -423,6 +468,57 @@ def loop(s: Session) -> str:
             break
     bar.close()
     return stop_reason
+
+
+def micro_batch(s: Session, offsets, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro-batch k of this rank's share, on the device. CUDA: copied from pinned memory without waiting,
+    so the CPU prepares the next step while the GPU still runs this one."""
+    x, y = s.train_ds.get_batch(offsets)
+    if s.mask_batch is not None:
+        x, y = s.mask_batch(x, s.model_cfg.vocab_size, s.meta, s.step, k, s.ctx.rank, s.tcfg.seed)
+    if s.device.type == "cuda":
+        return x.pin_memory().to(s.device, non_blocking=True), y.pin_memory().to(s.device, non_blocking=True)
+    return x.to(s.device), y.to(s.device)
+
+
+def check_finite(s: Session, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """Whether to call the optimizers' step. On the host path (CPU, Muon, fp16) a non-finite loss or
+    gradient stops the run here, naming the step, or (train.skip_nonfinite) skips the step. On the
+    deferred path the check stays on the GPU: found_inf makes the fused AdamW kernels leave the
+    weights and the step count alone, and report_nonfinite raises or warns at the next log or save."""
+    finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+    if s.deferred_check:
+        bad = ~finite
+        for opt in s.optimizers:
+            opt.found_inf = bad.float()  # read by torch's fused Adam(W) step
+        s.first_bad_step.copy_(torch.where(bad & (s.first_bad_step < 0), s.step, s.first_bad_step))
+        s.bad_steps.add_(bad.long())
+        return True
+    if bool(finite):
+        return True
+    if not s.tcfg.skip_nonfinite:
+        s.log.close()
+        raise UserError(f"non-finite loss or gradient at step {s.step} (loss {loss_sum.item()}, grad norm "
+                        f"{grad_norm.item()}); no checkpoint written. Lower optim.lr or pass --train.skip_nonfinite")
+    print(f"warning: skipping step {s.step}: non-finite loss or gradient", file=sys.stderr)
+    return False
+
+
+def report_nonfinite(s: Session) -> None:
+    """The deferred path's verdict (one host sync), before anything is logged or saved."""
+    if not s.deferred_check:
+        return
+    first, count = (int(v) for v in torch.stack([s.first_bad_step, s.bad_steps]).tolist())
+    if first < 0:
+        return
+    if not s.tcfg.skip_nonfinite:
+        s.log.close()
+        raise UserError(f"non-finite loss or gradient at step {first} ({count} step(s) through {s.step - 1} skipped); "
+                        "no checkpoint written. Lower optim.lr or pass --train.skip_nonfinite")
+    print(f"warning: skipped {count} step(s) with a non-finite loss or gradient, the first at step {first}",
+          file=sys.stderr)
+    s.first_bad_step.fill_(-1)
+    s.bad_steps.zero_()
 
 
 # ---------------------------------------------------------------- evaluate and save
@@ -451,9 +547,10 @@ def evaluate_and_save(s: Session, metrics: dict, write: Callable[..., None]) -> 
 
 def save(s: Session, is_best: bool) -> None:
     """A checkpoint of everything a bit-exact resume needs: weights, optimizers, RNG, data cursor, counters."""
+    report_nonfinite(s)  # deferred path: never save after an unreported non-finite step
     tcfg = s.tcfg
     state = {"step": s.step, "tokens": s.tokens, "best_val_loss": None if math.isinf(s.best_val) else s.best_val,
-             "bad_evals": s.bad_evals, "elapsed_s": s.elapsed, "rng": rng_state(),
+             "bad_evals": s.bad_evals, "elapsed_s": s.elapsed, "rng": rng_state(s.device),
              "data": {"seed": tcfg.seed, "step": s.step, "sampling": "stateless(seed, step)",
                       **dist.data_slices(tcfg.batch_size, s.per_rank, s.micro, s.ctx)},
              "scheduler": {"step": s.step, "lr": lr_at(s.step, s.ocfg, tcfg.max_iters)},

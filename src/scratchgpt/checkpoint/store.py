@@ -89,26 +89,28 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def rng_state() -> dict:
-    """Python, numpy and torch RNG states as plain JSON data."""
+def rng_state(device: Optional[torch.device] = None) -> dict:
+    """Python, numpy and torch RNG states as plain JSON data; with a CUDA `device`, its generator too
+    (only the training device's: touching the others would start a CUDA context on every GPU)."""
     py = random.getstate()
     np_state = np.random.get_state()
     return {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state().tolist(),
-        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device).tolist()] if device is not None and device.type == "cuda" else [],
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: Optional[torch.device] = None) -> None:
+    """Restore rng_state(); the CUDA generator only onto a CUDA `device` (a run may move between CPU and GPU)."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    if state.get("cuda") and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"][0], dtype=torch.uint8), device)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -1,0 +1,218 @@
+"""Where the work runs: the device picker (GPU counts simulated), the MFU peak (datasheet table,
+measured and cached), and the CPU paths chosen by measurement at start (Muon's Newton-Schulz dtype)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from scratchgpt import UserError
+from scratchgpt import muon as muon_module
+from scratchgpt import runtime
+from scratchgpt.runtime import Peak, peak_flops, pick_device, table_peak
+
+
+# ---------------------------------------------------------------- the device picker
+@pytest.fixture
+def gpus(monkeypatch):
+    """A machine with `n` CUDA GPUs, as far as pick_device can tell, and torchrun's LOCAL_* variables."""
+
+    def machine(n: int, local_rank: int | None = None, local_world: int | None = None) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        for key, value in (("LOCAL_RANK", local_rank), ("LOCAL_WORLD_SIZE", local_world)):
+            if value is None:
+                monkeypatch.delenv(key, raising=False)
+            else:
+                monkeypatch.setenv(key, str(value))
+
+    return machine
+
+
+def test_auto_takes_this_ranks_gpu(gpus):
+    gpus(2)
+    assert pick_device("auto") == torch.device("cuda", 0)
+    gpus(2, local_rank=1, local_world=2)
+    assert pick_device("auto") == torch.device("cuda", 1)
+    assert pick_device("cuda") == torch.device("cuda", 1)
+    assert pick_device("cpu") == torch.device("cpu")  # gloo runs stay on the CPU where CUDA exists
+    gpus(0)
+    assert pick_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])  # every rank refuses, not only the ones without a GPU
+def test_more_ranks_than_gpus_is_one_line_naming_both_and_the_fix(gpus, local_rank):
+    gpus(1, local_rank=local_rank, local_world=2)
+    with pytest.raises(UserError) as e:
+        pick_device("auto")
+    msg = str(e.value)
+    assert "\n" not in msg and "2 ranks" in msg and "1 GPU" in msg
+    assert "--nproc_per_node 1" in msg and "--train.device cpu" in msg
+
+
+def test_bad_explicit_devices(gpus):
+    gpus(2)
+    with pytest.raises(UserError, match=r"2 GPU\(s\) \(cuda:0 \.\. cuda:1\)"):
+        pick_device("cuda:2")
+    gpus(0)
+    with pytest.raises(UserError, match="CUDA is not available"):
+        pick_device("cuda")
+    with pytest.raises(UserError, match="--device 'gpu'"):
+        pick_device("gpu")
+
+
+def test_train_under_torchrun_with_too_few_gpus_errors_before_joining(gpus, monkeypatch, tmp_path, char_data, capsys):
+    """The whole path a user takes: `torchrun --nproc_per_node 2 -m scratchgpt train` on a one-GPU machine."""
+    import torch.distributed as tdist
+
+    from scratchgpt.cli import main
+
+    gpus(1, local_rank=1, local_world=2)
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    joined = []
+    monkeypatch.setattr(tdist, "init_process_group", lambda *a, **k: joined.append(a))
+    assert main(["train", "--data", str(char_data), "--out", str(tmp_path / "r"), "--train.max_iters=1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: 2 ranks on this node but only 1 GPU(s)") and not joined
+
+
+def test_gloo_where_cuda_exists_when_the_device_is_cpu(gpus, monkeypatch):
+    import torch.distributed as tdist
+
+    from scratchgpt import distributed
+    from scratchgpt.train import TrainConfig
+
+    gpus(1, local_rank=1, local_world=2)
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    backends = []
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend, **k: backends.append(backend))
+    ctx = distributed.setup(TrainConfig(device="cpu"))
+    assert backends == ["gloo"] and ctx.device == torch.device("cpu") and ctx.parallel == "ddp"
+
+
+# ---------------------------------------------------------------- the MFU peak
+@pytest.mark.parametrize("name, dtype, tf32, tflops, entry", [
+    ("NVIDIA H200", torch.bfloat16, True, 989.5, "H200 SXM bfloat16"),
+    ("NVIDIA H200 NVL", torch.bfloat16, True, 835.5, "H200 NVL bfloat16"),
+    ("NVIDIA H100 80GB HBM3", torch.float16, True, 989.5, "H100 SXM float16"),
+    ("NVIDIA H100 PCIe", torch.bfloat16, True, 756.5, "H100 PCIe bfloat16"),
+    ("NVIDIA A100-SXM4-80GB", torch.float32, True, 156.0, "A100 tf32"),
+    ("NVIDIA A100-SXM4-80GB", torch.float32, False, 19.5, "A100 float32"),
+    ("NVIDIA A10", torch.bfloat16, True, 125.0, "A10 bfloat16"),  # not the A100
+    ("NVIDIA L4", torch.bfloat16, True, 121.0, "L4 bfloat16"),
+    ("NVIDIA L40S", torch.bfloat16, True, 362.05, "L40S bfloat16"),  # not the L4
+    ("NVIDIA GeForce RTX 4090", torch.bfloat16, True, 165.2, "RTX 4090 bfloat16"),
+    ("Tesla V100-SXM2-16GB", torch.float16, True, 125.0, "V100 SXM2 float16"),
+])
+def test_datasheet_peaks(monkeypatch, name, dtype, tf32, tflops, entry):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    peak = table_peak(name, dtype)
+    assert peak.flops == pytest.approx(tflops * 1e12) and peak.source == f"table: {entry} dense"
+
+
+def test_unknown_gpu_or_emulated_dtype_has_no_table_entry():
+    assert table_peak("NVIDIA Imaginary X1", torch.bfloat16) is None
+    assert table_peak("Tesla V100-SXM2-16GB", torch.bfloat16) is None  # no bf16 units: measure instead
+
+
+def test_measured_peak_is_measured_once_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("SCRATCHGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(runtime, "_MEASURED", {})
+    calls = []
+    monkeypatch.setattr(runtime, "measure_peak_flops", lambda device, dtype: calls.append(dtype) or 4.2e11)
+    cpu = torch.device("cpu")
+    first = peak_flops(cpu, torch.float32)
+    assert first.flops == 4.2e11 and first.source.startswith("measured: float32 matmul") and calls == [torch.float32]
+    monkeypatch.setattr(runtime, "_MEASURED", {})  # a new process: the figure comes from the cache file
+    assert peak_flops(cpu, torch.float32).flops == 4.2e11 and len(calls) == 1
+    stored = json.loads((tmp_path / "peak_flops.json").read_text())
+    assert list(stored.values()) == [4.2e11] and "float32" in next(iter(stored))
+    peak_flops(cpu, torch.bfloat16)  # another dtype is another figure
+    assert calls == [torch.float32, torch.bfloat16]
+    assert peak_flops(cpu, torch.float32, given=1e12) == Peak(1e12, "train.peak_flops")
+
+
+def test_measure_peak_flops_runs_a_real_matmul():
+    flops = runtime.measure_peak_flops(torch.device("cpu"), torch.float32, n=128, budget_s=0.01)
+    assert 1e8 < flops < 1e14
+
+
+def test_mfu_is_never_above_one(capsys):
+    peak = Peak(1e12, "measured: test")
+    assert peak.mfu(5e11) == 0.5
+    assert peak.mfu(2e12) == 1.0 and peak.mfu(3e12) == 1.0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "--train.peak_flops" in err  # said once
+
+
+def test_physical_cores_is_a_sane_count():
+    import os
+
+    assert 1 <= runtime.physical_cores() <= (os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------- Muon's Newton-Schulz dtype, by measurement
+SHAPES = [(96, 32), (32, 96), (32, 32), (128, 32)]
+
+
+def _muon(params, **kw):
+    return muon_module.Muon([dict(params=params)], lr=0.02, momentum=0.95, adjust_lr_fn="original", **kw)
+
+
+@pytest.mark.parametrize("times, chosen", [
+    ({"float32": 1.0, "bfloat16": 0.5}, torch.bfloat16),
+    ({"float32": 1.0, "bfloat16": 0.95}, torch.float32),  # within the margin: not worth bf16's rounding
+    ({"float32": 1.0, "bfloat16": 3.0}, torch.float32),  # emulated bf16
+])
+def test_newton_schulz_dtype_is_chosen_by_measurement(monkeypatch, times, chosen):
+    monkeypatch.setattr(muon_module, "_NS_CHOICES", {})
+    calls = []
+    monkeypatch.setattr(muon_module, "time_newton_schulz", lambda stacks, **kw: calls.append(stacks) or dict(times))
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in SHAPES]
+    opt = _muon(params)
+    assert opt.ns_dtype == chosen and opt.param_groups[0]["ns_dtype"] == str(chosen).removeprefix("torch.")
+    assert calls == [{(32, 96): 2, (32, 32): 1, (32, 128): 1}]  # the model's own stacks, W and W^T together
+    _muon(params)
+    assert len(calls) == 1  # once per process
+
+
+def test_real_measurement_times_both_dtypes():
+    times = muon_module.time_newton_schulz({(32, 96): 2}, rounds=1)
+    assert set(times) == {"float32", "bfloat16"} and all(0 < t < 10 for t in times.values())
+
+
+def test_a_resumed_muon_keeps_its_dtype(monkeypatch):
+    monkeypatch.setattr(muon_module, "_NS_CHOICES", {})
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in SHAPES]
+    monkeypatch.setattr(muon_module, "time_newton_schulz", lambda stacks, **kw: {"float32": 1.0, "bfloat16": 0.1})
+    saved = _muon(params).state_dict()
+    monkeypatch.setattr(muon_module, "_NS_CHOICES", {})
+    monkeypatch.setattr(muon_module, "time_newton_schulz", lambda stacks, **kw: {"float32": 0.1, "bfloat16": 1.0})
+    resumed = _muon(params)
+    assert resumed.ns_dtype == torch.float32
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["ns_dtype"] == "bfloat16"
+
+
+def test_bf16_and_fp32_newton_schulz_give_the_same_step():
+    torch.manual_seed(0)
+    start = [torch.randn(*s) for s in SHAPES]
+    grads = [torch.randn(*s) for s in SHAPES]
+    after = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = _muon(params, ns_dtype=dtype)
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        after[dtype] = [p.detach() for p in params]
+    for w0, a, b in zip(start, after[torch.float32], after[torch.bfloat16]):
+        update = (a - w0).norm()
+        assert update > 0 and (a - b).norm() / update < 0.03  # bf16 rounding: ~1% of the update
