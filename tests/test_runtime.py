@@ -151,10 +151,29 @@ def test_mfu_is_never_above_one(capsys):
     assert err.count("warning:") == 1 and "--train.peak_flops" in err  # said once
 
 
-def test_physical_cores_is_a_sane_count():
+def test_cpu_topology_is_a_sane_count():
     import os
 
-    assert 1 <= runtime.physical_cores() <= (os.cpu_count() or 1)
+    cores, cpus = runtime.cpu_topology()
+    assert 1 <= cores <= cpus <= (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("times, chosen", [({1: 1.0, 2: 0.6}, 2), ({1: 1.0, 2: 1.0}, 1), ({1: 1.0, 2: 1.8}, 1)])
+def test_hyperthreads_are_used_only_when_measured_faster(monkeypatch, times, chosen):
+    monkeypatch.setattr(runtime, "_THREADS", {})
+    monkeypatch.setattr(runtime, "cpu_topology", lambda: (1, 2))  # one core, two hyperthreads
+    calls = []
+    monkeypatch.setattr(runtime, "time_matmul_threads", lambda counts: calls.append(counts) or dict(times))
+    assert runtime.default_threads() == chosen and calls == [(1, 2)]
+    assert runtime.default_threads() == chosen and len(calls) == 1  # once per process
+    monkeypatch.setattr(runtime, "cpu_topology", lambda: (2, 2))  # no SMT: nothing to measure
+    assert runtime.default_threads() == 2 and len(calls) == 1
+
+
+def test_thread_timing_restores_the_thread_count():
+    before = torch.get_num_threads()
+    times = runtime.time_matmul_threads((1, 2), n=64, rounds=1)
+    assert set(times) == {1, 2} and all(t > 0 for t in times.values()) and torch.get_num_threads() == before
 
 
 # ---------------------------------------------------------------- Muon's Newton-Schulz dtype, by measurement

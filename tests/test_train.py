@@ -348,3 +348,21 @@ def test_startup_summary_says_what_the_run_will_do(tmp_path, char_data, capsys):
     err = capsys.readouterr().err
     assert "plan: 6 steps, 1,536 tokens" in err and "resuming at step 4, 2 to go" in err
     assert "MFU peak: " in err and "(measured: float32 matmul on " in err
+
+
+def test_a_resumed_run_keeps_its_measured_thread_count(tmp_path, char_data, monkeypatch, capsys):
+    import scratchgpt.runtime as runtime
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        monkeypatch.setattr(runtime, "default_threads", lambda: 1)  # as measured by the first process
+        train(data=char_data, out=tmp_path / "r", model=ModelConfig(**TINY),
+              train=quiet_train(max_iters=2, eval_interval=2, threads=0))
+        assert json.loads((tmp_path / "r/latest/state.json").read_text())["threads"] == 1
+        monkeypatch.setattr(runtime, "default_threads", lambda: 2)  # a new process measures otherwise
+        capsys.readouterr()
+        train(out=tmp_path / "r", resume=True, overrides={"train.max_iters": 3})
+        assert "device: cpu, float32, 1 threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

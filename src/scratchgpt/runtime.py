@@ -69,9 +69,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32  # CPUs without bf16 units run bf16 several times slower than fp32
 
 
-def physical_cores() -> int:
-    """Cores this process may run on: one per physical core (SMT siblings count once), capped by a
-    cgroup CPU quota (`docker --cpus`). Read from /sys; os.cpu_count() where that is missing."""
+def cpu_topology() -> tuple[int, int]:
+    """(physical cores, logical CPUs) this process may run on: SMT siblings count once among the cores;
+    both capped by a cgroup CPU quota (`docker --cpus`). From /sys; os.cpu_count() where that is missing."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     cores = set()
     for cpu in cpus:
@@ -80,24 +80,58 @@ def physical_cores() -> int:
         except OSError:
             cores = set(cpus)  # no topology (not Linux, or hidden): every CPU counts
             break
-    n = len(cores) or 1
+    n_cores, n_cpus = len(cores) or 1, len(cpus) or 1
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
         if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+            limit = max(1, math.ceil(int(quota) / int(period)))
+            n_cores, n_cpus = min(n_cores, limit), min(n_cpus, limit)
     except (OSError, ValueError):
         pass
-    return n
+    return n_cores, n_cpus
+
+
+def time_matmul_threads(counts: tuple[int, ...], n: int = 512, rounds: int = 3) -> dict[int, float]:
+    """Seconds of an n x n fp32 matmul (a training step's typical GEMM) at each thread count: the best of
+    `rounds`, the counts taking turns, after a warm-up. The thread count is restored."""
+    before = torch.get_num_threads()
+    a = torch.ones(n, n)
+    best = {c: float("inf") for c in counts}
+    try:
+        for trial in range(rounds + 1):
+            for c in counts:
+                torch.set_num_threads(c)
+                t0 = time.perf_counter()
+                a @ a
+                if trial:
+                    best[c] = min(best[c], time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return best
+
+
+_THREADS: dict[tuple[int, int], int] = {}
+
+
+def default_threads() -> int:
+    """One thread per physical core. Where the CPUs include SMT siblings (hyperthreads), whether the
+    second thread of a core helps depends on the CPU and the VM, so a few 512^3 matmuls at both counts
+    decide (the faster wins). Measured once per process; a resumed run keeps the count it saved."""
+    cores, cpus = cpu_topology()
+    if cpus <= cores:
+        return cores
+    if (cores, cpus) not in _THREADS:
+        times = time_matmul_threads((cores, cpus))
+        _THREADS[(cores, cpus)] = cpus if times[cpus] < times[cores] else cores
+    return _THREADS[(cores, cpus)]
 
 
 def configure_threads(threads: int) -> None:
-    """torch's CPU threads: `threads` if given, else OMP_NUM_THREADS if set, else one per physical core.
-
-    A core's second hyperthread only adds contention on matmul-bound work, so SMT siblings count once."""
+    """torch's CPU threads: `threads` if given, else OMP_NUM_THREADS if set, else default_threads()."""
     if threads > 0:
         torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(physical_cores())
+        torch.set_num_threads(default_threads())
 
 
 def configure_device(device: torch.device) -> None:

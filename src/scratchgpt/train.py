@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -311,6 +312,10 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
         s.bad_steps = torch.zeros((), dtype=torch.long, device=device)
     if restored:
         state = restored[1]
+        if not tcfg.threads and "OMP_NUM_THREADS" not in os.environ and state.get("threads"):
+            # the default thread count may be measured (runtime.default_threads): a resumed run keeps its
+            # own, since the count changes the order of sums and so the numerics
+            torch.set_num_threads(min(state["threads"], os.cpu_count() or 1))
         s.step, s.tokens = state["step"], state["tokens"]
         s.best_val = state.get("best_val_loss") or float("inf")
         s.bad_evals, s.elapsed_before = state.get("bad_evals", 0), state.get("elapsed_s", 0.0)
@@ -448,7 +453,7 @@ def loop(s: Session) -> str:
             t_last, tokens_last = now, s.tokens
             metrics = {"step": s.step, "tokens": s.tokens, "elapsed_s": round(s.elapsed, 3), "lr": lr,
                        "train_loss": train_loss, "grad_norm": float(grad_norm), "tok_per_s": round(tok_s, 1),
-                       "mfu": round(s.peak.mfu(s.flops_per_step * tok_s / (tcfg.batch_size * s.model_cfg.block_size)), 4)}
+                       "mfu": float(f"{s.peak.mfu(s.flops_per_step * tok_s / (tcfg.batch_size * s.model_cfg.block_size)):.4g}")}
             bar.update(s.step - bar.n)
             bar.set_postfix(loss=f"{train_loss:.4f}", tokens=_human(s.tokens), tok_s=_human(tok_s),
                             mfu=f"{metrics['mfu']:.0%}")
@@ -551,6 +556,7 @@ def save(s: Session, is_best: bool) -> None:
     tcfg = s.tcfg
     state = {"step": s.step, "tokens": s.tokens, "best_val_loss": None if math.isinf(s.best_val) else s.best_val,
              "bad_evals": s.bad_evals, "elapsed_s": s.elapsed, "rng": rng_state(s.device),
+             "threads": torch.get_num_threads(),
              "data": {"seed": tcfg.seed, "step": s.step, "sampling": "stateless(seed, step)",
                       **dist.data_slices(tcfg.batch_size, s.per_rank, s.micro, s.ctx)},
              "scheduler": {"step": s.step, "lr": lr_at(s.step, s.ocfg, tcfg.max_iters)},
