@@ -40,13 +40,18 @@ def rel_error(a: dict, b: dict) -> float:
     return max(((a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp_min(1e-12)).item() for k in b)
 
 
-@pytest.fixture
-def exact_fp32():
-    """fp32 matmuls without TF32 (training turns TF32 on for the process): decode comparisons want exact fp32."""
+@pytest.fixture(autouse=True)
+def keep_tf32_setting():
+    """Training turns TF32 on for the whole process: give the tests after these the setting they found."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture
+def exact_fp32():
+    """fp32 matmuls without TF32 (an earlier training may have turned it on): decode comparisons want exact fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 # ---------------------------------------------------------------- training
