@@ -217,7 +217,8 @@ def test_training_on_shards_matches_one_file_and_resumes_bit_exactly(corpus, tok
 
     def run(data: Path, out: Path, max_iters: int, resume: bool = False) -> dict:
         cfg = TrainConfig(max_iters=max_iters, eval_interval=3, eval_iters=2, batch_size=8, log_interval=1,
-                          sample_tokens=0, progress=False, tensorboard=False, plot=False, final_eval=True)
+                          sample_tokens=0, progress=False, tensorboard=False, plot=False, final_eval=True,
+                          device="cpu", dtype="float32")  # bit-exact CPU numerics
         return train(data=data, out=out, model=ModelConfig(**TINY), train=cfg,
                      optim=OptimConfig(warmup_iters=2, decay_iters=6), resume=resume,
                      overrides={"train.max_iters": max_iters} if resume else None)
