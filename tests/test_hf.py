@@ -48,6 +48,9 @@ VARIANTS = [
      "LlamaForCausalLM"),
     ("arcee-relu2", dict(pos="rope", norm="rmsnorm", mlp="relu2", bias=False, tie_embeddings=False), "ArceeForCausalLM"),
     ("arcee-gelu-bias", dict(pos="rope", norm="rmsnorm", mlp="gelu"), "ArceeForCausalLM"),
+    ("qwen3", dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False), "Qwen3ForCausalLM"),
+    ("qwen3-untied", dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, tie_embeddings=False,
+                          rope_base=500.0, mlp_hidden=96), "Qwen3ForCausalLM"),
 ]
 VARIANT_IDS = [v[0] for v in VARIANTS]
 
@@ -186,7 +189,8 @@ REFUSED = [
     (dict(norm_placement="post", pos="rope"), "model.norm_placement=post"),
     (dict(pos="sinusoidal"), "model.pos=sinusoidal"),
     (dict(causal=False), "model.causal=false"),
-    (dict(qk_norm=True, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False), "model.qk_norm"),
+    (dict(qk_norm=True, pos="rope", norm="rmsnorm", mlp="swiglu"), "model.qk_norm=true with model.bias=true"),
+    (dict(qk_norm=True, pos="rope", bias=False), "model.qk_norm=true exports only as Qwen3"),
     (dict(logit_softcap=15.0, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False), "model.logit_softcap"),
     (dict(mlp="swiglu"), "model.mlp=swiglu"),
     (dict(norm="rmsnorm"), "model.norm=rmsnorm"),
@@ -244,15 +248,23 @@ def hf_model(transformers, family: str, vocab: int, **overrides):
         cfg = t.LlamaConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
                             num_attention_heads=2, intermediate_size=64, bos_token_id=0, eos_token_id=0)
         cls = t.LlamaForCausalLM
-    else:
+    elif family == "arcee":
         cfg = t.ArceeConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
                             num_attention_heads=2, intermediate_size=64, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=0)
         cls = t.ArceeForCausalLM
+    else:
+        cfg = t.Qwen3Config(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=2, head_dim=16, intermediate_size=64)
+        cls = t.Qwen3ForCausalLM
     for key, value in overrides.items():
         setattr(cfg, key, value)
     torch.manual_seed(0)
     model = cls(cfg)
     randomize(model, 5)
+    if family == "qwen3":  # scratchgpt's qk_norm has no weight: it is a Qwen3 whose q/k norm weights are 1
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.data.fill_(1.0)
     return model.eval()
 
 
@@ -266,6 +278,7 @@ IMPORTS = [  # (family, dtype it is saved in, max_shard_size)
     ("opt", torch.float32, None),
     ("gpt_neox", torch.float32, None),
     ("arcee", torch.float32, None),
+    ("qwen3", torch.float32, None),
 ]
 
 
@@ -298,6 +311,18 @@ def test_read_hf_folder_widens_half_precision(tmp_path, transformers):
     assert torch.equal(tensors["model.layers.0.mlp.up_proj.weight"], ref.float())
 
 
+def test_qwen3_with_trained_qk_norm_weights_refused(tmp_path, transformers, bpe_tok):
+    src = tmp_path / "src"
+    model = hf_model(transformers, "qwen3", bpe_tok.vocab_size)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_norm.weight[3] = 1.5
+    model.save_pretrained(src)
+    bpe_tok.save(src)
+    with pytest.raises(UserError) as e:
+        import_hf(src, tmp_path / "run")
+    assert "model.layers.1.self_attn.k_norm.weight is not all ones" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_pytorch_bin_only_folder_refused(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -325,6 +350,7 @@ NEOX = {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "voca
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}}
 GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 64, "n_embd": 32, "n_layer": 2,
         "n_head": 2, "activation_function": "gelu"}
+QWEN3 = {**LLAMA, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "head_dim": 16}
 UNSUPPORTED = [
     ({**LLAMA, "num_key_value_heads": 1}, "num_key_value_heads"),
     ({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type='linear'"),
@@ -334,7 +360,13 @@ UNSUPPORTED = [
     ({**NEOX, "rope_parameters": None, "rotary_pct": 0.25}, "partial_rotary_factor"),
     ({**NEOX, "use_parallel_residual": True}, "use_parallel_residual"),
     ({**GPT2, "activation_function": "gelu_new"}, "gelu_new"),
-    ({**GPT2, "model_type": "qwen3"}, "model_type 'qwen3'"),
+    ({**GPT2, "model_type": "qwen2"}, "model_type 'qwen2'"),
+    ({**QWEN3, "num_key_value_heads": 1}, "num_key_value_heads"),
+    ({**QWEN3, "head_dim": None}, "head_dim=128"),
+    ({**QWEN3, "use_sliding_window": True}, "use_sliding_window"),
+    ({**QWEN3, "layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ({**QWEN3, "attention_bias": True}, "attention_bias=true"),
+    ({**QWEN3, "hidden_act": "gelu"}, "hidden_act"),
 ]
 
 

@@ -15,27 +15,32 @@ Mapping (our `ModelConfig` -> transformers class, and the config keys that carry
                                                       partial_rotary_factor=1, hidden_act
     rope     rmsnorm    pre        swiglu           -> LlamaForCausalLM (llama): hidden_act=silu
     rope     rmsnorm    pre        gelu|relu|relu2  -> ArceeForCausalLM (arcee): Llama with a plain up/down MLP
+    rope     rmsnorm    pre        swiglu, qk_norm  -> Qwen3ForCausalLM (qwen3): bias=false only (Qwen3's MLP has
+                                                      no biases); q_norm/k_norm weights are ones, eps 1e-6
 
   every row: vocab_size, n_layer, n_head, n_embd, block_size (max_position_embeddings),
   mlp_hidden (intermediate size), rope_base (rope_theta), tie_embeddings (tie_word_embeddings),
   dropout, init_std (initializer_range). `bias=false` sets the classes' bias flags off
-  (OPT enable_bias, NeoX attention_bias, Llama/Arcee attention_bias and mlp_bias); a bias a
-  class always has (GPT-2's, every LayerNorm's, NeoX's MLP) is written as zeros. Our GELU is
-  the exact erf GELU (`"gelu"`, not GPT-2's `"gelu_new"`); LayerNorm eps 1e-5, RMSNorm 1e-6.
+  (OPT enable_bias, NeoX attention_bias, Llama/Arcee attention_bias and mlp_bias, Qwen3
+  attention_bias); a bias a class always has (GPT-2's, every LayerNorm's, NeoX's MLP) is
+  written as zeros. Our GELU is the exact erf GELU (`"gelu"`, not GPT-2's `"gelu_new"`);
+  LayerNorm eps 1e-5, RMSNorm 1e-6, and qk_norm's per-head RMSNorm 1e-6 too
+  (model.QK_NORM_EPS, chosen to be Qwen3's rms_norm_eps).
 
 Refused (no standard class computes the same function):
   causal=false (bidirectional), value_embeds, logit_softcap (Gemma2's final_logit_softcapping
-  comes with (1+w) RMSNorms, sandwich norms, scaled embeddings and GeGLU), qk_norm (Qwen3's
-  per-head q/k RMSNorm uses eps=rms_norm_eps, 1e-6 here, where ours uses torch's default
-  1.2e-7: close, not the same), pos=sinusoidal, learned positions with rmsnorm or swiglu,
-  rope with post-norm, swiglu with layernorm.
+  comes with (1+w) RMSNorms, sandwich norms, scaled embeddings and GeGLU), qk_norm outside
+  Qwen3's combination (rope, rmsnorm, pre, swiglu, bias=false), pos=sinusoidal, learned
+  positions with rmsnorm or swiglu, rope with post-norm, swiglu with layernorm.
 
 Weight layout: ours is nanoGPT's (`transformer.h.N.attn.c_attn` holds [q; k; v], each head
 contiguous; swiglu's c_fc holds [gate; up]). GPT-2 stores Linear weights transposed
-(Conv1D); OPT/Llama/Arcee split q, k, v (and gate, up); NeoX fuses qkv per head
+(Conv1D); OPT/Llama/Arcee/Qwen3 split q, k, v (and gate, up); NeoX fuses qkv per head
 ([q_h; k_h; v_h] for each head h); OPT's position table has 2 leading rows it never reads
-for unpadded input (written as zeros). A tied head is omitted from model.safetensors, as
-transformers does. RoPE rotates (first half, second half) of each head in both.
+for unpadded input (written as zeros); Qwen3's q_norm/k_norm weights have no tensor of
+ours (written as ones; on import they must be ones). A tied head is omitted from
+model.safetensors, as transformers does. RoPE rotates (first half, second half) of each
+head in both.
 
 Classifiers (`finetune classify` runs: a linear head on the last real token's hidden state)
 export as the family's `...ForSequenceClassification`. Its `score` layer has no bias, so our
@@ -126,6 +131,7 @@ FAMILIES = {f.model_type: f for f in [
     Family("gpt_neox", "GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification", False),
     Family("llama", "LlamaForCausalLM", "LlamaForSequenceClassification", False),
     Family("arcee", "ArceeForCausalLM", "ArceeForSequenceClassification", False),
+    Family("qwen3", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", False),
 ]}
 
 
@@ -144,8 +150,13 @@ def _model_type(cfg: ModelConfig) -> str:
         raise UserError("model.logit_softcap has no standard transformers equivalent: Gemma2's final_logit_softcapping "
                         "comes with (1+w) RMSNorms, sandwich norms, scaled embeddings and GeGLU")
     if cfg.qk_norm:
-        raise UserError("model.qk_norm=true has no exact transformers equivalent: Qwen3's per-head q/k RMSNorm uses "
-                        f"eps=rms_norm_eps ({RMSNORM_EPS}) where ours uses torch's default ({torch.finfo(torch.float32).eps:.2g})")
+        if (cfg.pos, cfg.norm, cfg.norm_placement, cfg.mlp) != ("rope", "rmsnorm", "pre", "swiglu"):
+            raise UserError("model.qk_norm=true exports only as Qwen3, which needs model.pos=rope, norm=rmsnorm, "
+                            "norm_placement=pre and mlp=swiglu")
+        if cfg.bias:
+            raise UserError("model.qk_norm=true with model.bias=true has no standard transformers class: Qwen3's MLP "
+                            "has no biases (set model.bias=false)")
+        return "qwen3"
     if cfg.pos == "sinusoidal":
         raise UserError("model.pos=sinusoidal has no transformers decoder with the same position table "
                         "(pos=learned exports as GPT-2, pos=rope as GPT-NeoX/Llama)")
@@ -285,13 +296,13 @@ def _layout(model_type: str, cfg: ModelConfig, lm_head: bool = True) -> list[_Ru
             norm(o + "ln_2", h + "post_attention_layernorm")
             linear(o + "mlp.c_fc", h + "mlp.dense_h_to_4h", bias="always")
             linear(o + "mlp.c_proj", h + "mlp.dense_4h_to_h", bias="always")
-        else:  # llama, arcee
+        else:  # llama, arcee, qwen3
             h = f"model.layers.{i}."
             norm(o + "ln_1", h + "input_layernorm")
             linear(o + "attn.c_attn", [h + "self_attn.q_proj", h + "self_attn.k_proj", h + "self_attn.v_proj"], qkv)
             linear(o + "attn.c_proj", h + "self_attn.o_proj")
             norm(o + "ln_2", h + "post_attention_layernorm")
-            if model_type == "llama":
+            if model_type in ("llama", "qwen3"):
                 linear(o + "mlp.c_fc", [h + "mlp.gate_proj", h + "mlp.up_proj"], _chunks(2))
             else:
                 linear(o + "mlp.c_fc", h + "mlp.up_proj")
@@ -303,6 +314,7 @@ def _layout(model_type: str, cfg: ModelConfig, lm_head: bool = True) -> list[_Ru
         "gpt_neox": ("gpt_neox.embed_in", "gpt_neox.final_layer_norm"),
         "llama": ("model.embed_tokens", "model.norm"),
         "arcee": ("model.embed_tokens", "model.norm"),
+        "qwen3": ("model.embed_tokens", "model.norm"),
     }[model_type]
     tensor("transformer.wte.weight", embed + ".weight")
     if cfg.pos == "learned":
@@ -315,6 +327,15 @@ def _layout(model_type: str, cfg: ModelConfig, lm_head: bool = True) -> list[_Ru
     if lm_head and not cfg.tie_embeddings:
         tensor("lm_head.weight", "lm_head.weight")
     return rules
+
+
+def _fixed(model_type: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers tensors with no counterpart in ours, at the one value that makes the math ours:
+    Qwen3's per-head q_norm/k_norm weights are ones (our qk_norm has no weight)."""
+    if model_type != "qwen3":
+        return {}
+    return {f"model.layers.{i}.self_attn.{n}.weight": torch.ones(cfg.head_dim)
+            for i in range(cfg.n_layer) for n in ("q_norm", "k_norm")}
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -361,6 +382,7 @@ def _to_hf(model_type: str, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor
         used.add(rule.ours)
         for key, piece in zip(rule.hf, rule.to_hf(t.float()), strict=True):
             out[key] = _owned(piece)
+    out.update(_fixed(model_type, cfg))
     left = sorted(set(tensors) - used - {"lm_head.weight"})
     if left:
         raise UserError(f"checkpoint tensor {left[0]} has no place in {FAMILIES[model_type].causal_lm}")
@@ -412,13 +434,17 @@ def hf_config(cfg: ModelConfig, *, eot_id: Optional[int] = None, pad_token_id: O
                  layer_norm_eps=LAYERNORM_EPS, use_parallel_residual=False, attention_bias=cfg.bias,
                  rope_parameters=dict(rope, partial_rotary_factor=1.0), rotary_pct=1.0, rotary_emb_base=rope["rope_theta"],
                  attention_dropout=cfg.dropout, hidden_dropout=cfg.dropout, initializer_range=cfg.init_std)
-    else:  # llama, arcee
+    else:  # llama, arcee, qwen3
         c.update(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                  num_key_value_heads=cfg.n_head, head_dim=cfg.head_dim, intermediate_size=cfg.hidden_dim,
-                 hidden_act="silu" if mt == "llama" else cfg.mlp, max_position_embeddings=cfg.block_size,
+                 hidden_act="silu" if cfg.mlp == "swiglu" else cfg.mlp, max_position_embeddings=cfg.block_size,
                  rms_norm_eps=RMSNORM_EPS, rope_parameters=rope, rope_theta=rope["rope_theta"],
-                 attention_bias=cfg.bias, mlp_bias=cfg.bias, attention_dropout=cfg.dropout,
-                 initializer_range=cfg.init_std)
+                 attention_bias=cfg.bias, attention_dropout=cfg.dropout, initializer_range=cfg.init_std)
+        if mt == "qwen3":  # (no mlp_bias: Qwen3's MLP never has biases)
+            c.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
+                     layer_types=["full_attention"] * cfg.n_layer)
+        else:
+            c["mlp_bias"] = cfg.bias
         if mt == "llama":
             c["pretraining_tp"] = 1
     if labels:
@@ -803,8 +829,12 @@ def _model_config(kwargs: Mapping[str, Any], where: str = "config.json") -> Mode
         raise UserError(f"{where}: {e}") from None
 
 
+QWEN3_BIAS = ("config.json: attention_bias=true (a Qwen3 with q/k/v/o biases) has no scratchgpt equivalent: "
+              "model.qk_norm models have no biases, as Qwen3's MLP has none")
+
+
 def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, torch.Tensor]] = None) -> ModelConfig:
-    """Our ModelConfig for a transformers config.json (gpt2, opt, gpt_neox, llama, arcee), or a one-line UserError.
+    """Our ModelConfig for a transformers config.json (any model_type of FAMILIES), or a one-line UserError.
 
     `tensors` settles `bias` where the config cannot: with no linear-bias flag set, a
     model whose bias tensors are all zero imports as bias=false (same math). Without
@@ -844,43 +874,56 @@ def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, 
                   n_embd=_get(c, "hidden_size"), mlp_hidden=_get(c, "intermediate_size"),
                   dropout=_get(c, "hidden_dropout", 0.0), init_std=_get(c, "initializer_range", 0.02))
         flag = _get(c, "attention_bias", True)
-    else:  # llama, arcee
+    else:  # llama, arcee, qwen3
         n_embd, n_head = _get(c, "hidden_size"), _get(c, "num_attention_heads")
         kv = _get(c, "num_key_value_heads", n_head)
         if kv != n_head:
             raise UserError(f"config.json: num_key_value_heads={kv} != num_attention_heads={n_head} (grouped-query "
                             "attention) has no scratchgpt equivalent: every head has its own keys and values")
-        _expect(c, "head_dim", n_embd // n_head, n_embd // n_head, "scratchgpt's head_dim is n_embd / n_head")
-        _expect(c, "rms_norm_eps", RMSNORM_EPS, 1e-6 if mt == "llama" else 1e-5, f"scratchgpt's RMSNorm eps is {RMSNORM_EPS}")
-        if mt == "llama":
+        _expect(c, "head_dim", n_embd // n_head, 128 if mt == "qwen3" else n_embd // n_head,
+                "scratchgpt's head_dim is n_embd / n_head")
+        _expect(c, "rms_norm_eps", RMSNORM_EPS, 1e-5 if mt == "arcee" else 1e-6,
+                f"scratchgpt's RMSNorm eps is {RMSNORM_EPS}")
+        if mt == "qwen3":
+            _expect(c, "use_sliding_window", False, False, "scratchgpt's attention sees the whole context")
+            layer_types = set(_get(c, "layer_types", ["full_attention"]))
+            if layer_types != {"full_attention"}:
+                raise UserError(f"config.json: layer_types {sorted(layer_types)} has no scratchgpt equivalent (every "
+                                "layer attends to the whole context)")
+        if mt != "arcee":
             act = _get(c, "hidden_act", "silu")
             if act not in ("silu", "swish"):
-                raise UserError(f"config.json: hidden_act={act!r} in Llama's gated MLP has no scratchgpt equivalent "
-                                "(model.mlp=swiglu is SiLU-gated)")
+                raise UserError(f"config.json: hidden_act={act!r} in {FAMILIES[mt].causal_lm}'s gated MLP has no "
+                                "scratchgpt equivalent (model.mlp=swiglu is SiLU-gated)")
             mlp = "swiglu"
         else:
             mlp = _activation(c, "hidden_act", "relu2")
         kw = dict(pos="rope", rope_base=_rope_base(c, partial_default=1.0), norm="rmsnorm", norm_placement="pre",
-                  mlp=mlp, block_size=_get(c, "max_position_embeddings", 2048 if mt == "llama" else 4096),
-                  n_layer=_get(c, "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
+                  mlp=mlp, qk_norm=mt == "qwen3", n_layer=_get(c, "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
+                  block_size=_get(c, "max_position_embeddings", {"llama": 2048, "arcee": 4096, "qwen3": 32768}[mt]),
                   mlp_hidden=_get(c, "intermediate_size"), dropout=_get(c, "attention_dropout", 0.0),
                   init_std=_get(c, "initializer_range", 0.02))
-        flag = _get(c, "attention_bias", False) or _get(c, "mlp_bias", False)
+        flag = mt != "qwen3" and (_get(c, "attention_bias", False) or _get(c, "mlp_bias", False))
     tied = _get(c, "tie_word_embeddings", FAMILIES[mt].tied_default)
     cfg = _model_config(dict(kw, vocab_size=_get(c, "vocab_size"), tie_embeddings=bool(tied), bias=True,
                              dropout=float(kw["dropout"])))
     if flag:
         return cfg
     bias_rules = [r for r in _layout(mt, cfg) if r.bias]
+    if mt == "qwen3" and tensors is None and _get(c, "attention_bias", False):
+        raise UserError(QWEN3_BIAS)  # (with the tensors, biases that are all zero import as bias=false)
     if tensors is None:
         return replace(cfg, bias=any(r.bias == "always" for r in bias_rules))
     tensors = _canonical_keys(mt, tensors)
     nonzero = any(tensors[k].any() for r in bias_rules for k in r.hf if k in tensors)
+    if mt == "qwen3" and nonzero:
+        raise UserError(QWEN3_BIAS)
     return replace(cfg, bias=bool(nonzero))
 
 
 # the prefix every transformers key of a causal LM starts with; a bare base model's keys lack it
-_PREFIX = {"gpt2": "transformer.", "opt": "model.", "gpt_neox": "gpt_neox.", "llama": "model.", "arcee": "model."}
+_PREFIX = {"gpt2": "transformer.", "opt": "model.", "gpt_neox": "gpt_neox.", "llama": "model.", "arcee": "model.",
+           "qwen3": "model."}
 # buffers older checkpoints saved beside the weights: causal masks and RoPE frequencies
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias", ".inv_freq")
 
@@ -922,6 +965,13 @@ def state_dict_from_hf(hf_config: Mapping[str, Any], tensors: Mapping[str, torch
                 raise UserError(f"{FAMILIES[mt].causal_lm} weights lack tensor {key}")
             pieces.append(t.float())
         out[rule.ours] = _owned(rule.from_hf(pieces))
+    for key, value in _fixed(mt, cfg).items():
+        if key not in tensors:
+            raise UserError(f"{FAMILIES[mt].causal_lm} weights lack tensor {key}")
+        if not torch.equal(tensors[key].float(), value):
+            raise UserError(f"tensor {key} is not all ones: scratchgpt's qk_norm has no weight (model.qk_norm "
+                            "represents a Qwen3 whose q_norm/k_norm weights are 1)")
+        used.add(key)
     left = sorted(k for k in set(tensors) - used if not k.endswith(_IGNORED_SUFFIXES) and k != "lm_head.weight")
     if left:
         raise UserError(f"unexpected tensor {left[0]} for {FAMILIES[mt].causal_lm} (a variant scratchgpt cannot represent?)")
