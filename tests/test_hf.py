@@ -169,6 +169,15 @@ def test_export_files_and_model_card(tmp_path, bpe_tok):
         assert fact in card, fact
 
 
+def test_model_card_prefers_eval_lm_json_and_shows_the_command_string(tmp_path, bpe_tok):
+    run, _ = make_run(tmp_path, bpe_tok, {}, extra={"command": "scratchgpt train --data data/tiny --out run"})
+    (run / "result.json").write_text(json.dumps({"final_val_loss": 1.25, "final_perplexity": 3.49}))
+    (run / "eval-lm.json").write_text(json.dumps({"val_loss": 1.5, "perplexity": 4.48, "split": "val"}))
+    card = (export_checkpoint(run, tmp_path / "hf") / "README.md").read_text()
+    assert "val loss: 1.5000 nats/token (perplexity 4.48); source: `scratchgpt eval`" in card
+    assert "command: `scratchgpt train --data data/tiny --out run`" in card
+
+
 def test_export_refuses_existing_out_dir(tmp_path, bpe_tok):
     run, _ = make_run(tmp_path, bpe_tok, {})
     out = tmp_path / "hf"
@@ -481,3 +490,91 @@ def test_classifier_refusals(tmp_path, bpe_tok):
         export_checkpoint(run, tmp_path / "hf")
     with pytest.raises(UserError, match="pooling='mean'"):
         hf_architecture(ModelConfig(vocab_size=50, **SMALL), classifier_pooling="mean")
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA runs as PEFT adapter folders
+
+
+def make_lora_run(tmp: Path, tok, options: dict, extra: dict | None = None) -> Path:
+    """A LoRA run over a randomized base run, as `finetune ... --lora` writes it, with nonzero A and B
+    (`extra`: more keys for the LoRA run's config.json)."""
+    from scratchgpt.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, load_run, weights_sha256,
+                                       write_checkpoint)
+    from scratchgpt.lora import add_lora, adapter_tensors, lora_config_dict
+
+    base, _ = make_run(tmp, tok, options, seed=4)
+    loaded = load_run(base)
+    adapter = lora_config_dict(4, 8.0, 0.0)
+    wrapped = add_lora(loaded.model, adapter)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    ckpt = base / "best"
+    finetune = {"task": "sft", "base": str(ckpt.resolve()), "base_sha256": weights_sha256(ckpt),
+                "train_file": "sft.jsonl", "val_file": "val.jsonl", "lora": adapter}
+    config = dict(loaded.config, **(extra or {}), finetune=finetune)
+    run = tmp / "lora"
+    write_checkpoint(run, 5, tensors={ADAPTER_FILE: adapter_tensors(wrapped)},
+                     json_files={CONFIG_FILE: config, ADAPTER_CONFIG_FILE: adapter},
+                     tokenizer_file=ckpt / "tokenizer.json",
+                     state={"step": 5, "tokens": 640, "val": {"val_loss": 1.75, "val_tokens": 99}},
+                     aliases=["latest", "best"])
+    return run
+
+
+ADAPTERS = [  # (variant, the HF modules LoRA lands on)
+    ("gpt2", ["c_attn", "c_fc", "c_proj"]),
+    ("opt-post-relu-nobias-untied", ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"]),
+    ("neox-relu2-bias-untied", ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]),
+    ("llama-bias-untied", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ("arcee-gelu-bias", ["down_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ("qwen3", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+]
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # transformers inside PEFT
+@pytest.mark.parametrize("name,targets", ADAPTERS, ids=[a[0] for a in ADAPTERS])
+def test_lora_adapter_export_matches_peft(tmp_path, transformers, bpe_tok, name, targets):
+    peft = pytest.importorskip("peft")
+    from scratchgpt.checkpoint import load_run
+    from scratchgpt.hf import export_adapter
+
+    options = dict((v[0], v[1]) for v in VARIANTS)[name]
+    run = make_lora_run(tmp_path, bpe_tok, options)
+    out = export_adapter(run, tmp_path / "adapter")
+    files = ["README.md", "adapter_config.json", "adapter_model.safetensors", "base"]
+    assert sorted(p.name for p in out.iterdir()) == files
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["task_type"], config["base_model_name_or_path"]) == ("LORA", "CAUSAL_LM", "base")
+    assert config["target_modules"] == targets and config["fan_in_fan_out"] == (name == "gpt2")
+    assert (config["r"], config["lora_alpha"]) == (4, 8.0)
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(out / "base").eval()
+    x = torch.randint(0, bpe_tok.vocab_size, (2, SMALL["block_size"]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = base(x).logits
+        theirs = peft.PeftModel.from_pretrained(base, out).eval()
+        ours = load_run(run).model(x)
+        assert max_diff(plain, ours) > 0.5  # the adapter changes the function: the parity below tests it
+        assert max_diff(theirs(x).logits, ours) <= 1e-4
+    card = (out / "README.md").read_text()
+    for fact in ("library_name: peft", "PeftModel.from_pretrained(base, \"adapter\")", "AutoPeftModelForCausalLM",
+                 "sft.jsonl", "1.7500", ", ".join(targets)):
+        assert fact in card, fact
+
+
+def test_lora_adapter_export_refusals(tmp_path, bpe_tok):
+    from scratchgpt.hf import export_adapter
+
+    run = make_lora_run(tmp_path, bpe_tok, dict(pos="rope", bias=False),
+                        extra={"classifier": {"labels": ["a", "b"], "pooling": "last"}})
+    for call, named in ((lambda: export_adapter(run, tmp_path / "out"), "export it merged"),
+                        (lambda: export_adapter(tmp_path / "run", tmp_path / "out"), "not a LoRA adapter"),
+                        (lambda: export_checkpoint(run, tmp_path / "out"), "merge it first")):
+        with pytest.raises(UserError) as e:
+            call()
+        assert named in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()

@@ -56,13 +56,24 @@ tokenizer_config.json for `PreTrainedTokenizerFast`. `split_special_tokens: true
 id is the config's bos/eos id (append `tokenizer.eos_token_id` to mark a document end).
 
 Import (`import_hf`) reads model.safetensors or a sharded index (fp32, fp16 or bf16; held as
-fp32) for the five classes above and writes a scratchgpt run. Refused in one line: any other
+fp32) for the six classes above and writes a scratchgpt run. Refused in one line: any other
 model_type, pytorch_model.bin (loading it means unpickling, which can run code), GQA
-(num_key_value_heads != num_attention_heads), scaled or partial RoPE, GPT-NeoX's parallel
-residual, epsilons or activations we lack (e.g. GPT-2's gelu_new). A bias is kept (bias=true)
-when the config declares linear biases or any bias tensor is nonzero; biases that are all
-zero are dropped, which is the same math with fewer parameters. Export -> import -> export
-reproduces model.safetensors and config.json byte for byte.
+(num_key_value_heads != num_attention_heads), head_dim != hidden_size / heads, scaled or
+partial RoPE, GPT-NeoX's parallel residual, epsilons or activations we lack (e.g. GPT-2's
+gelu_new), Qwen3 with sliding-window layers, nonzero attention biases or trained q/k norm
+weights (so released Qwen3 checkpoints are refused; exported ones come back). A bias is
+kept (bias=true) when the config declares linear biases or any bias tensor is nonzero;
+biases that are all zero are dropped, which is the same math with fewer parameters.
+Export -> import -> export reproduces model.safetensors and config.json byte for byte.
+
+LoRA runs (`finetune ... --lora`: PEFT over our names, LoRA on every c_attn, c_proj, c_fc)
+export with `export_adapter` as a PEFT adapter folder whose base, exported as above, sits in
+out/base: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out/"base"), out)`
+computes what `load_run(run).model` does (fp32 logits within 1e-4). LoRA adds s B A to W, so
+B's rows are split or permuted exactly as W's rows are (q/k/v, gate/up, NeoX's per-head qkv)
+and each part keeps A; GPT-2 keeps A and B and sets fan_in_fan_out. adapter_config.json's
+base_model_name_or_path is "base", relative (PEFT would resolve it against the working
+directory: load the base explicitly). Classifier LoRA runs are refused: export them merged.
 
 Public API:
     hf_architecture(cfg, classifier_pooling=None) -> str
@@ -74,6 +85,8 @@ Public API:
     state_dict_from_hf(hf_config, tensors, cfg=None) -> dict[str, Tensor]
     load_hf_tokenizer(path) -> Tokenizer
     import_hf(hf_dir, out, *, tokenizer=None, force=False) -> Path
+    adapter_to_hf(cfg, adapter_config, tensors, base_model_name_or_path="base") -> (adapter_config.json, tensors)
+    export_adapter(ckpt, out, *, which="best", force=False, base=None) -> Path
 `transformers` itself is never imported here: the files are written and read directly.
 """
 
@@ -93,8 +106,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import UserError
-from .checkpoint import (ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, TOKENIZER_FILE, load_tensors, resolve_checkpoint, save_checkpoint,
-                         verify_checkpoint)
+from .checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, TOKENIZER_FILE,
+                         load_tensors, resolve_checkpoint, save_checkpoint, verify_checkpoint, weights_sha256)
+from .lora import LORA_TARGETS
 from .model import GPT, ModelConfig
 from .tokenizer import EOT, UNK, Tokenizer
 from .utils import atomic_write, atomic_write_bytes, atomic_write_json, fsync_dir, read_json, sha256_file
@@ -110,6 +124,8 @@ __all__ = [
     "state_dict_from_hf",
     "load_hf_tokenizer",
     "import_hf",
+    "adapter_to_hf",
+    "export_adapter",
 ]
 
 LAYERNORM_EPS, RMSNORM_EPS = 1e-5, 1e-6  # model.py's norms
@@ -607,8 +623,11 @@ def _human(n: float) -> str:
 
 
 def _run_metrics(ckpt: Path, state: dict) -> tuple[Optional[float], Optional[float], str]:
-    """(val loss, perplexity, where they come from): the run's eval-lm.json, result.json, else state.json."""
-    for d in (ckpt, ckpt.parent):
+    """(val loss, perplexity, where they come from), the most telling record first: `scratchgpt eval`'s
+    eval-lm.json, the final whole-split eval (result.json), a fine-tuned checkpoint's own eval on its
+    val file (state.json), then the best periodic estimate."""
+    runs = (ckpt, ckpt.parent)
+    for d in runs:
         path = d / "eval-lm.json"
         if path.is_file():
             r = read_json(path)
@@ -619,23 +638,56 @@ def _run_metrics(ckpt: Path, state: dict) -> tuple[Optional[float], Optional[flo
             r = read_json(path)
             if r.get("final_val_loss") is not None:
                 return r["final_val_loss"], r.get("final_perplexity"), "final evaluation on the whole val split (result.json)"
-            if r.get("best_val_loss") is not None:
-                return r["best_val_loss"], None, "best periodic val estimate (result.json)"
-    loss = state.get("best_val_loss")
-    return loss, None, "best periodic val estimate (state.json)"
+    val = state.get("val") or {}
+    if val.get("val_loss") is not None:
+        return val["val_loss"], None, "this checkpoint on the fine-tuning val file (state.json)"
+    for d in runs:
+        path = d / "result.json"
+        if path.is_file() and read_json(path).get("best_val_loss") is not None:
+            return read_json(path)["best_val_loss"], None, "best periodic val estimate (result.json)"
+    return state.get("best_val_loss"), None, "best periodic val estimate (state.json)"
+
+
+def _training_lines(ckpt: Path, config: dict, state: dict, labels: Optional[list[str]]) -> list[str]:
+    """The model card's "Training" section: data, tokens, val loss, the command, the fine-tune."""
+    imported = config.get("imported_from")
+    loss, ppl, source = _run_metrics(ckpt, state)
+    command = config.get("command")
+    if isinstance(command, list):
+        command = " ".join(map(str, command))
+    ft = config.get("finetune") or {}
+    lines = ["## Training", ""]
+    if imported:
+        lines.append(f"- imported from `{imported.get('path')}` ({imported.get('architecture')}); "
+                     "its training history is not recorded here")
+    lines += [
+        f"- data: `{config.get('data')}`" if config.get("data") else "- data: not recorded",
+        f"- tokens seen: {state.get('tokens', 0):,} in {state.get('step', 0):,} steps",
+    ]
+    if ft:
+        lora = ft.get("lora") or {}
+        lines.append(f"- fine-tuned ({ft.get('task', 'finetune')}"
+                     + (f", LoRA r={lora.get('r')} alpha={lora.get('lora_alpha')}" if lora else "")
+                     + f") from `{ft.get('base')}`"
+                     + (f" on `{ft['train_file']}` (val: `{ft.get('val_file')}`)" if ft.get("train_file") else ""))
+    val = state.get("val") or {}
+    if labels and val.get("accuracy") is not None:  # a classifier's loss is over labels: no perplexity
+        lines.append(f"- val accuracy: {val['accuracy']:.4f}, macro-F1 {val.get('macro_f1', float('nan')):.4f}, "
+                     f"loss {val.get('val_loss', float('nan')):.4f} (this checkpoint on the fine-tuning val file)")
+    elif loss is not None:
+        ppl = ppl if ppl is not None else math.exp(min(loss, 700))
+        lines.append(f"- val loss: {loss:.4f} nats/token (perplexity {ppl:.2f}); source: {source}")
+    else:
+        lines.append("- val loss: not recorded")
+    lines.append(f"- command: `{command}`" if command else "- command: not recorded")
+    if labels:
+        lines.append(f"- classifier labels: {', '.join(labels)} (pooling: last token)")
+    return lines
 
 
 def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfig, arch: str, n_params: int,
                 tokenizer: Tokenizer, labels: Optional[list[str]]) -> str:
     name = ckpt.parent.name if ckpt.name in ("best", "latest") else out.name
-    imported = config.get("imported_from")
-    loss, ppl, source = _run_metrics(ckpt, state)
-    if loss is not None and ppl is None:
-        ppl = math.exp(min(loss, 700))
-    command = config.get("command")
-    if isinstance(command, list):
-        command = " ".join(map(str, command))
-    ft = config.get("finetune") or {}
     pipeline = "text-classification" if labels else "text-generation"
     auto = "AutoModelForSequenceClassification" if labels else "AutoModelForCausalLM"
     kind = {"char": "character-level", "bpe": "byte-level BPE"}.get(tokenizer.kind, tokenizer.kind)
@@ -661,29 +713,12 @@ def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConf
         f"| parameters | {_human(n_params)} ({n_params:,}) |",
         f"| layers / heads / width | {cfg.n_layer} / {cfg.n_head} / {cfg.n_embd} |",
         f"| context | {cfg.block_size} tokens |",
-        f"| positions / norm / MLP | {cfg.pos} / {cfg.norm} ({cfg.norm_placement}) / {mlp} |",
+        f"| positions / norm / MLP | {cfg.pos} / {cfg.norm} ({cfg.norm_placement}{', qk norm' * cfg.qk_norm}) / {mlp} |",
         f"| biases / tied embeddings | {'yes' if cfg.bias else 'no'} / {'yes' if cfg.tie_embeddings else 'no'} |",
         f"| tokenizer | {kind}, {tokenizer.vocab_size} tokens |",
         "",
-        "## Training",
-        "",
+        *_training_lines(ckpt, config, state, labels),
     ]
-    if imported:
-        lines.append(f"- imported from `{imported.get('path')}` ({imported.get('architecture')}); "
-                     "its training history is not recorded here")
-    lines += [
-        f"- data: `{config.get('data')}`" if config.get("data") else "- data: not recorded",
-        f"- tokens seen: {state.get('tokens', 0):,} in {state.get('step', 0):,} steps",
-    ]
-    if loss is not None:
-        lines.append(f"- val loss: {loss:.4f} nats/token (perplexity {ppl:.2f}); source: {source}")
-    else:
-        lines.append("- val loss: not recorded")
-    lines.append(f"- command: `{command}`" if command else "- command: not recorded")
-    if ft:
-        lines.append(f"- fine-tuned ({ft.get('mode', 'finetune')}) from `{ft.get('base')}`")
-    if labels:
-        lines.append(f"- classifier labels: {', '.join(labels)} (pooling: last token)")
     lines += ["", "## Usage", "", "```python", f"from transformers import AutoTokenizer, {auto}", "",
               f'tokenizer = AutoTokenizer.from_pretrained("{out.name}")',
               f'model = {auto}.from_pretrained("{out.name}")']
@@ -702,7 +737,11 @@ def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConf
     if labels and tokenizer.eot_id is None:
         lines += [f"`{PAD}` (id {cfg.vocab_size}) was added as the padding token, with a zero embedding: "
                   "the classifier pools the last token that is not padding.", ""]
-    lines += [
+    return "\n".join(lines + _limits_lines(cfg))
+
+
+def _limits_lines(cfg: ModelConfig) -> list[str]:
+    return [
         "## Intended use and limits",
         "",
         "An educational and experimental model: small, trained on a small corpus, for studying how language "
@@ -714,7 +753,189 @@ def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConf
            " (RoPE runs past that, but it was not trained there)") + ".",
         "",
     ]
-    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA adapters: a PEFT adapter folder over the exported base
+
+
+PEFT_PREFIX = "base_model.model."  # the prefix of every key PEFT saves (PeftModel.base_model.model is the model)
+_UNSUPPORTED_LORA = ("use_dora", "lora_bias", "modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern",
+                     "exclude_modules", "layer_replication", "trainable_token_indices", "target_parameters",
+                     "fan_in_fan_out")  # options scratchgpt never sets, each of which changes what the tensors mean
+
+
+def adapter_to_hf(cfg: ModelConfig, adapter_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                  base_model_name_or_path: str = "base") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A scratchgpt LoRA adapter (PEFT keys over our module names) -> (adapter_config.json, tensors) of the
+    same adapter over `hf_architecture(cfg)`'s modules.
+
+    LoRA adds s * B @ A to a Linear's weight W (out, in). Where a family splits or permutes
+    W's rows (q/k/v, gate/up, GPT-NeoX's per-head qkv), B's rows are split or permuted the
+    same way and every part keeps A: delta W_q = s B_q A. GPT-2's Conv1D stores W transposed;
+    its A and B stay as they are and fan_in_fan_out=true tells PEFT to transpose the delta.
+    """
+    mt = _model_type(cfg)
+    arch = FAMILIES[mt].causal_lm
+    if adapter_config.get("peft_type", "LORA") != "LORA" or adapter_config.get("bias", "none") != "none":
+        raise UserError(f"adapter_config.json: peft_type={adapter_config.get('peft_type')!r}, "
+                        f"bias={adapter_config.get('bias')!r}: only LoRA without trained biases exports as an adapter")
+    odd = [k for k in _UNSUPPORTED_LORA if adapter_config.get(k)]
+    if odd:
+        raise UserError(f"adapter_config.json: {odd[0]}={adapter_config[odd[0]]!r} is not supported in an adapter "
+                        "export; export the run merged")
+    for key in ("r", "lora_alpha"):
+        if key not in adapter_config:
+            raise UserError(f"adapter_config.json: missing {key}")
+    targets = {r.ours.removesuffix(".weight"): r for r in _layout(mt, cfg) if r.ours.startswith("transformer.h.")
+               and r.ours.endswith(".weight") and r.ours.split(".")[-2] in LORA_TARGETS}
+    out: dict[str, torch.Tensor] = {}
+    found: dict[str, set[str]] = {}
+    for key, t in tensors.items():
+        module, _, part = key.removeprefix(PEFT_PREFIX).removesuffix(".weight").rpartition(".")
+        rule = targets.get(module)
+        if not (key.startswith(PEFT_PREFIX) and key.endswith(".weight") and part in ("lora_A", "lora_B") and rule):
+            raise UserError(f"adapter tensor {key} has no place in {arch}")
+        names = [n.removesuffix(".weight") for n in rule.hf]
+        if part == "lora_A":  # the input side, shared by every part of a split weight
+            pieces = [t] * len(names)
+        else:  # the output side: B's rows go where W's rows go
+            pieces = [t] if rule.to_hf is _transpose else rule.to_hf(t)
+        for name, piece in zip(names, pieces, strict=True):
+            out[f"{PEFT_PREFIX}{name}.{part}.weight"] = _owned(piece)
+        found.setdefault(module, set()).add(part)
+    if not found:
+        raise UserError("adapter_model.safetensors holds no LoRA tensors")
+    hf_targets = sorted({k.removeprefix(PEFT_PREFIX).split(".")[-3] for k in out})
+    for module, rule in targets.items():  # PEFT matches target_modules by name: each match needs its A and B
+        if found.get(module) != {"lora_A", "lora_B"} and any(n.split(".")[-2] in hf_targets for n in rule.hf):
+            raise UserError(f"adapter_model.safetensors lacks lora_A or lora_B of {module}")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+              "inference_mode": True, "r": int(adapter_config["r"]), "lora_alpha": adapter_config["lora_alpha"],
+              "lora_dropout": adapter_config.get("lora_dropout", 0.0),
+              "use_rslora": bool(adapter_config.get("use_rslora", False)), "target_modules": hf_targets,
+              "bias": "none", "fan_in_fan_out": mt == "gpt2", "use_dora": False, "modules_to_save": None,
+              "init_lora_weights": True}
+    return config, out
+
+
+def _adapter_base(ckpt: Path, finetune: Mapping[str, Any], base: Optional[str | os.PathLike]) -> Path:
+    """The base checkpoint a LoRA run was trained on (its recorded path, or `base`), checked by weights sha256."""
+    recorded = finetune.get("base")
+    if base is None and not recorded:
+        raise UserError(f"{ckpt}: LoRA run without a recorded base; pass base=PATH (--base)")
+    path = Path(base if base is not None else recorded)
+    if base is None and not path.exists():
+        raise UserError(f"{ckpt}: its base {path} is gone; pass base=PATH (--base) with a copy of it")
+    base_ckpt = resolve_checkpoint(path, "best")
+    want = finetune.get("base_sha256")
+    if want and want != weights_sha256(base_ckpt):
+        raise UserError(f"{ckpt}: this adapter was trained on a different base ({recorded}, weights sha256 "
+                        f"{want[:12]}...); {base_ckpt} has {weights_sha256(base_ckpt)[:12]}...")
+    return base_ckpt
+
+
+def export_adapter(ckpt: str | os.PathLike, out: str | os.PathLike, *, which: str = "best", force: bool = False,
+                   base: Optional[str | os.PathLike] = None) -> Path:
+    """Write a LoRA run (or its `which` checkpoint) as a PEFT adapter folder `out` over its base exported
+    in `out/base` (with export_checkpoint). Returns `out`.
+
+        base = AutoModelForCausalLM.from_pretrained("out/base")
+        model = PeftModel.from_pretrained(base, "out")
+
+    computes what `load_run(run).model` computes (fp32 logits within 1e-4). adapter_config.json
+    names the base "base", relative: PEFT resolves that against the working directory, not
+    against `out`, so load the base explicitly as above. `base` overrides the base path the run
+    records (when it moved). A classifier's LoRA run is refused: export it merged.
+    """
+    ckpt, out = resolve_checkpoint(Path(ckpt), which), Path(out)
+    if not (ckpt / ADAPTER_FILE).is_file():
+        raise UserError(f"{ckpt} holds full weights, not a LoRA adapter: export it as a model (without --adapter)")
+    state = verify_checkpoint(ckpt)
+    config = read_json(ckpt / CONFIG_FILE)
+    if config.get("classifier"):
+        raise UserError(f"{ckpt} is a LoRA classification run: PEFT's causal-LM adapter has no place for its head; "
+                        "export it merged (without --adapter)")
+    base_ckpt = _adapter_base(ckpt, config.get("finetune") or {}, base)
+    _check_out(out, force, ckpt)
+    _check_out(out, force, base_ckpt)
+    base_config = read_json(base_ckpt / CONFIG_FILE)
+    if base_config.get("classifier"):
+        raise UserError(f"{ckpt}: its base {base_ckpt} is a classification run; only a language-model base exports "
+                        "with an adapter")
+    cfg = _model_config(base_config["model"], where=str(base_ckpt / CONFIG_FILE))
+    adapter_config = read_json(ckpt / ADAPTER_CONFIG_FILE)
+    hf_adapter_config, tensors = adapter_to_hf(cfg, adapter_config, load_tensors(ckpt / ADAPTER_FILE))
+    n_params = sum(t.numel() for t in tensors.values())
+    card = _adapter_card(ckpt, out, config, state, cfg, hf_adapter_config, n_params)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        export_checkpoint(base_ckpt, tmp / "base")
+        atomic_write(tmp / "adapter_model.safetensors",
+                     lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        atomic_write_bytes(tmp / "adapter_config.json", _json_bytes(hf_adapter_config))
+        atomic_write_bytes(tmp / "README.md", card.encode("utf-8"))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _adapter_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfig, adapter: dict,
+                  n_params: int) -> str:
+    name = ckpt.parent.name if ckpt.name in ("best", "latest") else out.name
+    arch = hf_architecture(cfg)
+    scale = "alpha/sqrt(r)" if adapter["use_rslora"] else "alpha/r"
+    lines = [
+        "---",
+        "library_name: peft",
+        "pipeline_tag: text-generation",
+        f"tags: [scratchgpt, lora, {_model_type(cfg)}]",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A LoRA adapter trained with scratchgpt, as a PEFT adapter over `base/`: the base model it was "
+        f"fine-tuned from, exported as a stock `{arch}` (with its tokenizer and its own model card). "
+        "Base plus adapter compute what scratchgpt computes with the adapter applied (fp32 logits within 1e-4).",
+        "",
+        "## Adapter",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base | `base/` (`{arch}`; {cfg.n_layer} layers, width {cfg.n_embd}) |",
+        f"| rank r / lora_alpha / scale | {adapter['r']} / {adapter['lora_alpha']} / {scale} |",
+        f"| target modules | {', '.join(adapter['target_modules'])} |",
+        f"| adapter parameters | {_human(n_params)} ({n_params:,}) |",
+        "",
+        *_training_lines(ckpt, config, state, None),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{out.name}/base")',
+        f'base = AutoModelForCausalLM.from_pretrained("{out.name}/base")',
+        f'model = PeftModel.from_pretrained(base, "{out.name}")',
+        "# model = model.merge_and_unload()  # optional: plain weights, faster",
+        'ids = tokenizer("Once upon a time", return_tensors="pt").input_ids',
+        "out = model.generate(input_ids=ids, max_new_tokens=100, do_sample=True, top_k=50)",
+        "print(tokenizer.decode(out[0]))",
+        "```",
+        "",
+        "adapter_config.json names its base `base`, a relative path: `AutoPeftModelForCausalLM` would look for "
+        "it in the working directory, so load the base explicitly as above.",
+        "",
+    ]
+    if config.get("chat_template"):
+        lines += ["Fine-tuned on prompts in this scratchgpt chat template (`{prompt}` is the user's message); format "
+                  "prompts the same way:", "", "```json", json.dumps(config["chat_template"], indent=2,
+                                                                       ensure_ascii=False), "```", ""]
+    return "\n".join(lines + _limits_lines(cfg))
 
 
 # ---------------------------------------------------------------------------------------
