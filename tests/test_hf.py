@@ -578,3 +578,14 @@ def test_lora_adapter_export_refusals(tmp_path, bpe_tok):
             call()
         assert named in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_merged_lora_run_card_keeps_the_lora_runs_record(tmp_path, bpe_tok):
+    pytest.importorskip("peft")
+    from scratchgpt.finetune import merge_lora
+
+    run = make_lora_run(tmp_path, bpe_tok, dict(pos="rope", bias=False))
+    merged = merge_lora(run, tmp_path / ".tmp-merge" / "run")  # as `scratchgpt export` merges before exporting
+    card = (export_checkpoint(merged, tmp_path / "hf") / "README.md").read_text()
+    for fact in ("# lora", "LoRA merged into the weights", "sft.jsonl", "val loss: 1.7500", "640 in 5 steps"):
+        assert fact in card, fact

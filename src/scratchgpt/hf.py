@@ -106,8 +106,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import UserError
-from .checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, TOKENIZER_FILE,
-                         load_tensors, resolve_checkpoint, save_checkpoint, verify_checkpoint, weights_sha256)
+from .checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, STATE_FILE,
+                         TOKENIZER_FILE, load_tensors, resolve_checkpoint, save_checkpoint, verify_checkpoint,
+                         weights_sha256)
 from .lora import LORA_TARGETS
 from .model import GPT, ModelConfig
 from .tokenizer import EOT, UNK, Tokenizer
@@ -668,6 +669,7 @@ def _training_lines(ckpt: Path, config: dict, state: dict, labels: Optional[list
         lora = ft.get("lora") or {}
         lines.append(f"- fine-tuned ({ft.get('task', 'finetune')}"
                      + (f", LoRA r={lora.get('r')} alpha={lora.get('lora_alpha')}" if lora else "")
+                     + (", LoRA merged into the weights" if ft.get("merged_from") else "")
                      + f") from `{ft.get('base')}`"
                      + (f" on `{ft['train_file']}` (val: `{ft.get('val_file')}`)" if ft.get("train_file") else ""))
     val = state.get("val") or {}
@@ -687,6 +689,10 @@ def _training_lines(ckpt: Path, config: dict, state: dict, labels: Optional[list
 
 def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfig, arch: str, n_params: int,
                 tokenizer: Tokenizer, labels: Optional[list[str]]) -> str:
+    merged_from = Path((config.get("finetune") or {}).get("merged_from") or "")
+    if merged_from.name and (merged_from / STATE_FILE).is_file():
+        # a merged LoRA run (merge-lora, or export's merge into a temporary run): the LoRA run's name and record
+        ckpt, state = merged_from, read_json(merged_from / STATE_FILE)
     name = ckpt.parent.name if ckpt.name in ("best", "latest") else out.name
     pipeline = "text-classification" if labels else "text-generation"
     auto = "AutoModelForSequenceClassification" if labels else "AutoModelForCausalLM"
