@@ -48,6 +48,9 @@ VARIANTS = [
      "LlamaForCausalLM"),
     ("arcee-relu2", dict(pos="rope", norm="rmsnorm", mlp="relu2", bias=False, tie_embeddings=False), "ArceeForCausalLM"),
     ("arcee-gelu-bias", dict(pos="rope", norm="rmsnorm", mlp="gelu"), "ArceeForCausalLM"),
+    ("qwen3", dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False), "Qwen3ForCausalLM"),
+    ("qwen3-untied", dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, tie_embeddings=False,
+                          rope_base=500.0, mlp_hidden=96), "Qwen3ForCausalLM"),
 ]
 VARIANT_IDS = [v[0] for v in VARIANTS]
 
@@ -166,6 +169,15 @@ def test_export_files_and_model_card(tmp_path, bpe_tok):
         assert fact in card, fact
 
 
+def test_model_card_prefers_eval_lm_json_and_shows_the_command_string(tmp_path, bpe_tok):
+    run, _ = make_run(tmp_path, bpe_tok, {}, extra={"command": "scratchgpt train --data data/tiny --out run"})
+    (run / "result.json").write_text(json.dumps({"final_val_loss": 1.25, "final_perplexity": 3.49}))
+    (run / "eval-lm.json").write_text(json.dumps({"val_loss": 1.5, "perplexity": 4.48, "split": "val"}))
+    card = (export_checkpoint(run, tmp_path / "hf") / "README.md").read_text()
+    assert "val loss: 1.5000 nats/token (perplexity 4.48); source: `scratchgpt eval`" in card
+    assert "command: `scratchgpt train --data data/tiny --out run`" in card
+
+
 def test_export_refuses_existing_out_dir(tmp_path, bpe_tok):
     run, _ = make_run(tmp_path, bpe_tok, {})
     out = tmp_path / "hf"
@@ -186,7 +198,8 @@ REFUSED = [
     (dict(norm_placement="post", pos="rope"), "model.norm_placement=post"),
     (dict(pos="sinusoidal"), "model.pos=sinusoidal"),
     (dict(causal=False), "model.causal=false"),
-    (dict(qk_norm=True, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False), "model.qk_norm"),
+    (dict(qk_norm=True, pos="rope", norm="rmsnorm", mlp="swiglu"), "model.qk_norm=true with model.bias=true"),
+    (dict(qk_norm=True, pos="rope", bias=False), "model.qk_norm=true exports only as Qwen3"),
     (dict(logit_softcap=15.0, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False), "model.logit_softcap"),
     (dict(mlp="swiglu"), "model.mlp=swiglu"),
     (dict(norm="rmsnorm"), "model.norm=rmsnorm"),
@@ -244,15 +257,23 @@ def hf_model(transformers, family: str, vocab: int, **overrides):
         cfg = t.LlamaConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
                             num_attention_heads=2, intermediate_size=64, bos_token_id=0, eos_token_id=0)
         cls = t.LlamaForCausalLM
-    else:
+    elif family == "arcee":
         cfg = t.ArceeConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
                             num_attention_heads=2, intermediate_size=64, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=0)
         cls = t.ArceeForCausalLM
+    else:
+        cfg = t.Qwen3Config(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=2, head_dim=16, intermediate_size=64)
+        cls = t.Qwen3ForCausalLM
     for key, value in overrides.items():
         setattr(cfg, key, value)
     torch.manual_seed(0)
     model = cls(cfg)
     randomize(model, 5)
+    if family == "qwen3":  # scratchgpt's qk_norm has no weight: it is a Qwen3 whose q/k norm weights are 1
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.data.fill_(1.0)
     return model.eval()
 
 
@@ -266,6 +287,7 @@ IMPORTS = [  # (family, dtype it is saved in, max_shard_size)
     ("opt", torch.float32, None),
     ("gpt_neox", torch.float32, None),
     ("arcee", torch.float32, None),
+    ("qwen3", torch.float32, None),
 ]
 
 
@@ -298,6 +320,18 @@ def test_read_hf_folder_widens_half_precision(tmp_path, transformers):
     assert torch.equal(tensors["model.layers.0.mlp.up_proj.weight"], ref.float())
 
 
+def test_qwen3_with_trained_qk_norm_weights_refused(tmp_path, transformers, bpe_tok):
+    src = tmp_path / "src"
+    model = hf_model(transformers, "qwen3", bpe_tok.vocab_size)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_norm.weight[3] = 1.5
+    model.save_pretrained(src)
+    bpe_tok.save(src)
+    with pytest.raises(UserError) as e:
+        import_hf(src, tmp_path / "run")
+    assert "model.layers.1.self_attn.k_norm.weight is not all ones" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_pytorch_bin_only_folder_refused(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -325,6 +359,7 @@ NEOX = {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "voca
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}}
 GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 64, "n_embd": 32, "n_layer": 2,
         "n_head": 2, "activation_function": "gelu"}
+QWEN3 = {**LLAMA, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "head_dim": 16}
 UNSUPPORTED = [
     ({**LLAMA, "num_key_value_heads": 1}, "num_key_value_heads"),
     ({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type='linear'"),
@@ -334,7 +369,13 @@ UNSUPPORTED = [
     ({**NEOX, "rope_parameters": None, "rotary_pct": 0.25}, "partial_rotary_factor"),
     ({**NEOX, "use_parallel_residual": True}, "use_parallel_residual"),
     ({**GPT2, "activation_function": "gelu_new"}, "gelu_new"),
-    ({**GPT2, "model_type": "qwen3"}, "model_type 'qwen3'"),
+    ({**GPT2, "model_type": "qwen2"}, "model_type 'qwen2'"),
+    ({**QWEN3, "num_key_value_heads": 1}, "num_key_value_heads"),
+    ({**QWEN3, "head_dim": None}, "head_dim=128"),
+    ({**QWEN3, "use_sliding_window": True}, "use_sliding_window"),
+    ({**QWEN3, "layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ({**QWEN3, "attention_bias": True}, "attention_bias=true"),
+    ({**QWEN3, "hidden_act": "gelu"}, "hidden_act"),
 ]
 
 
@@ -449,3 +490,102 @@ def test_classifier_refusals(tmp_path, bpe_tok):
         export_checkpoint(run, tmp_path / "hf")
     with pytest.raises(UserError, match="pooling='mean'"):
         hf_architecture(ModelConfig(vocab_size=50, **SMALL), classifier_pooling="mean")
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA runs as PEFT adapter folders
+
+
+def make_lora_run(tmp: Path, tok, options: dict, extra: dict | None = None) -> Path:
+    """A LoRA run over a randomized base run, as `finetune ... --lora` writes it, with nonzero A and B
+    (`extra`: more keys for the LoRA run's config.json)."""
+    from scratchgpt.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, load_run, weights_sha256,
+                                       write_checkpoint)
+    from scratchgpt.lora import add_lora, adapter_tensors, lora_config_dict
+
+    base, _ = make_run(tmp, tok, options, seed=4)
+    loaded = load_run(base)
+    adapter = lora_config_dict(4, 8.0, 0.0)
+    wrapped = add_lora(loaded.model, adapter)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    ckpt = base / "best"
+    finetune = {"task": "sft", "base": str(ckpt.resolve()), "base_sha256": weights_sha256(ckpt),
+                "train_file": "sft.jsonl", "val_file": "val.jsonl", "lora": adapter}
+    config = dict(loaded.config, **(extra or {}), finetune=finetune)
+    run = tmp / "lora"
+    write_checkpoint(run, 5, tensors={ADAPTER_FILE: adapter_tensors(wrapped)},
+                     json_files={CONFIG_FILE: config, ADAPTER_CONFIG_FILE: adapter},
+                     tokenizer_file=ckpt / "tokenizer.json",
+                     state={"step": 5, "tokens": 640, "val": {"val_loss": 1.75, "val_tokens": 99}},
+                     aliases=["latest", "best"])
+    return run
+
+
+ADAPTERS = [  # (variant, the HF modules LoRA lands on)
+    ("gpt2", ["c_attn", "c_fc", "c_proj"]),
+    ("opt-post-relu-nobias-untied", ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"]),
+    ("neox-relu2-bias-untied", ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]),
+    ("llama-bias-untied", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ("arcee-gelu-bias", ["down_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ("qwen3", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+]
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # transformers inside PEFT
+@pytest.mark.parametrize("name,targets", ADAPTERS, ids=[a[0] for a in ADAPTERS])
+def test_lora_adapter_export_matches_peft(tmp_path, transformers, bpe_tok, name, targets):
+    peft = pytest.importorskip("peft")
+    from scratchgpt.checkpoint import load_run
+    from scratchgpt.hf import export_adapter
+
+    options = dict((v[0], v[1]) for v in VARIANTS)[name]
+    run = make_lora_run(tmp_path, bpe_tok, options)
+    out = export_adapter(run, tmp_path / "adapter")
+    files = ["README.md", "adapter_config.json", "adapter_model.safetensors", "base"]
+    assert sorted(p.name for p in out.iterdir()) == files
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["task_type"], config["base_model_name_or_path"]) == ("LORA", "CAUSAL_LM", "base")
+    assert config["target_modules"] == targets and config["fan_in_fan_out"] == (name == "gpt2")
+    assert (config["r"], config["lora_alpha"]) == (4, 8.0)
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(out / "base").eval()
+    x = torch.randint(0, bpe_tok.vocab_size, (2, SMALL["block_size"]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = base(x).logits
+        theirs = peft.PeftModel.from_pretrained(base, out).eval()
+        ours = load_run(run).model(x)
+        assert max_diff(plain, ours) > 0.5  # the adapter changes the function: the parity below tests it
+        assert max_diff(theirs(x).logits, ours) <= 1e-4
+    card = (out / "README.md").read_text()
+    for fact in ("library_name: peft", "PeftModel.from_pretrained(base, \"adapter\")", "AutoPeftModelForCausalLM",
+                 "sft.jsonl", "1.7500", ", ".join(targets)):
+        assert fact in card, fact
+
+
+def test_lora_adapter_export_refusals(tmp_path, bpe_tok):
+    from scratchgpt.hf import export_adapter
+
+    run = make_lora_run(tmp_path, bpe_tok, dict(pos="rope", bias=False),
+                        extra={"classifier": {"labels": ["a", "b"], "pooling": "last"}})
+    for call, named in ((lambda: export_adapter(run, tmp_path / "out"), "export it merged"),
+                        (lambda: export_adapter(tmp_path / "run", tmp_path / "out"), "not a LoRA adapter"),
+                        (lambda: export_checkpoint(run, tmp_path / "out"), "merge it first")):
+        with pytest.raises(UserError) as e:
+            call()
+        assert named in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_merged_lora_run_card_keeps_the_lora_runs_record(tmp_path, bpe_tok):
+    pytest.importorskip("peft")
+    from scratchgpt.finetune import merge_lora
+
+    run = make_lora_run(tmp_path, bpe_tok, dict(pos="rope", bias=False))
+    merged = merge_lora(run, tmp_path / ".tmp-merge" / "run")  # as `scratchgpt export` merges before exporting
+    card = (export_checkpoint(merged, tmp_path / "hf") / "README.md").read_text()
+    for fact in ("# lora", "LoRA merged into the weights", "sft.jsonl", "val loss: 1.7500", "640 in 5 steps"):
+        assert fact in card, fact

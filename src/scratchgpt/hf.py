@@ -15,27 +15,32 @@ Mapping (our `ModelConfig` -> transformers class, and the config keys that carry
                                                       partial_rotary_factor=1, hidden_act
     rope     rmsnorm    pre        swiglu           -> LlamaForCausalLM (llama): hidden_act=silu
     rope     rmsnorm    pre        gelu|relu|relu2  -> ArceeForCausalLM (arcee): Llama with a plain up/down MLP
+    rope     rmsnorm    pre        swiglu, qk_norm  -> Qwen3ForCausalLM (qwen3): bias=false only (Qwen3's MLP has
+                                                      no biases); q_norm/k_norm weights are ones, eps 1e-6
 
   every row: vocab_size, n_layer, n_head, n_embd, block_size (max_position_embeddings),
   mlp_hidden (intermediate size), rope_base (rope_theta), tie_embeddings (tie_word_embeddings),
   dropout, init_std (initializer_range). `bias=false` sets the classes' bias flags off
-  (OPT enable_bias, NeoX attention_bias, Llama/Arcee attention_bias and mlp_bias); a bias a
-  class always has (GPT-2's, every LayerNorm's, NeoX's MLP) is written as zeros. Our GELU is
-  the exact erf GELU (`"gelu"`, not GPT-2's `"gelu_new"`); LayerNorm eps 1e-5, RMSNorm 1e-6.
+  (OPT enable_bias, NeoX attention_bias, Llama/Arcee attention_bias and mlp_bias, Qwen3
+  attention_bias); a bias a class always has (GPT-2's, every LayerNorm's, NeoX's MLP) is
+  written as zeros. Our GELU is the exact erf GELU (`"gelu"`, not GPT-2's `"gelu_new"`);
+  LayerNorm eps 1e-5, RMSNorm 1e-6, and qk_norm's per-head RMSNorm 1e-6 too
+  (model.QK_NORM_EPS, chosen to be Qwen3's rms_norm_eps).
 
 Refused (no standard class computes the same function):
   causal=false (bidirectional), value_embeds, logit_softcap (Gemma2's final_logit_softcapping
-  comes with (1+w) RMSNorms, sandwich norms, scaled embeddings and GeGLU), qk_norm (Qwen3's
-  per-head q/k RMSNorm uses eps=rms_norm_eps, 1e-6 here, where ours uses torch's default
-  1.2e-7: close, not the same), pos=sinusoidal, learned positions with rmsnorm or swiglu,
-  rope with post-norm, swiglu with layernorm.
+  comes with (1+w) RMSNorms, sandwich norms, scaled embeddings and GeGLU), qk_norm outside
+  Qwen3's combination (rope, rmsnorm, pre, swiglu, bias=false), pos=sinusoidal, learned
+  positions with rmsnorm or swiglu, rope with post-norm, swiglu with layernorm.
 
 Weight layout: ours is nanoGPT's (`transformer.h.N.attn.c_attn` holds [q; k; v], each head
 contiguous; swiglu's c_fc holds [gate; up]). GPT-2 stores Linear weights transposed
-(Conv1D); OPT/Llama/Arcee split q, k, v (and gate, up); NeoX fuses qkv per head
+(Conv1D); OPT/Llama/Arcee/Qwen3 split q, k, v (and gate, up); NeoX fuses qkv per head
 ([q_h; k_h; v_h] for each head h); OPT's position table has 2 leading rows it never reads
-for unpadded input (written as zeros). A tied head is omitted from model.safetensors, as
-transformers does. RoPE rotates (first half, second half) of each head in both.
+for unpadded input (written as zeros); Qwen3's q_norm/k_norm weights have no tensor of
+ours (written as ones; on import they must be ones). A tied head is omitted from
+model.safetensors, as transformers does. RoPE rotates (first half, second half) of each
+head in both.
 
 Classifiers (`finetune classify` runs: a linear head on the last real token's hidden state)
 export as the family's `...ForSequenceClassification`. Its `score` layer has no bias, so our
@@ -51,13 +56,24 @@ tokenizer_config.json for `PreTrainedTokenizerFast`. `split_special_tokens: true
 id is the config's bos/eos id (append `tokenizer.eos_token_id` to mark a document end).
 
 Import (`import_hf`) reads model.safetensors or a sharded index (fp32, fp16 or bf16; held as
-fp32) for the five classes above and writes a scratchgpt run. Refused in one line: any other
+fp32) for the six classes above and writes a scratchgpt run. Refused in one line: any other
 model_type, pytorch_model.bin (loading it means unpickling, which can run code), GQA
-(num_key_value_heads != num_attention_heads), scaled or partial RoPE, GPT-NeoX's parallel
-residual, epsilons or activations we lack (e.g. GPT-2's gelu_new). A bias is kept (bias=true)
-when the config declares linear biases or any bias tensor is nonzero; biases that are all
-zero are dropped, which is the same math with fewer parameters. Export -> import -> export
-reproduces model.safetensors and config.json byte for byte.
+(num_key_value_heads != num_attention_heads), head_dim != hidden_size / heads, scaled or
+partial RoPE, GPT-NeoX's parallel residual, epsilons or activations we lack (e.g. GPT-2's
+gelu_new), Qwen3 with sliding-window layers, nonzero attention biases or trained q/k norm
+weights (so released Qwen3 checkpoints are refused; exported ones come back). A bias is
+kept (bias=true) when the config declares linear biases or any bias tensor is nonzero;
+biases that are all zero are dropped, which is the same math with fewer parameters.
+Export -> import -> export reproduces model.safetensors and config.json byte for byte.
+
+LoRA runs (`finetune ... --lora`: PEFT over our names, LoRA on every c_attn, c_proj, c_fc)
+export with `export_adapter` as a PEFT adapter folder whose base, exported as above, sits in
+out/base: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out/"base"), out)`
+computes what `load_run(run).model` does (fp32 logits within 1e-4). LoRA adds s B A to W, so
+B's rows are split or permuted exactly as W's rows are (q/k/v, gate/up, NeoX's per-head qkv)
+and each part keeps A; GPT-2 keeps A and B and sets fan_in_fan_out. adapter_config.json's
+base_model_name_or_path is "base", relative (PEFT would resolve it against the working
+directory: load the base explicitly). Classifier LoRA runs are refused: export them merged.
 
 Public API:
     hf_architecture(cfg, classifier_pooling=None) -> str
@@ -69,6 +85,8 @@ Public API:
     state_dict_from_hf(hf_config, tensors, cfg=None) -> dict[str, Tensor]
     load_hf_tokenizer(path) -> Tokenizer
     import_hf(hf_dir, out, *, tokenizer=None, force=False) -> Path
+    adapter_to_hf(cfg, adapter_config, tensors, base_model_name_or_path="base") -> (adapter_config.json, tensors)
+    export_adapter(ckpt, out, *, which="best", force=False, base=None) -> Path
 `transformers` itself is never imported here: the files are written and read directly.
 """
 
@@ -88,8 +106,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import UserError
-from .checkpoint import (ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, TOKENIZER_FILE, load_tensors, resolve_checkpoint, save_checkpoint,
-                         verify_checkpoint)
+from .checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, STATE_FILE,
+                         TOKENIZER_FILE, load_tensors, resolve_checkpoint, save_checkpoint, verify_checkpoint,
+                         weights_sha256)
+from .lora import LORA_TARGETS
 from .model import GPT, ModelConfig
 from .tokenizer import EOT, UNK, Tokenizer
 from .utils import atomic_write, atomic_write_bytes, atomic_write_json, fsync_dir, read_json, sha256_file
@@ -105,6 +125,8 @@ __all__ = [
     "state_dict_from_hf",
     "load_hf_tokenizer",
     "import_hf",
+    "adapter_to_hf",
+    "export_adapter",
 ]
 
 LAYERNORM_EPS, RMSNORM_EPS = 1e-5, 1e-6  # model.py's norms
@@ -126,6 +148,7 @@ FAMILIES = {f.model_type: f for f in [
     Family("gpt_neox", "GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification", False),
     Family("llama", "LlamaForCausalLM", "LlamaForSequenceClassification", False),
     Family("arcee", "ArceeForCausalLM", "ArceeForSequenceClassification", False),
+    Family("qwen3", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", False),
 ]}
 
 
@@ -144,8 +167,13 @@ def _model_type(cfg: ModelConfig) -> str:
         raise UserError("model.logit_softcap has no standard transformers equivalent: Gemma2's final_logit_softcapping "
                         "comes with (1+w) RMSNorms, sandwich norms, scaled embeddings and GeGLU")
     if cfg.qk_norm:
-        raise UserError("model.qk_norm=true has no exact transformers equivalent: Qwen3's per-head q/k RMSNorm uses "
-                        f"eps=rms_norm_eps ({RMSNORM_EPS}) where ours uses torch's default ({torch.finfo(torch.float32).eps:.2g})")
+        if (cfg.pos, cfg.norm, cfg.norm_placement, cfg.mlp) != ("rope", "rmsnorm", "pre", "swiglu"):
+            raise UserError("model.qk_norm=true exports only as Qwen3, which needs model.pos=rope, norm=rmsnorm, "
+                            "norm_placement=pre and mlp=swiglu")
+        if cfg.bias:
+            raise UserError("model.qk_norm=true with model.bias=true has no standard transformers class: Qwen3's MLP "
+                            "has no biases (set model.bias=false)")
+        return "qwen3"
     if cfg.pos == "sinusoidal":
         raise UserError("model.pos=sinusoidal has no transformers decoder with the same position table "
                         "(pos=learned exports as GPT-2, pos=rope as GPT-NeoX/Llama)")
@@ -285,13 +313,13 @@ def _layout(model_type: str, cfg: ModelConfig, lm_head: bool = True) -> list[_Ru
             norm(o + "ln_2", h + "post_attention_layernorm")
             linear(o + "mlp.c_fc", h + "mlp.dense_h_to_4h", bias="always")
             linear(o + "mlp.c_proj", h + "mlp.dense_4h_to_h", bias="always")
-        else:  # llama, arcee
+        else:  # llama, arcee, qwen3
             h = f"model.layers.{i}."
             norm(o + "ln_1", h + "input_layernorm")
             linear(o + "attn.c_attn", [h + "self_attn.q_proj", h + "self_attn.k_proj", h + "self_attn.v_proj"], qkv)
             linear(o + "attn.c_proj", h + "self_attn.o_proj")
             norm(o + "ln_2", h + "post_attention_layernorm")
-            if model_type == "llama":
+            if model_type in ("llama", "qwen3"):
                 linear(o + "mlp.c_fc", [h + "mlp.gate_proj", h + "mlp.up_proj"], _chunks(2))
             else:
                 linear(o + "mlp.c_fc", h + "mlp.up_proj")
@@ -303,6 +331,7 @@ def _layout(model_type: str, cfg: ModelConfig, lm_head: bool = True) -> list[_Ru
         "gpt_neox": ("gpt_neox.embed_in", "gpt_neox.final_layer_norm"),
         "llama": ("model.embed_tokens", "model.norm"),
         "arcee": ("model.embed_tokens", "model.norm"),
+        "qwen3": ("model.embed_tokens", "model.norm"),
     }[model_type]
     tensor("transformer.wte.weight", embed + ".weight")
     if cfg.pos == "learned":
@@ -315,6 +344,15 @@ def _layout(model_type: str, cfg: ModelConfig, lm_head: bool = True) -> list[_Ru
     if lm_head and not cfg.tie_embeddings:
         tensor("lm_head.weight", "lm_head.weight")
     return rules
+
+
+def _fixed(model_type: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers tensors with no counterpart in ours, at the one value that makes the math ours:
+    Qwen3's per-head q_norm/k_norm weights are ones (our qk_norm has no weight)."""
+    if model_type != "qwen3":
+        return {}
+    return {f"model.layers.{i}.self_attn.{n}.weight": torch.ones(cfg.head_dim)
+            for i in range(cfg.n_layer) for n in ("q_norm", "k_norm")}
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -361,6 +399,7 @@ def _to_hf(model_type: str, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor
         used.add(rule.ours)
         for key, piece in zip(rule.hf, rule.to_hf(t.float()), strict=True):
             out[key] = _owned(piece)
+    out.update(_fixed(model_type, cfg))
     left = sorted(set(tensors) - used - {"lm_head.weight"})
     if left:
         raise UserError(f"checkpoint tensor {left[0]} has no place in {FAMILIES[model_type].causal_lm}")
@@ -412,13 +451,17 @@ def hf_config(cfg: ModelConfig, *, eot_id: Optional[int] = None, pad_token_id: O
                  layer_norm_eps=LAYERNORM_EPS, use_parallel_residual=False, attention_bias=cfg.bias,
                  rope_parameters=dict(rope, partial_rotary_factor=1.0), rotary_pct=1.0, rotary_emb_base=rope["rope_theta"],
                  attention_dropout=cfg.dropout, hidden_dropout=cfg.dropout, initializer_range=cfg.init_std)
-    else:  # llama, arcee
+    else:  # llama, arcee, qwen3
         c.update(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                  num_key_value_heads=cfg.n_head, head_dim=cfg.head_dim, intermediate_size=cfg.hidden_dim,
-                 hidden_act="silu" if mt == "llama" else cfg.mlp, max_position_embeddings=cfg.block_size,
+                 hidden_act="silu" if cfg.mlp == "swiglu" else cfg.mlp, max_position_embeddings=cfg.block_size,
                  rms_norm_eps=RMSNORM_EPS, rope_parameters=rope, rope_theta=rope["rope_theta"],
-                 attention_bias=cfg.bias, mlp_bias=cfg.bias, attention_dropout=cfg.dropout,
-                 initializer_range=cfg.init_std)
+                 attention_bias=cfg.bias, attention_dropout=cfg.dropout, initializer_range=cfg.init_std)
+        if mt == "qwen3":  # (no mlp_bias: Qwen3's MLP never has biases)
+            c.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
+                     layer_types=["full_attention"] * cfg.n_layer)
+        else:
+            c["mlp_bias"] = cfg.bias
         if mt == "llama":
             c["pretraining_tp"] = 1
     if labels:
@@ -581,8 +624,11 @@ def _human(n: float) -> str:
 
 
 def _run_metrics(ckpt: Path, state: dict) -> tuple[Optional[float], Optional[float], str]:
-    """(val loss, perplexity, where they come from): the run's eval-lm.json, result.json, else state.json."""
-    for d in (ckpt, ckpt.parent):
+    """(val loss, perplexity, where they come from), the most telling record first: `scratchgpt eval`'s
+    eval-lm.json, the final whole-split eval (result.json), a fine-tuned checkpoint's own eval on its
+    val file (state.json), then the best periodic estimate."""
+    runs = (ckpt, ckpt.parent)
+    for d in runs:
         path = d / "eval-lm.json"
         if path.is_file():
             r = read_json(path)
@@ -593,23 +639,61 @@ def _run_metrics(ckpt: Path, state: dict) -> tuple[Optional[float], Optional[flo
             r = read_json(path)
             if r.get("final_val_loss") is not None:
                 return r["final_val_loss"], r.get("final_perplexity"), "final evaluation on the whole val split (result.json)"
-            if r.get("best_val_loss") is not None:
-                return r["best_val_loss"], None, "best periodic val estimate (result.json)"
-    loss = state.get("best_val_loss")
-    return loss, None, "best periodic val estimate (state.json)"
+    val = state.get("val") or {}
+    if val.get("val_loss") is not None:
+        return val["val_loss"], None, "this checkpoint on the fine-tuning val file (state.json)"
+    for d in runs:
+        path = d / "result.json"
+        if path.is_file() and read_json(path).get("best_val_loss") is not None:
+            return read_json(path)["best_val_loss"], None, "best periodic val estimate (result.json)"
+    return state.get("best_val_loss"), None, "best periodic val estimate (state.json)"
 
 
-def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfig, arch: str, n_params: int,
-                tokenizer: Tokenizer, labels: Optional[list[str]]) -> str:
-    name = ckpt.parent.name if ckpt.name in ("best", "latest") else out.name
+def _training_lines(ckpt: Path, config: dict, state: dict, labels: Optional[list[str]]) -> list[str]:
+    """The model card's "Training" section: data, tokens, val loss, the command, the fine-tune."""
     imported = config.get("imported_from")
     loss, ppl, source = _run_metrics(ckpt, state)
-    if loss is not None and ppl is None:
-        ppl = math.exp(min(loss, 700))
     command = config.get("command")
     if isinstance(command, list):
         command = " ".join(map(str, command))
     ft = config.get("finetune") or {}
+    lines = ["## Training", ""]
+    if imported:
+        lines.append(f"- imported from `{imported.get('path')}` ({imported.get('architecture')}); "
+                     "its training history is not recorded here")
+    lines += [
+        f"- data: `{config.get('data')}`" if config.get("data") else "- data: not recorded",
+        f"- tokens seen: {state.get('tokens', 0):,} in {state.get('step', 0):,} steps",
+    ]
+    if ft:
+        lora = ft.get("lora") or {}
+        lines.append(f"- fine-tuned ({ft.get('task', 'finetune')}"
+                     + (f", LoRA r={lora.get('r')} alpha={lora.get('lora_alpha')}" if lora else "")
+                     + (", LoRA merged into the weights" if ft.get("merged_from") else "")
+                     + f") from `{ft.get('base')}`"
+                     + (f" on `{ft['train_file']}` (val: `{ft.get('val_file')}`)" if ft.get("train_file") else ""))
+    val = state.get("val") or {}
+    if labels and val.get("accuracy") is not None:  # a classifier's loss is over labels: no perplexity
+        lines.append(f"- val accuracy: {val['accuracy']:.4f}, macro-F1 {val.get('macro_f1', float('nan')):.4f}, "
+                     f"loss {val.get('val_loss', float('nan')):.4f} (this checkpoint on the fine-tuning val file)")
+    elif loss is not None:
+        ppl = ppl if ppl is not None else math.exp(min(loss, 700))
+        lines.append(f"- val loss: {loss:.4f} nats/token (perplexity {ppl:.2f}); source: {source}")
+    else:
+        lines.append("- val loss: not recorded")
+    lines.append(f"- command: `{command}`" if command else "- command: not recorded")
+    if labels:
+        lines.append(f"- classifier labels: {', '.join(labels)} (pooling: last token)")
+    return lines
+
+
+def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfig, arch: str, n_params: int,
+                tokenizer: Tokenizer, labels: Optional[list[str]]) -> str:
+    merged_from = Path((config.get("finetune") or {}).get("merged_from") or "")
+    if merged_from.name and (merged_from / STATE_FILE).is_file():
+        # a merged LoRA run (merge-lora, or export's merge into a temporary run): the LoRA run's name and record
+        ckpt, state = merged_from, read_json(merged_from / STATE_FILE)
+    name = ckpt.parent.name if ckpt.name in ("best", "latest") else out.name
     pipeline = "text-classification" if labels else "text-generation"
     auto = "AutoModelForSequenceClassification" if labels else "AutoModelForCausalLM"
     kind = {"char": "character-level", "bpe": "byte-level BPE"}.get(tokenizer.kind, tokenizer.kind)
@@ -635,29 +719,12 @@ def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConf
         f"| parameters | {_human(n_params)} ({n_params:,}) |",
         f"| layers / heads / width | {cfg.n_layer} / {cfg.n_head} / {cfg.n_embd} |",
         f"| context | {cfg.block_size} tokens |",
-        f"| positions / norm / MLP | {cfg.pos} / {cfg.norm} ({cfg.norm_placement}) / {mlp} |",
+        f"| positions / norm / MLP | {cfg.pos} / {cfg.norm} ({cfg.norm_placement}{', qk norm' * cfg.qk_norm}) / {mlp} |",
         f"| biases / tied embeddings | {'yes' if cfg.bias else 'no'} / {'yes' if cfg.tie_embeddings else 'no'} |",
         f"| tokenizer | {kind}, {tokenizer.vocab_size} tokens |",
         "",
-        "## Training",
-        "",
+        *_training_lines(ckpt, config, state, labels),
     ]
-    if imported:
-        lines.append(f"- imported from `{imported.get('path')}` ({imported.get('architecture')}); "
-                     "its training history is not recorded here")
-    lines += [
-        f"- data: `{config.get('data')}`" if config.get("data") else "- data: not recorded",
-        f"- tokens seen: {state.get('tokens', 0):,} in {state.get('step', 0):,} steps",
-    ]
-    if loss is not None:
-        lines.append(f"- val loss: {loss:.4f} nats/token (perplexity {ppl:.2f}); source: {source}")
-    else:
-        lines.append("- val loss: not recorded")
-    lines.append(f"- command: `{command}`" if command else "- command: not recorded")
-    if ft:
-        lines.append(f"- fine-tuned ({ft.get('mode', 'finetune')}) from `{ft.get('base')}`")
-    if labels:
-        lines.append(f"- classifier labels: {', '.join(labels)} (pooling: last token)")
     lines += ["", "## Usage", "", "```python", f"from transformers import AutoTokenizer, {auto}", "",
               f'tokenizer = AutoTokenizer.from_pretrained("{out.name}")',
               f'model = {auto}.from_pretrained("{out.name}")']
@@ -676,7 +743,11 @@ def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConf
     if labels and tokenizer.eot_id is None:
         lines += [f"`{PAD}` (id {cfg.vocab_size}) was added as the padding token, with a zero embedding: "
                   "the classifier pools the last token that is not padding.", ""]
-    lines += [
+    return "\n".join(lines + _limits_lines(cfg))
+
+
+def _limits_lines(cfg: ModelConfig) -> list[str]:
+    return [
         "## Intended use and limits",
         "",
         "An educational and experimental model: small, trained on a small corpus, for studying how language "
@@ -688,7 +759,189 @@ def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConf
            " (RoPE runs past that, but it was not trained there)") + ".",
         "",
     ]
-    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA adapters: a PEFT adapter folder over the exported base
+
+
+PEFT_PREFIX = "base_model.model."  # the prefix of every key PEFT saves (PeftModel.base_model.model is the model)
+_UNSUPPORTED_LORA = ("use_dora", "lora_bias", "modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern",
+                     "exclude_modules", "layer_replication", "trainable_token_indices", "target_parameters",
+                     "fan_in_fan_out")  # options scratchgpt never sets, each of which changes what the tensors mean
+
+
+def adapter_to_hf(cfg: ModelConfig, adapter_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                  base_model_name_or_path: str = "base") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A scratchgpt LoRA adapter (PEFT keys over our module names) -> (adapter_config.json, tensors) of the
+    same adapter over `hf_architecture(cfg)`'s modules.
+
+    LoRA adds s * B @ A to a Linear's weight W (out, in). Where a family splits or permutes
+    W's rows (q/k/v, gate/up, GPT-NeoX's per-head qkv), B's rows are split or permuted the
+    same way and every part keeps A: delta W_q = s B_q A. GPT-2's Conv1D stores W transposed;
+    its A and B stay as they are and fan_in_fan_out=true tells PEFT to transpose the delta.
+    """
+    mt = _model_type(cfg)
+    arch = FAMILIES[mt].causal_lm
+    if adapter_config.get("peft_type", "LORA") != "LORA" or adapter_config.get("bias", "none") != "none":
+        raise UserError(f"adapter_config.json: peft_type={adapter_config.get('peft_type')!r}, "
+                        f"bias={adapter_config.get('bias')!r}: only LoRA without trained biases exports as an adapter")
+    odd = [k for k in _UNSUPPORTED_LORA if adapter_config.get(k)]
+    if odd:
+        raise UserError(f"adapter_config.json: {odd[0]}={adapter_config[odd[0]]!r} is not supported in an adapter "
+                        "export; export the run merged")
+    for key in ("r", "lora_alpha"):
+        if key not in adapter_config:
+            raise UserError(f"adapter_config.json: missing {key}")
+    targets = {r.ours.removesuffix(".weight"): r for r in _layout(mt, cfg) if r.ours.startswith("transformer.h.")
+               and r.ours.endswith(".weight") and r.ours.split(".")[-2] in LORA_TARGETS}
+    out: dict[str, torch.Tensor] = {}
+    found: dict[str, set[str]] = {}
+    for key, t in tensors.items():
+        module, _, part = key.removeprefix(PEFT_PREFIX).removesuffix(".weight").rpartition(".")
+        rule = targets.get(module)
+        if not (key.startswith(PEFT_PREFIX) and key.endswith(".weight") and part in ("lora_A", "lora_B") and rule):
+            raise UserError(f"adapter tensor {key} has no place in {arch}")
+        names = [n.removesuffix(".weight") for n in rule.hf]
+        if part == "lora_A":  # the input side, shared by every part of a split weight
+            pieces = [t] * len(names)
+        else:  # the output side: B's rows go where W's rows go
+            pieces = [t] if rule.to_hf is _transpose else rule.to_hf(t)
+        for name, piece in zip(names, pieces, strict=True):
+            out[f"{PEFT_PREFIX}{name}.{part}.weight"] = _owned(piece)
+        found.setdefault(module, set()).add(part)
+    if not found:
+        raise UserError("adapter_model.safetensors holds no LoRA tensors")
+    hf_targets = sorted({k.removeprefix(PEFT_PREFIX).split(".")[-3] for k in out})
+    for module, rule in targets.items():  # PEFT matches target_modules by name: each match needs its A and B
+        if found.get(module) != {"lora_A", "lora_B"} and any(n.split(".")[-2] in hf_targets for n in rule.hf):
+            raise UserError(f"adapter_model.safetensors lacks lora_A or lora_B of {module}")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+              "inference_mode": True, "r": int(adapter_config["r"]), "lora_alpha": adapter_config["lora_alpha"],
+              "lora_dropout": adapter_config.get("lora_dropout", 0.0),
+              "use_rslora": bool(adapter_config.get("use_rslora", False)), "target_modules": hf_targets,
+              "bias": "none", "fan_in_fan_out": mt == "gpt2", "use_dora": False, "modules_to_save": None,
+              "init_lora_weights": True}
+    return config, out
+
+
+def _adapter_base(ckpt: Path, finetune: Mapping[str, Any], base: Optional[str | os.PathLike]) -> Path:
+    """The base checkpoint a LoRA run was trained on (its recorded path, or `base`), checked by weights sha256."""
+    recorded = finetune.get("base")
+    if base is None and not recorded:
+        raise UserError(f"{ckpt}: LoRA run without a recorded base; pass base=PATH (--base)")
+    path = Path(base if base is not None else recorded)
+    if base is None and not path.exists():
+        raise UserError(f"{ckpt}: its base {path} is gone; pass base=PATH (--base) with a copy of it")
+    base_ckpt = resolve_checkpoint(path, "best")
+    want = finetune.get("base_sha256")
+    if want and want != weights_sha256(base_ckpt):
+        raise UserError(f"{ckpt}: this adapter was trained on a different base ({recorded}, weights sha256 "
+                        f"{want[:12]}...); {base_ckpt} has {weights_sha256(base_ckpt)[:12]}...")
+    return base_ckpt
+
+
+def export_adapter(ckpt: str | os.PathLike, out: str | os.PathLike, *, which: str = "best", force: bool = False,
+                   base: Optional[str | os.PathLike] = None) -> Path:
+    """Write a LoRA run (or its `which` checkpoint) as a PEFT adapter folder `out` over its base exported
+    in `out/base` (with export_checkpoint). Returns `out`.
+
+        base = AutoModelForCausalLM.from_pretrained("out/base")
+        model = PeftModel.from_pretrained(base, "out")
+
+    computes what `load_run(run).model` computes (fp32 logits within 1e-4). adapter_config.json
+    names the base "base", relative: PEFT resolves that against the working directory, not
+    against `out`, so load the base explicitly as above. `base` overrides the base path the run
+    records (when it moved). A classifier's LoRA run is refused: export it merged.
+    """
+    ckpt, out = resolve_checkpoint(Path(ckpt), which), Path(out)
+    if not (ckpt / ADAPTER_FILE).is_file():
+        raise UserError(f"{ckpt} holds full weights, not a LoRA adapter: export it as a model (without --adapter)")
+    state = verify_checkpoint(ckpt)
+    config = read_json(ckpt / CONFIG_FILE)
+    if config.get("classifier"):
+        raise UserError(f"{ckpt} is a LoRA classification run: PEFT's causal-LM adapter has no place for its head; "
+                        "export it merged (without --adapter)")
+    base_ckpt = _adapter_base(ckpt, config.get("finetune") or {}, base)
+    _check_out(out, force, ckpt)
+    _check_out(out, force, base_ckpt)
+    base_config = read_json(base_ckpt / CONFIG_FILE)
+    if base_config.get("classifier"):
+        raise UserError(f"{ckpt}: its base {base_ckpt} is a classification run; only a language-model base exports "
+                        "with an adapter")
+    cfg = _model_config(base_config["model"], where=str(base_ckpt / CONFIG_FILE))
+    adapter_config = read_json(ckpt / ADAPTER_CONFIG_FILE)
+    hf_adapter_config, tensors = adapter_to_hf(cfg, adapter_config, load_tensors(ckpt / ADAPTER_FILE))
+    n_params = sum(t.numel() for t in tensors.values())
+    card = _adapter_card(ckpt, out, config, state, cfg, hf_adapter_config, n_params)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        export_checkpoint(base_ckpt, tmp / "base")
+        atomic_write(tmp / "adapter_model.safetensors",
+                     lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        atomic_write_bytes(tmp / "adapter_config.json", _json_bytes(hf_adapter_config))
+        atomic_write_bytes(tmp / "README.md", card.encode("utf-8"))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _adapter_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfig, adapter: dict,
+                  n_params: int) -> str:
+    name = ckpt.parent.name if ckpt.name in ("best", "latest") else out.name
+    arch = hf_architecture(cfg)
+    scale = "alpha/sqrt(r)" if adapter["use_rslora"] else "alpha/r"
+    lines = [
+        "---",
+        "library_name: peft",
+        "pipeline_tag: text-generation",
+        f"tags: [scratchgpt, lora, {_model_type(cfg)}]",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A LoRA adapter trained with scratchgpt, as a PEFT adapter over `base/`: the base model it was "
+        f"fine-tuned from, exported as a stock `{arch}` (with its tokenizer and its own model card). "
+        "Base plus adapter compute what scratchgpt computes with the adapter applied (fp32 logits within 1e-4).",
+        "",
+        "## Adapter",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base | `base/` (`{arch}`; {cfg.n_layer} layers, width {cfg.n_embd}) |",
+        f"| rank r / lora_alpha / scale | {adapter['r']} / {adapter['lora_alpha']} / {scale} |",
+        f"| target modules | {', '.join(adapter['target_modules'])} |",
+        f"| adapter parameters | {_human(n_params)} ({n_params:,}) |",
+        "",
+        *_training_lines(ckpt, config, state, None),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{out.name}/base")',
+        f'base = AutoModelForCausalLM.from_pretrained("{out.name}/base")',
+        f'model = PeftModel.from_pretrained(base, "{out.name}")',
+        "# model = model.merge_and_unload()  # optional: plain weights, faster",
+        'ids = tokenizer("Once upon a time", return_tensors="pt").input_ids',
+        "out = model.generate(input_ids=ids, max_new_tokens=100, do_sample=True, top_k=50)",
+        "print(tokenizer.decode(out[0]))",
+        "```",
+        "",
+        "adapter_config.json names its base `base`, a relative path: `AutoPeftModelForCausalLM` would look for "
+        "it in the working directory, so load the base explicitly as above.",
+        "",
+    ]
+    if config.get("chat_template"):
+        lines += ["Fine-tuned on prompts in this scratchgpt chat template (`{prompt}` is the user's message); format "
+                  "prompts the same way:", "", "```json", json.dumps(config["chat_template"], indent=2,
+                                                                       ensure_ascii=False), "```", ""]
+    return "\n".join(lines + _limits_lines(cfg))
 
 
 # ---------------------------------------------------------------------------------------
@@ -803,8 +1056,12 @@ def _model_config(kwargs: Mapping[str, Any], where: str = "config.json") -> Mode
         raise UserError(f"{where}: {e}") from None
 
 
+QWEN3_BIAS = ("config.json: attention_bias=true (a Qwen3 with q/k/v/o biases) has no scratchgpt equivalent: "
+              "model.qk_norm models have no biases, as Qwen3's MLP has none")
+
+
 def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, torch.Tensor]] = None) -> ModelConfig:
-    """Our ModelConfig for a transformers config.json (gpt2, opt, gpt_neox, llama, arcee), or a one-line UserError.
+    """Our ModelConfig for a transformers config.json (any model_type of FAMILIES), or a one-line UserError.
 
     `tensors` settles `bias` where the config cannot: with no linear-bias flag set, a
     model whose bias tensors are all zero imports as bias=false (same math). Without
@@ -844,43 +1101,56 @@ def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, 
                   n_embd=_get(c, "hidden_size"), mlp_hidden=_get(c, "intermediate_size"),
                   dropout=_get(c, "hidden_dropout", 0.0), init_std=_get(c, "initializer_range", 0.02))
         flag = _get(c, "attention_bias", True)
-    else:  # llama, arcee
+    else:  # llama, arcee, qwen3
         n_embd, n_head = _get(c, "hidden_size"), _get(c, "num_attention_heads")
         kv = _get(c, "num_key_value_heads", n_head)
         if kv != n_head:
             raise UserError(f"config.json: num_key_value_heads={kv} != num_attention_heads={n_head} (grouped-query "
                             "attention) has no scratchgpt equivalent: every head has its own keys and values")
-        _expect(c, "head_dim", n_embd // n_head, n_embd // n_head, "scratchgpt's head_dim is n_embd / n_head")
-        _expect(c, "rms_norm_eps", RMSNORM_EPS, 1e-6 if mt == "llama" else 1e-5, f"scratchgpt's RMSNorm eps is {RMSNORM_EPS}")
-        if mt == "llama":
+        _expect(c, "head_dim", n_embd // n_head, 128 if mt == "qwen3" else n_embd // n_head,
+                "scratchgpt's head_dim is n_embd / n_head")
+        _expect(c, "rms_norm_eps", RMSNORM_EPS, 1e-5 if mt == "arcee" else 1e-6,
+                f"scratchgpt's RMSNorm eps is {RMSNORM_EPS}")
+        if mt == "qwen3":
+            _expect(c, "use_sliding_window", False, False, "scratchgpt's attention sees the whole context")
+            layer_types = set(_get(c, "layer_types", ["full_attention"]))
+            if layer_types != {"full_attention"}:
+                raise UserError(f"config.json: layer_types {sorted(layer_types)} has no scratchgpt equivalent (every "
+                                "layer attends to the whole context)")
+        if mt != "arcee":
             act = _get(c, "hidden_act", "silu")
             if act not in ("silu", "swish"):
-                raise UserError(f"config.json: hidden_act={act!r} in Llama's gated MLP has no scratchgpt equivalent "
-                                "(model.mlp=swiglu is SiLU-gated)")
+                raise UserError(f"config.json: hidden_act={act!r} in {FAMILIES[mt].causal_lm}'s gated MLP has no "
+                                "scratchgpt equivalent (model.mlp=swiglu is SiLU-gated)")
             mlp = "swiglu"
         else:
             mlp = _activation(c, "hidden_act", "relu2")
         kw = dict(pos="rope", rope_base=_rope_base(c, partial_default=1.0), norm="rmsnorm", norm_placement="pre",
-                  mlp=mlp, block_size=_get(c, "max_position_embeddings", 2048 if mt == "llama" else 4096),
-                  n_layer=_get(c, "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
+                  mlp=mlp, qk_norm=mt == "qwen3", n_layer=_get(c, "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
+                  block_size=_get(c, "max_position_embeddings", {"llama": 2048, "arcee": 4096, "qwen3": 32768}[mt]),
                   mlp_hidden=_get(c, "intermediate_size"), dropout=_get(c, "attention_dropout", 0.0),
                   init_std=_get(c, "initializer_range", 0.02))
-        flag = _get(c, "attention_bias", False) or _get(c, "mlp_bias", False)
+        flag = mt != "qwen3" and (_get(c, "attention_bias", False) or _get(c, "mlp_bias", False))
     tied = _get(c, "tie_word_embeddings", FAMILIES[mt].tied_default)
     cfg = _model_config(dict(kw, vocab_size=_get(c, "vocab_size"), tie_embeddings=bool(tied), bias=True,
                              dropout=float(kw["dropout"])))
     if flag:
         return cfg
     bias_rules = [r for r in _layout(mt, cfg) if r.bias]
+    if mt == "qwen3" and tensors is None and _get(c, "attention_bias", False):
+        raise UserError(QWEN3_BIAS)  # (with the tensors, biases that are all zero import as bias=false)
     if tensors is None:
         return replace(cfg, bias=any(r.bias == "always" for r in bias_rules))
     tensors = _canonical_keys(mt, tensors)
     nonzero = any(tensors[k].any() for r in bias_rules for k in r.hf if k in tensors)
+    if mt == "qwen3" and nonzero:
+        raise UserError(QWEN3_BIAS)
     return replace(cfg, bias=bool(nonzero))
 
 
 # the prefix every transformers key of a causal LM starts with; a bare base model's keys lack it
-_PREFIX = {"gpt2": "transformer.", "opt": "model.", "gpt_neox": "gpt_neox.", "llama": "model.", "arcee": "model."}
+_PREFIX = {"gpt2": "transformer.", "opt": "model.", "gpt_neox": "gpt_neox.", "llama": "model.", "arcee": "model.",
+           "qwen3": "model."}
 # buffers older checkpoints saved beside the weights: causal masks and RoPE frequencies
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias", ".inv_freq")
 
@@ -922,6 +1192,13 @@ def state_dict_from_hf(hf_config: Mapping[str, Any], tensors: Mapping[str, torch
                 raise UserError(f"{FAMILIES[mt].causal_lm} weights lack tensor {key}")
             pieces.append(t.float())
         out[rule.ours] = _owned(rule.from_hf(pieces))
+    for key, value in _fixed(mt, cfg).items():
+        if key not in tensors:
+            raise UserError(f"{FAMILIES[mt].causal_lm} weights lack tensor {key}")
+        if not torch.equal(tensors[key].float(), value):
+            raise UserError(f"tensor {key} is not all ones: scratchgpt's qk_norm has no weight (model.qk_norm "
+                            "represents a Qwen3 whose q_norm/k_norm weights are 1)")
+        used.add(key)
     left = sorted(k for k in set(tensors) - used if not k.endswith(_IGNORED_SUFFIXES) and k != "lm_head.weight")
     if left:
         raise UserError(f"unexpected tensor {left[0]} for {FAMILIES[mt].causal_lm} (a variant scratchgpt cannot represent?)")

@@ -185,13 +185,18 @@ class KVCache:
         self.length = 0
 
 
+# qk_norm's eps: Qwen3's (its rms_norm_eps), so qk_norm models export to Qwen3 exactly. torch's default
+# (finfo.eps, 1.2e-7) would miss it; the switch moved a tiny random model's logits by ~1e-5, nothing.
+QK_NORM_EPS = 1e-6
+
+
 def attention_inputs(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ve: Optional[torch.Tensor],
                      rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From the projected heads (B, H, T, D) to what attention sees: value embeddings, qk norm, rotation."""
     if ve is not None:
         v = v + ve
     if cfg.qk_norm:
-        q, k = F.rms_norm(q, (cfg.head_dim,)), F.rms_norm(k, (cfg.head_dim,))
+        q, k = F.rms_norm(q, (cfg.head_dim,), eps=QK_NORM_EPS), F.rms_norm(k, (cfg.head_dim,), eps=QK_NORM_EPS)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return q, k, v
