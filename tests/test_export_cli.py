@@ -150,3 +150,12 @@ def test_lora_run_exports_merged(imported, tmp_path, capsys):
     ids = torch.randint(0, 50, (2, 16))
     assert (hf_logits(tmp_path / "hf", ids) - our_logits(lora, ids)).abs().max() <= 1e-4
     assert not list(tmp_path.glob(".hf.merge-*"))  # the temporary merged run is gone
+    peft = pytest.importorskip("peft")
+    code, _, err = cli(capsys, "export", lora, "--adapter", "--out", tmp_path / "adapter")
+    assert code == 0 and "PeftModel.from_pretrained" in err, err
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "base")
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (model(ids).logits - our_logits(lora, ids)).abs().max() <= 1e-4
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "scratchgpt finetune sft" in card  # the fine-tune's own command, not the base's

@@ -281,17 +281,18 @@ def _finetune_parser() -> Parser:
     return p
 
 
-def cmd_finetune(a) -> None:
+def cmd_finetune(a, argv: list[str], parser: Parser) -> None:
     from .finetune import ClassifyOptions, FinetuneOptions, SFTOptions, finetune_classify, finetune_sft
 
     f = getattr(a, a.mode)
     o = options_from(f, FinetuneOptions)
+    command = shlex.join(["scratchgpt", "finetune", *argv])
     if a.mode == "classify":
         finetune_classify(f.run, f.train, f.val, f.out, options=o, task=options_from(f, ClassifyOptions), which=f.which,
-                          force=f.force)
+                          force=f.force, command=command)
     else:
         finetune_sft(f.run, f.train, f.val, f.out, options=o, task=options_from(f, SFTOptions), which=f.which,
-                     force=f.force)
+                     force=f.force, command=command)
 
 
 def _predict_parser() -> Parser:
@@ -394,6 +395,7 @@ def _export_parser() -> Parser:
     _which_arg(p)
     p.add_argument("--adapter", action="store_true",
                    help="LoRA runs: a PEFT adapter folder (with the base exported into OUT/base) instead of merged weights")
+    _base_arg(p)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     return p
 
@@ -401,11 +403,11 @@ def _export_parser() -> Parser:
 def cmd_export(a) -> None:
     from .export import export_cli
 
-    export_cli(a.run, a.out, which=a.which, adapter=a.adapter, force=a.force)
+    export_cli(a.run, a.out, which=a.which, adapter=a.adapter, force=a.force, base=a.base)
 
 
 def _import_hf_parser() -> Parser:
-    p = Parser(description="Make a scratchgpt run from a transformers folder (GPT-2, OPT, GPT-NeoX, Llama family; "
+    p = Parser(description="Make a scratchgpt run from a transformers folder (GPT-2, OPT, GPT-NeoX, Llama, Arcee, Qwen3; "
                            "model.safetensors or sharded; fp32/fp16/bf16). pytorch_model.bin is refused (unpickling).")
     p.add_argument("dir", type=Path, help="a folder written by transformers' save_pretrained")
     p.add_argument("--out", type=Path, required=True, help="the run directory to write")
@@ -500,7 +502,7 @@ COMMANDS: dict[str, tuple[Callable[[], Parser], Callable, str]] = {
     "tune": (_tune_parser, cmd_tune, "hyperparameter search (grid, random, Bayesian) over short runs"),
     "serve": (_serve_parser, cmd_serve, "serve a run with an OpenAI-compatible HTTP API"),
 }
-_TAKES_ARGV = ("train", "tune")  # their handlers see the raw argv: which config keys the user gave
+_TAKES_ARGV = ("train", "tune", "finetune")  # their handlers see the raw argv (given keys, the recorded command)
 
 
 def usage() -> str:

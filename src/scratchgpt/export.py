@@ -2,8 +2,8 @@
 
     scratchgpt export RUN --out DIR          a folder stock transformers loads (AutoModelForCausalLM,
                                              AutoTokenizer), with a model card; hf.py has the mapping
-    scratchgpt import-hf DIR --out RUN       a GPT-2 / OPT / GPT-NeoX / Llama-family folder saved by
-                                             transformers, as a scratchgpt run every command takes
+    scratchgpt import-hf DIR --out RUN       a GPT-2 / OPT / GPT-NeoX / Llama / Arcee / Qwen3 folder saved
+                                             by transformers, as a scratchgpt run every command takes
 
 A LoRA run exports merged (its adapter folded into the base weights) or, with `--adapter`, as
 a PEFT adapter folder beside its exported base.
@@ -21,31 +21,32 @@ from . import hf
 from .checkpoint import ADAPTER_FILE, resolve_checkpoint
 
 
-def export_cli(run: Path, out: Path, *, which: str = "best", adapter: bool = False, force: bool = False) -> Path:
+def export_cli(run: Path, out: Path, *, which: str = "best", adapter: bool = False, force: bool = False,
+               base: Path | None = None) -> Path:
     """Export RUN/which (or a checkpoint dir) as a transformers folder; prints where it went and how to load it."""
     ckpt = resolve_checkpoint(Path(run), which)
     is_lora = (ckpt / ADAPTER_FILE).exists()
     if adapter and not is_lora:
         raise UserError(f"{ckpt} holds full weights, not a LoRA adapter: export it without --adapter")
     if adapter:
-        written = hf.export_adapter(ckpt, out, force=force)
-    elif is_lora:
-        written = _export_merged(ckpt, Path(out), force)
+        written = hf.export_adapter(ckpt, out, force=force, base=base)
+        how = (f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(written / 'base')!r}), "
+               f"{str(written)!r})")
     else:
-        written = hf.export_checkpoint(ckpt, out, force=force)
-    print(f"exported {ckpt} to {written}: load it with transformers' AutoModelForCausalLM.from_pretrained"
-          f"({str(written)!r})", file=sys.stderr)
+        written = _export_merged(ckpt, Path(out), force, base) if is_lora else hf.export_checkpoint(ckpt, out, force=force)
+        how = f"AutoModelForCausalLM.from_pretrained({str(written)!r})"
+    print(f"exported {ckpt} to {written}: load it with {how}", file=sys.stderr)
     return written
 
 
-def _export_merged(ckpt: Path, out: Path, force: bool) -> Path:
+def _export_merged(ckpt: Path, out: Path, force: bool, base: Path | None) -> Path:
     """A LoRA run, its adapter folded into the base (in a temporary run beside `out`), exported as full weights."""
     from .finetune import merge_lora
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
     try:
-        merged = merge_lora(ckpt, tmp / "run", force=True)
+        merged = merge_lora(ckpt, tmp / "run", base=base, force=True)
         return hf.export_checkpoint(merged, out, force=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

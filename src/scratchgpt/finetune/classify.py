@@ -29,7 +29,8 @@ from ..metrics import classification_metrics, format_confusion
 from ..prompts import encode_texts
 from ..runtime import pick_device
 from ..utils import atomic_write_bytes, atomic_write_json
-from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, fit, prepare_run, setup_trainable, stderr_log,
+from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, fit, prepare_run, run_config, setup_trainable,
+                   stderr_log,
                    train_part)
 
 
@@ -87,7 +88,8 @@ def train_classifier(model: nn.Module, train_ids: list[list[int]], train_y: list
 def finetune_classify(base: str | os.PathLike, train_file: str | os.PathLike, val_file: str | os.PathLike,
                       out: str | os.PathLike, *, options: Optional[FinetuneOptions] = None,
                       task: Optional[ClassifyOptions] = None, which: str = "best", force: bool = False,
-                      log: Callable[[str], None] = stderr_log, **task_fields: Any) -> dict:
+                      log: Callable[[str], None] = stderr_log, command: Optional[str] = None,
+                      **task_fields: Any) -> dict:
     """`scratchgpt finetune classify`: returns the summary also written to out/result.json.
 
     `task` (or its fields as keywords: text_field=..., pooling=...) says what to read and how to pool."""
@@ -112,9 +114,8 @@ def finetune_classify(base: str | os.PathLike, train_file: str | os.PathLike, va
     index = {lab: i for i, lab in enumerate(labels)}
     model = setup_trainable(GPTClassifier(run.gpt, len(labels), t.pooling), lora=o.lora_dict(),
                             freeze_except=o.freeze_except)
-    config = dict(run.base.config)
-    config["finetune"] = finetune_record("classify", run.base.checkpoint, o, train_file, val_file,
-                                         truncated={"train": cut_train, "val": cut_val})
+    config = run_config(run.base, finetune_record("classify", run.base.checkpoint, o, train_file, val_file,
+                                                   truncated={"train": cut_train, "val": cut_val}), command)
     config["classifier"] = {"labels": labels, "pooling": t.pooling, "text_field": t.text_field,
                             "label_field": t.label_field}
     config.pop("chat_template", None)

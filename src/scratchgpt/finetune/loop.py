@@ -214,6 +214,15 @@ def finetune_record(kind: str, base_ckpt: Path, o: FinetuneOptions, train_file, 
             "lora": o.lora_dict(), **extra}
 
 
+def run_config(base: LoadedRun, record: dict, command: Optional[str]) -> dict:
+    """The fine-tuned run's config.json: the base's, with its "finetune" record and its own command (not the base's)."""
+    config = dict(base.config, finetune=record)
+    config.pop("command", None)
+    if command:
+        config["command"] = command
+    return config
+
+
 def run_files(model: nn.Module, lora: bool) -> dict[str, dict[str, torch.Tensor]]:
     """The tensor files of a fine-tuned checkpoint: full weights or the LoRA adapter, and a classifier's head."""
     files = {ADAPTER_FILE: adapter_tensors(model)} if lora else {MODEL_FILE: model_tensors(gpt_of(model))}

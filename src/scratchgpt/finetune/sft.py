@@ -34,7 +34,8 @@ from ..model import gpt_of
 from ..prompts import encode_conversation, load_template
 from ..tokenizer import Tokenizer
 from ..utils import atomic_write_json
-from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, fit, prepare_run, setup_trainable, stderr_log,
+from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, fit, prepare_run, run_config, setup_trainable,
+                   stderr_log,
                    train_part)
 
 
@@ -148,7 +149,7 @@ def train_sft(model: nn.Module, train_ex: list[tuple[list[int], list[bool]]], va
 def finetune_sft(base: str | os.PathLike, train_file: str | os.PathLike, val_file: str | os.PathLike,
                  out: str | os.PathLike, *, options: Optional[FinetuneOptions] = None, task: Optional[SFTOptions] = None,
                  which: str = "best", force: bool = False, log: Callable[[str], None] = stderr_log,
-                 **task_fields: Any) -> dict:
+                 command: Optional[str] = None, **task_fields: Any) -> dict:
     """`scratchgpt finetune sft`: returns the summary also written to out/result.json.
 
     `task` (or its fields as keywords: template=..., mask_prompt=..., pack=...) says how to format."""
@@ -163,9 +164,9 @@ def finetune_sft(base: str | os.PathLike, train_file: str | os.PathLike, val_fil
     train_ex = build_sft_examples(tokenizer, tmpl, read_sft(train_file), bs, t.mask_prompt, log)
     val_ex = build_sft_examples(tokenizer, tmpl, read_sft(val_file), bs, t.mask_prompt, log)
     model = setup_trainable(gpt, lora=o.lora_dict(), freeze_except=o.freeze_except)
-    config = dict(run.base.config)
-    config["finetune"] = finetune_record("sft", run.base.checkpoint, o, train_file, val_file, mask_prompt=t.mask_prompt,
-                                         pack=t.pack)
+    record = finetune_record("sft", run.base.checkpoint, o, train_file, val_file, mask_prompt=t.mask_prompt,
+                             pack=t.pack)
+    config = run_config(run.base, record, command)
     config["chat_template"] = tmpl
     config.pop("classifier", None)
     out.mkdir(parents=True, exist_ok=True)
