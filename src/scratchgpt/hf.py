@@ -112,7 +112,7 @@ from .checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FI
 from .lora import LORA_TARGETS
 from .model import GPT, ModelConfig
 from .tokenizer import EOT, UNK, Tokenizer
-from .utils import atomic_write, atomic_write_bytes, atomic_write_json, fsync_dir, read_json, sha256_file
+from .utils import atomic_write, atomic_write_bytes, atomic_write_json, read_json, replace_dir, sha256_file
 
 __all__ = [
     "FAMILIES",
@@ -489,18 +489,6 @@ def _check_out(out: Path, force: bool, source: Path) -> None:
             raise UserError(f"{out} holds the source {source}: replacing it would delete what is being converted")
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Put the finished directory `tmp` at `out`; a crash leaves the old `out` or the new one, never a mix."""
-    old = out.with_name(f".{out.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _fold_head_bias(cfg: ModelConfig, tensors: dict[str, torch.Tensor], weight: torch.Tensor,
                     bias: torch.Tensor, arch: str) -> None:
     """Move the head's bias c into the final norm's bias b: find d with W d = c, then b += d.
@@ -610,7 +598,7 @@ def _write_folder(out: Path, tensors: dict[str, torch.Tensor], files: dict[str, 
         atomic_write(tmp / "model.safetensors", lambda path: save_file(tensors, path, metadata={"format": "pt"}))
         for name, data in files.items():
             atomic_write_bytes(tmp / name, data)
-        _publish(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -882,7 +870,7 @@ def export_adapter(ckpt: str | os.PathLike, out: str | os.PathLike, *, which: st
                      lambda path: save_file(tensors, path, metadata={"format": "pt"}))
         atomic_write_bytes(tmp / "adapter_config.json", _json_bytes(hf_adapter_config))
         atomic_write_bytes(tmp / "README.md", card.encode("utf-8"))
-        _publish(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1299,7 +1287,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: O
         save_checkpoint(tmp, model=model, optimizer=None, state={"step": 0, "tokens": 0, "best_val_loss": None},
                         config=config, tokenizer_file=tok_path, is_best=True)
         atomic_write_json(tmp / CONFIG_FILE, config)  # the run-level copy, as train writes it
-        _publish(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

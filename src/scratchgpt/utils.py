@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +46,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             pass
         raise
     fsync_dir(path.parent)
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the finished directory `tmp` at `final`: at every instant the old or the new one is complete.
+
+    The old directory is moved aside (not deleted) until the new one is in place, and put back
+    if that rename fails, so a crash or an error never loses what was there.
+    """
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)  # left by a crash after an earlier swap: `final` is complete
+    if final.exists():
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        raise
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import UserError
 from ..model import gpt_of
-from ..utils import atomic_write_json, fsync_dir, read_json, sha256_file
+from ..utils import atomic_write_json, read_json, replace_dir, sha256_file
 
 FORMAT_VERSION = 1
 MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE, TOKENIZER_FILE = (
@@ -120,18 +120,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _swap_dir(tmp: Path, final: Path) -> None:
-    """Put `tmp` at `final`; at every instant either the old or the new directory is complete."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def optimizer_files(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Several optimizers (Muon + AdamW) in one file: keys "<optimizer index>.<param id>.<name>"; plain data apart."""
     tensors, metas = {}, []
@@ -178,14 +166,14 @@ def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         full_state.setdefault("optimizer", None)
         full_state["sha256"] = {name: sha256_file(tmp / name) for name in files}
         atomic_write_json(tmp / STATE_FILE, full_state)
-        _swap_dir(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for alias in aliases:
         link_tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{alias}-", dir=run_dir))
         shutil.copytree(final, link_tmp, copy_function=_link_or_copy, dirs_exist_ok=True)  # hard links
-        _swap_dir(link_tmp, run_dir / alias)
+        replace_dir(link_tmp, run_dir / alias)
     steps = sorted(history.glob("step-*"))
     for stale in steps[: max(0, len(steps) - max(keep_last, 1))]:
         shutil.rmtree(stale, ignore_errors=True)

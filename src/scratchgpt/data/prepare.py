@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Literal, Optiona
 import numpy as np
 
 from .. import UserError
-from ..utils import atomic_write_json, fsync_dir, sha256_file
+from ..utils import atomic_write_json, fsync_dir, replace_dir, sha256_file
 from .dataset import (FORMAT_VERSION, META_FILE, SHARDED_FORMAT_VERSION, SPLITS, TOKENIZER_FILE, dtype_for_vocab,
                       load_meta, split_shards)
 from .inputs import BUILTIN, READ_BLOCK, Reading, Source, documents, resolve_inputs
@@ -306,20 +306,7 @@ def _new_tmp(out: Path) -> Path:
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished tmp dir to `out`; with force, swap so the old dir survives failure."""
     _check_out(out, force)
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rmdir(old)
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-        fsync_dir(out.parent)
+    replace_dir(tmp, out)
 
 
 def _finish_files(tmp: Path) -> None:
