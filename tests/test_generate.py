@@ -369,3 +369,90 @@ def test_cli_chat_piped_stdin(run_dir):
     chat(loaded.gpt, loaded.tokenizer, loaded.config, lines[:3], expected, G.GenerationConfig(max_new_tokens=8, seed=1),
          err=err)
     assert proc.stdout == expected.getvalue() and proc.stdout.endswith("\n")
+
+
+# ----------------------------------------------------------------------- UTF-8 with byte-level BPE
+def chinese_text(n: int = 1500, seed: int = 0) -> str:
+    """Chinese-looking text: words of 1-3 CJK characters (3 UTF-8 bytes each) and punctuation."""
+    import random
+
+    rng = random.Random(seed)
+    chars = [chr(0x4E00 + 37 * i % 20000) for i in range(300)]
+    words = ["".join(rng.choice(chars) for _ in range(rng.choice([1, 2, 2, 3]))) for _ in range(300)]
+    return "".join(rng.choice(words) + rng.choice(["", "", "，", "。\n"]) for _ in range(n))
+
+
+def utf8_errors(data: bytes) -> int:
+    """How many U+FFFD the bytes hold before an incomplete last character (which is not an error yet)."""
+    import codecs
+
+    return codecs.getincrementaldecoder("utf-8")("replace").decode(data).count("\ufffd")
+
+
+def memorizing_model(tok, ids: list[int]) -> GPT:
+    """A tiny GPT that has learned `ids` by heart (greedy decoding replays them)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=len(ids), n_layer=1, n_head=2, n_embd=64, pos="rope"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    seq = torch.tensor([ids])
+    for _ in range(100):
+        _, loss = model(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_partial_utf8_is_held_until_the_character_is_complete():
+    """Chinese through byte-level BPE: many tokens end inside a character. Text comes out only in whole
+    characters, in every path (complete, generate, stream, serve, chat); U+FFFD appears only where the
+    model's own bytes can't be UTF-8, never for a character cut by the token boundary or the length limit."""
+    text = chinese_text()
+    tok = train_bpe_tokenizer([text], 400, exact=False)
+    table = tok.token_bytes_table()
+    assert sum(utf8_errors(b) > 0 or b.decode("utf-8", "ignore").encode() != b for b in table) > 50  # partial tokens
+
+    sentence = text[:40]
+    ids = tok.encode(sentence)
+    model = memorizing_model(tok, ids)
+    prompt, target = ids[:2], ids[2:]
+    ended_mid_character = 0
+    for n in range(1, len(target) + 1):  # cut after every token: most cuts fall inside a character
+        c = G.complete(model, tok, [prompt], max_new_tokens=n, temperature=0, stop_tokens=())[0]
+        assert c.token_ids == target[:n]  # the model replays the sentence
+        raw = b"".join(table[i] for i in c.token_ids)
+        ended_mid_character += raw.decode("utf-8", "replace").endswith("\ufffd")  # what decoding all bytes gave
+        assert "\ufffd" not in c.text and sentence.startswith(tok.decode(prompt) + c.text)
+        pieces = list(G.stream(model, tok, prompt, max_new_tokens=n, temperature=0, stop_tokens=()))
+        assert "".join(pieces) == c.text and all("\ufffd" not in p for p in pieces)
+    assert ended_mid_character >= 5
+
+    # an untrained model emits invalid sequences of its own: those, and only those, become U+FFFD
+    rand = tiny(tok.vocab_size, "rope", block_size=32)
+    for seed in range(6):
+        c = G.complete(rand, tok, ["中"], max_new_tokens=30, seed=seed, stop_tokens=())[0]
+        raw = b"".join(table[i] for i in c.token_ids)
+        assert c.text.count("\ufffd") == utf8_errors(raw)
+        assert "".join(G.stream(rand, tok, "中", max_new_tokens=30, seed=seed, stop_tokens=())) == c.text
+
+    # chat (a line per message) streams its reply through the same decoder
+    out, gen = io.StringIO(), G.GenerationConfig(max_new_tokens=9, seed=1, stop_tokens=())
+    chat(rand, tok, {}, ["中"], out, gen, err=io.StringIO())
+    assert out.getvalue() == G.generate(rand, tok, "中\n", gen) + "\n"
+
+    # serve, streamed and not
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from scratchgpt.serve import create_app
+
+    with TestClient(create_app(model, tok, {"model": asdict(model.cfg)}, name="zh")) as client:
+        body = {"prompt": tok.decode(prompt), "max_tokens": 7, "temperature": 0}
+        whole = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        streamed = client.post("/v1/completions", json={**body, "stream": True}).text
+        chunks = [json.loads(ln[6:]) for ln in streamed.split("\n\n") if ln.startswith("data: {")]
+        joined = "".join(ch["choices"][0]["text"] for ch in chunks)
+    assert joined == whole and "\ufffd" not in whole and sentence.startswith(tok.decode(prompt) + whole)

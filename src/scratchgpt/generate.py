@@ -316,7 +316,8 @@ def _decoder(model: GPT, valid_vocab: int, rows: list[list[int]], gen: Generatio
 
 
 class _Text:
-    """Incremental detokenizer for one row: never splits a UTF-8 character, cuts at stop strings.
+    """Incremental detokenizer for one row: never emits part of a UTF-8 character (tokenizer.StreamDecoder
+    holds the bytes until it is complete), cuts at stop strings.
 
     Text that could be the start of a stop string is held back until it can't be.
     """
@@ -405,8 +406,8 @@ def complete(
         if st.text is not None:
             st.text.flush()
             text = st.text.text
-        else:
-            text = tokenizer.decode(st.ids)
+        else:  # as streamed: an incomplete last character is dropped, not shown as U+FFFD
+            text = tokenizer.stream_decoder().decode(st.ids)
         out.append(Completion(text=text, token_ids=st.ids, finish_reason=st.finish_reason, prompt_tokens=st.prompt_tokens))
     return out
 

@@ -419,17 +419,32 @@ def _kind_of(spec: dict) -> str:
 
 
 class StreamDecoder:
-    """Turns ids into text as they arrive, never splitting a multi-byte character."""
+    """Turns ids into text as they arrive, never emitting part of a multi-byte character.
+
+    Byte-level BPE tokens may end inside a character (a Chinese character is 3 bytes, often split
+    over 2 tokens): those bytes are held until the character is complete. Bytes that can't be
+    UTF-8 whatever follows (the model's own invalid sequences) become U+FFFD as soon as that is
+    certain. At the end, `flush` drops an incomplete last character rather than emit U+FFFD for it
+    (`dropped_bytes` says how many bytes that was).
+    """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._table = tokenizer.token_bytes_table()
         self._dec = codecs.getincrementaldecoder("utf-8")("replace")
+        self.dropped_bytes = 0
 
     def push(self, ids: Iterable[int]) -> str:
         return self._dec.decode(b"".join(self._table[int(i)] for i in ids))
 
     def flush(self) -> str:
-        return self._dec.decode(b"", final=True)
+        """The end of the text: held bytes are the start of a character that never came, so they are dropped."""
+        self.dropped_bytes = len(self._dec.getstate()[0])
+        self._dec.reset()
+        return ""
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """A whole text at once, by the same rules (what `push` and `flush` return, joined)."""
+        return self.push(ids) + self.flush()
 
 
 # ---------------------------------------------------------------------------------------
