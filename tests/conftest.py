@@ -53,7 +53,7 @@ def tiny_flags(**overrides) -> list[str]:
     """Flags for a 2-layer, 32-dim model that trains in a second or two, on the CPU in fp32."""
     cfg = {"model." + k: v for k, v in TINY.items()}
     cfg.update({"train.device": "cpu", "train.dtype": "float32", "train.batch_size": 8, "train.eval_iters": 2, "train.sample_tokens": 0, "train.progress": "false",
-                "train.tensorboard": "false", "train.plot": "false", "train.final_eval": "false",
+                "train.tensorboard": "false", "train.plot": "false", "train.final_eval": "false", "train.report": "false",
                 "optim.warmup_iters": 2, "optim.lr": 3e-3})
     cfg.update(overrides)
     return [f"--{k}={v}" for k, v in cfg.items()]

@@ -35,7 +35,7 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 
 def quiet_train(**kw) -> TrainConfig:
     base = dict(batch_size=8, eval_iters=2, sample_tokens=0, progress=False, tensorboard=False, plot=False,
-                final_eval=False, log_interval=1, device="cpu", dtype="float32")  # CPU numerics (tests/test_gpu.py: CUDA)
+                final_eval=False, log_interval=1, report=False, device="cpu", dtype="float32")  # CPU numerics (tests/test_gpu.py: CUDA)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -2,21 +2,25 @@
 
 Every command that touches a model asks here, so `--device auto` means the same thing for
 `train`, `finetune`, `sample`, `chat`, `serve` and `eval`: CUDA (this process's LOCAL_RANK
-under torchrun), then Apple's MPS, then the CPU.
+under torchrun), then Apple's MPS, then the CPU. Long work (`train`, `finetune`, `tune`)
+also takes its Ctrl-C / SIGTERM policy from here (`stop_on_signals`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -335,3 +339,77 @@ def peak_flops(device: torch.device, dtype: torch.dtype, given: float = 0.0) -> 
         if found is not None:
             return found
     return measured_peak(device, dtype)
+
+
+# ---------------------------------------------------------------- interrupts
+INTERRUPTED = "interrupted"  # result.json's stop_reason after a Ctrl-C or SIGTERM
+REPEAT_GRACE_S = 1.0
+
+
+class Interrupted(KeyboardInterrupt):
+    """Work that stopped on a signal after saving what it had; the CLI exits 130 with this message."""
+
+
+class StopRequest:
+    """Set by the first SIGINT / SIGTERM: the work stops at its next safe point and saves.
+
+    A second signal raises KeyboardInterrupt at once (nothing more is saved). A repeat within
+    REPEAT_GRACE_S of the first counts as the same request: under torchrun a terminal's Ctrl-C
+    reaches each worker twice, from the terminal and forwarded by torchrun's agent.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: Optional[str] = None
+        self._at = 0.0
+
+    def handle(self, signum: int, frame=None) -> None:
+        now = time.monotonic()
+        if self.requested:
+            if now - self._at < REPEAT_GRACE_S:
+                return
+            raise KeyboardInterrupt
+        self.requested, self._at, self.signal_name = True, now, signal.Signals(signum).name
+        err = sys.__stderr__ or sys.stderr  # the terminal, even while a tune trial's stderr goes to its log
+        print(f"\n{self.signal_name}: stopping after this step and saving (Ctrl-C again quits at once, "
+              "without saving)", file=err, flush=True)
+
+
+_active: Optional[StopRequest] = None
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """SIGINT and SIGTERM set the yielded StopRequest while the block runs, then the old handlers return.
+
+    Nested uses share the outer request (tune's trials are trainings). Off the main thread, where
+    Python can't install handlers, the request is never set and signals keep their usual effect."""
+    global _active
+    if _active is not None:
+        yield _active
+        return
+    if threading.current_thread() is not threading.main_thread():
+        yield StopRequest()
+        return
+    request = StopRequest()
+    previous = {sig: signal.signal(sig, request.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _active = request
+    try:
+        yield request
+    finally:
+        _active = None
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    """Where a run ran, for its report: versions, device, dtype, threads."""
+    from . import __version__
+
+    env = {"scratchgpt": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "processor": device_name(torch.device("cpu")),
+           "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": str(device),
+           "dtype": str(dtype).removeprefix("torch.")}
+    if device.type != "cpu":
+        env["accelerator"] = device_name(device)
+    return env

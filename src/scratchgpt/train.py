@@ -30,7 +30,8 @@ from .data import TokenDataset, default_data_dir, load_meta, mlm_mask_batch
 from .metrics import evaluate_lm
 from .model import GPT, ModelConfig
 from .optim import OptimConfig, build_optimizer, lr_at, set_lr
-from .runtime import Peak, configure_device, configure_threads, keep_freed_memory, peak_flops, pick_dtype
+from .runtime import (INTERRUPTED, Peak, StopRequest, configure_device, configure_threads, environment,
+                      keep_freed_memory, peak_flops, pick_dtype, stop_on_signals)
 from .utils import atomic_write, atomic_write_json, read_json
 
 
@@ -95,6 +96,8 @@ class TrainConfig:
     init_from: Optional[str] = None
     """Start from another run's weights (a run or checkpoint dir, e.g. made by import-hf): weights only, with a fresh
     optimizer and schedule; the architecture is that run's (only --model.dropout may change)."""
+    report: bool = True
+    """At the end: RUN/report.html (`scratchgpt report`) and a short summary on the terminal."""
 
 
 # ---------------------------------------------------------------- logging
@@ -115,12 +118,27 @@ class RunLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        _append_jsonl(self.out / "metrics.jsonl", record)
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, record["step"])
+
+    def sample(self, step: int, prompt: str, text: str) -> None:
+        """RUN/samples.jsonl: every sample printed during training, for the report."""
+        if self.enabled:
+            _append_jsonl(self.out / "samples.jsonl", {"step": step, "prompt": prompt, "text": text})
+
+    def truncate(self, step: int) -> None:
+        """On resume: drop the rows past the checkpoint's step, which the resumed run writes again."""
+        if not self.enabled:
+            return
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            path = self.out / name
+            if path.exists():
+                kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                        if _row_step(line) <= step]
+                atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
 
     def draw(self) -> None:
         if not (self.enabled and self.plot):
@@ -149,6 +167,18 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a row torn by a crash mid-write: dropped
 
 
 # ---------------------------------------------------------------- setup
@@ -184,6 +214,9 @@ class Session:
     deferred_check: bool = False
     first_bad_step: Optional[torch.Tensor] = None  # -1 while every step was finite
     bad_steps: Optional[torch.Tensor] = None
+    stop: StopRequest = field(default_factory=StopRequest)  # set by Ctrl-C / SIGTERM (train() installs it)
+    on_eval: Optional[Callable[[int, float], Optional[str]]] = None
+    stopped_by_caller: bool = False  # on_eval asked to stop: no final eval
     step: int = 0
     tokens: int = 0
     best_val: float = float("inf")
@@ -320,6 +353,11 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
         s.best_val = state.get("best_val_loss") or float("inf")
         s.bad_evals, s.elapsed_before = state.get("bad_evals", 0), state.get("elapsed_s", 0.0)
         set_rng_state(state["rng"], device)  # last, so no setup step (init, peak measurement) shifts the stream
+    if resume:
+        s.log.truncate(s.step)  # rows a crash left past the checkpoint are written again, once
+    if s.master:  # for the report (after a resume may have set the thread count)
+        atomic_write_json(out / "environment.json", {**environment(device, dtype), "world_size": ctx.world,
+                                                     "parallel": ctx.parallel})
     s.t_start = time.time()
     return s
 
@@ -380,11 +418,15 @@ def startup_summary(s: Session) -> str:
     return "\n".join(lines)
 
 
-def _restore_model(out: Path, net: GPT, scaler, ctx) -> tuple[Path, dict]:
-    """Weights (and the loss scaler) from the newest intact checkpoint; (checkpoint, state) for the rest."""
+def _restore_model(out: Path, net: GPT, scaler, ctx) -> Optional[tuple[Path, dict]]:
+    """Weights (and the loss scaler) from the newest intact checkpoint; (checkpoint, state) for the rest.
+    None for a run that stopped before its first checkpoint: it starts afresh."""
     found = find_resumable(out, log=lambda m: print(m, file=sys.stderr))
     if found is None:
-        raise UserError(f"{out}: no checkpoint to resume from")
+        if ctx.rank == 0:
+            print(f"note: {out} has no checkpoint yet (it stopped before its first save): starting it afresh "
+                  "with its saved config", file=sys.stderr)
+        return None
     ckpt, state = found
     load_model_tensors(net, load_tensors(ckpt / "model.safetensors"))
     if state.get("scaler"):
@@ -397,16 +439,23 @@ def _restore_model(out: Path, net: GPT, scaler, ctx) -> tuple[Path, dict]:
 # ---------------------------------------------------------------- the loop
 def train(data: Optional[Path] = None, out: Optional[Path] = None, model: Optional[ModelConfig] = None,
           train: Optional[TrainConfig] = None, optim: Optional[OptimConfig] = None, resume: bool = False,
-          force: bool = False, overrides: Optional[dict] = None, command: Optional[str] = None) -> dict:
+          force: bool = False, overrides: Optional[dict] = None, command: Optional[str] = None,
+          on_eval: Optional[Callable[[int, float], Optional[str]]] = None) -> dict:
     """Train a GPT on a prepared data dir; returns the final metrics (also RUN/result.json).
 
     `overrides`: the dotted config keys the user gave (they win over a resumed run's saved config);
-    `command`: the command line, recorded in config.json (the model card of `export` shows it)."""
-    s = setup(data, out, model, train, optim, resume, force, overrides, command)
-    if s.master:
-        print(startup_summary(s), file=sys.stderr, flush=True)
-    stop_reason = loop(s)
-    return finish(s, stop_reason)
+    `command`: the command line, recorded in config.json (the model card of `export` shows it).
+    The first Ctrl-C or SIGTERM stops after the current step with a checkpoint (stop_reason
+    "interrupted"; `resume` continues bit-exactly); a second one quits at once. `on_eval(step,
+    val_loss)` is called on every rank after each periodic evaluation and its checkpoint; a string
+    it returns stops training with that stop reason and no final eval (tune's pruner uses it)."""
+    with stop_on_signals() as stop:
+        s = setup(data, out, model, train, optim, resume, force, overrides, command)
+        s.stop, s.on_eval = stop, on_eval
+        if s.master:
+            print(startup_summary(s), file=sys.stderr, flush=True)
+        stop_reason = loop(s)
+        return finish(s, stop_reason)
 
 
 def loop(s: Session) -> str:
@@ -457,19 +506,16 @@ def loop(s: Session) -> str:
             bar.update(s.step - bar.n)
             bar.set_postfix(loss=f"{train_loss:.4f}", tokens=_human(s.tokens), tok_s=_human(tok_s),
                             mfu=f"{metrics['mfu']:.0%}")
-        # eval + save
+        # eval + save (an eval writes its metrics row itself, before its checkpoint)
         if is_eval:
             stop_reason = evaluate_and_save(s, metrics, bar.write) or stop_reason
-        if metrics.get("step") == s.step:
+        elif metrics.get("step") == s.step:
             s.log.write(metrics)
-            if is_eval:
-                s.log.draw()
-        if stop_reason != "max_iters":
-            break
-        if tcfg.max_time_s and dist.any_rank(s.elapsed >= tcfg.max_time_s, ctx):  # clocks differ: ranks stop together
-            stop_reason = f"time limit {tcfg.max_time_s}s"
-            if not is_eval:
+        if stop_reason == "max_iters" and s.step < tcfg.max_iters:
+            stop_reason = _stop_now(s) or stop_reason
+            if stop_reason != "max_iters" and not is_eval:
                 save(s, is_best=False)
+        if stop_reason != "max_iters":
             break
     bar.close()
     return stop_reason
@@ -526,6 +572,15 @@ def report_nonfinite(s: Session) -> None:
     s.bad_steps.zero_()
 
 
+def _stop_now(s: Session) -> Optional[str]:
+    """Ctrl-C / SIGTERM, or the time limit: every rank agrees (signals and clocks differ between ranks)."""
+    if dist.any_rank(s.stop.requested, s.ctx):
+        return INTERRUPTED
+    if s.tcfg.max_time_s and dist.any_rank(s.elapsed >= s.tcfg.max_time_s, s.ctx):
+        return f"time limit {s.tcfg.max_time_s}s"
+    return None
+
+
 # ---------------------------------------------------------------- evaluate and save
 def evaluate_and_save(s: Session, metrics: dict, write: Callable[..., None]) -> Optional[str]:
     """Estimate train/val loss, print a sample, save a checkpoint (best if val improved); a stop reason or None."""
@@ -538,16 +593,34 @@ def evaluate_and_save(s: Session, metrics: dict, write: Callable[..., None]) -> 
         write(f"step {s.step}: train {losses['train']:.4f}, val {losses['val']:.4f} (ppl {metrics['val_ppl']:.2f})",
               file=sys.stderr)
     if tcfg.sample_tokens and tcfg.objective == "clm" and (s.master or s.ctx.parallel == "fsdp"):
-        with dist.unsharded(s.net, s.ctx):  # FSDP: every rank runs the sample's forwards; rank 0 prints
-            text = sample_text(s.net, s.data, tcfg.sample_prompt, tcfg.sample_tokens, s.device, tcfg.seed)
-        if s.master:
-            write(text, file=sys.stderr)
+        _sample(s, write)
+    s.log.write(metrics)  # before the checkpoint, so a resume from it never lacks this row
+    s.log.draw()
     save(s, improved)
+    reason = s.on_eval(s.step, losses["val"]) if s.on_eval is not None else None
+    if reason:
+        s.stopped_by_caller = True
+        return reason
     if tcfg.patience and s.bad_evals >= tcfg.patience:
         return f"early stopping: no val improvement in {s.bad_evals} evals"
     if tcfg.target_val_loss is not None and losses["val"] <= tcfg.target_val_loss:
         return f"reached target val loss {tcfg.target_val_loss}"
     return None
+
+
+def _sample(s: Session, write: Callable[..., None]) -> None:
+    """Print a sample of the model now and keep it in RUN/samples.jsonl."""
+    tcfg = s.tcfg
+    try:
+        with dist.unsharded(s.net, s.ctx):  # FSDP: every rank runs the sample's forwards; rank 0 prints
+            text = sample_text(s.net, s.data, tcfg.sample_prompt, tcfg.sample_tokens, s.device, tcfg.seed)
+    except (UserError, ImportError) as e:
+        if s.master:
+            write(f"(no sample: {e})", file=sys.stderr)
+        return
+    if s.master:
+        write(f"---\n{text}\n---", file=sys.stderr)
+        s.log.sample(s.step, tcfg.sample_prompt, text)
 
 
 def save(s: Session, is_best: bool) -> None:
@@ -567,19 +640,45 @@ def save(s: Session, is_best: bool) -> None:
 
 # ---------------------------------------------------------------- teardown
 def finish(s: Session, stop_reason: str) -> dict:
-    """The final whole-split eval, result.json, and closing the logs and the process group."""
+    """The final whole-split eval (of best/), result.json, the report, closing the logs and the process group."""
     tcfg = s.tcfg
     result = {"step": s.step, "tokens": s.tokens, "stop_reason": stop_reason,
               "best_val_loss": None if math.isinf(s.best_val) else s.best_val}
-    if tcfg.final_eval and (s.master or s.ctx.parallel == "fsdp") and tcfg.objective == "clm":  # FSDP: all ranks forward
+    final_eval = tcfg.final_eval and stop_reason != INTERRUPTED and not s.stopped_by_caller
+    if final_eval and (s.master or s.ctx.parallel == "fsdp") and tcfg.objective == "clm":  # FSDP: all ranks forward
+        result["final_eval_checkpoint"] = _load_best_weights(s)
         result.update({"final_" + k: v for k, v in
                        evaluate_lm(s.net, s.val_ds, s.model_cfg.block_size, device=s.device).items()})
     if s.master:
         atomic_write_json(s.out / "result.json", result)
         print(json.dumps(result), file=sys.stderr)
+        s.log.draw()
+        if tcfg.report:
+            from .report import report_cli
+
+            report_cli(s.out)
     s.log.close()
     dist.teardown(s.ctx)
     return result
+
+
+def _load_best_weights(s: Session) -> str:
+    """The final eval scores best/ (what sample, eval and serve load by default), so when the last model is
+    not the best (early stopping, a late rise in val loss) best/'s weights replace it. Returns which was scored."""
+    best = s.out / "best"
+    if not (best / "state.json").exists():
+        return "latest"
+    step = read_json(best / "state.json")["step"]
+    if step == s.step:
+        return "latest"
+    tensors = load_tensors(best / "model.safetensors")
+    if s.ctx.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(s.net, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        load_model_tensors(s.net, tensors)
+    return f"best (step {step})"
 
 
 # ---------------------------------------------------------------- helpers
@@ -603,20 +702,17 @@ def estimate_loss(net: GPT, train_ds, val_ds, tcfg: TrainConfig, device, autocas
 
 
 def sample_text(net: GPT, data: Path, prompt: str, n_tokens: int, device, seed: int) -> str:
-    """A short sample during training, from its own RNG so it never perturbs the training stream."""
+    """A short sample during training (the prompt's continuation), from its own RNG so it never perturbs
+    the training stream. UserError when the data dir has no usable tokenizer."""
     from .generate import generate
     from .tokenizer import Tokenizer
 
+    tok = Tokenizer.load(data)
+    net.eval()
     try:
-        tok = Tokenizer.load(data)
-        net.eval()
-        try:
-            text = generate(net, tok, prompt, max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=seed)
-        finally:
-            net.train()
-        return "---\n" + (text if isinstance(text, str) else text[0]) + "\n---"
-    except (UserError, ImportError) as e:
-        return f"(no sample: {e})"
+        return generate(net, tok, prompt, max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=seed)
+    finally:
+        net.train()
 
 
 def _human(n: float) -> str:

@@ -22,16 +22,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import UserError
-from ..checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_run
+from ..checkpoint import TOKENIZER_FILE, load_run
 from ..data.readers import read_labelled, read_texts
 from ..heads import GPTClassifier, classifier_logits, predict_proba
 from ..metrics import classification_metrics, format_confusion
 from ..prompts import encode_texts
 from ..runtime import pick_device
-from ..utils import atomic_write_bytes, atomic_write_json
-from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, fit, prepare_run, run_config, setup_trainable,
-                   stderr_log,
-                   train_part)
+from ..utils import atomic_write_bytes
+from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, finish_run, fit, prepare_run, run_config,
+                   setup_trainable, stderr_log, train_part, write_run_files)
 
 
 @dataclass
@@ -119,16 +118,16 @@ def finetune_classify(base: str | os.PathLike, train_file: str | os.PathLike, va
     config["classifier"] = {"labels": labels, "pooling": t.pooling, "text_field": t.text_field,
                             "label_field": t.label_field}
     config.pop("chat_template", None)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / CONFIG_FILE, config)
+    write_run_files(out, config, run.device)
     save = checkpoint_saver(out, model, o, config, run.base.checkpoint / TOKENIZER_FILE)
     majority = max(labels, key=y_val.count)
     result = train_classifier(model, train_ids, [index[y] for y in y_train], val_ids, [index[y] for y in y_val], labels,
                               o, out, save, run.device, log)
     result.update(labels=labels, majority_baseline=y_val.count(majority) / len(y_val), truncated=cut_train + cut_val)
-    atomic_write_json(out / "result.json", result)
-    log(f"best: step {result['best']['step']}, accuracy {result['best']['accuracy']:.4f}, macro-F1 "
-        f"{result['best']['macro_f1']:.4f} (majority baseline {result['majority_baseline']:.4f}); saved {out}/best")
+    if result["best"] is not None:
+        log(f"best: step {result['best']['step']}, accuracy {result['best']['accuracy']:.4f}, macro-F1 "
+            f"{result['best']['macro_f1']:.4f} (majority baseline {result['majority_baseline']:.4f}); saved {out}/best")
+    finish_run(out, result, log)
     return result
 
 

@@ -32,7 +32,8 @@ from ..checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_F
 from ..heads import classifier_of
 from ..lora import add_lora, adapter_tensors, lora_config_dict
 from ..model import GPT, gpt_of
-from ..runtime import configure_threads, pick_device
+from ..runtime import INTERRUPTED, configure_threads, environment, pick_device, stop_on_signals
+from ..utils import atomic_write_json
 
 
 @dataclass
@@ -111,7 +112,14 @@ def fit(model: nn.Module, batches: Callable[[int], list], loss_of: Callable[[Any
     """Optimise, evaluate every eval_interval steps, keep the best, stop early; returns a summary.
 
     save(name, {"step", "tokens"}, val metrics) writes checkpoint `name` ("best" or "latest").
+    The first Ctrl-C / SIGTERM ends the current step, saves latest and stops ("interrupted").
     """
+    with stop_on_signals() as signals:
+        return _fit(model, batches, loss_of, evaluate, better, save, o, out, describe, log, tokens_of, signals)
+
+
+def _fit(model, batches, loss_of, evaluate, better, save, o: FinetuneOptions, out: Path, describe, log, tokens_of,
+         signals) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: every parameter is frozen")
@@ -171,12 +179,15 @@ def fit(model: nn.Module, batches: Callable[[int], list], loss_of: Callable[[Any
                 if o.patience and bad >= o.patience:
                     stop = f"early stopping: no val improvement in {bad} evaluations"
                     break
+            if signals.requested and step < total:
+                stop = INTERRUPTED
+                break
             if step >= total:
                 break
-        if stop.startswith("early"):
+        if stop.startswith("early") or stop == INTERRUPTED:
             break
         epoch += 1
-    save("latest", {"step": step, "tokens": tokens}, last)  # every loop exit follows an evaluation
+    save("latest", {"step": step, "tokens": tokens}, last)  # the last evaluation's metrics (none after an interrupt)
     return {"steps": step, "tokens": tokens, "stop_reason": stop, "best": best, "initial": first, "elapsed_s": round(time.time() - t0, 3)}
 
 
@@ -205,6 +216,23 @@ def prepare_run(base: str | os.PathLike, out: str | os.PathLike, o: FinetuneOpti
     device = pick_device(o.device)
     torch.manual_seed(o.seed)
     return FinetuneSetup(out, base_run, device)
+
+
+def write_run_files(out: Path, config: dict, device: torch.device) -> None:
+    """config.json and environment.json (for the report) of a new fine-tuning run."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / CONFIG_FILE, config)
+    atomic_write_json(out / "environment.json", environment(device, torch.float32))
+
+
+def finish_run(out: Path, result: dict, log: Callable[[str], None]) -> None:
+    """result.json, the report and its summary; after an interrupt, how to see what was saved."""
+    from ..report import report_cli
+
+    atomic_write_json(out / "result.json", result)
+    if result["stop_reason"] == INTERRUPTED:
+        log(f"interrupted at step {result['steps']}: saved {out}/latest")
+    report_cli(out)
 
 
 def finetune_record(kind: str, base_ckpt: Path, o: FinetuneOptions, train_file, val_file, **extra) -> dict:

@@ -26,17 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import UserError
-from ..checkpoint import CONFIG_FILE, TOKENIZER_FILE
+from ..checkpoint import TOKENIZER_FILE
 from ..data.masking import IGNORE
 from ..data.readers import SFTExample, read_sft
 from ..heads import pad
 from ..model import gpt_of
 from ..prompts import encode_conversation, load_template
 from ..tokenizer import Tokenizer
-from ..utils import atomic_write_json
-from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, fit, prepare_run, run_config, setup_trainable,
-                   stderr_log,
-                   train_part)
+from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, finish_run, fit, prepare_run, run_config,
+                   setup_trainable, stderr_log, train_part, write_run_files)
 
 
 @dataclass
@@ -169,11 +167,11 @@ def finetune_sft(base: str | os.PathLike, train_file: str | os.PathLike, val_fil
     config = run_config(run.base, record, command)
     config["chat_template"] = tmpl
     config.pop("classifier", None)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / CONFIG_FILE, config)
+    write_run_files(out, config, run.device)
     save = checkpoint_saver(out, model, o, config, run.base.checkpoint / TOKENIZER_FILE)
     result = train_sft(model, train_ex, val_ex, o, out, mask_prompt=t.mask_prompt, pack=t.pack, save=save,
                        device=run.device, log=log)
-    atomic_write_json(out / "result.json", result)
-    log(f"best: step {result['best']['step']}, val loss {result['best']['val_loss']:.4f}; saved {out}/best")
+    if result["best"] is not None:
+        log(f"best: step {result['best']['step']}, val loss {result['best']['val_loss']:.4f}; saved {out}/best")
+    finish_run(out, result, log)
     return result
