@@ -177,7 +177,7 @@ def test_cli(char_data, tmp_path, capsys):
     captured = capsys.readouterr()
     best = json.loads(captured.out.strip().splitlines()[-1])
     assert best["trial"] == 0 and 1e-3 <= best["params"]["optim.lr"] <= 1e-2
-    assert "best: trial 0" in captured.err
+    assert "best: trial-000" in captured.err and "search.png" in captured.err
     assert json.loads((out / "best.json").read_text())["config"]["model"]["n_embd"] == 16
 
     assert main(["tune", "--data", str(char_data), "--out", str(tmp_path / "x"), "--space",
@@ -196,3 +196,67 @@ def test_cli_resume_checks_exactly_the_keys_given(char_data, tmp_path, capsys):
     assert main(["tune", "--out", str(out), "--resume", "--trials", "1", "--train.max_iters", "1000"]) == 1
     assert "train.max_iters differs from the saved search (3 there, 1000 now)" in capsys.readouterr().err
     assert main(["tune", "--out", str(out), "--resume", "--trials", "1", "--train.max_iters", "3"]) == 0
+
+
+# ---------------------------------------------------------------- pruning, interrupts, the picture
+LONGER = replace(TRAIN, max_iters=40, eval_interval=10)
+SPACE = {"optim.lr": [1e-2, 5e-3, 0.0, 3e-3, 1e-9, 2e-3, 1e-8]}  # three rates that can't learn
+
+
+def test_pruning_stops_bad_trials_and_resume_replays_it(char_data, tmp_path):
+    kw = dict(data=char_data, method="random", seed=3, model=MODEL, train=LONGER, optim=OPTIM)
+    best = tune(SPACE, tmp_path / "whole", trials=7, **kw)
+    recs = records(tmp_path / "whole")
+    pruned = [r for r in recs if r["status"] == "pruned"]
+    assert pruned and all(r["params"]["optim.lr"] < 1e-6 for r in pruned)  # only rates that can't learn
+    assert all(10 <= r["step"] < 40 and [e[0] for e in r["evals"]] == list(range(10, r["step"] + 1, 10)) for r in pruned)
+    assert all(r["status"] == "complete" and len(r["evals"]) == 4 for r in recs if r not in pruned)
+    assert best["trials_pruned"] == len(pruned) and best["params"]["optim.lr"] >= 2e-3
+    assert (tmp_path / "whole" / "search.png").read_bytes()[:4] == b"\x89PNG"
+    # the pruner's decisions replay exactly on --resume
+    tune(SPACE, tmp_path / "part", trials=4, **kw)
+    tune(None, tmp_path / "part", trials=7, resume=True)
+    assert records(tmp_path / "part") == [dict(r, wall_s=p["wall_s"]) for r, p in zip(recs, records(tmp_path / "part"))]
+    # without a pruner every trial runs to the end
+    tune(SPACE, tmp_path / "none", trials=7, pruner="none", **kw)
+    assert all(r["status"] == "complete" and r["step"] == 40 for r in records(tmp_path / "none"))
+
+
+def test_ctrl_c_records_the_trial_and_resume_finishes_it_exactly(char_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    slow = {"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
+            "train": {**{k: v for k, v in TRAIN.__dict__.items() if k != "sample_prompt"}, "max_iters": 300,
+                      "eval_interval": 100, "log_interval": 10}, "optim": {"warmup_iters": 1}}
+    config = tmp_path / "base.json"
+    config.write_text(json.dumps(slow))
+    space = '{"optim.lr": {"low": 1e-3, "high": 1e-2, "log": true}}'
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "scratchgpt", "tune", "--config", str(config), "--data",
+                             str(char_data), "--out", str(out), "--trials", "2", "--method", "random", "--space", space],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "trial-001" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: trial-001 saved a checkpoint" in err and "--resume continues it" in err
+    cut = records(out)
+    assert [r["status"] for r in cut] == ["complete", "interrupted"] and 0 < cut[1]["step"] < 300
+    assert json.loads((out / "trial-001" / "result.json").read_text())["stop_reason"] == "interrupted"
+
+    tune(None, out, trials=2, resume=True)  # continues trial-001 from its checkpoint
+    assert main(["tune", "--config", str(config), "--data", str(char_data), "--out", str(tmp_path / "whole"),
+                 "--trials", "2", "--method", "random", "--space", space]) == 0
+    done, whole = records(out), records(tmp_path / "whole")
+    assert [r["status"] for r in done] == ["complete", "complete"]
+    for a, b in zip(done, whole):
+        assert (a["params"], a["val_loss"], a["evals"], a["step"]) == (b["params"], b["val_loss"], b["evals"], b["step"])

@@ -154,15 +154,31 @@ def _config_sections(p: Parser) -> None:
     p.add_class_arguments(OptimConfig, "optim")
 
 
+RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
+
+
 def _train_parser() -> Parser:
-    p = Parser(description="Train a GPT. Every --model.*/--train.*/--optim.* flag is also a config-file key.")
-    p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON config file")
+    p = Parser(description="Train a GPT. Every --model.*/--train.*/--optim.* flag is also a config-file key. "
+                           "Without --config the defaults are the project's best-known CPU recipe (scratchgpt/"
+                           f"recipes/{RECIPE.name}: 1000 steps, ~3 min on 2 cores; shown below); with --config FILE "
+                           "they are the config classes' own defaults, then FILE (--config '{}': those defaults alone).")
+    p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON config file (replaces the built-in recipe)")
     p.add_argument("--data", type=Optional[Path], default=None, help="prepared data dir (default: embedded corpus)")
     p.add_argument("--out", type=Optional[Path], default=None, help="run directory (default: runs/default)")
     p.add_argument("--resume", action="store_true", help="continue RUN/latest bit-exactly")
     p.add_argument("--force", action="store_true", help="replace a run that is already in --out")
     _config_sections(p)
     return p
+
+
+def use_recipe(parser: Parser, argv: list[str]) -> None:
+    """`train` without --config starts from RECIPE: its values become the defaults that flags override."""
+    if any(arg == "--config" or arg.startswith("--config=") for arg in argv):
+        return
+    import yaml
+
+    recipe = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
+    parser.set_defaults({f"{section}.{key}": value for section, values in recipe.items() for key, value in values.items()})
 
 
 def _sections(a) -> tuple:
@@ -194,12 +210,14 @@ def given_keys(parser: Parser, argv: list[str]) -> dict[str, Any]:
     return walk(explicit, "")
 
 
-def cmd_train(a, argv: list[str], parser: Parser) -> None:
+def cmd_train(a, argv: list[str], parser: Parser) -> int:
+    from .runtime import INTERRUPTED
     from .train import train
 
     model_cfg, train_cfg, optim_cfg = _sections(a)
-    train(data=a.data, out=a.out, model=model_cfg, train=train_cfg, optim=optim_cfg, resume=a.resume, force=a.force,
-          overrides=given_keys(parser, argv), command=shlex.join(["scratchgpt", "train", *argv]))
+    result = train(data=a.data, out=a.out, model=model_cfg, train=train_cfg, optim=optim_cfg, resume=a.resume,
+                   force=a.force, overrides=given_keys(parser, argv), command=shlex.join(["scratchgpt", "train", *argv]))
+    return 130 if result["stop_reason"] == INTERRUPTED else 0
 
 
 def _eval_parser() -> Parser:
@@ -249,6 +267,19 @@ def cmd_info(a) -> None:
     run_info(a.run)
 
 
+def _report_parser() -> Parser:
+    p = Parser(description="Write RUN/report.html (config, data, curves, samples, evaluations, environment: one "
+                           "self-contained file) and print a markdown summary.")
+    p.add_argument("run", type=Path, help="run directory (pretraining or fine-tuning)")
+    return p
+
+
+def cmd_report(a) -> None:
+    from .report import report_cli
+
+    report_cli(a.run, out=sys.stdout)
+
+
 # ---------------------------------------------------------------- finetune / predict / merge-lora
 def _finetune_common(p: Parser) -> None:
     from .finetune import FinetuneOptions
@@ -281,18 +312,20 @@ def _finetune_parser() -> Parser:
     return p
 
 
-def cmd_finetune(a, argv: list[str], parser: Parser) -> None:
+def cmd_finetune(a, argv: list[str], parser: Parser) -> int:
     from .finetune import ClassifyOptions, FinetuneOptions, SFTOptions, finetune_classify, finetune_sft
+    from .runtime import INTERRUPTED
 
     f = getattr(a, a.mode)
     o = options_from(f, FinetuneOptions)
     command = shlex.join(["scratchgpt", "finetune", *argv])
     if a.mode == "classify":
-        finetune_classify(f.run, f.train, f.val, f.out, options=o, task=options_from(f, ClassifyOptions), which=f.which,
-                          force=f.force, command=command)
+        result = finetune_classify(f.run, f.train, f.val, f.out, options=o, task=options_from(f, ClassifyOptions),
+                                   which=f.which, force=f.force, command=command)
     else:
-        finetune_sft(f.run, f.train, f.val, f.out, options=o, task=options_from(f, SFTOptions), which=f.which,
-                     force=f.force, command=command)
+        result = finetune_sft(f.run, f.train, f.val, f.out, options=o, task=options_from(f, SFTOptions), which=f.which,
+                              force=f.force, command=command)
+    return 130 if result["stop_reason"] == INTERRUPTED else 0
 
 
 def _predict_parser() -> Parser:
@@ -428,7 +461,7 @@ def _tune_parser() -> Parser:
     from typing import Literal, Union
 
     p = Parser(description="Hyperparameter search (Optuna): each trial is a short training run in OUT/trial-NNN, "
-                           "scored by its val loss. Writes OUT/trials.jsonl and OUT/best.json. The "
+                           "scored by its val loss. Writes OUT/trials.jsonl, OUT/best.json and OUT/search.png. The "
                            "--model.*/--train.*/--optim.* flags (or --config) set the base config of every trial.")
     p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON config file (base config, and any of these options)")
     p.add_argument("--data", type=Optional[Path], default=None, help="prepared data dir (default: embedded corpus)")
@@ -439,6 +472,9 @@ def _tune_parser() -> Parser:
     p.add_argument("--method", type=Optional[Literal["grid", "random", "bayes"]], default=None,
                    help="grid, random, or bayes (TPE; the default)")
     p.add_argument("--trials", type=int, default=20, help="total trials, counting those already done on --resume")
+    p.add_argument("--pruner", type=Optional[Literal["none", "median", "halving"]], default=None,
+                   help="stop bad trials at an evaluation: median (the default: worse than the median of earlier "
+                        "trials at that step), halving (successive halving) or none")
     p.add_argument("--seed", type=Optional[int], default=None, help="seeds the sampler (default 0); trials train with --train.seed")
     p.add_argument("--resume", action="store_true", help="continue the search in --out with its saved settings")
     p.add_argument("--force", action="store_true", help="replace a search that is already in --out")
@@ -446,7 +482,7 @@ def _tune_parser() -> Parser:
     return p
 
 
-def cmd_tune(a, argv: list[str], parser: Parser) -> None:
+def cmd_tune(a, argv: list[str], parser: Parser) -> int:
     try:
         import optuna  # noqa: F401  (imported by tune() itself; checked here for a one-line error)
 
@@ -454,9 +490,9 @@ def cmd_tune(a, argv: list[str], parser: Parser) -> None:
     except ImportError as e:
         raise UserError(f"`scratchgpt tune` needs Optuna ({e}): pip install 'scratchgpt[tune]'") from None
     model_cfg, train_cfg, optim_cfg = _sections(a)
-    tune_cli(space=a.space, out=a.out, data=a.data, method=a.method, trials=a.trials, model=model_cfg,
-             train=train_cfg, optim=optim_cfg, seed=a.seed, resume=a.resume, force=a.force,
-             given=set(given_keys(parser, argv)))
+    return tune_cli(space=a.space, out=a.out, data=a.data, method=a.method, trials=a.trials, model=model_cfg,
+                    train=train_cfg, optim=optim_cfg, seed=a.seed, resume=a.resume, force=a.force,
+                    given=set(given_keys(parser, argv)), pruner=a.pruner)
 
 
 def _serve_parser() -> Parser:
@@ -492,6 +528,7 @@ COMMANDS: dict[str, tuple[Callable[[], Parser], Callable, str]] = {
     "train": (_train_parser, cmd_train, "pretrain a GPT (bare `scratchgpt` trains on the embedded corpus)"),
     "eval": (_eval_parser, cmd_eval, "measure a run: perplexity, accuracy/F1, BLEU/chrF"),
     "info": (_info_parser, cmd_info, "show a run: config, parameters, steps, best val loss, files"),
+    "report": (_report_parser, cmd_report, "write a run's self-contained HTML report and print a summary"),
     "sample": (_sample_parser, cmd_sample, "generate text from a run"),
     "chat": (_chat_parser, cmd_chat, "chat with a run on the terminal (or piped stdin)"),
     "finetune": (_finetune_parser, cmd_finetune, "fine-tune a run: classify or sft, full, partial or LoRA"),
@@ -529,20 +566,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         parser = build()
         parser.prog = f"scratchgpt {name}"
+        if name == "train":
+            use_recipe(parser, rest)
         args = parser.parse_args(rest)
-        if name in _TAKES_ARGV:
-            handler(args, rest, parser)
-        else:
-            handler(args)
+        code = handler(args, rest, parser) if name in _TAKES_ARGV else handler(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # runtime.Interrupted carries what was saved and how to continue
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
-    return 0
+    return code if isinstance(code, int) else 0  # train, finetune, tune: 130 after a Ctrl-C / SIGTERM that saved
 
 
 if __name__ == "__main__":

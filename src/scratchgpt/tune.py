@@ -1,8 +1,15 @@
 """Hyperparameter search (`scratchgpt tune`): grid, random or Bayesian (TPE), with Optuna.
 
 Every trial is a real, short training run in OUT/trial-NNN, scored by its validation loss:
-the full-split loss of the final model when `train.final_eval` is on (the default), else the
+the full-split loss of its best checkpoint when `train.final_eval` is on (the default), else the
 best periodic estimate. Lower is better.
+
+Pruning (`--pruner`, default median): each periodic evaluation's val loss goes to Optuna's
+pruner through train()'s `on_eval` callback; a trial whose loss is worse than the median of
+earlier complete trials at the same step (`median`: from the 2nd-5th complete trial on, never
+in a trial's first quarter of train.max_iters), or that doesn't make its successive-halving
+rung (`halving`), stops there and is recorded as pruned. A trial's last evaluation is never
+pruned (it is done by then).
 
 Search space: a mapping from dotted config keys to choices or ranges (YAML or JSON):
 
@@ -15,15 +22,21 @@ Grid search takes every combination (ranges need a step, or to be ints).
 
 Files in OUT (JSON only; the Optuna study lives in memory and is rebuilt from trials.jsonl):
 
-    study.json        method, seed, space and base config: what `--resume` must match
-    trials.jsonl      one line per finished trial: params, val loss, wall time, status
+    study.json        method, seed, space, pruner and base config: what `--resume` must match
+    trials.jsonl      one line per trial: params, val loss, each evaluation, wall time, status
+                      (complete, pruned, failed, or interrupted)
     best.json         the best trial so far: params, val loss and its full resolved config
     best-config.json  that config alone, for `scratchgpt train --config`
+    search.png        the optimization history, every trial's val curve, parameter importances
     trial-NNN/        each trial's run directory, with its training log in train.log
 
-Resuming replays the recorded trials through the same seeded sampler (no training), so the
-sampler ends in the state an uninterrupted search would have, and the search goes on exactly
-as if it had never stopped; a trial that was cut short runs again.
+Trials are numbered from 0 everywhere: trial-000 is trials.jsonl's "trial": 0 and Optuna's trial 0.
+
+Resuming replays the recorded trials (and their evaluations, for the pruner) through the same
+seeded sampler without training, so the search goes on exactly as if it had never stopped. The
+first Ctrl-C or SIGTERM lets the running trial save a checkpoint and records it as interrupted;
+`--resume` continues that trial's training from its checkpoint (bit-exactly), then the search.
+A trial cut short by a crash runs again from its start.
 """
 
 from __future__ import annotations
@@ -44,11 +57,15 @@ from typing import Any, Literal, Mapping, Optional, Union
 from . import UserError
 from .model import ModelConfig
 from .optim import OptimConfig
+from .runtime import INTERRUPTED, Interrupted, stop_on_signals
 from .train import TrainConfig
-from .utils import atomic_write_bytes, atomic_write_json, read_json
+from .utils import atomic_write, atomic_write_bytes, atomic_write_json, read_json
 
 Method = Literal["grid", "random", "bayes"]
 METHODS = ("grid", "random", "bayes")
+Pruner = Literal["none", "median", "halving"]
+PRUNERS = ("none", "median", "halving")
+PRUNED = "pruned"
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "optim": OptimConfig}
 FORMAT_VERSION = 1
 _RANGE_KEYS = {"low", "high", "log", "step"}
@@ -252,6 +269,25 @@ def _sampler(method: str, space: dict[str, dict], seed: int, startup: int):
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
 
 
+def _pruner(settings: dict):
+    """Optuna's pruner for the saved settings (None: never prune)."""
+    import optuna
+
+    name = settings.get("pruner", "none")  # searches saved before pruners existed had none
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=settings["pruner_startup_trials"],
+                                           n_warmup_steps=settings["pruner_warmup_steps"])
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+def _report_eval(trial, step: int, val_loss: float, max_iters: int) -> bool:
+    """Give the pruner one evaluation; True when the trial should stop (never at its last step)."""
+    trial.report(val_loss, step)
+    return step < max_iters and trial.should_prune()
+
+
 def _suggest(trial, method: str, space: dict[str, dict]) -> dict[str, Any]:
     params = {}
     for key, p in space.items():
@@ -340,8 +376,12 @@ def tune(
     resume: bool = False,
     force: bool = False,
     given: Optional[set[str]] = None,
+    pruner: Optional[Pruner] = None,
 ) -> dict:
     """Run (or continue) a search; returns best.json's content.
+
+    `pruner`: median (the default), halving (successive halving) or none. A Ctrl-C or SIGTERM
+    records the running trial as interrupted and raises runtime.Interrupted (`resume` continues).
 
     `trials` is the total number of trials, counting those already recorded. `model`/`train`/
     `optim` are the base config each trial starts from. With `resume`, the saved space, method,
@@ -359,6 +399,8 @@ def tune(
         raise UserError(f"--trials must be at least 1, got {trials}")
     if method is not None and method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if pruner is not None and pruner not in PRUNERS:
+        raise UserError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
     study_file, trials_file = out / "study.json", out / "trials.jsonl"
     exists = study_file.exists() or trials_file.exists()
     if exists and not (resume or force):
@@ -377,6 +419,7 @@ def tune(
             _check_same("the search space", load_space(space), saved["space"])
         _check_same("--method", method, saved["method"])
         _check_same("--seed", seed, saved["seed"])
+        _check_same("--pruner", pruner, saved.get("pruner", "none"))
         _check_same("--data", str(data) if data is not None else None, saved["data"])
         base = {name: _section(cls, saved["base"][name]) for name, cls in SECTIONS.items()}
         for name in SECTIONS:
@@ -399,6 +442,10 @@ def tune(
                     "base": {name: asdict(cfg) for name, cfg in base.items()}}
         # fixed once: a different number of TPE's random start-up trials would change every later trial
         settings["startup_trials"] = max(1, min(10, trials // 3))
+        # the median pruner waits for this many complete trials, and prunes no trial in its first quarter
+        # (early losses are close together and noisy)
+        settings.update(pruner=pruner or "median", pruner_startup_trials=max(2, min(5, trials // 4)),
+                        pruner_warmup_steps=base["train"].max_iters // 4)
     space_n, method_n = settings["space"], settings["method"]
     if method_n == "grid":
         size = grid_size(space_n)
@@ -409,41 +456,70 @@ def tune(
     if not resume:
         atomic_write_json(study_file, settings)
     records = _read_trials(trials_file)
-    if len(records) >= trials:
+    if len(records) >= trials and records[-1]["status"] != INTERRUPTED:
         _note(f"{out} already has {len(records)} trials (--trials {trials}); nothing to run")
 
     def objective(trial) -> float:
         n = trial.number
         params = _suggest(trial, method_n, space_n)
+        earlier = None
         if n < len(records):  # replay: same sampler, same seed, so the same params come out
             rec = records[n]
             if rec["params"] != params:
                 raise UserError(f"{trials_file}: trial {n} has params {rec['params']}, but the sampler now proposes "
                                 f"{params} (another Optuna version?); continue in a new --out")
-            if rec["status"] != "complete":
-                raise _TrialFailed(rec.get("error", "failed"))
-            return rec["val_loss"]
-        record = _run_trial(n, params, out, settings, base, run_training, total=trials)
-        _append_jsonl(trials_file, record)
-        records.append(record)
+            max_iters = apply_params(base, params)[1].max_iters
+            for step, loss in rec.get("evals", []):  # the pruner sees what it saw the first time
+                _report_eval(trial, step, loss, max_iters)
+            if rec["status"] != INTERRUPTED:
+                return _outcome(rec)
+            earlier = rec  # its training continues from its checkpoint
+        if signals.requested:  # a Ctrl-C between trials: start no new one
+            raise Interrupted(f"the search stopped before trial-{n:03d}; --resume continues it")
+        record = _run_trial(n, params, out, settings, base, run_training, trials, trial, earlier)
+        if earlier is None:
+            _append_jsonl(trials_file, record)
+            records.append(record)
+        else:
+            records[n] = record
+            _rewrite_jsonl(trials_file, records)
         _write_best(out, records, settings)
-        if record["status"] != "complete":
-            raise _TrialFailed(record["error"])
-        return record["val_loss"]
+        if record["status"] == INTERRUPTED:
+            raise Interrupted(f"trial-{n:03d} saved a checkpoint at step {record['step']} and is recorded as "
+                              f"interrupted; --resume continues it")
+        return _outcome(record)
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own one line per trial replaces Optuna's log
-    try:
-        study = optuna.create_study(direction="minimize",
-                                    sampler=_sampler(method_n, space_n, settings["seed"], settings["startup_trials"]))
-        study.optimize(objective, n_trials=max(trials, len(records)), catch=(_TrialFailed,))
-    finally:
-        optuna.logging.set_verbosity(verbosity)
+    study = optuna.create_study(direction="minimize", pruner=_pruner(settings),
+                                sampler=_sampler(method_n, space_n, settings["seed"], settings["startup_trials"]))
+    with stop_on_signals() as signals:
+        try:
+            study.optimize(objective, n_trials=max(trials, len(records)), catch=(_TrialFailed,))
+        finally:  # also after an interrupt: what was done so far is recorded and drawn
+            optuna.logging.set_verbosity(verbosity)
+            _write_best(out, records, settings)
+            draw_search(out / "search.png", records, study)
     best = _write_best(out, records, settings)
     if best is None:
         first = next((r.get("error") for r in records if r.get("error")), "unknown error")
         raise UserError(f"no trial finished: {first} (logs in {out}/trial-*/train.log)")
     return best
+
+
+def _outcome(record: dict) -> float:
+    """What Optuna is told about a finished trial: its value, or that it was pruned or failed."""
+    import optuna
+
+    if record["status"] == PRUNED:
+        raise optuna.TrialPruned(f"pruned at step {record['step']}")
+    if record["status"] != "complete":
+        raise _TrialFailed(record.get("error", "failed"))
+    return record["val_loss"]
+
+
+def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
 
 
 def _plain(value: Any) -> Any:
@@ -452,45 +528,65 @@ def _plain(value: Any) -> Any:
 
 def _clear(out: Path) -> None:
     """--force: remove only what a search writes, never unrelated files that share the directory."""
-    for name in ("study.json", "trials.jsonl", "best.json", "best-config.json"):
+    for name in ("study.json", "trials.jsonl", "best.json", "best-config.json", "search.png"):
         (out / name).unlink(missing_ok=True)
     for d in out.glob("trial-[0-9][0-9][0-9]*"):
         if d.is_dir():
             shutil.rmtree(d)
 
 
-def _run_trial(n: int, params: dict, out: Path, settings: dict, base: dict, run_training, total: int) -> dict:
+def _run_trial(n: int, params: dict, out: Path, settings: dict, base: dict, run_training, total: int, trial,
+               earlier: Optional[dict] = None) -> dict:
+    """Train trial n (or continue an interrupted one, `earlier`), its evaluations feeding the pruner."""
     run_dir = out / f"trial-{n:03d}"
     record: dict[str, Any] = {"trial": n, "run": run_dir.name, "params": params}
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # left by an interrupted attempt at this trial
+    evals: list[list] = [list(e) for e in earlier["evals"]] if earlier else []
+    if run_dir.exists() and earlier is None:
+        shutil.rmtree(run_dir)  # left by a crashed attempt at this trial
     t0 = time.perf_counter()
     try:
         model, train_cfg, optim = apply_params(base, params)
-        run_dir.mkdir(parents=True)
+        train_cfg = replace(train_cfg, report=False)  # the search has its own picture, search.png
+
+        def on_eval(step: int, val_loss: float) -> Optional[str]:
+            evals.append([step, val_loss])
+            return PRUNED if _report_eval(trial, step, val_loss, train_cfg.max_iters) else None
+
+        run_dir.mkdir(parents=True, exist_ok=True)
         # each trial's training output goes to its own log, so the terminal shows one line per trial
-        with open(run_dir / "train.log", "w", encoding="utf-8") as log, contextlib.redirect_stderr(log):
-            result = run_training(data=Path(settings["data"]), out=run_dir, model=model, train=train_cfg, optim=optim)
-        value = result.get("final_val_loss")
-        if value is None:
-            value = result.get("best_val_loss")
-        if value is None or not math.isfinite(value):
-            raise UserError(f"no validation loss (step {result.get('step')}): raise train.max_iters or lower "
-                            "train.eval_interval")
-        record.update(status="complete", val_loss=value, best_val_loss=result.get("best_val_loss"),
-                      final_val_loss=result.get("final_val_loss"), step=result.get("step"),
-                      stop_reason=result.get("stop_reason"))
+        with open(run_dir / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
+            result = run_training(data=Path(settings["data"]), out=run_dir, model=model, train=train_cfg, optim=optim,
+                                  resume=earlier is not None, on_eval=on_eval)
+        record.update(step=result.get("step"), stop_reason=result.get("stop_reason"))
+        if result["stop_reason"] in (PRUNED, INTERRUPTED):
+            record.update(status=result["stop_reason"], val_loss=evals[-1][1] if evals else None)
+        else:
+            value = result.get("final_val_loss")
+            if value is None:
+                value = result.get("best_val_loss")
+            if value is None or not math.isfinite(value):
+                raise UserError(f"no validation loss (step {result.get('step')}): raise train.max_iters or lower "
+                                "train.eval_interval")
+            record.update(status="complete", val_loss=value, best_val_loss=result.get("best_val_loss"),
+                          final_val_loss=result.get("final_val_loss"))
     except (UserError, ValueError, MemoryError) as e:  # this combination failed; the search goes on
         record.update(status="failed", val_loss=None, error=str(e).splitlines()[0] if str(e) else type(e).__name__)
     except RuntimeError as e:
         if "memory" not in str(e).lower():  # CPU and CUDA out-of-memory are RuntimeErrors; others are bugs
             raise
         record.update(status="failed", val_loss=None, error=str(e).splitlines()[0])
-    record["wall_s"] = round(time.perf_counter() - t0, 3)
+    record["evals"] = evals  # [step, val loss] of each evaluation: what the pruner saw, replayed on --resume
+    record["wall_s"] = round(time.perf_counter() - t0 + (earlier or {}).get("wall_s", 0.0), 3)
     log_file = run_dir / "train.log"
-    outcome = (f"val loss {record['val_loss']:.4f}" if record["status"] == "complete" else f"failed: {record['error']}"
-               + (f" (see {log_file})" if log_file.exists() and log_file.stat().st_size else ""))
-    print(f"trial {n + 1}/{total}: {_fmt(params)} -> {outcome} ({record['wall_s']:.1f} s)", file=sys.stderr)
+    status = record["status"]
+    if status == "failed":
+        outcome = f"failed: {record['error']}" + (f" (see {log_file})" if log_file.exists() and log_file.stat().st_size
+                                                 else "")
+    elif status == "complete":
+        outcome = f"val loss {record['val_loss']:.4f}"
+    else:
+        outcome = f"{status} at step {record['step']}" + (f", val loss {record['val_loss']:.4f}" if evals else "")
+    print(f"trial-{n:03d} ({n + 1}/{total}): {_fmt(params)} -> {outcome} ({record['wall_s']:.1f} s)", file=sys.stderr)
     return record
 
 
@@ -504,18 +600,81 @@ def _write_best(out: Path, records: list[dict], settings: dict) -> Optional[dict
     run_config = out / r["run"] / "config.json"
     if run_config.exists():  # what training actually used, e.g. vocab_size filled in from the data
         config["model"] = read_json(run_config)["model"]
+    count = {status: sum(rec["status"] == status for rec in records) for status in ("failed", PRUNED)}
     best = {"trial": r["trial"], "run": str(out / r["run"]), "val_loss": r["val_loss"], "params": r["params"],
-            "method": settings["method"], "trials_complete": len(done), "trials_failed": len(records) - len(done),
-            "config": config}
+            "method": settings["method"], "pruner": settings.get("pruner", "none"), "trials_complete": len(done),
+            "trials_pruned": count[PRUNED], "trials_failed": count["failed"], "config": config}
     atomic_write_json(out / "best.json", best)
     atomic_write_json(out / "best-config.json", config)
     return best
 
 
-def tune_cli(**kwargs: Any) -> dict:
-    """`scratchgpt tune`: run the search, then print the best trial as one JSON line."""
-    best = tune(**kwargs)
-    print(f"best: trial {best['trial']}, val loss {best['val_loss']:.4f}: {_fmt(best['params'])} "
-          f"(full config in {Path(kwargs['out']) / 'best.json'})", file=sys.stderr)
+def draw_search(path: Path, records: list[dict], study=None) -> None:
+    """search.png: each trial's val loss in order (pruned ones where they stopped) with the best so far,
+    every trial's val curve over steps, and (from 2 complete trials on) Optuna's parameter importances."""
+    if not records:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (hist, curves, imp) = plt.subplots(1, 3, figsize=(15, 4))
+    done = [r for r in records if r["status"] == "complete"]
+    pruned = [r for r in records if r["status"] == PRUNED and r.get("val_loss") is not None]
+    hist.plot([r["trial"] for r in done], [r["val_loss"] for r in done], "o", label="complete")
+    if pruned:
+        hist.plot([r["trial"] for r in pruned], [r["val_loss"] for r in pruned], "x", color="grey",
+                  label="pruned (last eval)")
+    best, xs, ys = math.inf, [], []
+    for r in done:
+        best = min(best, r["val_loss"])
+        xs.append(r["trial"])
+        ys.append(best)
+    hist.step(xs, ys, where="post", color="tab:red", label="best so far")
+    hist.set(title="optimization history", xlabel="trial", ylabel="val loss")
+    for r in records:
+        if r.get("evals"):
+            steps, losses = zip(*r["evals"])
+            line, = curves.plot(steps, losses, "--" if r["status"] == PRUNED else "-", alpha=0.7, marker=".")
+            if r["status"] == PRUNED:
+                curves.plot(steps[-1:], losses[-1:], "x", color=line.get_color(), markersize=8)
+    curves.set(title="val loss per trial (x: pruned there)", xlabel="step", ylabel="val loss")
+    importances = _importances(study) if study is not None and len(done) >= 2 else {}
+    if importances:
+        names = list(importances)[::-1]
+        imp.barh(names, [importances[k] for k in names])
+        imp.set(title="parameter importances (fANOVA)", xlabel="importance")
+    else:
+        imp.axis("off")
+        imp.text(0.5, 0.5, "parameter importances need\n2 complete trials that differ", ha="center", va="center")
+    for ax in (hist, curves):
+        ax.grid(alpha=0.3)
+    hist.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    plt.close(fig)
+
+
+def _importances(study) -> dict:
+    import optuna
+
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError):  # e.g. every complete trial has the same params
+        return {}
+
+
+def tune_cli(**kwargs: Any) -> int:
+    """`scratchgpt tune`: run the search, then print the best trial as one JSON line; 130 after an interrupt."""
+    try:
+        best = tune(**kwargs)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
+    print(f"best: trial-{best['trial']:03d}, val loss {best['val_loss']:.4f}: {_fmt(best['params'])} "
+          f"({best['trials_complete']} complete, {best['trials_pruned']} pruned, {best['trials_failed']} failed; "
+          f"full config in {Path(kwargs['out']) / 'best.json'}, picture in {Path(kwargs['out']) / 'search.png'})",
+          file=sys.stderr)
     print(json.dumps({k: best[k] for k in ("trial", "val_loss", "params", "run")}))
-    return best
+    return 0
