@@ -219,3 +219,37 @@ def test_stop_understands_escapes(tmp_path, char_data, capsys):
             break
     assert main(common + ["--stop", "\\n"]) == 0
     assert capsys.readouterr().out[:-1] == free[: free.index("\n")]
+
+
+# ---------------------------------------------------------------- the main command
+def test_train_without_config_starts_from_the_recipe(tmp_path, char_data, capsys):
+    """`scratchgpt train` (any --data) gets recipes/default.yaml; --config FILE gets the config classes'
+    defaults + FILE (the nanoGPT comparison); either way it ends with a sample, perplexity and the report."""
+    import yaml
+
+    from scratchgpt.cli import RECIPE, _sections, _train_parser, use_recipe
+
+    def parsed(argv):
+        p = _train_parser()
+        use_recipe(p, argv)
+        return _sections(p.parse_args(argv))
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    model, tcfg, optim = parsed(["--data", "mine", "--train.max_iters", "5"])
+    assert {k: getattr(model, k) for k in recipe["model"]} == recipe["model"]
+    assert tcfg.max_iters == 5 and tcfg.sample_tokens == recipe["train"]["sample_tokens"] and tcfg.report
+    assert optim.optimizer == "muon" and optim.schedule == recipe["optim"]["schedule"]
+    nanogpt = Path(__file__).parents[1] / "configs" / "shakespeare-char-nanogpt.yaml"
+    model, tcfg, optim = parsed(["--config", str(nanogpt)])
+    assert (model.n_head, model.pos, model.mlp_hidden, optim.optimizer, tcfg.max_iters) == (4, "learned", 0, "adamw", 2000)
+    assert (model, tcfg, optim) == parsed(["--config", str(nanogpt)]) != parsed([])
+    assert parsed(["--config", "{}"]) == (ModelConfig(), TrainConfig(), OptimConfig())
+
+    # the recipe end to end, shrunk: the last lines are the sample, the val perplexity and the report's path
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(char_data), "--out", str(run), "--model.n_layer=1", "--model.n_embd=32",
+                 "--train.batch_size=4", "--train.max_iters=4", "--train.eval_iters=1", "--train.sample_tokens=16",
+                 "--train.progress=false"]) == 0
+    tail = capsys.readouterr().err.rstrip().splitlines()[-30:]
+    assert any(line.startswith("| val perplexity |") for line in tail) and "Sample at step 4:" in tail
+    assert tail[-1] == f"Report: {run / 'report.html'}" and (run / "report.html").exists()
