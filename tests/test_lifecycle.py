@@ -103,24 +103,40 @@ def test_a_second_signal_quits_at_once_and_handlers_are_restored(monkeypatch):
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def test_sigterm_during_finetune_saves_latest(tmp_path, char_data):
+def test_sigterm_during_finetune_saves_and_resume_is_bit_exact(tmp_path, char_data):
     base = tmp_path / "base"
-    train(data=char_data, out=base, model=ModelConfig(**TINY), train=quiet(max_iters=2, eval_interval=2))
+    train(data=char_data, out=base, model=ModelConfig(**TINY, dropout=0.1), train=quiet(max_iters=2, eval_interval=2))
     lines = [{"text": f"sample number {i} " + "ab" * (i % 7), "label": "even" if i % 2 == 0 else "odd"}
              for i in range(64)]
     for name in ("train", "val"):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    def command(out: Path) -> list:
+        return ["finetune", "classify", base, "--train", tmp_path / "train.jsonl", "--val", tmp_path / "val.jsonl",
+                "--out", out, "--max-steps", "120", "--batch-size", "4", "--device", "cpu"]
+
     out = tmp_path / "cls"
-    proc = start("finetune", "classify", base, "--train", tmp_path / "train.jsonl", "--val", tmp_path / "val.jsonl",
-                 "--out", out, "--epochs", "100000", "--batch-size", "4", "--device", "cpu")
-    wait_for_lines(out / "metrics.jsonl", 3, proc)  # the step-0 evaluation and two logged steps
+    proc = start(*command(out))
+    wait_for_lines(out / "metrics.jsonl", 3, proc)  # the step-0 evaluation and two more rows
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     result = json.loads((out / "result.json").read_text())
     assert result["stop_reason"] == "interrupted" and "saved" in err and "Traceback" not in err
-    assert json.loads((out / "latest/state.json").read_text())["step"] == result["steps"] >= 10
-    assert (out / "report.html").exists()
+    k = result["steps"]
+    assert 10 <= k < 120 and json.loads((out / "latest/state.json").read_text())["step"] == k
+    assert (out / "latest/optimizer.safetensors").exists() and (out / "report.html").exists()
+
+    assert main([str(a) for a in command(out)] + ["--resume", "--lr", "1e-3"]) == 1  # other options: refused
+    assert main([str(a) for a in command(out)] + ["--resume"]) == 0
+    assert main([str(a) for a in command(tmp_path / "ref")]) == 0
+    got, want = rows(out), rows(tmp_path / "ref")
+    assert [r["step"] for r in got] == [r["step"] for r in want]  # nothing twice, nothing missing
+    assert [r.get("train_loss") for r in got] == [r.get("train_loss") for r in want]
+    assert [r.get("val_loss") for r in got] == [r.get("val_loss") for r in want]
+    assert same_weights(out / "latest", tmp_path / "ref" / "latest")
+    assert "--resume" not in json.loads((out / "config.json").read_text())["command"]  # the run's own command
+    assert json.loads((out / "result.json").read_text())["best"] == json.loads((tmp_path / "ref/result.json").read_text())["best"]
 
 
 # ---------------------------------------------------------------- resume hygiene

@@ -289,6 +289,8 @@ def _finetune_common(p: Parser) -> None:
     p.add_argument("--val", type=Path, required=True, help="validation file, same format")
     p.add_argument("--out", type=Path, required=True, help="new run directory")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--resume", action="store_true", help="continue --out after a Ctrl-C or SIGTERM, exactly (give the "
+                                                           "same command line it started with)")
     _which_arg(p)
     add_options(p, FinetuneOptions)
 
@@ -321,10 +323,11 @@ def cmd_finetune(a, argv: list[str], parser: Parser) -> int:
     command = shlex.join(["scratchgpt", "finetune", *argv])
     if a.mode == "classify":
         result = finetune_classify(f.run, f.train, f.val, f.out, options=o, task=options_from(f, ClassifyOptions),
-                                   which=f.which, force=f.force, command=command)
+                                   which=f.which, force=f.force, command=command,
+                                   resume=f.resume)
     else:
         result = finetune_sft(f.run, f.train, f.val, f.out, options=o, task=options_from(f, SFTOptions), which=f.which,
-                              force=f.force, command=command)
+                              force=f.force, command=command, resume=f.resume)
     return 130 if result["stop_reason"] == INTERRUPTED else 0
 
 

@@ -50,6 +50,11 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in peft.get_peft_model_state_dict(model).items()}
 
 
+def set_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load saved adapter tensors into an already LoRA-wrapped model (a resumed fine-tune)."""
+    _peft().set_peft_model_state_dict(model, tensors)
+
+
 def load_adapter(model: nn.Module, adapter_config: dict, tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
     """LoRA-wrap `model` and load saved adapter tensors into it; a mismatch names `where`."""
     peft = _peft()

@@ -29,8 +29,9 @@ from ..metrics import classification_metrics, format_confusion
 from ..prompts import encode_texts
 from ..runtime import pick_device
 from ..utils import atomic_write_bytes
-from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, finish_run, fit, prepare_run, run_config,
-                   setup_trainable, stderr_log, train_part, write_run_files)
+from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, finish_run, fit, prepare_run,
+                   recorded_command, resume_checkpoint, run_config, setup_trainable, stderr_log, train_part,
+                   write_run_files)
 
 
 @dataclass
@@ -47,9 +48,10 @@ class ClassifyOptions:
 
 def train_classifier(model: nn.Module, train_ids: list[list[int]], train_y: list[int], val_ids: list[list[int]],
                      val_y: list[int], labels: list[str], o: FinetuneOptions, out: Path,
-                     save: Callable[[str, dict, dict], None] = lambda *a: None, device: torch.device | str = "cpu",
-                     log: Callable[[str], None] = stderr_log) -> dict:
-    """Train a (possibly LoRA-wrapped or partly frozen) GPTClassifier; val metrics each evaluation."""
+                     save: Callable[..., None] = lambda *a: None, device: torch.device | str = "cpu",
+                     log: Callable[[str], None] = stderr_log, resume: Optional[Path] = None) -> dict:
+    """Train a (possibly LoRA-wrapped or partly frozen) GPTClassifier; val metrics each evaluation.
+    `resume`: an interrupted run's latest/ (its weights already in `model`), continued exactly."""
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(o.seed)
     y_train = torch.tensor(train_y)
@@ -81,13 +83,13 @@ def train_classifier(model: nn.Module, train_ids: list[list[int]], train_y: list
 
     model.to(device)
     return fit(model, batches, loss_of, evaluate, better, save, o, out, describe, log,
-                lambda batch: sum(len(train_ids[i]) for i in batch))
+               lambda batch: sum(len(train_ids[i]) for i in batch), generator=gen, resume=resume)
 
 
 def finetune_classify(base: str | os.PathLike, train_file: str | os.PathLike, val_file: str | os.PathLike,
                       out: str | os.PathLike, *, options: Optional[FinetuneOptions] = None,
                       task: Optional[ClassifyOptions] = None, which: str = "best", force: bool = False,
-                      log: Callable[[str], None] = stderr_log, command: Optional[str] = None,
+                      log: Callable[[str], None] = stderr_log, command: Optional[str] = None, resume: bool = False,
                       **task_fields: Any) -> dict:
     """`scratchgpt finetune classify`: returns the summary also written to out/result.json.
 
@@ -96,7 +98,7 @@ def finetune_classify(base: str | os.PathLike, train_file: str | os.PathLike, va
     t = replace(task or ClassifyOptions(), **task_fields)
     if t.pooling not in ("last", "mean"):
         raise UserError(f"--pooling must be 'last' or 'mean', not {t.pooling!r}")
-    run = prepare_run(base, out, o, force, which)
+    run = prepare_run(base, out, o, force, which, resume)
     tokenizer, out = run.base.tokenizer, run.out
     texts, y_train, w_train = read_labelled(train_file, t.text_field, t.label_field)
     val_texts, y_val, w_val = read_labelled(val_file, t.text_field, t.label_field)
@@ -114,7 +116,8 @@ def finetune_classify(base: str | os.PathLike, train_file: str | os.PathLike, va
     model = setup_trainable(GPTClassifier(run.gpt, len(labels), t.pooling), lora=o.lora_dict(),
                             freeze_except=o.freeze_except)
     config = run_config(run.base, finetune_record("classify", run.base.checkpoint, o, train_file, val_file,
-                                                   truncated={"train": cut_train, "val": cut_val}), command)
+                                                   truncated={"train": cut_train, "val": cut_val}),
+                        recorded_command(out, command, resume))
     config["classifier"] = {"labels": labels, "pooling": t.pooling, "text_field": t.text_field,
                             "label_field": t.label_field}
     config.pop("chat_template", None)
@@ -122,7 +125,7 @@ def finetune_classify(base: str | os.PathLike, train_file: str | os.PathLike, va
     save = checkpoint_saver(out, model, o, config, run.base.checkpoint / TOKENIZER_FILE)
     majority = max(labels, key=y_val.count)
     result = train_classifier(model, train_ids, [index[y] for y in y_train], val_ids, [index[y] for y in y_val], labels,
-                              o, out, save, run.device, log)
+                              o, out, save, run.device, log, resume=resume_checkpoint(out, model, o) if resume else None)
     result.update(labels=labels, majority_baseline=y_val.count(majority) / len(y_val), truncated=cut_train + cut_val)
     if result["best"] is not None:
         log(f"best: step {result['best']['step']}, accuracy {result['best']['accuracy']:.4f}, macro-F1 "

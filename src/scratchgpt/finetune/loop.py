@@ -5,14 +5,17 @@ final norm and the head train; 0 = a linear probe); --lora (PEFT LoRA on every c
 c_proj and c_fc; base weights frozen; a classifier's new head trains too).
 
 Run layout: as a pretraining run (RUN/checkpoints/step-N, RUN/latest, RUN/best, written by
-checkpoint.write_checkpoint), without optimizer state: a fine-tune is short and is rerun
-rather than resumed. Its checkpoint holds model.safetensors (not with --lora), head.safetensors
+checkpoint.write_checkpoint), without optimizer state, except in the `latest/` that a Ctrl-C or
+SIGTERM leaves: that one also holds optimizer.safetensors and state.json's "resume" (the loop's
+counters, the shuffling generator, the RNG), and the same command with `--resume` continues it
+bit-exactly. Its checkpoint holds model.safetensors (not with --lora), head.safetensors
 (classify), adapter_model.safetensors + adapter_config.json (--lora), config.json (the base
 config + "finetune" (+ "classifier" | "chat_template")), tokenizer.json and state.json.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -27,13 +30,15 @@ import torch
 import torch.nn as nn
 
 from .. import UserError
-from ..checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, LoadedRun, load_run,
-                          model_tensors, weights_sha256, write_checkpoint)
+from ..checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE,
+                          LoadedRun, load_model_tensors, load_run, load_tensors, model_tensors, optimizer_from_tensors,
+                          rng_state, set_rng_state, verify_checkpoint, weights_sha256, write_checkpoint)
+from ..checkpoint.store import optimizer_files
 from ..heads import classifier_of
-from ..lora import add_lora, adapter_tensors, lora_config_dict
+from ..lora import add_lora, adapter_tensors, lora_config_dict, set_adapter_tensors
 from ..model import GPT, gpt_of
 from ..runtime import INTERRUPTED, configure_threads, environment, pick_device, stop_on_signals
-from ..utils import atomic_write_json
+from ..utils import atomic_write, atomic_write_json
 
 
 @dataclass
@@ -104,22 +109,44 @@ def _lr(step: int, total: int, o: FinetuneOptions) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+@dataclass
+class Progress:
+    """The fine-tuning loop's counters: what an interrupted run saves and `--resume` restores."""
+
+    step: int = 0
+    tokens: int = 0
+    epoch: int = 0
+    position: int = 0  # batches of this epoch already trained on
+    best: Optional[dict] = None
+    bad: int = 0  # evaluations since the best
+    running: list = field(default_factory=list)  # train losses since the last evaluation
+    first: Optional[dict] = None  # the evaluation before any step
+    last: Optional[dict] = None  # the latest evaluation
+    elapsed_s: float = 0.0
+    shuffle: Optional[str] = None  # the batch order generator's state when this epoch's order was drawn (base64)
+    rng: Optional[dict] = None  # the global RNGs (dropout) at the interrupt
+
+
 def fit(model: nn.Module, batches: Callable[[int], list], loss_of: Callable[[Any], torch.Tensor],
-         evaluate: Callable[[], dict], better: Callable[[dict, Optional[dict]], bool],
-         save: Callable[[str, dict, dict], None], o: FinetuneOptions, out: Path,
-         describe: Callable[[int, dict, Optional[float]], str], log: Callable[[str], None],
-         tokens_of: Callable[[Any], int] = lambda batch: 0) -> dict:
+        evaluate: Callable[[], dict], better: Callable[[dict, Optional[dict]], bool],
+        save: Callable[..., None], o: FinetuneOptions, out: Path,
+        describe: Callable[[int, dict, Optional[float]], str], log: Callable[[str], None],
+        tokens_of: Callable[[Any], int] = lambda batch: 0, generator: Optional[torch.Generator] = None,
+        resume: Optional[Path] = None) -> dict:
     """Optimise, evaluate every eval_interval steps, keep the best, stop early; returns a summary.
 
-    save(name, {"step", "tokens"}, val metrics) writes checkpoint `name` ("best" or "latest").
-    The first Ctrl-C / SIGTERM ends the current step, saves latest and stops ("interrupted").
+    save(name, {"step", "tokens"[, "resume"]}, val metrics[, optimizer]) writes checkpoint `name`
+    ("best" or "latest"). The first Ctrl-C / SIGTERM ends the current step and saves latest with
+    the optimizer and the loop's state ("interrupted"); `resume` (that checkpoint) continues from
+    it. `generator` is what `batches` shuffles with: its state is part of that state.
     """
     with stop_on_signals() as signals:
-        return _fit(model, batches, loss_of, evaluate, better, save, o, out, describe, log, tokens_of, signals)
+        return _fit(model, batches, loss_of, evaluate, better, save, o, out, describe, log, tokens_of, signals,
+                    generator, resume)
 
 
 def _fit(model, batches, loss_of, evaluate, better, save, o: FinetuneOptions, out: Path, describe, log, tokens_of,
-         signals) -> dict:
+         signals, generator, resume) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: every parameter is frozen")
@@ -139,56 +166,117 @@ def _fit(model, batches, loss_of, evaluate, better, save, o: FinetuneOptions, ou
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
-    step, tokens, best, bad, stop = 0, 0, None, 0, "max_steps" if o.max_steps else "epochs"
-    t0 = time.time()
-    first = last = evaluate()  # before any step: shows what training starts from
-    record({"step": 0, **first})
-    log(describe(0, first, None))
+    stop = "max_steps" if o.max_steps else "epochs"
+    if resume is not None:
+        p = _restore(resume, opt, metrics_path)
+        log(f"resumed from {resume} at step {p.step}")
+    else:
+        p = Progress()
+        p.first = p.last = evaluate()  # before any step: shows what training starts from
+        record({"step": 0, **p.first})
+        log(describe(0, p.first, None))
     model.train()
-    epoch, running = 0, []
-    while step < total:
-        for batch in batches(epoch):
+    t0 = time.time() - p.elapsed_s
+    restored_shuffle = p.shuffle if resume is not None else None
+    if p.rng is not None:
+        set_rng_state(p.rng)
+    while p.step < total:
+        if generator is not None:  # this epoch's order is drawn now: keep the state it is drawn from
+            if restored_shuffle is not None:
+                generator.set_state(torch.frombuffer(bytearray(base64.b64decode(restored_shuffle)), dtype=torch.uint8))
+                restored_shuffle = None
+            p.shuffle = base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
+        for batch in batches(p.epoch)[p.position:]:
             for g in opt.param_groups:
-                g["lr"] = _lr(step, total, o)
+                g["lr"] = _lr(p.step, total, o)
             loss = loss_of(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if o.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
             if not torch.isfinite(loss):
-                raise UserError(f"non-finite loss at step {step}; lower --lr")
+                raise UserError(f"non-finite loss at step {p.step}; lower --lr")
             opt.step()
-            step += 1
-            tokens += tokens_of(batch)
-            running.append(loss.item())
-            if step % o.log_interval == 0:
-                record({"step": step, "epoch": epoch, "train_loss": sum(running) / len(running), "lr": _lr(step - 1, total, o),
-                        "elapsed_s": round(time.time() - t0, 3)})
-            if step % interval == 0 or step == total:
-                ev = last = evaluate()
+            p.step += 1
+            p.position += 1
+            p.tokens += tokens_of(batch)
+            p.running.append(loss.item())
+            if p.step % o.log_interval == 0:
+                record({"step": p.step, "epoch": p.epoch, "train_loss": sum(p.running) / len(p.running),
+                        "lr": _lr(p.step - 1, total, o), "elapsed_s": round(time.time() - t0, 3)})
+            if p.step % interval == 0 or p.step == total:
+                ev = p.last = evaluate()
                 model.train()
-                train_loss = sum(running) / len(running)
-                running = []
-                record({"step": step, "epoch": epoch, "train_loss": train_loss, **ev})
-                log(describe(step, ev, train_loss))
-                if better(ev, best):
-                    best, bad = dict(ev, step=step), 0
-                    save("best", {"step": step, "tokens": tokens}, ev)
+                train_loss = sum(p.running) / len(p.running)
+                p.running = []
+                record({"step": p.step, "epoch": p.epoch, "train_loss": train_loss, **ev})
+                log(describe(p.step, ev, train_loss))
+                if better(ev, p.best):
+                    p.best, p.bad = dict(ev, step=p.step), 0
+                    save("best", {"step": p.step, "tokens": p.tokens}, ev)
                 else:
-                    bad += 1
-                if o.patience and bad >= o.patience:
-                    stop = f"early stopping: no val improvement in {bad} evaluations"
+                    p.bad += 1
+                if o.patience and p.bad >= o.patience:
+                    stop = f"early stopping: no val improvement in {p.bad} evaluations"
                     break
-            if signals.requested and step < total:
+            if signals.requested and p.step < total:
                 stop = INTERRUPTED
                 break
-            if step >= total:
+            if p.step >= total:
                 break
         if stop.startswith("early") or stop == INTERRUPTED:
             break
-        epoch += 1
-    save("latest", {"step": step, "tokens": tokens}, last)  # the last evaluation's metrics (none after an interrupt)
-    return {"steps": step, "tokens": tokens, "stop_reason": stop, "best": best, "initial": first, "elapsed_s": round(time.time() - t0, 3)}
+        p.epoch, p.position = p.epoch + 1, 0
+    p.elapsed_s = time.time() - t0
+    if stop == INTERRUPTED:  # everything --resume needs, with the optimizer
+        p.rng = rng_state()
+        save("latest", {"step": p.step, "tokens": p.tokens, "resume": asdict(p)}, p.last, opt)
+    else:
+        save("latest", {"step": p.step, "tokens": p.tokens}, p.last)  # the last evaluation's metrics
+    return {"steps": p.step, "tokens": p.tokens, "stop_reason": stop, "best": p.best, "initial": p.first,
+            "elapsed_s": round(p.elapsed_s, 3)}
+
+
+def _restore(ckpt: Path, opt: torch.optim.Optimizer, metrics_path: Path) -> Progress:
+    """The optimizer and counters of an interrupted run; metrics.jsonl cut back to its step."""
+    state = verify_checkpoint(ckpt)
+    tensors = load_tensors(ckpt / OPTIM_FILE)
+    optimizer_from_tensors(opt, {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("0.")},
+                           state["optimizer"][0])
+    p = Progress(**state["resume"])
+    if metrics_path.exists():
+        kept = [ln for ln in metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if json.loads(ln)["step"] <= p.step]
+        atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
+    return p
+
+
+def check_resumable(out: Path, o: FinetuneOptions) -> Path:
+    """`--resume`, before anything is written: OUT/latest is an interrupted fine-tune with these options."""
+    ckpt = out / "latest"
+    state = verify_checkpoint(ckpt) if (ckpt / STATE_FILE).exists() else {}
+    if "resume" not in state:
+        raise UserError(f"{out}: nothing to resume (no fine-tune stopped by Ctrl-C or SIGTERM in {ckpt})")
+    saved = (json.loads((ckpt / CONFIG_FILE).read_text(encoding="utf-8")).get("finetune") or {}).get("options", {})
+    changed = sorted(k for k, v in asdict(o).items() if saved.get(k, v) != v)
+    if changed:
+        raise UserError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the run's "
+                        "(resume with the command line it started with)")
+    return ckpt
+
+
+def resume_checkpoint(out: Path, model: nn.Module, o: FinetuneOptions) -> Path:
+    """`--resume`: load the interrupted run's weights (full or adapter, and a head) into the freshly set-up
+    model; returns the checkpoint for fit(resume=...)."""
+    ckpt = out / "latest"
+    if o.lora:
+        set_adapter_tensors(model, load_tensors(ckpt / ADAPTER_FILE))
+    else:
+        load_model_tensors(model, load_tensors(ckpt / MODEL_FILE))
+    head = classifier_of(model)
+    if head is not None:
+        head.head.load_state_dict(load_tensors(ckpt / HEAD_FILE))
+    return ckpt
 
 
 @dataclass
@@ -205,11 +293,16 @@ class FinetuneSetup:
 
 
 def prepare_run(base: str | os.PathLike, out: str | os.PathLike, o: FinetuneOptions, force: bool,
-                which: str) -> FinetuneSetup:
+                which: str, resume: bool = False) -> FinetuneSetup:
     """Check the options and the output dir, load the base run, pick the device and threads."""
     o.check()
     out = Path(out)
-    check_out(out, force, [Path(base)])
+    if resume and force:
+        raise UserError("--resume continues --out, --force replaces it: give one")
+    if resume:
+        check_resumable(out, o)
+    else:
+        check_out(out, force, [Path(base)])
     base_run = load_run(base, which)
     base_run.gpt.train()
     configure_threads(0)
@@ -242,6 +335,13 @@ def finetune_record(kind: str, base_ckpt: Path, o: FinetuneOptions, train_file, 
             "lora": o.lora_dict(), **extra}
 
 
+def recorded_command(out: Path, command: Optional[str], resume: bool) -> Optional[str]:
+    """The command line config.json records: after --resume still the run's own, not the resume's."""
+    if resume:
+        return json.loads((out / "latest" / CONFIG_FILE).read_text(encoding="utf-8")).get("command")
+    return command
+
+
 def run_config(base: LoadedRun, record: dict, command: Optional[str]) -> dict:
     """The fine-tuned run's config.json: the base's, with its "finetune" record and its own command (not the base's)."""
     config = dict(base.config, finetune=record)
@@ -262,14 +362,17 @@ def run_files(model: nn.Module, lora: bool) -> dict[str, dict[str, torch.Tensor]
 
 def checkpoint_saver(out: Path, model: nn.Module, o: FinetuneOptions, config: dict,
                      tokenizer_file: Path) -> Callable[[str, dict, dict], None]:
-    """save(name, {"step", "tokens"}, val metrics) for fit(): "best" moves latest and best, "latest" latest only."""
+    """save(name, progress, val metrics[, optimizer]) for fit(): "best" moves latest and best, "latest" latest only."""
     json_files = {CONFIG_FILE: config}
     if o.lora:
         json_files[ADAPTER_CONFIG_FILE] = o.lora_dict()
 
-    def save(name: str, progress: dict, ev: dict) -> None:
-        write_checkpoint(out, progress["step"], tensors=run_files(model, o.lora), json_files=json_files,
-                         tokenizer_file=tokenizer_file, state={**progress, "val": ev},
+    def save(name: str, progress: dict, ev: dict, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        tensors, state = run_files(model, o.lora), {**progress, "val": ev}
+        if optimizer is not None:  # an interrupted run: what --resume continues from
+            tensors[OPTIM_FILE], state["optimizer"] = optimizer_files([optimizer])
+        write_checkpoint(out, progress["step"], tensors=tensors, json_files=json_files,
+                         tokenizer_file=tokenizer_file, state=state,
                          aliases=["latest", "best"] if name == "best" else ["latest"])
 
     return save

@@ -33,8 +33,9 @@ from ..heads import pad
 from ..model import gpt_of
 from ..prompts import encode_conversation, load_template
 from ..tokenizer import Tokenizer
-from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, finish_run, fit, prepare_run, run_config,
-                   setup_trainable, stderr_log, train_part, write_run_files)
+from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, finish_run, fit, prepare_run,
+                   recorded_command, resume_checkpoint, run_config, setup_trainable, stderr_log, train_part,
+                   write_run_files)
 
 
 @dataclass
@@ -103,9 +104,10 @@ def _sft_batch(rows: Sequence[tuple[list[int], list[bool]]], mask_prompt: bool) 
 
 def train_sft(model: nn.Module, train_ex: list[tuple[list[int], list[bool]]], val_ex: list[tuple[list[int], list[bool]]],
               o: FinetuneOptions, out: Path, *, mask_prompt: bool = True, pack: bool = False,
-              save: Callable[[str, dict, dict], None] = lambda *a: None, device: torch.device | str = "cpu",
-              log: Callable[[str], None] = stderr_log) -> dict:
-    """Train a (possibly LoRA-wrapped) GPT on encoded examples; val loss over response tokens."""
+              save: Callable[..., None] = lambda *a: None, device: torch.device | str = "cpu",
+              log: Callable[[str], None] = stderr_log, resume: Optional[Path] = None) -> dict:
+    """Train a (possibly LoRA-wrapped) GPT on encoded examples; val loss over response tokens.
+    `resume`: an interrupted run's latest/ (its weights already in `model`), continued exactly."""
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(o.seed)
     bs = gpt_of(model).cfg.block_size
@@ -141,19 +143,19 @@ def train_sft(model: nn.Module, train_ex: list[tuple[list[int], list[bool]]], va
     model.to(device)
     return fit(model, batches, loss_of, evaluate, better, save, o, out,
                 lambda step, ev, tl: f"step {step}: {train_part(tl)}val loss {ev['val_loss']:.4f}", log,
-                lambda rows: sum(len(ids) - 1 for ids, _ in rows))
+               lambda rows: sum(len(ids) - 1 for ids, _ in rows), generator=gen, resume=resume)
 
 
 def finetune_sft(base: str | os.PathLike, train_file: str | os.PathLike, val_file: str | os.PathLike,
                  out: str | os.PathLike, *, options: Optional[FinetuneOptions] = None, task: Optional[SFTOptions] = None,
                  which: str = "best", force: bool = False, log: Callable[[str], None] = stderr_log,
-                 command: Optional[str] = None, **task_fields: Any) -> dict:
+                 command: Optional[str] = None, resume: bool = False, **task_fields: Any) -> dict:
     """`scratchgpt finetune sft`: returns the summary also written to out/result.json.
 
     `task` (or its fields as keywords: template=..., mask_prompt=..., pack=...) says how to format."""
     o = options or FinetuneOptions()
     t = replace(task or SFTOptions(), **task_fields)
-    run = prepare_run(base, out, o, force, which)
+    run = prepare_run(base, out, o, force, which, resume)
     tokenizer, out, gpt = run.base.tokenizer, run.out, run.gpt
     if not gpt.cfg.causal:
         raise UserError(f"{run.base.checkpoint} is a bidirectional (mlm) model: SFT needs a causal model that can generate")
@@ -164,13 +166,13 @@ def finetune_sft(base: str | os.PathLike, train_file: str | os.PathLike, val_fil
     model = setup_trainable(gpt, lora=o.lora_dict(), freeze_except=o.freeze_except)
     record = finetune_record("sft", run.base.checkpoint, o, train_file, val_file, mask_prompt=t.mask_prompt,
                              pack=t.pack)
-    config = run_config(run.base, record, command)
+    config = run_config(run.base, record, recorded_command(out, command, resume))
     config["chat_template"] = tmpl
     config.pop("classifier", None)
     write_run_files(out, config, run.device)
     save = checkpoint_saver(out, model, o, config, run.base.checkpoint / TOKENIZER_FILE)
     result = train_sft(model, train_ex, val_ex, o, out, mask_prompt=t.mask_prompt, pack=t.pack, save=save,
-                       device=run.device, log=log)
+                       device=run.device, log=log, resume=resume_checkpoint(out, model, o) if resume else None)
     if result["best"] is not None:
         log(f"best: step {result['best']['step']}, val loss {result['best']['val_loss']:.4f}; saved {out}/best")
     finish_run(out, result, log)
