@@ -342,10 +342,18 @@ def summary(run: Path, report_path: Optional[Path] = None) -> str:
 
 
 def report_cli(run: Path, out: Optional[TextIO] = None) -> Path:
-    """`scratchgpt report RUN`: write RUN/report.html, print the summary (train and finetune call it too)."""
+    """`scratchgpt report RUN`: write RUN/report.html, print the summary."""
     path = write_report(run)
     print(summary(run, path), file=out or sys.stderr, flush=True)
     return path
+
+
+def report_at_end(run: Path) -> None:
+    """What train and finetune call when they end: the report, or a warning (the run itself is saved)."""
+    try:
+        report_cli(run)
+    except Exception as e:  # a report is never worth losing a finished run's exit status
+        print(f"warning: could not write {Path(run) / REPORT_FILE}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def _human(n: float) -> str:

@@ -654,9 +654,9 @@ def finish(s: Session, stop_reason: str) -> dict:
         print(json.dumps(result), file=sys.stderr)
         s.log.draw()
         if tcfg.report:
-            from .report import report_cli
+            from .report import report_at_end
 
-            report_cli(s.out)
+            report_at_end(s.out)
     s.log.close()
     dist.teardown(s.ctx)
     return result

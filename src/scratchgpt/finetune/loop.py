@@ -320,12 +320,12 @@ def write_run_files(out: Path, config: dict, device: torch.device) -> None:
 
 def finish_run(out: Path, result: dict, log: Callable[[str], None]) -> None:
     """result.json, the report and its summary; after an interrupt, how to see what was saved."""
-    from ..report import report_cli
+    from ..report import report_at_end
 
     atomic_write_json(out / "result.json", result)
     if result["stop_reason"] == INTERRUPTED:
         log(f"interrupted at step {result['steps']}: saved {out}/latest")
-    report_cli(out)
+    report_at_end(out)
 
 
 def finetune_record(kind: str, base_ckpt: Path, o: FinetuneOptions, train_file, val_file, **extra) -> dict:
