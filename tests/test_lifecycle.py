@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, run_cli, tiny_flags
 from scratchgpt import runtime
+from scratchgpt.checkpoint import remove_stale_temps
 from scratchgpt.cli import main
 from scratchgpt.model import ModelConfig
 from scratchgpt.optim import OptimConfig, lr_at
@@ -154,6 +155,11 @@ def test_resume_cuts_metrics_back_and_removes_stale_temps(tmp_path, char_data, c
     assert main(["train", "--out", str(run), "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().err
     assert not any(d.exists() for d in stale)
+    # a swap of best/ killed between its two renames left only .best.old: it is best/, so it goes back
+    os.replace(run / "best", run / ".best.old")
+    before = (run / ".best.old" / "state.json").read_text()
+    remove_stale_temps(run)
+    assert (run / "best" / "state.json").read_text() == before and not (run / ".best.old").exists()
     got = rows(run)
     assert [r["step"] for r in got] == list(range(1, 11)) and [r["train_loss"] for r in got] == ref
     assert [r["step"] for r in got if "val_loss" in r] == [5, 10]  # the checkpoint step's row survived the cut

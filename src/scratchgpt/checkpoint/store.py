@@ -202,10 +202,17 @@ def save_checkpoint(
 
 
 def remove_stale_temps(run_dir: Path) -> list[Path]:
-    """Delete the half-written checkpoints a killed save left behind (a full model + optimizer each)."""
+    """Delete the half-written checkpoints a killed save left behind (a full model + optimizer each).
+
+    A `.NAME.old` whose NAME is missing was moved aside by a swap killed before the new one took its
+    place (utils.replace_dir): it is still the complete NAME (best/ may be its only copy), so it goes back."""
     run_dir = Path(run_dir)
-    stale = [p for p in [*run_dir.glob(".tmp-*"), *run_dir.glob(".*.old"), *(run_dir / "checkpoints").glob(".tmp-*")]
-             if p.is_dir()]
+    for old in [*run_dir.glob(".*.old"), *(run_dir / "checkpoints").glob(".*.old")]:
+        final = old.with_name(old.name[1:-len(".old")])
+        if old.is_dir() and not final.exists():
+            os.replace(old, final)
+    stale = [p for p in [*run_dir.glob(".tmp-*"), *run_dir.glob(".*.old"), *(run_dir / "checkpoints").glob(".tmp-*"),
+                         *(run_dir / "checkpoints").glob(".*.old")] if p.is_dir()]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
