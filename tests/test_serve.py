@@ -16,6 +16,7 @@ from scratchgpt.checkpoint import load_model  # noqa: E402
 from scratchgpt.cli import main  # noqa: E402
 from scratchgpt.generate import generate  # noqa: E402
 from scratchgpt.model import ModelConfig  # noqa: E402
+from scratchgpt.optim import OptimConfig  # noqa: E402
 from scratchgpt.serve import create_app  # noqa: E402
 from scratchgpt.train import TrainConfig, train  # noqa: E402
 
@@ -28,7 +29,8 @@ def run_dir(char_data, tmp_path_factory):
     train(data=char_data, out=out, model=ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=64),
           train=TrainConfig(batch_size=4, max_iters=2, eval_interval=2, eval_iters=1, sample_tokens=0, progress=False,
                             tensorboard=False, plot=False, final_eval=False, peak_flops=1e15, threads=1,
-                            device="cpu", dtype="float32"))
+                            device="cpu", dtype="float32"),
+          optim=OptimConfig(warmup_iters=1))
     return out
 
 

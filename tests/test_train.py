@@ -33,6 +33,9 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+SHORT = OptimConfig(warmup_iters=2)  # runs of a few steps need a warmup shorter than the run
+
+
 def quiet_train(**kw) -> TrainConfig:
     base = dict(batch_size=8, eval_iters=2, sample_tokens=0, progress=False, tensorboard=False, plot=False,
                 final_eval=False, log_interval=1, report=False, device="cpu", dtype="float32")  # CPU numerics (tests/test_gpu.py: CUDA)
@@ -89,9 +92,9 @@ def test_optimizers_and_schedules_train(tmp_path, char_data, optim):
 
 def test_gradient_accumulation_matches_full_batch(tmp_path, char_data):
     model = ModelConfig(**TINY)
-    train(data=char_data, out=tmp_path / "full", model=model, train=quiet_train(max_iters=5, eval_interval=5))
+    train(data=char_data, out=tmp_path / "full", model=model, train=quiet_train(max_iters=5, eval_interval=5), optim=SHORT)
     train(data=char_data, out=tmp_path / "acc", model=ModelConfig(**TINY),
-          train=quiet_train(max_iters=5, eval_interval=5, micro_batch_size=2))
+          train=quiet_train(max_iters=5, eval_interval=5, micro_batch_size=2), optim=SHORT)
     full, acc = metrics(tmp_path / "full"), metrics(tmp_path / "acc")
     for a, b in zip(full, acc):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
@@ -138,7 +141,7 @@ def test_nan_stops_before_the_optimizer_step(tmp_path, char_data, monkeypatch):
     monkeypatch.setattr(GPT, "forward", poisoned)
     run = tmp_path / "r"
     with pytest.raises(UserError, match="non-finite loss or gradient at step 6"):
-        train(data=char_data, out=run, model=ModelConfig(**TINY), train=quiet_train(max_iters=20, eval_interval=5))
+        train(data=char_data, out=run, model=ModelConfig(**TINY), train=quiet_train(max_iters=20, eval_interval=5), optim=SHORT)
     # the step-5 checkpoint exists; nothing of the poisoned state was written
     assert json.loads((run / "latest/state.json").read_text())["step"] == 5
     assert not (run / "checkpoints/step-0000006").exists()
@@ -147,14 +150,14 @@ def test_nan_stops_before_the_optimizer_step(tmp_path, char_data, monkeypatch):
 
     calls["n"] = 0
     result = train(data=char_data, out=tmp_path / "skip", model=ModelConfig(**TINY),
-                   train=quiet_train(max_iters=10, eval_interval=10, skip_nonfinite=True))
+                   train=quiet_train(max_iters=10, eval_interval=10, skip_nonfinite=True), optim=SHORT)
     assert result["step"] == 10
     assert all(torch.isfinite(w).all() for w in load_file(tmp_path / "skip/latest/model.safetensors").values())
 
 
 def _two_checkpoint_run(tmp_path, char_data) -> Path:
     run = tmp_path / "run"
-    train(data=char_data, out=run, model=ModelConfig(**TINY), train=quiet_train(max_iters=10, eval_interval=5))
+    train(data=char_data, out=run, model=ModelConfig(**TINY), train=quiet_train(max_iters=10, eval_interval=5), optim=SHORT)
     return run
 
 
@@ -271,7 +274,7 @@ def test_bad_inputs(tmp_path, char_data, capsys):
     (bad / "meta.json").write_text("{not json")
     assert "meta.json" in _one_line_error(cli(capsys, "train", "--data", bad, "--out", tmp_path / "r"))
     msg = _one_line_error(cli(capsys, "train", "--data", char_data, "--out", tmp_path / "r", "--model.block_size=100000"))
-    assert "block size 100000" in msg and "val split" in msg
+    assert "--model.block_size 100000" in msg and "val split" in msg
     msg = _one_line_error(cli(capsys, "train", "--data", char_data, "--out", tmp_path / "r", "--model.n_lyer=2"))
     assert "n_lyer" in msg and "model.n_layer" in msg
     cfg = tmp_path / "c.yaml"

@@ -111,7 +111,7 @@ def test_grid_covers_every_combination_and_records_failures(char_data, tmp_path,
     trial_cfg = json.loads((out / winner["run"] / "config.json").read_text())
     assert trial_cfg["optim"]["lr"] == winner["params"]["optim.lr"]
     assert (out / winner["run"] / "train.log").exists()
-    assert "val loss" in err and "failed: model.n_embd (16) must be divisible" in err
+    assert "val loss" in err and "failed: --model.n_embd 16 must be divisible" in err
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_search(char_data, tmp_path):
@@ -158,7 +158,7 @@ def test_a_torn_last_line_is_run_again(char_data, tmp_path):
 
 
 def test_all_trials_failing_is_an_error(char_data, tmp_path):
-    with pytest.raises(UserError, match="no trial finished: model.n_embd"):
+    with pytest.raises(UserError, match="no trial finished: --model.n_embd"):
         tune({"model.n_head": [3, 5]}, tmp_path / "f", data=char_data, method="grid", trials=2, **BASE)
 
 
@@ -169,7 +169,8 @@ def test_cli(char_data, tmp_path, capsys):
                                 "train": {"batch_size": 4, "max_iters": 3, "eval_interval": 3, "eval_iters": 1,
                                           "sample_tokens": 0, "progress": False, "tensorboard": False,
                                           "plot": False, "final_eval": False, "peak_flops": 1e15, "threads": 1,
-                                          "device": "cpu", "dtype": "float32"}}))
+                                          "device": "cpu", "dtype": "float32"},
+                                "optim": {"warmup_iters": 1}}))
     out = tmp_path / "cli"
     argv = ["tune", "--config", str(base), "--data", str(char_data), "--out", str(out), "--method", "random",
             "--trials", "1", "--space", '{"optim.lr": {"low": 1e-3, "high": 1e-2, "log": true}}']

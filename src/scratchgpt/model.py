@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import ConfigError, check_fields
+
 
 @dataclass
 class ModelConfig:
@@ -63,10 +65,12 @@ class ModelConfig:
     """Standard deviation of the normal init (residual projections scaled by 1/sqrt(2*n_layer))."""
 
     def __post_init__(self) -> None:
+        check_fields(self, lambda name: f"--model.{name}", MODEL_RANGES)
         if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+            raise ConfigError(f"--model.n_embd {self.n_embd} must be divisible by --model.n_head {self.n_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError("model.pos=rope needs an even head dimension (n_embd / n_head)")
+            raise ConfigError(f"--model.pos rope needs an even head dimension (--model.n_embd / --model.n_head), "
+                              f"got {self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}")
 
     @property
     def head_dim(self) -> int:
@@ -79,6 +83,15 @@ class ModelConfig:
         if self.mlp == "swiglu":
             return 32 * math.ceil(8 * self.n_embd / 3 / 32)
         return 4 * self.n_embd
+
+
+# Allowed values of ModelConfig's numeric fields; the upper bounds are far past any model this code
+# trains (they keep a typo like n_layer=10000000 from allocating), the memory check at train start does the rest.
+MODEL_RANGES = {
+    "vocab_size": "[0, 16777216]", "block_size": "[1, 1048576]", "n_layer": "[1, 1024]", "n_head": "[1, 1024]",
+    "n_embd": "[1, 65536]", "dropout": "[0, 1)", "rope_base": "[1, inf)", "mlp_hidden": "[0, 1048576]",
+    "logit_softcap": "[0, inf)", "init_std": "[0, inf)",
+}
 
 
 class RMSNorm(nn.Module):
@@ -363,6 +376,16 @@ class GPT(nn.Module):
         if cfg.value_embeds:  # a lookup, not a matmul
             n -= self.transformer.vte.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T * (0.5 if cfg.causal else 1.0)
+
+    @staticmethod
+    def training_bytes(cfg: ModelConfig, micro_batch: int, param_shards: int = 1) -> tuple[int, int]:
+        """(parameters, a lower bound on one rank's training memory in bytes), without allocating:
+        fp32 weights, grads and AdamW's two moments (16 bytes a parameter, sharded under FSDP) plus one
+        micro-batch's activations (~34 values of the width per token and layer, and the logits, in 16 bits)."""
+        with torch.device("meta"):
+            n = GPT(cfg).num_params()
+        tokens = micro_batch * cfg.block_size
+        return n, 16 * n // param_shards + 2 * tokens * (34 * cfg.n_layer * cfg.n_embd + 2 * cfg.vocab_size)
 
     def embed(self, idx: torch.Tensor, start: int = 0):
         """Token (+ absolute position) embeddings of idx at positions start.., and RoPE's (cos, sin) or None."""

@@ -149,7 +149,7 @@ class Muon(torch.optim.Muon):
 def make_muon(params: list[torch.Tensor], o) -> torch.optim.Optimizer:
     """Muon over `params` at optim.muon_lr; `lr_scale` lets one LR schedule drive every optimizer."""
     return Muon(
-        [dict(params=params, lr_scale=o.muon_lr / o.lr)],
+        [dict(params=params, lr_scale=o.muon_lr / o.lr if o.lr else 0.0)],  # lr 0: the schedule is all 0
         lr=o.muon_lr,
         weight_decay=o.weight_decay,
         momentum=o.muon_momentum,

@@ -9,6 +9,7 @@ from typing import Literal, Optional
 
 import torch
 
+from .checks import check_fields
 from .model import GPT
 from .muon import AdamW, make_muon
 
@@ -51,6 +52,17 @@ class OptimConfig:
     """Muon's momentum."""
     muon_ns_steps: int = 5
     """Newton-Schulz iterations per Muon step (torch's default)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, lambda name: f"--optim.{name}", OPTIM_RANGES)
+
+
+OPTIM_RANGES = {
+    "lr": "[0, inf)", "min_lr": "[0, inf)", "warmup_iters": "[0, inf)", "decay_iters": "[0, inf)",
+    "wsd_decay_frac": "[0, 1]", "weight_decay": "[0, inf)", "betas": "[0, 1)", "eps": "[0, inf)",
+    "grad_clip": "[0, inf)", "embed_lr": "[0, inf)", "head_lr": "[0, inf)", "muon_lr": "[0, inf)",
+    "muon_momentum": "[0, 1)", "muon_ns_steps": "[1, 99]",
+}
 
 
 def lr_at(step: int, o: OptimConfig, max_iters: int) -> float:

@@ -130,6 +130,18 @@ def default_threads() -> int:
     return _THREADS[(cores, cpus)]
 
 
+def device_memory(device: torch.device) -> Optional[int]:
+    """Total memory of `device` in bytes (RAM for the CPU); None where it can't be told (mps)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not POSIX
+            return None
+    return None
+
+
 def configure_threads(threads: int) -> None:
     """torch's CPU threads: `threads` if given, else OMP_NUM_THREADS if set, else default_threads()."""
     if threads > 0:

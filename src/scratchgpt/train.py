@@ -25,13 +25,14 @@ import torch
 from . import UserError
 from . import distributed as dist
 from .checkpoint import find_resumable, load_model_tensors, load_tensors, remove_stale_temps, rng_state, set_rng_state
+from .checks import SEED_MAX, ConfigError, check_fields
 from .checkpoint.fsdp import load_optimizers, save_training_checkpoint
 from .data import TokenDataset, default_data_dir, load_meta, mlm_mask_batch
 from .metrics import evaluate_lm
 from .model import GPT, ModelConfig
 from .optim import OptimConfig, build_optimizer, lr_at, set_lr
-from .runtime import (INTERRUPTED, Peak, StopRequest, configure_device, configure_threads, environment,
-                      keep_freed_memory, peak_flops, pick_dtype, stop_on_signals)
+from .runtime import (INTERRUPTED, Peak, StopRequest, configure_device, configure_threads, device_memory,
+                      environment, keep_freed_memory, peak_flops, pick_dtype, stop_on_signals)
 from .utils import atomic_write, atomic_write_json, read_json
 
 
@@ -98,6 +99,17 @@ class TrainConfig:
     optimizer and schedule; the architecture is that run's (only --model.dropout may change)."""
     report: bool = True
     """At the end: RUN/report.html (`scratchgpt report`) and a short summary on the terminal."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, lambda name: f"--train.{name}", TRAIN_RANGES)
+
+
+TRAIN_RANGES = {
+    "batch_size": "[1, 1048576]", "micro_batch_size": "[0, 1048576]", "max_iters": "[1, inf)",
+    "max_time_s": "[0, inf)", "eval_interval": "[1, inf)", "eval_iters": "[1, inf)", "log_interval": "[1, inf)",
+    "seed": f"[0, {SEED_MAX}]", "threads": "[0, 1024]", "patience": "[0, inf)", "sample_tokens": "[0, 1048576]",
+    "keep_last": "[1, inf)", "peak_flops": "[0, inf)",
+}
 
 
 # ---------------------------------------------------------------- logging
@@ -263,16 +275,21 @@ def resolve_config(out: Path, data: Optional[Path], model: ModelConfig, train: T
         optim_d["decay_iters"] = old_iters
         print(f"note: train.max_iters is now {sections['train']['max_iters']}; the LR schedule keeps its original "
               f"length of {old_iters} steps (give --optim.decay_iters to change it)", file=sys.stderr)
-    optim_d["betas"] = tuple(optim_d["betas"])
-    return (data or Path(saved["data"]), ModelConfig(**saved["model"]), TrainConfig(**sections["train"]),
-            OptimConfig(**optim_d))
+    try:
+        return (data or Path(saved["data"]), ModelConfig(**saved["model"]), TrainConfig(**sections["train"]),
+                OptimConfig(**optim_d))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{out / 'config.json'}: cannot resume from it ({e})") from None
 
 
 def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig], train: Optional[TrainConfig],
           optim: Optional[OptimConfig], resume: bool, force: bool, overrides: Optional[dict],
           command: Optional[str] = None) -> Session:
-    """Resolve the config, join the process group, build data, model and optimizers, restore a checkpoint."""
+    """Resolve and check the config, join the process group, build data, model and optimizers, restore a
+    checkpoint. Every check comes before the first change on disk."""
     out = Path(out or "runs/default")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory: give a new directory name")
     resume, force = dist.restart_mode(out, resume, force)  # torchrun --max-restarts: a restarted worker resumes
     model_cfg, tcfg, ocfg = model or ModelConfig(), train or TrainConfig(), optim or OptimConfig()
     if _run_has_content(out) and not (resume or force):
@@ -289,7 +306,12 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     model_cfg.vocab_size = model_cfg.vocab_size if initial else n_vocab
     if tcfg.objective == "mlm":
         model_cfg.causal = False  # a masked token is predicted from both sides
+    world = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+    per_rank, micro = check_relations(model_cfg, tcfg, ocfg, world, meta, data)
+    train_ds = TokenDataset(data, "train", model_cfg.block_size)
+    val_ds = TokenDataset(data, "val", model_cfg.block_size)
     ctx = dist.setup(tcfg)  # rank, world size, device; a no-op without torchrun
+    check_memory(model_cfg, micro, ctx)
     configure_threads(tcfg.threads)
     keep_freed_memory()
     device = ctx.device
@@ -300,12 +322,6 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     out.mkdir(parents=True, exist_ok=True)
     if ctx.rank == 0:
         remove_stale_temps(out)
-    per_rank = tcfg.batch_size // ctx.world
-    micro = min(tcfg.micro_batch_size or per_rank, per_rank)  # a resume on more ranks may shrink a rank's share
-    if tcfg.batch_size % ctx.world or per_rank % micro:
-        raise UserError(f"train.batch_size {tcfg.batch_size} must split evenly over {ctx.world} ranks x micro-batches of {micro}")
-    train_ds = TokenDataset(data, "train", model_cfg.block_size)
-    val_ds = TokenDataset(data, "val", model_cfg.block_size)
     config = {"format_version": 1, "data": str(data), "model": asdict(model_cfg), "train": asdict(tcfg),
               "optim": asdict(ocfg), "world_size": ctx.world, "tokenizer": meta.get("tokenizer")}
     if resume and (out / "config.json").exists():
@@ -416,6 +432,36 @@ def startup_summary(s: Session) -> str:
         f"MFU peak: {s.peak.describe()}",
     ]
     return "\n".join(lines)
+
+
+def check_relations(model_cfg: ModelConfig, tcfg: TrainConfig, ocfg: OptimConfig, world: int, meta: dict,
+                    data: Path) -> tuple[int, int]:
+    """The checks that span several options, or options and data; (per-rank batch, micro-batch) when they pass."""
+    for split in ("train", "val"):
+        if model_cfg.block_size >= meta[f"{split}_tokens"]:
+            raise ConfigError(f"--model.block_size {model_cfg.block_size} must be < the {meta[f'{split}_tokens']} "
+                              f"tokens of the {split} split of {data}")
+    if tcfg.batch_size % world:
+        raise ConfigError(f"--train.batch_size {tcfg.batch_size} must be a multiple of the {world} ranks")
+    per_rank = tcfg.batch_size // world
+    micro = min(tcfg.micro_batch_size or per_rank, per_rank)  # a resume on more ranks may shrink a rank's share
+    if per_rank % micro:
+        raise ConfigError(f"--train.micro_batch_size {tcfg.micro_batch_size} must divide the batch of {per_rank} "
+                          f"per rank (--train.batch_size {tcfg.batch_size} over {world} rank(s))")
+    if ocfg.warmup_iters > tcfg.max_iters:
+        raise ConfigError(f"--optim.warmup_iters {ocfg.warmup_iters} must be <= --train.max_iters {tcfg.max_iters} "
+                          "(the run would end before its warmup does)")
+    return per_rank, micro
+
+
+def check_memory(cfg: ModelConfig, micro: int, ctx: dist.DistContext) -> None:
+    """Refuse a model that cannot fit before allocating it (a typo in a width can ask for terabytes)."""
+    params, need = GPT.training_bytes(cfg, micro, ctx.world if ctx.parallel == "fsdp" else 1)
+    have = device_memory(ctx.device)
+    if have is not None and need > have:
+        raise UserError(f"this model ({params:,} parameters, micro-batches of {micro} x {cfg.block_size} tokens) needs "
+                        f"at least {need / 2**30:,.1f} GiB to train; {ctx.device} has {have / 2**30:,.1f} GiB. "
+                        "Make --model.n_layer/n_embd/block_size or --train.micro_batch_size smaller")
 
 
 def _restore_model(out: Path, net: GPT, scaler, ctx) -> Optional[tuple[Path, dict]]:
