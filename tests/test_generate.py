@@ -334,8 +334,8 @@ def test_cli_sample(run_dir, capsys):
     "extra, message",
     [
         (["--temperature", "-1"], "temperature"),
-        (["--top-p", "0"], "top_p"),
-        (["--top-p", "1.5"], "top_p"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-p", "1.5"], "--top-p"),
         (["--prompt", "Qx"], "'Q'"),
         (["--prompt", "a", "--prompt-file", "f"], "not both"),
         (["--prompt-file", "/nonexistent/prompt.txt"], "prompt-file"),

@@ -103,6 +103,8 @@ def _typed(value: Any, hint: Any, flag: str) -> Any:
         items = [_typed(v, inner[i] if len(inner) > 1 else inner[0], flag) for i, v in enumerate(value)] \
             if inner else list(value)
         return tuple(items) if origin is tuple else items
+    if hint is str and isinstance(value, os.PathLike):  # a path where a file name is asked for
+        return value
     if hint in (bool, int, str) and not (isinstance(value, hint) and (hint is bool or not isinstance(value, bool))):
         raise ConfigError(f"{flag} must be {_NAMES[hint]}, got {_show(value)}")
     if hint is float:

@@ -32,7 +32,7 @@ class Parser(ArgumentParser):
 
     def error(self, message: str, ex: Optional[Exception] = None):  # type: ignore[override]
         lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
-        msg = lines[0] if lines else "invalid arguments"
+        msg = self._type_error(lines) or (lines[0] if lines else "invalid arguments")
         # jsonargparse nests the real reason ("... does not accept option 'x'") below a generic line
         for ln in lines:
             if "accept" in ln or "unrecognized" in ln or "not a valid" in ln.lower():
@@ -48,6 +48,30 @@ class Parser(ArgumentParser):
                 msg += f" (did you mean {close[0].lstrip('-') if not key.startswith('-') else close[0]}?)"
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+
+
+    def _type_error(self, lines: list[str]) -> Optional[str]:
+        """jsonargparse's several-line type error as one line: the flag, what it takes, the value given."""
+        key = re.match(r'Parser key "([^"]+)":', lines[0]) if lines else None
+        got = next((m.group(1) for ln in lines if (m := re.search(r"(?:Got|Given) value: (.*)", ln))), None)
+        if key is None or got is None:
+            return None
+        flag = next((a.option_strings[-1] for p in _all_parsers(self) for a in p._actions
+                     if a.dest == key.group(1) and a.option_strings), "--" + key.group(1))
+        subtypes = next((ln for ln in lines if ln.startswith(("Subtypes:", "Expected a"))), "")
+        choices = re.search(r"Literal\[(.*?)\]", subtypes)
+        if choices:
+            want = "one of " + ", ".join(c.strip(" '\"") for c in choices.group(1).split(","))
+        elif n := re.search(r"tuple with (\d+) elements", subtypes):
+            want = f"a list of {n.group(1)} values"
+        else:
+            names = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", subtypes)
+            want = " or ".join(dict.fromkeys(_TYPE_NAMES.get(n, n) for n in names)) or subtypes or "another value"
+        return f"{flag} takes {want}, got {got!r}"
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
+               "NoneType": "null", "Path": "a path", "dict": "a mapping"}
 
 
 def _all_parsers(parser: ArgumentParser):

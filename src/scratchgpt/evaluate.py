@@ -16,7 +16,6 @@ The result is printed as JSON and saved as RUN/eval-<task>.json (lm also as RUN/
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -32,7 +31,7 @@ from .heads import predict_proba
 from .metrics import classification_metrics, evaluate_lm, generation_metrics
 from .prompts import default_template, encode_texts, prompt_ids
 from .quantize import quantize_model
-from .utils import atomic_write_json
+from .utils import atomic_write_json, finite_or_null, json_text
 
 
 def evaluate_lm_cli(run: Path, data: Optional[Path] = None, context: int = 0, which: str = "best",
@@ -86,7 +85,8 @@ def _text_dataset(path: Path, tokenizer) -> _Tokens:
 
 def _report(run: Path, task: str, result: dict) -> None:
     quantized = result.get("quantize", "none") != "none"
-    print(json.dumps(result, indent=2, ensure_ascii=False))
+    result = finite_or_null(result)
+    print(json_text(result, indent=2))
     if Path(run).is_dir():
         if quantized:  # kept beside the full-precision figures, not over them
             names = [f"eval-{task}-{result['quantize']}.json"]

@@ -52,6 +52,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union, overload
 import torch
 
 from . import UserError
+from .checks import check_fields
 from .model import GPT, DecodeStep, KVCache, gpt_of
 from .prompts import start_token
 from .tokenizer import EOT, Tokenizer
@@ -95,25 +96,17 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
         if self.stop_tokens is not None:
             object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+        check_fields(self, lambda name: "--" + name.replace("_", "-"), GENERATION_RANGES)
         if self.seed is not None:
-            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-                raise UserError(f"seed must be an integer, got {self.seed!r}")
             object.__setattr__(self, "seed", self.seed % SEED_RANGE)
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise UserError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:  # also rejects NaN
-            raise UserError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise UserError(f"top_k must be >= 0 (0 means off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.window_shift, int) or self.window_shift < 1:
-            raise UserError(f"window_shift must be a positive integer, got {self.window_shift!r}")
-        if not self.repetition_penalty > 0:
-            raise UserError(f"repetition_penalty must be > 0 (1 means off), got {self.repetition_penalty}")
+
+
+MAX_NEW_TOKENS = 2**20  # the token history is preallocated: a typo of 10**12 must not try to allocate it
+# What every entry point accepts (`sample`/`chat` flags, serve's request schema, the Python API).
+GENERATION_RANGES = {"max_new_tokens": f"[0, {MAX_NEW_TOKENS}]", "temperature": "[0, inf)", "top_k": "[0, inf)",
+                     "top_p": "(0, 1]", "repetition_penalty": "(0, inf)", "window_shift": "[1, inf)"}
 
 
 def _config(gen: Optional[GenerationConfig], overrides: dict) -> GenerationConfig:
@@ -186,18 +179,24 @@ class _Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         gen = self.gen
-        if self.valid_vocab < logits.size(-1):  # padded vocabulary: ids past the tokenizer can't be decoded
-            logits[:, self.valid_vocab :] = float("-inf")
         if self.seen is not None:
             p = gen.repetition_penalty
             logits = torch.where(self.seen, torch.where(logits > 0, logits / p, logits * p), logits)
-        if gen.temperature == 0:
-            tok = logits.argmax(dim=-1)
-        else:
-            tok = self._sample(logits / gen.temperature)
+        if gen.temperature > 0:
+            logits = logits / gen.temperature
+        # an extreme temperature or penalty overflows (inf, or inf/inf = NaN); kept finite, argmax and softmax
+        # stay defined (a no-op for ordinary values)
+        big = torch.finfo(logits.dtype).max
+        logits = self._decodable(logits.nan_to_num(nan=-big, posinf=big, neginf=-big))
+        tok = logits.argmax(dim=-1) if gen.temperature == 0 else self._sample(logits)
         if self.seen is not None:
             self.seen.scatter_(1, tok[:, None], True)
         return tok
+
+    def _decodable(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.valid_vocab < logits.size(-1):  # padded vocabulary: ids past the tokenizer can't be decoded
+            logits[:, self.valid_vocab :] = float("-inf")
+        return logits
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         gen = self.gen
@@ -210,6 +209,7 @@ class _Sampler:
             probs = logits.softmax(dim=-1)
             # drop a token once the more likely ones already reach top_p (the first always stays)
             drop = probs.cumsum(dim=-1) - probs >= gen.top_p
+            drop[:, 0] = False  # (also when top_p rounds to 0 in float32)
             logits = logits.masked_fill(drop, float("-inf"))
         probs = logits.softmax(dim=-1)
         if len(self.generators) == 1:

@@ -33,7 +33,7 @@ from .model import GPT, ModelConfig
 from .optim import OptimConfig, build_optimizer, lr_at, set_lr
 from .runtime import (INTERRUPTED, Peak, StopRequest, configure_device, configure_threads, device_memory,
                       environment, keep_freed_memory, peak_flops, pick_dtype, stop_on_signals)
-from .utils import atomic_write, atomic_write_json, read_json
+from .utils import atomic_write, atomic_write_json, finite_or_null, json_text, read_json
 
 
 @dataclass
@@ -79,6 +79,8 @@ class TrainConfig:
     """Complete checkpoints kept in RUN/checkpoints (latest and best are kept besides)."""
     skip_nonfinite: bool = False
     """On a NaN/inf loss or gradient: skip the batch instead of stopping the run."""
+    max_skipped_frac: float = 0.1
+    """With skip_nonfinite: the largest share of steps that may be skipped; past it the run fails."""
     final_eval: bool = True
     """Evaluate on the whole val split at the end (result.json's final_val_loss)."""
     peak_flops: float = 0.0
@@ -108,7 +110,7 @@ TRAIN_RANGES = {
     "batch_size": "[1, 1048576]", "micro_batch_size": "[0, 1048576]", "max_iters": "[1, inf)",
     "max_time_s": "[0, inf)", "eval_interval": "[1, inf)", "eval_iters": "[1, inf)", "log_interval": "[1, inf)",
     "seed": f"[0, {SEED_MAX}]", "threads": "[0, 1024]", "patience": "[0, inf)", "sample_tokens": "[0, 1048576]",
-    "keep_last": "[1, inf)", "peak_flops": "[0, inf)",
+    "keep_last": "[1, inf)", "peak_flops": "[0, inf)", "max_skipped_frac": "[0, 1]",
 }
 
 
@@ -183,7 +185,7 @@ class RunLog:
 
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.write(json_text(finite_or_null(record)) + "\n")
 
 
 def _row_step(line: str) -> float:
@@ -233,6 +235,7 @@ class Session:
     tokens: int = 0
     best_val: float = float("inf")
     bad_evals: int = 0
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient (train.skip_nonfinite)
     elapsed_before: float = 0.0
     t_start: float = field(default_factory=time.time)
 
@@ -368,6 +371,7 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
         s.step, s.tokens = state["step"], state["tokens"]
         s.best_val = state.get("best_val_loss") or float("inf")
         s.bad_evals, s.elapsed_before = state.get("bad_evals", 0), state.get("elapsed_s", 0.0)
+        s.skipped = state.get("skipped_steps", 0)
         set_rng_state(state["rng"], device)  # last, so no setup step (init, peak measurement) shifts the stream
     if resume:
         s.log.truncate(s.step)  # rows a crash left past the checkpoint are written again, once
@@ -527,6 +531,9 @@ def loop(s: Session) -> str:
             s.scaler.unscale_(opt)
         grad_norm = dist.clip_grad_norm(s.net, ocfg.grad_clip)
         finite = check_finite(s, loss_sum, grad_norm)
+        if s.skipped > tcfg.max_skipped_frac * tcfg.max_iters:  # the run can no longer end within the limit
+            stop_reason = "too many non-finite steps"
+            break
         # step + schedule
         lr = lr_at(s.step, ocfg, tcfg.max_iters)
         set_lr(s.optimizers, lr, ocfg)
@@ -598,6 +605,7 @@ def check_finite(s: Session, loss_sum: torch.Tensor, grad_norm: torch.Tensor) ->
         raise UserError(f"non-finite loss or gradient at step {s.step} (loss {loss_sum.item()}, grad norm "
                         f"{grad_norm.item()}); no checkpoint written. Lower optim.lr or pass --train.skip_nonfinite")
     print(f"warning: skipping step {s.step}: non-finite loss or gradient", file=sys.stderr)
+    s.skipped += 1
     return False
 
 
@@ -614,6 +622,7 @@ def report_nonfinite(s: Session) -> None:
                         "no checkpoint written. Lower optim.lr or pass --train.skip_nonfinite")
     print(f"warning: skipped {count} step(s) with a non-finite loss or gradient, the first at step {first}",
           file=sys.stderr)
+    s.skipped += count
     s.first_bad_step.fill_(-1)
     s.bad_steps.zero_()
 
@@ -674,7 +683,7 @@ def save(s: Session, is_best: bool) -> None:
     report_nonfinite(s)  # deferred path: never save after an unreported non-finite step
     tcfg = s.tcfg
     state = {"step": s.step, "tokens": s.tokens, "best_val_loss": None if math.isinf(s.best_val) else s.best_val,
-             "bad_evals": s.bad_evals, "elapsed_s": s.elapsed, "rng": rng_state(s.device),
+             "bad_evals": s.bad_evals, "skipped_steps": s.skipped, "elapsed_s": s.elapsed, "rng": rng_state(s.device),
              "threads": torch.get_num_threads(),
              "data": {"seed": tcfg.seed, "step": s.step, "sampling": "stateless(seed, step)",
                       **dist.data_slices(tcfg.batch_size, s.per_rank, s.micro, s.ctx)},
@@ -688,16 +697,20 @@ def save(s: Session, is_best: bool) -> None:
 def finish(s: Session, stop_reason: str) -> dict:
     """The final whole-split eval (of best/), result.json, the report, closing the logs and the process group."""
     tcfg = s.tcfg
+    report_nonfinite(s)  # the deferred path's count of skipped steps
     result = {"step": s.step, "tokens": s.tokens, "stop_reason": stop_reason,
               "best_val_loss": None if math.isinf(s.best_val) else s.best_val}
+    if s.skipped:
+        result["skipped_steps"] = s.skipped
     final_eval = tcfg.final_eval and stop_reason != INTERRUPTED and not s.stopped_by_caller
     if final_eval and (s.master or s.ctx.parallel == "fsdp") and tcfg.objective == "clm":  # FSDP: all ranks forward
         result["final_eval_checkpoint"] = _load_best_weights(s)
         result.update({"final_" + k: v for k, v in
                        evaluate_lm(s.net, s.val_ds, s.model_cfg.block_size, device=s.device).items()})
+    result = finite_or_null(result)
     if s.master:
         atomic_write_json(s.out / "result.json", result)
-        print(json.dumps(result), file=sys.stderr)
+        print(json_text(result), file=sys.stderr)
         s.log.draw()
         if tcfg.report:
             from .report import report_at_end
@@ -705,6 +718,10 @@ def finish(s: Session, stop_reason: str) -> dict:
             report_at_end(s.out)
     s.log.close()
     dist.teardown(s.ctx)
+    if s.skipped > tcfg.max_skipped_frac * s.step:
+        raise UserError(f"{s.skipped} of {s.step} steps were skipped for a non-finite loss or gradient, more than "
+                        f"--train.max_skipped_frac {tcfg.max_skipped_frac} allows: the run did not train (result.json "
+                        "records it); lower --optim.lr")
     return result
 
 

@@ -59,7 +59,7 @@ from .model import ModelConfig
 from .optim import OptimConfig
 from .runtime import INTERRUPTED, Interrupted, stop_on_signals
 from .train import TrainConfig
-from .utils import atomic_write, atomic_write_bytes, atomic_write_json, read_json
+from .utils import atomic_write, atomic_write_bytes, atomic_write_json, json_text, read_json
 
 Method = Literal["grid", "random", "bayes"]
 METHODS = ("grid", "random", "bayes")
@@ -353,7 +353,7 @@ def _read_trials(path: Path) -> list[dict]:
 
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_text(record) + "\n")
         f.flush()
         os.fsync(f.fileno())  # a finished trial is never lost to a crash
 
@@ -519,7 +519,7 @@ def _outcome(record: dict) -> float:
 
 
 def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+    atomic_write_bytes(path, "".join(json_text(r) + "\n" for r in records).encode("utf-8"))
 
 
 def _plain(value: Any) -> Any:
@@ -676,5 +676,5 @@ def tune_cli(**kwargs: Any) -> int:
           f"({best['trials_complete']} complete, {best['trials_pruned']} pruned, {best['trials_failed']} failed; "
           f"full config in {Path(kwargs['out']) / 'best.json'}, picture in {Path(kwargs['out']) / 'search.png'})",
           file=sys.stderr)
-    print(json.dumps({k: best[k] for k in ("trial", "val_loss", "params", "run")}))
+    print(json_text({k: best[k] for k in ("trial", "val_loss", "params", "run")}))
     return 0

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 def fsync_dir(path: Path) -> None:
@@ -78,8 +79,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, write)
 
 
+def json_text(obj: Any, indent: Optional[int] = None) -> str:
+    """Strict JSON (RFC 8259): NaN and Infinity, which strict parsers reject, raise ValueError here.
+    Records that can legitimately hold them (losses of a diverged run) go through finite_or_null first."""
+    return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def finite_or_null(record: dict) -> dict:
+    """`record` with each NaN/inf float (at any depth) as null, and a "nonfinite" entry saying which and why:
+    {"val_loss": null, "nonfinite": {"val_loss": "nan"}}."""
+    why: dict[str, str] = {}
+
+    def clean(value: Any, key: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            why[key] = str(value)  # "nan", "inf" or "-inf"
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = clean(record, "")
+    if why:
+        out["nonfinite"] = why
+    return out
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json_text(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Literal, Optiona
 import numpy as np
 
 from .. import UserError
+from ..checks import ConfigError, check_fields
 from ..utils import atomic_write_json, fsync_dir, replace_dir, sha256_file
 from .dataset import (FORMAT_VERSION, META_FILE, SHARDED_FORMAT_VERSION, SPLITS, TOKENIZER_FILE, dtype_for_vocab,
                       load_meta, split_shards)
@@ -162,6 +163,13 @@ class PrepareConfig:
     """Seeds the document split."""
     force: bool = False
     """Replace an existing output directory."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, lambda name: "--" + name.replace("_", "-"), {})  # types; prepare() checks the ranges
+        for name, most in (("vocab_size", 2**24), ("workers", 1024)):  # what must not reach the tokenizer or the OS
+            value = getattr(self, name)
+            if value is not None and value > most:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at most {most}, got {value}")
 
 
 def default_data_dir() -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -28,7 +27,7 @@ from ..heads import GPTClassifier, classifier_logits, predict_proba
 from ..metrics import classification_metrics, format_confusion
 from ..prompts import encode_texts
 from ..runtime import pick_device
-from ..utils import atomic_write_bytes
+from ..utils import atomic_write_bytes, json_text
 from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, finish_run, fit, prepare_run,
                    recorded_command, resume_checkpoint, run_config, setup_trainable, stderr_log, train_part,
                    write_run_files)
@@ -160,7 +159,7 @@ def predict(run: str | os.PathLike, input: str | os.PathLike, output: Optional[s
             w.writerow([r["text"], r["label"], *(r["probs"][lab] for lab in labels)])
         text = buf.getvalue()
     else:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        text = "".join(json_text(r) + "\n" for r in rows)
     if output is None:
         (stdout or sys.stdout).write(text)
     else:

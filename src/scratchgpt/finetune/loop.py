@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .. import UserError
+from ..checks import SEED_MAX, check_fields
 from ..checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE,
                           LoadedRun, load_model_tensors, load_run, load_tensors, model_tensors, optimizer_from_tensors,
                           rng_state, set_rng_state, verify_checkpoint, weights_sha256, write_checkpoint)
@@ -38,7 +39,7 @@ from ..heads import classifier_of
 from ..lora import add_lora, adapter_tensors, lora_config_dict, set_adapter_tensors
 from ..model import GPT, gpt_of
 from ..runtime import INTERRUPTED, configure_threads, environment, pick_device, stop_on_signals
-from ..utils import atomic_write, atomic_write_json
+from ..utils import atomic_write, atomic_write_json, finite_or_null, json_text
 
 
 @dataclass
@@ -79,6 +80,13 @@ class FinetuneOptions:
     """cpu, cuda, cuda:1, mps; auto: cuda > mps > cpu."""
     log_interval: int = field(default=10, metadata={"cli": False})
     """Optimizer steps between metrics.jsonl rows."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, lambda name: "--" + name.replace("_", "-"), {
+            "epochs": "[1, inf)", "max_steps": "[0, inf)", "batch_size": "[1, 1048576]", "lr": "[0, inf)",
+            "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)", "eval_interval": "[0, inf)",
+            "patience": "[0, inf)", "seed": f"[0, {SEED_MAX}]", "lora_r": "[1, 65536]", "lora_alpha": "[0, inf)",
+            "lora_dropout": "[0, 1)", "freeze_except": "[0, 1024]", "log_interval": "[1, inf)"})
 
     def check(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -164,7 +172,7 @@ def _fit(model, batches, loss_of, evaluate, better, save, o: FinetuneOptions, ou
 
     def record(row: dict) -> None:
         with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_text(finite_or_null(row)) + "\n")
 
     stop = "max_steps" if o.max_steps else "epochs"
     if resume is not None:
@@ -368,7 +376,7 @@ def checkpoint_saver(out: Path, model: nn.Module, o: FinetuneOptions, config: di
         json_files[ADAPTER_CONFIG_FILE] = o.lora_dict()
 
     def save(name: str, progress: dict, ev: dict, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        tensors, state = run_files(model, o.lora), {**progress, "val": ev}
+        tensors, state = run_files(model, o.lora), finite_or_null({**progress, "val": ev})
         if optimizer is not None:  # an interrupted run: what --resume continues from
             tensors[OPTIM_FILE], state["optimizer"] = optimizer_files([optimizer])
         write_checkpoint(out, progress["step"], tensors=tensors, json_files=json_files,
