@@ -74,3 +74,18 @@ def char_data(tmp_path_factory, corpus_file) -> Path:
     out = tmp_path_factory.mktemp("data") / "char"
     prepare(inputs=[str(corpus_file)], out=out, tokenizer="char", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(char_data, tmp_path_factory) -> Path:
+    """A 1-layer, 16-wide run trained for 2 steps on `char_data`: enough to load, sample, serve and fine-tune."""
+    from scratchgpt.model import ModelConfig
+    from scratchgpt.optim import OptimConfig
+    from scratchgpt.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(data=char_data, out=out, model=ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32),
+          train=TrainConfig(batch_size=4, max_iters=2, eval_interval=2, eval_iters=1, sample_tokens=0, progress=False,
+                            tensorboard=False, plot=False, final_eval=False, peak_flops=1.0, threads=1),
+          optim=OptimConfig(warmup_iters=1))
+    return out

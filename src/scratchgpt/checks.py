@@ -54,6 +54,18 @@ def check_range(flag: str, value: float, interval: str) -> None:
         raise ConfigError(f"{flag} must be {describe(interval)}, got {_show(value)}")
 
 
+def bounds(interval: str) -> dict[str, float]:
+    """An interval as keyword bounds for a pydantic Field / JSON Schema: "(0, 1]" -> {"gt": 0, "le": 1}."""
+    m = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^\]\s)]+)\s*([\])])", interval)
+    if m is None:
+        raise ValueError(f"bad interval {interval!r}")
+    lo, hi = _number(m.group(2)), _number(m.group(3))
+    out = {} if lo == -math.inf else {("ge" if m.group(1) == "[" else "gt"): lo}
+    if hi != math.inf:
+        out["le" if m.group(4) == "]" else "lt"] = hi
+    return out
+
+
 def describe(interval: str) -> str:
     """"[1, inf)" -> ">= 1", "(0, inf)" -> "> 0", anything else as written: "in [0, 1)"."""
     m = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*inf\s*\)", interval)

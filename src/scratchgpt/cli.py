@@ -524,13 +524,22 @@ def cmd_tune(a, argv: list[str], parser: Parser) -> int:
 
 def _serve_parser() -> Parser:
     p = Parser(description="Serve a run over HTTP with an OpenAI-compatible API: POST /v1/completions, "
-                           "POST /v1/chat/completions (streaming as server-sent events), GET /v1/models, GET /health.")
+                           "POST /v1/chat/completions (streaming as server-sent events), GET /v1/models, GET /health. "
+                           "SIGTERM or Ctrl-C stops it gracefully (exit 0).")
     p.add_argument("run", type=Path, help="run directory (or a checkpoint directory)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (no authentication: keep it local)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; beyond loopback needs --api-key or --insecure")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     _which_arg(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, ...; auto: cuda > mps > cpu")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--api-key", type=Optional[str], default=None,
+                   help="require `Authorization: Bearer KEY` on every route but /health (default: $SCRATCHGPT_API_KEY; "
+                        "unset: no key)")
+    p.add_argument("--insecure", action="store_true", help="allow a --host beyond loopback without an API key")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait while one generates; more get 503 with Retry-After")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may take, waiting included: 503 while waiting, 504 once generating")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
                    help="uvicorn's log level")
     _quantize_arg(p)
@@ -545,7 +554,8 @@ def cmd_serve(a) -> None:
     except ImportError as e:
         raise UserError(f"`scratchgpt serve` needs FastAPI and uvicorn ({e}): pip install 'scratchgpt[serve]'") from None
     serve(a.run, host=a.host, port=a.port, which=a.which, device=a.device, max_tokens_limit=a.max_tokens_limit,
-          log_level=a.log_level, quantize=a.quantize)
+          log_level=a.log_level, quantize=a.quantize, api_key=a.api_key, insecure=a.insecure, max_queue=a.max_queue,
+          request_timeout=a.request_timeout)
 
 
 # name: (parser, handler, one line for `scratchgpt --help`), in pipeline order

@@ -386,12 +386,14 @@ def complete(
     gen: Optional[GenerationConfig] = None,
     *,
     note: Callable[[str], None] = _stderr_note,
+    should_stop: Optional[Callable[[], bool]] = None,
     **options,
 ) -> list[Completion]:
     """Continue each prompt (text, or a list of token ids); one Completion per prompt, in order.
 
     `options` override fields of `gen` (see GenerationConfig). Stop tokens are checked on the
     device and synced every 16 steps; stop strings need the text, so they sync every step.
+    `should_stop()`, asked before every token, ends generation early (a server's deadline).
     """
     gen = _config(gen, options)
     model = _check_model(model)
@@ -400,7 +402,7 @@ def complete(
     rows = [_prompt_ids(tokenizer, p, model.cfg.block_size, note) for p in prompts]
     stop_ids, stops = _stops(tokenizer, gen)
     states = [_Row(tokenizer, stop_ids, stops or None, len(r)) for r in rows]
-    _run_batches(model, tokenizer.vocab_size, rows, gen, states, host_every_step=bool(stops))
+    _run_batches(model, tokenizer.vocab_size, rows, gen, states, host_every_step=bool(stops), should_stop=should_stop)
     out = []
     for st in states:
         if st.text is not None:
@@ -437,7 +439,8 @@ def generate_tokens(
     return [st.ids for st in states]
 
 
-def _run_batches(model: GPT, valid_vocab: int, rows: list[list[int]], gen: GenerationConfig, states: list[_Row], host_every_step: bool) -> None:
+def _run_batches(model: GPT, valid_vocab: int, rows: list[list[int]], gen: GenerationConfig, states: list[_Row],
+                 host_every_step: bool, should_stop: Optional[Callable[[], bool]] = None) -> None:
     """Run equal-length prompts as one batch each; row i samples with seed + i."""
     if not gen.max_new_tokens:
         return
@@ -448,12 +451,15 @@ def _run_batches(model: GPT, valid_vocab: int, rows: list[list[int]], gen: Gener
     with _eval_mode(model):
         for members in groups.values():
             dec = _decoder(model, valid_vocab, [rows[i] for i in members], gen, [base + i for i in members])
-            _run_group(dec, gen, [states[i] for i in members], host_every_step)
+            _run_group(dec, gen, [states[i] for i in members], host_every_step, should_stop or (lambda: False))
 
 
-def _run_group(dec: _Decoder, gen: GenerationConfig, states: list[_Row], host_every_step: bool) -> None:
+def _run_group(dec: _Decoder, gen: GenerationConfig, states: list[_Row], host_every_step: bool,
+               should_stop: Callable[[], bool]) -> None:
     if host_every_step:
         for _ in range(gen.max_new_tokens):
+            if should_stop():
+                return
             for st, t in zip(states, dec.next().tolist()):
                 st.push(t)
             if all(st.done for st in states):
@@ -463,16 +469,18 @@ def _run_group(dec: _Decoder, gen: GenerationConfig, states: list[_Row], host_ev
     stop_t = torch.tensor(sorted(stop_ids), device=dec.seq.device) if stop_ids else None
     done = torch.zeros(len(states), dtype=torch.bool, device=dec.seq.device)
     steps = []
-    # inference mode held over the loop (no caller code runs inside it), not switched per token
+    # inference mode held over the loop (only should_stop's check runs inside it), not switched per token
     with torch.inference_mode():
         for step in range(gen.max_new_tokens):
+            if should_stop():
+                break
             tok = dec.step()
             steps.append(tok)
             if stop_t is not None:
                 done |= torch.isin(tok, stop_t)
                 if step % 16 == 15 and bool(done.all()):  # the only host sync in this loop
                     break
-        ids_per_row = torch.stack(steps, dim=1).tolist()
+        ids_per_row = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in states]
     for st, ids in zip(states, ids_per_row):
         for t in ids:
             st.push(t)
