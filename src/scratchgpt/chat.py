@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Iterable, Iterator, Optional, TextIO
 
 from . import UserError
+from .checks import check_range
 from .checkpoint import load_run
 from .data.readers import read_text
 from .generate import GenerationConfig, resolve_seed, complete, generate, stream
@@ -132,8 +133,7 @@ def sample_cli(
         except UserError as e:
             raise UserError(f"--prompt-file {e}") from None
     prompt = prompt or ""
-    if num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    check_range("--num-samples", num_samples, "[1, 10000]")
     model, tokenizer, config = _load_for_generation(run, which, device, quantize, "sample")
     gen = replace(gen, seed=resolve_seed(gen))  # one base seed, so streamed and batched samples agree
     tokenizer.encode(prompt)  # unknown characters fail here, before any output

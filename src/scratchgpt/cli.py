@@ -46,14 +46,14 @@ class Parser(ArgumentParser):
             close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
             if close:
                 msg += f" (did you mean {close[0].lstrip('-') if not key.startswith('-') else close[0]}?)"
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {_one_line(msg)}", file=sys.stderr)
         sys.exit(2)
 
 
     def _type_error(self, lines: list[str]) -> Optional[str]:
         """jsonargparse's several-line type error as one line: the flag, what it takes, the value given."""
         key = re.match(r'Parser key "([^"]+)":', lines[0]) if lines else None
-        got = next((m.group(1) for ln in lines if (m := re.search(r"(?:Got|Given) value: (.*)", ln))), None)
+        got = next((m.group(1) for ln in lines if (m := re.search(r"(?:Got|Given) value:\s*(.*)", ln))), None)
         if key is None or got is None:
             return None
         flag = next((a.option_strings[-1] for p in _all_parsers(self) for a in p._actions
@@ -67,11 +67,16 @@ class Parser(ArgumentParser):
         else:
             names = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", subtypes)
             want = " or ".join(dict.fromkeys(_TYPE_NAMES.get(n, n) for n in names)) or subtypes or "another value"
-        return f"{flag} takes {want}, got {got!r}"
+        return f"{flag} takes {want}, got {({'None': 'null', 'True': 'true', 'False': 'false'}).get(got, got)!r}"
 
 
 _TYPE_NAMES = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
                "NoneType": "null", "Path": "a path", "dict": "a mapping"}
+
+
+def _one_line(message: str) -> str:
+    """An error stays one line even when it quotes text with line breaks in it."""
+    return message.strip().replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _all_parsers(parser: ArgumentParser):
@@ -608,7 +613,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parser.parse_args(rest)
         code = handler(args, rest, parser) if name in _TAKES_ARGV else handler(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # runtime.Interrupted carries what was saved and how to continue
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)

@@ -23,10 +23,11 @@ from typing import Optional
 import numpy as np
 
 from . import UserError
+from .checks import check_range
 from .checkpoint import load_run
 from .data import TokenDataset, load_meta
 from .data.readers import read_labelled, read_sft, read_text
-from .generate import complete
+from .generate import MAX_NEW_TOKENS, complete
 from .heads import predict_proba
 from .metrics import classification_metrics, evaluate_lm, generation_metrics
 from .prompts import default_template, encode_texts, prompt_ids
@@ -168,11 +169,15 @@ def evaluate_cli(run: Path, task: str = "lm", data: Optional[Path] = None, *, co
                  max_new_tokens: int = 128, limit: int = 0, base: Optional[Path] = None,
                  quantize: Optional[str] = None) -> dict:
     """`scratchgpt eval`: dispatch on --task."""
+    check_range("--batch-size", batch_size, "[1, 65536]")
+    check_range("--context", context, "[0, 1048576]")
+    check_range("--max-new-tokens", max_new_tokens, f"[1, {MAX_NEW_TOKENS}]")
+    check_range("--limit", limit, "[0, inf)")
     if task == "lm":
         return evaluate_lm_cli(run, data=data, context=context, which=which, batch_size=batch_size, base=base,
                                quantize=quantize)
     if task == "classify":
-        return evaluate_classify_cli(run, data, which, text_field, label_field, max(batch_size, 1), base, quantize)
+        return evaluate_classify_cli(run, data, which, text_field, label_field, batch_size, base, quantize)
     if task == "generate":
         return evaluate_generate_cli(run, data, which, max_new_tokens, limit, base, quantize)
     raise UserError(f"--task must be lm, classify or generate, not {task!r}")

@@ -297,6 +297,9 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     model_cfg, tcfg, ocfg = model or ModelConfig(), train or TrainConfig(), optim or OptimConfig()
     if _run_has_content(out) and not (resume or force):
         raise UserError(f"{out} already holds a run: pass --resume to continue it or --force to replace it")
+    if out.is_dir() and not _run_has_content(out) and any(not p.name.startswith((".", "tb")) for p in out.iterdir()):
+        # e.g. a data dir given as --out by mistake: never written into, and never deleted by --force
+        raise UserError(f"--out {out} already holds files that are not a training run: give a new directory name")
     data, model_cfg, tcfg, ocfg = resolve_config(out, data, model_cfg, tcfg, ocfg, resume, overrides)
     data = Path(data) if data is not None else default_data_dir()
     meta = load_meta(data)

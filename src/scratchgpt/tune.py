@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
 from . import UserError
+from .checks import check_range
 from .model import ModelConfig
 from .optim import OptimConfig
 from .runtime import INTERRUPTED, Interrupted, stop_on_signals
@@ -395,8 +396,14 @@ def tune(
     from .train import train as run_training
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory: give a new directory name")
+    if out.is_dir() and any(out.iterdir()) and not ((out / "study.json").exists() or (out / "trials.jsonl").exists()):
+        raise UserError(f"--out {out} already holds other files (not a search): give a new directory name")
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
+    if seed is not None:
+        check_range("--seed", seed, "[0, 4294967295]")  # Optuna's samplers take 32-bit seeds
     if method is not None and method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if pruner is not None and pruner not in PRUNERS:

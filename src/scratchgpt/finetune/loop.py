@@ -395,6 +395,8 @@ def stderr_log(msg: str) -> None:
 
 
 def check_out(out: Path, force: bool, inputs: Sequence[Path]) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory: give a new directory name")
     for p in inputs:
         if p.exists() and out.exists() and p.resolve().is_relative_to(out.resolve()):
             raise UserError(f"--out {out} holds the input run {p}; choose a new directory")
