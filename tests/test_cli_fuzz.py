@@ -21,7 +21,7 @@ import sys
 import tempfile
 import typing
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 import pytest
 import torch
