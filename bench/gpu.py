@@ -120,7 +120,8 @@ def run_ours(a, shape: dict, data: Path, out: Path, compiled: bool, variant: str
              "train.eval_interval": a.iters, "train.eval_iters": 1, "train.log_interval": a.log_interval,
              "train.dtype": a.dtype, "train.device": a.device, "train.compile": str(compiled).lower(),
              "train.sample_tokens": 0, "train.final_eval": "false", "train.tensorboard": "false",
-             "train.plot": "false", "train.progress": "false", "train.keep_last": 1}
+             "train.plot": "false", "train.progress": "false", "train.keep_last": 1,
+             "optim.warmup_iters": min(100, a.iters)}  # (a warmup longer than the run is refused)
     args = ["train", "--data", str(data), "--out", str(out), "--force", *(f"--{k}={v}" for k, v in flags.items()), *extra]
     code = prelude + "\nimport sys\nfrom scratchgpt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     t0 = time.monotonic()

@@ -237,7 +237,8 @@ def shards_bench(tmp: Path, a) -> dict:
     assert len(json.loads((many / "meta.json").read_text())["shards"]["train"]) == a.train_shards
     flags = ["--train.max_iters", str(a.iters), "--train.eval_interval", "1000000", "--train.log_interval", "1",
              "--train.sample_tokens", "0", "--train.progress", "false", "--train.plot", "false",
-             "--train.tensorboard", "false", "--train.final_eval", "false", *shlex.split(a.train_flags)]
+             "--train.tensorboard", "false", "--train.final_eval", "false", "--optim.warmup_iters",
+             str(min(100, a.iters)), *shlex.split(a.train_flags)]
     rates: dict[str, list[float]] = {"one file": [], f"{a.train_shards} shards": []}
     for r in range(a.rounds):
         for label, data in zip(rates, (one, many)):

@@ -40,7 +40,8 @@ SIZES = {
     "small": ("config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 --log_interval=1 "
               "--block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters={n} "
               "--lr_decay_iters=2000 --dropout=0.0 --eval_interval=1000000",
-              "--config configs/shakespeare-char-nanogpt.yaml --train.max_iters {n} --train.eval_interval 1000000",
+              "--config configs/shakespeare-char-nanogpt.yaml --train.max_iters {n} --train.eval_interval 1000000 "
+              "--optim.decay_iters 2000",
               400, 12 * 64),
     "10m": ("config/train_shakespeare_char.py --device=cpu --compile=False --batch_size=8 --log_interval=1 "
             "--max_iters={n} --eval_interval=1000000 --eval_iters=1",

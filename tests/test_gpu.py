@@ -94,12 +94,14 @@ def test_nonfinite_step_is_caught_on_the_gpu_without_a_sync_per_step(tmp_path, c
     monkeypatch.setattr(GPT, "forward", poisoned)
     run = tmp_path / "nan"
     with pytest.raises(UserError, match=r"non-finite loss or gradient at step 6 \(1 step\(s\) through 6 skipped\)"):
-        train(data=char_data, out=run, model=ModelConfig(**TINY), train=gpu_train(max_iters=20, eval_interval=5))
+        train(data=char_data, out=run, model=ModelConfig(**TINY), train=gpu_train(max_iters=20, eval_interval=5),
+              optim=OptimConfig(warmup_iters=2))
     assert json.loads((run / "latest/state.json").read_text())["step"] == 5
     assert not (run / "checkpoints/step-0000006").exists()
     calls["n"] = 0
     result = train(data=char_data, out=tmp_path / "skip", model=ModelConfig(**TINY),
-                   train=gpu_train(max_iters=10, eval_interval=10, skip_nonfinite=True))
+                   train=gpu_train(max_iters=10, eval_interval=10, skip_nonfinite=True),
+                   optim=OptimConfig(warmup_iters=2))
     assert result["step"] == 10
     weights = load_file(tmp_path / "skip/latest/model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())  # the fused AdamW kernel skipped step 6

@@ -332,7 +332,7 @@ def test_startup_summary_says_what_the_run_will_do(tmp_path, char_data, capsys):
     meta = json.loads((char_data / "meta.json").read_text())
     train(data=char_data, out=tmp_path / "r", model=ModelConfig(**TINY),
           train=quiet_train(max_iters=4, eval_interval=4, batch_size=8, micro_batch_size=4, threads=1, peak_flops=2e12),
-          optim=OptimConfig(optimizer="muon"))
+          optim=OptimConfig(optimizer="muon", warmup_iters=2))
     err = capsys.readouterr().err
     summary = err[:err.index("step 4:")]  # printed before the loop
     net = GPT(ModelConfig(**TINY, vocab_size=meta["vocab_size"]))
@@ -361,7 +361,7 @@ def test_a_resumed_run_keeps_its_measured_thread_count(tmp_path, char_data, monk
     try:
         monkeypatch.setattr(runtime, "default_threads", lambda: 1)  # as measured by the first process
         train(data=char_data, out=tmp_path / "r", model=ModelConfig(**TINY),
-              train=quiet_train(max_iters=2, eval_interval=2, threads=0))
+              train=quiet_train(max_iters=2, eval_interval=2, threads=0), optim=SHORT)
         assert json.loads((tmp_path / "r/latest/state.json").read_text())["threads"] == 1
         monkeypatch.setattr(runtime, "default_threads", lambda: 2)  # a new process measures otherwise
         capsys.readouterr()

@@ -92,6 +92,7 @@ def test_bad_values_are_one_line_naming_flag_value_and_range(tmp_path, char_data
 @pytest.mark.parametrize("extra, expected", [
     ({"train.micro_batch_size": 3}, "--train.micro_batch_size 3 must divide the batch of 8 per rank"),
     ({"train.max_iters": 5, "optim.warmup_iters": 10}, "--optim.warmup_iters 10 must be <= --train.max_iters 5"),
+    ({"optim.decay_iters": 5, "optim.warmup_iters": 10}, "--optim.warmup_iters 10 must be <= --optim.decay_iters 5"),
     ({"model.block_size": 100000}, "--model.block_size 100000 must be < the"),
     ({"model.n_layer": 1024, "model.n_embd": 65536, "model.n_head": 1}, "GiB to train"),
     ({"model.n_embd": 30, "model.n_head": 4}, "--model.n_embd 30 must be divisible by --model.n_head 4"),
@@ -183,8 +184,10 @@ def test_configs_check_themselves_when_built():
     with pytest.raises(UserError, match=f"--max-new-tokens must be in \\[0, {MAX_NEW_TOKENS}\\]"):
         GenerationConfig(max_new_tokens=10**12)
     assert GenerationConfig(seed=-1).seed == 2**63 - 1
-    with pytest.raises(UserError, match="--workers must be in"):
-        PrepareConfig(workers=0)
+    with pytest.raises(UserError, match="--workers must be at most 1024, got 2000"):
+        PrepareConfig(workers=2000)
+    with pytest.raises(UserError, match="--val-fraction must be a finite number, got nan"):
+        PrepareConfig(val_fraction=math.nan)
     with pytest.raises(UserError, match="--lora-dropout must be in"):
         FinetuneOptions(lora_dropout=1.0)
 

@@ -256,6 +256,11 @@ def _run_has_content(out: Path) -> bool:
     return out.exists() and any((out / n).exists() for n in ("config.json", "latest", "checkpoints", "metrics.jsonl"))
 
 
+def _run_litter(path: Path) -> bool:
+    """What a run dir may hold before its config.json: logs (tune's train.log), tb/, temp files of a crash."""
+    return path.name == "tb" or path.name.startswith(".") or path.suffix == ".log"
+
+
 def resolve_config(out: Path, data: Optional[Path], model: ModelConfig, train: TrainConfig, optim: OptimConfig,
                    resume: bool, overrides: Optional[dict] = None):
     """On resume the saved config wins, except for the train/optim keys the user gave (`overrides`).
@@ -297,7 +302,7 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     model_cfg, tcfg, ocfg = model or ModelConfig(), train or TrainConfig(), optim or OptimConfig()
     if _run_has_content(out) and not (resume or force):
         raise UserError(f"{out} already holds a run: pass --resume to continue it or --force to replace it")
-    if out.is_dir() and not _run_has_content(out) and any(not p.name.startswith((".", "tb")) for p in out.iterdir()):
+    if out.is_dir() and not _run_has_content(out) and any(not _run_litter(p) for p in out.iterdir()):
         # e.g. a data dir given as --out by mistake: never written into, and never deleted by --force
         raise UserError(f"--out {out} already holds files that are not a training run: give a new directory name")
     data, model_cfg, tcfg, ocfg = resolve_config(out, data, model_cfg, tcfg, ocfg, resume, overrides)
@@ -455,7 +460,10 @@ def check_relations(model_cfg: ModelConfig, tcfg: TrainConfig, ocfg: OptimConfig
     if per_rank % micro:
         raise ConfigError(f"--train.micro_batch_size {tcfg.micro_batch_size} must divide the batch of {per_rank} "
                           f"per rank (--train.batch_size {tcfg.batch_size} over {world} rank(s))")
-    if ocfg.warmup_iters > tcfg.max_iters:
+    if ocfg.decay_iters and ocfg.warmup_iters > ocfg.decay_iters:  # (a run may be the start of a longer schedule)
+        raise ConfigError(f"--optim.warmup_iters {ocfg.warmup_iters} must be <= --optim.decay_iters "
+                          f"{ocfg.decay_iters}, the length of the LR schedule")
+    if not ocfg.decay_iters and ocfg.warmup_iters > tcfg.max_iters:
         raise ConfigError(f"--optim.warmup_iters {ocfg.warmup_iters} must be <= --train.max_iters {tcfg.max_iters} "
                           "(the run would end before its warmup does)")
     return per_rank, micro
