@@ -82,10 +82,10 @@ def field_flags(cls, flag=None, skip=()) -> dict[str, st.SearchStrategy]:
     return out
 
 
-# compile: a valid value costs only torch.compile's time; parallel: a no-op without torchrun
-SECTIONS = {**field_flags(ModelConfig, lambda n: f"--model.{n}"),
-            **field_flags(TrainConfig, lambda n: f"--train.{n}", skip=("compile", "parallel")),
-            **field_flags(OptimConfig, lambda n: f"--optim.{n}")}
+SECTIONS = {**field_flags(ModelConfig, lambda n: f"--model.{n}"), **field_flags(TrainConfig, lambda n: f"--train.{n}"),
+            **field_flags(OptimConfig, lambda n: f"--optim.{n}"),
+            # compile=true is valid and only costs torch.compile's time: every other value is tried
+            "--train.compile": st.sampled_from(["false", "maybe", "0", "null", "", "abc"])}
 TINY = {"--model.n_layer": "1", "--model.n_head": "2", "--model.n_embd": "16", "--model.block_size": "16",
         "--train.batch_size": "4", "--train.max_iters": "2", "--train.eval_interval": "2", "--train.eval_iters": "1",
         "--train.sample_tokens": "0", "--train.progress": "false", "--train.tensorboard": "false",
