@@ -68,7 +68,8 @@ def test_train_out_is_an_existing_file(tmp_path, char_data, capsys):
 
 
 @pytest.mark.parametrize("flag, value, expected", [
-    ("--optim.lr", "-0.001", "--optim.lr must be >= 0, got -0.001"),
+    ("--optim.lr", "-0.001", "--optim.lr must be in [0, 1000], got -0.001"),
+    ("--optim.lr", "1e300", "--optim.lr must be in [0, 1000], got 1e+300"),
     ("--model.dropout", "1.5", "--model.dropout must be in [0, 1), got 1.5"),
     ("--train.batch_size", "0", "--train.batch_size must be in [1, 1048576], got 0"),
     ("--train.eval_interval", "0", "--train.eval_interval must be >= 1, got 0"),

@@ -19,6 +19,8 @@ from typing import Any, Callable, Literal, Mapping, Union
 from . import UserError
 
 SEED_MAX = 2**63 - 1  # torch and numpy generators take 64-bit seeds
+F32 = "3.4e38"  # about float32's largest: a value the optimizers take as a float32 scalar must fit in one
+LR = "[0, 1000]"  # far past any working learning rate or weight decay; beyond, AdamW's bias-corrected step can overflow
 
 
 class ConfigError(UserError, ValueError):

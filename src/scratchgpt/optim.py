@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 import torch
 
-from .checks import check_fields
+from .checks import F32, LR, check_fields
 from .model import GPT
 from .muon import AdamW, make_muon
 
@@ -58,9 +58,9 @@ class OptimConfig:
 
 
 OPTIM_RANGES = {
-    "lr": "[0, inf)", "min_lr": "[0, inf)", "warmup_iters": "[0, inf)", "decay_iters": "[0, inf)",
-    "wsd_decay_frac": "[0, 1]", "weight_decay": "[0, inf)", "betas": "[0, 1)", "eps": "[0, inf)",
-    "grad_clip": "[0, inf)", "embed_lr": "[0, inf)", "head_lr": "[0, inf)", "muon_lr": "[0, inf)",
+    "lr": LR, "min_lr": LR, "warmup_iters": "[0, inf)", "decay_iters": "[0, inf)", "wsd_decay_frac": "[0, 1]",
+    "weight_decay": LR, "betas": "[0, 1)", "eps": f"[0, {F32}]", "grad_clip": f"[0, {F32}]", "embed_lr": LR,
+    "head_lr": LR, "muon_lr": LR,
     "muon_momentum": "[0, 1)", "muon_ns_steps": "[1, 99]",
 }
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .. import UserError
-from ..checks import SEED_MAX, check_fields
+from ..checks import F32, LR, SEED_MAX, check_fields
 from ..checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE,
                           LoadedRun, load_model_tensors, load_run, load_tensors, model_tensors, optimizer_from_tensors,
                           rng_state, set_rng_state, verify_checkpoint, weights_sha256, write_checkpoint)
@@ -83,9 +83,10 @@ class FinetuneOptions:
 
     def __post_init__(self) -> None:
         check_fields(self, lambda name: "--" + name.replace("_", "-"), {
-            "epochs": "[1, inf)", "max_steps": "[0, inf)", "batch_size": "[1, 1048576]", "lr": "[0, inf)",
-            "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)", "eval_interval": "[0, inf)",
-            "patience": "[0, inf)", "seed": f"[0, {SEED_MAX}]", "lora_r": "[1, 65536]", "lora_alpha": "[0, inf)",
+            "epochs": "[1, inf)", "max_steps": "[0, inf)", "batch_size": "[1, 1048576]", "lr": LR,
+            "weight_decay": LR, "warmup_steps": "[0, inf)", "grad_clip": f"[0, {F32}]",
+            "eval_interval": "[0, inf)", "patience": "[0, inf)", "seed": f"[0, {SEED_MAX}]", "lora_r": "[1, 65536]",
+            "lora_alpha": f"[0, {F32}]",
             "lora_dropout": "[0, 1)", "freeze_except": "[0, 1024]", "log_interval": "[1, inf)"})
 
     def check(self) -> None:
