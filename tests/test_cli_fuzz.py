@@ -90,7 +90,7 @@ TINY = {"--model.n_layer": "1", "--model.n_head": "2", "--model.n_embd": "16", "
         "--train.batch_size": "4", "--train.max_iters": "2", "--train.eval_interval": "2", "--train.eval_iters": "1",
         "--train.sample_tokens": "0", "--train.progress": "false", "--train.tensorboard": "false",
         "--train.plot": "false", "--train.final_eval": "false", "--train.peak_flops": "1", "--train.threads": "1",
-        "--train.max_time_s": "1", "--optim.warmup_iters": "1"}
+        "--train.max_time_s": "1", "--train.report": "false", "--optim.warmup_iters": "1"}
 
 
 @st.composite

@@ -106,7 +106,8 @@ def test_a_second_signal_quits_at_once_and_handlers_are_restored(monkeypatch):
 
 def test_sigterm_during_finetune_saves_and_resume_is_bit_exact(tmp_path, char_data):
     base = tmp_path / "base"
-    train(data=char_data, out=base, model=ModelConfig(**TINY, dropout=0.1), train=quiet(max_iters=2, eval_interval=2))
+    train(data=char_data, out=base, model=ModelConfig(**TINY, dropout=0.1), train=quiet(max_iters=2, eval_interval=2),
+          optim=OptimConfig(warmup_iters=1))
     lines = [{"text": f"sample number {i} " + "ab" * (i % 7), "label": "even" if i % 2 == 0 else "odd"}
              for i in range(64)]
     for name in ("train", "val"):
@@ -143,7 +144,8 @@ def test_sigterm_during_finetune_saves_and_resume_is_bit_exact(tmp_path, char_da
 # ---------------------------------------------------------------- resume hygiene
 def test_resume_cuts_metrics_back_and_removes_stale_temps(tmp_path, char_data, capsys):
     run = tmp_path / "run"
-    train(data=char_data, out=run, model=ModelConfig(**TINY), train=quiet(max_iters=10, eval_interval=5, sample_tokens=8))
+    train(data=char_data, out=run, model=ModelConfig(**TINY), train=quiet(max_iters=10, eval_interval=5, sample_tokens=8),
+          optim=OptimConfig(warmup_iters=2))
     ref = [r["train_loss"] for r in rows(run)]
     # a crash after step 10's rows but before its checkpoint, during a save that left temp folders behind
     shutil.rmtree(run / "latest")
@@ -169,7 +171,8 @@ def test_resume_cuts_metrics_back_and_removes_stale_temps(tmp_path, char_data, c
 def test_resume_without_a_checkpoint_starts_afresh(tmp_path, char_data, capsys):
     run, fresh = tmp_path / "run", tmp_path / "fresh"
     for out in (run, fresh):
-        train(data=char_data, out=out, model=ModelConfig(**TINY), train=quiet(max_iters=6, eval_interval=6))
+        train(data=char_data, out=out, model=ModelConfig(**TINY), train=quiet(max_iters=6, eval_interval=6),
+              optim=OptimConfig(warmup_iters=2))
     for name in ("latest", "best", "checkpoints", "result.json"):  # as if it died before its first save
         p = run / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -271,7 +274,7 @@ def test_train_without_config_starts_from_the_recipe(tmp_path, char_data, capsys
     run = tmp_path / "run"
     assert main(["train", "--data", str(char_data), "--out", str(run), "--model.n_layer=1", "--model.n_embd=32",
                  "--train.batch_size=4", "--train.max_iters=4", "--train.eval_iters=1", "--train.sample_tokens=16",
-                 "--train.progress=false"]) == 0
+                 "--train.progress=false", "--optim.warmup_iters=2"]) == 0
     tail = capsys.readouterr().err.rstrip().splitlines()[-30:]
     assert any(line.startswith("| val perplexity |") for line in tail) and "Sample at step 4:" in tail
     assert tail[-1] == f"Report: {run / 'report.html'}" and (run / "report.html").exists()
