@@ -277,7 +277,7 @@ TUNE = {"--trials": st.sampled_from(INTS + JUNK), "--seed": st.sampled_from(INTS
         **{k: v for k, v in SECTIONS.items() if k.startswith(("--optim.", "--train.max_iters", "--model.n_"))}}
 
 
-@FUZZ
+@settings(FUZZ, max_examples=int(LONG or 0) or 20)  # a valid example runs a trial and draws search.png
 @given(data=st.data())
 def test_tune(world, data):
     pytest.importorskip("optuna")
