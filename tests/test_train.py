@@ -369,3 +369,12 @@ def test_a_resumed_run_keeps_its_measured_thread_count(tmp_path, char_data, monk
         assert "device: cpu, float32, 1 threads" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_short_run_shrinks_a_warmup_it_did_not_ask_for(tmp_path, char_data, capsys):
+    """`--train.max_iters 3` with the recipe's warmup of 5 is a quick run, not an error; a given warmup must fit."""
+    flags = [f for f in tiny_flags(**{"train.eval_interval": 3}) if not f.startswith("--optim.warmup_iters")]
+    code, _, err = cli(capsys, "train", "--data", char_data, "--out", tmp_path / "r", "--train.max_iters", "3", *flags)
+    assert code == 0, err
+    assert "warmup shortened from 5 to 0 steps" in err
+    assert json.loads((tmp_path / "r/config.json").read_text())["optim"]["warmup_iters"] == 0

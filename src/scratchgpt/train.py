@@ -318,6 +318,7 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     if tcfg.objective == "mlm":
         model_cfg.causal = False  # a masked token is predicted from both sides
     world = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+    ocfg = fit_warmup(ocfg, tcfg, overrides)
     per_rank, micro = check_relations(model_cfg, tcfg, ocfg, world, meta, data)
     train_ds = TokenDataset(data, "train", model_cfg.block_size)
     val_ds = TokenDataset(data, "val", model_cfg.block_size)
@@ -444,6 +445,20 @@ def startup_summary(s: Session) -> str:
         f"MFU peak: {s.peak.describe()}",
     ]
     return "\n".join(lines)
+
+
+def fit_warmup(ocfg: OptimConfig, tcfg: TrainConfig, given: Optional[dict]) -> OptimConfig:
+    """A warmup the user did not set (a default, or the recipe's) shrinks to a tenth of a schedule it would
+    outlast, with a note: `--train.max_iters 3` is a fine quick run. A warmup the user set must fit (checked next)."""
+    length = ocfg.decay_iters or tcfg.max_iters
+    if given is None or "optim.warmup_iters" in given or ocfg.warmup_iters <= length:
+        return ocfg
+    from dataclasses import replace
+
+    warmup = length // 10
+    print(f"note: a {length}-step schedule: warmup shortened from {ocfg.warmup_iters} to {warmup} steps "
+          "(--optim.warmup_iters sets it)", file=sys.stderr)
+    return replace(ocfg, warmup_iters=warmup)
 
 
 def check_relations(model_cfg: ModelConfig, tcfg: TrainConfig, ocfg: OptimConfig, world: int, meta: dict,
