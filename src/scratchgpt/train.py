@@ -815,7 +815,9 @@ def _human(n: float) -> str:
 def _progress(tcfg: TrainConfig, master: bool, start: int):
     from tqdm import tqdm
 
-    return tqdm(total=tcfg.max_iters, initial=start, disable=not (master and tcfg.progress), unit="step",
+    # disable=None: tqdm turns itself off when stderr is not a terminal (a log file gets the eval lines, not
+    # thousands of carriage-return redraws)
+    return tqdm(total=tcfg.max_iters, initial=start, disable=None if master and tcfg.progress else True, unit="step",
                 dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
 
