@@ -111,9 +111,13 @@ def test_gloo_where_cuda_exists_when_the_device_is_cpu(gpus, monkeypatch):
     ("NVIDIA GeForce RTX 4090", torch.bfloat16, True, 165.2, "RTX 4090 bfloat16"),
     ("Tesla V100-SXM2-16GB", torch.float16, True, 125.0, "V100 SXM2 float16"),
 ])
-def test_datasheet_peaks(monkeypatch, name, dtype, tf32, tflops, entry):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-    peak = table_peak(name, dtype)
+def test_datasheet_peaks(name, dtype, tf32, tflops, entry):
+    # set and restored by hand: the cuBLAS module's attributes are not plain ones (monkeypatch may delattr them)
+    old, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, tf32
+    try:
+        peak = table_peak(name, dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
     assert peak.flops == pytest.approx(tflops * 1e12) and peak.source == f"table: {entry} dense"
 
 
