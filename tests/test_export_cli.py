@@ -49,7 +49,9 @@ def test_runs_of_every_shipped_config_export_and_load_in_transformers(config, tm
     run, out = tmp_path / "run", tmp_path / "hf"
     flags = tiny_flags(**{"train.max_iters": 3, "train.eval_interval": 3, "train.target_val_loss": "null",
                           "train.sample_tokens": 0, "train.report": "false"})
-    flags = [f for f in flags if not f.startswith(("--model.",))]  # the config's own architecture
+    # the config's own architecture (positions, norms, MLP, biases, tying), at a test's size
+    flags = [f for f in flags if not f.startswith(("--model.",))] + [
+        "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64", "--model.block_size=32"]
     recipe = [] if config == "the default recipe" else ["--config", REPO / "configs" / config]  # no --config: the recipe
     code, _, err = cli(capsys, "train", "--data", char_data, "--out", run, *recipe, *flags)
     assert code == 0, err
