@@ -49,6 +49,27 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: f
     return proc
 
 
+def poison_loss(monkeypatch, at_calls, factor: float = float("nan")) -> dict:
+    """Multiply the loss of the training forwards numbered `at_calls` (1-based; a set or a predicate on the number)
+    by `factor` (NaN or inf): a non-finite step on demand. Returns the counter ({"n": ...}; set 0 to start over)."""
+    from scratchgpt.model import GPT
+
+    real_forward = GPT.forward
+    calls = {"n": 0}
+    hit = at_calls if callable(at_calls) else (lambda n: n in set(at_calls))
+
+    def poisoned(self, idx, targets=None, **kw):
+        out = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if hit(calls["n"]):
+                return out[0], out[1] * factor
+        return out
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    return calls
+
+
 def tiny_flags(**overrides) -> list[str]:
     """Flags for a 2-layer, 32-dim model that trains in a second or two, on the CPU in fp32."""
     cfg = {"model." + k: v for k, v in TINY.items()}

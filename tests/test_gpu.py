@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import poison_loss, TINY
 from scratchgpt import UserError
 from scratchgpt import generate as G
 from scratchgpt.model import GPT, ModelConfig
@@ -80,18 +80,7 @@ def test_compile_matches_eager(tmp_path, char_data):
 
 
 def test_nonfinite_step_is_caught_on_the_gpu_without_a_sync_per_step(tmp_path, char_data, monkeypatch):
-    real_forward = GPT.forward
-    calls = {"n": 0}
-
-    def poisoned(self, idx, targets=None, **kw):
-        out = real_forward(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 7:
-                return out[0], out[1] * float("nan")
-        return out
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
+    calls = poison_loss(monkeypatch, {7})
     run = tmp_path / "nan"
     with pytest.raises(UserError, match=r"non-finite loss or gradient at step 6 \(1 step\(s\) through 6 skipped\)"):
         train(data=char_data, out=run, model=ModelConfig(**TINY), train=gpu_train(max_iters=20, eval_interval=5),

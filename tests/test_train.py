@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, run_cli, tiny_flags
+from conftest import poison_loss, run_cli, TINY, tiny_flags
 from scratchgpt import UserError
 from scratchgpt.model import GPT, ModelConfig
 from scratchgpt.optim import OptimConfig, lr_at
@@ -127,18 +127,7 @@ def test_resume_is_bit_exact_in_a_new_process(tmp_path, char_data):
 
 
 def test_nan_stops_before_the_optimizer_step(tmp_path, char_data, monkeypatch):
-    real_forward = GPT.forward
-    calls = {"n": 0}
-
-    def poisoned(self, idx, targets=None, **kw):
-        out = real_forward(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 7:
-                return out[0], out[1] * float("nan")
-        return out
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
+    calls = poison_loss(monkeypatch, {7})
     run = tmp_path / "r"
     with pytest.raises(UserError, match="non-finite loss or gradient at step 6"):
         train(data=char_data, out=run, model=ModelConfig(**TINY), train=quiet_train(max_iters=20, eval_interval=5), optim=SHORT)

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_flags
+from conftest import poison_loss, tiny_flags
 from scratchgpt import UserError
 from scratchgpt.checks import ConfigError, check_range, describe
 from scratchgpt.cli import main
 from scratchgpt.data import PrepareConfig
 from scratchgpt.finetune import FinetuneOptions
 from scratchgpt.generate import MAX_NEW_TOKENS, GenerationConfig
-from scratchgpt.model import GPT, ModelConfig
+from scratchgpt.model import ModelConfig
 from scratchgpt.optim import OptimConfig
 from scratchgpt.train import TrainConfig
 from scratchgpt.utils import atomic_write_json, finite_or_null, json_text
@@ -124,17 +124,7 @@ def test_sample_takes_a_seed_of_any_size(tiny_run, capsys):
 
 
 def test_a_run_that_skips_most_steps_fails_with_a_summary_and_strict_json(tmp_path, char_data, capsys, monkeypatch):
-    real_forward = GPT.forward
-
-    def diverged(self, idx, targets=None, **kw):  # every loss after the first step is NaN
-        out = real_forward(self, idx, targets, **kw)
-        if targets is not None and getattr(self, "_steps", 0) >= 1:
-            return out[0], out[1] * float("nan")
-        if targets is not None and self.training:
-            self._steps = getattr(self, "_steps", 0) + 1
-        return out
-
-    monkeypatch.setattr(GPT, "forward", diverged)
+    poison_loss(monkeypatch, lambda n: n >= 2)  # every loss after the first step is NaN
     run = tmp_path / "r"
     msg = one_error(capsys, "train", "--data", char_data, "--out", run,
                     *tiny_flags(**{"train.max_iters": 300, "train.eval_interval": 2, "train.skip_nonfinite": "true",
@@ -150,18 +140,7 @@ def test_a_run_that_skips_most_steps_fails_with_a_summary_and_strict_json(tmp_pa
 
 
 def test_a_few_skipped_steps_are_allowed(tmp_path, char_data, capsys, monkeypatch):
-    real_forward = GPT.forward
-    calls = {"n": 0}
-
-    def one_bad(self, idx, targets=None, **kw):
-        out = real_forward(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                return out[0], out[1] * float("inf")
-        return out
-
-    monkeypatch.setattr(GPT, "forward", one_bad)
+    poison_loss(monkeypatch, {3}, float("inf"))
     code, _, err = cli(capsys, "train", "--data", char_data, "--out", tmp_path / "r",
                        *tiny_flags(**{"train.max_iters": 10, "train.skip_nonfinite": "true"}))
     assert code == 0, err

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from . import UserError
-from .utils import atomic_write_bytes, read_json
+from .utils import atomic_write_bytes, human_number, read_json
 
 REPORT_FILE = "report.html"
 
@@ -227,13 +227,13 @@ def headline(info: dict) -> list[tuple[str, str]]:
         if result.get("step") is not None:
             out.append(("steps", f"{result['step']:,} ({result.get('stop_reason', '')})"))
         if result.get("tokens"):
-            out.append(("tokens seen", _human(result["tokens"])))
+            out.append(("tokens seen", human_number(result["tokens"])))
         timed = [r for r in rows if "elapsed_s" in r]
         if timed:
             out.append(("training time", _duration(timed[-1]["elapsed_s"])))
         speed = [r["tok_per_s"] for r in rows if isinstance(r.get("tok_per_s"), (int, float))]
         if speed:
-            out.append(("median tok/s", _human(sorted(speed)[len(speed) // 2])))
+            out.append(("median tok/s", human_number(sorted(speed)[len(speed) // 2])))
     else:
         best = result.get("best") or {}
         if "accuracy" in best:
@@ -250,7 +250,7 @@ def headline(info: dict) -> list[tuple[str, str]]:
             out.append(("training time", _duration(result["elapsed_s"])))
     params = _params(info["config"])
     if params:
-        out.append(("parameters", _human(params)))
+        out.append(("parameters", human_number(params)))
     return out
 
 
@@ -354,14 +354,6 @@ def report_at_end(run: Path) -> None:
         report_cli(run)
     except Exception as e:  # a report is never worth losing a finished run's exit status
         print(f"warning: could not write {Path(run) / REPORT_FILE}: {type(e).__name__}: {e}", file=sys.stderr)
-
-
-def _human(n: float) -> str:
-    for unit in ("", "k", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}P"
 
 
 def _duration(seconds: float) -> str:

@@ -33,7 +33,7 @@ from .model import GPT, ModelConfig
 from .optim import OptimConfig, build_optimizer, lr_at, set_lr
 from .runtime import (INTERRUPTED, Peak, StopRequest, configure_device, configure_threads, device_memory,
                       environment, keep_freed_memory, peak_flops, pick_dtype, stop_on_signals)
-from .utils import atomic_write, atomic_write_json, finite_or_null, json_text, read_json
+from .utils import atomic_write, atomic_write_json, finite_or_null, human_number, json_text, read_json
 
 
 @dataclass
@@ -583,7 +583,7 @@ def loop(s: Session) -> str:
                        "train_loss": train_loss, "grad_norm": float(grad_norm), "tok_per_s": round(tok_s, 1),
                        "mfu": float(f"{s.peak.mfu(s.flops_per_step * tok_s / (tcfg.batch_size * s.model_cfg.block_size)):.4g}")}
             bar.update(s.step - bar.n)
-            bar.set_postfix(loss=f"{train_loss:.4f}", tokens=_human(s.tokens), tok_s=_human(tok_s),
+            bar.set_postfix(loss=f"{train_loss:.4f}", tokens=human_number(s.tokens), tok_s=human_number(tok_s),
                             mfu=f"{metrics['mfu']:.0%}")
         # eval + save (an eval writes its metrics row itself, before its checkpoint)
         if is_eval:
@@ -802,14 +802,6 @@ def sample_text(net: GPT, data: Path, prompt: str, n_tokens: int, device, seed: 
         return generate(net, tok, prompt, max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=seed)
     finally:
         net.train()
-
-
-def _human(n: float) -> str:
-    for unit in ("", "k", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}P"
 
 
 def _progress(tcfg: TrainConfig, master: bool, start: int):

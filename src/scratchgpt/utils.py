@@ -121,3 +121,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def human_number(n: float) -> str:
+    """3 significant digits with a k/M/G/T/P suffix: 27k, 3.07M (progress bars, reports, model cards)."""
+    for unit in ("", "k", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
