@@ -49,6 +49,19 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: f
     return proc
 
 
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """`scratchgpt ARGS` in this process (no torch import per call): (exit code, stdout, stderr)."""
+    from scratchgpt.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own exits (--help, usage errors)
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def poison_loss(monkeypatch, at_calls, factor: float = float("nan")) -> dict:
     """Multiply the loss of the training forwards numbered `at_calls` (1-based; a set or a predicate on the number)
     by `factor` (NaN or inf): a non-finite step on demand. Returns the counter ({"n": ...}; set 0 to start over)."""

@@ -10,19 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_flags
+from conftest import cli, tiny_flags
 from scratchgpt.checkpoint import load_run
 from scratchgpt.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 transformers = pytest.importorskip("transformers")
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_line_error(capsys, *args) -> str:

@@ -18,8 +18,8 @@ import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from conftest import cli  # noqa: E402
 from scratchgpt import UserError  # noqa: E402
-from scratchgpt.cli import main  # noqa: E402
 from scratchgpt.checkpoint import load_run  # noqa: E402
 from scratchgpt.data import mlm_mask_batch  # noqa: E402
 from scratchgpt.finetune import (  # noqa: E402
@@ -75,12 +75,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_line_error(capsys, *args) -> str:

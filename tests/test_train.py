@@ -13,24 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import poison_loss, run_cli, TINY, tiny_flags
+from conftest import cli, poison_loss, run_cli, TINY, tiny_flags
 from scratchgpt import UserError
 from scratchgpt.model import GPT, ModelConfig
 from scratchgpt.optim import OptimConfig, lr_at
 from scratchgpt.train import TrainConfig, train
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """`scratchgpt ARGS` in this process (no torch import per call): (exit code, stdout, stderr)."""
-    from scratchgpt.cli import main
-
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 SHORT = OptimConfig(warmup_iters=2)  # runs of a few steps need a warmup shorter than the run

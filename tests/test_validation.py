@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import poison_loss, tiny_flags
+from conftest import cli, poison_loss, tiny_flags
 from scratchgpt import UserError
 from scratchgpt.checks import ConfigError, check_range, describe
 from scratchgpt.cli import main
@@ -22,16 +22,6 @@ from scratchgpt.model import ModelConfig
 from scratchgpt.optim import OptimConfig
 from scratchgpt.train import TrainConfig
 from scratchgpt.utils import atomic_write_json, finite_or_null, json_text
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error(capsys, *args) -> str:
