@@ -290,11 +290,26 @@ def resolve_config(out: Path, data: Optional[Path], model: ModelConfig, train: T
         raise UserError(f"{out / 'config.json'}: cannot resume from it ({e})") from None
 
 
-def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig], train: Optional[TrainConfig],
-          optim: Optional[OptimConfig], resume: bool, force: bool, overrides: Optional[dict],
-          command: Optional[str] = None) -> Session:
-    """Resolve and check the config, join the process group, build data, model and optimizers, restore a
-    checkpoint. Every check comes before the first change on disk."""
+@dataclass
+class Plan:
+    """A run resolved and checked before anything on disk changes: configs, data, batch split, start weights."""
+
+    out: Path
+    data: Path
+    meta: dict
+    model_cfg: ModelConfig
+    tcfg: TrainConfig
+    ocfg: OptimConfig
+    resume: bool
+    force: bool
+    per_rank: int
+    micro: int
+    initial: Optional[dict]  # --train.init_from's weights
+
+
+def plan_run(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig], train: Optional[TrainConfig],
+             optim: Optional[OptimConfig], resume: bool, force: bool, overrides: Optional[dict]) -> Plan:
+    """Resolve the config (a resume's saved one, the user's keys over it) and check it against the data."""
     out = Path(out or "runs/default")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory: give a new directory name")
@@ -320,16 +335,26 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     world = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
     ocfg = fit_warmup(ocfg, tcfg, overrides)
     per_rank, micro = check_relations(model_cfg, tcfg, ocfg, world, meta, data)
+    return Plan(out, data, meta, model_cfg, tcfg, ocfg, resume, force, per_rank, micro, initial)
+
+
+def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig], train: Optional[TrainConfig],
+          optim: Optional[OptimConfig], resume: bool, force: bool, overrides: Optional[dict],
+          command: Optional[str] = None) -> Session:
+    """Plan and check the run, join the process group, build data, model and optimizers, restore a
+    checkpoint. Every check comes before the first change on disk."""
+    p = plan_run(data, out, model, train, optim, resume, force, overrides)
+    out, data, meta, model_cfg, tcfg, ocfg, resume = p.out, p.data, p.meta, p.model_cfg, p.tcfg, p.ocfg, p.resume
     train_ds = TokenDataset(data, "train", model_cfg.block_size)
     val_ds = TokenDataset(data, "val", model_cfg.block_size)
     ctx = dist.setup(tcfg)  # rank, world size, device; a no-op without torchrun
-    check_memory(model_cfg, micro, ctx)
+    check_memory(model_cfg, p.micro, ctx)
     configure_threads(tcfg.threads)
     keep_freed_memory()
     device = ctx.device
     configure_device(device)
     dtype = pick_dtype(tcfg.dtype, device)
-    if force and ctx.rank == 0 and out.exists() and not resume:
+    if p.force and ctx.rank == 0 and out.exists() and not resume:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if ctx.rank == 0:
@@ -344,8 +369,8 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     torch.manual_seed(tcfg.seed)
     net = GPT(model_cfg).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-    if initial is not None:
-        load_model_tensors(net, initial)
+    if p.initial is not None:
+        load_model_tensors(net, p.initial)
     restored = _restore_model(out, net, scaler, ctx) if resume else None
     if ctx.rank == 0:
         atomic_write_json(out / "config.json", config)
@@ -364,7 +389,7 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
         model_for_step=model_for_step, optimizers=optimizers, scaler=scaler,
         autocast=torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext(),
         train_ds=train_ds, val_ds=val_ds, log=RunLog(out, ctx.rank == 0, tcfg.tensorboard, tcfg.plot), config=config,
-        per_rank=per_rank, micro=micro, flops_per_step=net.flops_per_token() * tcfg.batch_size * model_cfg.block_size,
+        per_rank=p.per_rank, micro=p.micro, flops_per_step=net.flops_per_token() * tcfg.batch_size * model_cfg.block_size,
         peak=peak_flops(device, dtype, tcfg.peak_flops), mask_batch=mlm_mask_batch if tcfg.objective == "mlm" else None,
         dtype=dtype, deferred_check=device.type == "cuda" and not scaler.is_enabled() and all(
             getattr(o, "_step_supports_amp_scaling", False) for o in optimizers))
@@ -372,16 +397,7 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
         s.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         s.bad_steps = torch.zeros((), dtype=torch.long, device=device)
     if restored:
-        state = restored[1]
-        if not tcfg.threads and "OMP_NUM_THREADS" not in os.environ and state.get("threads"):
-            # the default thread count may be measured (runtime.default_threads): a resumed run keeps its
-            # own, since the count changes the order of sums and so the numerics
-            torch.set_num_threads(min(state["threads"], os.cpu_count() or 1))
-        s.step, s.tokens = state["step"], state["tokens"]
-        s.best_val = state.get("best_val_loss") or float("inf")
-        s.bad_evals, s.elapsed_before = state.get("bad_evals", 0), state.get("elapsed_s", 0.0)
-        s.skipped = state.get("skipped_steps", 0)
-        set_rng_state(state["rng"], device)  # last, so no setup step (init, peak measurement) shifts the stream
+        _restore_counters(s, restored[1])
     if resume:
         s.log.truncate(s.step)  # rows a crash left past the checkpoint are written again, once
     if s.master:  # for the report (after a resume may have set the thread count)
@@ -492,6 +508,19 @@ def check_memory(cfg: ModelConfig, micro: int, ctx: dist.DistContext) -> None:
         raise UserError(f"this model ({params:,} parameters, micro-batches of {micro} x {cfg.block_size} tokens) needs "
                         f"at least {need / 2**30:,.1f} GiB to train; {ctx.device} has {have / 2**30:,.1f} GiB. "
                         "Make --model.n_layer/n_embd/block_size or --train.micro_batch_size smaller")
+
+
+def _restore_counters(s: Session, state: dict) -> None:
+    """A checkpoint's counters, thread count and RNG into the session (last: nothing in setup shifts the stream)."""
+    if not s.tcfg.threads and "OMP_NUM_THREADS" not in os.environ and state.get("threads"):
+        # the default thread count may be measured (runtime.default_threads): a resumed run keeps its
+        # own, since the count changes the order of sums and so the numerics
+        torch.set_num_threads(min(state["threads"], os.cpu_count() or 1))
+    s.step, s.tokens = state["step"], state["tokens"]
+    s.best_val = state.get("best_val_loss") or float("inf")
+    s.bad_evals, s.elapsed_before = state.get("bad_evals", 0), state.get("elapsed_s", 0.0)
+    s.skipped = state.get("skipped_steps", 0)
+    set_rng_state(state["rng"], s.device)
 
 
 def _restore_model(out: Path, net: GPT, scaler, ctx) -> Optional[tuple[Path, dict]]:
