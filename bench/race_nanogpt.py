@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's scratchgpt, whatever `pip install -e` points at
 # the same for the training subprocesses
 OURS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
-TEXT = Path("/work/shared/data/tinyshakespeare.txt")
+TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"  # ../shared beside the checkout; --text for another
 # nanoGPT README, "I only have a macbook" (CPU) section, verbatim but for where data and output go
 NANOGPT_README_CPU = ("config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 --log_interval=1 "
                       "--block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 "

@@ -197,8 +197,8 @@ def _row_step(line: str) -> float:
 
 # ---------------------------------------------------------------- setup
 @dataclass
-class Session:
-    """Everything the loop touches, built once by `setup`; `step`.. are the counters a checkpoint stores."""
+class Plan:
+    """A run resolved and checked before anything on disk changes: configs, data, batch split, start weights."""
 
     out: Path
     data: Path
@@ -206,6 +206,17 @@ class Session:
     model_cfg: ModelConfig
     tcfg: TrainConfig
     ocfg: OptimConfig
+    resume: bool
+    force: bool
+    per_rank: int
+    micro: int
+    initial: Optional[dict]  # --train.init_from's weights
+
+
+@dataclass
+class Session(Plan):
+    """Everything the loop touches, built once by `setup` on its Plan; `step`.. are the counters a checkpoint stores."""
+
     ctx: dist.DistContext
     device: torch.device
     net: GPT  # the plain model (checkpoints, evals, samples)
@@ -217,8 +228,6 @@ class Session:
     val_ds: TokenDataset
     log: "RunLog"
     config: dict
-    per_rank: int
-    micro: int
     flops_per_step: float
     peak: Peak
     mask_batch: Optional[Callable]
@@ -288,23 +297,6 @@ def resolve_config(out: Path, data: Optional[Path], model: ModelConfig, train: T
                 OptimConfig(**optim_d))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{out / 'config.json'}: cannot resume from it ({e})") from None
-
-
-@dataclass
-class Plan:
-    """A run resolved and checked before anything on disk changes: configs, data, batch split, start weights."""
-
-    out: Path
-    data: Path
-    meta: dict
-    model_cfg: ModelConfig
-    tcfg: TrainConfig
-    ocfg: OptimConfig
-    resume: bool
-    force: bool
-    per_rank: int
-    micro: int
-    initial: Optional[dict]  # --train.init_from's weights
 
 
 def plan_run(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig], train: Optional[TrainConfig],
@@ -385,11 +377,11 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     if tcfg.compile:
         model_for_step = torch.compile(model_for_step, mode=tcfg.compile_mode)
     s = Session(
-        out=out, data=data, meta=meta, model_cfg=model_cfg, tcfg=tcfg, ocfg=ocfg, ctx=ctx, device=device, net=net,
+        **{**vars(p), "initial": None}, ctx=ctx, device=device, net=net,  # the start weights are in net now
         model_for_step=model_for_step, optimizers=optimizers, scaler=scaler,
         autocast=torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext(),
         train_ds=train_ds, val_ds=val_ds, log=RunLog(out, ctx.rank == 0, tcfg.tensorboard, tcfg.plot), config=config,
-        per_rank=p.per_rank, micro=p.micro, flops_per_step=net.flops_per_token() * tcfg.batch_size * model_cfg.block_size,
+        flops_per_step=net.flops_per_token() * tcfg.batch_size * model_cfg.block_size,
         peak=peak_flops(device, dtype, tcfg.peak_flops), mask_batch=mlm_mask_batch if tcfg.objective == "mlm" else None,
         dtype=dtype, deferred_check=device.type == "cuda" and not scaler.is_enabled() and all(
             getattr(o, "_step_supports_amp_scaling", False) for o in optimizers))
