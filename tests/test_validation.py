@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import cli, poison_loss, tiny_flags
 from scratchgpt import UserError
@@ -135,6 +136,33 @@ def test_a_few_skipped_steps_are_allowed(tmp_path, char_data, capsys, monkeypatc
                        *tiny_flags(**{"train.max_iters": 10, "train.skip_nonfinite": "true"}))
     assert code == 0, err
     assert strict_json((tmp_path / "r" / "result.json").read_text())["skipped_steps"] == 1
+
+
+def test_the_gpus_on_device_finite_check_run_on_the_cpu(tmp_path, char_data, capsys, monkeypatch):
+    """CUDA keeps the finite check on the device (fused AdamW's found_inf skips a bad step, no host sync per step);
+    torch's fused CPU AdamW reads found_inf too, so the same path runs here: it names the same step as the GPU test,
+    and skipping ends in the very weights the host check gives."""
+    from safetensors.torch import load_file
+    from scratchgpt import train as T
+
+    calls = poison_loss(monkeypatch, {4})
+    flags = tiny_flags(**{"train.max_iters": 10, "train.eval_interval": 5, "train.log_interval": 1,
+                          "optim.optimizer": "adamw"})  # Muon steps cannot read found_inf
+    runs = {}
+    for name, devices in (("host", ("cuda",)), ("deferred", ("cuda", "cpu"))):
+        monkeypatch.setattr(T, "DEFERRED_CHECK_DEVICES", devices)
+        calls["n"] = 0
+        msg = one_error(capsys, "train", "--data", char_data, "--out", tmp_path / f"{name}-stops", *flags)
+        assert "non-finite loss or gradient at step 3" in msg, msg
+        assert not (tmp_path / f"{name}-stops/latest").exists()  # no checkpoint holds the bad step
+        calls["n"] = 0
+        code, _, err = cli(capsys, "train", "--data", char_data, "--out", tmp_path / name, *flags,
+                           "--train.skip_nonfinite=true")
+        assert code == 0, err
+        runs[name] = load_file(tmp_path / name / "latest/model.safetensors")
+    assert "(1 step(s) through 3 skipped)" in msg  # the deferred verdict comes at the next log, one step later
+    assert runs["deferred"].keys() == runs["host"].keys()
+    assert all(torch.equal(runs["deferred"][k], runs["host"][k]) for k in runs["host"])
 
 
 # ---------------------------------------------------------------- the checks themselves

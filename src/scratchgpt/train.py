@@ -383,8 +383,7 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
         train_ds=train_ds, val_ds=val_ds, log=RunLog(out, ctx.rank == 0, tcfg.tensorboard, tcfg.plot), config=config,
         flops_per_step=net.flops_per_token() * tcfg.batch_size * model_cfg.block_size,
         peak=peak_flops(device, dtype, tcfg.peak_flops), mask_batch=mlm_mask_batch if tcfg.objective == "mlm" else None,
-        dtype=dtype, deferred_check=device.type == "cuda" and not scaler.is_enabled() and all(
-            getattr(o, "_step_supports_amp_scaling", False) for o in optimizers))
+        dtype=dtype, deferred_check=checks_finite_on_device(device, scaler, optimizers))
     if s.deferred_check:
         s.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         s.bad_steps = torch.zeros((), dtype=torch.long, device=device)
@@ -630,6 +629,16 @@ def micro_batch(s: Session, offsets, k: int) -> tuple[torch.Tensor, torch.Tensor
     if s.device.type == "cuda":
         return x.pin_memory().to(s.device, non_blocking=True), y.pin_memory().to(s.device, non_blocking=True)
     return x.to(s.device), y.to(s.device)
+
+
+DEFERRED_CHECK_DEVICES = ("cuda",)  # where a host sync per step costs real time (a test adds "cpu")
+
+
+def checks_finite_on_device(device: torch.device, scaler: torch.amp.GradScaler, optimizers: list) -> bool:
+    """Whether the finite check can stay on the device: a GPU, no fp16 scaler (it has its own found_inf) and only
+    optimizers whose step reads found_inf (torch's fused Adam(W); not Muon)."""
+    return device.type in DEFERRED_CHECK_DEVICES and not scaler.is_enabled() and all(
+        getattr(o, "_step_supports_amp_scaling", False) for o in optimizers)
 
 
 def check_finite(s: Session, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
