@@ -43,15 +43,15 @@ def rel_error(a: dict, b: dict) -> float:
 @pytest.fixture(autouse=True)
 def keep_tf32_setting():
     """Training turns TF32 on for the whole process: give the tests after these the setting they found."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
 
 
 @pytest.fixture
 def exact_fp32():
     """fp32 matmuls without TF32 (an earlier training may have turned it on): decode comparisons want exact fp32."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
 
 
 # ---------------------------------------------------------------- training

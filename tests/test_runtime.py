@@ -11,7 +11,7 @@ import torch
 from scratchgpt import UserError
 from scratchgpt import muon as muon_module
 from scratchgpt import runtime
-from scratchgpt.runtime import Peak, peak_flops, pick_device, table_peak
+from scratchgpt.runtime import Peak, peak_flops, pick_device, pick_dtype, table_peak
 
 
 # ---------------------------------------------------------------- the device picker
@@ -61,6 +61,36 @@ def test_bad_explicit_devices(gpus):
         pick_device("cuda")
     with pytest.raises(UserError, match="--device 'gpu'"):
         pick_device("gpu")
+    gpus(2, local_rank=1, local_world=2)  # torchrun: cuda:0 on every rank would put both on one GPU
+    with pytest.raises(UserError, match=r"--device cuda:0 under torchrun: each rank takes its own GPU; pass "
+                                        r"--train.device cuda"):
+        pick_device("cuda:0")
+    gpus(2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)  # one process may take any GPU
+
+
+def test_auto_dtype_is_bf16_only_where_the_gpu_has_it(monkeypatch):
+    """Emulated bf16 (V100, T4: torch's default answer counts emulation) gets fp16 + GradScaler instead."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert pick_dtype("auto", torch.device("cuda", 0)) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert pick_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_tf32_is_read_through_the_current_api():
+    """torch >= 2.9 raises on the legacy allow_tf32 once the new API is used (transformers' tf32=True uses it)."""
+    saved = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = "tf32", "none"
+        assert runtime.tf32_matmuls()  # inherited from the global setting
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert not runtime.tf32_matmuls() and table_peak("NVIDIA H100 PCIe", torch.float32).flops == 51e12
+        runtime.configure_device(torch.device("cuda", 0))  # sets flags only: runs without a GPU
+        assert runtime.tf32_matmuls() and table_peak("NVIDIA H100 PCIe", torch.float32).flops == 378e12
+    finally:
+        (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+         torch.backends.cudnn.conv.fp32_precision) = saved
 
 
 def test_train_under_torchrun_with_too_few_gpus_errors_before_joining(gpus, monkeypatch, tmp_path, char_data, capsys):
@@ -101,6 +131,7 @@ def test_gloo_where_cuda_exists_when_the_device_is_cpu(gpus, monkeypatch):
 @pytest.mark.parametrize("name, dtype, tf32, tflops, entry", [
     ("NVIDIA H200", torch.bfloat16, True, 989.5, "H200 SXM bfloat16"),
     ("NVIDIA H200 NVL", torch.bfloat16, True, 835.5, "H200 NVL bfloat16"),
+    ("NVIDIA GH200 480GB", torch.bfloat16, True, 989.5, "GH200 bfloat16"),  # not the H200 its name contains
     ("NVIDIA H100 80GB HBM3", torch.float16, True, 989.5, "H100 SXM float16"),
     ("NVIDIA H100 PCIe", torch.bfloat16, True, 756.5, "H100 PCIe bfloat16"),
     ("NVIDIA A100-SXM4-80GB", torch.float32, True, 156.0, "A100 tf32"),
@@ -113,11 +144,12 @@ def test_gloo_where_cuda_exists_when_the_device_is_cpu(gpus, monkeypatch):
 ])
 def test_datasheet_peaks(name, dtype, tf32, tflops, entry):
     # set and restored by hand: the cuBLAS module's attributes are not plain ones (monkeypatch may delattr them)
-    old, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, tf32
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
     try:
         peak = table_peak(name, dtype)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        torch.backends.cuda.matmul.fp32_precision = old
     assert peak.flops == pytest.approx(tflops * 1e12) and peak.source == f"table: {entry} dense"
 
 

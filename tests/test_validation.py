@@ -165,6 +165,25 @@ def test_the_gpus_on_device_finite_check_run_on_the_cpu(tmp_path, char_data, cap
     assert all(torch.equal(runs["deferred"][k], runs["host"][k]) for k in runs["host"])
 
 
+def test_fp16_gradient_overflow_backs_the_scaler_off_instead_of_stopping(tmp_path, char_data, capsys, monkeypatch):
+    """fp16's GradScaler grows its scale until a gradient overflows, then skips that step and halves it: normal
+    operation, not a non-finite step. A scale of 2^40 overflows at once (the same code runs on CPU and CUDA)."""
+    import functools
+
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(real, init_scale=2.0 ** 40))
+    run = tmp_path / "fp16"
+    code, _, err = cli(capsys, "train", "--data", char_data, "--out", run,
+                       *tiny_flags(**{"train.dtype": "float16", "train.max_iters": 40, "train.eval_interval": 40,
+                                      "optim.optimizer": "adamw"}))
+    assert code == 0, err
+    state = strict_json((run / "latest/state.json").read_text())
+    assert state["scaler"]["scale"] < 2.0 ** 40 / 2 ** 10  # it backed off, at least 10 times
+    assert strict_json((run / "result.json").read_text()).get("skipped_steps", 0) == 0
+    rows = [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # and learned once the scale fit
+
+
 # ---------------------------------------------------------------- the checks themselves
 def test_configs_check_themselves_when_built():
     with pytest.raises(ConfigError, match=r"--model.dropout must be in \[0, 1\), got 1.5"):

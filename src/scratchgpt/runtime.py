@@ -56,6 +56,9 @@ def pick_device(name: str = "auto") -> torch.device:
             device = torch.device("cuda", local_rank)
         elif device.index >= count:
             raise UserError(f"--device {name}: this machine has {count} GPU(s) (cuda:0 .. cuda:{count - 1})")
+        elif int(os.environ.get("LOCAL_WORLD_SIZE", 1) or 1) > 1:  # every rank would share one GPU (NCCL refuses)
+            raise UserError(f"--device {name} under torchrun: each rank takes its own GPU; pass --train.device cuda "
+                            "(or auto), and CUDA_VISIBLE_DEVICES to choose which GPUs")
         return device
     try:
         torch.empty(0, device=device)
@@ -69,7 +72,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # emulated bf16 (V100, T4) runs far below fp16's tensor-core rate: fp16 + GradScaler there
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32  # CPUs without bf16 units run bf16 several times slower than fp32
 
 
@@ -156,9 +160,9 @@ def configure_device(device: torch.device) -> None:
     TF32 keeps fp32's range with a 10-bit mantissa, as nanoGPT and most GPU trainers run fp32
     matmuls (~8x fp32's rate on an A100/H100). Under bf16/fp16 autocast it only touches the few
     matmuls autocast leaves in fp32."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # torch >= 2.9's API: reading the legacy allow_tf32 after it raises
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
 def keep_freed_memory() -> None:
@@ -192,11 +196,11 @@ def _dense(half: float, tf32: float, fp32: float, bf16: bool = True) -> dict[str
 # (pattern in torch.cuda.get_device_name(), entry name, rates). NVIDIA quotes tensor rates "with
 # sparsity" (marked *): the dense rate is half of it. The first pattern that matches wins.
 GPU_PEAKS: list[tuple[str, str, dict[str, float]]] = [
+    # GH200 datasheet: BF16 1,979* TF32 989* FP32 67 (before H200, which its name contains; the H100 SXM's tensor cores)
+    (r"GH200", "GH200", _dense(989.5, 494.5, 67.0)),
     # H200 datasheet: H200 NVL BF16/FP16 1,671* TF32 835* FP32 60; H200 SXM BF16 1,979* TF32 989* FP32 67
     (r"H200 NVL", "H200 NVL", _dense(835.5, 417.5, 60.0)),
     (r"H200", "H200 SXM", _dense(989.5, 494.5, 67.0)),
-    # GH200 datasheet: BF16 1,979* TF32 989* FP32 67 (the H100 SXM's tensor cores)
-    (r"GH200", "GH200", _dense(989.5, 494.5, 67.0)),
     # H100 datasheet: NVL BF16 1,671* TF32 835* FP32 60; PCIe BF16 1,513* TF32 756* FP32 51; SXM as GH200
     (r"H100 NVL", "H100 NVL", _dense(835.5, 417.5, 60.0)),
     (r"H100 PCIe", "H100 PCIe", _dense(756.5, 378.0, 51.0)),
@@ -247,9 +251,15 @@ _WARNED: set[str] = set()
 _MEASURED: dict[str, float] = {}
 
 
+def tf32_matmuls() -> bool:
+    """Whether CUDA runs fp32 matmuls on TF32 tensor cores: the matmul setting, or the global one it inherits."""
+    setting = torch.backends.cuda.matmul.fp32_precision
+    return (torch.backends.fp32_precision if setting == "none" else setting) == "tf32"
+
+
 def _precision(dtype: torch.dtype, device_type: str = "cuda") -> str:
     """The table column of a compute dtype: CUDA runs fp32 matmuls as TF32 where torch allows it (configure_device)."""
-    if dtype == torch.float32 and device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and device_type == "cuda" and tf32_matmuls():
         return "tf32"
     return str(dtype).removeprefix("torch.")
 
@@ -289,10 +299,12 @@ def cache_dir() -> Path:
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 0, budget_s: float = 0.3) -> float:
     """The best rate of repeated n x n matmuls in `dtype`: large enough to saturate the device
-    (8192 on a GPU, 1024 on a CPU, where it reaches the GEMM rate of 2 cores). Not randn: must not
-    consume the training RNG."""
+    (8192 on a GPU, 1024 on a CPU, where it reaches the GEMM rate of 2 cores). Random operands (a GPU
+    multiplies constant ones ~12% faster than real data), from a generator of its own: the training
+    RNG is untouched."""
     n = n or (8192 if device.type == "cuda" else 4096 if device.type == "mps" else 1024)
-    a = torch.ones(n, n, device=device, dtype=dtype)
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.rand(n, n, device=device, generator=generator).to(dtype)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -32,7 +32,7 @@ from .metrics import evaluate_lm
 from .model import GPT, ModelConfig
 from .optim import OptimConfig, build_optimizer, lr_at, set_lr
 from .runtime import (INTERRUPTED, Peak, StopRequest, configure_device, configure_threads, device_memory,
-                      environment, keep_freed_memory, peak_flops, pick_dtype, stop_on_signals)
+                      environment, keep_freed_memory, peak_flops, pick_dtype, stop_on_signals, tf32_matmuls)
 from .utils import atomic_write, atomic_write_json, finite_or_null, human_number, json_text, read_json
 
 
@@ -430,7 +430,7 @@ def startup_summary(s: Session) -> str:
     else:
         workers = f"{torch.get_num_threads()} threads" if s.device.type == "cpu" else "1 process"
     precision = "float32" if s.dtype == torch.float32 else f"{str(s.dtype).removeprefix('torch.')} autocast"
-    if s.device.type == "cuda" and s.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if s.device.type == "cuda" and s.dtype == torch.float32 and tf32_matmuls():
         precision += " (TF32 matmuls)"
     name = f" ({device_name(s.device)})" if s.device.type == "cuda" else ""
     muon = [o for o in s.optimizers if isinstance(o, Muon)]
@@ -647,6 +647,8 @@ def check_finite(s: Session, loss_sum: torch.Tensor, grad_norm: torch.Tensor) ->
     deferred path the check stays on the GPU: found_inf makes the fused AdamW kernels leave the
     weights and the step count alone, and report_nonfinite raises or warns at the next log or save."""
     finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+    if s.scaler.is_enabled():  # fp16: an overflowing gradient is GradScaler's cue to skip the step and back off
+        finite = torch.isfinite(loss_sum)
     if s.deferred_check:
         bad = ~finite
         for opt in s.optimizers:
