@@ -13,7 +13,7 @@ from scratchgpt.model import GPT, DecodeStep, KVCache, ModelConfig
 FACTORS = {
     "pos": ["learned", "sinusoidal", "rope"],
     "norm": ["layernorm", "rmsnorm"],
-    "mlp": ["gelu", "relu", "swiglu", "relu2"],
+    "mlp": ["gelu", "gelu_tanh", "relu", "swiglu", "relu2"],
     "norm_placement": ["pre", "post"],
     "qk_norm": [False, True],
     "value_embeds": [False, True],

@@ -37,12 +37,14 @@ SMALL = dict(block_size=64, n_layer=2, n_head=2, n_embd=64)
 VARIANTS = [
     ("gpt2", {}, "GPT2LMHeadModel"),
     ("gpt2-relu2-nobias-untied", dict(mlp="relu2", bias=False, tie_embeddings=False, mlp_hidden=96), "GPT2LMHeadModel"),
+    ("gpt2-gelu_tanh", dict(mlp="gelu_tanh"), "GPT2LMHeadModel"),  # activation_function=gelu_new, as GPT-2's own
     ("opt-post", dict(norm_placement="post"), "OPTForCausalLM"),
     ("opt-post-relu-nobias-untied", dict(norm_placement="post", mlp="relu", bias=False, tie_embeddings=False),
      "OPTForCausalLM"),
     # configs/shakespeare-char-fast.yaml's recipe, scaled down: rope, layernorm without bias, gelu, 3x MLP, tied
     ("neox-fast-recipe", dict(pos="rope", bias=False, mlp="gelu", mlp_hidden=192, zero_init_proj=True), "GPTNeoXForCausalLM"),
     ("neox-relu2-bias-untied", dict(pos="rope", mlp="relu2", tie_embeddings=False, rope_base=500.0), "GPTNeoXForCausalLM"),
+    ("neox-gelu_tanh", dict(pos="rope", mlp="gelu_tanh", bias=False), "GPTNeoXForCausalLM"),  # gelu_pytorch_tanh
     ("llama", dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False), "LlamaForCausalLM"),
     ("llama-bias-untied", dict(pos="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False, rope_base=500.0),
      "LlamaForCausalLM"),
@@ -368,7 +370,7 @@ UNSUPPORTED = [
     ({**LLAMA, "architectures": ["LlamaForSequenceClassification"]}, "LlamaForSequenceClassification"),
     ({**NEOX, "rope_parameters": None, "rotary_pct": 0.25}, "partial_rotary_factor"),
     ({**NEOX, "use_parallel_residual": True}, "use_parallel_residual"),
-    ({**GPT2, "activation_function": "gelu_new"}, "gelu_new"),
+    ({**GPT2, "activation_function": "quick_gelu"}, "quick_gelu"),
     ({**GPT2, "model_type": "qwen2"}, "model_type 'qwen2'"),
     ({**QWEN3, "num_key_value_heads": 1}, "num_key_value_heads"),
     ({**QWEN3, "head_dim": None}, "head_dim=128"),

@@ -8,23 +8,33 @@ a model without an exact twin is refused with one line naming the option.
 
 Mapping (our `ModelConfig` -> transformers class, and the config keys that carry the choice):
 
-    pos      norm       placement  mlp              -> class (model_type)
-    learned  layernorm  pre        gelu|relu|relu2  -> GPT2LMHeadModel (gpt2): activation_function, n_inner
-    learned  layernorm  post       gelu|relu|relu2  -> OPTForCausalLM (opt): do_layer_norm_before=false
-    rope     layernorm  pre        gelu|relu|relu2  -> GPTNeoXForCausalLM (gpt_neox): use_parallel_residual=false,
-                                                      partial_rotary_factor=1, hidden_act
-    rope     rmsnorm    pre        swiglu           -> LlamaForCausalLM (llama): hidden_act=silu
-    rope     rmsnorm    pre        gelu|relu|relu2  -> ArceeForCausalLM (arcee): Llama with a plain up/down MLP
-    rope     rmsnorm    pre        swiglu, qk_norm  -> Qwen3ForCausalLM (qwen3): bias=false only (Qwen3's MLP has
-                                                      no biases); q_norm/k_norm weights are ones, eps 1e-6
+    pos      norm       placement  mlp         -> class (model_type)
+    learned  layernorm  pre        plain       -> GPT2LMHeadModel (gpt2): activation_function, n_inner
+    learned  layernorm  post       plain       -> OPTForCausalLM (opt): do_layer_norm_before=false
+    rope     layernorm  pre        plain       -> GPTNeoXForCausalLM (gpt_neox): use_parallel_residual=false,
+                                                 partial_rotary_factor=1, hidden_act
+    rope     rmsnorm    pre        swiglu      -> LlamaForCausalLM (llama): hidden_act=silu
+    rope     rmsnorm    pre        plain       -> ArceeForCausalLM (arcee): Llama with a plain up/down MLP
+    rope     rmsnorm    pre        swiglu,     -> Qwen3ForCausalLM (qwen3): bias=false only (Qwen3's MLP has
+                                   qk_norm        no biases); q_norm/k_norm weights are ones, eps 1e-6
+
+  plain MLPs: ours -> transformers' ACT2FN name (activation_function / hidden_act), and back
+
+    gelu       <-> gelu                 the exact erf GELU
+    gelu_tanh  <-> gelu_new (GPT-2, as its released configs say), gelu_pytorch_tanh (the
+                   other families: F.gelu(approximate="tanh"), the very kernel ours calls);
+                   imported too: gelu_fast, gelu_python_tanh, gelu_accurate (the same tanh
+                   formula: in fp32 all are within 4.8e-7 of ours on [-12, 12], where the
+                   erf GELU is 4.7e-4 away)
+    relu       <-> relu
+    relu2      <-> relu2
 
   every row: vocab_size, n_layer, n_head, n_embd, block_size (max_position_embeddings),
   mlp_hidden (intermediate size), rope_base (rope_theta), tie_embeddings (tie_word_embeddings),
   dropout, init_std (initializer_range). `bias=false` sets the classes' bias flags off
   (OPT enable_bias, NeoX attention_bias, Llama/Arcee attention_bias and mlp_bias, Qwen3
   attention_bias); a bias a class always has (GPT-2's, every LayerNorm's, NeoX's MLP) is
-  written as zeros. Our GELU is the exact erf GELU (`"gelu"`, not GPT-2's `"gelu_new"`);
-  LayerNorm eps 1e-5, RMSNorm 1e-6, and qk_norm's per-head RMSNorm 1e-6 too
+  written as zeros. LayerNorm eps 1e-5, RMSNorm 1e-6, and qk_norm's per-head RMSNorm 1e-6 too
   (model.QK_NORM_EPS, chosen to be Qwen3's rms_norm_eps).
 
 Refused (no standard class computes the same function):
@@ -59,12 +69,28 @@ Import (`import_hf`) reads model.safetensors or a sharded index (fp32, fp16 or b
 fp32) for the six classes above and writes a scratchgpt run. Refused in one line: any other
 model_type, pytorch_model.bin (loading it means unpickling, which can run code), GQA
 (num_key_value_heads != num_attention_heads), head_dim != hidden_size / heads, scaled or
-partial RoPE, GPT-NeoX's parallel residual, epsilons or activations we lack (e.g. GPT-2's
-gelu_new), Qwen3 with sliding-window layers, nonzero attention biases or trained q/k norm
+partial RoPE, GPT-NeoX's parallel residual, epsilons or activations we lack (e.g. quick_gelu),
+Qwen3 with sliding-window layers, nonzero attention biases or trained q/k norm
 weights (so released Qwen3 checkpoints are refused; exported ones come back). A bias is
 kept (bias=true) when the config declares linear biases or any bias tensor is nonzero;
 biases that are all zero are dropped, which is the same math with fewer parameters.
 Export -> import -> export reproduces model.safetensors and config.json byte for byte.
+
+Released GPT-2 folders (gpt2, gpt2-medium, distilgpt2, ...) import as they are: their keys lack
+the `transformer.` prefix (a bare GPT2Model's names), the head is tied and absent, and files
+converted from the 2019 pickles hold each layer's causal-mask buffers (`h.N.attn.bias`, a
+lower-triangular (1, 1, n_positions, n_positions) mask; `attn.masked_bias`, -1e4). They
+are dropped after checking that they change nothing: the mask must be lower-triangular ones
+and the masking value at most -1e4 (GPT-NeoX's `attention.bias` / `attention.masked_bias`,
+-1e9, likewise); anything else is refused. Config keys that
+change nothing we compute are ignored: n_ctx (transformers reads n_positions),
+reorder_and_upcast_attn (fp32 attention either way), summary_* (the double-heads model's
+classifier), task_specific_params, bos/eos ids (the tokenizer's `<|endoftext|>` is the EOT).
+Their tokenizer.json (byte-level BPE, `<|endoftext|>` = 50256 as an added token, the BPE
+model written without a "type" in older files) loads as a scratchgpt bpe tokenizer that
+encodes exactly as transformers' GPT-2 tokenizer does, with one deliberate difference: a
+literal `<|endoftext|>` in text stays plain characters (transformers' default makes it id
+50256; `split_special_tokens=True` there gives our ids, and prompts.encode_with_eot gives theirs).
 
 LoRA runs (`finetune ... --lora`: PEFT over our names, LoRA on every c_attn, c_proj, c_fc)
 export with `export_adapter` as a PEFT adapter folder whose base, exported as above, sits in
@@ -111,7 +137,7 @@ from .checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FI
                          weights_sha256)
 from .lora import LORA_TARGETS
 from .model import GPT, ModelConfig
-from .tokenizer import EOT, UNK, Tokenizer
+from .tokenizer import EOT, UNK, Tokenizer, spec_model_type
 from .utils import atomic_write, atomic_write_bytes, atomic_write_json, read_json, replace_dir, sha256_file
 
 __all__ = [
@@ -130,7 +156,10 @@ __all__ = [
 ]
 
 LAYERNORM_EPS, RMSNORM_EPS = 1e-5, 1e-6  # model.py's norms
-ACTIVATIONS = ("gelu", "relu", "relu2")  # our non-gated MLPs; transformers' ACT2FN has the same three
+# transformers' ACT2FN name -> our plain (non-gated) MLP; export writes them back with _hf_activation
+ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "relu2": "relu2", "gelu_new": "gelu_tanh",
+               "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
+               "gelu_accurate": "gelu_tanh"}
 PAD = "<pad>"  # the pad token added for char-tokenizer classifiers
 
 
@@ -410,6 +439,15 @@ def _to_hf(model_type: str, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor
 # transformers config.json
 
 
+def _hf_activation(cfg: ModelConfig, model_type: str) -> str:
+    """The ACT2FN name of cfg.mlp in `model_type`'s config (see the table in the module docstring)."""
+    if cfg.mlp == "swiglu":
+        return "silu"
+    if cfg.mlp == "gelu_tanh":
+        return "gelu_new" if model_type == "gpt2" else "gelu_pytorch_tanh"
+    return cfg.mlp
+
+
 def hf_config(cfg: ModelConfig, *, eot_id: Optional[int] = None, pad_token_id: Optional[int] = None,
               labels: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """The config.json of `hf_architecture(cfg)` (a `...ForSequenceClassification` when `labels` are given).
@@ -435,26 +473,27 @@ def hf_config(cfg: ModelConfig, *, eot_id: Optional[int] = None, pad_token_id: O
     rope = {"rope_type": "default", "rope_theta": float(cfg.rope_base)}
     if mt == "gpt2":
         c.update(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_positions=cfg.block_size,
-                 n_inner=cfg.hidden_dim, activation_function=cfg.mlp, layer_norm_epsilon=LAYERNORM_EPS,
+                 n_inner=cfg.hidden_dim, activation_function=_hf_activation(cfg, mt), layer_norm_epsilon=LAYERNORM_EPS,
                  resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
                  initializer_range=cfg.init_std, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
                  reorder_and_upcast_attn=False, add_cross_attention=False)
     elif mt == "opt":
         c.update(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                  ffn_dim=cfg.hidden_dim, max_position_embeddings=cfg.block_size, word_embed_proj_dim=cfg.n_embd,
-                 do_layer_norm_before=False, activation_function=cfg.mlp, enable_bias=cfg.bias,
+                 do_layer_norm_before=False, activation_function=_hf_activation(cfg, mt), enable_bias=cfg.bias,
                  layer_norm_elementwise_affine=True, dropout=cfg.dropout, attention_dropout=cfg.dropout,
                  layerdrop=0.0, init_std=cfg.init_std)
     elif mt == "gpt_neox":
         c.update(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                 intermediate_size=cfg.hidden_dim, hidden_act=cfg.mlp, max_position_embeddings=cfg.block_size,
+                 intermediate_size=cfg.hidden_dim, hidden_act=_hf_activation(cfg, mt),
+                 max_position_embeddings=cfg.block_size,
                  layer_norm_eps=LAYERNORM_EPS, use_parallel_residual=False, attention_bias=cfg.bias,
                  rope_parameters=dict(rope, partial_rotary_factor=1.0), rotary_pct=1.0, rotary_emb_base=rope["rope_theta"],
                  attention_dropout=cfg.dropout, hidden_dropout=cfg.dropout, initializer_range=cfg.init_std)
     else:  # llama, arcee, qwen3
         c.update(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                  num_key_value_heads=cfg.n_head, head_dim=cfg.head_dim, intermediate_size=cfg.hidden_dim,
-                 hidden_act="silu" if cfg.mlp == "swiglu" else cfg.mlp, max_position_embeddings=cfg.block_size,
+                 hidden_act=_hf_activation(cfg, mt), max_position_embeddings=cfg.block_size,
                  rms_norm_eps=RMSNORM_EPS, rope_parameters=rope, rope_theta=rope["rope_theta"],
                  attention_bias=cfg.bias, attention_dropout=cfg.dropout, initializer_range=cfg.init_std)
         if mt == "qwen3":  # (no mlp_bias: Qwen3's MLP never has biases)
@@ -1005,11 +1044,9 @@ def _expect(c: Mapping[str, Any], key: str, want: Any, default: Any, why: str) -
 def _activation(c: Mapping[str, Any], key: str, default: str) -> str:
     act = _get(c, key, default)
     if act in ACTIVATIONS:
-        return act
-    if act in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh"):
-        raise UserError(f"config.json: {key}={act!r} (GELU's tanh approximation) has no scratchgpt equivalent: "
-                        "model.mlp=gelu is the exact erf GELU")
-    raise UserError(f"config.json: {key}={act!r} has no scratchgpt equivalent (model.mlp is one of {', '.join(ACTIVATIONS)})")
+        return ACTIVATIONS[act]
+    raise UserError(f"config.json: {key}={act!r} has no scratchgpt equivalent (scratchgpt's plain MLPs take "
+                    f"{', '.join(ACTIVATIONS)})")
 
 
 def _rope_base(c: Mapping[str, Any], partial_default: float) -> float:
@@ -1139,8 +1176,31 @@ def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, 
 # the prefix every transformers key of a causal LM starts with; a bare base model's keys lack it
 _PREFIX = {"gpt2": "transformer.", "opt": "model.", "gpt_neox": "gpt_neox.", "llama": "model.", "arcee": "model.",
            "qwen3": "model."}
-# buffers older checkpoints saved beside the weights: causal masks and RoPE frequencies
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias", ".inv_freq")
+# buffers older checkpoints saved beside the weights: causal masks (checked, then dropped) and RoPE frequencies
+_MASKS = {"gpt2": (".attn.bias", ".attn.masked_bias"), "gpt_neox": (".attention.bias", ".attention.masked_bias")}
+_IGNORED_SUFFIXES = (".inv_freq",)
+
+
+def _is_mask_buffer(model_type: str, key: str, t: torch.Tensor) -> bool:
+    """Whether `key` is one of the causal-mask buffers old GPT-2 / GPT-NeoX files hold, with the value that
+    makes it our causal attention; a buffer of that name with another value is a UserError."""
+    if model_type not in _MASKS:
+        return False
+    mask, fill = _MASKS[model_type]
+    if key.endswith(mask):
+        n = t.shape[-1] if t.dim() >= 2 else 0
+        if t.dim() >= 2 and t.shape[-2] == n and t.numel() == n * n and torch.equal(
+                t.reshape(n, n).float(), torch.ones(n, n).tril()):
+            return True
+        raise UserError(f"tensor {key} is not a lower-triangular causal mask: scratchgpt's attention is plain causal "
+                        "attention (a model with a modified mask cannot be represented)")
+    if key.endswith(fill):
+        # the score masked positions get: any value this low has zero weight after softmax, as in ours
+        if t.numel() == 1 and t.is_floating_point() and t.item() <= -1e4:
+            return True
+        raise UserError(f"tensor {key} is {t.flatten()[:3].tolist()}, not a masking value <= -1e4: masked positions "
+                        "would take part in attention")
+    return False
 
 
 def _canonical_keys(model_type: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1187,7 +1247,8 @@ def state_dict_from_hf(hf_config: Mapping[str, Any], tensors: Mapping[str, torch
             raise UserError(f"tensor {key} is not all ones: scratchgpt's qk_norm has no weight (model.qk_norm "
                             "represents a Qwen3 whose q_norm/k_norm weights are 1)")
         used.add(key)
-    left = sorted(k for k in set(tensors) - used if not k.endswith(_IGNORED_SUFFIXES) and k != "lm_head.weight")
+    left = sorted(k for k in set(tensors) - used if not k.endswith(_IGNORED_SUFFIXES) and k != "lm_head.weight"
+                  and not _is_mask_buffer(mt, k, tensors[k]))
     if left:
         raise UserError(f"unexpected tensor {left[0]} for {FAMILIES[mt].causal_lm} (a variant scratchgpt cannot represent?)")
     _check_shapes(cfg, out, FAMILIES[mt].causal_lm)
@@ -1201,12 +1262,13 @@ def _check_tokenizer_spec(spec: Mapping[str, Any], path: Path) -> None:
     code point by code point, so only those two shapes of file are accepted as they are.
     """
     model = spec.get("model") or {}
+    kind = spec_model_type(spec)
     pre = spec.get("pre_tokenizer") or {}
     post = spec.get("post_processor") or {}
     what = None
     if spec.get("normalizer"):
         what = f"normalizer {spec['normalizer'].get('type')}"
-    elif model.get("type") == "BPE":
+    elif kind == "BPE":
         if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
             what = f"pre_tokenizer {pre.get('type')} (byte-level BPE needs ByteLevel without a prefix space)"
         elif (spec.get("decoder") or {}).get("type") != "ByteLevel":
@@ -1214,14 +1276,14 @@ def _check_tokenizer_spec(spec: Mapping[str, Any], path: Path) -> None:
         elif model.get("byte_fallback") or model.get("dropout") or model.get("continuing_subword_prefix") \
                 or model.get("end_of_word_suffix"):
             what = "a BPE model with byte_fallback, dropout or subword affixes"
-    elif model.get("type") == "WordLevel":
+    elif kind == "WordLevel":
         if pre.get("type") != "Split" or (pre.get("pattern") or {}).get("Regex") != r"[\s\S]" \
                 or pre.get("behavior") != "Isolated" or pre.get("invert"):
             what = f"pre_tokenizer {pre.get('type')} (a char tokenizer splits every code point)"
         elif (spec.get("decoder") or {}).get("type") != "Fuse":
             what = f"decoder {(spec.get('decoder') or {}).get('type')}"
     else:
-        what = f"model {model.get('type')}"
+        what = f"model {kind}"
     if what is None and post.get("type") not in (None, "ByteLevel", "TemplateProcessing"):
         what = f"post_processor {post.get('type')}"
     if what is None and post.get("type") == "TemplateProcessing" and post.get("special_tokens"):

@@ -41,8 +41,9 @@ class ModelConfig:
     """Positions: a learned table (GPT-2), fixed sinusoids (the 2017 paper), or rope (relative, trains faster)."""
     rope_base: float = 10000.0
     """RoPE's base frequency (theta)."""
-    mlp: Literal["gelu", "relu", "swiglu", "relu2"] = "gelu"
-    """MLP nonlinearity; swiglu: gated (Llama); relu2: ReLU squared (cheap and strong in modded-nanogpt)."""
+    mlp: Literal["gelu", "gelu_tanh", "relu", "swiglu", "relu2"] = "gelu"
+    """MLP nonlinearity; gelu is the exact (erf) GELU, gelu_tanh its tanh approximation (GPT-2's "gelu_new", what
+    imported GPT-2 checkpoints use); swiglu: gated (Llama); relu2: ReLU squared (cheap and strong in modded-nanogpt)."""
     mlp_hidden: int = 0
     """MLP hidden width; 0: 4*n_embd (swiglu: 8/3*n_embd rounded up to 32, the same parameter count)."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -273,6 +274,8 @@ def mlp_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
     """The MLP's nonlinearity on c_fc's output (swiglu: c_fc holds [gate; up])."""
     if kind == "gelu":
         return F.gelu(h)
+    if kind == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
     if kind == "relu":
         return F.relu(h)
     if kind == "relu2":

@@ -52,6 +52,7 @@ __all__ = [
     "train_bpe_tokenizer",
     "bpe_word_counts",
     "train_bpe_from_counts",
+    "spec_model_type",
 ]
 
 
@@ -112,13 +113,40 @@ def _astral_other_numbers() -> str:
 
 
 @lru_cache(maxsize=1)
+def _bmp_unassigned() -> str:
+    """Class body of the BMP code points this Python's Unicode tables leave unassigned (Cn)."""
+    cat = unicodedata.category
+    return _ranges_class(lambda cp: cat(chr(cp)) == "Cn", 0, 0xFFFF)
+
+
+def _astral_unassigned(text: str) -> bool:
+    # (astral Cn is ~800k code points in hundreds of ranges: a slow class for `re`, so look at each astral char)
+    cat = unicodedata.category
+    return any(cat(c) == "Cn" for c in set(_ASTRAL.findall(text)))
+
+
+# What the fast pattern may split wrongly: other numbers, and code points newer than this Python's
+# Unicode tables (tokenizers' regex engine may know them as letters).
+@lru_cache(maxsize=1)
 def _bmp_check() -> re.Pattern:
-    return re.compile(f"[{_bmp_other_numbers()}]")
+    return re.compile(f"[{_bmp_other_numbers()}{_bmp_unassigned()}]")
 
 
 @lru_cache(maxsize=1)
 def _astral_check() -> re.Pattern:
     return re.compile(f"[{_astral_other_numbers()}]")
+
+
+@lru_cache(maxsize=1)
+def _bmp_unassigned_check() -> re.Pattern:
+    return re.compile(f"[{_bmp_unassigned()}]")
+
+
+@lru_cache(maxsize=1)
+def _byte_level():
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    return ByteLevel(add_prefix_space=False, use_regex=True)
 
 
 @lru_cache(maxsize=1)
@@ -132,7 +160,10 @@ def _exact_pattern() -> re.Pattern:
 
 def split_pieces(text: str) -> list[str]:
     """Split text into the pieces byte-level BPE encodes independently (as tokenizers does)."""
-    if _bmp_check().search(text) or (_ASTRAL.search(text) and _astral_check().search(text)):
+    if _bmp_check().search(text) or (_ASTRAL.search(text) and (_astral_check().search(text) or _astral_unassigned(text))):
+        if _bmp_unassigned_check().search(text) or _astral_unassigned(text):
+            # rare: let tokenizers' own regex split it (its offsets count characters)
+            return [text[a:b] for _, (a, b) in _byte_level().pre_tokenize_str(text)]
         return _exact_pattern().findall(text)
     return _FAST.findall(text)
 
@@ -409,8 +440,15 @@ class Tokenizer:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
 
 
+def spec_model_type(spec: dict) -> str | None:
+    """The model type of a parsed tokenizer.json ("BPE", "WordLevel", ...). Files from older `tokenizers`
+    (GPT-2's on the Hugging Face hub) omit "type"; `tokenizers` then recognises BPE by its merges."""
+    model = spec.get("model") or {}
+    return model.get("type") or ("BPE" if "merges" in model else None)
+
+
 def _kind_of(spec: dict) -> str:
-    model = (spec.get("model") or {}).get("type")
+    model = spec_model_type(spec)
     if model == "WordLevel":
         return "char"
     if model == "BPE":
