@@ -20,6 +20,8 @@ FACTORS = {
     "logit_softcap": [0.0, 15.0],
     "tie_embeddings": [True, False],
     "bias": [True, False],
+    "n_kv_head": [None, 1],  # grouped-query attention (n_head 2): one key/value head for both
+    "norm_eps": [None, 1e-3],
 }
 
 

@@ -58,6 +58,7 @@ VARIANTS = {
     "rope": {},
     "rope-modern": dict(norm="rmsnorm", mlp="swiglu", qk_norm=True, logit_softcap=30.0, bias=False, tie_embeddings=False),
     "learned-post": dict(norm_placement="post", mlp="relu2"),
+    "rope-gqa": dict(n_kv_head=1, norm="rmsnorm", mlp="swiglu", qk_norm=True, value_embeds=True, norm_eps=1e-5),
 }
 
 

@@ -306,7 +306,7 @@ REFUSED = [
     (dict(tensors={"h.1.attn.bias": torch.ones(1, 1, N_POS, N_POS)}), "h.1.attn.bias is not a lower-triangular"),
     (dict(tensors={"h.0.attn.masked_bias": torch.tensor(0.0)}), "not a masking value"),
     (dict(config={"scale_attn_by_inverse_layer_idx": True}), "scale_attn_by_inverse_layer_idx=True"),
-    (dict(config={"layer_norm_epsilon": 1e-6}), "layer_norm_epsilon"),
+    (dict(config={"layer_norm_epsilon": 0.0}), "layer_norm_epsilon"),  # (any positive eps imports as norm_eps)
     (dict(config={"activation_function": "quick_gelu"}), "quick_gelu"),
     (dict(config={"add_cross_attention": True}), "add_cross_attention"),
 ]

@@ -53,6 +53,13 @@ VARIANTS = [
     ("qwen3", dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False), "Qwen3ForCausalLM"),
     ("qwen3-untied", dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, tie_embeddings=False,
                           rope_base=500.0, mlp_hidden=96), "Qwen3ForCausalLM"),
+    # grouped-query attention and other epsilons (SmolLM2 / TinyLlama: Llama, GQA, rms_norm_eps 1e-5)
+    ("llama-gqa-eps", dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_head=4, n_kv_head=2, norm_eps=1e-5),
+     "LlamaForCausalLM"),
+    ("arcee-gqa-bias", dict(pos="rope", norm="rmsnorm", mlp="relu2", n_head=4, n_kv_head=1), "ArceeForCausalLM"),
+    ("qwen3-gqa-eps", dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_head=4, n_kv_head=1,
+                           norm_eps=1e-5, tie_embeddings=False), "Qwen3ForCausalLM"),
+    ("neox-eps", dict(pos="rope", norm_eps=1e-6), "GPTNeoXForCausalLM"),
 ]
 VARIANT_IDS = [v[0] for v in VARIANTS]
 
@@ -206,6 +213,10 @@ REFUSED = [
     (dict(mlp="swiglu"), "model.mlp=swiglu"),
     (dict(norm="rmsnorm"), "model.norm=rmsnorm"),
     (dict(pos="rope", mlp="swiglu"), "model.mlp=swiglu with model.norm=layernorm"),
+    (dict(pos="rope", n_kv_head=1), "model.n_kv_head=1 (grouped-query attention) has no GPTNeoXForCausalLM"),
+    (dict(n_kv_head=1), "model.n_kv_head=1 (grouped-query attention) has no GPT2LMHeadModel"),
+    (dict(norm_placement="post", n_kv_head=1), "model.n_kv_head=1 (grouped-query attention) has no OPTForCausalLM"),
+    (dict(norm_placement="post", norm_eps=1e-6), "model.norm_eps=1e-06 has no OPTForCausalLM"),
 ]
 
 
@@ -345,13 +356,32 @@ def test_pytorch_bin_only_folder_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_gqa_llama_folder_refused(tmp_path, transformers, bpe_tok):
+# Qwen3's q/k norms take rms_norm_eps too: 1e-3 makes a q/k eps that ignored it miss the 1e-4 bound (1e-5 barely would)
+@pytest.mark.parametrize("family,eps", [("llama", 1e-5), ("qwen3", 1e-3)])
+def test_gqa_folder_imports_and_round_trips(tmp_path, transformers, bpe_tok, family, eps):
+    """A SmolLM2/TinyLlama-shaped folder (grouped-query attention, rms_norm_eps 1e-5) written by transformers:
+    the import matches it, and export -> import -> export is byte for byte."""
     src = tmp_path / "src"
-    hf_model(transformers, "llama", bpe_tok.vocab_size, num_key_value_heads=1).save_pretrained(src)
+    hf_model(transformers, family, bpe_tok.vocab_size, num_key_value_heads=1, rms_norm_eps=eps).save_pretrained(src)
     bpe_tok.save(src)
-    with pytest.raises(UserError) as e:
-        import_hf(src, tmp_path / "run")
-    assert "num_key_value_heads=1" in str(e.value) and "\n" not in str(e.value)
+    run = import_hf(src, tmp_path / "run")
+    ours, _, config = load_model(run)
+    assert (ours.cfg.n_head, ours.cfg.n_kv_head, ours.cfg.norm_eps) == (2, 1, eps)
+    assert config["model"]["n_kv_head"] == 1 and config["model"]["norm_eps"] == eps
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    x = torch.randint(0, bpe_tok.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = theirs(x).logits
+        assert ref.abs().max() > 1.0
+        assert max_diff(ours(x), ref) <= 1e-4
+    prompt = x[0, :8].tolist()
+    assert generate_tokens(ours, [prompt], temperature=0, max_new_tokens=50)[0] == hf_greedy(theirs, prompt, 50)
+    first = export_checkpoint(run, tmp_path / "hf1")
+    hf_cfg = json.loads((first / "config.json").read_text())
+    assert (hf_cfg["num_key_value_heads"], hf_cfg["rms_norm_eps"]) == (1, eps)
+    second = export_checkpoint(import_hf(first, tmp_path / "run2"), tmp_path / "hf2")
+    for f in ("model.safetensors", "config.json"):
+        assert (first / f).read_bytes() == (second / f).read_bytes(), f
 
 
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32,
@@ -363,16 +393,19 @@ GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size"
         "n_head": 2, "activation_function": "gelu"}
 QWEN3 = {**LLAMA, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "head_dim": 16}
 UNSUPPORTED = [
-    ({**LLAMA, "num_key_value_heads": 1}, "num_key_value_heads"),
+    ({**LLAMA, "num_key_value_heads": 3}, "num_key_value_heads=3 must be a positive integer that divides"),
+    ({**LLAMA, "num_key_value_heads": 0}, "num_key_value_heads=0"),
     ({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type='linear'"),
-    ({**LLAMA, "rms_norm_eps": 1e-5}, "rms_norm_eps"),
+    ({**LLAMA, "rms_norm_eps": 0}, "rms_norm_eps=0 must be a positive number"),
+    ({**LLAMA, "rms_norm_eps": "1e-5"}, "rms_norm_eps='1e-5' must be a positive number"),
+    ({**NEOX, "layer_norm_eps": -1e-5}, "layer_norm_eps=-1e-05 must be a positive number"),
     ({**LLAMA, "hidden_act": "gelu"}, "hidden_act"),
     ({**LLAMA, "architectures": ["LlamaForSequenceClassification"]}, "LlamaForSequenceClassification"),
     ({**NEOX, "rope_parameters": None, "rotary_pct": 0.25}, "partial_rotary_factor"),
     ({**NEOX, "use_parallel_residual": True}, "use_parallel_residual"),
     ({**GPT2, "activation_function": "quick_gelu"}, "quick_gelu"),
     ({**GPT2, "model_type": "qwen2"}, "model_type 'qwen2'"),
-    ({**QWEN3, "num_key_value_heads": 1}, "num_key_value_heads"),
+    ({**QWEN3, "num_key_value_heads": 4}, "num_key_value_heads=4"),
     ({**QWEN3, "head_dim": None}, "head_dim=128"),
     ({**QWEN3, "use_sliding_window": True}, "use_sliding_window"),
     ({**QWEN3, "layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
@@ -534,6 +567,7 @@ ADAPTERS = [  # (variant, the HF modules LoRA lands on)
     ("llama-bias-untied", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
     ("arcee-gelu-bias", ["down_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
     ("qwen3", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ("llama-gqa-eps", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),  # B split unevenly
 ]
 
 

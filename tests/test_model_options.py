@@ -29,6 +29,8 @@ OPTIONS = [
     {"bias": False},
     {"norm_placement": "post"},
     {"value_embeds": True},
+    {"n_kv_head": 1, "pos": "rope", "value_embeds": True},
+    {"norm_eps": 1e-3, "norm": "rmsnorm", "qk_norm": True},
     {"pos": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False,
      "zero_init_proj": True, "logit_softcap": 15.0, "bias": False, "value_embeds": True},
 ]
@@ -207,14 +209,15 @@ def test_cpu_dropout_mask_is_bernoulli_and_seeded():
     assert not torch.equal(cpu_dropout_mask((1000, 1000), 0.2, torch.float32), m)
 
 
+@pytest.mark.parametrize("n_kv_head", [None, 1])
 @pytest.mark.parametrize("causal", [True, False])
-def test_cpu_dropout_attention_is_sdpa_with_that_mask(causal, monkeypatch):
+def test_cpu_dropout_attention_is_sdpa_with_that_mask(causal, n_kv_head, monkeypatch):
     """The written-out attention used for CPU dropout equals SDPA, values and gradients, when no
     element is dropped; with dropout on, eval mode still takes SDPA."""
     import scratchgpt.model as model_mod
 
     torch.manual_seed(0)
-    cfg = ModelConfig(**SMALL, dropout=0.3, causal=causal)
+    cfg = ModelConfig(**SMALL, dropout=0.3, causal=causal, n_kv_head=n_kv_head)
     net = GPT(cfg)
     x = torch.randint(0, 37, (3, 16))
     monkeypatch.setattr(model_mod, "cpu_dropout_mask", lambda shape, p, dtype: torch.ones(shape, dtype=dtype))
@@ -244,3 +247,103 @@ def test_dropout_module_edges():
     torch.manual_seed(1)
     y = Dropout(0.5).train()(x)
     assert torch.all((y == 0) | torch.isclose(y, 2 * x))
+
+
+# ---------------------------------------------------------------- grouped-query attention and norm_eps
+def test_gqa_is_attention_with_each_key_value_head_repeated_for_its_group():
+    """A GQA model computes what a full multi-head model does whose heads 2g and 2g+1 carry copies of key/value
+    head g (Llama's repeat_kv), with c_attn [q; k; v] of n_head, n_kv_head, n_kv_head heads; the cache holds
+    n_kv_head heads."""
+    from scratchgpt.model import KVCache
+
+    torch.manual_seed(0)
+    opts = dict(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32, pos="rope", value_embeds=True)
+    gqa, full = GPT(ModelConfig(**opts, n_kv_head=2)).eval(), GPT(ModelConfig(**opts)).eval()
+    D = 8
+    assert gqa.transformer.h[0].attn.c_attn.weight.shape == (32 + 2 * 2 * D, 32)
+    assert full.num_params() - gqa.num_params() == 2 * (2 * 2 * D) * 33 + 37 * 2 * D  # k, v rows (+bias); vte
+    sd = {}
+    for k, v in gqa.state_dict().items():
+        if k.endswith(("c_attn.weight", "c_attn.bias")):
+            q, kk, vv = v.split([32, 2 * D, 2 * D])
+            v = torch.cat([q, *(t.unflatten(0, (2, D)).repeat_interleave(2, 0).flatten(0, 1) for t in (kk, vv))])
+        elif k == "transformer.vte.weight":
+            v = v.unflatten(1, (2, D)).repeat_interleave(2, 1).flatten(1)
+        sd[k] = v
+    full.load_state_dict(sd)
+    x = torch.randint(0, 37, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x), full(x), atol=1e-5, rtol=1e-5)
+    assert KVCache(gqa.cfg, 3, 16).k.shape == (2, 3, 2, 16, D)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_gqa_kv_cache_in_chunks_equals_no_cache(pos):
+    """Prefill, a multi-token chunk (the masked path) and single tokens through the module path's cache."""
+    from scratchgpt.model import KVCache
+
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(**{**SMALL, "n_head": 4}, n_kv_head=1, pos=pos, qk_norm=True)).eval()
+    x = torch.randint(0, 37, (2, 12))
+    cache = KVCache(model.cfg, 2, 12)
+    with torch.no_grad():
+        ref = model(x)
+        got = torch.cat([model(x[:, a:b], cache=cache) for a, b in ((0, 5), (5, 9), (9, 10), (10, 11), (11, 12))], 1)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_ring_buffer_past_the_cache_equals_the_window():
+    """Past a full cache a RoPE model overwrites the oldest slot; with one layer that is exactly attention over
+    the last max_len tokens (deeper layers' cached keys carry older context, by design)."""
+    from scratchgpt.model import KVCache
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**SMALL, "n_layer": 1, "n_head": 4, "block_size": 32}, n_kv_head=2, pos="rope")).eval()
+    x = torch.randint(0, 37, (2, 12))
+    cache = KVCache(model.cfg, 2, 8)
+    with torch.no_grad():
+        model(x[:, :8], cache=cache)
+        for t in range(8, 12):
+            torch.testing.assert_close(model(x[:, t : t + 1], cache=cache)[:, -1], model(x[:, t - 7 : t + 1])[:, -1],
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_norm_eps_is_every_norms_eps():
+    """norm_eps=None is the old per-norm defaults exactly (old checkpoints compute what they did); a value
+    reaches every norm, qk_norm's included, and moves the logits."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 37, (2, 16))
+
+    def logits(**kw):
+        model = GPT(ModelConfig(**SMALL, **kw)).eval()
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            return model(x), model
+
+    for kind, default in (("layernorm", 1e-5), ("rmsnorm", 1e-6)):
+        base = GPT(ModelConfig(**SMALL, norm=kind, qk_norm=True)).eval()
+        ref, _ = logits(norm=kind, qk_norm=True)
+        same, model = logits(norm=kind, qk_norm=True, norm_eps=default)
+        assert model.transformer.h[0].ln_1.eps == model.transformer.ln_f.eps == default
+        assert torch.equal(ref, same) == (kind == "rmsnorm")  # layernorm's qk_norm was 1e-6, now 1e-5
+        big, model = logits(norm=kind, qk_norm=True, norm_eps=0.5)
+        assert model.transformer.h[1].ln_2.eps == 0.5 and model.cfg.qk_norm_eps == 0.5
+        assert (big - ref).abs().max() > 1e-2
+    assert ModelConfig(norm="layernorm").eps == 1e-5 and ModelConfig(norm="rmsnorm").qk_norm_eps == 1e-6
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(n_head=4, n_kv_head=3), "--model.n_head 4 must be divisible by --model.n_kv_head 3"),
+    (dict(n_head=4, n_kv_head=8), "--model.n_head 4 must be divisible by --model.n_kv_head 8"),
+    (dict(n_kv_head=0), r"--model.n_kv_head must be in \[1, 1024\], got 0"),
+    (dict(n_kv_head=-1), r"--model.n_kv_head must be in \[1, 1024\], got -1"),
+    (dict(norm_eps=0.0), "--model.norm_eps must be > 0, got 0.0"),
+    (dict(norm_eps=-1e-5), "--model.norm_eps must be > 0, got -1e-05"),
+    (dict(norm_eps=float("nan")), "--model.norm_eps must be a finite number or null, got nan"),
+])
+def test_bad_gqa_and_eps_values_are_one_line(kw, message):
+    from scratchgpt import UserError
+
+    with pytest.raises(UserError, match=message) as e:
+        ModelConfig(**{"n_embd": 32, **kw})
+    assert "\n" not in str(e.value)

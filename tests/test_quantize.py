@@ -52,7 +52,8 @@ def test_int4_linear_is_its_dequantized_weights():
 
 
 @pytest.mark.parametrize("mode, tol", [("int8", 0.06), ("int4", 0.5)])  # int4: 1 group per 32-wide row here
-@pytest.mark.parametrize("kw", [{}, dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)])
+@pytest.mark.parametrize("kw", [{}, dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+                                dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1)])  # GQA: c_attn 32 -> 64
 def test_quantized_model_decodes_like_the_original(kw, mode, tol):
     tok = train_char_tokenizer([TEXT])
     model = tiny(tok.vocab_size, **kw)

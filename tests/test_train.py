@@ -68,6 +68,28 @@ def test_every_model_option_trains(tmp_path, char_data, option):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.3  # it learns, whatever the option
 
 
+def test_gqa_model_trains_samples_and_reports_from_the_cli(tmp_path, char_data, capsys):
+    """--model.n_kv_head 1: one key/value head for both query heads; the run trains, saves the option,
+    loads with the narrower c_attn, samples with the KV cache and reports its parameter count."""
+    from scratchgpt.checkpoint import load_run
+
+    run = tmp_path / "r"
+    code, _, err = cli(capsys, "train", "--data", char_data, "--out", run, "--model.n_kv_head", "1",
+                       *tiny_flags(**{"model.pos": "rope", "model.norm_eps": 1e-5, "train.max_iters": 30,
+                                      "train.eval_interval": 30, "train.log_interval": 1}))
+    assert code == 0, err
+    rows = metrics(run)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.3
+    saved = json.loads((run / "config.json").read_text())["model"]
+    assert (saved["n_kv_head"], saved["norm_eps"]) == (1, 1e-5)
+    gpt = load_run(run).gpt
+    assert gpt.transformer.h[0].attn.c_attn.weight.shape == (32 + 2 * 16, 32)
+    code, out, err = cli(capsys, "sample", run, "--max-new-tokens", "20", "--device", "cpu", "--prompt", "The ")
+    assert code == 0 and len(out) > 20, err
+    code, out, _ = cli(capsys, "info", run)
+    assert code == 0 and json.loads(out)["params"] == gpt.num_params()
+
+
 @pytest.mark.parametrize("optim", [dict(optimizer="muon", schedule="wsd"), dict(schedule="constant"),
                                    dict(schedule="linear", grad_clip=0.0)])
 def test_optimizers_and_schedules_train(tmp_path, char_data, optim):

@@ -73,6 +73,10 @@ def test_train_out_is_an_existing_file(tmp_path, char_data, capsys):
     ("--train.target_val_loss", "x", "--train.target_val_loss takes a finite number or null, got 'x'"),
     ("--train.dtype", "f8", "--train.dtype takes one of auto, float32, bfloat16, float16, got 'f8'"),
     ("--optim.betas", "[0.9]", "--optim.betas takes a list of 2 values, got '[0.9]'"),
+    ("--model.n_kv_head", "0", "--model.n_kv_head must be in [1, 1024], got 0"),
+    ("--model.n_kv_head", "3", "--model.n_head 2 must be divisible by --model.n_kv_head 3"),
+    ("--model.norm_eps", "0", "--model.norm_eps must be > 0, got 0.0"),
+    ("--model.norm_eps", "nan", "--model.norm_eps takes a finite number or null, got 'nan'"),
 ])
 def test_bad_values_are_one_line_naming_flag_value_and_range(tmp_path, char_data, capsys, flag, value, expected):
     out = tmp_path / "r"

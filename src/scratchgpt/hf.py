@@ -31,21 +31,31 @@ Mapping (our `ModelConfig` -> transformers class, and the config keys that carry
 
   every row: vocab_size, n_layer, n_head, n_embd, block_size (max_position_embeddings),
   mlp_hidden (intermediate size), rope_base (rope_theta), tie_embeddings (tie_word_embeddings),
-  dropout, init_std (initializer_range). `bias=false` sets the classes' bias flags off
+  dropout, init_std (initializer_range), norm_eps (GPT-2 layer_norm_epsilon, NeoX layer_norm_eps,
+  Llama/Arcee/Qwen3 rms_norm_eps; OPT has no key: its LayerNorms are 1e-5, so only that exports
+  as OPT). `bias=false` sets the classes' bias flags off
   (OPT enable_bias, NeoX attention_bias, Llama/Arcee attention_bias and mlp_bias, Qwen3
   attention_bias); a bias a class always has (GPT-2's, every LayerNorm's, NeoX's MLP) is
-  written as zeros. LayerNorm eps 1e-5, RMSNorm 1e-6, and qk_norm's per-head RMSNorm 1e-6 too
-  (model.QK_NORM_EPS, chosen to be Qwen3's rms_norm_eps).
+  written as zeros.
+  Epsilons: norm_eps=null means LayerNorm 1e-5, RMSNorm 1e-6, and qk_norm's per-head RMSNorm
+  1e-6 (model.QK_NORM_EPS, Qwen3's default rms_norm_eps); a norm_eps applies to every norm,
+  qk_norm's too, as Qwen3's one rms_norm_eps does. On import an eps equal to our default for
+  the norm becomes null, so configs that always imported stay byte for byte what they were.
+  Llama, Arcee, Qwen3 rows only: n_kv_head (num_key_value_heads; null = n_head), grouped-query
+  attention as in SmolLM2, TinyLlama and Qwen3 (GPT-2, OPT and NeoX have none: refused).
 
 Refused (no standard class computes the same function):
   causal=false (bidirectional), value_embeds, logit_softcap (Gemma2's final_logit_softcapping
   comes with (1+w) RMSNorms, sandwich norms, scaled embeddings and GeGLU), qk_norm outside
   Qwen3's combination (rope, rmsnorm, pre, swiglu, bias=false), pos=sinusoidal, learned
-  positions with rmsnorm or swiglu, rope with post-norm, swiglu with layernorm.
+  positions with rmsnorm or swiglu, rope with post-norm, swiglu with layernorm, n_kv_head <
+  n_head outside the Llama/Arcee/Qwen3 rows, norm_eps other than 1e-5 for OPT.
 
 Weight layout: ours is nanoGPT's (`transformer.h.N.attn.c_attn` holds [q; k; v], each head
-contiguous; swiglu's c_fc holds [gate; up]). GPT-2 stores Linear weights transposed
-(Conv1D); OPT/Llama/Arcee/Qwen3 split q, k, v (and gate, up); NeoX fuses qkv per head
+contiguous; with grouped-query attention k and v have n_kv_head heads each: [q (n_head * head_dim);
+k (n_kv_head * head_dim); v (same)], query head h using key/value head h // (n_head / n_kv_head)
+as transformers' repeat_kv does; swiglu's c_fc holds [gate; up]). GPT-2 stores Linear weights
+transposed (Conv1D); OPT/Llama/Arcee/Qwen3 split q, k, v (and gate, up); NeoX fuses qkv per head
 ([q_h; k_h; v_h] for each head h); OPT's position table has 2 leading rows it never reads
 for unpadded input (written as zeros); Qwen3's q_norm/k_norm weights have no tensor of
 ours (written as ones; on import they must be ones). A tied head is omitted from
@@ -67,10 +77,10 @@ id is the config's bos/eos id (append `tokenizer.eos_token_id` to mark a documen
 
 Import (`import_hf`) reads model.safetensors or a sharded index (fp32, fp16 or bf16; held as
 fp32) for the six classes above and writes a scratchgpt run. Refused in one line: any other
-model_type, pytorch_model.bin (loading it means unpickling, which can run code), GQA
-(num_key_value_heads != num_attention_heads), head_dim != hidden_size / heads, scaled or
-partial RoPE, GPT-NeoX's parallel residual, epsilons or activations we lack (e.g. quick_gelu),
-Qwen3 with sliding-window layers, nonzero attention biases or trained q/k norm
+model_type, pytorch_model.bin (loading it means unpickling, which can run code),
+num_key_value_heads that does not divide num_attention_heads, head_dim != hidden_size / heads,
+scaled or partial RoPE, GPT-NeoX's parallel residual, a non-positive eps, activations we lack
+(e.g. quick_gelu), Qwen3 with sliding-window layers, nonzero attention biases or trained q/k norm
 weights (so released Qwen3 checkpoints are refused; exported ones come back). A bias is
 kept (bias=true) when the config declares linear biases or any bias tensor is nonzero;
 biases that are all zero are dropped, which is the same math with fewer parameters.
@@ -136,7 +146,7 @@ from .checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FI
                          TOKENIZER_FILE, load_tensors, resolve_checkpoint, save_checkpoint, verify_checkpoint,
                          weights_sha256)
 from .lora import LORA_TARGETS
-from .model import GPT, ModelConfig
+from .model import GPT, LAYERNORM_EPS, RMSNORM_EPS, ModelConfig
 from .tokenizer import EOT, UNK, Tokenizer, spec_model_type
 from .utils import atomic_write, atomic_write_bytes, atomic_write_json, read_json, replace_dir, sha256_file
 
@@ -155,7 +165,6 @@ __all__ = [
     "export_adapter",
 ]
 
-LAYERNORM_EPS, RMSNORM_EPS = 1e-5, 1e-6  # model.py's norms
 # transformers' ACT2FN name -> our plain (non-gated) MLP; export writes them back with _hf_activation
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "relu2": "relu2", "gelu_new": "gelu_tanh",
                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
@@ -185,8 +194,27 @@ FAMILIES = {f.model_type: f for f in [
 # Which class
 
 
+GQA_FAMILIES = ("llama", "arcee", "qwen3")  # the classes with num_key_value_heads
+# the config key holding the norms' eps, and its default when a config omits it (OPT's LayerNorm: always 1e-5)
+NORM_EPS_KEYS = {"gpt2": ("layer_norm_epsilon", 1e-5), "opt": (None, 1e-5), "gpt_neox": ("layer_norm_eps", 1e-5),
+                 "llama": ("rms_norm_eps", 1e-6), "arcee": ("rms_norm_eps", 1e-5), "qwen3": ("rms_norm_eps", 1e-6)}
+
+
 def _model_type(cfg: ModelConfig) -> str:
     """The transformers model_type that computes exactly what `cfg` does, or a one-line UserError."""
+    mt = _architecture_type(cfg)
+    if cfg.kv_heads != cfg.n_head and mt not in GQA_FAMILIES:
+        raise UserError(f"model.n_kv_head={cfg.n_kv_head} (grouped-query attention) has no {FAMILIES[mt].causal_lm} "
+                        "equivalent: only Llama, Arcee and Qwen3 (pos=rope, norm=rmsnorm) share keys and values "
+                        "between heads")
+    if NORM_EPS_KEYS[mt][0] is None and cfg.eps != NORM_EPS_KEYS[mt][1]:
+        raise UserError(f"model.norm_eps={cfg.norm_eps} has no {FAMILIES[mt].causal_lm} equivalent: its LayerNorm eps "
+                        f"is fixed at {NORM_EPS_KEYS[mt][1]}")
+    return mt
+
+
+def _architecture_type(cfg: ModelConfig) -> str:
+    """_model_type's choice from pos, norm, placement, mlp and the options no class has."""
     if not cfg.causal:
         raise UserError("model.causal=false (bidirectional attention) has no transformers causal-LM class to export to")
     if cfg.value_embeds:
@@ -278,6 +306,10 @@ def _chunks(n: int):
     return (lambda t: list(t.chunk(n, dim=0)), _cat)
 
 
+def _split(sizes: list[int]):
+    return (lambda t: list(t.split(sizes, dim=0)), _cat)
+
+
 def _per_head_qkv(n_head: int, head_dim: int):
     """[q; k; v] (ours) <-> [q_0; k_0; v_0; q_1; ...] (GPT-NeoX's query_key_value), for weights and biases."""
     def to_hf(t):
@@ -316,7 +348,7 @@ def _layout(model_type: str, cfg: ModelConfig, lm_head: bool = True) -> list[_Ru
         if cfg.norm == "layernorm":  # these classes' LayerNorms always have a bias; RMSNorms never do
             tensor(ours + ".bias", hf + ".bias", bias="always")
 
-    qkv = _chunks(3)
+    qkv = _split([cfg.n_embd, cfg.kv_dim, cfg.kv_dim])  # grouped-query attention: k and v narrower than q
     for i in range(cfg.n_layer):
         o = f"transformer.h.{i}."
         if model_type == "gpt2":  # same names as ours (nanoGPT copied them), weights transposed
@@ -337,6 +369,7 @@ def _layout(model_type: str, cfg: ModelConfig, lm_head: bool = True) -> list[_Ru
         elif model_type == "gpt_neox":
             h = f"gpt_neox.layers.{i}."
             norm(o + "ln_1", h + "input_layernorm")
+            # (n_head keys and values: _model_type refuses grouped-query attention for NeoX)
             linear(o + "attn.c_attn", h + "attention.query_key_value", _per_head_qkv(cfg.n_head, cfg.head_dim))
             linear(o + "attn.c_proj", h + "attention.dense")
             norm(o + "ln_2", h + "post_attention_layernorm")
@@ -473,7 +506,7 @@ def hf_config(cfg: ModelConfig, *, eot_id: Optional[int] = None, pad_token_id: O
     rope = {"rope_type": "default", "rope_theta": float(cfg.rope_base)}
     if mt == "gpt2":
         c.update(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_positions=cfg.block_size,
-                 n_inner=cfg.hidden_dim, activation_function=_hf_activation(cfg, mt), layer_norm_epsilon=LAYERNORM_EPS,
+                 n_inner=cfg.hidden_dim, activation_function=_hf_activation(cfg, mt), layer_norm_epsilon=cfg.eps,
                  resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
                  initializer_range=cfg.init_std, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
                  reorder_and_upcast_attn=False, add_cross_attention=False)
@@ -487,14 +520,14 @@ def hf_config(cfg: ModelConfig, *, eot_id: Optional[int] = None, pad_token_id: O
         c.update(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                  intermediate_size=cfg.hidden_dim, hidden_act=_hf_activation(cfg, mt),
                  max_position_embeddings=cfg.block_size,
-                 layer_norm_eps=LAYERNORM_EPS, use_parallel_residual=False, attention_bias=cfg.bias,
+                 layer_norm_eps=cfg.eps, use_parallel_residual=False, attention_bias=cfg.bias,
                  rope_parameters=dict(rope, partial_rotary_factor=1.0), rotary_pct=1.0, rotary_emb_base=rope["rope_theta"],
                  attention_dropout=cfg.dropout, hidden_dropout=cfg.dropout, initializer_range=cfg.init_std)
     else:  # llama, arcee, qwen3
         c.update(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                 num_key_value_heads=cfg.n_head, head_dim=cfg.head_dim, intermediate_size=cfg.hidden_dim,
+                 num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.hidden_dim,
                  hidden_act=_hf_activation(cfg, mt), max_position_embeddings=cfg.block_size,
-                 rms_norm_eps=RMSNORM_EPS, rope_parameters=rope, rope_theta=rope["rope_theta"],
+                 rms_norm_eps=cfg.eps, rope_parameters=rope, rope_theta=rope["rope_theta"],
                  attention_bias=cfg.bias, attention_dropout=cfg.dropout, initializer_range=cfg.init_std)
         if mt == "qwen3":  # (no mlp_bias: Qwen3's MLP never has biases)
             c.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
@@ -725,6 +758,7 @@ def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConf
     auto = "AutoModelForSequenceClassification" if labels else "AutoModelForCausalLM"
     kind = {"char": "character-level", "bpe": "byte-level BPE"}.get(tokenizer.kind, tokenizer.kind)
     mlp = f"{cfg.mlp}, hidden {cfg.hidden_dim}"
+    heads = f"{cfg.n_head} ({cfg.kv_heads} key/value)" if cfg.kv_heads != cfg.n_head else str(cfg.n_head)
     lines = [
         "---",
         "library_name: transformers",
@@ -744,7 +778,7 @@ def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConf
         "|---|---|",
         f"| architecture | `{arch}` |",
         f"| parameters | {_human(n_params)} ({n_params:,}) |",
-        f"| layers / heads / width | {cfg.n_layer} / {cfg.n_head} / {cfg.n_embd} |",
+        f"| layers / heads / width | {cfg.n_layer} / {heads} / {cfg.n_embd} |",
         f"| context | {cfg.block_size} tokens |",
         f"| positions / norm / MLP | {cfg.pos} / {cfg.norm} ({cfg.norm_placement}{', qk norm' * cfg.qk_norm}) / {mlp} |",
         f"| biases / tied embeddings | {'yes' if cfg.bias else 'no'} / {'yes' if cfg.tie_embeddings else 'no'} |",
@@ -1081,6 +1115,16 @@ def _model_config(kwargs: Mapping[str, Any], where: str = "config.json") -> Mode
         raise UserError(f"{where}: {e}") from None
 
 
+def _norm_eps(c: Mapping[str, Any], mt: str, norm: str) -> Optional[float]:
+    """model.norm_eps from the family's eps key: None where it is our default for `norm`, so configs
+    (and export -> import -> export) stay as they were."""
+    key, default = NORM_EPS_KEYS[mt]
+    eps = _get(c, key, default) if key else default
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise UserError(f"config.json: {key}={eps!r} must be a positive number")
+    return None if float(eps) == (RMSNORM_EPS if norm == "rmsnorm" else LAYERNORM_EPS) else float(eps)
+
+
 QWEN3_BIAS = ("config.json: attention_bias=true (a Qwen3 with q/k/v/o biases) has no scratchgpt equivalent: "
               "model.qk_norm models have no biases, as Qwen3's MLP has none")
 
@@ -1098,7 +1142,6 @@ def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, 
         for key, want, default in (("scale_attn_weights", True, True), ("scale_attn_by_inverse_layer_idx", False, False),
                                    ("add_cross_attention", False, False)):
             _expect(c, key, want, default, "scratchgpt's attention is plain scaled self-attention")
-        _expect(c, "layer_norm_epsilon", LAYERNORM_EPS, 1e-5, f"scratchgpt's LayerNorm eps is {LAYERNORM_EPS}")
         n_embd = _get(c, "n_embd")
         kw = dict(pos="learned", norm="layernorm", norm_placement="pre", mlp=_activation(c, "activation_function", "gelu_new"),
                   block_size=_get(c, "n_positions", 1024), n_layer=_get(c, "n_layer"), n_head=_get(c, "n_head"),
@@ -1119,7 +1162,6 @@ def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, 
         flag = _get(c, "enable_bias", True)
     elif mt == "gpt_neox":
         _expect(c, "use_parallel_residual", False, True, "scratchgpt's blocks are sequential: x + attn, then + mlp")
-        _expect(c, "layer_norm_eps", LAYERNORM_EPS, 1e-5, f"scratchgpt's LayerNorm eps is {LAYERNORM_EPS}")
         kw = dict(pos="rope", rope_base=_rope_base(c, partial_default=0.25), norm="layernorm", norm_placement="pre",
                   mlp=_activation(c, "hidden_act", "gelu"), block_size=_get(c, "max_position_embeddings", 2048),
                   n_layer=_get(c, "num_hidden_layers"), n_head=_get(c, "num_attention_heads"),
@@ -1129,13 +1171,11 @@ def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, 
     else:  # llama, arcee, qwen3
         n_embd, n_head = _get(c, "hidden_size"), _get(c, "num_attention_heads")
         kv = _get(c, "num_key_value_heads", n_head)
-        if kv != n_head:
-            raise UserError(f"config.json: num_key_value_heads={kv} != num_attention_heads={n_head} (grouped-query "
-                            "attention) has no scratchgpt equivalent: every head has its own keys and values")
+        if type(kv) is not int or kv < 1 or n_head % kv:
+            raise UserError(f"config.json: num_key_value_heads={kv!r} must be a positive integer that divides "
+                            f"num_attention_heads={n_head}")
         _expect(c, "head_dim", n_embd // n_head, 128 if mt == "qwen3" else n_embd // n_head,
                 "scratchgpt's head_dim is n_embd / n_head")
-        _expect(c, "rms_norm_eps", RMSNORM_EPS, 1e-5 if mt == "arcee" else 1e-6,
-                f"scratchgpt's RMSNorm eps is {RMSNORM_EPS}")
         if mt == "qwen3":
             _expect(c, "use_sliding_window", False, False, "scratchgpt's attention sees the whole context")
             layer_types = set(_get(c, "layer_types", ["full_attention"]))
@@ -1152,13 +1192,14 @@ def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, 
             mlp = _activation(c, "hidden_act", "relu2")
         kw = dict(pos="rope", rope_base=_rope_base(c, partial_default=1.0), norm="rmsnorm", norm_placement="pre",
                   mlp=mlp, qk_norm=mt == "qwen3", n_layer=_get(c, "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
+                  n_kv_head=kv if kv != n_head else None,
                   block_size=_get(c, "max_position_embeddings", {"llama": 2048, "arcee": 4096, "qwen3": 32768}[mt]),
                   mlp_hidden=_get(c, "intermediate_size"), dropout=_get(c, "attention_dropout", 0.0),
                   init_std=_get(c, "initializer_range", 0.02))
         flag = mt != "qwen3" and (_get(c, "attention_bias", False) or _get(c, "mlp_bias", False))
     tied = _get(c, "tie_word_embeddings", FAMILIES[mt].tied_default)
     cfg = _model_config(dict(kw, vocab_size=_get(c, "vocab_size"), tie_embeddings=bool(tied), bias=True,
-                             dropout=float(kw["dropout"])))
+                             dropout=float(kw["dropout"]), norm_eps=_norm_eps(c, mt, kw["norm"])))
     if flag:
         return cfg
     bias_rules = [r for r in _layout(mt, cfg) if r.bias]

@@ -31,6 +31,9 @@ class ModelConfig:
     """Transformer blocks."""
     n_head: int = 4
     """Attention heads per block; must divide n_embd."""
+    n_kv_head: Optional[int] = None
+    """Key/value heads (grouped-query attention, Llama 2/3, Qwen3): each serves n_head/n_kv_head query heads,
+    so c_attn and the KV cache shrink; must divide n_head; null: n_head (every head its own keys and values)."""
     n_embd: int = 128
     """Width of the residual stream (the defaults: a small model that trains in minutes on a CPU)."""
     dropout: float = 0.0
@@ -48,6 +51,9 @@ class ModelConfig:
     """MLP hidden width; 0: 4*n_embd (swiglu: 8/3*n_embd rounded up to 32, the same parameter count)."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """layernorm, or rmsnorm (no mean, no bias: a little cheaper on GPUs, as good)."""
+    norm_eps: Optional[float] = None
+    """Epsilon of every norm, qk_norm's too (Llama's RMSNorm uses 1e-5); null: LayerNorm 1e-5, RMSNorm 1e-6,
+    qk_norm 1e-6."""
     norm_placement: Literal["pre", "post"] = "pre"
     """pre: norm before each branch (trains stably without warmup tricks); post: the 2017 original."""
     qk_norm: bool = False
@@ -69,6 +75,8 @@ class ModelConfig:
         check_fields(self, lambda name: f"--model.{name}", MODEL_RANGES)
         if self.n_embd % self.n_head:
             raise ConfigError(f"--model.n_embd {self.n_embd} must be divisible by --model.n_head {self.n_head}")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ConfigError(f"--model.n_head {self.n_head} must be divisible by --model.n_kv_head {self.n_kv_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ConfigError(f"--model.pos rope needs an even head dimension (--model.n_embd / --model.n_head), "
                               f"got {self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}")
@@ -76,6 +84,26 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the keys (and of the values): n_embd unless grouped-query attention shrinks it."""
+        return self.kv_heads * self.head_dim
+
+    @property
+    def eps(self) -> float:
+        """The epsilon of the block and final norms."""
+        if self.norm_eps is not None:
+            return self.norm_eps
+        return RMSNORM_EPS if self.norm == "rmsnorm" else LAYERNORM_EPS
+
+    @property
+    def qk_norm_eps(self) -> float:
+        return QK_NORM_EPS if self.norm_eps is None else self.norm_eps
 
     @property
     def hidden_dim(self) -> int:
@@ -91,12 +119,19 @@ class ModelConfig:
 MODEL_RANGES = {
     "vocab_size": "[0, 16777216]", "block_size": "[1, 1048576]", "n_layer": "[1, 1024]", "n_head": "[1, 1024]",
     "n_embd": "[1, 65536]", "dropout": "[0, 1)", "rope_base": "[1, inf)", "mlp_hidden": "[0, 1048576]",
-    "logit_softcap": "[0, inf)", "init_std": "[0, inf)",
+    "logit_softcap": "[0, inf)", "init_std": "[0, inf)", "n_kv_head": "[1, 1024]", "norm_eps": "(0, inf)",
 }
 
 
+# The norms' epsilons when model.norm_eps is unset: torch's LayerNorm default, and for RMSNorm the default
+# rms_norm_eps of Llama's and Qwen3's configs. qk_norm's is Qwen3's too, so qk_norm models export to Qwen3
+# exactly; torch's default (finfo.eps, 1.2e-7) would miss it (the switch moved a tiny random model's logits
+# by ~1e-5, nothing).
+LAYERNORM_EPS, RMSNORM_EPS, QK_NORM_EPS = 1e-5, 1e-6, 1e-6
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = RMSNORM_EPS):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
@@ -107,8 +142,8 @@ class RMSNorm(nn.Module):
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.n_embd)
-    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        return RMSNorm(cfg.n_embd, cfg.eps)
+    return nn.LayerNorm(cfg.n_embd, cfg.eps, bias=cfg.bias)
 
 
 def cpu_dropout_mask(shape: tuple, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -186,10 +221,11 @@ class KVCache:
 
     `length` counts the tokens written. With RoPE the cache can act as a ring buffer once full:
     keys carry their rotation, and a single query attends to every cached key regardless of order.
+    It holds n_kv_head heads per layer: grouped-query attention divides its size by n_head/n_kv_head.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim)
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
@@ -199,28 +235,36 @@ class KVCache:
         self.length = 0
 
 
-# qk_norm's eps: Qwen3's (its rms_norm_eps), so qk_norm models export to Qwen3 exactly. torch's default
-# (finfo.eps, 1.2e-7) would miss it; the switch moved a tiny random model's logits by ~1e-5, nothing.
-QK_NORM_EPS = 1e-6
-
-
 def attention_inputs(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ve: Optional[torch.Tensor],
                      rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From the projected heads (B, H, T, D) to what attention sees: value embeddings, qk norm, rotation."""
     if ve is not None:
         v = v + ve
     if cfg.qk_norm:
-        q, k = F.rms_norm(q, (cfg.head_dim,), eps=QK_NORM_EPS), F.rms_norm(k, (cfg.head_dim,), eps=QK_NORM_EPS)
+        eps = cfg.qk_norm_eps
+        q, k = F.rms_norm(q, (cfg.head_dim,), eps=eps), F.rms_norm(k, (cfg.head_dim,), eps=eps)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return q, k, v
+
+
+def split_gqa(cfg: ModelConfig, qkv: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, ...]:
+    """c_attn's output [q; k; v] (B, T, (H + 2 KV) D) with n_kv_head < n_head -> q (B, H, T, D), k and v (B, KV, T, D).
+
+    Query head h shares the keys and values of head h // (H / KV), as in Llama's repeat_kv. (Without
+    GQA the callers keep their fused view and permute: the one layout, the same ops as ever.)
+    """
+    H, KV = cfg.n_head, cfg.kv_heads
+    return qkv.view(B, T, H + 2 * KV, cfg.head_dim).transpose(1, 2).split([H, KV, KV], dim=1)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.kv_heads = cfg.kv_heads
+        self.gqa = cfg.kv_heads != cfg.n_head  # grouped-query: SDPA repeats each key/value head for its group
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * cfg.kv_dim, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual = True  # marks it for the scaled GPT-2 init
         self.resid_dropout = Dropout(cfg.dropout)
@@ -228,13 +272,18 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], layer: int, ve=None) -> torch.Tensor:
         B, T, C = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
-        q, k, v = self.c_attn(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        q, k, v = attention_inputs(self.cfg, q, k, v, None if ve is None else ve.view(B, T, H, D).transpose(1, 2), rope)
+        if self.gqa:
+            q, k, v = split_gqa(self.cfg, self.c_attn(x), B, T)
+        else:
+            q, k, v = self.c_attn(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        ve = None if ve is None else ve.view(B, T, self.kv_heads, D).transpose(1, 2)
+        q, k, v = attention_inputs(self.cfg, q, k, v, ve, rope)
         dropout = self.cfg.dropout if self.training else 0.0
         if cache is None and 0 < dropout < 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
             y = self._attend_with_cpu_dropout(q, k, v, dropout)
         elif cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.cfg.causal)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.cfg.causal,
+                                               enable_gqa=self.gqa)
         else:
             y = self._attend_cached(q, k, v, cache, layer)
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -244,6 +293,8 @@ class CausalSelfAttention(nn.Module):
         """SDPA's math path, written out so the dropout mask is the fast one: 1.7x SDPA with
         dropout_p on CPU (measured, BENCHMARKS.md), where no fused kernel supports dropout."""
         T = q.size(-2)
+        if self.gqa:
+            k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
         att = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))
         if self.cfg.causal:
             att.masked_fill_(torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
@@ -257,17 +308,17 @@ class CausalSelfAttention(nn.Module):
             cache.v[layer, :, :, start : start + T] = v
             keys, values = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
             if start == 0:
-                return F.scaled_dot_product_attention(q, keys, values, is_causal=self.cfg.causal)
+                return F.scaled_dot_product_attention(q, keys, values, is_causal=self.cfg.causal, enable_gqa=self.gqa)
             if T == 1:  # one new token sees everything before it: no mask needed
-                return F.scaled_dot_product_attention(q, keys, values)
+                return F.scaled_dot_product_attention(q, keys, values, enable_gqa=self.gqa)
             mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.gqa)
         if T != 1 or self.cfg.pos != "rope":
             raise ValueError("KV cache is full; only RoPE models decode one token at a time past it")
         slot = start % cache.max_len  # ring buffer: overwrite the oldest position
         cache.k[layer, :, :, slot : slot + 1] = k
         cache.v[layer, :, :, slot : slot + 1] = v
-        return F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer])
+        return F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], enable_gqa=self.gqa)
 
 
 def mlp_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
@@ -336,7 +387,7 @@ class GPT(nn.Module):
         elif cfg.pos == "sinusoidal":
             self.register_buffer("sinusoidal", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
         if cfg.value_embeds:
-            self.transformer["vte"] = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+            self.transformer["vte"] = nn.Embedding(cfg.vocab_size, cfg.kv_dim)  # added to the values
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -378,17 +429,20 @@ class GPT(nn.Module):
         n = self.num_params(non_embedding=True) - self.transformer.wte.weight.numel() * (not cfg.tie_embeddings)
         if cfg.value_embeds:  # a lookup, not a matmul
             n -= self.transformer.vte.weight.numel()
+        # (attention scores and mixing: n_head query heads of head_dim, n_embd wide whatever n_kv_head is)
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T * (0.5 if cfg.causal else 1.0)
 
     @staticmethod
     def training_bytes(cfg: ModelConfig, micro_batch: int, param_shards: int = 1) -> tuple[int, int]:
         """(parameters, a lower bound on one rank's training memory in bytes), without allocating:
         fp32 weights, grads and AdamW's two moments (16 bytes a parameter, sharded under FSDP) plus one
-        micro-batch's activations (~34 values of the width per token and layer, and the logits, in 16 bits)."""
+        micro-batch's activations (~34 values of the width per token and layer, two of them the keys and
+        values at their grouped-query width, and the logits, in 16 bits)."""
         with torch.device("meta"):
             n = GPT(cfg).num_params()
         tokens = micro_batch * cfg.block_size
-        return n, 16 * n // param_shards + 2 * tokens * (34 * cfg.n_layer * cfg.n_embd + 2 * cfg.vocab_size)
+        per_layer = 32 * cfg.n_embd + 2 * cfg.kv_dim
+        return n, 16 * n // param_shards + 2 * tokens * (per_layer * cfg.n_layer + 2 * cfg.vocab_size)
 
     def embed(self, idx: torch.Tensor, start: int = 0):
         """Token (+ absolute position) embeddings of idx at positions start.., and RoPE's (cos, sin) or None."""
@@ -470,6 +524,7 @@ class DecodeStep:
         self.cfg, self.model, self.cache = cfg, model, cache
         t = model.transformer
         self.pre = cfg.norm_placement == "pre"
+        self.gqa = cfg.kv_heads != cfg.n_head
         self.vte = t.vte.weight if cfg.value_embeds else None
         self.layers = [
             (self._norm(b.ln_1), self._linear(b.attn.c_attn), self._linear(b.attn.c_proj),
@@ -515,14 +570,18 @@ class DecodeStep:
         pos = self.cache.length
         x, rope = self.model.embed(tok[:, None], pos)
         x = x[:, 0]
-        ve = None if self.vte is None else self.vte[tok].view(B, H, 1, D)
+        gqa = self.gqa
+        ve = None if self.vte is None else self.vte[tok].view(B, cfg.kv_heads, 1, D)
         for n1, attn, proj, n2, fc, out, kc, vc in self.layers:
             h = n1[0](x, *n1[1:]) if self.pre else x
-            q, k, v = mm(h, attn).view(B, 3, H, 1, D).unbind(1)  # each (B, H, 1, D)
+            if gqa:
+                q, k, v = split_gqa(cfg, mm(h, attn), B, 1)
+            else:
+                q, k, v = mm(h, attn).view(B, 3, H, 1, D).unbind(1)  # each (B, H, 1, D)
             q, k, v = attention_inputs(cfg, q, k, v, ve, rope)
             kc.narrow(2, pos, 1).copy_(k)
             vc.narrow(2, pos, 1).copy_(v)
-            y = F.scaled_dot_product_attention(q, kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1))
+            y = F.scaled_dot_product_attention(q, kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1), enable_gqa=gqa)
             y = mm(y.view(B, C), proj)
             if self.pre:
                 x = x + y
