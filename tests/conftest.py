@@ -120,6 +120,7 @@ def tiny_run(char_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(data=char_data, out=out, model=ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32),
           train=TrainConfig(batch_size=4, max_iters=2, eval_interval=2, eval_iters=1, sample_tokens=0, progress=False,
-                            tensorboard=False, plot=False, final_eval=False, peak_flops=1.0, threads=1),
+                            tensorboard=False, plot=False, final_eval=False, peak_flops=1.0, threads=1, device="cpu",
+                            dtype="float32"),
           optim=OptimConfig(warmup_iters=1))
     return out

@@ -28,7 +28,7 @@ from scratchgpt.train import TrainConfig, train
 
 def quiet(**kw) -> TrainConfig:
     base = dict(batch_size=8, eval_iters=2, sample_tokens=0, progress=False, tensorboard=False, plot=False,
-                final_eval=False, log_interval=1, report=False)
+                final_eval=False, log_interval=1, report=False, device="cpu", dtype="float32")  # exact on any machine
     return TrainConfig(**{**base, **kw})
 
 

@@ -170,6 +170,23 @@ def test_adamw_without_dynamo_wrapper_is_torch_adamw():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kw", [dict(pos="rope", mlp="relu2", norm="rmsnorm"),  # the GPU config's choices
+                                dict(pos="rope", n_kv_head=1, qk_norm=True, mlp="swiglu", norm="rmsnorm")])
+def test_the_whole_forward_is_one_graph_for_torch_compile(kw):
+    """RoPE's eager kernel writes halves in place (out=): torch.compile would break the graph there, twice per
+    layer, losing fusion and CUDA graphs; while compiling, RoPE takes the plain formula, which gives the same numbers."""
+    from scratchgpt.model import apply_rope, rope_cos_sin
+
+    model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, **kw))
+    x = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    explained = torch._dynamo.explain(model)(x, x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    q = torch.randn(2, 2, 16, 16)
+    cos, sin = rope_cos_sin(torch.arange(16), 16, 10000.0)
+    compiled_formula = torch.compile(apply_rope, backend="eager")  # traced by dynamo, run eagerly: no C compiler
+    assert torch.allclose(compiled_formula(q, cos, sin), apply_rope(q, cos, sin), atol=1e-6)
+
+
 def test_cpu_training_does_not_import_dynamo():
     """torch.optim's torch._dynamo import costs ~1.5 s of start-up on 2 cores; without compile we skip it."""
     import subprocess

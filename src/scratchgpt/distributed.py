@@ -61,6 +61,7 @@ def setup(tcfg) -> DistContext:
             raise UserError("SCRATCHGPT_DIST_TIMEOUT must be a number of seconds, "
                             f"not {os.environ['SCRATCHGPT_DIST_TIMEOUT']!r}") from None
         backend = "nccl" if use_cuda else "gloo"
+        bind = {"device_id": device} if use_cuda else {}  # NCCL knows this rank's GPU from the start (no guessing barrier)
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun keeps one key-value store for every restart of its workers, so a restarted
             # rank could read the dead attempt's peer addresses (gloo: "connectFullMesh failed ...
@@ -69,9 +70,9 @@ def setup(tcfg) -> DistContext:
             client = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                                     timeout=timeout)
             tdist.init_process_group(backend, store=tdist.PrefixStore(f"scratchgpt/attempt_{attempt}/", client),
-                                     rank=rank, world_size=world, timeout=timeout)
+                                     rank=rank, world_size=world, timeout=timeout, **bind)
         else:
-            tdist.init_process_group(backend, timeout=timeout)
+            tdist.init_process_group(backend, timeout=timeout, **bind)
     # one rank wraps only when asked to (--train.parallel ddp|fsdp): the same code path as many ranks, e.g.
     # DDP or FSDP under nccl on a one-GPU machine
     parallel = tcfg.parallel if tcfg.parallel != "none" else ("ddp" if world > 1 else "none")
@@ -181,5 +182,5 @@ def unsharded(model: torch.nn.Module, ctx: DistContext):
 
 
 def teardown(ctx: DistContext) -> None:
-    if ctx.world > 1 and tdist.is_initialized():
+    if "RANK" in os.environ and tdist.is_initialized():  # under torchrun: a one-rank run has its group too
         tdist.destroy_process_group()

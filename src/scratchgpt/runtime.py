@@ -165,6 +165,18 @@ def configure_device(device: torch.device) -> None:
         torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
+@contextlib.contextmanager
+def exact_fp32_matmuls():
+    """fp32 matmuls at full precision inside (configure_device turned TF32 on for training): a final score
+    that equals what `scratchgpt eval` computes."""
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
 def keep_freed_memory() -> None:
     """Stop glibc from handing each step's freed activations back to the OS and faulting them in again.
 

@@ -32,7 +32,8 @@ from .metrics import evaluate_lm
 from .model import GPT, ModelConfig
 from .optim import OptimConfig, build_optimizer, lr_at, set_lr
 from .runtime import (INTERRUPTED, Peak, StopRequest, configure_device, configure_threads, device_memory,
-                      environment, keep_freed_memory, peak_flops, pick_dtype, stop_on_signals, tf32_matmuls)
+                      environment, exact_fp32_matmuls, keep_freed_memory, peak_flops, pick_dtype, stop_on_signals,
+                      tf32_matmuls)
 from .utils import atomic_write, atomic_write_json, finite_or_null, human_number, json_text, read_json
 
 
@@ -686,7 +687,10 @@ def report_nonfinite(s: Session) -> None:
 
 
 def _stop_now(s: Session) -> Optional[str]:
-    """Ctrl-C / SIGTERM, or the time limit: every rank agrees (signals and clocks differ between ranks)."""
+    """Ctrl-C / SIGTERM, or the time limit: every rank agrees (signals and clocks differ between ranks). Ranks
+    agree at log steps only: each check is an all_reduce and a host read, which would stall the GPUs every step."""
+    if s.ctx.world > 1 and s.step % s.tcfg.log_interval:
+        return None
     if dist.any_rank(s.stop.requested, s.ctx):
         return INTERRUPTED
     if s.tcfg.max_time_s and dist.any_rank(s.elapsed >= s.tcfg.max_time_s, s.ctx):
@@ -763,8 +767,9 @@ def finish(s: Session, stop_reason: str) -> dict:
     final_eval = tcfg.final_eval and stop_reason != INTERRUPTED and not s.stopped_by_caller
     if final_eval and (s.master or s.ctx.parallel == "fsdp") and tcfg.objective == "clm":  # FSDP: all ranks forward
         result["final_eval_checkpoint"] = _load_best_weights(s)
-        result.update({"final_" + k: v for k, v in
-                       evaluate_lm(s.net, s.val_ds, s.model_cfg.block_size, device=s.device).items()})
+        with exact_fp32_matmuls():
+            scores = evaluate_lm(s.net, s.val_ds, s.model_cfg.block_size, device=s.device)
+        result.update({"final_" + k: v for k, v in scores.items()})
     result = finite_or_null(result)
     if s.master:
         atomic_write_json(s.out / "result.json", result)

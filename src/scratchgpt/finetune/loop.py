@@ -187,8 +187,9 @@ def _fit(model, batches, loss_of, evaluate, better, save, o: FinetuneOptions, ou
     model.train()
     t0 = time.time() - p.elapsed_s
     restored_shuffle = p.shuffle if resume is not None else None
+    device = params[0].device  # its generator draws the dropout masks on a GPU: part of an exact resume
     if p.rng is not None:
-        set_rng_state(p.rng)
+        set_rng_state(p.rng, device)
     while p.step < total:
         if generator is not None:  # this epoch's order is drawn now: keep the state it is drawn from
             if restored_shuffle is not None:
@@ -238,7 +239,7 @@ def _fit(model, batches, loss_of, evaluate, better, save, o: FinetuneOptions, ou
         p.epoch, p.position = p.epoch + 1, 0
     p.elapsed_s = time.time() - t0
     if stop == INTERRUPTED:  # everything --resume needs, with the optimizer
-        p.rng = rng_state()
+        p.rng = rng_state(device)
         save("latest", {"step": p.step, "tokens": p.tokens, "resume": asdict(p)}, p.last, opt)
     else:
         save("latest", {"step": p.step, "tokens": p.tokens}, p.last)  # the last evaluation's metrics
