@@ -4,7 +4,7 @@
 # First, here: bash bench/gpu_prepare.sh NANOGPT_DIR TINYSHAKESPEARE_TXT (wheels into .whl/, nanoGPT and
 # the corpus into data/); then two device calls of under 600 s each, both carrying [".whl", "data"]:
 #
-#   bash bench/gpu_session.sh tests throughput      # ~8 min at most
+#   bash bench/gpu_session.sh tests throughput loss # ~9 min at most
 #   bash bench/gpu_session.sh race                  # ~6 min at most
 #
 # Stages (default: tests throughput race), with their limits and rough times on one H200:
@@ -13,6 +13,7 @@
 #   throughput  bench/gpu.py, GPT-2 shape, eager and compiled, 1 round   limit 300 s (~3 min: compiling dominates)
 #   variants    bench/gpu.py, eager, each of ours' switches, 1 round     limit 300 s
 #   race        bench/race_nanogpt.py --device cuda, 1 pair              limit 360 s (~3-4 min: nanoGPT's 5000 iters)
+#   loss        bench/loss_chunks.py, bf16, GPT-2 width and vocabulary   limit 60 s (seconds)
 # nanoGPT (a checkout of karpathy/nanoGPT) and tinyshakespeare.txt are not part of this repository:
 # they sit under the ignored data/ directory (or point NANOGPT and TEXT elsewhere). Runs and checkpoints
 # go to $WORK; $OUT gets one log per stage (stdout and stderr), machine.txt and the JSON results.
@@ -65,6 +66,7 @@ for s in $STAGES; do
                       --variants all --work "$WORK/variants" --json "$OUT/variants.json" ${BENCH_ARGS:-} ;;
         race) stage race 360 "$PY" bench/race_nanogpt.py --nanogpt "$NANOGPT" --text "$TEXT" --device cuda --pairs 1 \
                   --quiet-wait 0 --work "$WORK/race" --json "$OUT/race.json" ${RACE_ARGS:-} ;;
-        *) echo "unknown stage $s (tests, suite, throughput, variants, race)"; exit 2 ;;
+        loss) stage loss 60 "$PY" bench/loss_chunks.py --device cuda --dtype bfloat16 --tokens 16384 --width 768 ;;
+        *) echo "unknown stage $s (tests, suite, throughput, variants, race, loss)"; exit 2 ;;
     esac
 done
