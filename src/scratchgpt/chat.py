@@ -52,8 +52,12 @@ def chat(
     gen = gen or GenerationConfig()
     err = err or sys.stderr
     template = ChatTemplate.from_config(config)
+    if template is None and tokenizer.hf_config.get("chat_template"):
+        raise UserError("this imported model's chat template is a jinja template (its tokenizer_config.json), which "
+                        "scratchgpt does not render: use `scratchgpt sample --prompt`, transformers' "
+                        "apply_chat_template on an exported folder, or `scratchgpt finetune sft` (its result chats)")
     stop = tuple(gen.stop) + tuple(s for s in (template.stop if template else []) if s not in gen.stop)
-    system_ids = encode_with_eot(tokenizer, template.system) if template else []
+    system_ids = tokenizer.bos_ids + (encode_with_eot(tokenizer, template.system) if template else [])
     turns: list[list[int]] = []  # token ids of each finished exchange
     bs = model.cfg.block_size
     reserve = min(max(gen.max_new_tokens, 1), bs // 2)  # room left for the reply
@@ -141,7 +145,7 @@ def sample_cli(
     template = None if raw else ChatTemplate.from_config(config)
     if template is not None:
         # a fine-tuned run answers inside its template: wrap the prompt, stop where a reply ends, print the reply
-        ids = encode_with_eot(tokenizer, template.system) + template.user_ids(tokenizer, prompt)
+        ids = tokenizer.bos_ids + encode_with_eot(tokenizer, template.system) + template.user_ids(tokenizer, prompt)
         gen = replace(gen, stop=tuple(gen.stop) + tuple(s for s in template.stop if s not in gen.stop))
         for i in range(num_samples):
             g = replace(gen, seed=gen.seed + i)

@@ -77,6 +77,8 @@ def _text_dataset(path: Path, tokenizer) -> _Tokens:
     text = read_text(path)
     try:
         tokens = tokenizer.encode_array(text)
+        if tokenizer.bos_ids:  # as transformers' tokenizer(text) starts it (an imported Llama's <s>)
+            tokens = np.concatenate([np.asarray(tokenizer.bos_ids, dtype=np.int64), tokens])
     except UserError as e:
         raise UserError(f"{path}: {e} (the run's tokenizer cannot encode this file)") from None
     if len(tokens) < 2:

@@ -132,7 +132,8 @@ class Completion:
 
 
 def _prompt_ids(tokenizer: Optional[Tokenizer], prompt: Prompt, block_size: int, note: Callable[[str], None]) -> list[int]:
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    # a text prompt gets what transformers' tokenizer(text) puts first (an imported Llama's <s>; [] for ours)
+    ids = tokenizer.bos_ids + tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids:
         return [start_token(tokenizer)]
     if len(ids) > block_size:
@@ -322,8 +323,8 @@ class _Text:
     Text that could be the start of a stop string is held back until it can't be.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
-        self._dec = tokenizer.stream_decoder()
+    def __init__(self, tokenizer: Tokenizer, stops: list[str], context: Sequence[int] = ()):
+        self._dec = tokenizer.stream_decoder(context)
         self._stops = stops
         self._hold = max((len(s) for s in stops), default=1) - 1
         self.text = ""
@@ -354,13 +355,15 @@ class _Text:
 
 
 class _Row:
-    def __init__(self, tokenizer: Optional[Tokenizer], stop_ids: set[int], stops: Optional[list[str]], prompt_tokens: int):
+    def __init__(self, tokenizer: Optional[Tokenizer], stop_ids: set[int], stops: Optional[list[str]],
+                 prompt: Sequence[int]):
         self.stop_ids = stop_ids
-        self.text = _Text(tokenizer, stops) if stops is not None else None
+        self.text = _Text(tokenizer, stops, prompt) if stops is not None else None
+        self.prompt = prompt
         self.ids: list[int] = []
         self.done = False
         self.finish_reason = "length"
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = len(prompt)
 
     def push(self, tok: int) -> str:
         if self.done:
@@ -401,7 +404,7 @@ def complete(
         raise TypeError("complete() takes a list of prompts; use generate() for a single string")
     rows = [_prompt_ids(tokenizer, p, model.cfg.block_size, note) for p in prompts]
     stop_ids, stops = _stops(tokenizer, gen)
-    states = [_Row(tokenizer, stop_ids, stops or None, len(r)) for r in rows]
+    states = [_Row(tokenizer, stop_ids, stops or None, r) for r in rows]
     _run_batches(model, tokenizer.vocab_size, rows, gen, states, host_every_step=bool(stops), should_stop=should_stop)
     out = []
     for st in states:
@@ -409,7 +412,7 @@ def complete(
             st.text.flush()
             text = st.text.text
         else:  # as streamed: an incomplete last character is dropped, not shown as U+FFFD
-            text = tokenizer.stream_decoder().decode(st.ids)
+            text = tokenizer.stream_decoder(st.prompt).decode(st.ids)
         out.append(Completion(text=text, token_ids=st.ids, finish_reason=st.finish_reason, prompt_tokens=st.prompt_tokens))
     return out
 
@@ -434,7 +437,7 @@ def generate_tokens(
     if any(len(p) == 0 for p in prompts):
         raise UserError("generate_tokens needs non-empty prompts (complete() starts empty ones from EOT)")
     rows = [_prompt_ids(None, p, model.cfg.block_size, note) for p in prompts]
-    states = [_Row(None, set(gen.stop_tokens or ()), None, len(r)) for r in rows]
+    states = [_Row(None, set(gen.stop_tokens or ()), None, r) for r in rows]
     _run_batches(model, model.cfg.vocab_size, rows, gen, states, host_every_step=False)
     return [st.ids for st in states]
 
@@ -510,7 +513,7 @@ class TextStream:
         model = _check_model(model)
         ids = _prompt_ids(tokenizer, prompt, model.cfg.block_size, note)
         stop_ids, stops = _stops(tokenizer, gen)
-        self._row = _Row(tokenizer, stop_ids, stops, len(ids))
+        self._row = _Row(tokenizer, stop_ids, stops, ids)
         self._gen = self._run(model, tokenizer, ids, gen)
         self.prompt_tokens = len(ids)
 

@@ -147,7 +147,7 @@ from .checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FI
                          weights_sha256)
 from .lora import LORA_TARGETS
 from .model import GPT, LAYERNORM_EPS, RMSNORM_EPS, ModelConfig
-from .tokenizer import EOT, UNK, Tokenizer, spec_model_type
+from .tokenizer import EOT, HF_CONFIG_FILE, UNK, Tokenizer, copy_tokenizer
 from .utils import atomic_write, atomic_write_bytes, atomic_write_json, read_json, replace_dir, sha256_file
 
 __all__ = [
@@ -482,8 +482,10 @@ def _hf_activation(cfg: ModelConfig, model_type: str) -> str:
 
 
 def hf_config(cfg: ModelConfig, *, eot_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-              labels: Optional[Sequence[str]] = None) -> dict[str, Any]:
+              labels: Optional[Sequence[str]] = None, bos_id: Optional[int] = None) -> dict[str, Any]:
     """The config.json of `hf_architecture(cfg)` (a `...ForSequenceClassification` when `labels` are given).
+
+    bos_token_id is `bos_id` (an imported tokenizer's BOS), else the EOT id, as GPT-2's configs have it.
 
     Written for transformers 5 (rope_parameters, dtype) with the 4.x spellings beside them
     (rope_theta, rotary_pct, torch_dtype), which 5.x reads as the same values.
@@ -494,7 +496,7 @@ def hf_config(cfg: ModelConfig, *, eot_id: Optional[int] = None, pad_token_id: O
         "architectures": [family.seq_cls if labels else family.causal_lm],
         "model_type": mt,
         "vocab_size": cfg.vocab_size,
-        "bos_token_id": eot_id,
+        "bos_token_id": eot_id if bos_id is None else bos_id,
         "eos_token_id": eot_id,
         "pad_token_id": pad_token_id,
         # a classifier has no LM head: nothing to tie
@@ -615,6 +617,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, which:
     tensors = {k: v.float() for k, v in load_tensors(ckpt / MODEL_FILE).items()}
     _check_shapes(cfg, tensors, str(ckpt / MODEL_FILE))
     eot, labels = tokenizer.eot_id, None
+    bos = tokenizer.bos_ids[0] if tokenizer.bos_ids else None
     files = {"tokenizer.json": (ckpt / TOKENIZER_FILE).read_bytes()}
     special = {"bos_token": EOT, "eos_token": EOT} if eot is not None else {}
     if tokenizer.unk_id is not None:
@@ -622,26 +625,37 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, which:
     if classifier:
         labels = list(classifier["labels"])
         head = load_tensors(ckpt / HEAD_FILE)
-        hf_tensors, hf_cfg, special["pad_token"] = _classifier_export(cfg, tensors, head, labels, eot, arch, files)
+        hf_tensors, hf_cfg, special["pad_token"] = _classifier_export(cfg, tensors, head, labels, tokenizer, arch,
+                                                                      files)
         n_params = sum(t.numel() for k, t in tensors.items() if k != "lm_head.weight")
         n_params += sum(t.numel() for t in head.values())
     else:
-        hf_tensors, hf_cfg = _to_hf(_model_type(cfg), cfg, tensors, lm_head=True), hf_config(cfg, eot_id=eot)
+        hf_tensors, hf_cfg = _to_hf(_model_type(cfg), cfg, tensors, lm_head=True), hf_config(cfg, eot_id=eot, bos_id=bos)
         n_params = sum(t.numel() for t in tensors.values())
-        gen = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot} if eot is not None else {}
+        gen = {"bos_token_id": eot if bos is None else bos, "eos_token_id": eot, "pad_token_id": eot} \
+            if eot is not None else {}
         files["generation_config.json"] = _json_bytes(gen)
     files["config.json"] = _json_bytes(hf_cfg)
-    files["tokenizer_config.json"] = _json_bytes(dict(
-        special, tokenizer_class="PreTrainedTokenizerFast", model_max_length=cfg.block_size,
-        clean_up_tokenization_spaces=False, split_special_tokens=True))
-    files["special_tokens_map.json"] = _json_bytes(special)
+    if tokenizer.kind == "hf":
+        # an imported tokenizer goes back as it came (its tokenizer_config.json holds its special tokens and
+        # chat template); only a classifier's pad token is added
+        hf_tok = (ckpt / HF_CONFIG_FILE).read_bytes() if (ckpt / HF_CONFIG_FILE).is_file() else \
+            _json_bytes({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size})
+        if "pad_token" in special:
+            hf_tok = _json_bytes(dict(json.loads(hf_tok), pad_token=special["pad_token"]))
+        files["tokenizer_config.json"] = hf_tok
+    else:
+        files["tokenizer_config.json"] = _json_bytes(dict(
+            special, tokenizer_class="PreTrainedTokenizerFast", model_max_length=cfg.block_size,
+            clean_up_tokenization_spaces=False, split_special_tokens=True))
+        files["special_tokens_map.json"] = _json_bytes(special)
     files["README.md"] = _model_card(ckpt, out, config, state, cfg, arch, n_params, tokenizer, labels).encode("utf-8")
     _write_folder(out, hf_tensors, files)
     return out
 
 
 def _classifier_export(cfg: ModelConfig, tensors: dict[str, torch.Tensor], head: dict[str, torch.Tensor],
-                       labels: list[str], eot: Optional[int], arch: str,
+                       labels: list[str], tokenizer: Tokenizer, arch: str,
                        files: dict[str, bytes]) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """(tensors, config.json, pad token) of a ...ForSequenceClassification; may add <pad> to files["tokenizer.json"]."""
     if head["weight"].shape != (len(labels), cfg.n_embd):
@@ -649,8 +663,9 @@ def _classifier_export(cfg: ModelConfig, tensors: dict[str, torch.Tensor], head:
                         f"{len(labels)} labels x n_embd {cfg.n_embd}")
     tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}  # the head reads hidden states, not logits
     _fold_head_bias(cfg, tensors, head["weight"].float(), head["bias"].float(), arch)
-    if eot is not None:  # our encoder never emits <|endoftext|> for text, so it never ends a real row
-        pad, pad_token = eot, EOT
+    eot = tokenizer.eot_id
+    if eot is not None:  # our encoder never emits <|endoftext|> (an eos) for text, so it never ends a real row
+        pad, pad_token = eot, tokenizer.eot_token
     else:  # a char vocabulary: every id is a character, so add a <pad> id with a zero embedding row
         pad, pad_token = cfg.vocab_size, PAD
         wte = tensors["transformer.wte.weight"]
@@ -756,7 +771,7 @@ def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConf
     name = ckpt.parent.name if ckpt.name in ("best", "latest") else out.name
     pipeline = "text-classification" if labels else "text-generation"
     auto = "AutoModelForSequenceClassification" if labels else "AutoModelForCausalLM"
-    kind = {"char": "character-level", "bpe": "byte-level BPE"}.get(tokenizer.kind, tokenizer.kind)
+    kind = {"char": "character-level", "bpe": "byte-level BPE", "hf": "the imported model's own"}[tokenizer.kind]
     mlp = f"{cfg.mlp}, hidden {cfg.hidden_dim}"
     heads = f"{cfg.n_head} ({cfg.kv_heads} key/value)" if cfg.kv_heads != cfg.n_head else str(cfg.n_head)
     lines = [
@@ -797,7 +812,10 @@ def _model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConf
                   "out = model.generate(ids, max_new_tokens=100, do_sample=True, top_k=50)",
                   "print(tokenizer.decode(out[0]))"]
     lines += ["```", ""]
-    if tokenizer.eot_id is not None:
+    if tokenizer.kind == "hf" and tokenizer.eot_id is not None:
+        lines += [f"`{tokenizer.eot_token}` (id {tokenizer.eot_id}) is the eos token; scratchgpt encodes special-token "
+                  "strings inside text as plain characters (transformers' `split_special_tokens=True`).", ""]
+    elif tokenizer.eot_id is not None:
         lines += [f"`{EOT}` (id {tokenizer.eot_id}) is the bos/eos token. As in scratchgpt, that string inside text is "
                   "encoded as plain characters (`split_special_tokens`); append `tokenizer.eos_token_id` to end a "
                   "document.", ""]
@@ -1296,61 +1314,33 @@ def state_dict_from_hf(hf_config: Mapping[str, Any], tensors: Mapping[str, torch
     return out
 
 
-def _check_tokenizer_spec(spec: Mapping[str, Any], path: Path) -> None:
-    """Refuse a tokenizer.json that Tokenizer.load would read but encode differently from transformers.
-
-    scratchgpt encodes byte-level BPE with its own GPT-2 regex split and char vocabularies
-    code point by code point, so only those two shapes of file are accepted as they are.
-    """
-    model = spec.get("model") or {}
-    kind = spec_model_type(spec)
-    pre = spec.get("pre_tokenizer") or {}
-    post = spec.get("post_processor") or {}
-    what = None
-    if spec.get("normalizer"):
-        what = f"normalizer {spec['normalizer'].get('type')}"
-    elif kind == "BPE":
-        if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
-            what = f"pre_tokenizer {pre.get('type')} (byte-level BPE needs ByteLevel without a prefix space)"
-        elif (spec.get("decoder") or {}).get("type") != "ByteLevel":
-            what = f"decoder {(spec.get('decoder') or {}).get('type')}"
-        elif model.get("byte_fallback") or model.get("dropout") or model.get("continuing_subword_prefix") \
-                or model.get("end_of_word_suffix"):
-            what = "a BPE model with byte_fallback, dropout or subword affixes"
-    elif kind == "WordLevel":
-        if pre.get("type") != "Split" or (pre.get("pattern") or {}).get("Regex") != r"[\s\S]" \
-                or pre.get("behavior") != "Isolated" or pre.get("invert"):
-            what = f"pre_tokenizer {pre.get('type')} (a char tokenizer splits every code point)"
-        elif (spec.get("decoder") or {}).get("type") != "Fuse":
-            what = f"decoder {(spec.get('decoder') or {}).get('type')}"
-    else:
-        what = f"model {kind}"
-    if what is None and post.get("type") not in (None, "ByteLevel", "TemplateProcessing"):
-        what = f"post_processor {post.get('type')}"
-    if what is None and post.get("type") == "TemplateProcessing" and post.get("special_tokens"):
-        what = "a post_processor that adds special tokens"
-    if what:
-        raise UserError(f"{path}: not a scratchgpt char or byte-level BPE tokenizer ({what}); scratchgpt cannot "
-                        "encode it exactly")
-
-
 def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A transformers tokenizer.json (or a folder holding one) in scratchgpt's char or byte-level BPE format.
+    """A transformers tokenizer.json (or a folder holding one, with its tokenizer_config.json).
 
-    `Tokenizer.load` already reads these files (they are what scratchgpt writes); this
-    checks first that the file really has that shape, so ids agree with transformers'.
+    Files in exactly the shape scratchgpt writes load as its char or bpe kinds (fast encoders that
+    agree with `tokenizers`), any other file the `tokenizers` library loads as kind "hf"; a file it
+    cannot load is a one-line UserError.
     """
     path = Path(path)
     if path.is_dir():
         path = path / TOKENIZER_FILE
     if not path.is_file():
         raise UserError(f"no tokenizer.json at {path}")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    _check_tokenizer_spec(spec, path)
     return Tokenizer.load(path)
+
+
+def _eos_from_config(hf_dir: Path, tok: Tokenizer) -> Optional[str]:
+    """The eos token named by config.json's (else generation_config.json's) eos_token_id, for an imported
+    tokenizer whose tokenizer_config.json names none; the first one where it is a list (Llama 3's)."""
+    for name in ("config.json", "generation_config.json"):
+        try:
+            eos = read_json(hf_dir / name).get("eos_token_id") if (hf_dir / name).is_file() else None
+        except ValueError:
+            eos = None
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if type(eos) is int and 0 <= eos < tok.vocab_size and tok.id_to_token(eos):
+            return tok.id_to_token(eos)
+    return None
 
 
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: Optional[str | os.PathLike] = None,
@@ -1375,6 +1365,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: O
     tok = load_hf_tokenizer(tok_path)
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"{tok_path}: {tok.vocab_size} tokens, but the model has only {cfg.vocab_size} embeddings")
+    eos = _eos_from_config(hf_dir, tok) if tok.kind == "hf" and tok.eot_id is None else None
     model = GPT(cfg)
     if cfg.tie_embeddings:
         sd = dict(sd, **{"lm_head.weight": sd["transformer.wte.weight"]})
@@ -1387,8 +1378,14 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: O
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        if eos is not None:  # the run's tokenizer_config.json names it, so every later copy stops there too
+            (tmp / "tokenizer").mkdir()
+            copy_tokenizer(tok_path, tmp / "tokenizer")
+            atomic_write_json(tmp / "tokenizer" / HF_CONFIG_FILE, dict(tok.hf_config, eos_token=eos))
+            tok_path = tmp / "tokenizer" / TOKENIZER_FILE
         save_checkpoint(tmp, model=model, optimizer=None, state={"step": 0, "tokens": 0, "best_val_loss": None},
                         config=config, tokenizer_file=tok_path, is_best=True)
+        shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
         atomic_write_json(tmp / CONFIG_FILE, config)  # the run-level copy, as train writes it
         replace_dir(tmp, out)
     except BaseException:

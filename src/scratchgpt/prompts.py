@@ -142,7 +142,7 @@ def encode_conversation(tokenizer: Tokenizer, template: dict, turns: Sequence[tu
                         where: str = "") -> tuple[list[int], list[bool]]:
     """Token ids of a conversation in the template, and which of them are the assistant's (to learn).
 
-    System template first, then per exchange the user template around the message, the reply,
+    The tokenizer's BOS ids (if any) and the system template first, then per exchange the user template around the message, the reply,
     and assistant_end. A system message is placed, masked, at the start followed by a blank line.
     """
     t = ChatTemplate.from_config({"chat_template": template})
@@ -156,6 +156,7 @@ def encode_conversation(tokenizer: Tokenizer, template: dict, turns: Sequence[tu
     try:
         for _, content in turns:
             encode_strict(tokenizer, content)  # names characters the vocabulary lacks
+        add(tokenizer.bos_ids, False)  # an imported Llama's <s>, as its own tokenizer puts it first ([] for ours)
         add(encode_with_eot(tokenizer, t.system), False)
         for role, content in turns:
             if role == "system":

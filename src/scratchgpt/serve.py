@@ -301,7 +301,7 @@ class _Server:
             return ids
         # no template: one running text, a line per message, as `scratchgpt chat` continues it
         lines = system + [text for _, text in turns]
-        return tok.encode("".join(t if t.endswith("\n") else t + "\n" for t in lines))
+        return tok.bos_ids + tok.encode("".join(t if t.endswith("\n") else t + "\n" for t in lines))
 
 
 class _Guard:

@@ -1,4 +1,4 @@
-"""Character and byte-level BPE tokenizers, both stored as a Hugging Face `tokenizer.json`.
+"""Character, byte-level BPE and imported tokenizers, all stored as a Hugging Face `tokenizer.json`.
 
 * ``char``: one id per character of the training split, sorted by code point (so
   tinyshakespeare gets the same 65 ids as nanoGPT's shakespeare_char). A single ``<unk>``
@@ -8,7 +8,18 @@
 * ``bpe``: GPT-2 style byte-level BPE with ``<|endoftext|>`` at id 0, no normalizer and
   no prefix space, so ``decode(encode(text)) == text`` for any text.
 
-Encoding here does not go through ``tokenizers`` for whole texts: its byte-level regex
+* ``hf``: any other tokenizer.json that ``tokenizers`` loads (imported models: Llama's
+  SentencePiece-style BPE with byte fallback, SmolLM2's and Qwen's byte-level BPE with their
+  own splits and normalizers, WordPiece, Unigram...). Encoded and decoded by ``tokenizers``
+  itself, exactly as transformers' PreTrainedTokenizerFast does, with two conventions shared
+  with the other kinds: `encode` adds no special tokens (``bos_ids`` holds what the file's
+  post-processor puts before a text, e.g. Llama's ``<s>``: generation, eval and data
+  preparation add it where transformers' ``tokenizer(text)`` would), and special-token
+  strings inside text are plain characters (transformers' ``split_special_tokens=True``).
+  Its end-of-text token (``eot_id``) is the ``eos_token`` of the transformers
+  ``tokenizer_config.json`` kept beside tokenizer.json (`HF_CONFIG_FILE`; import writes it).
+
+Encoding char and bpe does not go through ``tokenizers`` for whole texts: its byte-level regex
 runs at ~1.5 MB/s per core, while splitting with the stdlib ``re`` and caching the
 encoding of each distinct piece is several times faster. The pieces are the same ones
 ``tokenizers`` produces (see ``split_pieces``; tests compare both), so ids agree.
@@ -20,13 +31,14 @@ import codecs
 import json
 import os
 import re
+import shutil
 import sys
 import unicodedata
 from collections import Counter
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -36,6 +48,8 @@ from .utils import atomic_write_bytes
 EOT = "<|endoftext|>"
 UNK = "<unk>"
 TOKENIZER_FILE = "tokenizer.json"
+# transformers' tokenizer settings (eos_token, chat_template...), kept beside an "hf" tokenizer.json
+HF_CONFIG_FILE = "tokenizer_config.json"
 # Byte-level BPE needs the 256 byte symbols plus <|endoftext|>.
 MIN_BPE_VOCAB = 257
 MAX_VOCAB = 2**31 - 1
@@ -46,8 +60,10 @@ _CACHE_LIMIT = 400_000
 __all__ = [
     "EOT",
     "UNK",
+    "HF_CONFIG_FILE",
     "Tokenizer",
     "StreamDecoder",
+    "copy_tokenizer",
     "train_char_tokenizer",
     "train_bpe_tokenizer",
     "bpe_word_counts",
@@ -272,28 +288,37 @@ def _grow(a: np.ndarray, need: int) -> np.ndarray:
 
 
 class Tokenizer:
-    """A trained tokenizer: ``kind`` is ``"char"`` or ``"bpe"``."""
+    """A tokenizer: ``kind`` is ``"char"``, ``"bpe"`` (scratchgpt's own) or ``"hf"`` (any other tokenizer.json)."""
 
     kind: str
     vocab_size: int
     eot_id: int | None
     unk_id: int | None
+    bos_ids: list[int]  # put before a text where transformers' tokenizer(text) would ("hf" kind only)
 
-    def __init__(self, hf, kind: str) -> None:
-        # `hf` is a tokenizers.Tokenizer holding the vocabulary (and, for bpe, merges).
+    def __init__(self, hf, kind: str, *, hf_config: dict | None = None, raw: str | None = None) -> None:
+        # `hf` is a tokenizers.Tokenizer holding the vocabulary (and, for bpe, merges); for kind "hf",
+        # `raw` is the file's text (kept byte for byte) and `hf_config` its tokenizer_config.json.
         self._hf = hf
         self.kind = kind
+        self._raw = raw
+        self.hf_config = dict(hf_config or {})
         vocab: dict[str, int] = hf.get_vocab(with_added_tokens=True)
-        self.vocab_size = len(vocab)
+        # (hub files may leave ids unused: the vocabulary spans the largest id)
+        self.vocab_size = max(vocab.values(), default=-1) + 1 if kind == "hf" else len(vocab)
         self._itos: list[str] = [""] * self.vocab_size
         for tok, i in vocab.items():
             if not 0 <= i < self.vocab_size:
                 raise UserError(f"tokenizer: id {i} of {tok!r} is outside 0..{self.vocab_size - 1}")
             self._itos[i] = tok
-        self.eot_id = vocab.get(EOT)
+        self.eot_id = vocab.get(EOT) if kind != "hf" else self._hf_eos()
         self.unk_id = vocab.get(UNK) if kind == "char" else None
+        self.bos_ids = []
         self._token_bytes: list[bytes] | None = None
-        if kind == "char":
+        if kind == "hf":
+            hf.encode_special_tokens = True  # "<s>" typed in text is text, as with the other kinds
+            self.bos_ids = _prefix_specials(hf)
+        elif kind == "char":
             chars = [t for t in self._itos if len(t) == 1]
             if len(chars) + (self.unk_id is not None) != self.vocab_size:
                 raise UserError("tokenizer: a char vocabulary may only hold single characters and <unk>")
@@ -308,18 +333,32 @@ class Tokenizer:
             # mentions it keeps it as ordinary characters.
             self._pieces = _PieceCache(lambda ps: [e.ids for e in fast(ps, add_special_tokens=False)])
 
+    def _hf_eos(self) -> int | None:
+        eos = self.hf_config.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos  # older files: an AddedToken dict
+        return self._hf.token_to_id(eos) if isinstance(eos, str) else None
+
+    @property
+    def eot_token(self) -> str | None:
+        """The end-of-text token's string (`<|endoftext|>`, or an imported tokenizer's eos such as `</s>`)."""
+        return None if self.eot_id is None else self._itos[self.eot_id]
+
     # -- encoding ------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.kind == "hf":
+            return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
         return [self.encode(t) for t in texts]
 
     def encode_array(self, text: str) -> np.ndarray:
         """Encode to an int64 numpy array (the fast path the data pipeline uses)."""
         if self.kind == "char":
             return self._encode_char(text)
+        if self.kind == "hf":
+            return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
         return self._pieces.encode(split_pieces(text))
 
     def encode_indexed(self, uniq: list[str], inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -362,10 +401,14 @@ class Tokenizer:
         """Text for `ids`; invalid UTF-8 (a split multi-byte character) becomes U+FFFD."""
         if self.kind == "char":
             return "".join(map(self._itos.__getitem__, self._check_ids(ids)))
+        if self.kind == "hf":  # special tokens are shown, as <|endoftext|> is by the other kinds
+            return self._hf.decode(self._check_ids(ids), skip_special_tokens=False)
         return self.decode_bytes(ids).decode("utf-8", "replace")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Raw bytes for `ids`; lets a streamer hold back an incomplete UTF-8 character."""
+        if self.kind == "hf":
+            return self.decode(ids).encode("utf-8")
         table = self.token_bytes_table()
         return b"".join(map(table.__getitem__, self._check_ids(ids)))
 
@@ -376,8 +419,10 @@ class Tokenizer:
             raise UserError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})")
         return ids
 
-    def stream_decoder(self) -> "StreamDecoder":
-        return StreamDecoder(self)
+    def stream_decoder(self, context: Sequence[int] = ()) -> "StreamDecoder | HFStreamDecoder":
+        """A decoder for ids generated after `context` (the prompt: an "hf" tokenizer's decoder may
+        drop a text's leading space, which a continuation must keep; the other kinds ignore it)."""
+        return HFStreamDecoder(self, context) if self.kind == "hf" else StreamDecoder(self)
 
     def id_to_token(self, i: int) -> str:
         return self._itos[i]
@@ -389,9 +434,9 @@ class Tokenizer:
         return self.token_bytes_table()[i]
 
     def token_bytes_table(self) -> list[bytes]:
-        """The UTF-8 bytes of every token, indexed by id."""
+        """The UTF-8 bytes of every token, indexed by id ("hf": the vocabulary's spelling, in UTF-8)."""
         if self._token_bytes is None:
-            if self.kind == "char":
+            if self.kind in ("char", "hf"):
                 self._token_bytes = [t.encode("utf-8", "surrogatepass") for t in self._itos]
             else:
                 back = {c: b for b, c in _bytes_to_unicode().items()}
@@ -408,12 +453,19 @@ class Tokenizer:
     # -- persistence ---------------------------------------------------------------------
 
     def to_json(self) -> str:
-        return self._hf.to_str(pretty=True)
+        """tokenizer.json's text (an "hf" tokenizer's exactly as it was read)."""
+        return self._raw if self._raw is not None else self._hf.to_str(pretty=True)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write `directory/tokenizer.json` atomically; returns its path."""
+        """Write `directory/tokenizer.json` (and an "hf" tokenizer's tokenizer_config.json) atomically."""
         path = Path(directory) / TOKENIZER_FILE
-        atomic_write_bytes(path, (self.to_json() + "\n").encode("utf-8"))
+        if self._raw is not None:
+            atomic_write_bytes(path, self._raw.encode("utf-8"))
+        else:
+            atomic_write_bytes(path, (self.to_json() + "\n").encode("utf-8"))
+        if self.kind == "hf" and self.hf_config:
+            atomic_write_bytes(path.parent / HF_CONFIG_FILE, (json.dumps(self.hf_config, indent=2, ensure_ascii=False)
+                                                              + "\n").encode("utf-8"))
         return path
 
     @classmethod
@@ -433,8 +485,19 @@ class Tokenizer:
         except UserError:
             raise
         except Exception as e:  # tokenizers raises plain Exception for malformed files
-            raise UserError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
-        return cls(hf, kind)
+            raise UserError(f"{path}: not a tokenizer.json the tokenizers library can load "
+                            f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
+        if kind != "hf":
+            return cls(hf, kind)
+        hf_config = {}
+        if (path.parent / HF_CONFIG_FILE).is_file():
+            try:
+                hf_config = json.loads((path.parent / HF_CONFIG_FILE).read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise UserError(f"{path.parent / HF_CONFIG_FILE}: not valid JSON ({e})") from None
+            if not isinstance(hf_config, dict):
+                raise UserError(f"{path.parent / HF_CONFIG_FILE}: not a JSON object")
+        return cls(hf, kind, hf_config=hf_config, raw=raw)
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
@@ -448,12 +511,52 @@ def spec_model_type(spec: dict) -> str | None:
 
 
 def _kind_of(spec: dict) -> str:
-    model = spec_model_type(spec)
-    if model == "WordLevel":
-        return "char"
-    if model == "BPE":
-        return "bpe"
-    raise UserError(f"unsupported tokenizer model {model!r} (expected a scratchgpt char or bpe tokenizer)")
+    """"char" or "bpe" for a file in exactly the shape scratchgpt writes (its fast encoders agree with
+    `tokenizers` on those), else "hf" (encoded by `tokenizers` itself)."""
+    return _scratchgpt_kind(spec) or "hf"
+
+
+def _scratchgpt_kind(spec: dict) -> str | None:
+    kind = spec_model_type(spec)
+    model = spec.get("model") or {}
+    pre = spec.get("pre_tokenizer") or {}
+    post = spec.get("post_processor") or {}
+    decoder = (spec.get("decoder") or {}).get("type")
+    if spec.get("normalizer") or post.get("type") not in (None, "ByteLevel", "TemplateProcessing") \
+            or (post.get("type") == "TemplateProcessing" and post.get("special_tokens")):
+        return None
+    if kind == "BPE":
+        byte_level = pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space") and pre.get("use_regex", True)
+        plain = not (model.get("byte_fallback") or model.get("dropout") or model.get("continuing_subword_prefix")
+                     or model.get("end_of_word_suffix"))
+        return "bpe" if byte_level and decoder == "ByteLevel" and plain else None
+    if kind == "WordLevel":
+        split = pre.get("type") == "Split" and (pre.get("pattern") or {}).get("Regex") == r"[\s\S]" \
+            and pre.get("behavior") == "Isolated" and not pre.get("invert")
+        return "char" if split and decoder == "Fuse" else None
+    return None
+
+
+def _prefix_specials(hf) -> list[int]:
+    """The ids the post-processor puts before a text (Llama's <s>), found by encoding a probe both ways."""
+    probe = "a b"
+    try:
+        plain = hf.encode(probe, add_special_tokens=False).ids
+        full = hf.encode(probe, add_special_tokens=True).ids
+    except Exception:  # e.g. a WordLevel vocabulary without these words and no unknown token
+        return []
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return full[:i]
+    return []
+
+
+def copy_tokenizer(tokenizer_file: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """Copy tokenizer.json into `directory` byte for byte, with the tokenizer_config.json beside it if any."""
+    src = Path(tokenizer_file)
+    shutil.copyfile(src, Path(directory) / TOKENIZER_FILE)
+    if (src.parent / HF_CONFIG_FILE).is_file() and _kind_of(json.loads(src.read_text(encoding="utf-8"))) == "hf":
+        shutil.copyfile(src.parent / HF_CONFIG_FILE, Path(directory) / HF_CONFIG_FILE)
 
 
 class StreamDecoder:
@@ -482,6 +585,43 @@ class StreamDecoder:
 
     def decode(self, ids: Iterable[int]) -> str:
         """A whole text at once, by the same rules (what `push` and `flush` return, joined)."""
+        return self.push(ids) + self.flush()
+
+
+class HFStreamDecoder:
+    """StreamDecoder's contract for an "hf" tokenizer, through `tokenizers`' own DecodeStream.
+
+    Its decoders work on whole texts (Llama's strips the text's first space, byte-fallback tokens
+    like <0xE2> form a character only together), so each step decodes the recent ids with the
+    prompt as context and emits what was added; a step that ends inside a character emits nothing
+    until the character is complete. At the end, `flush` drops such an unfinished character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._hf = tokenizer._hf
+        self._stream = DecodeStream(ids=[int(i) for i in context], skip_special_tokens=False)
+        self._pending = 0  # ids pushed whose text is not out yet
+        self.dropped_bytes = 0
+
+    def push(self, ids: Iterable[int]) -> str:
+        out = []
+        for i in ids:
+            piece = self._stream.step(self._hf, int(i))
+            self._pending += 1
+            if piece is not None:
+                out.append(piece)
+                self._pending = 0
+        return "".join(out)
+
+    def flush(self) -> str:
+        """The end of the text: ids still waiting for the rest of a character are dropped."""
+        self.dropped_bytes = self._pending  # (byte-fallback ids: one byte each)
+        self._pending = 0
+        return ""
+
+    def decode(self, ids: Iterable[int]) -> str:
         return self.push(ids) + self.flush()
 
 

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import UserError
 from ..model import gpt_of
+from ..tokenizer import copy_tokenizer
 from ..utils import atomic_write_json, read_json, replace_dir, sha256_file
 
 FORMAT_VERSION = 1
@@ -160,7 +161,7 @@ def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         for name, obj in json_files.items():
             atomic_write_json(tmp / name, obj)
         if tokenizer_file is not None and Path(tokenizer_file).exists():
-            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+            copy_tokenizer(tokenizer_file, tmp)  # (an imported tokenizer's tokenizer_config.json with it)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != STATE_FILE)
         full_state = dict(state, format_version=FORMAT_VERSION)
         full_state.setdefault("optimizer", None)

@@ -115,7 +115,8 @@ class PrepareConfig:
     vocab_size: int = 4096
     """BPE vocabulary size, at least 257 (256 bytes + <|endoftext|>)."""
     tokenizer_from: Optional[str] = None
-    """Use the tokenizer of this prepared directory (or this tokenizer.json) instead of training one."""
+    """Use the tokenizer of this prepared directory, run, checkpoint (or this tokenizer.json) instead of training
+    one (an imported model's run: its own tokenizer, so the data fine-tunes it)."""
     val: Optional[list[str]] = None
     """Explicit validation inputs (otherwise --val-fraction of the documents, or one document's tail)."""
     val_fraction: float = 0.1
@@ -246,7 +247,9 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, out: str | os.PathLike, 
     tok_file = None
     if o.tokenizer_from:
         tok_file = Path(o.tokenizer_from)
-        tok_file = tok_file / TOKENIZER_FILE if tok_file.is_dir() else tok_file
+        if tok_file.is_dir():  # a prepared directory or checkpoint, or a run (its best checkpoint's tokenizer)
+            in_run = tok_file / "best" / TOKENIZER_FILE
+            tok_file = in_run if not (tok_file / TOKENIZER_FILE).exists() and in_run.is_file() else tok_file / TOKENIZER_FILE
         Tokenizer.load(tok_file)  # a bad tokenizer fails now, before any work
     _check_out(out, o.force)
 
@@ -701,9 +704,10 @@ def _encode_task(spool: str, tok_path: str, dtype: str, piece_dir: str | None, t
 
 
 def _separator_ids(tok) -> np.ndarray:
-    """What goes between two documents: <|endoftext|> (bpe), or a blank line (char)."""
+    """What goes between two documents: <|endoftext|> (bpe), an imported tokenizer's eos followed by what
+    it puts before a text (Llama: `</s><s>`), or a blank line (char)."""
     if tok.eot_id is not None:
-        return np.array([tok.eot_id], dtype=np.int64)
+        return np.array([tok.eot_id] + tok.bos_ids, dtype=np.int64)
     return tok.encode_array(CHAR_DOC_SEPARATOR)
 
 
@@ -762,7 +766,7 @@ def _prepare_into(tmp: Path, sources: list[Source], o: PrepareConfig, *, tok_fil
                   part: dict | None, buffer_bytes: int, workers: int, show: bool, stdin: BinaryIO | None,
                   settings: dict) -> dict[str, Any]:
     from .. import __version__
-    from ..tokenizer import EOT, Tokenizer, scale_counts, train_bpe_from_counts, train_char_tokenizer
+    from ..tokenizer import Tokenizer, copy_tokenizer, scale_counts, train_bpe_from_counts, train_char_tokenizer
 
     opts = _Options(seed=o.seed, nfc=o.nfc, normalize_newlines=o.normalize_newlines, strip_control=o.strip_control,
                     strip_gutenberg=o.strip_gutenberg, dedup=o.dedup)
@@ -786,7 +790,7 @@ def _prepare_into(tmp: Path, sources: list[Source], o: PrepareConfig, *, tok_fil
     unseen = ""
     try:
         if tok_file is not None:
-            shutil.copyfile(tok_file, tmp / TOKENIZER_FILE)  # byte for byte: parts compare its sha256
+            copy_tokenizer(tok_file, tmp)  # byte for byte: parts compare its sha256
             tok = Tokenizer.load(tmp / TOKENIZER_FILE)
             train_tasks, val_tasks = _tasks(train, task_bytes, None), _tasks(val, task_bytes, None)
         elif o.tokenizer == "char":
@@ -878,7 +882,7 @@ def _prepare_into(tmp: Path, sources: list[Source], o: PrepareConfig, *, tok_fil
         "dtype": dtype,
         "eot_id": tok.eot_id,
         "unk_id": tok.unk_id,
-        "document_separator": EOT if tok.kind == "bpe" else CHAR_DOC_SEPARATOR,
+        "document_separator": tok.decode(_separator_ids(tok)) if tok.eot_id is not None else CHAR_DOC_SEPARATOR,
         "train_tokens": tokens["train"],
         "val_tokens": tokens["val"],
         "train_documents": train.documents,
@@ -1015,9 +1019,9 @@ def merge_parts(part_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
 
     tmp = _new_tmp(out)
     try:
-        shutil.copyfile(metas[0][1] / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        from ..tokenizer import Tokenizer
+        from ..tokenizer import Tokenizer, copy_tokenizer
 
+        copy_tokenizer(metas[0][1] / TOKENIZER_FILE, tmp)
         sep = _separator_ids(Tokenizer.load(tmp / TOKENIZER_FILE)).astype(first["dtype"])
         sep_file = {"file": "separator.bin", "tokens": len(sep), "sha256": hashlib.sha256(sep.tobytes()).hexdigest()}
         shards: dict[str, list] = {s: [] for s in SPLITS}

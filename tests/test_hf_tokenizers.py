@@ -1,0 +1,256 @@
+"""Imported models keep their own tokenizer (kind "hf"): Llama/TinyLlama's SentencePiece-style BPE with byte
+fallback, SmolLM2's byte-level BPE with a digit split, Qwen2's NFC + regex split + byte-level BPE. Each encodes
+exactly as transformers' tokenizer does, samples the same greedy text as transformers' generate (the same BOS),
+streams the same text it prints, stops at the eos token and exports back unchanged.
+
+The hub folders are made here at a tiny size with the `tokenizers` library (no network, no downloads).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import cli, english_text
+from scratchgpt import UserError
+from scratchgpt.checkpoint import load_run
+from scratchgpt.generate import complete, stream
+from scratchgpt.hf import import_hf
+
+transformers = pytest.importorskip("transformers")
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+
+TRICKY = [
+    "Hello world, it's 2024!\n\n  Indented line\twith a tab.   \n",
+    " leading space and trailing  ",
+    "digits 1234567 and 3.14159, x=42",
+    "我们的模型 naïve café — “quotes” ½ Ⅻ x² 🙂🚀 \u200b\u3000end",
+    "e\u0301 (decomposed é) \r\n\r\n\n   \t  x",
+    "special strings: <s> </s> <|endoftext|> <|im_end|> <unk>",
+    "",
+]
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _corpus() -> list[str]:
+    return english_text(30_000).split("\n")
+
+
+def llama_tokenizer() -> tuple[Tokenizer, dict]:
+    """TinyLlama's layout: <unk> <s> </s>, then <0x00>..<0xFF> as ordinary vocabulary (byte fallback), a
+    normalizer that prepends "▁" and turns spaces into it, no pre-tokenizer, a decoder that undoes both."""
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials + [f"<0x{b:02X}>" for b in range(256)], show_progress=False))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]  # bytes: plain vocab
+    return Tokenizer.from_str(json.dumps(spec)), dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _byte_level_bpe(pre_tokenizer, normalizer=None) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def smollm_tokenizer() -> tuple[Tokenizer, dict]:
+    """SmolLM2's: digits split one by one, then GPT-2's byte-level split; <|im_end|> ends a turn (Instruct)."""
+    tok = _byte_level_bpe(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]))
+    return tok, dict(bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)
+
+
+def qwen_tokenizer() -> tuple[Tokenizer, dict]:
+    """Qwen2's: NFC, its own split regex (single digits, no contractions' case), byte-level without a regex.
+    Its tokenizer_config names no eos here: import takes config.json's eos_token_id."""
+    tok = _byte_level_bpe(pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), normalizers.NFC())
+    return tok, {}
+
+
+STYLES = {"llama": llama_tokenizer, "smollm": smollm_tokenizer, "qwen": qwen_tokenizer}
+
+
+def hub_folder(folder: Path, style: str) -> Path:
+    """A tiny LlamaForCausalLM (GQA, rms_norm_eps 1e-5) saved with save_pretrained, with the tokenizer saved by
+    PreTrainedTokenizerFast.save_pretrained. The eos token's output row is a scaled copy of the row of a token
+    greedy decoding picks new after a few steps (its constant-unit weight kept), so that it reaches eos by then."""
+    tok, special = STYLES[style]()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+    eos = tok.token_to_id("</s>" if style == "llama" else "<|im_end|>" if style == "smollm" else "<|endoftext|>")
+    vocab = tok.get_vocab_size() + 3  # a few unused rows, as hub models pad theirs
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-5,
+                                      max_position_embeddings=128, tie_word_embeddings=False,
+                                      bos_token_id=fast.bos_token_id, eos_token_id=eos)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # weights far from init, so logits are large and greedy choices clear-cut
+        g = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.3 * noise if p.dim() == 1 else 0.3 * noise)
+        # Hidden unit 0 is a constant nothing writes to, and the output rows read it as +-2: lone bytes and
+        # special tokens get ~20 logits less, so greedy text is words (a random model would babble bytes).
+        model.model.embed_tokens.weight[:, 0] = 3.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+        words = [i for t, i in tok.get_vocab().items() if not (t.startswith("<") and t.endswith(">"))]
+        model.lm_head.weight[:, 0] = -2.0
+        model.lm_head.weight[words, 0] = 2.0
+        ids = fast("Once upon a time", return_tensors="pt").input_ids
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                             eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        pick = next(t for k, t in enumerate(out) if k >= 3 and t not in out[:k])
+        head = model.lm_head.weight
+        head[eos] = head[pick] * 1.02
+        head[eos, 0] = 2.0  # (the constant unit's share unscaled: eos outranks that token where it leads)
+    model.save_pretrained(folder, safe_serialization=True)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=list(STYLES))
+def hub(request, tmp_path_factory) -> tuple[str, Path, Path]:
+    """(style, hub folder, imported run)."""
+    folder = hub_folder(tmp_path_factory.mktemp(request.param), request.param)
+    run = import_hf(folder, tmp_path_factory.mktemp("runs") / request.param)
+    return request.param, folder, run
+
+
+def auto_tokenizers(folder: Path):
+    """transformers' tokenizer for the folder as AutoTokenizer loads it, and with split_special_tokens."""
+    return (transformers.AutoTokenizer.from_pretrained(folder),
+            transformers.AutoTokenizer.from_pretrained(folder, split_special_tokens=True))
+
+
+def check_same_ids(ours, auto, split, text: str) -> None:
+    ids = ours.encode(text)
+    # special-token strings in text are plain characters to scratchgpt, as with split_special_tokens
+    assert split(text, add_special_tokens=False)["input_ids"] == ids, text
+    assert split(text)["input_ids"] == ours.bos_ids + ids  # what tokenizer(text) gives: BOS included
+    if not any(s in text for s in ("<s>", "</s>", "<|", "<unk>")):
+        assert auto(text)["input_ids"] == ours.bos_ids + ids
+    assert ours.decode(ids) == auto.decode(ids)
+    assert ours.stream_decoder().decode(ids) == auto.decode(ids)  # streamed, nothing held back at the end
+
+
+def test_imported_tokenizers_encode_as_transformers(hub):
+    style, folder, run = hub
+    loaded = load_run(run)
+    ours = loaded.tokenizer
+    assert ours.kind == "hf" and loaded.config["tokenizer"] == "hf"
+    assert ours.to_json() == (folder / "tokenizer.json").read_text()  # kept byte for byte
+    auto, split = auto_tokenizers(folder)
+    assert ours.eot_token == {"llama": "</s>", "smollm": "<|im_end|>", "qwen": "<|endoftext|>"}[style]
+    assert ours.bos_ids == ([auto.bos_token_id] if style == "llama" else [])
+    for text in TRICKY:
+        check_same_ids(ours, auto, split, text)
+    if style == "llama":  # characters the vocabulary lacks are their UTF-8 bytes, <0xF0><0x9F>...
+        assert ours.encode("🙂")[-4:] == [ours.token_to_id(f"<0x{b:02X}>") for b in "🙂".encode()]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> dict:
+    folder = hub_folder(tmp_path_factory.mktemp("llama"), "llama")
+    run = import_hf(folder, tmp_path_factory.mktemp("runs") / "llama")
+    auto, split = auto_tokenizers(folder)
+    return dict(folder=folder, run=run, ours=load_run(run).tokenizer, auto=auto, split=split)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.characters(codec="utf-8"), st.sampled_from([" ", "  ", "\n", "▁", "12", "<s>", "é"])),
+                max_size=25).map("".join))
+def test_byte_fallback_tokenizer_matches_transformers_on_any_text(llama, text):
+    check_same_ids(llama["ours"], llama["auto"], llama["split"], text)
+
+
+def test_sample_is_transformers_greedy_text_and_stops_at_eos(hub, capsys):
+    style, folder, run = hub
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = "Once upon a time"
+    ids = auto(prompt, return_tensors="pt").input_ids  # BOS first where the tokenizer puts it (Llama's <s>)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                          eos_token_id=auto.convert_tokens_to_ids(load_run(run).tokenizer.eot_token),
+                          pad_token_id=0)[0, ids.shape[1]:].tolist()
+    loaded = load_run(run)
+    eos = loaded.tokenizer.eot_id
+    assert out[-1] == eos and 3 < len(out) <= 9  # transformers stopped at eos (the row made for it)
+    new = out[:-1]
+    prompt_ids = ids[0].tolist()
+    # the continuation's text: what the new ids add to the prompt's (Llama's decoder drops a text's first space)
+    cont = auto.decode(prompt_ids + new)[len(auto.decode(prompt_ids)):]
+    assert cont and "\ufffd" not in cont
+    [c] = complete(loaded.gpt, loaded.tokenizer, [prompt], temperature=0, max_new_tokens=12)
+    assert (c.token_ids, c.finish_reason, c.text, c.prompt_tokens) == (new, "stop", cont, len(prompt_ids))
+    code, text, err = cli(capsys, "sample", run, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12",
+                          "--device", "cpu")
+    assert code == 0, err
+    assert text == prompt + cont + "\n"
+    code, streamed, err = cli(capsys, "sample", run, "--prompt", prompt, "--temperature", "0",
+                              "--max-new-tokens", "12", "--device", "cpu", "--stream")
+    assert code == 0, err
+    assert streamed == text
+
+
+def test_streaming_never_splits_a_byte_fallback_character(llama):
+    """🙂 is four <0x..> tokens: the stream shows nothing until the last, then the whole character; an
+    unfinished character at the end is dropped, as scratchgpt's own streamer drops incomplete UTF-8."""
+    ours, auto = llama["ours"], llama["auto"]
+    context = ours.bos_ids + ours.encode("Hi")
+    ids = ours.encode("a🙂b🚀")  # (its normalizer starts a text with "▁": a space after the context)
+    dec = ours.stream_decoder(context)
+    pieces = [dec.push([i]) for i in ids]
+    assert not any("\ufffd" in p for p in pieces)
+    assert any("🙂" in p for p in pieces) and any("🚀" in p for p in pieces)  # each emoji comes out whole
+    assert "".join(pieces) + dec.flush() == auto.decode(context + ids)[len(auto.decode(context)):] == " a🙂b🚀"
+    dec = ours.stream_decoder(context)
+    assert dec.push(ours.encode("ok🙂")[:-2]) == " ok" and dec.flush() == "" and dec.dropped_bytes == 2
+
+
+def test_export_gives_back_the_hub_tokenizer_files(hub, tmp_path, capsys):
+    style, folder, run = hub
+    code, _, err = cli(capsys, "export", run, "--out", tmp_path / "hf1")
+    assert code == 0, err
+    assert (tmp_path / "hf1" / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    if style != "qwen":  # (qwen's had no eos_token: the run's names the one config.json gives)
+        assert (tmp_path / "hf1" / "tokenizer_config.json").read_bytes() == \
+            (folder / "tokenizer_config.json").read_bytes()
+    config = json.loads((tmp_path / "hf1" / "config.json").read_text())
+    ours = load_run(run).tokenizer
+    assert config["eos_token_id"] == ours.eot_id
+    assert config["bos_token_id"] == (ours.bos_ids[0] if ours.bos_ids else ours.eot_id)
+    code, _, err = cli(capsys, "import-hf", tmp_path / "hf1", "--out", tmp_path / "again")
+    assert code == 0, err
+    code, _, err = cli(capsys, "export", tmp_path / "again", "--out", tmp_path / "hf2")
+    assert code == 0, err
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "hf1" / f).read_bytes() == (tmp_path / "hf2" / f).read_bytes(), f
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf1")
+    assert auto.eos_token_id == ours.eot_id
+    assert auto(TRICKY[0])["input_ids"] == ours.bos_ids + ours.encode(TRICKY[0])
