@@ -472,12 +472,24 @@ def test_hf_tokenizer_imports(tmp_path, transformers, bpe_tok, char_tok, kind):
         assert again.encode(text) == tok.encode(text)
 
 
-def test_foreign_tokenizer_refused(tmp_path, bpe_tok):
+def test_other_tokenizers_load_as_hf_kind_and_unloadable_ones_are_refused(tmp_path, bpe_tok):
+    """A BPE file in another shape (a Metaspace split) is encoded by `tokenizers` itself (kind "hf"), not by
+    scratchgpt's GPT-2 fast path; a file `tokenizers` cannot load is one line."""
+    from tokenizers import Tokenizer as HFTokenizer
+
     spec = json.loads(bpe_tok.to_json())
     spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(UserError, match="pre_tokenizer Metaspace"):
+    tok = load_hf_tokenizer(tmp_path)
+    assert tok.kind == "hf"
+    for text in TEXTS:
+        assert tok.encode(text) == HFTokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(
+            text, add_special_tokens=False).ids
+    spec["model"]["merges"] = [["not", "in vocab"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="tokenizers library can load") as e:
         load_hf_tokenizer(tmp_path)
+    assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------

@@ -251,6 +251,103 @@ def test_export_gives_back_the_hub_tokenizer_files(hub, tmp_path, capsys):
     assert code == 0, err
     for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "hf1" / f).read_bytes() == (tmp_path / "hf2" / f).read_bytes(), f
+    if style == "smollm":  # its chat template file goes along
+        assert (tmp_path / "hf2" / "chat_template.jinja").read_bytes() == (folder / "chat_template.jinja").read_bytes()
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf1")
     assert auto.eos_token_id == ours.eot_id
     assert auto(TRICKY[0])["input_ids"] == ours.bos_ids + ours.encode(TRICKY[0])
+
+
+def test_imported_llama_prepares_fine_tunes_evaluates_and_chats(llama, tmp_path, capsys):
+    """prepare --tokenizer-from RUN keeps the model's tokenizer (documents as tokenizer(doc) gives them, each
+    ended by </s>); eval and finetune sft work on it; the SFT run chats in scratchgpt's template, stopping at </s>."""
+    run, ours = llama["run"], llama["ours"]
+    docs = ["First document, with digits 123.", "Second 🙂 document.", "Third one."]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 30))
+    code, _, err = cli(capsys, "prepare", tmp_path / "docs.jsonl", "--out", tmp_path / "data", "--tokenizer-from", run)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert (meta["tokenizer"], meta["eot_id"], meta["document_separator"]) == ("hf", ours.eot_id, "</s><s>")
+    assert (tmp_path / "data" / "tokenizer_config.json").read_bytes() == (run / "best" / "tokenizer_config.json").read_bytes()
+    import numpy as np
+
+    train = np.fromfile(tmp_path / "data" / "train.bin", dtype=meta["dtype"]).tolist()
+    sep = [ours.eot_id] + ours.bos_ids
+    pieces, start = [], 0
+    for k in range(len(train) - 1):
+        if train[k:k + 2] == sep:
+            pieces.append(train[start:k])
+            start = k + 2
+    pieces.append(train[start:])
+    assert {tuple(p) for p in pieces} == {tuple(ours.encode(d)) for d in docs}
+
+    code, out, err = cli(capsys, "eval", run, "--data", tmp_path / "data")
+    assert code == 0, err
+    assert json.loads(out)["val_loss"] > 0
+    # a text file is scored as transformers scores tokenizer(text): <s> first
+    text = "Once upon a time there was a tiny model, 42 🙂."
+    (tmp_path / "t.txt").write_text(text)
+    code, out, err = cli(capsys, "eval", run, "--data", tmp_path / "t.txt")
+    assert code == 0, err
+    ids = llama["auto"](text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(llama["folder"])(ids, labels=ids).loss.item()
+    assert json.loads(out)["val_loss"] == pytest.approx(ref, abs=1e-4)
+
+    rows = [{"prompt": f"Say {w}.", "response": f"{w}, {w}!"} for w in ("hello", "world", "stone", "river")]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = cli(capsys, "finetune", "sft", run, "--train", tmp_path / "sft.jsonl", "--val",
+                       tmp_path / "sft.jsonl", "--out", tmp_path / "sft", "--max-steps", "2", "--device", "cpu")
+    assert code == 0, err
+    tuned = load_run(tmp_path / "sft")
+    assert tuned.tokenizer.kind == "hf" and tuned.tokenizer.eot_id == ours.eot_id
+    from scratchgpt.chat import chat
+    from scratchgpt.generate import GenerationConfig
+    from scratchgpt.prompts import encode_conversation
+
+    ids, learn = encode_conversation(tuned.tokenizer, tuned.config["chat_template"], [("user", "Hi"), ("assistant", "Yo")])
+    assert ids[:1] == ours.bos_ids and ids[-1] == ours.eot_id and not learn[0] and learn[-1]  # <s> ... Yo</s>
+    import io
+
+    out = io.StringIO()
+    chat(tuned.gpt, tuned.tokenizer, tuned.config, ["Say hello.\n"], out, GenerationConfig(temperature=0, max_new_tokens=8))
+    assert out.getvalue().endswith("\n")
+
+
+def test_chat_refuses_a_jinja_chat_template_in_one_line(hub, capsys, monkeypatch):
+    """SmolLM2's folder has a jinja chat template (chat_template.jinja): `chat` refuses it before reading a line.
+    Without one (the others) it chats as plain continuation, <s> first for Llama."""
+    import io
+
+    from scratchgpt.chat import chat
+    from scratchgpt.generate import GenerationConfig
+
+    style, folder, run = hub
+    loaded = load_run(run)
+    gen = GenerationConfig(temperature=0, max_new_tokens=4)
+    if style == "smollm":
+        assert loaded.tokenizer.chat_template == (folder / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+        code, out, err = cli(capsys, "chat", run, "--device", "cpu")
+        assert code != 0 and out == ""
+        assert err.startswith("error: ") and "jinja" in err and err.count("\n") == 1
+        return
+    assert loaded.tokenizer.chat_template is None
+    out = io.StringIO()
+    chat(loaded.gpt, loaded.tokenizer, loaded.config, ["Once upon a time\n"], out, gen)
+    [c] = complete(loaded.gpt, loaded.tokenizer, ["Once upon a time\n"], gen)  # the same prompt: BOS + text
+    assert out.getvalue() == c.text + "\n"
+
+
+def test_tokenizer_the_library_cannot_load_is_refused_in_one_line(llama, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in llama["folder"].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    spec = json.loads((src / "tokenizer.json").read_text())
+    spec["model"]["type"] = "NoSuchModel"
+    (src / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError) as e:
+        import_hf(src, tmp_path / "run")
+    assert "tokenizers library can load" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()

@@ -52,7 +52,7 @@ def chat(
     gen = gen or GenerationConfig()
     err = err or sys.stderr
     template = ChatTemplate.from_config(config)
-    if template is None and tokenizer.hf_config.get("chat_template"):
+    if template is None and tokenizer.chat_template:
         raise UserError("this imported model's chat template is a jinja template (its tokenizer_config.json), which "
                         "scratchgpt does not render: use `scratchgpt sample --prompt`, transformers' "
                         "apply_chat_template on an exported folder, or `scratchgpt finetune sft` (its result chats)")

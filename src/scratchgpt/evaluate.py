@@ -57,7 +57,9 @@ def evaluate_lm_cli(run: Path, data: Optional[Path] = None, context: int = 0, wh
         dataset, split = _text_dataset(data, tokenizer), "file"
     else:
         meta = load_meta(data)
-        if meta["vocab_size"] != model.cfg.vocab_size:
+        # (an imported model may have more embedding rows than its tokenizer has tokens, as hub models pad them)
+        if meta["vocab_size"] > model.cfg.vocab_size or (meta["vocab_size"] != model.cfg.vocab_size
+                                                        and meta.get("tokenizer") != "hf"):
             raise UserError(f"vocabulary mismatch: the model has {model.cfg.vocab_size} tokens, {data} has {meta['vocab_size']}")
         dataset, split = TokenDataset(data, "val", 1), "val"
     result = evaluate_lm(model, dataset, context, batch_size=batch_size, tokenizer=tokenizer)

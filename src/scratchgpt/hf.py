@@ -637,13 +637,14 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, which:
         files["generation_config.json"] = _json_bytes(gen)
     files["config.json"] = _json_bytes(hf_cfg)
     if tokenizer.kind == "hf":
-        # an imported tokenizer goes back as it came (its tokenizer_config.json holds its special tokens and
-        # chat template); only a classifier's pad token is added
-        hf_tok = (ckpt / HF_CONFIG_FILE).read_bytes() if (ckpt / HF_CONFIG_FILE).is_file() else \
+        # an imported tokenizer goes back as it came (tokenizer_config.json holds its special tokens, it or
+        # chat_template.jinja its chat template); only a classifier's pad token is added
+        files.update(tokenizer.side_files)
+        hf_tok = files.get(HF_CONFIG_FILE) or \
             _json_bytes({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size})
         if "pad_token" in special:
             hf_tok = _json_bytes(dict(json.loads(hf_tok), pad_token=special["pad_token"]))
-        files["tokenizer_config.json"] = hf_tok
+        files[HF_CONFIG_FILE] = hf_tok
     else:
         files["tokenizer_config.json"] = _json_bytes(dict(
             special, tokenizer_class="PreTrainedTokenizerFast", model_max_length=cfg.block_size,

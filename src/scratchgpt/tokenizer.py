@@ -17,7 +17,8 @@
   preparation add it where transformers' ``tokenizer(text)`` would), and special-token
   strings inside text are plain characters (transformers' ``split_special_tokens=True``).
   Its end-of-text token (``eot_id``) is the ``eos_token`` of the transformers
-  ``tokenizer_config.json`` kept beside tokenizer.json (`HF_CONFIG_FILE`; import writes it).
+  ``tokenizer_config.json`` kept beside tokenizer.json with the model's chat template files
+  (`HF_SIDE_FILES`, carried byte for byte wherever tokenizer.json goes; import writes them).
 
 Encoding char and bpe does not go through ``tokenizers`` for whole texts: its byte-level regex
 runs at ~1.5 MB/s per core, while splitting with the stdlib ``re`` and caching the
@@ -48,8 +49,10 @@ from .utils import atomic_write_bytes
 EOT = "<|endoftext|>"
 UNK = "<unk>"
 TOKENIZER_FILE = "tokenizer.json"
-# transformers' tokenizer settings (eos_token, chat_template...), kept beside an "hf" tokenizer.json
+# transformers' tokenizer settings (eos_token, chat_template...), kept beside an "hf" tokenizer.json with
+# the chat template files transformers >= 4.4x writes apart from it
 HF_CONFIG_FILE = "tokenizer_config.json"
+HF_SIDE_FILES = (HF_CONFIG_FILE, "chat_template.jinja", "chat_template.json")
 # Byte-level BPE needs the 256 byte symbols plus <|endoftext|>.
 MIN_BPE_VOCAB = 257
 MAX_VOCAB = 2**31 - 1
@@ -61,6 +64,7 @@ __all__ = [
     "EOT",
     "UNK",
     "HF_CONFIG_FILE",
+    "HF_SIDE_FILES",
     "Tokenizer",
     "StreamDecoder",
     "copy_tokenizer",
@@ -296,13 +300,14 @@ class Tokenizer:
     unk_id: int | None
     bos_ids: list[int]  # put before a text where transformers' tokenizer(text) would ("hf" kind only)
 
-    def __init__(self, hf, kind: str, *, hf_config: dict | None = None, raw: str | None = None) -> None:
+    def __init__(self, hf, kind: str, *, raw: str | None = None, side_files: dict[str, bytes] | None = None) -> None:
         # `hf` is a tokenizers.Tokenizer holding the vocabulary (and, for bpe, merges); for kind "hf",
-        # `raw` is the file's text (kept byte for byte) and `hf_config` its tokenizer_config.json.
+        # `raw` is the file's text and `side_files` the HF_SIDE_FILES beside it (all kept byte for byte).
         self._hf = hf
         self.kind = kind
         self._raw = raw
-        self.hf_config = dict(hf_config or {})
+        self.side_files = dict(side_files or {})
+        self.hf_config = _json_object(self.side_files.get(HF_CONFIG_FILE), HF_CONFIG_FILE)
         vocab: dict[str, int] = hf.get_vocab(with_added_tokens=True)
         # (hub files may leave ids unused: the vocabulary spans the largest id)
         self.vocab_size = max(vocab.values(), default=-1) + 1 if kind == "hf" else len(vocab)
@@ -463,9 +468,8 @@ class Tokenizer:
             atomic_write_bytes(path, self._raw.encode("utf-8"))
         else:
             atomic_write_bytes(path, (self.to_json() + "\n").encode("utf-8"))
-        if self.kind == "hf" and self.hf_config:
-            atomic_write_bytes(path.parent / HF_CONFIG_FILE, (json.dumps(self.hf_config, indent=2, ensure_ascii=False)
-                                                              + "\n").encode("utf-8"))
+        for name, data in self.side_files.items():
+            atomic_write_bytes(path.parent / name, data)
         return path
 
     @classmethod
@@ -489,15 +493,19 @@ class Tokenizer:
                             f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
         if kind != "hf":
             return cls(hf, kind)
-        hf_config = {}
-        if (path.parent / HF_CONFIG_FILE).is_file():
-            try:
-                hf_config = json.loads((path.parent / HF_CONFIG_FILE).read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise UserError(f"{path.parent / HF_CONFIG_FILE}: not valid JSON ({e})") from None
-            if not isinstance(hf_config, dict):
-                raise UserError(f"{path.parent / HF_CONFIG_FILE}: not a JSON object")
-        return cls(hf, kind, hf_config=hf_config, raw=raw)
+        side = {name: (path.parent / name).read_bytes() for name in HF_SIDE_FILES if (path.parent / name).is_file()}
+        try:
+            return cls(hf, kind, raw=raw, side_files=side)
+        except UserError as e:
+            raise UserError(f"{path.parent}/{e}") from None
+
+    @property
+    def chat_template(self) -> str | list | None:
+        """An imported model's own (jinja) chat template, if its tokenizer files hold one."""
+        if "chat_template.jinja" in self.side_files:
+            return self.side_files["chat_template.jinja"].decode("utf-8", "replace")
+        spare = _json_object(self.side_files.get("chat_template.json"), "chat_template.json")
+        return self.hf_config.get("chat_template") or spare.get("chat_template")
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
@@ -551,12 +559,26 @@ def _prefix_specials(hf) -> list[int]:
     return []
 
 
+def _json_object(data: bytes | None, name: str) -> dict:
+    if data is None:
+        return {}
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{name}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{name}: not a JSON object")
+    return obj
+
+
 def copy_tokenizer(tokenizer_file: str | os.PathLike, directory: str | os.PathLike) -> None:
-    """Copy tokenizer.json into `directory` byte for byte, with the tokenizer_config.json beside it if any."""
+    """Copy tokenizer.json into `directory` byte for byte, with an "hf" tokenizer's HF_SIDE_FILES beside it."""
     src = Path(tokenizer_file)
     shutil.copyfile(src, Path(directory) / TOKENIZER_FILE)
-    if (src.parent / HF_CONFIG_FILE).is_file() and _kind_of(json.loads(src.read_text(encoding="utf-8"))) == "hf":
-        shutil.copyfile(src.parent / HF_CONFIG_FILE, Path(directory) / HF_CONFIG_FILE)
+    side = [n for n in HF_SIDE_FILES if (src.parent / n).is_file()]
+    if side and _kind_of(json.loads(src.read_text(encoding="utf-8"))) == "hf":
+        for name in side:
+            shutil.copyfile(src.parent / name, Path(directory) / name)
 
 
 class StreamDecoder:
