@@ -349,5 +349,5 @@ def test_tokenizer_the_library_cannot_load_is_refused_in_one_line(llama, tmp_pat
     (src / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(UserError) as e:
         import_hf(src, tmp_path / "run")
-    assert "tokenizers library can load" in str(e.value) and "\n" not in str(e.value)
+    assert "tokenizers library cannot load" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()

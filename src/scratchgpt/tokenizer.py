@@ -489,7 +489,7 @@ class Tokenizer:
         except UserError:
             raise
         except Exception as e:  # tokenizers raises plain Exception for malformed files
-            raise UserError(f"{path}: not a tokenizer.json the tokenizers library can load "
+            raise UserError(f"{path}: not a valid tokenizer.json: the tokenizers library cannot load it "
                             f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
         if kind != "hf":
             return cls(hf, kind)
