@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cli, english_text
+from conftest import cli, english_text, tiny_flags
 from scratchgpt import UserError
 from scratchgpt.checkpoint import load_run
 from scratchgpt.generate import complete, stream
@@ -262,8 +262,8 @@ def test_imported_llama_prepares_fine_tunes_evaluates_and_chats(llama, tmp_path,
     """prepare --tokenizer-from RUN keeps the model's tokenizer (documents as tokenizer(doc) gives them, each
     ended by </s>); eval and finetune sft work on it; the SFT run chats in scratchgpt's template, stopping at </s>."""
     run, ours = llama["run"], llama["ours"]
-    docs = ["First document, with digits 123.", "Second 🙂 document.", "Third one."]
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 30))
+    docs = [f"Document {i}, with digits {i * 37} and 🙂." for i in range(400)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     code, _, err = cli(capsys, "prepare", tmp_path / "docs.jsonl", "--out", tmp_path / "data", "--tokenizer-from", run)
     assert code == 0, err
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
@@ -279,11 +279,17 @@ def test_imported_llama_prepares_fine_tunes_evaluates_and_chats(llama, tmp_path,
             pieces.append(train[start:k])
             start = k + 2
     pieces.append(train[start:])
-    assert {tuple(p) for p in pieces} == {tuple(ours.encode(d)) for d in docs}
+    assert len(pieces) > 200 and {tuple(p) for p in pieces} <= {tuple(ours.encode(d)) for d in docs}
 
     code, out, err = cli(capsys, "eval", run, "--data", tmp_path / "data")
     assert code == 0, err
     assert json.loads(out)["val_loss"] > 0
+    flags = [f for f in tiny_flags(**{"train.max_iters": 2, "train.eval_interval": 2}) if not f.startswith("--model.")]
+    code, _, err = cli(capsys, "train", "--data", tmp_path / "data", "--out", tmp_path / "continued",
+                       "--train.init_from", run, *flags)
+    assert code == 0, err
+    continued = load_run(tmp_path / "continued").tokenizer  # the run carries the model's tokenizer files on
+    assert (continued.kind, continued.eot_id, continued.bos_ids) == ("hf", ours.eot_id, ours.bos_ids)
     # a text file is scored as transformers scores tokenizer(text): <s> first
     text = "Once upon a time there was a tiny model, 42 🙂."
     (tmp_path / "t.txt").write_text(text)
@@ -315,7 +321,8 @@ def test_imported_llama_prepares_fine_tunes_evaluates_and_chats(llama, tmp_path,
 
 
 def test_chat_refuses_a_jinja_chat_template_in_one_line(hub, capsys, monkeypatch):
-    """SmolLM2's folder has a jinja chat template (chat_template.jinja): `chat` refuses it before reading a line.
+    """SmolLM2's folder has a jinja chat template (chat_template.jinja): `chat` refuses it before reading a line,
+    `serve` answers chat requests with that error (400) and plain completions as usual.
     Without one (the others) it chats as plain continuation, <s> first for Llama."""
     import io
 
@@ -331,6 +338,16 @@ def test_chat_refuses_a_jinja_chat_template_in_one_line(hub, capsys, monkeypatch
         code, out, err = cli(capsys, "chat", run, "--device", "cpu")
         assert code != 0 and out == ""
         assert err.startswith("error: ") and "jinja" in err and err.count("\n") == 1
+        pytest.importorskip("fastapi")
+        from fastapi.testclient import TestClient
+
+        from scratchgpt.serve import create_app
+
+        with TestClient(create_app(loaded.gpt, loaded.tokenizer, loaded.config, name="smol")) as client:
+            r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 400 and "jinja" in r.json()["error"]["message"]
+            r = client.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0})
+            assert r.status_code == 200  # plain completions need no template
         return
     assert loaded.tokenizer.chat_template is None
     out = io.StringIO()

@@ -18,7 +18,7 @@ from .checkpoint import load_run
 from .data.readers import read_text
 from .generate import GenerationConfig, resolve_seed, complete, generate, stream
 from .model import GPT, gpt_of
-from .prompts import ChatTemplate, encode_with_eot
+from .prompts import ChatTemplate, encode_with_eot, refuse_jinja_template
 from .quantize import quantize_model
 from .runtime import pick_device
 from .tokenizer import Tokenizer
@@ -52,10 +52,7 @@ def chat(
     gen = gen or GenerationConfig()
     err = err or sys.stderr
     template = ChatTemplate.from_config(config)
-    if template is None and tokenizer.chat_template:
-        raise UserError("this imported model's chat template is a jinja template (its tokenizer_config.json), which "
-                        "scratchgpt does not render: use `scratchgpt sample --prompt`, transformers' "
-                        "apply_chat_template on an exported folder, or `scratchgpt finetune sft` (its result chats)")
+    refuse_jinja_template(tokenizer, template, "chat")
     stop = tuple(gen.stop) + tuple(s for s in (template.stop if template else []) if s not in gen.stop)
     system_ids = tokenizer.bos_ids + (encode_with_eot(tokenizer, template.system) if template else [])
     turns: list[list[int]] = []  # token ids of each finished exchange

@@ -74,6 +74,9 @@ Tokenizer: tokenizer.json is copied as is (it is already a `tokenizers` file) wi
 tokenizer_config.json for `PreTrainedTokenizerFast`. `split_special_tokens: true` keeps
 `<|endoftext|>` inside text as plain characters, exactly as scratchgpt encodes it; the EOT
 id is the config's bos/eos id (append `tokenizer.eos_token_id` to mark a document end).
+An imported model's own tokenizer (kind "hf": tokenizer.py) goes back byte for byte with the
+files that came with it (tokenizer_config.json, chat_template.jinja); config.json's
+bos_token_id is the BOS its post-processor adds (else the eos), eos_token_id its eos.
 
 Import (`import_hf`) reads model.safetensors or a sharded index (fp32, fp16 or bf16; held as
 fp32) for the six classes above and writes a scratchgpt run. Refused in one line: any other
@@ -96,7 +99,13 @@ and the masking value at most -1e4 (GPT-NeoX's `attention.bias` / `attention.mas
 change nothing we compute are ignored: n_ctx (transformers reads n_positions),
 reorder_and_upcast_attn (fp32 attention either way), summary_* (the double-heads model's
 classifier), task_specific_params, bos/eos ids (the tokenizer's `<|endoftext|>` is the EOT).
-Their tokenizer.json (byte-level BPE, `<|endoftext|>` = 50256 as an added token, the BPE
+Tokenizers: any tokenizer.json the `tokenizers` library loads imports (one it cannot load is refused
+in one line); files in scratchgpt's own char/bpe shapes load as those kinds, every other one (Llama's
+byte-fallback BPE, SmolLM2's or Qwen's byte-level BPE with their splits and normalizers...) as kind
+"hf", encoded by `tokenizers` itself, with the tokenizer_config.json and chat template files beside
+it copied into the run. Its eos is tokenizer_config.json's eos_token, else config.json's (or
+generation_config.json's) eos_token_id, which import then writes into the run's tokenizer_config.json.
+GPT-2's tokenizer.json (byte-level BPE, `<|endoftext|>` = 50256 as an added token, the BPE
 model written without a "type" in older files) loads as a scratchgpt bpe tokenizer that
 encodes exactly as transformers' GPT-2 tokenizer does, with one deliberate difference: a
 literal `<|endoftext|>` in text stays plain characters (transformers' default makes it id
@@ -113,7 +122,7 @@ directory: load the base explicitly). Classifier LoRA runs are refused: export t
 
 Public API:
     hf_architecture(cfg, classifier_pooling=None) -> str
-    hf_config(cfg, *, eot_id=None, pad_token_id=None, labels=None) -> dict
+    hf_config(cfg, *, eot_id=None, pad_token_id=None, labels=None, bos_id=None) -> dict
     state_dict_to_hf(cfg, tensors) -> dict[str, Tensor]
     export_checkpoint(ckpt, out, *, which="best", force=False) -> Path
     read_hf_folder(hf_dir) -> (hf config dict, fp32 tensors)

@@ -10,8 +10,9 @@ SFT stores its chat template as `chat_template` in a checkpoint's config.json:
     }
 
 `{prompt}` is replaced literally (no str.format, so other braces are safe). In template
-fields (not in user text) the literal `<|endoftext|>` is encoded as the EOT token id, and as
-a stop string it means "stop at the EOT token". Training (`finetune sft`), `chat`, `sample`
+fields (not in user text) the literal `<|endoftext|>` is encoded as the EOT token id (an
+imported tokenizer's eos, e.g. `</s>`), and as a stop string it means "stop at the EOT token".
+A conversation starts with the tokenizer's BOS ids (an imported Llama's `<s>`; none for ours). Training (`finetune sft`), `chat`, `sample`
 and `serve` all build conversations with `encode_conversation`, so a model is prompted
 exactly as it was trained.
 """
@@ -114,6 +115,18 @@ class ChatTemplate:
         # the message is ordinary text: only the template around it may hold EOT markers
         before, _, after = self.user.partition("{prompt}")
         return encode_with_eot(tokenizer, before) + tokenizer.encode(message) + encode_with_eot(tokenizer, after)
+
+
+def refuse_jinja_template(tokenizer: Tokenizer, template: Optional[ChatTemplate], command: str) -> None:
+    """A one-line UserError for chatting with a run whose only chat template is an imported model's jinja one.
+
+    Plain continuation would ignore the format the model was tuned on, and scratchgpt renders no jinja.
+    """
+    if template is None and tokenizer.chat_template:
+        raise UserError(f"this imported model's chat template is a jinja template (its tokenizer files), which "
+                        f"scratchgpt does not render, so `{command}` cannot prompt it as it was tuned: use `scratchgpt "
+                        "sample --prompt`, transformers' apply_chat_template on an exported folder, or `scratchgpt "
+                        "finetune sft` (the fine-tuned run chats in scratchgpt's template)")
 
 
 def default_template(tokenizer: Tokenizer) -> dict:

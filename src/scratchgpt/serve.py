@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import UserError
 from .checks import bounds
 from .generate import GENERATION_RANGES, MAX_NEW_TOKENS, Completion, GenerationConfig, complete, stream
-from .prompts import ChatTemplate, encode_conversation
+from .prompts import ChatTemplate, encode_conversation, refuse_jinja_template
 
 _GEN = GenerationConfig()  # the defaults shared with `sample`, `chat` and the Python API
 
@@ -282,6 +282,7 @@ class _Server:
 
     def chat_prompt(self, messages: list[ChatMessage], reserve: int) -> list[int]:
         """Token ids of the conversation, ending where the assistant's reply begins."""
+        refuse_jinja_template(self.tokenizer, self.template, "/v1/chat/completions")
         system = [m.text() for m in messages if m.role in ("system", "developer")]
         turns = [(m.role, m.text()) for m in messages if m.role not in ("system", "developer")]
         budget = self.model.cfg.block_size - reserve
