@@ -233,6 +233,25 @@ def test_streaming_never_splits_a_byte_fallback_character(llama):
     assert dec.push(ours.encode("ok🙂")[:-2]) == " ok" and dec.flush() == "" and dec.dropped_bytes == 2
 
 
+def test_streaming_without_decode_stream_prefill(llama, monkeypatch):
+    """tokenizers < 0.22 has DecodeStream without `ids`: stepping through the context instead gives the same text."""
+    from tokenizers import decoders
+
+    real = decoders.DecodeStream
+
+    def old_decode_stream(*args, **kwargs):
+        if "ids" in kwargs:
+            raise TypeError("DecodeStream() got an unexpected keyword argument 'ids'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoders, "DecodeStream", old_decode_stream)
+    ours = llama["ours"]
+    context = ours.bos_ids + ours.encode("Hi there")
+    ids = ours.encode("a🙂b, 12 🚀")
+    dec = ours.stream_decoder(context)
+    assert "".join(dec.push([i]) for i in ids) + dec.flush() == " a🙂b, 12 🚀"
+
+
 def test_export_gives_back_the_hub_tokenizer_files(hub, tmp_path, capsys):
     style, folder, run = hub
     code, _, err = cli(capsys, "export", run, "--out", tmp_path / "hf1")

@@ -623,7 +623,13 @@ class HFStreamDecoder:
         from tokenizers.decoders import DecodeStream
 
         self._hf = tokenizer._hf
-        self._stream = DecodeStream(ids=[int(i) for i in context], skip_special_tokens=False)
+        context = [int(i) for i in context]
+        try:
+            self._stream = DecodeStream(ids=context, skip_special_tokens=False)
+        except TypeError:  # tokenizers < 0.22 has no prefill: step through the context, which ends the same
+            self._stream = DecodeStream(skip_special_tokens=False)
+            for i in context:
+                self._stream.step(self._hf, i)
         self._pending = 0  # ids pushed whose text is not out yet
         self.dropped_bytes = 0
 
