@@ -83,6 +83,20 @@ def poison_loss(monkeypatch, at_calls, factor: float = float("nan")) -> dict:
     return calls
 
 
+def randomize(model, seed: int, scale: float = 0.1) -> None:
+    """Weights far from init (norm weights away from 1, nonzero biases), so every mapped tensor matters."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.dim() == 1:
+                p.copy_(1 + 0.3 * noise if name.endswith("weight") else 0.3 * noise)
+            else:
+                p.copy_(scale * noise)
+
+
 def tiny_flags(**overrides) -> list[str]:
     """Flags for a 2-layer, 32-dim model that trains in a second or two, on the CPU in fp32."""
     cfg = {"model." + k: v for k, v in TINY.items()}

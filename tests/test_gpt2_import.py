@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import cli, english_text, tiny_flags
+from conftest import cli, english_text, randomize, tiny_flags
 from scratchgpt import UserError
 from scratchgpt.checkpoint import load_run
 from scratchgpt.generate import generate_tokens
@@ -99,14 +99,7 @@ def hub_gpt2(tmp_path_factory) -> Path:
                                      activation_function="gelu_new")
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():  # weights far from init (biases, norm gains), so every tensor's mapping matters
-        g = torch.Generator().manual_seed(1)
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.dim() == 1:
-                p.copy_(1 + 0.3 * noise if name.endswith("weight") else 0.3 * noise)
-            else:
-                p.copy_(0.15 * noise)
+    randomize(model, 1, scale=0.15)  # weights far from init (biases, norm gains): every tensor's mapping matters
     tmp = tmp_path_factory.mktemp("saved")
     model.save_pretrained(tmp, safe_serialization=True)
     tensors = {k.removeprefix("transformer."): v for k, v in load_file(tmp / "model.safetensors").items()}

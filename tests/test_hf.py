@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import english_text
+from conftest import english_text, randomize
 from scratchgpt import UserError
 from scratchgpt.checkpoint import load_model, save_checkpoint
 from scratchgpt.generate import generate_tokens
@@ -79,18 +79,6 @@ def char_tok():
     return train_char_tokenizer([english_text(30_000), *TEXTS])
 
 
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights far from init (norm weights away from 1, nonzero biases), so every mapped tensor matters."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        if p.dim() == 1:
-            p.copy_(1 + 0.3 * noise if name.endswith("weight") else 0.3 * noise)
-        else:
-            p.copy_(0.1 * noise)
-
-
 def make_run(tmp: Path, tok, options: dict, seed: int = 0, extra: dict | None = None) -> tuple[Path, GPT]:
     """A run dir with one checkpoint (best = latest) of a randomized model and `tok`."""
     cfg = ModelConfig(vocab_size=tok.vocab_size, **{**SMALL, **options})
@@ -117,6 +105,17 @@ def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
     out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                             eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def assert_same_lm(ours: GPT, theirs, vocab: int) -> None:
+    """fp32 logits within 1e-4 on random tokens (spread enough to matter), and 50 greedy tokens alike."""
+    x = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = theirs(x).logits
+        assert ref.abs().max() > 1.0
+        assert max_diff(ours(x), ref) <= 1e-4
+    prompt = x[0, :8].tolist()
+    assert generate_tokens(ours, [prompt], temperature=0, max_new_tokens=50)[0] == hf_greedy(theirs, prompt, 50)
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,13 +313,7 @@ def test_import_matches_transformers(tmp_path, transformers, bpe_tok, family, dt
     run = import_hf(src, tmp_path / "run")
     ours, _, _ = load_model(run)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    x = torch.randint(0, bpe_tok.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref = theirs(x).logits
-        assert ref.abs().max() > 1.0
-        assert max_diff(ours(x), ref) <= 1e-4
-    prompt = x[0, :8].tolist()
-    assert generate_tokens(ours, [prompt], temperature=0, max_new_tokens=50)[0] == hf_greedy(theirs, prompt, 50)
+    assert_same_lm(ours, theirs, bpe_tok.vocab_size)
 
 
 def test_read_hf_folder_widens_half_precision(tmp_path, transformers):
@@ -369,13 +362,7 @@ def test_gqa_folder_imports_and_round_trips(tmp_path, transformers, bpe_tok, fam
     assert (ours.cfg.n_head, ours.cfg.n_kv_head, ours.cfg.norm_eps) == (2, 1, eps)
     assert config["model"]["n_kv_head"] == 1 and config["model"]["norm_eps"] == eps
     theirs = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
-    x = torch.randint(0, bpe_tok.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref = theirs(x).logits
-        assert ref.abs().max() > 1.0
-        assert max_diff(ours(x), ref) <= 1e-4
-    prompt = x[0, :8].tolist()
-    assert generate_tokens(ours, [prompt], temperature=0, max_new_tokens=50)[0] == hf_greedy(theirs, prompt, 50)
+    assert_same_lm(ours, theirs, bpe_tok.vocab_size)
     first = export_checkpoint(run, tmp_path / "hf1")
     hf_cfg = json.loads((first / "config.json").read_text())
     assert (hf_cfg["num_key_value_heads"], hf_cfg["rms_norm_eps"]) == (1, eps)
