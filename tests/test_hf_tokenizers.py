@@ -339,39 +339,31 @@ def test_imported_llama_prepares_fine_tunes_evaluates_and_chats(llama, tmp_path,
     assert out.getvalue().endswith("\n")
 
 
-def test_chat_refuses_a_jinja_chat_template_in_one_line(hub, capsys, monkeypatch):
-    """SmolLM2's folder has a jinja chat template (chat_template.jinja): `chat` refuses it before reading a line,
-    `serve` answers chat requests with that error (400) and plain completions as usual.
+def test_chat_uses_the_jinja_chat_template_else_plain_continuation(hub, capsys, monkeypatch):
+    """SmolLM2's folder has a jinja chat template (chat_template.jinja): `chat` prompts with it, as
+    transformers' apply_chat_template does (test_chat_templates.py checks that in depth).
     Without one (the others) it chats as plain continuation, <s> first for Llama."""
     import io
 
     from scratchgpt.chat import chat
     from scratchgpt.generate import GenerationConfig
+    from scratchgpt.prompts import JinjaChatTemplate
 
     style, folder, run = hub
     loaded = load_run(run)
     gen = GenerationConfig(temperature=0, max_new_tokens=4)
-    if style == "smollm":
-        assert loaded.tokenizer.chat_template == (folder / "chat_template.jinja").read_text() == CHAT_TEMPLATE
-        monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
-        code, out, err = cli(capsys, "chat", run, "--device", "cpu")
-        assert code != 0 and out == ""
-        assert err.startswith("error: ") and "jinja" in err and err.count("\n") == 1
-        pytest.importorskip("fastapi")
-        from fastapi.testclient import TestClient
-
-        from scratchgpt.serve import create_app
-
-        with TestClient(create_app(loaded.gpt, loaded.tokenizer, loaded.config, name="smol")) as client:
-            r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-            assert r.status_code == 400 and "jinja" in r.json()["error"]["message"]
-            r = client.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0})
-            assert r.status_code == 200  # plain completions need no template
-        return
-    assert loaded.tokenizer.chat_template is None
     out = io.StringIO()
     chat(loaded.gpt, loaded.tokenizer, loaded.config, ["Once upon a time\n"], out, gen)
-    [c] = complete(loaded.gpt, loaded.tokenizer, ["Once upon a time\n"], gen)  # the same prompt: BOS + text
+    if style == "smollm":
+        assert loaded.tokenizer.chat_template == (folder / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+        messages = [{"role": "user", "content": "Once upon a time"}]
+        ids = JinjaChatTemplate.of(loaded.tokenizer, loaded.config).encode(messages)
+        auto = transformers.AutoTokenizer.from_pretrained(folder)
+        assert ids == auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        [c] = complete(loaded.gpt, loaded.tokenizer, [ids], gen)
+    else:
+        assert loaded.tokenizer.chat_template is None
+        [c] = complete(loaded.gpt, loaded.tokenizer, ["Once upon a time\n"], gen)  # the same prompt: BOS + text
     assert out.getvalue() == c.text + "\n"
 
 

@@ -1,8 +1,11 @@
 """`scratchgpt sample` and `scratchgpt chat`: text from a trained run, on the command line.
 
 A run fine-tuned with a chat template (`finetune sft`) answers inside that template in both;
-`sample --raw` continues text as given. Chat is plain continuation of one running text
-without a template: each message plus a newline is appended, then the reply. A LoRA run works
+`sample --raw` continues text as given. An imported instruct model chats in its own jinja chat
+template (prompts.JinjaChatTemplate: transformers' apply_chat_template, the whole conversation
+re-rendered each turn) and a reply ends at any of its eos ids (`Tokenizer.stop_ids`). Chat is
+plain continuation of one running text without a template: each message plus a newline is
+appended, then the reply. A LoRA run works
 directly (the loader applies its adapter); a classifier is refused in one line.
 """
 
@@ -18,7 +21,7 @@ from .checkpoint import load_run
 from .data.readers import read_text
 from .generate import GenerationConfig, resolve_seed, complete, generate, stream
 from .model import GPT, gpt_of
-from .prompts import ChatTemplate, encode_with_eot, refuse_jinja_template
+from .prompts import ChatTemplate, JinjaChatTemplate, encode_with_eot, fit_messages
 from .quantize import quantize_model
 from .runtime import pick_device
 from .tokenizer import Tokenizer
@@ -52,7 +55,7 @@ def chat(
     gen = gen or GenerationConfig()
     err = err or sys.stderr
     template = ChatTemplate.from_config(config)
-    refuse_jinja_template(tokenizer, template, "chat")
+    jinja = JinjaChatTemplate.of(tokenizer, config)  # an imported instruct model's own template
     stop = tuple(gen.stop) + tuple(s for s in (template.stop if template else []) if s not in gen.stop)
     system_ids = tokenizer.bos_ids + (encode_with_eot(tokenizer, template.system) if template else [])
     turns: list[list[int]] = []  # token ids of each finished exchange
@@ -63,8 +66,10 @@ def chat(
     def note(msg: str) -> None:
         print(f"note: {msg}", file=err)
 
+    messages: list[dict] = []  # the conversation so far, for a jinja template (re-rendered whole each turn)
     if interactive:
-        kind = "chat template" if template else "plain continuation (no chat template in this checkpoint)"
+        kind = "the imported model's chat template" if jinja else "chat template" if template else \
+            "plain continuation (no chat template in this checkpoint)"
         print(f"chat: {kind}; /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply", file=err)
     for line in lines:
         msg = line.rstrip("\r\n")
@@ -72,20 +77,29 @@ def chat(
             break
         if msg.strip() == "/reset":
             turns.clear()
+            messages.clear()
             print("(history cleared)", file=err)
             continue
-        try:
-            user_ids = template.user_ids(tokenizer, msg) if template else tokenizer.encode(msg + "\n")
-        except UserError as e:  # e.g. characters a char tokenizer doesn't know: this message only
-            print(f"error: {e}", file=err)
-            continue
-        dropped = 0
-        while turns and len(system_ids) + sum(map(len, turns)) + len(user_ids) > bs - reserve:
-            turns.pop(0)
-            dropped += 1
+        if jinja:
+            try:  # (a template's raise_exception, or a message it cannot keep plain: this message only)
+                prompt, kept = fit_messages(jinja, messages + [{"role": "user", "content": msg}], bs - reserve)
+            except UserError as e:
+                print(f"error: {e}", file=err)
+                continue
+            dropped, messages = (len(messages) + 1 - len(kept)) // 2, kept
+        else:
+            try:
+                user_ids = template.user_ids(tokenizer, msg) if template else tokenizer.encode(msg + "\n")
+            except UserError as e:  # e.g. characters a char tokenizer doesn't know: this message only
+                print(f"error: {e}", file=err)
+                continue
+            dropped = 0
+            while turns and len(system_ids) + sum(map(len, turns)) + len(user_ids) > bs - reserve:
+                turns.pop(0)
+                dropped += 1
+            prompt = system_ids + [t for turn in turns for t in turn] + user_ids
         if dropped:
             note(f"dropped the {dropped} oldest turn(s) to fit the context of {bs} tokens")
-        prompt = system_ids + [t for turn in turns for t in turn] + user_ids
         seed = gen.seed + n_reply if gen.seed is not None else None
         s = stream(model, tokenizer, prompt, replace(gen, stop=stop, seed=seed), note=note)
         try:
@@ -99,7 +113,9 @@ def chat(
         out.flush()
         n_reply += 1
         reply = s.text
-        if template:
+        if jinja:
+            messages.append({"role": "assistant", "content": reply})
+        elif template:
             turns.append(user_ids + tokenizer.encode(reply) + encode_with_eot(tokenizer, template.assistant_end))
         else:
             turns.append(user_ids + tokenizer.encode(reply if reply.endswith("\n") or not reply else reply + "\n"))

@@ -85,7 +85,8 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     """Stop strings: the text ends before the first one (\\n and \\t escapes are understood)."""
     stop_tokens: Optional[tuple[int, ...]] = field(default=None, metadata={"cli": False})
-    """Token ids that end the text; null: the tokenizer's <|endoftext|>, if it has one."""
+    """Token ids that end the text; null: the tokenizer's stop ids (its <|endoftext|> or eos, and an imported
+    model's other eos ids)."""
     seed: Optional[int] = None
     """The same seed gives the same text; null: a fresh random seed. Any integer (reduced to 63 bits)."""
     use_cache: bool = field(default=True, metadata={"cli": False})
@@ -147,10 +148,10 @@ def _stderr_note(msg: str) -> None:
 
 
 def _stops(tokenizer: Tokenizer, gen: GenerationConfig) -> tuple[set[int], list[str]]:
-    """Stop token ids and stop strings; the stop string `<|endoftext|>` also stops at the EOT id."""
-    ids = set(gen.stop_tokens) if gen.stop_tokens is not None else set()
-    if gen.stop_tokens is None and tokenizer.eot_id is not None:
-        ids.add(tokenizer.eot_id)
+    """Stop token ids and stop strings; the stop string `<|endoftext|>` also stops at the EOT id.
+
+    By default the tokenizer's stop ids: its EOT, and an imported model's other eos ids (Llama 3's list)."""
+    ids = set(gen.stop_tokens) if gen.stop_tokens is not None else set(tokenizer.stop_ids)
     strings = [s for s in gen.stop if s]
     if EOT in strings and tokenizer.eot_id is not None:
         ids.add(tokenizer.eot_id)

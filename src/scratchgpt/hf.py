@@ -105,6 +105,8 @@ byte-fallback BPE, SmolLM2's or Qwen's byte-level BPE with their splits and norm
 "hf", encoded by `tokenizers` itself, with the tokenizer_config.json and chat template files beside
 it copied into the run. Its eos is tokenizer_config.json's eos_token, else config.json's (or
 generation_config.json's) eos_token_id, which import then writes into the run's tokenizer_config.json.
+The model's generation_config.json (else one holding config.json's eos_token_id) goes beside it too:
+its eos_token_id list (Llama 3 Instruct's <|eot_id|>) also ends generated text (Tokenizer.stop_ids).
 GPT-2's tokenizer.json (byte-level BPE, `<|endoftext|>` = 50256 as an added token, the BPE
 model written without a "type" in older files) loads as a scratchgpt bpe tokenizer that
 encodes exactly as transformers' GPT-2 tokenizer does, with one deliberate difference: a
@@ -156,7 +158,7 @@ from .checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FI
                          weights_sha256)
 from .lora import LORA_TARGETS
 from .model import GPT, LAYERNORM_EPS, RMSNORM_EPS, ModelConfig
-from .tokenizer import EOT, HF_CONFIG_FILE, UNK, Tokenizer, copy_tokenizer
+from .tokenizer import EOT, HF_CONFIG_FILE, HF_GENERATION_FILE, UNK, Tokenizer, copy_tokenizer
 from .utils import atomic_write, atomic_write_bytes, atomic_write_json, read_json, replace_dir, sha256_file
 
 __all__ = [
@@ -1353,6 +1355,18 @@ def _eos_from_config(hf_dir: Path, tok: Tokenizer) -> Optional[str]:
     return None
 
 
+def _generation_file(hf_dir: Path) -> Optional[bytes]:
+    """The model folder's generation_config.json (its eos_token_id, a list for Llama 3 Instruct), else one
+    holding config.json's eos_token_id (transformers' generate falls back to it the same way)."""
+    if (hf_dir / HF_GENERATION_FILE).is_file():
+        return (hf_dir / HF_GENERATION_FILE).read_bytes()
+    try:
+        eos = read_json(hf_dir / "config.json").get("eos_token_id")
+    except (OSError, ValueError):
+        return None
+    return _json_bytes({"eos_token_id": eos}) if eos is not None else None
+
+
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: Optional[str | os.PathLike] = None,
               force: bool = False) -> Path:
     """Write a scratchgpt run (out/config.json, out/best, out/latest) from a transformers model folder.
@@ -1376,6 +1390,9 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: O
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"{tok_path}: {tok.vocab_size} tokens, but the model has only {cfg.vocab_size} embeddings")
     eos = _eos_from_config(hf_dir, tok) if tok.kind == "hf" and tok.eot_id is None else None
+    generation = _generation_file(hf_dir) if tok.kind == "hf" else None
+    if generation == tok.side_files.get(HF_GENERATION_FILE):
+        generation = None  # copied with the tokenizer already
     model = GPT(cfg)
     if cfg.tie_embeddings:
         sd = dict(sd, **{"lm_head.weight": sd["transformer.wte.weight"]})
@@ -1388,10 +1405,13 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: O
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if eos is not None:  # the run's tokenizer_config.json names it, so every later copy stops there too
+        if eos is not None or generation is not None:
             (tmp / "tokenizer").mkdir()
             copy_tokenizer(tok_path, tmp / "tokenizer")
-            atomic_write_json(tmp / "tokenizer" / HF_CONFIG_FILE, dict(tok.hf_config, eos_token=eos))
+            if eos is not None:  # the run's tokenizer_config.json names it, so every later copy stops there too
+                atomic_write_json(tmp / "tokenizer" / HF_CONFIG_FILE, dict(tok.hf_config, eos_token=eos))
+            if generation is not None:  # the model's eos ids (Llama 3's list) end its turns wherever the run goes
+                atomic_write_bytes(tmp / "tokenizer" / HF_GENERATION_FILE, generation)
             tok_path = tmp / "tokenizer" / TOKENIZER_FILE
         save_checkpoint(tmp, model=model, optimizer=None, state={"step": 0, "tokens": 0, "best_val_loss": None},
                         config=config, tokenizer_file=tok_path, is_best=True)

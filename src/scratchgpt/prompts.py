@@ -15,11 +15,16 @@ imported tokenizer's eos, e.g. `</s>`), and as a stop string it means "stop at t
 A conversation starts with the tokenizer's BOS ids (an imported Llama's `<s>`; none for ours). Training (`finetune sft`), `chat`, `sample`
 and `serve` all build conversations with `encode_conversation`, so a model is prompted
 exactly as it was trained.
+
+An imported instruct model without such a template chats in its own jinja chat template
+(`JinjaChatTemplate`: rendered and encoded as transformers' apply_chat_template does).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -117,16 +122,162 @@ class ChatTemplate:
         return encode_with_eot(tokenizer, before) + tokenizer.encode(message) + encode_with_eot(tokenizer, after)
 
 
-def refuse_jinja_template(tokenizer: Tokenizer, template: Optional[ChatTemplate], command: str) -> None:
-    """A one-line UserError for chatting with a run whose only chat template is an imported model's jinja one.
+# -- an imported model's own (jinja) chat template ------------------------------------------------------------
+# Rendered as transformers' tokenizer.apply_chat_template(messages, add_generation_prompt=True) renders it, then
+# encoded with its control tokens (the template's <|im_start|>, <|eot_id|>...) as their ids. A special-token string
+# typed in a MESSAGE stays plain characters, as everywhere in scratchgpt (a user can't forge a turn): this is
+# transformers' apply_chat_template(..., sanitize_control_tokens=True), whose marker scheme is mirrored below.
+_MARK_START, _MARK_END = "\U000f0000", "\U000f0001"  # transformers' _CONTROL_TOKEN_START/_END (private use)
 
-    Plain continuation would ignore the format the model was tuned on, and scratchgpt renders no jinja.
-    """
-    if template is None and tokenizer.chat_template:
-        raise UserError(f"this imported model's chat template is a jinja template (its tokenizer files), which "
-                        f"scratchgpt does not render, so `{command}` cannot prompt it as it was tuned: use `scratchgpt "
-                        "sample --prompt`, transformers' apply_chat_template on an exported folder, or `scratchgpt "
-                        "finetune sft` (the fine-tuned run chats in scratchgpt's template)")
+
+def _compile_jinja(source: str):
+    """transformers.utils.chat_template_utils._cached_compile_jinja_template's sandboxed environment: the same
+    options (trim_blocks, lstrip_blocks, loopcontrols), filter (tojson) and globals (raise_exception,
+    strftime_now, dict, namespace); its {% generation %} tag (assistant masks) is left out."""
+    from datetime import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class TemplateDict:  # dict() without attribute access to the dict type itself
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):  # no underscore-prefixed attributes (CPython internals)
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot set attribute {name!r} on a namespace")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f),
+                       dict=TemplateDict(), namespace=TemplateNamespace)
+    ast = env.parse(source)
+    # transformers' _get_template_literal_text: the added tokens the template writes itself are control tokens
+    literals = {n.data for n in ast.find_all(jinja2.nodes.TemplateData)}
+    literals |= {n.value for n in ast.find_all(jinja2.nodes.Const) if isinstance(n.value, str)}
+    return env.from_string(source), "\0".join(literals)
+
+
+class JinjaChatTemplate:
+    """An imported model's jinja chat template (its tokenizer files' `chat_template`), rendered and encoded as
+    transformers does. A template that doesn't compile or render is a one-line UserError naming jinja's error."""
+
+    def __init__(self, tokenizer: Tokenizer, source: str | list) -> None:
+        if isinstance(source, list):  # named templates: transformers uses "default" when no name is asked for
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            source = named.get("default")
+            if not isinstance(source, str):
+                raise UserError("the imported chat template is a list without a \"default\" template")
+        self.tokenizer = tokenizer
+        self.variables = tokenizer.special_tokens()  # bos_token, eos_token...: as transformers passes them
+        try:
+            self._template, literal_text = _compile_jinja(source)
+        except Exception as e:  # jinja's TemplateSyntaxError and friends
+            raise UserError(f"the imported model's jinja chat template does not compile: {_jinja_error(e)}") from None
+        added = {t.content: (i, t) for i, t in tokenizer.added_tokens().items()}
+        control = [c for c, (_, t) in added.items() if t.special or (c in literal_text and not c.isspace())]
+        self._control_re = _alternation(control)
+        self._markers_re = re.compile(f"{_MARK_START}({_alternation(list(added)).pattern}){_MARK_END}"
+                                      f"|[{_MARK_START}{_MARK_END}]")
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, config: dict) -> Optional["JinjaChatTemplate"]:
+        """The run's jinja template, if chat should use one: an imported model's, unless SFT gave the run
+        scratchgpt's own ChatTemplate (that one is what it was tuned on)."""
+        if config.get("chat_template") or not tokenizer.chat_template:
+            return None
+        return cls(tokenizer, tokenizer.chat_template)
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The text apply_chat_template(messages, add_generation_prompt=..., tokenize=False) gives."""
+        return self._render([{k: v for k, v in m.items() if v is not None} for m in messages], add_generation_prompt)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            return self._template.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self.variables)
+        except Exception as e:  # TemplateError from raise_exception, or a template bug (UndefinedError, TypeError...)
+            raise UserError(f"the imported model's jinja chat template failed: {_jinja_error(e)}") from None
+
+    def encode(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids for `messages`: apply_chat_template(..., add_generation_prompt=True, tokenize=True,
+        sanitize_control_tokens=True) (transformers' encode_marked_chat). Without control-token strings in the
+        messages that is exactly its default (sanitize_control_tokens=False) too."""
+        marked = [{k: self._mark(v) for k, v in m.items() if v is not None} for m in messages]
+        pieces = self._markers_re.split(self._render(marked, add_generation_prompt))
+        tok = self.tokenizer
+        ids = tok.encode_with_special_tokens(pieces[0])
+        newline = tok.encode_with_special_tokens("\n")
+        for i, piece in enumerate(pieces[1:], start=1):
+            if not piece:
+                continue
+            as_text = i % 2 == 1  # a control token from a message: plain characters
+            encode = tok.encode if as_text else tok.encode_with_special_tokens
+            # after a newline, so SentencePiece adds no prefix space (transformers' _encode_chat_piece)
+            piece_ids = encode("\n" + piece)
+            piece_ids = piece_ids[len(newline):] if piece_ids[:len(newline)] == newline else encode(piece)
+            if as_text and tok.token_to_id(piece) in piece_ids:
+                raise UserError(f"cannot keep {piece!r} in a message as plain text: this tokenizer makes it its token")
+            ids += piece_ids
+        return ids
+
+    def _mark(self, value):
+        # transformers' mark_control_tokens: control tokens in message strings between private markers
+        if isinstance(value, str):
+            value = value.replace(_MARK_START, "").replace(_MARK_END, "")
+            return self._control_re.sub(f"{_MARK_START}\\g<0>{_MARK_END}", value)
+        if isinstance(value, dict):
+            return {k: self._mark(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._mark(v) for v in value]
+        return value
+
+
+def fit_messages(template: JinjaChatTemplate, messages: Sequence[dict], budget: int) -> tuple[list[int], list[dict]]:
+    """The conversation's prompt ids, re-rendered whole, and its messages after dropping the oldest turns (never a
+    system message; the rest still starts with a user message) until it fits in `budget` tokens or one is left."""
+    system = [m for m in messages if m.get("role") == "system"]
+    rest = [m for m in messages if m.get("role") != "system"]
+    while True:
+        ids = template.encode(system + rest)
+        if len(ids) <= budget or len(rest) <= 1:
+            return ids, system + rest
+        rest = rest[1:]
+        while len(rest) > 1 and rest[0].get("role") != "user":
+            rest = rest[1:]
+
+
+def _alternation(strings: list[str]) -> re.Pattern:
+    """A regex matching any of `strings`, longer ones first (so a token wins over the tokens it contains)."""
+    return re.compile("|".join(map(re.escape, sorted(strings, key=len, reverse=True))) or "(?!)")
+
+
+def _jinja_error(e: Exception) -> str:
+    where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+    return f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}{where}"
 
 
 def default_template(tokenizer: Tokenizer) -> dict:

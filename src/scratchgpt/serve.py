@@ -14,7 +14,8 @@ with a 400 rather than silently ignored. `stream: true` answers with server-sent
 (`data: {chunk}` lines, then `data: [DONE]`).
 
 Chat prompts use the checkpoint's chat template when it has one (written by `finetune sft`),
-laid out exactly as SFT trained on them; without one, messages are joined as lines of plain
+laid out exactly as SFT trained on them; an imported instruct model's own jinja template is
+rendered as transformers' apply_chat_template renders it (prompts.JinjaChatTemplate); without one, messages are joined as lines of plain
 text, as `scratchgpt chat` does. Turns that don't fit the context are dropped oldest first.
 
 The model is loaded once. Generation is CPU-bound and not batched across requests, so
@@ -43,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import UserError
 from .checks import bounds
 from .generate import GENERATION_RANGES, MAX_NEW_TOKENS, Completion, GenerationConfig, complete, stream
-from .prompts import ChatTemplate, encode_conversation, refuse_jinja_template
+from .prompts import ChatTemplate, JinjaChatTemplate, encode_conversation, fit_messages
 
 _GEN = GenerationConfig()  # the defaults shared with `sample`, `chat` and the Python API
 
@@ -245,6 +246,13 @@ class _Server:
         self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
         self.max_tokens_limit, self.max_queue, self.request_timeout = max_tokens_limit, max_queue, request_timeout
         self.template = ChatTemplate.from_config(config)  # a malformed template fails at startup, not per request
+        # an imported instruct model's jinja template; one that doesn't compile fails chat requests (400) only
+        self.jinja: Optional[JinjaChatTemplate] = None
+        self.jinja_error: Optional[UserError] = None
+        try:
+            self.jinja = JinjaChatTemplate.of(tokenizer, config)
+        except UserError as e:
+            self.jinja_error = e
         self.created = int(time.time())
         self.lock = asyncio.Lock()
         self.pending = 0  # admitted requests: the one generating and those waiting for the model
@@ -282,10 +290,14 @@ class _Server:
 
     def chat_prompt(self, messages: list[ChatMessage], reserve: int) -> list[int]:
         """Token ids of the conversation, ending where the assistant's reply begins."""
-        refuse_jinja_template(self.tokenizer, self.template, "/v1/chat/completions")
+        budget = self.model.cfg.block_size - reserve
+        if self.jinja_error is not None:
+            raise self.jinja_error
+        if self.jinja is not None:  # the template sees a developer message as the system message it is
+            return fit_messages(self.jinja, [{"role": "system" if m.role == "developer" else m.role,
+                                              "content": m.text()} for m in messages], budget)[0]
         system = [m.text() for m in messages if m.role in ("system", "developer")]
         turns = [(m.role, m.text()) for m in messages if m.role not in ("system", "developer")]
-        budget = self.model.cfg.block_size - reserve
         while True:
             ids = self._encode_chat(system, turns)
             if len(ids) <= budget or len(turns) == 1:

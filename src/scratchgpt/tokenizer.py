@@ -18,7 +18,8 @@
   strings inside text are plain characters (transformers' ``split_special_tokens=True``).
   Its end-of-text token (``eot_id``) is the ``eos_token`` of the transformers
   ``tokenizer_config.json`` kept beside tokenizer.json with the model's chat template files
-  (`HF_SIDE_FILES`, carried byte for byte wherever tokenizer.json goes; import writes them).
+  and generation_config.json (`HF_SIDE_FILES`, carried byte for byte wherever tokenizer.json
+  goes; import writes them); ``stop_ids`` adds the latter's eos_token_id list (Llama 3's).
 
 Encoding char and bpe does not go through ``tokenizers`` for whole texts: its byte-level regex
 runs at ~1.5 MB/s per core, while splitting with the stdlib ``re`` and caching the
@@ -50,9 +51,13 @@ EOT = "<|endoftext|>"
 UNK = "<unk>"
 TOKENIZER_FILE = "tokenizer.json"
 # transformers' tokenizer settings (eos_token, chat_template...), kept beside an "hf" tokenizer.json with
-# the chat template files transformers >= 4.4x writes apart from it
+# the chat template files transformers >= 4.4x writes apart from it, and the model's generation_config.json
+# (its eos_token_id list: the ids that end a turn, e.g. Llama 3's <|end_of_text|> and <|eot_id|>)
 HF_CONFIG_FILE = "tokenizer_config.json"
-HF_SIDE_FILES = (HF_CONFIG_FILE, "chat_template.jinja", "chat_template.json")
+HF_GENERATION_FILE = "generation_config.json"
+HF_SIDE_FILES = (HF_CONFIG_FILE, "chat_template.jinja", "chat_template.json", HF_GENERATION_FILE)
+# the special-token names transformers passes to a chat template (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES)
+HF_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Byte-level BPE needs the 256 byte symbols plus <|endoftext|>.
 MIN_BPE_VOCAB = 257
 MAX_VOCAB = 2**31 - 1
@@ -65,6 +70,7 @@ __all__ = [
     "UNK",
     "HF_CONFIG_FILE",
     "HF_SIDE_FILES",
+    "HF_GENERATION_FILE",
     "Tokenizer",
     "StreamDecoder",
     "copy_tokenizer",
@@ -320,6 +326,7 @@ class Tokenizer:
         self.unk_id = vocab.get(UNK) if kind == "char" else None
         self.bos_ids = []
         self._token_bytes: list[bytes] | None = None
+        self._hf_specials = None
         if kind == "hf":
             hf.encode_special_tokens = True  # "<s>" typed in text is text, as with the other kinds
             self.bos_ids = _prefix_specials(hf)
@@ -339,9 +346,44 @@ class Tokenizer:
             self._pieces = _PieceCache(lambda ps: [e.ids for e in fast(ps, add_special_tokens=False)])
 
     def _hf_eos(self) -> int | None:
-        eos = self.hf_config.get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos  # older files: an AddedToken dict
-        return self._hf.token_to_id(eos) if isinstance(eos, str) else None
+        eos = self.special_tokens().get("eos_token")
+        return self._hf.token_to_id(eos) if eos is not None else None
+
+    def special_tokens(self) -> dict[str, str]:
+        """An "hf" tokenizer's named special tokens from tokenizer_config.json ({"eos_token": "</s>", ...})."""
+        out = {}
+        for name in HF_SPECIAL_TOKEN_NAMES:
+            value = self.hf_config.get(name)
+            value = value.get("content") if isinstance(value, dict) else value  # older files: an AddedToken dict
+            if isinstance(value, str):
+                out[name] = value
+        return out
+
+    def added_tokens(self) -> dict:
+        """The tokenizer file's added tokens, {id: tokenizers.AddedToken} (.content, .special)."""
+        return dict(self._hf.get_added_tokens_decoder())
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end generated text: `eot_id`, then an imported model's other eos ids (its
+        generation_config.json's eos_token_id list, e.g. Llama 3 Instruct's <|eot_id|> beside <|end_of_text|>)."""
+        ids = [] if self.eot_id is None else [self.eot_id]
+        eos = _json_object(self.side_files.get(HF_GENERATION_FILE), HF_GENERATION_FILE).get("eos_token_id")
+        for i in eos if isinstance(eos, list) else [eos]:
+            if type(i) is int and 0 <= i < self.vocab_size and i not in ids:
+                ids.append(i)
+        return ids
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """Encode an "hf" tokenizer's text in which special-token strings ARE the special tokens (a chat
+        template's own text; message text keeps them plain: `encode`), as transformers' tokenizer(text,
+        add_special_tokens=False) does."""
+        if self.kind != "hf":
+            raise ValueError("encode_with_special_tokens is for imported (hf) tokenizers")
+        if self._hf_specials is None:  # a second copy that honours them (a shared flag would race in serve)
+            self._hf_specials = type(self._hf).from_str(self._raw or self._hf.to_str())
+            self._hf_specials.encode_special_tokens = False
+        return self._hf_specials.encode(text, add_special_tokens=False).ids
 
     @property
     def eot_token(self) -> str | None:
