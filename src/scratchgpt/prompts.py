@@ -197,10 +197,11 @@ class JinjaChatTemplate:
             self._template, literal_text = _compile_jinja(source)
         except Exception as e:  # jinja's TemplateSyntaxError and friends
             raise UserError(f"the imported model's jinja chat template does not compile: {_jinja_error(e)}") from None
-        added = {t.content: (i, t) for i, t in tokenizer.added_tokens().items()}
-        control = [c for c, (_, t) in added.items() if t.special or (c in literal_text and not c.isspace())]
-        self._control_re = _alternation(control)
-        self._markers_re = re.compile(f"{_MARK_START}({_alternation(list(added)).pattern}){_MARK_END}"
+        added = list(tokenizer.added_tokens().values())
+        # transformers' _get_control_tokens: special tokens, and added tokens the template writes (not whitespace)
+        self._control_re = _alternation([t.content for t in added if t.special or
+                                         (t.content in literal_text and not t.content.isspace())])
+        self._markers_re = re.compile(f"{_MARK_START}({_alternation([t.content for t in added]).pattern}){_MARK_END}"
                                       f"|[{_MARK_START}{_MARK_END}]")
 
     @classmethod
@@ -235,10 +236,10 @@ class JinjaChatTemplate:
             if not piece:
                 continue
             as_text = i % 2 == 1  # a control token from a message: plain characters
-            encode = tok.encode if as_text else tok.encode_with_special_tokens
+            enc = tok.encode if as_text else tok.encode_with_special_tokens
             # after a newline, so SentencePiece adds no prefix space (transformers' _encode_chat_piece)
-            piece_ids = encode("\n" + piece)
-            piece_ids = piece_ids[len(newline):] if piece_ids[:len(newline)] == newline else encode(piece)
+            piece_ids = enc("\n" + piece)
+            piece_ids = piece_ids[len(newline):] if piece_ids[:len(newline)] == newline else enc(piece)
             if as_text and tok.token_to_id(piece) in piece_ids:
                 raise UserError(f"cannot keep {piece!r} in a message as plain text: this tokenizer makes it its token")
             ids += piece_ids
