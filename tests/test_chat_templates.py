@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, english_text
+from conftest import cli, english_text, randomize
 from scratchgpt import UserError
 from scratchgpt.checkpoint import load_run
 from scratchgpt.generate import GenerationConfig, complete
@@ -85,11 +85,8 @@ def hub_folder(folder: Path, style: str) -> Path:
                                       eos_token_id=eos if len(eos) > 1 else eos[0])
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
+    randomize(model, 1, scale=0.3)
     with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.3 * noise if p.dim() == 1 else 0.3 * noise)
         model.model.embed_tokens.weight[:, 0] = 3.0
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight[0] = 0
