@@ -73,3 +73,25 @@ def test_decode_step_equals_forward(opts):
             logits = step(seq[:, t])
             worst = max(worst, (logits - reference[:, t]).abs().max().item())
     assert worst <= 1e-5, f"decode step differs from forward by {worst:.2e}"
+
+
+def test_decode_step_equals_forward_with_llama3_rope_scaling():
+    """Llama 3's scaled frequencies reach the decode step: the table and the on-the-fly angles past it."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=41, block_size=12, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, pos="rope",
+                      norm="rmsnorm", mlp="swiglu", bias=False, rope_scaling="llama3", rope_factor=8.0,
+                      rope_original_context=16)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        seq = torch.randint(0, 41, (2, 20))
+        # the reference past block_size: the same weights with a table that covers all 20 positions
+        wide = GPT(ModelConfig(**{**cfg.__dict__, "block_size": 20})).eval()
+        wide.load_state_dict(model.state_dict())
+        reference = wide(seq)
+        cache = KVCache(cfg, 2, 20)
+        model(seq[:, :5], cache=cache)
+        step = DecodeStep(model, cache)
+        worst = max((step(seq[:, t]) - reference[:, t]).abs().max().item() for t in range(5, 20))
+    assert worst <= 1e-5, f"decode step differs from forward by {worst:.2e}"

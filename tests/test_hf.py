@@ -60,6 +60,11 @@ VARIANTS = [
     ("qwen3-gqa-eps", dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_head=4, n_kv_head=1,
                            norm_eps=1e-5, tie_embeddings=False), "Qwen3ForCausalLM"),
     ("neox-eps", dict(pos="rope", norm_eps=1e-6), "GPTNeoXForCausalLM"),
+    # Llama 3.2's shape: GQA, tied, rope_scaling llama3 (a pretraining context of 32 at head_dim 16: some
+    # frequencies kept, some blended, the rest divided by the factor)
+    ("llama3-rope-scaling", dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_head=4, n_kv_head=1,
+                                 norm_eps=1e-5, rope_base=500.0, rope_scaling="llama3", rope_factor=32.0,
+                                 rope_original_context=32), "LlamaForCausalLM"),
 ]
 VARIANT_IDS = [v[0] for v in VARIANTS]
 
@@ -216,6 +221,7 @@ REFUSED = [
     (dict(n_kv_head=1), "model.n_kv_head=1 (grouped-query attention) has no GPT2LMHeadModel"),
     (dict(norm_placement="post", n_kv_head=1), "model.n_kv_head=1 (grouped-query attention) has no OPTForCausalLM"),
     (dict(norm_placement="post", norm_eps=1e-6), "model.norm_eps=1e-06 has no OPTForCausalLM"),
+    (dict(pos="rope", rope_scaling="llama3"), "model.rope_scaling=llama3 exports only as Llama, Arcee or Qwen3"),
 ]
 
 
@@ -371,6 +377,44 @@ def test_gqa_folder_imports_and_round_trips(tmp_path, transformers, bpe_tok, fam
         assert (first / f).read_bytes() == (second / f).read_bytes(), f
 
 
+def test_llama3_rope_scaling_folder_imports_and_round_trips(tmp_path, transformers, bpe_tok):
+    """A Llama 3.2-shaped folder (rope_scaling llama3, GQA, tied) written by transformers imports as the same
+    model (fp32 logits on 64 positions, greedy tokens with the KV cache); Meta's own config.json spelling
+    (transformers 4.x: rope_scaling without rope_theta, rope_theta beside it) imports the same; export ->
+    import -> export is byte for byte, and transformers reads the exported config as the same scaling."""
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    cfg = transformers.LlamaConfig(vocab_size=bpe_tok.vocab_size, max_position_embeddings=64, hidden_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                   intermediate_size=64, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                   rope_parameters={**scaling, "rope_theta": 500.0}, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(cfg)
+    randomize(theirs, 5)
+    src = tmp_path / "src"
+    theirs.eval().save_pretrained(src)
+    bpe_tok.save(src)
+    run = import_hf(src, tmp_path / "run")
+    ours, _, config = load_model(run)
+    want = dict(rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                rope_original_context=32, rope_base=500.0, n_kv_head=1)
+    assert {k: config["model"][k] for k in want} == want
+    assert_same_lm(ours, theirs, bpe_tok.vocab_size)
+
+    meta = json.loads((src / "config.json").read_text())  # as Meta's Llama-3.2-1B config.json writes it
+    meta.pop("rope_parameters")
+    meta.update(rope_scaling=scaling, rope_theta=500.0)
+    assert config_from_hf(meta) == ours.cfg
+
+    first = export_checkpoint(run, tmp_path / "hf1")
+    hf_cfg = json.loads((first / "config.json").read_text())
+    assert hf_cfg["rope_scaling"] == scaling and hf_cfg["rope_parameters"] == {**scaling, "rope_theta": 500.0}
+    assert transformers.AutoConfig.from_pretrained(first).rope_parameters == {**scaling, "rope_theta": 500.0}
+    second = export_checkpoint(import_hf(first, tmp_path / "run2"), tmp_path / "hf2")
+    for f in ("model.safetensors", "config.json"):
+        assert (first / f).read_bytes() == (second / f).read_bytes(), f
+
+
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32,
          "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "rms_norm_eps": 1e-6}
 NEOX = {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": 64, "hidden_size": 32,
@@ -383,6 +427,12 @@ UNSUPPORTED = [
     ({**LLAMA, "num_key_value_heads": 3}, "num_key_value_heads=3 must be a positive integer that divides"),
     ({**LLAMA, "num_key_value_heads": 0}, "num_key_value_heads=0"),
     ({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type='linear'"),
+    ({**LLAMA, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type='yarn'"),
+    ({**LLAMA, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'"),
+    ({**QWEN3, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_type='longrope'"),
+    ({**NEOX, "rope_parameters": {**NEOX["rope_parameters"], "rope_type": "llama3", "factor": 8.0}}, "rope_type='llama3'"),
+    ({**LLAMA, "rope_scaling": {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
+     "rope_type 'llama3' needs a number for factor, got None"),
     ({**LLAMA, "rms_norm_eps": 0}, "rms_norm_eps=0 must be a positive number"),
     ({**LLAMA, "rms_norm_eps": "1e-5"}, "rms_norm_eps='1e-5' must be a positive number"),
     ({**NEOX, "layer_norm_eps": -1e-5}, "layer_norm_eps=-1e-05 must be a positive number"),

@@ -349,6 +349,36 @@ def test_norm_eps_is_every_norms_eps():
     assert ModelConfig(norm="layernorm").eps == 1e-5 and ModelConfig(norm="rmsnorm").qk_norm_eps == 1e-6
 
 
+def test_rope_table_default_unchanged_and_llama3_is_transformers():
+    """rope_scaling none: the table is the plain formula bit for bit (old checkpoints compute what they did);
+    llama3: the inverse frequencies are transformers' _compute_llama3_parameters exactly, in the table at init
+    and in the angles computed past it."""
+    from scratchgpt.model import rope_cos_sin
+
+    plain = GPT(ModelConfig(**{**SMALL, "n_head": 2}, pos="rope", rope_base=500.0))
+    inv = 1.0 / (500.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    angles = torch.arange(16).float()[:, None] * inv[None, :]
+    assert torch.equal(plain.rope_cos, angles.cos()) and torch.equal(plain.rope_sin, angles.sin())
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import _compute_llama3_parameters
+
+    cfg = ModelConfig(**SMALL, pos="rope", rope_base=500.0, rope_scaling="llama3", rope_factor=8.0,
+                      rope_original_context=32)
+    hf = transformers.LlamaConfig(hidden_size=32, num_attention_heads=2, max_position_embeddings=64, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32))
+    hf_inv, _ = _compute_llama3_parameters(hf)
+    kept, scaled = hf_inv == inv, hf_inv == inv / 8
+    assert kept.any() and scaled.any() and not (kept | scaled).all()  # every regime: kept, divided, blended
+    model = GPT(cfg)
+    angles = torch.arange(24).float()[:, None] * hf_inv[None, :]
+    assert torch.equal(model.rope_cos, angles.cos()[:16]) and torch.equal(model.rope_sin, angles.sin()[:16])
+    past = model.rope_at(16, 8, "cpu")  # past block_size: computed on the fly, scaled the same
+    assert torch.equal(past[0], angles.cos()[16:]) and torch.equal(past[1], angles.sin()[16:])
+    assert torch.equal(rope_cos_sin(torch.arange(24), 16, 500.0, cfg)[0], angles.cos())
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(n_head=4, n_kv_head=3), "--model.n_head 4 must be divisible by --model.n_kv_head 3"),
     (dict(n_head=4, n_kv_head=8), "--model.n_head 4 must be divisible by --model.n_kv_head 8"),
@@ -357,6 +387,9 @@ def test_norm_eps_is_every_norms_eps():
     (dict(norm_eps=0.0), "--model.norm_eps must be > 0, got 0.0"),
     (dict(norm_eps=-1e-5), "--model.norm_eps must be > 0, got -1e-05"),
     (dict(norm_eps=float("nan")), "--model.norm_eps must be a finite number or null, got nan"),
+    (dict(rope_scaling="llama3"), "--model.rope_scaling llama3 needs --model.pos rope, got learned"),
+    (dict(pos="rope", rope_scaling="llama3", rope_low_freq_factor=4.0),
+     "--model.rope_high_freq_factor 4.0 must exceed --model.rope_low_freq_factor 4.0"),
 ])
 def test_bad_gqa_and_eps_values_are_one_line(kw, message):
     from scratchgpt import UserError

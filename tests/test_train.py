@@ -90,6 +90,27 @@ def test_gqa_model_trains_samples_and_reports_from_the_cli(tmp_path, char_data, 
     assert code == 0 and json.loads(out)["params"] == gpt.num_params()
 
 
+def test_llama3_rope_scaling_trains_from_the_cli(tmp_path, char_data, capsys):
+    """--model.rope_scaling llama3 (with a pretraining context of 8, so the scaling changes every frequency):
+    the run trains, saves the options, and the loaded model's RoPE table is the scaled one."""
+    from scratchgpt.checkpoint import load_run
+    from scratchgpt.model import rope_cos_sin
+
+    run = tmp_path / "r"
+    code, _, err = cli(capsys, "train", "--data", char_data, "--out", run, "--model.rope_scaling", "llama3",
+                       *tiny_flags(**{"model.pos": "rope", "model.rope_factor": 16, "model.rope_original_context": 8,
+                                      "train.max_iters": 30, "train.eval_interval": 30, "train.log_interval": 1}))
+    assert code == 0, err
+    rows = metrics(run)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.3
+    saved = json.loads((run / "config.json").read_text())["model"]
+    assert (saved["rope_scaling"], saved["rope_factor"], saved["rope_original_context"]) == ("llama3", 16.0, 8)
+    gpt = load_run(run).gpt
+    assert gpt.cfg.rope_scaling == "llama3"
+    assert torch.equal(gpt.rope_cos, rope_cos_sin(torch.arange(32), 16, 10000.0, gpt.cfg)[0])
+    assert not torch.equal(gpt.rope_cos, rope_cos_sin(torch.arange(32), 16, 10000.0)[0])
+
+
 @pytest.mark.parametrize("optim", [dict(optimizer="muon", schedule="wsd"), dict(schedule="constant"),
                                    dict(schedule="linear", grad_clip=0.0)])
 def test_optimizers_and_schedules_train(tmp_path, char_data, optim):

@@ -77,6 +77,10 @@ def test_train_out_is_an_existing_file(tmp_path, char_data, capsys):
     ("--model.n_kv_head", "3", "--model.n_head 2 must be divisible by --model.n_kv_head 3"),
     ("--model.norm_eps", "0", "--model.norm_eps must be > 0, got 0.0"),
     ("--model.norm_eps", "nan", "--model.norm_eps takes a finite number or null, got 'nan'"),
+    ("--model.rope_scaling", "yarn", "--model.rope_scaling takes one of none, llama3, got 'yarn'"),
+    ("--model.rope_factor", "0.5", "--model.rope_factor must be >= 1, got 0.5"),
+    ("--model.rope_high_freq_factor", "1", "--model.rope_high_freq_factor 1.0 must exceed --model.rope_low_freq_factor 1.0"),
+    ("--model.rope_original_context", "0", "--model.rope_original_context must be in [1, 1048576], got 0"),
 ])
 def test_bad_values_are_one_line_naming_flag_value_and_range(tmp_path, char_data, capsys, flag, value, expected):
     out = tmp_path / "r"

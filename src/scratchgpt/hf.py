@@ -42,14 +42,25 @@ Mapping (our `ModelConfig` -> transformers class, and the config keys that carry
   qk_norm's too, as Qwen3's one rms_norm_eps does. On import an eps equal to our default for
   the norm becomes null, so configs that always imported stay byte for byte what they were.
   Llama, Arcee, Qwen3 rows only: n_kv_head (num_key_value_heads; null = n_head), grouped-query
-  attention as in SmolLM2, TinyLlama and Qwen3 (GPT-2, OPT and NeoX have none: refused).
+  attention as in SmolLM2, TinyLlama and Qwen3 (GPT-2, OPT and NeoX have none: refused), and
+  Llama 3.1/3.2's RoPE frequency scaling:
+
+    rope_scaling=llama3  <-> rope_type "llama3"
+    rope_factor              factor (Llama 3.1: 8, 3.2: 32)
+    rope_low_freq_factor     low_freq_factor
+    rope_high_freq_factor    high_freq_factor
+    rope_original_context    original_max_position_embeddings (8192)
+
+  read from rope_parameters (transformers 5) or rope_scaling (4.x, as Meta's config.json has it;
+  a missing original_max_position_embeddings is transformers' fallback, max_position_embeddings),
+  written to both (5.x reads rope_scaling first when both are there: the same values).
 
 Refused (no standard class computes the same function):
   causal=false (bidirectional), value_embeds, logit_softcap (Gemma2's final_logit_softcapping
   comes with (1+w) RMSNorms, sandwich norms, scaled embeddings and GeGLU), qk_norm outside
   Qwen3's combination (rope, rmsnorm, pre, swiglu, bias=false), pos=sinusoidal, learned
   positions with rmsnorm or swiglu, rope with post-norm, swiglu with layernorm, n_kv_head <
-  n_head outside the Llama/Arcee/Qwen3 rows, norm_eps other than 1e-5 for OPT.
+  n_head or rope_scaling=llama3 outside the Llama/Arcee/Qwen3 rows, norm_eps other than 1e-5 for OPT.
 
 Weight layout: ours is nanoGPT's (`transformer.h.N.attn.c_attn` holds [q; k; v], each head
 contiguous; with grouped-query attention k and v have n_kv_head heads each: [q (n_head * head_dim);
@@ -82,7 +93,8 @@ Import (`import_hf`) reads model.safetensors or a sharded index (fp32, fp16 or b
 fp32) for the six classes above and writes a scratchgpt run. Refused in one line: any other
 model_type, pytorch_model.bin (loading it means unpickling, which can run code),
 num_key_value_heads that does not divide num_attention_heads, head_dim != hidden_size / heads,
-scaled or partial RoPE, GPT-NeoX's parallel residual, a non-positive eps, activations we lack
+scaled RoPE other than llama3 (linear, dynamic, yarn, longrope; llama3 in GPT-NeoX) and
+partial RoPE, GPT-NeoX's parallel residual, a non-positive eps, activations we lack
 (e.g. quick_gelu), Qwen3 with sliding-window layers, nonzero attention biases or trained q/k norm
 weights (so released Qwen3 checkpoints are refused; exported ones come back). A bias is
 kept (bias=true) when the config declares linear biases or any bias tensor is nonzero;
@@ -206,6 +218,9 @@ FAMILIES = {f.model_type: f for f in [
 
 
 GQA_FAMILIES = ("llama", "arcee", "qwen3")  # the classes with num_key_value_heads
+# Llama 3's RoPE frequency scaling (rope_type "llama3"): config key -> our ModelConfig field
+LLAMA3_ROPE = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+               "high_freq_factor": "rope_high_freq_factor", "original_max_position_embeddings": "rope_original_context"}
 # the config key holding the norms' eps, and its default when a config omits it (OPT's LayerNorm: always 1e-5)
 NORM_EPS_KEYS = {"gpt2": ("layer_norm_epsilon", 1e-5), "opt": (None, 1e-5), "gpt_neox": ("layer_norm_eps", 1e-5),
                  "llama": ("rms_norm_eps", 1e-6), "arcee": ("rms_norm_eps", 1e-5), "qwen3": ("rms_norm_eps", 1e-6)}
@@ -218,6 +233,9 @@ def _model_type(cfg: ModelConfig) -> str:
         raise UserError(f"model.n_kv_head={cfg.n_kv_head} (grouped-query attention) has no {FAMILIES[mt].causal_lm} "
                         "equivalent: only Llama, Arcee and Qwen3 (pos=rope, norm=rmsnorm) share keys and values "
                         "between heads")
+    if cfg.rope_scaling != "none" and mt not in GQA_FAMILIES:
+        raise UserError(f"model.rope_scaling={cfg.rope_scaling} exports only as Llama, Arcee or Qwen3 "
+                        "(model.norm=rmsnorm), whose configs carry rope_scaling")
     if NORM_EPS_KEYS[mt][0] is None and cfg.eps != NORM_EPS_KEYS[mt][1]:
         raise UserError(f"model.norm_eps={cfg.norm_eps} has no {FAMILIES[mt].causal_lm} equivalent: its LayerNorm eps "
                         f"is fixed at {NORM_EPS_KEYS[mt][1]}")
@@ -542,6 +560,11 @@ def hf_config(cfg: ModelConfig, *, eot_id: Optional[int] = None, pad_token_id: O
                  hidden_act=_hf_activation(cfg, mt), max_position_embeddings=cfg.block_size,
                  rms_norm_eps=cfg.eps, rope_parameters=rope, rope_theta=rope["rope_theta"],
                  attention_bias=cfg.bias, attention_dropout=cfg.dropout, initializer_range=cfg.init_std)
+        if cfg.rope_scaling == "llama3":
+            # 5.x reads rope_parameters (rope_scaling first when both are there: the same values), 4.x rope_scaling
+            scaling = {"rope_type": "llama3"} | {key: getattr(cfg, ours) for key, ours in LLAMA3_ROPE.items()}
+            rope.update(scaling)
+            c["rope_scaling"] = scaling
         if mt == "qwen3":  # (no mlp_bias: Qwen3's MLP never has biases)
             c.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
                      layer_types=["full_attention"] * cfg.n_layer)
@@ -1113,18 +1136,33 @@ def _activation(c: Mapping[str, Any], key: str, default: str) -> str:
                     f"{', '.join(ACTIVATIONS)})")
 
 
-def _rope_base(c: Mapping[str, Any], partial_default: float) -> float:
-    """rope_theta of plain RoPE over whole heads; scaled or partial RoPE is refused."""
+def _rope(c: Mapping[str, Any], partial_default: float, scaled: bool = False) -> dict[str, Any]:
+    """ModelConfig's rope fields: rope_base (rope_theta) of RoPE over whole heads and, where `scaled` (the
+    Llama/Arcee/Qwen3 classes), Llama 3's frequency scaling; other scaling and partial RoPE are refused."""
     params = dict(c.get("rope_scaling") or {}) | dict(c.get("rope_parameters") or {})
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
+    out: dict[str, Any] = {}
+    if kind == "llama3" and scaled:
+        # transformers takes a top-level original_max_position_embeddings first, then max_position_embeddings
+        for context in (c.get("original_max_position_embeddings"), params.get("original_max_position_embeddings"),
+                        c.get("max_position_embeddings")):
+            if context is not None:
+                params["original_max_position_embeddings"] = context
+                break
+        for key, ours in LLAMA3_ROPE.items():
+            value = params.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"config.json: rope_type 'llama3' needs a number for {key}, got {value!r}")
+            out[ours] = value if ours == "rope_original_context" else float(value)
+        out["rope_scaling"] = "llama3"
+    elif kind != "default":
         raise UserError(f"config.json: rope_type={kind!r} (scaled RoPE) has no scratchgpt equivalent: model.pos=rope "
-                        "is plain RoPE")
+                        "is plain RoPE" + (" or Llama 3's (rope_type llama3)" if scaled else ""))
     partial = params.get("partial_rotary_factor", c.get("partial_rotary_factor", c.get("rotary_pct", partial_default)))
     if partial != 1:
         raise UserError(f"config.json: partial_rotary_factor={partial} (RoPE on part of each head) has no scratchgpt "
                         "equivalent: model.pos=rope rotates whole heads")
-    return float(params.get("rope_theta", c.get("rope_theta", c.get("rotary_emb_base", 10000.0))))
+    return out | {"rope_base": float(params.get("rope_theta", c.get("rope_theta", c.get("rotary_emb_base", 10000.0))))}
 
 
 def _model_type_of(c: Mapping[str, Any]) -> str:
@@ -1192,7 +1230,7 @@ def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, 
         flag = _get(c, "enable_bias", True)
     elif mt == "gpt_neox":
         _expect(c, "use_parallel_residual", False, True, "scratchgpt's blocks are sequential: x + attn, then + mlp")
-        kw = dict(pos="rope", rope_base=_rope_base(c, partial_default=0.25), norm="layernorm", norm_placement="pre",
+        kw = dict(pos="rope", **_rope(c, partial_default=0.25), norm="layernorm", norm_placement="pre",
                   mlp=_activation(c, "hidden_act", "gelu"), block_size=_get(c, "max_position_embeddings", 2048),
                   n_layer=_get(c, "num_hidden_layers"), n_head=_get(c, "num_attention_heads"),
                   n_embd=_get(c, "hidden_size"), mlp_hidden=_get(c, "intermediate_size"),
@@ -1220,7 +1258,7 @@ def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, 
             mlp = "swiglu"
         else:
             mlp = _activation(c, "hidden_act", "relu2")
-        kw = dict(pos="rope", rope_base=_rope_base(c, partial_default=1.0), norm="rmsnorm", norm_placement="pre",
+        kw = dict(pos="rope", **_rope(c, partial_default=1.0, scaled=True), norm="rmsnorm", norm_placement="pre",
                   mlp=mlp, qk_norm=mt == "qwen3", n_layer=_get(c, "num_hidden_layers"), n_head=n_head, n_embd=n_embd,
                   n_kv_head=kv if kv != n_head else None,
                   block_size=_get(c, "max_position_embeddings", {"llama": 2048, "arcee": 4096, "qwen3": 32768}[mt]),

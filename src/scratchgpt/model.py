@@ -44,6 +44,18 @@ class ModelConfig:
     """Positions: a learned table (GPT-2), fixed sinusoids (the 2017 paper), or rope (relative, trains faster)."""
     rope_base: float = 10000.0
     """RoPE's base frequency (theta)."""
+    rope_scaling: Literal["none", "llama3"] = "none"
+    """RoPE frequency scaling: none, or llama3 (Llama 3.1/3.2's: frequencies whose wavelength exceeds
+    rope_original_context/rope_low_freq_factor are divided by rope_factor, those shorter than
+    rope_original_context/rope_high_freq_factor kept, those between blended smoothly; needs pos=rope)."""
+    rope_factor: float = 8.0
+    """llama3 scaling: how much the low frequencies are slowed (Llama 3.1: 8, Llama 3.2: 32)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above rope_original_context / this are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below rope_original_context / this are kept; must exceed rope_low_freq_factor."""
+    rope_original_context: int = 8192
+    """llama3 scaling: the context length the model was pretrained at before scaling (Llama 3: 8192)."""
     mlp: Literal["gelu", "gelu_tanh", "relu", "swiglu", "relu2"] = "gelu"
     """MLP nonlinearity; gelu is the exact (erf) GELU, gelu_tanh its tanh approximation (GPT-2's "gelu_new", what
     imported GPT-2 checkpoints use); swiglu: gated (Llama); relu2: ReLU squared (cheap and strong in modded-nanogpt)."""
@@ -80,6 +92,11 @@ class ModelConfig:
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ConfigError(f"--model.pos rope needs an even head dimension (--model.n_embd / --model.n_head), "
                               f"got {self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}")
+        if self.rope_scaling != "none" and self.pos != "rope":
+            raise ConfigError(f"--model.rope_scaling {self.rope_scaling} needs --model.pos rope, got {self.pos}")
+        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ConfigError(f"--model.rope_high_freq_factor {self.rope_high_freq_factor} must exceed "
+                              f"--model.rope_low_freq_factor {self.rope_low_freq_factor}")
 
     @property
     def head_dim(self) -> int:
@@ -120,6 +137,8 @@ MODEL_RANGES = {
     "vocab_size": "[0, 16777216]", "block_size": "[1, 1048576]", "n_layer": "[1, 1024]", "n_head": "[1, 1024]",
     "n_embd": "[1, 65536]", "dropout": "[0, 1)", "rope_base": "[1, inf)", "mlp_hidden": "[0, 1048576]",
     "logit_softcap": "[0, inf)", "init_std": "[0, inf)", "n_kv_head": "[1, 1024]", "norm_eps": "(0, inf)",
+    "rope_factor": "[1, inf)", "rope_low_freq_factor": "(0, inf)", "rope_high_freq_factor": "(0, inf)",
+    "rope_original_context": "[1, 1048576]",
 }
 
 
@@ -181,8 +200,26 @@ def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
     return table
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def llama3_inv_freq(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's frequency scaling, exactly as transformers' _compute_llama3_parameters (same ops, same order,
+    so the logits match): long wavelengths slowed by rope_factor, short ones kept, a smooth blend between."""
+    factor, low, high, context = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                                  cfg.rope_original_context)
+    low_freq_wavelen, high_freq_wavelen = context / low, context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float,
+                 cfg: Optional[ModelConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_dim/2) of RoPE's angles at `positions` (T,); cfg's rope_scaling, if any, applies."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    if cfg is not None and cfg.rope_scaling == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, cfg)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
     return angles.cos(), angles.sin()
 
@@ -396,7 +433,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         if cfg.pos == "rope":
-            cos, sin = rope_cos_sin(torch.arange(cfg.block_size), cfg.head_dim, cfg.rope_base)
+            cos, sin = rope_cos_sin(torch.arange(cfg.block_size), cfg.head_dim, cfg.rope_base, cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -463,7 +500,8 @@ class GPT(nn.Module):
         if start + T <= self.cfg.block_size:
             return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         # past the table (long generation): compute the angles on the fly
-        return rope_cos_sin(torch.arange(start, start + T, device=device), self.cfg.head_dim, self.cfg.rope_base)
+        cfg = self.cfg
+        return rope_cos_sin(torch.arange(start, start + T, device=device), cfg.head_dim, cfg.rope_base, cfg)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The output head on final hidden states, with the optional soft cap."""
