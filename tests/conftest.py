@@ -97,6 +97,37 @@ def randomize(model, seed: int, scale: float = 0.1) -> None:
                 p.copy_(scale * noise)
 
 
+def steer_greedy_to_words(model, vocab: dict[str, int]) -> None:
+    """For a random transformers Llama: hidden unit 0 becomes a constant nothing writes to, and the output rows
+    read it as +-2, so lone bytes and special tokens (`<...>`) get ~20 logits less and greedy text is words
+    (a random model would babble bytes)."""
+    import torch
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 3.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+        words = [i for t, i in vocab.items() if not (t.startswith("<") and t.endswith(">"))]
+        model.lm_head.weight[:, 0] = -2.0
+        model.lm_head.weight[words, 0] = 2.0
+
+
+HF_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def export_import_export(capsys, run: Path, tmp: Path) -> tuple[Path, Path]:
+    """`export` run -> tmp/hf1, `import-hf` it, `export` again -> tmp/hf2; both folders hold the same bytes."""
+    hf1, hf2 = tmp / "hf1", tmp / "hf2"
+    for args in (("export", run, "--out", hf1), ("import-hf", hf1, "--out", tmp / "again"),
+                 ("export", tmp / "again", "--out", hf2)):
+        code, _, err = cli(capsys, *args)
+        assert code == 0, err
+    for f in HF_FILES:
+        assert (hf1 / f).read_bytes() == (hf2 / f).read_bytes(), f
+    return hf1, hf2
+
+
 def tiny_flags(**overrides) -> list[str]:
     """Flags for a 2-layer, 32-dim model that trains in a second or two, on the CPU in fp32."""
     cfg = {"model." + k: v for k, v in TINY.items()}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, english_text, randomize
+from conftest import cli, english_text, randomize, steer_greedy_to_words
 from scratchgpt import UserError
 from scratchgpt.checkpoint import load_run
 from scratchgpt.generate import GenerationConfig, complete
@@ -86,14 +86,8 @@ def hub_folder(folder: Path, style: str) -> Path:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     randomize(model, 1, scale=0.3)
+    steer_greedy_to_words(model, tok.get_vocab())
     with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 3.0
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[0] = 0
-            layer.mlp.down_proj.weight[0] = 0
-        words = [i for t, i in tok.get_vocab().items() if not (t.startswith("<") and t.endswith(">"))]
-        model.lm_head.weight[:, 0] = -2.0
-        model.lm_head.weight[words, 0] = 2.0
         ids = torch.tensor([fast.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True, tokenize=True,
                                                      return_dict=False)])
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import cli, english_text, randomize, tiny_flags
+from conftest import cli, english_text, export_import_export, randomize, tiny_flags
 from scratchgpt import UserError
 from scratchgpt.checkpoint import load_run
 from scratchgpt.generate import generate_tokens
@@ -223,16 +223,9 @@ def test_tokenizer_matches_transformers_on_any_text(imported_tokenizer, hf_token
 
 
 def test_export_round_trip_of_imported_gpt2(imported, hf_gpt2, tmp_path, capsys):
-    code, _, err = cli(capsys, "export", imported, "--out", tmp_path / "hf1")
-    assert code == 0, err
+    export_import_export(capsys, imported, tmp_path)  # hf1, and hf2 exported from its import: the same bytes
     config = json.loads((tmp_path / "hf1" / "config.json").read_text())
     assert config["activation_function"] == "gelu_new" and config["eos_token_id"] == VOCAB - 1
-    code, _, err = cli(capsys, "import-hf", tmp_path / "hf1", "--out", tmp_path / "again")
-    assert code == 0, err
-    code, _, err = cli(capsys, "export", tmp_path / "again", "--out", tmp_path / "hf2")
-    assert code == 0, err
-    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        assert (tmp_path / "hf1" / f).read_bytes() == (tmp_path / "hf2" / f).read_bytes(), f
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf1").eval()
     x = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

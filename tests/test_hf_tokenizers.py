@@ -16,10 +16,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cli, english_text, tiny_flags
+from conftest import cli, english_text, export_import_export, steer_greedy_to_words, tiny_flags
 from scratchgpt import UserError
 from scratchgpt.checkpoint import load_run
-from scratchgpt.generate import complete, stream
+from scratchgpt.generate import complete
 from scratchgpt.hf import import_hf
 
 transformers = pytest.importorskip("transformers")
@@ -111,15 +111,8 @@ def hub_folder(folder: Path, style: str) -> Path:
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
             p.copy_(1 + 0.3 * noise if p.dim() == 1 else 0.3 * noise)
-        # Hidden unit 0 is a constant nothing writes to, and the output rows read it as +-2: lone bytes and
-        # special tokens get ~20 logits less, so greedy text is words (a random model would babble bytes).
-        model.model.embed_tokens.weight[:, 0] = 3.0
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[0] = 0
-            layer.mlp.down_proj.weight[0] = 0
-        words = [i for t, i in tok.get_vocab().items() if not (t.startswith("<") and t.endswith(">"))]
-        model.lm_head.weight[:, 0] = -2.0
-        model.lm_head.weight[words, 0] = 2.0
+    steer_greedy_to_words(model, tok.get_vocab())
+    with torch.no_grad():
         ids = fast("Once upon a time", return_tensors="pt").input_ids
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
                              eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
@@ -254,8 +247,7 @@ def test_streaming_without_decode_stream_prefill(llama, monkeypatch):
 
 def test_export_gives_back_the_hub_tokenizer_files(hub, tmp_path, capsys):
     style, folder, run = hub
-    code, _, err = cli(capsys, "export", run, "--out", tmp_path / "hf1")
-    assert code == 0, err
+    export_import_export(capsys, run, tmp_path)  # hf1, and hf2 exported from its import: the same bytes
     assert (tmp_path / "hf1" / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
     if style != "qwen":  # (qwen's had no eos_token: the run's names the one config.json gives)
         assert (tmp_path / "hf1" / "tokenizer_config.json").read_bytes() == \
@@ -264,12 +256,6 @@ def test_export_gives_back_the_hub_tokenizer_files(hub, tmp_path, capsys):
     ours = load_run(run).tokenizer
     assert config["eos_token_id"] == ours.eot_id
     assert config["bos_token_id"] == (ours.bos_ids[0] if ours.bos_ids else ours.eot_id)
-    code, _, err = cli(capsys, "import-hf", tmp_path / "hf1", "--out", tmp_path / "again")
-    assert code == 0, err
-    code, _, err = cli(capsys, "export", tmp_path / "again", "--out", tmp_path / "hf2")
-    assert code == 0, err
-    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        assert (tmp_path / "hf1" / f).read_bytes() == (tmp_path / "hf2" / f).read_bytes(), f
     if style == "smollm":  # its chat template file goes along
         assert (tmp_path / "hf2" / "chat_template.jinja").read_bytes() == (folder / "chat_template.jinja").read_bytes()
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf1")
