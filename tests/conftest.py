@@ -28,6 +28,24 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout (configs/, bench/, src/)
+
+# what the fuzz tests tried, by fuzzer -> outcome -> examples: printed in the terminal summary, for the record
+FUZZ_COUNTS: dict[str, dict[str, int]] = {}
+
+
+def count_fuzz(fuzzer: str, outcome: str) -> None:
+    counts = FUZZ_COUNTS.setdefault(fuzzer, {})
+    counts[outcome] = counts.get(outcome, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    import json
+
+    for fuzzer, counts in FUZZ_COUNTS.items():
+        terminalreporter.write_line(f"{fuzzer} fuzz: {json.dumps(counts, sort_keys=True)}")
+
+
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
 
 

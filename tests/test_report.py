@@ -35,6 +35,7 @@ def images(page: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)]
 
 
+@pytest.mark.slow
 def test_train_writes_a_self_contained_report(run, capsys):
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [10, 20, 30] and all(s["prompt"] == "The " and s["text"] for s in samples)
@@ -60,6 +61,7 @@ def test_train_writes_a_self_contained_report(run, capsys):
     assert "eval-lm.json" not in page and "eval-lm.json" in (run / "report.html").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_report_of_a_classifier_has_its_confusion_matrix(run, tmp_path, capsys):
     from scratchgpt.finetune import FinetuneOptions, finetune_classify
 

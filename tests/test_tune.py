@@ -84,6 +84,7 @@ def test_bad_arguments_fail_before_any_training(char_data, tmp_path):
 
 
 # ---------------------------------------------------------------- searches
+@pytest.mark.slow
 def test_grid_covers_every_combination_and_records_failures(char_data, tmp_path, capsys):
     out = tmp_path / "grid"
     # n_head=3 does not divide n_embd=16: those trials fail, and the search goes on
@@ -114,6 +115,7 @@ def test_grid_covers_every_combination_and_records_failures(char_data, tmp_path,
     assert "val loss" in err and "failed: --model.n_embd 16 must be divisible" in err
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_like_an_uninterrupted_search(char_data, tmp_path):
     method = "bayes"  # its first trial is random-sampled, the rest TPE: both samplers' replays are covered
     space = {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}, "model.n_embd": [16, 32]}
@@ -129,6 +131,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_search(char_data, tmp_pa
     assert len({r["params"]["optim.lr"] for r in records(part)}) == 3
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings(char_data, tmp_path):
     out = tmp_path / "s"
     tune({"optim.lr": [1e-3, 2e-3]}, out, data=char_data, method="random", trials=1, **BASE)
@@ -148,6 +151,7 @@ def test_resume_refuses_changed_settings(char_data, tmp_path):
     assert records(out)[0]["params"] == {"optim.lr": 5e-3} and (out / "notes.txt").exists()
 
 
+@pytest.mark.slow
 def test_a_torn_last_line_is_run_again(char_data, tmp_path):
     out = tmp_path / "t"
     tune({"optim.lr": [1e-3, 2e-3]}, out, data=char_data, method="grid", trials=2, **BASE)
@@ -163,6 +167,7 @@ def test_all_trials_failing_is_an_error(char_data, tmp_path):
 
 
 # ---------------------------------------------------------------- the command line
+@pytest.mark.slow
 def test_cli(char_data, tmp_path, capsys):
     base = tmp_path / "base.yaml"
     base.write_text(json.dumps({"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
@@ -189,6 +194,7 @@ def test_cli(char_data, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_resume_checks_exactly_the_keys_given(char_data, tmp_path, capsys):
     """A base-config flag on `tune --resume` must match the saved search, even when it equals the default."""
     out = tmp_path / "s"
@@ -204,6 +210,7 @@ LONGER = replace(TRAIN, max_iters=40, eval_interval=10)
 SPACE = {"optim.lr": [1e-2, 5e-3, 0.0, 3e-3, 1e-9, 2e-3, 1e-8]}  # three rates that can't learn
 
 
+@pytest.mark.slow
 def test_pruning_stops_bad_trials_and_resume_replays_it(char_data, tmp_path):
     kw = dict(data=char_data, method="random", seed=3, model=MODEL, train=LONGER, optim=OPTIM)
     best = tune(SPACE, tmp_path / "whole", trials=7, **kw)
@@ -223,6 +230,7 @@ def test_pruning_stops_bad_trials_and_resume_replays_it(char_data, tmp_path):
     assert all(r["status"] == "complete" and r["step"] == 40 for r in records(tmp_path / "none"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_records_the_trial_and_resume_finishes_it_exactly(char_data, tmp_path):
     import os
     import signal

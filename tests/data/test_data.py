@@ -151,6 +151,7 @@ def test_worker_processes_give_identical_output(tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_long_document_cut_into_tasks_encodes_like_the_whole(tmp_path):
     # buffer_mb=1 makes tasks of 64 KiB, so this document is encoded in pieces.
     text = _play(400_000, seed=5)
@@ -187,6 +188,7 @@ def test_directories_globs_jsonl_and_explicit_val(tmp_path):
     assert train[3] == "record 0 " * 30
 
 
+@pytest.mark.slow
 def test_stdin_input_through_the_cli(tmp_path):
     text = _play(20_000, seed=7)
     out = tmp_path / "o"
@@ -289,6 +291,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list, str]]:
     }
 
 
+@pytest.mark.slow
 def test_bad_inputs(tmp_path, capsys):
     # In-process through the CLI's main() (what `scratchgpt` runs), to keep the suite fast;
     # test_bad_input_in_a_real_process checks a real process once.

@@ -165,6 +165,7 @@ def test_full_queue_answers_503_with_retry_after(loaded, monkeypatch):
         assert c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200  # slot freed
 
 
+@pytest.mark.slow
 def test_request_timeout_stops_generation(loaded, monkeypatch):
     model, tok, config = loaded
     with TestClient(create_app(model, tok, config, request_timeout=0.3)) as c:
@@ -206,6 +207,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_the_server_gracefully(tiny_run, sig):
     port = _free_port()

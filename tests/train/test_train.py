@@ -34,6 +34,7 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_tiny_text(tmp_path):
     from scratchgpt.data import prepare
 
@@ -59,6 +60,7 @@ OPTIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_every_model_option_trains(tmp_path, char_data, option):
     train(data=char_data, out=tmp_path / "r", model=ModelConfig(**{**TINY, **option}),
@@ -68,6 +70,7 @@ def test_every_model_option_trains(tmp_path, char_data, option):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.3  # it learns, whatever the option
 
 
+@pytest.mark.slow
 def test_gqa_model_trains_samples_and_reports_from_the_cli(tmp_path, char_data, capsys):
     """--model.n_kv_head 1: one key/value head for both query heads; the run trains, saves the option,
     loads with the narrower c_attn, samples with the KV cache and reports its parameter count."""
@@ -90,6 +93,7 @@ def test_gqa_model_trains_samples_and_reports_from_the_cli(tmp_path, char_data, 
     assert code == 0 and json.loads(out)["params"] == gpt.num_params()
 
 
+@pytest.mark.slow
 def test_llama3_rope_scaling_trains_from_the_cli(tmp_path, char_data, capsys):
     """--model.rope_scaling llama3 (with a pretraining context of 8, so the scaling changes every frequency):
     the run trains, saves the options, and the loaded model's RoPE table is the scaled one."""
@@ -142,6 +146,7 @@ def test_schedules_shape():
     assert lr_at(79, wsd, 100) == 1.0 and lr_at(90, wsd, 100) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_in_a_new_process(tmp_path, char_data):
     flags = tiny_flags(**{"train.log_interval": 1, "train.eval_interval": 10, "optim.decay_iters": 40,
                           "model.dropout": 0.1})
@@ -221,6 +226,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, char_data):
     run = tmp_path / "run"
     script = tmp_path / "die.py"
@@ -239,6 +245,7 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, char_dat
     assert json.loads((run / "latest/state.json").read_text())["step"] == 10
 
 
+@pytest.mark.slow
 def test_run_outputs_metrics_plot_and_eval(tmp_path, char_data, capsys):
     run = tmp_path / "run"
     flags = tiny_flags(**{"train.max_iters": 20, "train.eval_interval": 10, "train.plot": "true",
@@ -267,6 +274,7 @@ def test_run_outputs_metrics_plot_and_eval(tmp_path, char_data, capsys):
     assert info["params"] > 0 and info["latest"]["step"] == 20
 
 
+@pytest.mark.slow
 def test_early_stopping_and_target(tmp_path, char_data):
     res = train(data=char_data, out=tmp_path / "t", model=ModelConfig(**TINY),
                 train=quiet_train(max_iters=200, eval_interval=5, target_val_loss=3.0), optim=OptimConfig(lr=1e-2))
@@ -286,6 +294,7 @@ def _one_line_error(result: tuple[int, str, str]) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_bad_inputs(tmp_path, char_data, capsys):
     assert "does not exist" in _one_line_error(cli(capsys, "train", "--data", tmp_path / "nope", "--out", tmp_path / "r"))
     bad = tmp_path / "bad"
@@ -305,6 +314,7 @@ def test_bad_inputs(tmp_path, char_data, capsys):
     assert not (tmp_path / "r" / "latest").exists()
 
 
+@pytest.mark.slow
 def test_unknown_key_errors_in_a_real_process(tmp_path, char_data):
     proc = run_cli("train", "--data", char_data, "--out", tmp_path / "r", "--optim.lrr=1")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr

@@ -31,6 +31,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # subprocesses, signals, torchrun or many fuzz examples
+
 STEPS, SAVE_AT = 10, 5
 FLAGS = {
     "config": "{}",  # the config classes' defaults, not the built-in recipe that `train` uses without --config

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, tiny_flags
+from conftest import REPO, cli, tiny_flags
 from scratchgpt.checkpoint import load_run
 from scratchgpt.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 transformers = pytest.importorskip("transformers")
 
 
@@ -92,6 +91,7 @@ def test_imported_gpt2_matches_and_samples_evaluates_and_serves(imported, gpt2_f
     assert "pass --data" in one_line_error(capsys, "eval", imported)  # an imported run records no data dir
 
 
+@pytest.mark.slow
 def test_imported_gpt2_fine_tunes_and_continues_pretraining(imported, char_data, tmp_path, capsys):
     rows = [{"prompt": w, "response": w[::-1]} for w in ("abc", "hello", "world", "stone", "river", "quiet")]
     sft = tmp_path / "sft.jsonl"
@@ -134,6 +134,7 @@ def test_init_from_refuses_data_prepared_with_another_tokenizer(imported, tmp_pa
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_lora_run_exports_merged(imported, tmp_path, capsys):
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": w, "response": w}) + "\n" for w in ("abc", "hello", "world", "be")))

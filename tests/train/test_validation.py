@@ -97,6 +97,7 @@ def test_bad_values_are_one_line_naming_flag_value_and_range(tmp_path, char_data
     ({"model.n_layer": 1024, "model.n_embd": 65536, "model.n_head": 1}, "GiB to train"),
     ({"model.n_embd": 30, "model.n_head": 4}, "--model.n_embd 30 must be divisible by --model.n_head 4"),
 ])
+@pytest.mark.slow
 def test_relations_are_checked_before_any_work(tmp_path, char_data, capsys, extra, expected):
     run = tmp_path / "r"
     assert main(["train", "--data", str(char_data), "--out", str(run), *tiny_flags(**{"train.max_iters": 2})]) == 0
@@ -107,6 +108,7 @@ def test_relations_are_checked_before_any_work(tmp_path, char_data, capsys, extr
     assert tree_hash(run) == before  # --force deletes nothing when the new config is refused
 
 
+@pytest.mark.slow
 def test_train_never_writes_into_or_deletes_a_directory_that_is_not_a_run(tmp_path, char_data, capsys):
     before = tree_hash(char_data)
     for force in ([], ["--force"]):
@@ -122,6 +124,7 @@ def test_sample_takes_a_seed_of_any_size(tiny_run, capsys):
     assert cli(capsys, *args, "--seed", str(1180591620717411303424 % 2**63))[1] == huge
 
 
+@pytest.mark.slow
 def test_a_run_that_skips_most_steps_fails_with_a_summary_and_strict_json(tmp_path, char_data, capsys, monkeypatch):
     poison_loss(monkeypatch, lambda n: n >= 2)  # every loss after the first step is NaN
     run = tmp_path / "r"
@@ -146,6 +149,7 @@ def test_a_few_skipped_steps_are_allowed(tmp_path, char_data, capsys, monkeypatc
     assert strict_json((tmp_path / "r" / "result.json").read_text())["skipped_steps"] == 1
 
 
+@pytest.mark.slow
 def test_the_gpus_on_device_finite_check_run_on_the_cpu(tmp_path, char_data, capsys, monkeypatch):
     """CUDA keeps the finite check on the device (fused AdamW's found_inf skips a bad step, no host sync per step);
     torch's fused CPU AdamW reads found_inf too, so the same path runs here: it names the same step as the GPU test,
@@ -173,6 +177,7 @@ def test_the_gpus_on_device_finite_check_run_on_the_cpu(tmp_path, char_data, cap
     assert all(torch.equal(runs["deferred"][k], runs["host"][k]) for k in runs["host"])
 
 
+@pytest.mark.slow
 def test_fp16_gradient_overflow_backs_the_scaler_off_instead_of_stopping(tmp_path, char_data, capsys, monkeypatch):
     """fp16's GradScaler grows its scale until a gradient overflows, then skips that step and halves it: normal
     operation, not a non-finite step. A scale of 2^40 overflows at once (the same code runs on CPU and CUDA)."""

@@ -28,6 +28,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import count_fuzz
 from scratchgpt.cli import _flag, main
 from scratchgpt.data import PrepareConfig
 from scratchgpt.finetune import ClassifyOptions, FinetuneOptions, SFTOptions
@@ -36,11 +37,12 @@ from scratchgpt.model import ModelConfig
 from scratchgpt.optim import OptimConfig
 from scratchgpt.train import TrainConfig
 
+pytestmark = pytest.mark.slow  # subprocesses, signals, torchrun or many fuzz examples
+
 LONG = os.environ.get("SCRATCHGPT_FUZZ_EXAMPLES")
 FUZZ = settings(max_examples=int(LONG or 0) or 40, deadline=None, derandomize=not LONG, database=None,
                 suppress_health_check=list(HealthCheck))
 BUDGET_S = 3.0
-COUNTS: dict[str, dict[str, int]] = {}  # command -> outcome -> examples (printed by the last test)
 
 # ---------------------------------------------------------------- hostile values, from the type hints
 INTS = ["-1", "0", "1", "2", "3", str(2**31), str(2**63), str(10**30), str(-(2**63) - 1)]
@@ -130,8 +132,7 @@ def run(command: str, argv: list[str]) -> None:
         torch.set_num_threads(threads)
     text = err.getvalue()
     outcome = "ran (time budget)" if code is None else "exit 0" if code == 0 else "error"
-    COUNTS.setdefault(command, {}).setdefault(outcome, 0)
-    COUNTS[command][outcome] += 1
+    count_fuzz(f"CLI {command}", outcome)
     assert "Traceback" not in text, f"{argv}\n{text}"
     if os.environ.get("SCRATCHGPT_FUZZ_SHOW"):
         print(command, code, text.strip().splitlines()[-1:] if text.strip() else "", file=sys.__stderr__)
@@ -285,8 +286,3 @@ def test_tune(world, data):
         argv = data.draw(flags(TUNE, {**TINY, "--trials": "1", "--method": "random",
                                       "--space": '{"optim.lr": [0.001]}'}, max_size=2))
         run("tune", ["tune", "--data", str(world["data"]), "--out", out_dir(data.draw, world, scratch), *argv])
-
-
-def test_fuzz_counts_for_the_record():
-    """Prints what each fuzz test tried (shown with -s), for a longer local run to report."""
-    print(f"\nCLI fuzz: {json.dumps(COUNTS)}")

@@ -17,13 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, run_cli, tiny_flags
+from conftest import REPO, TINY, run_cli, tiny_flags
 from scratchgpt import runtime
 from scratchgpt.checkpoint import remove_stale_temps
 from scratchgpt.cli import main
 from scratchgpt.model import ModelConfig
 from scratchgpt.optim import OptimConfig, lr_at
 from scratchgpt.train import TrainConfig, train
+
+pytestmark = pytest.mark.slow  # subprocesses, signals, torchrun or many fuzz examples
 
 
 def quiet(**kw) -> TrainConfig:
@@ -264,7 +266,7 @@ def test_train_without_config_starts_from_the_recipe(tmp_path, char_data, capsys
     assert {k: getattr(model, k) for k in recipe["model"]} == recipe["model"]
     assert tcfg.max_iters == 5 and tcfg.sample_tokens == recipe["train"]["sample_tokens"] and tcfg.report
     assert optim.optimizer == "muon" and optim.schedule == recipe["optim"]["schedule"]
-    nanogpt = Path(__file__).parents[1] / "configs" / "shakespeare-char-nanogpt.yaml"
+    nanogpt = REPO / "configs" / "shakespeare-char-nanogpt.yaml"
     model, tcfg, optim = parsed(["--config", str(nanogpt)])
     assert (model.n_head, model.pos, model.mlp_hidden, optim.optimizer, tcfg.max_iters) == (4, "learned", 0, "adamw", 2000)
     assert (model, tcfg, optim) == parsed(["--config", str(nanogpt)]) != parsed([])

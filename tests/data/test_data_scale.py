@@ -119,6 +119,7 @@ def test_save_to_disk_folder_written_by_datasets(tmp_path):
         prepare([tmp_path / "dd"], tmp_path / "c", tokenizer="char")
 
 
+@pytest.mark.slow
 def test_bad_table_and_compressed_inputs_are_one_line_errors(tmp_path, capsys):
     from scratchgpt.cli import main
 
@@ -209,6 +210,7 @@ def test_shards_read_like_one_file_batches_eval_and_verify(corpus, tok_dir, tmp_
         load_meta(sharded)
 
 
+@pytest.mark.slow
 def test_training_on_shards_matches_one_file_and_resumes_bit_exactly(corpus, tok_dir, tmp_path):
     from conftest import TINY
     from scratchgpt.model import ModelConfig
@@ -296,6 +298,7 @@ def test_part_and_merge_mistakes_are_one_line_errors(corpus, tok_dir, tmp_path):
 # -- BPE sampling, progress summary, char vocabulary, tokenizer checks ---------------------
 
 
+@pytest.mark.slow
 def test_bpe_sample_is_bounded_and_the_output_ignores_workers_and_buffer(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_module, "UNIT_BYTES", 32 << 10)  # many blocks in a small corpus
     text = "\n\n".join(_docs(600, seed=4, words=(400, 1200)))
@@ -316,6 +319,7 @@ def test_bpe_sample_is_bounded_and_the_output_ignores_workers_and_buffer(tmp_pat
     assert _tokens(outs[0], "val").tolist() == tok._hf.encode(text[int(n * 0.9):]).ids
 
 
+@pytest.mark.slow
 def test_summary_line_when_stderr_is_not_a_terminal(tmp_path):
     src = tmp_path / "a.jsonl.gz"
     src.write_bytes(gzip.compress(_jsonl(_docs(30))))

@@ -91,6 +91,7 @@ def test_adapter_layers_are_refused():
     assert quantize_model(model, "none") is model
 
 
+@pytest.mark.slow
 def test_cli_sample_chat_and_eval_quantized(tmp_path, capsys, monkeypatch):
     from scratchgpt.data import prepare
 

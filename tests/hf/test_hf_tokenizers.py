@@ -263,6 +263,7 @@ def test_export_gives_back_the_hub_tokenizer_files(hub, tmp_path, capsys):
     assert auto(TRICKY[0])["input_ids"] == ours.bos_ids + ours.encode(TRICKY[0])
 
 
+@pytest.mark.slow
 def test_imported_llama_prepares_fine_tunes_evaluates_and_chats(llama, tmp_path, capsys):
     """prepare --tokenizer-from RUN keeps the model's tokenizer (documents as tokenizer(doc) gives them, each
     ended by </s>); eval and finetune sft work on it; the SFT run chats in scratchgpt's template, stopping at </s>."""

@@ -162,6 +162,7 @@ def test_gelu_tanh_is_transformers_tanh_gelus():
     assert (mlp_activation(x, "gelu") - ours).abs().max() > 4e-4
 
 
+@pytest.mark.slow
 def test_hub_gpt2_imports_and_matches_transformers(imported, hf_gpt2):
     loaded = load_run(imported)
     cfg = loaded.gpt.cfg
@@ -179,6 +180,7 @@ def test_hub_gpt2_imports_and_matches_transformers(imported, hf_gpt2):
     assert ours == theirs.tolist()
 
 
+@pytest.mark.slow
 def test_sample_prints_transformers_greedy_text(imported, hf_gpt2, hf_tokenizers, capsys):
     auto = hf_tokenizers[0]
     prompt = "Once upon a time, there"
@@ -222,6 +224,7 @@ def test_tokenizer_matches_transformers_on_any_text(imported_tokenizer, hf_token
     check_same_ids(imported_tokenizer, hf_tokenizers, text)
 
 
+@pytest.mark.slow
 def test_export_round_trip_of_imported_gpt2(imported, hf_gpt2, tmp_path, capsys):
     export_import_export(capsys, imported, tmp_path)  # hf1, and hf2 exported from its import: the same bytes
     config = json.loads((tmp_path / "hf1" / "config.json").read_text())
@@ -234,6 +237,7 @@ def test_export_round_trip_of_imported_gpt2(imported, hf_gpt2, tmp_path, capsys)
     assert tok(TRICKY[2])["input_ids"] == load_run(imported).tokenizer.encode(TRICKY[2])
 
 
+@pytest.mark.slow
 def test_imported_gpt2_fine_tunes_and_continues_pretraining(imported, tmp_path, capsys):
     rows = [{"prompt": f"Say {w}.", "response": f"{w}, {w}!"} for w in ("hello", "world", "stone", "river")]
     sft = tmp_path / "sft.jsonl"
@@ -271,6 +275,7 @@ def rewrite(src: Path, dst: Path, *, config: dict | None = None, tensors: dict |
     return dst
 
 
+@pytest.mark.slow
 def test_hub_gpt2_variants(hub_gpt2, tmp_path, hf_gpt2):
     """Files with masked_bias too (older transformers), bool masks (newer ones), or no buffers all import the same."""
     x = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(4))

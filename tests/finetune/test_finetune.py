@@ -154,6 +154,7 @@ def sft_run(ft_root, base_run) -> tuple[Path, list[str]]:
 
 
 # ---------------------------------------------------------------- classification
+@pytest.mark.slow
 def test_classifier_beats_majority_baseline_and_reports_while_training(cls_run, cls_files, capsys):
     out, result = cls_run
     best = result["best"]
@@ -179,6 +180,7 @@ def test_classifier_beats_majority_baseline_and_reports_while_training(cls_run, 
           f"baseline {result['majority_baseline']:.3f}")
 
 
+@pytest.mark.slow
 def test_predict_writes_labels_and_probabilities(cls_run, cls_files, ft_root, capsys):
     out, result = cls_run
     code, stdout, _ = cli(capsys, "predict", out, "--input", cls_files[1])
@@ -211,6 +213,7 @@ def test_padding_never_changes_a_prediction(pooling, causal):
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_freeze_except_trains_only_the_last_blocks(base_run, ft_root):
     gpt = load_run(base_run).gpt.train()
     model = setup_trainable(GPTClassifier(gpt, 2), freeze_except=1)
@@ -243,6 +246,7 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
 
 
 # ---------------------------------------------------------------- LoRA
+@pytest.mark.slow
 def test_lora_trains_only_adapters(base_run, ft_root):
     gpt = load_run(base_run).gpt.train()
     model = setup_trainable(GPTClassifier(gpt, 2), lora={"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"]})
@@ -257,6 +261,7 @@ def test_lora_trains_only_adapters(base_run, ft_root):
     assert all("lora_" in n or ".head." in n for n in changed)
 
 
+@pytest.mark.slow
 def test_lora_run_saves_adapter_alone_and_merges_exactly(base_run, cls_files, ft_root, capsys):
     from safetensors.torch import load_file
 
@@ -303,6 +308,7 @@ def test_lora_run_saves_adapter_alone_and_merges_exactly(base_run, cls_files, ft
 
 
 # ---------------------------------------------------------------- SFT
+@pytest.mark.slow
 def test_sft_answers_held_out_prompts(sft_run, capsys):
     from scratchgpt.chat import chat
     from scratchgpt.generate import GenerationConfig
@@ -374,6 +380,7 @@ def test_pack_keeps_whole_examples():
     assert [r[1] for r in rows] == [[False] * 5 + [True] * 4, [True] * 7 + [False] * 2]
 
 
+@pytest.mark.slow
 def test_sft_cli_lora_pack_default_template_and_merge(base_run, ft_root, capsys):
     from scratchgpt.checkpoint import load_model
     from scratchgpt.prompts import ChatTemplate
@@ -394,6 +401,7 @@ def test_sft_cli_lora_pack_default_template_and_merge(base_run, ft_root, capsys)
     assert merged_cfg["chat_template"] == config["chat_template"]
 
 
+@pytest.mark.slow
 def test_lora_run_works_directly_with_sample_chat_serve_and_eval(base_run, ft_root, capsys, monkeypatch):
     """No merge needed: every command loads a LoRA run through the one loader, which applies the adapter."""
     rows = [{"prompt": w, "response": w[::-1]} for w in words(40, 5)]
@@ -471,6 +479,7 @@ def test_mlm_masking_is_bert_style_and_deterministic():
     assert ((lab1 != -100).sum(1) >= 1).all()  # every row has a target
 
 
+@pytest.mark.slow
 def test_mlm_loss_falls_and_attention_is_bidirectional(ft_root, base_run):
     from scratchgpt.checkpoint import load_model
     from scratchgpt.optim import OptimConfig
@@ -498,6 +507,7 @@ def test_mlm_loss_falls_and_attention_is_bidirectional(ft_root, base_run):
 
 
 # ---------------------------------------------------------------- bad input: one line naming file, line or label
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(base_run, cls_files, ft_root, capsys):
     d = ft_root / "bad"
     d.mkdir()

@@ -354,6 +354,7 @@ def test_cli_sample_without_checkpoint(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_chat_piped_stdin(run_dir):
     from scratchgpt.checkpoint import load_run
 
@@ -405,6 +406,7 @@ def memorizing_model(tok, ids: list[int]) -> GPT:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_partial_utf8_is_held_until_the_character_is_complete():
     """Chinese through byte-level BPE: many tokens end inside a character. Text comes out only in whole
     characters, in every path (complete, generate, stream, serve, chat); U+FFFD appears only where the

@@ -15,13 +15,13 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 
+from conftest import count_fuzz  # noqa: E402
 from scratchgpt.checkpoint import load_model  # noqa: E402
 from scratchgpt.serve import create_app  # noqa: E402
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 EXAMPLES = int(os.environ.get("SCRATCHGPT_FUZZ_EXAMPLES") or 0) or 40
-TRIED: dict[str, int] = {}  # examples per operation, and statuses seen (printed at the end, for the record)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def _openai_error(response) -> None:
 def check_case(case) -> None:
     response = case.call(headers=AUTH)
     key = f"{case.method} {case.path}"
-    TRIED[key] = TRIED.get(key, 0) + 1
-    TRIED[str(response.status_code)] = TRIED.get(str(response.status_code), 0) + 1
+    count_fuzz("serve", key)
+    count_fuzz("serve", str(response.status_code))
     assert response.status_code < 500, (case.body, response.text)
     if response.status_code >= 400:
         _openai_error(response)
@@ -62,6 +62,7 @@ def check_case(case) -> None:
     case.validate_response(response, excluded_checks=[schemathesis.checks.positive_data_acceptance])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(GenerationMode), ids=lambda m: m.value)
 def test_api_from_its_schema(api_schema, mode):
     """Every operation of the OpenAPI document, with data that follows the schema and data that breaks it.
@@ -89,9 +90,3 @@ def test_unexpected_methods_are_405_in_openai_shape(app, path):
         response = client.request(method, path, headers=AUTH)
         assert response.status_code == 405 and response.headers.get("allow"), (method, path)
         _openai_error(response)
-
-
-def test_fuzz_counts_for_the_record(capsys):
-    """Prints what the fuzzer sent (shown with -s), so a longer local run can report its counts."""
-    with capsys.disabled():
-        print(f"\nserve fuzz: {TRIED}")
