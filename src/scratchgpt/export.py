@@ -1,7 +1,7 @@
 """`scratchgpt export` and `scratchgpt import-hf`: runs leave and enter through the Hugging Face format.
 
     scratchgpt export RUN --out DIR          a folder stock transformers loads (AutoModelForCausalLM,
-                                             AutoTokenizer), with a model card; hf.py has the mapping
+                                             AutoTokenizer), with a model card; hf/ has the mapping
     scratchgpt import-hf DIR --out RUN       a GPT-2 / OPT / GPT-NeoX / Llama / Arcee / Qwen3 folder saved
                                              by transformers, as a scratchgpt run every command takes
 

@@ -266,7 +266,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
+        first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]  # one line, whatever the library said
+        raise UserError(f"{path}: cannot read ({first_line})") from None
 
 
 def resolve_checkpoint(run: Path, which: str = "best") -> Path:

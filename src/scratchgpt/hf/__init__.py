@@ -1,0 +1,66 @@
+"""Hugging Face transformers interop: export a checkpoint as a stock transformers model, import one back.
+
+An exported folder loads with `AutoModelForCausalLM.from_pretrained(out)` and
+`AutoTokenizer.from_pretrained(out)`, no `trust_remote_code`: every scratchgpt model that
+has an exact standard twin is written as that class, with the same math, so fp32 logits
+agree within 1e-4 and greedy decoding agrees token for token. Nothing is approximated:
+a model without an exact twin is refused with one line naming the option.
+
+Mapping (our `ModelConfig` -> transformers class, and the config keys that carry the choice):
+
+    pos      norm       placement  mlp         -> class (model_type)
+    learned  layernorm  pre        plain       -> GPT2LMHeadModel (gpt2): activation_function, n_inner
+    learned  layernorm  post       plain       -> OPTForCausalLM (opt): do_layer_norm_before=false
+    rope     layernorm  pre        plain       -> GPTNeoXForCausalLM (gpt_neox): use_parallel_residual=false,
+                                                 partial_rotary_factor=1, hidden_act
+    rope     rmsnorm    pre        swiglu      -> LlamaForCausalLM (llama): hidden_act=silu
+    rope     rmsnorm    pre        plain       -> ArceeForCausalLM (arcee): Llama with a plain up/down MLP
+    rope     rmsnorm    pre        swiglu,     -> Qwen3ForCausalLM (qwen3): bias=false only (Qwen3's MLP has
+                                   qk_norm        no biases); q_norm/k_norm weights are ones, eps 1e-6
+
+The parts, each with the documentation of what it does:
+
+    families.py  which class computes a ModelConfig (and what is refused); which class a config.json names
+    layout.py    where each of our tensors lives in each family, both directions; masks of old GPT-2 files
+    config.py    config.json both ways: the keys, activations, epsilons, RoPE scaling
+    export.py    export_checkpoint: the folder, classifiers, the tokenizer files
+    card.py      the README.md model cards
+    adapter.py   LoRA runs as PEFT adapter folders
+    load.py      import_hf: reading folders and shards, tokenizers, writing the run
+
+Public API:
+    hf_architecture(cfg, classifier_pooling=None) -> str
+    hf_config(cfg, *, eot_id=None, pad_token_id=None, labels=None, bos_id=None) -> dict
+    state_dict_to_hf(cfg, tensors) -> dict[str, Tensor]
+    export_checkpoint(ckpt, out, *, which="best", force=False) -> Path
+    read_hf_folder(hf_dir) -> (hf config dict, fp32 tensors)
+    config_from_hf(hf_config, tensors=None) -> ModelConfig
+    state_dict_from_hf(hf_config, tensors, cfg=None) -> dict[str, Tensor]
+    load_hf_tokenizer(path) -> Tokenizer
+    import_hf(hf_dir, out, *, tokenizer=None, force=False) -> Path
+    adapter_to_hf(cfg, adapter_config, tensors, base_model_name_or_path="base") -> (adapter_config.json, tensors)
+    export_adapter(ckpt, out, *, which="best", force=False, base=None) -> Path
+`transformers` itself is never imported here: the files are written and read directly.
+"""
+
+from .adapter import adapter_to_hf, export_adapter
+from .config import config_from_hf, hf_config
+from .export import export_checkpoint
+from .families import FAMILIES, hf_architecture
+from .layout import state_dict_to_hf
+from .load import import_hf, load_hf_tokenizer, read_hf_folder, state_dict_from_hf
+
+__all__ = [
+    "FAMILIES",
+    "hf_architecture",
+    "hf_config",
+    "state_dict_to_hf",
+    "export_checkpoint",
+    "read_hf_folder",
+    "config_from_hf",
+    "state_dict_from_hf",
+    "load_hf_tokenizer",
+    "import_hf",
+    "adapter_to_hf",
+    "export_adapter",
+]

@@ -1,0 +1,366 @@
+"""transformers config.json, both ways: `hf_config` writes a family's keys for a ModelConfig,
+`config_from_hf` reads them back (or refuses in one line).
+
+Every family: vocab_size, n_layer, n_head, n_embd, block_size (max_position_embeddings), mlp_hidden
+(intermediate size), rope_base (rope_theta), tie_embeddings (tie_word_embeddings), dropout, init_std
+(initializer_range), norm_eps (GPT-2 layer_norm_epsilon, NeoX layer_norm_eps, Llama/Arcee/Qwen3
+rms_norm_eps; OPT has no key: its LayerNorms are 1e-5, so only that exports as OPT). `bias=false`
+sets the classes' bias flags off (OPT enable_bias, NeoX attention_bias, Llama/Arcee attention_bias
+and mlp_bias, Qwen3 attention_bias).
+
+Plain MLPs: ours -> transformers' ACT2FN name (activation_function / hidden_act), and back:
+
+    gelu       <-> gelu                 the exact erf GELU
+    gelu_tanh  <-> gelu_new (GPT-2, as its released configs say), gelu_pytorch_tanh (the
+                   other families: F.gelu(approximate="tanh"), the very kernel ours calls);
+                   imported too: gelu_fast, gelu_python_tanh, gelu_accurate (the same tanh
+                   formula: in fp32 all are within 4.8e-7 of ours on [-12, 12], where the
+                   erf GELU is 4.7e-4 away)
+    relu       <-> relu
+    relu2      <-> relu2
+
+Epsilons: norm_eps=null means LayerNorm 1e-5, RMSNorm 1e-6, and qk_norm's per-head RMSNorm 1e-6
+(model.QK_NORM_EPS, Qwen3's default rms_norm_eps); a norm_eps applies to every norm, qk_norm's too,
+as Qwen3's one rms_norm_eps does. On import an eps equal to our default for the norm becomes null,
+so configs that always imported stay byte for byte what they were.
+
+Llama, Arcee, Qwen3 only: n_kv_head (num_key_value_heads; null = n_head), grouped-query attention as
+in SmolLM2, TinyLlama and Qwen3 (GPT-2, OPT and NeoX have none: refused), and Llama 3.1/3.2's RoPE
+frequency scaling:
+
+    rope_scaling=llama3  <-> rope_type "llama3"
+    rope_factor              factor (Llama 3.1: 8, 3.2: 32)
+    rope_low_freq_factor     low_freq_factor
+    rope_high_freq_factor    high_freq_factor
+    rope_original_context    original_max_position_embeddings (8192)
+
+read from rope_parameters (transformers 5) or rope_scaling (4.x, as Meta's config.json has it; a
+missing original_max_position_embeddings is transformers' fallback, max_position_embeddings),
+written to both (5.x reads rope_scaling first when both are there: the same values).
+
+Import refuses in one line: num_key_value_heads that does not divide num_attention_heads, head_dim
+!= hidden_size / heads, scaled RoPE other than llama3 (linear, dynamic, yarn, longrope; llama3 in
+GPT-NeoX) and partial RoPE, GPT-NeoX's parallel residual, a non-positive eps, activations we lack
+(e.g. quick_gelu), Qwen3 with sliding-window layers, nonzero attention biases (so released Qwen3
+checkpoints are refused; exported ones come back). A bias is kept (bias=true) when the config
+declares linear biases or any bias tensor is nonzero. Keys that change nothing we compute are
+ignored: n_ctx (transformers reads n_positions), reorder_and_upcast_attn (fp32 attention either
+way), summary_* (the double-heads model's classifier), task_specific_params, bos/eos ids (the
+tokenizer's `<|endoftext|>` is the EOT).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+from .. import UserError
+from ..model import LAYERNORM_EPS, RMSNORM_EPS, ModelConfig
+from .families import FAMILIES, NORM_EPS_KEYS, build_model_config, export_model_type, import_model_type
+from .layout import canonical_keys, weight_rules
+
+# transformers' ACT2FN name -> our plain (non-gated) MLP; export writes them back with _hf_activation
+ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "relu2": "relu2", "gelu_new": "gelu_tanh",
+               "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
+               "gelu_accurate": "gelu_tanh"}
+# Llama 3's RoPE frequency scaling (rope_type "llama3"): config key -> our ModelConfig field
+LLAMA3_ROPE = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+               "high_freq_factor": "rope_high_freq_factor", "original_max_position_embeddings": "rope_original_context"}
+PAD = "<pad>"  # the pad token (config.json's pad_token_id) added for char-tokenizer classifiers
+QWEN3_BIAS = ("config.json: attention_bias=true (a Qwen3 with q/k/v/o biases) has no scratchgpt equivalent: "
+              "model.qk_norm models have no biases, as Qwen3's MLP has none")
+
+
+def json_bytes(obj: Any) -> bytes:
+    """A JSON file as every exported one is written: sorted keys, 2-space indent, UTF-8, a final newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------
+# Export: ModelConfig -> config.json
+
+
+def _hf_activation(cfg: ModelConfig, model_type: str) -> str:
+    """The ACT2FN name of cfg.mlp in `model_type`'s config (the table above)."""
+    if cfg.mlp == "swiglu":
+        return "silu"
+    if cfg.mlp == "gelu_tanh":
+        return "gelu_new" if model_type == "gpt2" else "gelu_pytorch_tanh"
+    return cfg.mlp
+
+
+def _gpt2_keys(cfg: ModelConfig, rope: dict[str, Any], mt: str) -> dict[str, Any]:
+    return dict(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_positions=cfg.block_size,
+                n_inner=cfg.hidden_dim, activation_function=_hf_activation(cfg, mt), layer_norm_epsilon=cfg.eps,
+                resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                initializer_range=cfg.init_std, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                reorder_and_upcast_attn=False, add_cross_attention=False)
+
+
+def _opt_keys(cfg: ModelConfig, rope: dict[str, Any], mt: str) -> dict[str, Any]:
+    return dict(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                ffn_dim=cfg.hidden_dim, max_position_embeddings=cfg.block_size, word_embed_proj_dim=cfg.n_embd,
+                do_layer_norm_before=False, activation_function=_hf_activation(cfg, mt), enable_bias=cfg.bias,
+                layer_norm_elementwise_affine=True, dropout=cfg.dropout, attention_dropout=cfg.dropout,
+                layerdrop=0.0, init_std=cfg.init_std)
+
+
+def _neox_keys(cfg: ModelConfig, rope: dict[str, Any], mt: str) -> dict[str, Any]:
+    return dict(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                intermediate_size=cfg.hidden_dim, hidden_act=_hf_activation(cfg, mt),
+                max_position_embeddings=cfg.block_size,
+                layer_norm_eps=cfg.eps, use_parallel_residual=False, attention_bias=cfg.bias,
+                rope_parameters=dict(rope, partial_rotary_factor=1.0), rotary_pct=1.0,
+                rotary_emb_base=rope["rope_theta"], attention_dropout=cfg.dropout, hidden_dropout=cfg.dropout,
+                initializer_range=cfg.init_std)
+
+
+def _llama_keys(cfg: ModelConfig, rope: dict[str, Any], mt: str) -> dict[str, Any]:
+    """Llama, Arcee and Qwen3's keys (`rope`, shared with the result, gains Llama 3's scaling)."""
+    c = dict(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+             num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.hidden_dim,
+             hidden_act=_hf_activation(cfg, mt), max_position_embeddings=cfg.block_size,
+             rms_norm_eps=cfg.eps, rope_parameters=rope, rope_theta=rope["rope_theta"],
+             attention_bias=cfg.bias, attention_dropout=cfg.dropout, initializer_range=cfg.init_std)
+    if cfg.rope_scaling == "llama3":
+        # 5.x reads rope_parameters (rope_scaling first when both are there: the same values), 4.x rope_scaling
+        scaling = {"rope_type": "llama3"} | {key: getattr(cfg, ours) for key, ours in LLAMA3_ROPE.items()}
+        rope.update(scaling)
+        c["rope_scaling"] = scaling
+    if mt == "qwen3":  # (no mlp_bias: Qwen3's MLP never has biases)
+        c.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
+                 layer_types=["full_attention"] * cfg.n_layer)
+    else:
+        c["mlp_bias"] = cfg.bias
+    if mt == "llama":
+        c["pretraining_tp"] = 1
+    return c
+
+
+# Each family's writer: its config.json keys (`rope`: the default RoPE parameters of cfg)
+_FAMILY_KEYS = {"gpt2": _gpt2_keys, "opt": _opt_keys, "gpt_neox": _neox_keys, "llama": _llama_keys,
+                "arcee": _llama_keys, "qwen3": _llama_keys}
+
+
+def hf_config(cfg: ModelConfig, *, eot_id: Optional[int] = None, pad_token_id: Optional[int] = None,
+              labels: Optional[Sequence[str]] = None, bos_id: Optional[int] = None) -> dict[str, Any]:
+    """The config.json of `hf_architecture(cfg)` (a `...ForSequenceClassification` when `labels` are given).
+
+    bos_token_id is `bos_id` (an imported tokenizer's BOS), else the EOT id, as GPT-2's configs have it.
+
+    Written for transformers 5 (rope_parameters, dtype) with the 4.x spellings beside them
+    (rope_theta, rotary_pct, torch_dtype), which 5.x reads as the same values.
+    """
+    mt = export_model_type(cfg)
+    family = FAMILIES[mt]
+    c: dict[str, Any] = {
+        "architectures": [family.seq_cls if labels else family.causal_lm],
+        "model_type": mt,
+        "vocab_size": cfg.vocab_size,
+        "bos_token_id": eot_id if bos_id is None else bos_id,
+        "eos_token_id": eot_id,
+        "pad_token_id": pad_token_id,
+        # a classifier has no LM head: nothing to tie
+        "tie_word_embeddings": bool(cfg.tie_embeddings and not labels),
+        "dtype": "float32",
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    c.update(_FAMILY_KEYS[mt](cfg, {"rope_type": "default", "rope_theta": float(cfg.rope_base)}, mt))
+    if labels:
+        c.update(id2label={str(i): lab for i, lab in enumerate(labels)}, label2id={lab: i for i, lab in enumerate(labels)},
+                 num_labels=len(labels), problem_type="single_label_classification")
+    return c
+
+
+# ---------------------------------------------------------------------------------------
+# Import: config.json -> ModelConfig
+
+
+def _config_value(c: Mapping[str, Any], key: str, default: Any = ...) -> Any:
+    """c[key]; a missing or null key is `default`, or a UserError when there is none."""
+    if key in c and c[key] is not None:
+        return c[key]
+    if default is ...:
+        raise UserError(f"config.json: missing {key}")
+    return default
+
+
+def _require_value(c: Mapping[str, Any], key: str, want: Any, default: Any, why: str) -> None:
+    """A UserError (saying `why`) unless c[key] (`default` when missing) is `want`."""
+    value = _config_value(c, key, default)
+    if value != want:
+        raise UserError(f"config.json: {key}={value!r} has no scratchgpt equivalent ({why})")
+
+
+def _plain_mlp_activation(c: Mapping[str, Any], key: str, default: str) -> str:
+    act = _config_value(c, key, default)
+    if act in ACTIVATIONS:
+        return ACTIVATIONS[act]
+    raise UserError(f"config.json: {key}={act!r} has no scratchgpt equivalent (scratchgpt's plain MLPs take "
+                    f"{', '.join(ACTIVATIONS)})")
+
+
+def _llama3_rope_fields(c: Mapping[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    # transformers takes a top-level original_max_position_embeddings first, then max_position_embeddings
+    for context in (c.get("original_max_position_embeddings"), params.get("original_max_position_embeddings"),
+                    c.get("max_position_embeddings")):
+        if context is not None:
+            params["original_max_position_embeddings"] = context
+            break
+    out: dict[str, Any] = {}
+    for key, ours in LLAMA3_ROPE.items():
+        value = params.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config.json: rope_type 'llama3' needs a number for {key}, got {value!r}")
+        out[ours] = value if ours == "rope_original_context" else float(value)
+    out["rope_scaling"] = "llama3"
+    return out
+
+
+def _rope_fields(c: Mapping[str, Any], partial_default: float, scaled: bool = False) -> dict[str, Any]:
+    """ModelConfig's rope fields: rope_base (rope_theta) of RoPE over whole heads and, where `scaled` (the
+    Llama/Arcee/Qwen3 classes), Llama 3's frequency scaling; other scaling and partial RoPE are refused."""
+    params = dict(c.get("rope_scaling") or {}) | dict(c.get("rope_parameters") or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    out: dict[str, Any] = {}
+    if kind == "llama3" and scaled:
+        out = _llama3_rope_fields(c, params)
+    elif kind != "default":
+        raise UserError(f"config.json: rope_type={kind!r} (scaled RoPE) has no scratchgpt equivalent: model.pos=rope "
+                        "is plain RoPE" + (" or Llama 3's (rope_type llama3)" if scaled else ""))
+    partial = params.get("partial_rotary_factor", c.get("partial_rotary_factor", c.get("rotary_pct", partial_default)))
+    if partial != 1:
+        raise UserError(f"config.json: partial_rotary_factor={partial} (RoPE on part of each head) has no scratchgpt "
+                        "equivalent: model.pos=rope rotates whole heads")
+    return out | {"rope_base": float(params.get("rope_theta", c.get("rope_theta", c.get("rotary_emb_base", 10000.0))))}
+
+
+def _norm_eps(c: Mapping[str, Any], mt: str, norm: str) -> Optional[float]:
+    """model.norm_eps from the family's eps key: None where it is our default for `norm`, so configs
+    (and export -> import -> export) stay as they were."""
+    key, default = NORM_EPS_KEYS[mt]
+    eps = _config_value(c, key, default) if key else default
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise UserError(f"config.json: {key}={eps!r} must be a positive number")
+    return None if float(eps) == (RMSNORM_EPS if norm == "rmsnorm" else LAYERNORM_EPS) else float(eps)
+
+
+# Each family's reader: (ModelConfig fields, whether the config declares linear biases)
+
+
+def _gpt2_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], bool]:
+    for key, want, default in (("scale_attn_weights", True, True), ("scale_attn_by_inverse_layer_idx", False, False),
+                               ("add_cross_attention", False, False)):
+        _require_value(c, key, want, default, "scratchgpt's attention is plain scaled self-attention")
+    n_embd = _config_value(c, "n_embd")
+    kw = dict(pos="learned", norm="layernorm", norm_placement="pre",
+              mlp=_plain_mlp_activation(c, "activation_function", "gelu_new"),
+              block_size=_config_value(c, "n_positions", 1024), n_layer=_config_value(c, "n_layer"),
+              n_head=_config_value(c, "n_head"), n_embd=n_embd, mlp_hidden=_config_value(c, "n_inner", 4 * n_embd),
+              dropout=_config_value(c, "resid_pdrop", 0.1), init_std=_config_value(c, "initializer_range", 0.02))
+    return kw, False  # GPT-2 has every bias, always
+
+
+def _opt_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], bool]:
+    pre = _config_value(c, "do_layer_norm_before", True)
+    if pre:
+        _require_value(c, "_remove_final_layer_norm", False, False, "a pre-norm scratchgpt model ends with a final norm")
+    n_embd = _config_value(c, "hidden_size")
+    _require_value(c, "word_embed_proj_dim", n_embd, n_embd, "scratchgpt has no embedding projection")
+    _require_value(c, "layer_norm_elementwise_affine", True, True, "scratchgpt's LayerNorms have a weight")
+    kw = dict(pos="learned", norm="layernorm", norm_placement="pre" if pre else "post",
+              mlp=_plain_mlp_activation(c, "activation_function", "relu"),
+              block_size=_config_value(c, "max_position_embeddings", 2048),
+              n_layer=_config_value(c, "num_hidden_layers"), n_head=_config_value(c, "num_attention_heads"),
+              n_embd=n_embd, mlp_hidden=_config_value(c, "ffn_dim"), dropout=_config_value(c, "dropout", 0.1),
+              init_std=_config_value(c, "init_std", 0.02))
+    return kw, _config_value(c, "enable_bias", True)
+
+
+def _neox_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], bool]:
+    _require_value(c, "use_parallel_residual", False, True, "scratchgpt's blocks are sequential: x + attn, then + mlp")
+    kw = dict(pos="rope", **_rope_fields(c, partial_default=0.25), norm="layernorm", norm_placement="pre",
+              mlp=_plain_mlp_activation(c, "hidden_act", "gelu"),
+              block_size=_config_value(c, "max_position_embeddings", 2048),
+              n_layer=_config_value(c, "num_hidden_layers"), n_head=_config_value(c, "num_attention_heads"),
+              n_embd=_config_value(c, "hidden_size"), mlp_hidden=_config_value(c, "intermediate_size"),
+              dropout=_config_value(c, "hidden_dropout", 0.0), init_std=_config_value(c, "initializer_range", 0.02))
+    return kw, _config_value(c, "attention_bias", True)
+
+
+def _llama_mlp(c: Mapping[str, Any], mt: str) -> str:
+    """Llama's and Qwen3's gated MLP (SiLU only), Arcee's plain one."""
+    if mt == "arcee":
+        return _plain_mlp_activation(c, "hidden_act", "relu2")
+    act = _config_value(c, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UserError(f"config.json: hidden_act={act!r} in {FAMILIES[mt].causal_lm}'s gated MLP has no "
+                        "scratchgpt equivalent (model.mlp=swiglu is SiLU-gated)")
+    return "swiglu"
+
+
+def _llama_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], bool]:
+    """Llama's, Arcee's and Qwen3's fields."""
+    n_embd, n_head = _config_value(c, "hidden_size"), _config_value(c, "num_attention_heads")
+    kv = _config_value(c, "num_key_value_heads", n_head)
+    if type(kv) is not int or kv < 1 or n_head % kv:
+        raise UserError(f"config.json: num_key_value_heads={kv!r} must be a positive integer that divides "
+                        f"num_attention_heads={n_head}")
+    _require_value(c, "head_dim", n_embd // n_head, 128 if mt == "qwen3" else n_embd // n_head,
+                   "scratchgpt's head_dim is n_embd / n_head")
+    if mt == "qwen3":
+        _require_value(c, "use_sliding_window", False, False, "scratchgpt's attention sees the whole context")
+        layer_types = set(_config_value(c, "layer_types", ["full_attention"]))
+        if layer_types != {"full_attention"}:
+            raise UserError(f"config.json: layer_types {sorted(layer_types)} has no scratchgpt equivalent (every "
+                            "layer attends to the whole context)")
+    mlp = _llama_mlp(c, mt)
+    kw = dict(pos="rope", **_rope_fields(c, partial_default=1.0, scaled=True), norm="rmsnorm", norm_placement="pre",
+              mlp=mlp, qk_norm=mt == "qwen3", n_layer=_config_value(c, "num_hidden_layers"),
+              n_head=n_head, n_embd=n_embd, n_kv_head=kv if kv != n_head else None,
+              block_size=_config_value(c, "max_position_embeddings", {"llama": 2048, "arcee": 4096, "qwen3": 32768}[mt]),
+              mlp_hidden=_config_value(c, "intermediate_size"), dropout=_config_value(c, "attention_dropout", 0.0),
+              init_std=_config_value(c, "initializer_range", 0.02))
+    flag = mt != "qwen3" and (_config_value(c, "attention_bias", False) or _config_value(c, "mlp_bias", False))
+    return kw, flag
+
+
+_FAMILY_FIELDS = {"gpt2": _gpt2_fields, "opt": _opt_fields, "gpt_neox": _neox_fields, "llama": _llama_fields,
+                  "arcee": _llama_fields, "qwen3": _llama_fields}
+
+
+def _settle_bias(c: Mapping[str, Any], mt: str, cfg: ModelConfig,
+                 tensors: Optional[Mapping[str, torch.Tensor]]) -> ModelConfig:
+    """`cfg` (built with bias=True) for a config that declares no linear biases: bias=false unless a bias
+    tensor is nonzero (without tensors: unless the class always has biases)."""
+    bias_rules = [r for r in weight_rules(mt, cfg) if r.bias]
+    if mt == "qwen3" and tensors is None and _config_value(c, "attention_bias", False):
+        raise UserError(QWEN3_BIAS)  # (with the tensors, biases that are all zero import as bias=false)
+    if tensors is None:
+        return replace(cfg, bias=any(r.bias == "always" for r in bias_rules))
+    tensors = canonical_keys(mt, tensors)
+    nonzero = any(tensors[k].any() for r in bias_rules for k in r.hf if k in tensors)
+    if mt == "qwen3" and nonzero:
+        raise UserError(QWEN3_BIAS)
+    return replace(cfg, bias=bool(nonzero))
+
+
+def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, torch.Tensor]] = None) -> ModelConfig:
+    """Our ModelConfig for a transformers config.json (any model_type of FAMILIES), or a one-line UserError.
+
+    `tensors` settles `bias` where the config cannot: with no linear-bias flag set, a
+    model whose bias tensors are all zero imports as bias=false (same math). Without
+    tensors, biases the class always has count as present.
+    """
+    c = hf_config
+    mt = import_model_type(c)
+    kw, declared_bias = _FAMILY_FIELDS[mt](c, mt)
+    tied = _config_value(c, "tie_word_embeddings", FAMILIES[mt].tied_default)
+    cfg = build_model_config(dict(kw, vocab_size=_config_value(c, "vocab_size"), tie_embeddings=bool(tied), bias=True,
+                                  dropout=float(kw["dropout"]), norm_eps=_norm_eps(c, mt, kw["norm"])))
+    return cfg if declared_bias else _settle_bias(c, mt, cfg, tensors)

@@ -1,0 +1,206 @@
+"""Import: a transformers model folder -> a scratchgpt run.
+
+`import_hf` reads model.safetensors or a sharded index (fp32, fp16 or bf16; held as fp32) for the
+classes of FAMILIES and writes a scratchgpt run. pytorch_model.bin is refused in one line (loading it
+means unpickling, which can run code); so is any other model_type, and whatever config.py and
+layout.py refuse. Export -> import -> export reproduces model.safetensors and config.json byte for
+byte.
+
+Tokenizers: any tokenizer.json the `tokenizers` library loads imports (one it cannot load is refused
+in one line); files in scratchgpt's own char/bpe shapes load as those kinds, every other one (Llama's
+byte-fallback BPE, SmolLM2's or Qwen's byte-level BPE with their splits and normalizers...) as kind
+"hf", encoded by `tokenizers` itself, with the tokenizer_config.json and chat template files beside
+it copied into the run. Its eos is tokenizer_config.json's eos_token, else config.json's (or
+generation_config.json's) eos_token_id, which import then writes into the run's tokenizer_config.json.
+The model's generation_config.json (else one holding config.json's eos_token_id) goes beside it too:
+its eos_token_id list (Llama 3 Instruct's <|eot_id|>) also ends generated text (Tokenizer.stop_ids).
+GPT-2's tokenizer.json (byte-level BPE, `<|endoftext|>` = 50256 as an added token, the BPE model
+written without a "type" in older files) loads as a scratchgpt bpe tokenizer that encodes exactly as
+transformers' GPT-2 tokenizer does, with one deliberate difference: a literal `<|endoftext|>` in text
+stays plain characters (transformers' default makes it id 50256; `split_special_tokens=True` there
+gives our ids, and prompts.encode_with_eot gives theirs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from .. import UserError
+from ..checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_tensors, save_checkpoint
+from ..model import GPT, ModelConfig
+from ..tokenizer import HF_CONFIG_FILE, HF_GENERATION_FILE, Tokenizer, copy_tokenizer
+from ..utils import atomic_write_bytes, atomic_write_json, read_json, replace_dir, sha256_file
+from .config import config_from_hf, json_bytes
+from .export import _check_out
+from .families import FAMILIES, import_model_type
+from .layout import from_hf_tensors
+
+
+def _weight_files(d: Path) -> tuple[list[str], Optional[set[str]]]:
+    """(the safetensors files of folder `d`, the tensor names its index promises, or None without an index)."""
+    index = d / "model.safetensors.index.json"
+    if (d / "model.safetensors").is_file():
+        return ["model.safetensors"], None
+    if index.is_file():
+        try:
+            weight_map = read_json(index)["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{index}: not a safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if Path(f).name != f or not (d / f).is_file():
+                raise UserError(f"{index}: shard {f!r} is missing from {d}")
+        return files, set(weight_map)
+    if any(d.glob("pytorch_model*.bin")):
+        raise UserError(f"{d} holds only pytorch_model.bin, a pickle: loading it means unpickling, which can run "
+                        "arbitrary code; convert it to safetensors with transformers (save_pretrained) and import that")
+    raise UserError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_hf_folder(hf_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json, every tensor as fp32) of a transformers folder: model.safetensors or a sharded index.
+
+    fp16 and bf16 weights are widened to fp32 (exact). pytorch_model.bin is refused: it is a
+    pickle, and unpickling a file can run arbitrary code.
+    """
+    d = Path(hf_dir)
+    if not d.is_dir():
+        raise UserError(f"{d}: no such directory")
+    if not (d / "config.json").is_file():
+        raise UserError(f"{d}: no config.json (not a transformers model folder)")
+    try:
+        hf_cfg = read_json(d / "config.json")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{d / 'config.json'}: not valid JSON ({e})") from None
+    files, expected = _weight_files(d)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = load_tensors(d / f)
+        clash = tensors.keys() & part.keys()
+        if clash:
+            raise UserError(f"{d / f}: tensor {min(clash)} also appears in another shard")
+        tensors.update(part)
+    if expected is not None and expected != set(tensors):
+        diff = sorted(expected ^ set(tensors))
+        raise UserError(f"{d / 'model.safetensors.index.json'}: the index and the shards disagree about {diff[0]}")
+    return hf_cfg, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def state_dict_from_hf(hf_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                       cfg: Optional[ModelConfig] = None) -> dict[str, torch.Tensor]:
+    """Our model's fp32 state dict (tied head omitted) from a transformers model's tensors."""
+    mt = import_model_type(hf_config)
+    return from_hf_tensors(mt, cfg or config_from_hf(hf_config, tensors), tensors)
+
+
+def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A transformers tokenizer.json (or a folder holding one, with its tokenizer_config.json).
+
+    Files in exactly the shape scratchgpt writes load as its char or bpe kinds (fast encoders that
+    agree with `tokenizers`), any other file the `tokenizers` library loads as kind "hf"; a file it
+    cannot load is a one-line UserError.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise UserError(f"no tokenizer.json at {path}")
+    return Tokenizer.load(path)
+
+
+def _eos_from_config(hf_dir: Path, tok: Tokenizer) -> Optional[str]:
+    """The eos token named by config.json's (else generation_config.json's) eos_token_id, for an imported
+    tokenizer whose tokenizer_config.json names none; the first one where it is a list (Llama 3's)."""
+    for name in ("config.json", "generation_config.json"):
+        try:
+            eos = read_json(hf_dir / name).get("eos_token_id") if (hf_dir / name).is_file() else None
+        except ValueError:
+            eos = None
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if type(eos) is int and 0 <= eos < tok.vocab_size and tok.id_to_token(eos):
+            return tok.id_to_token(eos)
+    return None
+
+
+def _generation_file(hf_dir: Path) -> Optional[bytes]:
+    """The model folder's generation_config.json (its eos_token_id, a list for Llama 3 Instruct), else one
+    holding config.json's eos_token_id (transformers' generate falls back to it the same way)."""
+    if (hf_dir / HF_GENERATION_FILE).is_file():
+        return (hf_dir / HF_GENERATION_FILE).read_bytes()
+    try:
+        eos = read_json(hf_dir / "config.json").get("eos_token_id")
+    except (OSError, ValueError):
+        return None
+    return json_bytes({"eos_token_id": eos}) if eos is not None else None
+
+
+def _import_tokenizer(hf_dir: Path, tokenizer: Optional[str | os.PathLike],
+                      cfg: ModelConfig) -> tuple[Path, Tokenizer, Optional[str], Optional[bytes]]:
+    """(tokenizer.json path, the tokenizer, the eos token to record, the generation_config.json to add)."""
+    tok_path = Path(tokenizer) if tokenizer is not None else hf_dir
+    if tok_path.is_dir():
+        tok_path = tok_path / TOKENIZER_FILE
+    if not tok_path.is_file():
+        raise UserError(f"no tokenizer.json at {tok_path}: scratchgpt needs the model's tokenizer (pass tokenizer=PATH)")
+    tok = load_hf_tokenizer(tok_path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"{tok_path}: {tok.vocab_size} tokens, but the model has only {cfg.vocab_size} embeddings")
+    eos = _eos_from_config(hf_dir, tok) if tok.kind == "hf" and tok.eot_id is None else None
+    generation = _generation_file(hf_dir) if tok.kind == "hf" else None
+    if generation == tok.side_files.get(HF_GENERATION_FILE):
+        generation = None  # copied with the tokenizer already
+    return tok_path, tok, eos, generation
+
+
+def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: Optional[str | os.PathLike] = None,
+              force: bool = False) -> Path:
+    """Write a scratchgpt run (out/config.json, out/best, out/latest) from a transformers model folder.
+
+    The tokenizer is the folder's tokenizer.json unless `tokenizer` names another file or
+    folder. config["imported_from"] records the source path, class and file hashes.
+    Returns `out`.
+    """
+    hf_dir, out = Path(hf_dir), Path(out)
+    _check_out(out, force, hf_dir)
+    hf_cfg, tensors = read_hf_folder(hf_dir)
+    mt = import_model_type(hf_cfg)
+    cfg = config_from_hf(hf_cfg, tensors)
+    sd = from_hf_tensors(mt, cfg, tensors)
+    tok_path, tok, eos, generation = _import_tokenizer(hf_dir, tokenizer, cfg)
+    model = GPT(cfg)
+    if cfg.tie_embeddings:
+        sd = dict(sd, **{"lm_head.weight": sd["transformer.wte.weight"]})
+    model.load_state_dict(sd, strict=True)
+    files = sorted(p.name for p in hf_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
+    config = {"format_version": 1, "data": None, "model": asdict(cfg), "train": {}, "optim": {},
+              "tokenizer": tok.kind,
+              "imported_from": {"path": str(hf_dir.resolve()), "architecture": FAMILIES[mt].causal_lm,
+                                "model_type": mt, "sha256": {f: sha256_file(hf_dir / f) for f in files}}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if eos is not None or generation is not None:
+            (tmp / "tokenizer").mkdir()
+            copy_tokenizer(tok_path, tmp / "tokenizer")
+            if eos is not None:  # the run's tokenizer_config.json names it, so every later copy stops there too
+                atomic_write_json(tmp / "tokenizer" / HF_CONFIG_FILE, dict(tok.hf_config, eos_token=eos))
+            if generation is not None:  # the model's eos ids (Llama 3's list) end its turns wherever the run goes
+                atomic_write_bytes(tmp / "tokenizer" / HF_GENERATION_FILE, generation)
+            tok_path = tmp / "tokenizer" / TOKENIZER_FILE
+        save_checkpoint(tmp, model=model, optimizer=None, state={"step": 0, "tokens": 0, "best_val_loss": None},
+                        config=config, tokenizer_file=tok_path, is_best=True)
+        shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
+        atomic_write_json(tmp / CONFIG_FILE, config)  # the run-level copy, as train writes it
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
