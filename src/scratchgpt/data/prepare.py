@@ -216,7 +216,8 @@ def _tokenizer_file(tokenizer_from: str | None) -> Path | None:
     tok_file = Path(tokenizer_from)
     if tok_file.is_dir():  # a prepared directory or checkpoint, or a run (its best checkpoint's tokenizer)
         in_run = tok_file / "best" / TOKENIZER_FILE
-        tok_file = in_run if not (tok_file / TOKENIZER_FILE).exists() and in_run.is_file() else tok_file / TOKENIZER_FILE
+        own = tok_file / TOKENIZER_FILE
+        tok_file = in_run if not own.exists() and in_run.is_file() else own
     Tokenizer.load(tok_file)
     return tok_file
 
