@@ -31,7 +31,7 @@ from scratchgpt import UserError  # noqa: E402
 from scratchgpt.data import ShardedTokens, TokenDataset, data_info, load_meta, prepare, split_tokens  # noqa: E402
 from scratchgpt.tokenizer import Tokenizer  # noqa: E402
 
-prepare_module = importlib.import_module("scratchgpt.data.prepare")
+units_module = importlib.import_module("scratchgpt.data.units")
 WORDS = ("the a of river stone light green old quiet house under over near far bright cold warm "
          "walks sings reads builds sees finds keeps Ana Bo Cyd café über naïve 12 345").split()
 
@@ -300,7 +300,7 @@ def test_part_and_merge_mistakes_are_one_line_errors(corpus, tok_dir, tmp_path):
 
 @pytest.mark.slow
 def test_bpe_sample_is_bounded_and_the_output_ignores_workers_and_buffer(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_module, "UNIT_BYTES", 32 << 10)  # many blocks in a small corpus
+    monkeypatch.setattr(units_module, "UNIT_BYTES", 32 << 10)  # many blocks in a small corpus
     text = "\n\n".join(_docs(600, seed=4, words=(400, 1200)))
     src = tmp_path / "big.txt"
     src.write_text(text, encoding="utf-8")

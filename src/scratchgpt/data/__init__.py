@@ -13,7 +13,8 @@ A prepared data directory holds:
 from .dataset import (META_FILE, SPLITS, TokenDataset, data_info, dtype_for_vocab, load_meta, load_tokenizer,
                       split_shards, split_tokens)
 from .masking import mlm_mask_batch
-from .prepare import PrepareConfig, default_data_dir, merge_parts, prepare
+from .merge import merge_parts
+from .prepare import PrepareConfig, default_data_dir, prepare
 from .shards import ShardedTokens
 
 __all__ = ["META_FILE", "SPLITS", "PrepareConfig", "ShardedTokens", "TokenDataset", "data_info", "default_data_dir",
