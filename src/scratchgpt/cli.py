@@ -162,7 +162,8 @@ def _data_info_parser() -> Parser:
     p = Parser(description="Show a prepared data directory: manifest, token counts, a decoded sample.")
     p.add_argument("dir", type=Path, help="a prepared data directory")
     p.add_argument("--sample-tokens", type=int, default=200, help="tokens to decode from each split")
-    p.add_argument("--verify", action="store_true", help="check the sha256 of every file (each shard too) against meta.json")
+    p.add_argument("--verify", action="store_true", help="check the sha256 of every file (each shard too) against "
+                   "meta.json, and every token id against the vocabulary")
     return p
 
 

@@ -70,10 +70,17 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
                         f"{SHARDED_FORMAT_VERSION}; a newer scratchgpt wrote it?)")
     for key, typ in (("tokenizer", str), ("vocab_size", int), ("dtype", str),
                      ("train_tokens", int), ("val_tokens", int)):
-        if not isinstance(meta.get(key), typ):
+        if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
             raise UserError(f"{path}: field {key!r} missing or not a {typ.__name__}")
     if meta["dtype"] not in _DTYPES:
         raise UserError(f"{path}: dtype {meta['dtype']!r} must be one of {sorted(_DTYPES)}")
+    most = np.iinfo(meta["dtype"]).max + 1
+    if not 1 <= meta["vocab_size"] <= most:
+        raise UserError(f"{path}: vocab_size must be between 1 and {most} for {meta['dtype']} ids, "
+                        f"not {meta['vocab_size']}")
+    for split in SPLITS:
+        if meta[f"{split}_tokens"] < 0:
+            raise UserError(f"{path}: {split}_tokens must not be negative")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
         shards = split_shards(meta, split)
@@ -126,6 +133,31 @@ def split_tokens(data_dir: str | os.PathLike, meta: dict[str, Any], split: str) 
     return ShardedTokens([data_dir / s["file"] for s in shards], [s["tokens"] for s in shards], meta["dtype"])
 
 
+# Ids checked when a split is opened: all of a split this short, else this many evenly spread
+# windows of SAMPLE_WINDOW ids (a cheap look for damaged or foreign token files; --verify reads all).
+SAMPLE_WINDOW = 4096
+SAMPLE_WINDOWS = 16
+_CHECK_CHUNK = 1 << 24
+
+
+def check_ids(tokens: Any, vocab_size: int, where: str, *, full: bool) -> None:
+    """UserError naming the first token id at or past `vocab_size`: among all `tokens` (`full`),
+    or an evenly spread sample of them."""
+    n = len(tokens)
+    if full or n <= SAMPLE_WINDOW * SAMPLE_WINDOWS:
+        spans = [(a, min(n, a + _CHECK_CHUNK)) for a in range(0, n, _CHECK_CHUNK)]
+    else:
+        starts = np.linspace(0, n - SAMPLE_WINDOW, SAMPLE_WINDOWS).astype(np.int64).tolist()
+        spans = [(a, a + SAMPLE_WINDOW) for a in starts]
+    for a, b in spans:
+        ids = np.asarray(tokens[a:b])
+        if ids.size and int(ids.max()) >= vocab_size:
+            at = int(np.argmax(ids >= vocab_size))
+            raise UserError(f"{where}: token id {int(ids[at])} at position {a + at:,} is outside the vocabulary "
+                            f"({vocab_size} ids): the token files are damaged or were made with another tokenizer"
+                            + ("" if full else " (data-info --verify checks every id)"))
+
+
 class TokenDataset:
     """One split of a prepared data directory, memory-mapped read-only.
 
@@ -160,6 +192,7 @@ class TokenDataset:
             raise UserError(f"the {split} split of {self.data_dir} is empty")
         # one np.memmap, or ShardedTokens over several files: the same offsets give the same tokens
         self.tokens = split_tokens(self.data_dir, self.meta, split)
+        check_ids(self.tokens, self.vocab_size, f"the {split} split of {self.data_dir}", full=False)
         if self.block_size > self.n_tokens - 1:
             raise UserError(
                 f"block size {self.block_size} is too large for the {split} split of {self.data_dir}: "
@@ -268,8 +301,11 @@ def data_info(data_dir: str | os.PathLike, *, sample_tokens: int = 200, verify: 
         f"({meta['tokenizer']}, vocab {meta['vocab_size']:,}, {meta['dtype']})"
     )
     if verify:
+        if tok.vocab_size != meta["vocab_size"]:
+            raise UserError(f"{data_dir / TOKENIZER_FILE} has {tok.vocab_size} ids but meta.json says vocab_size "
+                            f"{meta['vocab_size']}: the directory is mixed up")
         checked = _verify(data_dir, meta)
-        lines.append(f"sha256: all files match meta.json ({checked} files)")
+        lines.append(f"sha256: all files match meta.json ({checked} files); every token id is in the vocabulary")
     for split in SPLITS:
         n = meta[f"{split}_tokens"]
         shards = split_shards(meta, split)
@@ -295,4 +331,9 @@ def _verify(data_dir: Path, meta: dict[str, Any]) -> int:
         got = sha256_file(data_dir / name)
         if got != digest:
             raise UserError(f"{data_dir / name}: sha256 {got} does not match meta.json")
+    for split in SPLITS:  # every id, file by file: a file can match a manifest that names a smaller vocabulary
+        for s in split_shards(meta, split):
+            if s["tokens"]:
+                tokens = np.memmap(data_dir / s["file"], dtype=meta["dtype"], mode="r", shape=(s["tokens"],))
+                check_ids(tokens, meta["vocab_size"], str(data_dir / s["file"]), full=True)
     return len(want)

@@ -15,6 +15,7 @@ import glob
 import io
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,8 +135,20 @@ def _sources_under(d: Path, is_val: bool) -> list[Source]:
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         for f in sorted(files):
             if not f.startswith(".") and _split_suffix(f)[0] in wanted:
-                found.append(_file_source(Path(root) / f, is_val))
+                found.append(_file_source(_regular(Path(root) / f), is_val))
     return found
+
+
+def _regular(p: Path) -> Path:
+    """`p`, if it is a regular file (or a link to one): a FIFO, device or socket would block or never end."""
+    try:
+        mode = p.stat().st_mode
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{p}: not a regular file (a FIFO, device or socket): move it out of the folder, "
+                        "or name the input files")
+    return p
 
 
 def _saved_dataset(d: Path, is_val: bool) -> list[Source] | None:
@@ -204,10 +217,14 @@ def documents(src: Source, r: Reading, stdin: BinaryIO | None = None) -> Iterato
 
 
 def _open(src: Source) -> BinaryIO:
-    try:
-        f = open(src.path, "rb")
+    try:  # O_NONBLOCK: a FIFO put in the file's place must not block the open
+        fd = os.open(src.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise UserError(f"{src.name}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{src.name}: not a regular file (a FIFO, device or socket)")
+    f = open(fd, "rb")
     if src.compression is None:
         return f
     if src.compression == "gzip":

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from .. import UserError
 from ..utils import atomic_write_json
 from .dataset import META_FILE, SHARDED_FORMAT_VERSION, SPLITS, TOKENIZER_FILE, load_meta, split_shards
 from .inputs import Source
-from .staging import check_out, finish_files, move_into_place, new_tmp
+from .staging import check_out, discard_tmp, finish_files, move_into_place, new_tmp, write_failure
 from .units import separator_ids
 
 # Settings that change the token stream: parts merged together must agree on them.
@@ -72,8 +71,10 @@ def merge_parts(part_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
     try:
         meta = _write_merged(tmp, metas, out_abs)
         move_into_place(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        discard_tmp(tmp)
+        if isinstance(e, OSError):
+            raise write_failure(e, out, tmp) from None
         raise
     counts = "; ".join(f"{s} {meta[f'{s}_documents']:,} docs, {meta[f'{s}_tokens']:,} tokens in "
                        f"{len(meta['shards'][s])} files" for s in SPLITS)

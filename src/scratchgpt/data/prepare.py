@@ -32,7 +32,9 @@ from .encode import Learned, Work, encode_splits, given_tokenizer, learn_bpe, le
 from .inputs import BUILTIN, Reading, Source, resolve_inputs
 from .merge import merge_parts, select_part
 from .spool import read_corpus, split_docs
-from .staging import check_out, finish_files, move_into_place, new_tmp
+from .staging import (check_out, discard_tmp, finish_files, move_into_place, new_tmp, terminate_as_interrupt,
+                      write_failure)
+from .summary import summary, warn_unknown_chars
 from .units import CHAR_DOC_SEPARATOR, Runner, Units, progress_bar, separator_ids
 
 def _default_workers() -> int:
@@ -161,15 +163,18 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, out: str | os.PathLike, 
 
     tmp = new_tmp(out)
     try:
-        meta = _prepare_into(tmp, sources, o, tok_file=tok_file, explicit_val=bool(val), part=part,
-                             buffer_bytes=o.buffer_mb << 20, workers=workers, show=show, stdin=stdin,
-                             settings=settings)
-        move_into_place(tmp, out, o.force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with terminate_as_interrupt():
+            meta = _prepare_into(tmp, sources, o, tok_file=tok_file, explicit_val=bool(val), part=part,
+                                 buffer_bytes=o.buffer_mb << 20, workers=workers, show=show, stdin=stdin,
+                                 settings=settings)
+            move_into_place(tmp, out, o.force)
+    except BaseException as e:
+        discard_tmp(tmp)
+        if isinstance(e, OSError):
+            raise write_failure(e, out, tmp) from None
         raise
-    _warn_unknown_chars(meta)
-    print(_summary(out, meta, time.time() - t0), file=sys.stderr)
+    warn_unknown_chars(meta)
+    print(summary(out, meta, time.time() - t0), file=sys.stderr)
     return meta
 
 
@@ -353,44 +358,3 @@ def _meta(w: Work, learned: Learned, dtype: str, shards: dict[str, list], tokens
         "files": files,
         "settings": settings,
     }
-
-
-def _warn_unknown_chars(meta: dict) -> None:
-    """One line on stderr when characters became <unk> (char tokenizers only)."""
-    r = meta["cleaning"]
-    if not (r["val_unknown_chars"] or r.get("train_unknown_chars")):
-        return
-    unseen = meta.get("val_unseen_chars") or ""
-    if unseen and not r.get("train_unknown_chars"):
-        shown = ", ".join(repr(c) for c in unseen[:10]) + (", ..." if len(unseen) > 10 else "")
-        print(f"warning: the val split holds {len(unseen)} character(s) unseen in train ({shown}): "
-              f"{r['val_unknown_chars']:,} occurrence(s) became <unk>; --char-vocab all builds the vocabulary "
-              "from every split", file=sys.stderr)
-    else:
-        print(f"warning: {r.get('train_unknown_chars', 0):,} train and {r['val_unknown_chars']:,} val character(s) "
-              "are not in the tokenizer's vocabulary and became <unk>", file=sys.stderr)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
-def _summary(out: Path, meta: dict, seconds: float) -> str:
-    """The one line `prepare` always ends with on stderr."""
-    splits = "; ".join(f"{s} {meta[f'{s}_documents']:,} docs, {_mb(meta[f'{s}_bytes'])}, {meta[f'{s}_tokens']:,} tokens"
-                       + (f" in {len(meta['shards'][s])} shards" if len(meta["shards"][s]) > 1 else "")
-                       for s in SPLITS)
-    bpe = meta.get("bpe_training")
-    if meta["settings"].get("tokenizer_from"):
-        trained = f"tokenizer from {meta['settings']['tokenizer_from']}"
-    elif bpe:
-        how = ("all of it" if bpe["sample_bytes"] >= bpe["train_bytes"]
-               else f"an evenly spread sample, --bpe-sample-mb {bpe['sample_mb_limit']}")
-        trained = f"BPE trained on {_mb(bpe['sample_bytes'])} of {_mb(bpe['train_bytes'])} train text ({how})"
-    else:
-        trained = "char vocabulary from " + ("every split" if meta["settings"].get("char_vocab") == "all" else "train")
-    where = f"part {meta['part']['index']} of {meta['part']['num_parts']} into {out}" if meta.get("part") else str(out)
-    unknown = meta["cleaning"]["train_unknown_chars"] + meta["cleaning"]["val_unknown_chars"]
-    return (f"prepared {where}: {splits}; {meta['tokenizer']} vocab {meta['vocab_size']:,}; "
-            f"{unknown:,} unknown chars; {trained}; "
-            f"{seconds:.1f} s ({meta['bytes_in'] / 1e6 / max(seconds, 1e-9):.1f} MB/s)")

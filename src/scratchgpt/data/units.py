@@ -12,10 +12,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
+import threading
+import time
 from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
+
+from .. import UserError
 
 CHAR_DOC_SEPARATOR = "\n\n"
 # Documents longer than this are cut into units; consecutive units make ~1 MB blocks, the
@@ -249,13 +254,46 @@ class Runner:
 
             # spawn, not fork: the parent may already run tokenizers' thread pool. An
             # executor (unlike mp.Pool) raises instead of hanging if a worker dies.
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
-        return self._pool.map(f, tasks)
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
+                                             initializer=_worker_init, initargs=(os.getpid(),))
+        return _results(self._pool.map(f, tasks))
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _results(results: Iterator[Any]) -> Iterator[Any]:
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        yield from results
+    except BrokenProcessPool:
+        raise UserError("a worker process died (killed, or out of memory?): try fewer --workers or a smaller "
+                        "--buffer-mb") from None
+
+
+def _worker_init(parent: int) -> None:
+    """Each worker dies with the process that started it: a killed `prepare` leaves no worker
+    blocked for ever on a pipe nobody reads (Linux: at once, by the kernel; elsewhere: within
+    a second, by a thread watching the parent)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def progress_bar(show: bool, total: int | None, desc: str):
