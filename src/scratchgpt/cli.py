@@ -145,8 +145,8 @@ def _prepare_parser() -> Parser:
     p = Parser(description="Clean and tokenize raw text into train.bin / val.bin (or shards) / tokenizer.json / "
                            "meta.json; or, with --merge, combine the parts of a corpus prepared apart.")
     p.add_argument("inputs", nargs="*", default=[], help="files, directories, globs, .jsonl, .parquet, datasets "
-                   "save_to_disk folders, .gz/.bz2/.xz/.zst text or JSONL, or - for stdin; none: embedded corpus; "
-                   "with --merge: the part directories")
+                   "save_to_disk folders, .gz/.bz2/.xz/.zst text or JSONL, or - for stdin; none: embedded corpus "
+                   "(or --hf-dataset alone); with --merge: the part directories")
     p.add_argument("--out", type=Path, default=Path("data/default"), help="output directory")
     add_options(p, PrepareConfig)
     return p

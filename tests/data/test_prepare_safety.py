@@ -44,7 +44,8 @@ def _words(n_bytes: int, seed: int = 0) -> str:
 
 
 def _tree_hashes(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def _temps(parent: Path) -> list[str]:
@@ -136,8 +137,8 @@ def test_only_abandoned_temporary_folders_that_prepare_named_are_removed(tmp_pat
 
     dead = folder(".o.tmp-abcd1234")  # a killed run's: its owner file is not locked
     no_owner = folder(".o.tmp-abcd5678", owner=False)  # not known to be ours
-    odd_names = [folder(".o.tmp-short"), folder(".o.tmp-ABCD1234"), folder(".o.tmp-abcd12345"), folder(".oo.tmp-abcd1234"),
-                 folder("o.tmp-abcd1234")]
+    odd_names = [folder(n) for n in (".o.tmp-short", ".o.tmp-ABCD1234", ".o.tmp-abcd12345", ".oo.tmp-abcd1234",
+                                     "o.tmp-abcd1234")]
     target = folder("elsewhere")
     (tmp_path / ".o.tmp-link1234").symlink_to(target)
     live = staging.new_tmp(out)  # a run in progress holds its lock
@@ -212,7 +213,8 @@ def test_a_file_size_limit_is_one_error_line_and_the_old_output_survives(tmp_pat
     out = tmp_path / "o"
     prepare([str(corpus)], out, tokenizer="char", progress=False, val_fraction=0.5)
     before = _tree_hashes(out)
-    cmd = f"ulimit -f {limit_kb}; exec {sys.executable} -m scratchgpt prepare {corpus} --out {out} --tokenizer char --force"
+    cmd = (f"ulimit -f {limit_kb}; exec {sys.executable} -m scratchgpt prepare {corpus} --out {out} "
+           "--tokenizer char --force")
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
     assert r.stderr == f"error: cannot write the output directory {out}: File too large (nothing was changed)\n"
@@ -318,3 +320,11 @@ def test_verify_reads_every_id_where_opening_reads_a_sample(data_copy, char_data
         data_info(data_copy, verify=True)
     code, out, err = cli(capsys, "data-info", data_copy, "--verify")
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_a_lone_surrogate_escaped_in_jsonl_is_one_line(tmp_path):
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"text": "fine text"}\n{"text": "broken \\ud800 here"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"s\.jsonl: document 2 holds '\\ud800', a lone surrogate: not Unicode text"):
+        prepare([str(src)], tmp_path / "o", tokenizer="char", progress=False)
+    assert _temps(tmp_path) == [] and not (tmp_path / "o").exists()

@@ -41,11 +41,12 @@ _MAX_REPLACED_SHARE = 0.1
 class Source:
     """One input: a file (of a kind), stdin, or the embedded corpus."""
 
-    kind: str  # "text" | "jsonl" | "parquet" | "arrow" | "stdin" | "builtin"
+    kind: str  # "text" | "jsonl" | "parquet" | "arrow" | "stdin" | "builtin" | "hub"
     name: str
     path: Path | None = None
     compression: str | None = None  # "gzip" | "bzip2" | "xz" | "zstd"
     is_val: bool = False
+    hub: Any = None  # kind "hub": a hub.HubDataset, which reads itself
 
     def size(self) -> int:
         """Bytes on disk (0 for stdin and the embedded corpus): how parts are balanced."""
@@ -207,6 +208,9 @@ def documents(src: Source, r: Reading, stdin: BinaryIO | None = None) -> Iterato
         return
     if src.kind in ("parquet", "arrow"):
         yield from _table_documents(src, r)
+        return
+    if src.kind == "hub":
+        yield from src.hub.documents(r.text_field, r)
         return
     f = _open(src)
     with f:

@@ -29,8 +29,8 @@ _STREAM_SETTINGS = ("val_fraction", "seed", "text_field", "nfc", "normalize_newl
 def select_part(sources: list[Source], num_parts: int, part: int) -> tuple[list[Source], dict]:
     """Part `part`'s share of the inputs: consecutive whole files, balanced by size (a file
     belongs to the part its middle byte falls in), so the parts in order are the corpus."""
-    if any(s.kind in ("stdin", "builtin") for s in sources):
-        raise UserError("--num-parts needs input files (not stdin or the embedded corpus)")
+    if any(s.kind in ("stdin", "builtin", "hub") for s in sources):
+        raise UserError("--num-parts needs input files (not stdin, --hf-dataset or the embedded corpus)")
     sizes = np.array([s.size() for s in sources], dtype=np.float64)
     middle = np.cumsum(sizes) - sizes / 2
     owner = np.minimum((middle * num_parts / max(sizes.sum(), 1.0)).astype(np.int64), num_parts - 1)

@@ -29,6 +29,7 @@ from ..utils import atomic_write_json, sha256_file
 from .clean import CleanOptions
 from .dataset import FORMAT_VERSION, META_FILE, SHARDED_FORMAT_VERSION, SPLITS, TOKENIZER_FILE
 from .encode import Learned, Work, encode_splits, given_tokenizer, learn_bpe, learn_char
+from .hub import HubDataset
 from .inputs import BUILTIN, Reading, Source, resolve_inputs
 from .merge import merge_parts, select_part
 from .spool import read_corpus, split_docs
@@ -56,6 +57,16 @@ class PrepareConfig:
     tokenizer_from: Optional[str] = None
     """Use the tokenizer of this prepared directory, run, checkpoint (or this tokenizer.json) instead of training
     one (an imported model's run: its own tokenizer, so the data fine-tunes it)."""
+    hf_dataset: Optional[str] = None
+    """Also read a Hugging Face dataset: ORG/NAME on the hub (streamed, never downloaded whole; from the local
+    cache when HF_HUB_OFFLINE=1), or a folder laid out as a hub dataset repo. Each row's --text-field is a
+    document. Needs `pip install datasets`."""
+    hf_config: Optional[str] = None
+    """--hf-dataset's configuration (subset), e.g. wikitext-2-raw-v1 (default: the dataset's default one)."""
+    split: str = "train"
+    """--hf-dataset's split to read; its rows are then split into train and val as any input's are."""
+    hf_revision: Optional[str] = None
+    """--hf-dataset's revision on the hub: a branch, tag or commit (default: main)."""
     val: Optional[list[str]] = None
     """Explicit validation inputs (otherwise --val-fraction of the documents, or one document's tail)."""
     val_fraction: float = 0.1
@@ -137,7 +148,8 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, out: str | os.PathLike, 
     directories (recursive), globs, JSONL (one document per line), parquet files and
     `datasets.save_to_disk` folders (one document per row; the text in `text_field`),
     .gz/.bz2/.xz/.zst compressed text and JSONL, and "-" for stdin; none means the bundled
-    pydoc topics. Other files are one document each. `val` names explicit validation inputs;
+    pydoc topics (or, with `hf_dataset`, that dataset alone: see hub.py). Other files are one
+    document each. `val` names explicit validation inputs;
     otherwise each document is validation with probability `val_fraction` (decided by a
     hash of `seed` and its content, so adding documents never moves others), or, with a
     single document, its tail (as nanoGPT does). `workers` and `buffer_mb` change speed
@@ -203,6 +215,8 @@ def _check_options(o: PrepareConfig, explicit_val: bool) -> int:
     if o.num_parts > 1 and not o.tokenizer_from:
         raise UserError("--num-parts needs --tokenizer-from DIR: every part must encode with the same tokenizer "
                         "(prepare a sample of the corpus first and pass its directory)")
+    if not o.hf_dataset and (o.hf_config or o.hf_revision or o.split != "train"):
+        raise UserError("--hf-config, --split and --hf-revision need --hf-dataset NAME")
     if o.num_parts > 1 and o.dedup:
         raise UserError("--dedup cannot be combined with --num-parts (duplicates in different parts would stay): "
                         "deduplicate in one process, or the inputs beforehand")
@@ -229,7 +243,10 @@ def _tokenizer_file(tokenizer_from: str | None) -> Path | None:
 
 def _sources(inputs: list, val: list, o: PrepareConfig) -> tuple[list[Source], dict | None]:
     """The documents' sources (the inputs, then --val's), cut to --part's share; and the part's info."""
-    sources = resolve_inputs(inputs, is_val=False)
+    sources = resolve_inputs(inputs, is_val=False) if inputs or not o.hf_dataset else []
+    if o.hf_dataset:
+        hub = HubDataset(o.hf_dataset, o.hf_config, o.split, o.hf_revision)
+        sources.append(Source("hub", hub.label, hub=hub))
     if val:
         sources += resolve_inputs(val, is_val=True)
         if sum(s.kind == "stdin" for s in sources) > 1:
@@ -242,8 +259,8 @@ def _sources(inputs: list, val: list, o: PrepareConfig) -> tuple[list[Source], d
 def _settings(o: PrepareConfig, inputs: list, val: list, tok_file: Path | None) -> dict[str, Any]:
     """meta.json's "settings": what the output was made from and how (None where a setting did not apply)."""
     learned_bpe = o.tokenizer == "bpe" and not tok_file
-    return {
-        "inputs": [str(p) for p in inputs] or [BUILTIN], "val": [str(p) for p in val],
+    settings = {
+        "inputs": [str(p) for p in inputs] or ([] if o.hf_dataset else [BUILTIN]), "val": [str(p) for p in val],
         "val_fraction": None if val else o.val_fraction, "seed": o.seed,
         "tokenizer": None if tok_file else o.tokenizer, "tokenizer_from": str(tok_file) if tok_file else None,
         "vocab_size": o.vocab_size if learned_bpe else None,
@@ -254,6 +271,10 @@ def _settings(o: PrepareConfig, inputs: list, val: list, tok_file: Path | None) 
         "strip_control": o.strip_control, "strip_gutenberg": o.strip_gutenberg, "dedup": o.dedup,
         "errors": o.errors, "shard_tokens": o.shard_tokens,
     }
+    if o.hf_dataset:  # only then: other directories' meta.json stay as they were
+        settings["hf_dataset"] = {"name": o.hf_dataset, "config": o.hf_config, "split": o.split,
+                                  "revision": o.hf_revision}
+    return settings
 
 
 # -- the three passes ---------------------------------------------------------------------

@@ -50,7 +50,11 @@ def read_corpus(sources: list[Source], opts: CleanOptions, reading: Reading, spo
     for src in sources:
         for raw_chunks in documents(src, reading, stdin):
             r.documents_read += 1
-            size, chars, content, digest = _spool_document(raw_chunks, opts, spool)
+            try:
+                size, chars, content, digest = _spool_document(raw_chunks, opts, spool)
+            except UnicodeEncodeError as e:  # JSON can escape lone surrogates, which are not text
+                raise UserError(f"{src.name}: document {r.documents_read} holds {e.object[e.start]!r}, a lone "
+                                "surrogate: not Unicode text") from None
             if bar is not None:
                 bar.update(reading.bytes_in - bar.n)
                 bar.set_postfix_str(f"{r.documents_read:,} docs", refresh=False)
