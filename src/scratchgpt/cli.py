@@ -462,6 +462,10 @@ def _export_parser() -> Parser:
     p.add_argument("--adapter", action="store_true",
                    help="LoRA runs: a PEFT adapter folder (with the base exported into OUT/base) instead of merged weights")
     _base_arg(p)
+    p.add_argument("--model-type", type=Optional[str], default=None,
+                   help="the transformers model_type to write where several compute the model (a Llama-shaped one "
+                        "without biases: llama, mistral or phi3); default: the one it was imported from, else the "
+                        "natural one")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     return p
 
@@ -469,12 +473,13 @@ def _export_parser() -> Parser:
 def cmd_export(a) -> None:
     from .export import export_cli
 
-    export_cli(a.run, a.out, which=a.which, adapter=a.adapter, force=a.force, base=a.base)
+    export_cli(a.run, a.out, which=a.which, adapter=a.adapter, force=a.force, base=a.base, model_type=a.model_type)
 
 
 def _import_hf_parser() -> Parser:
-    p = Parser(description="Make a scratchgpt run from a transformers folder (GPT-2, OPT, GPT-NeoX, Llama, Arcee, Qwen3; "
-                           "model.safetensors or sharded; fp32/fp16/bf16). pytorch_model.bin is refused (unpickling).")
+    p = Parser(description="Make a scratchgpt run from a transformers folder (GPT-2, OPT, GPT-NeoX, Llama, Arcee, Qwen2, "
+                           "Qwen3, Mistral, Gemma, Phi-3; model.safetensors or sharded; fp32/fp16/bf16). "
+                           "pytorch_model.bin is refused (unpickling).")
     p.add_argument("dir", type=Path, help="a folder written by transformers' save_pretrained")
     p.add_argument("--out", type=Path, required=True, help="the run directory to write")
     p.add_argument("--tokenizer", type=Optional[Path], default=None,

@@ -2,8 +2,9 @@
 
     scratchgpt export RUN --out DIR          a folder stock transformers loads (AutoModelForCausalLM,
                                              AutoTokenizer), with a model card; hf/ has the mapping
-    scratchgpt import-hf DIR --out RUN       a GPT-2 / OPT / GPT-NeoX / Llama / Arcee / Qwen3 folder saved
-                                             by transformers, as a scratchgpt run every command takes
+    scratchgpt import-hf DIR --out RUN       a GPT-2 / OPT / GPT-NeoX / Llama / Arcee / Qwen2 / Qwen3 /
+                                             Mistral / Gemma / Phi-3 folder saved by transformers, as a
+                                             scratchgpt run every command takes
 
 A LoRA run exports merged (its adapter folded into the base weights) or, with `--adapter`, as
 a PEFT adapter folder beside its exported base.
@@ -22,24 +23,25 @@ from .checkpoint import ADAPTER_FILE, resolve_checkpoint
 
 
 def export_cli(run: Path, out: Path, *, which: str = "best", adapter: bool = False, force: bool = False,
-               base: Path | None = None) -> Path:
+               base: Path | None = None, model_type: str | None = None) -> Path:
     """Export RUN/which (or a checkpoint dir) as a transformers folder; prints where it went and how to load it."""
     ckpt = resolve_checkpoint(Path(run), which)
     is_lora = (ckpt / ADAPTER_FILE).exists()
     if adapter and not is_lora:
         raise UserError(f"{ckpt} holds full weights, not a LoRA adapter: export it without --adapter")
     if adapter:
-        written = hf.export_adapter(ckpt, out, force=force, base=base)
+        written = hf.export_adapter(ckpt, out, force=force, base=base, model_type=model_type)
         how = (f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(written / 'base')!r}), "
                f"{str(written)!r})")
     else:
-        written = _export_merged(ckpt, Path(out), force, base) if is_lora else hf.export_checkpoint(ckpt, out, force=force)
+        written = (_export_merged(ckpt, Path(out), force, base, model_type) if is_lora
+                   else hf.export_checkpoint(ckpt, out, force=force, model_type=model_type))
         how = f"AutoModelForCausalLM.from_pretrained({str(written)!r})"
     print(f"exported {ckpt} to {written}: load it with {how}", file=sys.stderr)
     return written
 
 
-def _export_merged(ckpt: Path, out: Path, force: bool, base: Path | None) -> Path:
+def _export_merged(ckpt: Path, out: Path, force: bool, base: Path | None, model_type: str | None) -> Path:
     """A LoRA run, its adapter folded into the base (in a temporary run beside `out`), exported as full weights."""
     from .finetune import merge_lora
 
@@ -47,7 +49,7 @@ def _export_merged(ckpt: Path, out: Path, force: bool, base: Path | None) -> Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
     try:
         merged = merge_lora(ckpt, tmp / "run", base=base, force=True)
-        return hf.export_checkpoint(merged, out, force=force)
+        return hf.export_checkpoint(merged, out, force=force, model_type=model_type)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -34,12 +34,17 @@ class ModelConfig:
     n_kv_head: Optional[int] = None
     """Key/value heads (grouped-query attention, Llama 2/3, Qwen3): each serves n_head/n_kv_head query heads,
     so c_attn and the KV cache shrink; must divide n_head; null: n_head (every head its own keys and values)."""
+    head_size: Optional[int] = None
+    """Width of each attention head (transformers' head_dim); null: n_embd / n_head. Set, the heads together
+    may be wider or narrower than n_embd (Gemma 7B: 16 heads of 256 in a 3072 stream; Qwen3-0.6B: 16 of 128 in 1024)."""
     n_embd: int = 128
     """Width of the residual stream (the defaults: a small model that trains in minutes on a CPU)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention weights and residual branches, in [0, 1)."""
     bias: bool = True
     """Biases in Linear and LayerNorm layers; false drops every bias: fewer params, no loss in quality at scale."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projection (c_attn) even with bias=false: Qwen2's only biases."""
     pos: Literal["learned", "sinusoidal", "rope"] = "learned"
     """Positions: a learned table (GPT-2), fixed sinusoids (the 2017 paper), or rope (relative, trains faster)."""
     rope_base: float = 10000.0
@@ -56,11 +61,12 @@ class ModelConfig:
     """llama3 scaling: wavelengths below rope_original_context / this are kept; must exceed rope_low_freq_factor."""
     rope_original_context: int = 8192
     """llama3 scaling: the context length the model was pretrained at before scaling (Llama 3: 8192)."""
-    mlp: Literal["gelu", "gelu_tanh", "relu", "swiglu", "relu2"] = "gelu"
+    mlp: Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu_tanh", "relu2"] = "gelu"
     """MLP nonlinearity; gelu is the exact (erf) GELU, gelu_tanh its tanh approximation (GPT-2's "gelu_new", what
-    imported GPT-2 checkpoints use); swiglu: gated (Llama); relu2: ReLU squared (cheap and strong in modded-nanogpt)."""
+    imported GPT-2 checkpoints use); swiglu: gated, silu(gate) * up (Llama); geglu_tanh: gated, gelu_tanh(gate) * up
+    (Gemma); relu2: ReLU squared (cheap and strong in modded-nanogpt)."""
     mlp_hidden: int = 0
-    """MLP hidden width; 0: 4*n_embd (swiglu: 8/3*n_embd rounded up to 32, the same parameter count)."""
+    """MLP hidden width; 0: 4*n_embd (gated MLPs: 8/3*n_embd rounded up to 32, the same parameter count)."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """layernorm, or rmsnorm (no mean, no bias: a little cheaper on GPUs, as good)."""
     norm_eps: Optional[float] = None
@@ -72,6 +78,9 @@ class ModelConfig:
     """Normalise queries and keys per head (RMS): bounds attention logits, allows a higher LR."""
     tie_embeddings: bool = True
     """Share the token embedding and the output head: fewer params; untying helps once data is plentiful."""
+    scale_embeddings: bool = False
+    """Multiply token embeddings by sqrt(n_embd) (Gemma): the stream starts at unit scale while a tied head
+    reads the same small-init weights."""
     zero_init_proj: bool = False
     """Zero-init residual output projections (and an untied head): each block starts as the identity."""
     logit_softcap: float = 0.0
@@ -85,13 +94,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, lambda name: f"--model.{name}", MODEL_RANGES)
-        if self.n_embd % self.n_head:
+        if self.head_size is None and self.n_embd % self.n_head:
             raise ConfigError(f"--model.n_embd {self.n_embd} must be divisible by --model.n_head {self.n_head}")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise ConfigError(f"--model.n_head {self.n_head} must be divisible by --model.n_kv_head {self.n_kv_head}")
-        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ConfigError(f"--model.pos rope needs an even head dimension (--model.n_embd / --model.n_head), "
-                              f"got {self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(f"--model.pos rope needs an even head dimension (--model.head_size, else --model.n_embd "
+                              f"/ --model.n_head), got {self.head_dim}")
         if self.rope_scaling != "none" and self.pos != "rope":
             raise ConfigError(f"--model.rope_scaling {self.rope_scaling} needs --model.pos rope, got {self.pos}")
         if self.rope_high_freq_factor <= self.rope_low_freq_factor:
@@ -100,7 +109,12 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the queries (and of the attention output c_proj reads): n_head * head_dim."""
+        return self.n_head * self.head_dim
 
     @property
     def kv_heads(self) -> int:
@@ -123,10 +137,15 @@ class ModelConfig:
         return QK_NORM_EPS if self.norm_eps is None else self.norm_eps
 
     @property
+    def gated(self) -> bool:
+        """A gated MLP: c_fc holds [gate; up]."""
+        return self.mlp in ("swiglu", "geglu_tanh")
+
+    @property
     def hidden_dim(self) -> int:
         if self.mlp_hidden:
             return self.mlp_hidden
-        if self.mlp == "swiglu":
+        if self.gated:
             return 32 * math.ceil(8 * self.n_embd / 3 / 32)
         return 4 * self.n_embd
 
@@ -136,7 +155,7 @@ class ModelConfig:
 MODEL_RANGES = {
     "vocab_size": "[0, 16777216]", "block_size": "[1, 1048576]", "n_layer": "[1, 1024]", "n_head": "[1, 1024]",
     "n_embd": "[1, 65536]", "dropout": "[0, 1)", "rope_base": "[1, inf)", "mlp_hidden": "[0, 1048576]",
-    "logit_softcap": "[0, inf)", "init_std": "[0, inf)", "n_kv_head": "[1, 1024]", "norm_eps": "(0, inf)",
+    "logit_softcap": "[0, inf)", "init_std": "[0, inf)", "n_kv_head": "[1, 1024]", "head_size": "[1, 65536]", "norm_eps": "(0, inf)",
     "rope_factor": "[1, inf)", "rope_low_freq_factor": "(0, inf)", "rope_high_freq_factor": "(0, inf)",
     "rope_original_context": "[1, 1048576]",
 }
@@ -305,13 +324,14 @@ class CausalSelfAttention(nn.Module):
         self.cfg = cfg
         self.kv_heads = cfg.kv_heads
         self.gqa = cfg.kv_heads != cfg.n_head  # grouped-query: SDPA repeats each key/value head for its group
-        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * cfg.kv_dim, bias=cfg.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        # q, k, v in one matmul
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.bias or cfg.qkv_bias)
+        self.c_proj = nn.Linear(cfg.q_dim, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual = True  # marks it for the scaled GPT-2 init
         self.resid_dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], layer: int, ve=None) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         if self.gqa:
             q, k, v = split_gqa(self.cfg, self.c_attn(x), B, T)
@@ -327,7 +347,7 @@ class CausalSelfAttention(nn.Module):
                                                enable_gqa=self.gqa)
         else:
             y = self._attend_cached(q, k, v, cache, layer)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.resid_dropout(self.c_proj(y))
 
     def _attend_with_cpu_dropout(self, q, k, v, p: float) -> torch.Tensor:
@@ -363,7 +383,7 @@ class CausalSelfAttention(nn.Module):
 
 
 def mlp_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
-    """The MLP's nonlinearity on c_fc's output (swiglu: c_fc holds [gate; up])."""
+    """The MLP's nonlinearity on c_fc's output (the gated ones: c_fc holds [gate; up])."""
     if kind == "gelu":
         return F.gelu(h)
     if kind == "gelu_tanh":
@@ -373,6 +393,8 @@ def mlp_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "relu2":
         return F.relu(h).square()
     gate, up = h.chunk(2, dim=-1)
+    if kind == "geglu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
     return F.silu(gate) * up
 
 
@@ -381,7 +403,7 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = cfg.mlp
         hidden = cfg.hidden_dim
-        fc_out = 2 * hidden if cfg.mlp == "swiglu" else hidden  # swiglu: gate and up in one matmul
+        fc_out = 2 * hidden if cfg.gated else hidden  # gate and up in one matmul
         self.c_fc = nn.Linear(cfg.n_embd, fc_out, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual = True
@@ -470,8 +492,8 @@ class GPT(nn.Module):
         n = self.num_params(non_embedding=True) - self.transformer.wte.weight.numel() * (not cfg.tie_embeddings)
         if cfg.value_embeds:  # a lookup, not a matmul
             n -= self.transformer.vte.weight.numel()
-        # (attention scores and mixing: n_head query heads of head_dim, n_embd wide whatever n_kv_head is)
-        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T * (0.5 if cfg.causal else 1.0)
+        # (attention scores and mixing: n_head query heads of head_dim, q_dim wide whatever n_kv_head is)
+        return 6 * n + 12 * cfg.n_layer * cfg.q_dim * T * (0.5 if cfg.causal else 1.0)
 
     @staticmethod
     def training_bytes(cfg: ModelConfig, micro_batch: int, param_shards: int = 1) -> tuple[int, int]:
@@ -489,6 +511,8 @@ class GPT(nn.Module):
         """Token (+ absolute position) embeddings of idx at positions start.., and RoPE's (cos, sin) or None."""
         cfg, T = self.cfg, idx.size(-1)
         x = self.transformer.wte(idx)
+        if cfg.scale_embeddings:
+            x = x * cfg.n_embd**0.5
         if cfg.pos == "rope":
             return x, self.rope_at(start, T, idx.device)
         if start + T > cfg.block_size:
@@ -608,7 +632,7 @@ class DecodeStep:
     def __call__(self, tok: torch.Tensor) -> torch.Tensor:
         """tok (B,) at position cache.length -> float logits (B, V); appends to the cache."""
         cfg, mm = self.cfg, self._mm
-        B, C, H, D = tok.size(0), cfg.n_embd, cfg.n_head, cfg.head_dim
+        B, H, D = tok.size(0), cfg.n_head, cfg.head_dim
         pos = self.cache.length
         x, rope = self.model.embed(tok[:, None], pos)
         x = x[:, 0]
@@ -624,7 +648,7 @@ class DecodeStep:
             kc.narrow(2, pos, 1).copy_(k)
             vc.narrow(2, pos, 1).copy_(v)
             y = F.scaled_dot_product_attention(q, kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1), enable_gqa=gqa)
-            y = mm(y.view(B, C), proj)
+            y = mm(y.view(B, H * D), proj)
             if self.pre:
                 x = x + y
                 x = x + mm(mlp_activation(mm(n2[0](x, *n2[1:]), fc), cfg.mlp), out)

@@ -33,7 +33,7 @@ TEXTS = [
 ]
 SMALL = dict(block_size=64, n_layer=2, n_head=2, n_embd=64)
 
-# (id, ModelConfig options, the class it must export as): every row of hf.py's mapping table
+# (id, ModelConfig options, the class it must export as): every row of the mapping table (hf/__init__.py)
 VARIANTS = [
     ("gpt2", {}, "GPT2LMHeadModel"),
     ("gpt2-relu2-nobias-untied", dict(mlp="relu2", bias=False, tie_embeddings=False, mlp_hidden=96), "GPT2LMHeadModel"),
@@ -65,8 +65,28 @@ VARIANTS = [
     ("llama3-rope-scaling", dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_head=4, n_kv_head=1,
                                  norm_eps=1e-5, rope_base=500.0, rope_scaling="llama3", rope_factor=32.0,
                                  rope_original_context=32), "LlamaForCausalLM"),
+    # the Llama variants: Qwen2 (q/k/v biases), Gemma ((1+w) norms, scaled embeddings, GeGLU, head_dim),
+    # Mistral and Phi-3 (Llama's math: exported as them on request, EXPORT_AS), Llama with a tanh-GELU gate
+    ("qwen2", dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=True), "Qwen2ForCausalLM"),
+    ("qwen2-gqa-untied-llama3-rope", dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=True, n_head=4,
+                                          n_kv_head=2, tie_embeddings=False, norm_eps=1e-5, rope_scaling="llama3",
+                                          rope_factor=32.0, rope_original_context=32), "Qwen2ForCausalLM"),
+    ("gemma", dict(pos="rope", norm="rmsnorm", mlp="geglu_tanh", bias=False, scale_embeddings=True, n_kv_head=1,
+                   head_size=48), "GemmaForCausalLM"),
+    ("gemma-swiglu-untied", dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, scale_embeddings=True,
+                                 tie_embeddings=False, rope_base=500.0, norm_eps=1e-5), "GemmaForCausalLM"),
+    ("mistral-gqa-head-size", dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_head=4, n_kv_head=2,
+                                   head_size=24, tie_embeddings=False), "MistralForCausalLM"),
+    ("phi3-gqa-untied", dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_head=4, n_kv_head=1,
+                             tie_embeddings=False, norm_eps=1e-5), "Phi3ForCausalLM"),
+    ("phi3-geglu", dict(pos="rope", norm="rmsnorm", mlp="geglu_tanh", bias=False), "Phi3ForCausalLM"),
+    ("llama-geglu", dict(pos="rope", norm="rmsnorm", mlp="geglu_tanh", bias=False), "LlamaForCausalLM"),
+    ("qwen3-head-size", dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=1,
+                             head_size=48), "Qwen3ForCausalLM"),
 ]
 VARIANT_IDS = [v[0] for v in VARIANTS]
+# classes that compute what the natural one (Llama) does: export writes them when asked
+EXPORT_AS = {"MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3"}
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +150,8 @@ def assert_same_lm(ours: GPT, theirs, vocab: int) -> None:
 @pytest.mark.parametrize("name,options,arch", VARIANTS, ids=VARIANT_IDS)
 def test_export_matches_transformers(tmp_path, transformers, bpe_tok, name, options, arch):
     run, ours = make_run(tmp_path, bpe_tok, options, seed=len(name))
-    assert hf_architecture(ours.cfg) == arch
-    out = export_checkpoint(run, tmp_path / "hf")
+    assert hf_architecture(ours.cfg, model_type=EXPORT_AS.get(arch)) == arch
+    out = export_checkpoint(run, tmp_path / "hf", model_type=EXPORT_AS.get(arch))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(theirs).__name__ == arch
     x = torch.randint(0, bpe_tok.vocab_size, (2, SMALL["block_size"]), generator=torch.Generator().manual_seed(1))
@@ -221,7 +241,14 @@ REFUSED = [
     (dict(n_kv_head=1), "model.n_kv_head=1 (grouped-query attention) has no GPT2LMHeadModel"),
     (dict(norm_placement="post", n_kv_head=1), "model.n_kv_head=1 (grouped-query attention) has no OPTForCausalLM"),
     (dict(norm_placement="post", norm_eps=1e-6), "model.norm_eps=1e-06 has no OPTForCausalLM"),
-    (dict(pos="rope", rope_scaling="llama3"), "model.rope_scaling=llama3 exports only as Llama, Arcee or Qwen3"),
+    (dict(pos="rope", rope_scaling="llama3"), "model.rope_scaling=llama3 has no GPTNeoXForCausalLM equivalent"),
+    (dict(pos="rope", head_size=48), "model.head_size=48 (heads 96 wide in all, n_embd 64) has no GPTNeoXForCausalLM"),
+    (dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, qk_norm=True, qkv_bias=True),
+     "model.qk_norm=true with model.qkv_bias=true has no standard transformers class"),
+    (dict(pos="rope", mlp="geglu_tanh", scale_embeddings=True, bias=False), "model.scale_embeddings=true exports only as Gemma"),
+    (dict(pos="rope", norm="rmsnorm", mlp="relu2", bias=False, qkv_bias=True), "model.qkv_bias=true exports only as Qwen2"),
+    (dict(pos="rope", norm="rmsnorm", mlp="swiglu", scale_embeddings=True), "model.scale_embeddings=true with model.bias=true"),
+    (dict(mlp="geglu_tanh"), "model.mlp=geglu_tanh with model.pos=learned"),
 ]
 
 
@@ -239,9 +266,9 @@ def test_unmappable_options_refused_in_one_line(options, named):
 @pytest.mark.parametrize("name,options,arch", VARIANTS, ids=VARIANT_IDS)
 def test_export_import_export_is_bit_identical(tmp_path, bpe_tok, name, options, arch):
     run, ours = make_run(tmp_path, bpe_tok, options, seed=3)
-    first = export_checkpoint(run, tmp_path / "hf1")
+    first = export_checkpoint(run, tmp_path / "hf1", model_type=EXPORT_AS.get(arch))
     imported = import_hf(first, tmp_path / "imported")
-    second = export_checkpoint(imported, tmp_path / "hf2")
+    second = export_checkpoint(imported, tmp_path / "hf2")  # an imported Mistral or Phi-3 goes back as one
     for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (first / f).read_bytes() == (second / f).read_bytes(), f
     model, tok, config = load_model(imported)
@@ -259,6 +286,9 @@ def test_export_import_export_is_bit_identical(tmp_path, bpe_tok, name, options,
 
 def hf_model(transformers, family: str, vocab: int, **overrides):
     t = transformers
+    # the Llama-shaped classes, with grouped-query attention and (where the class has the key) a head_dim of their own
+    llama_shape = dict(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=None)
     if family == "gpt2":
         cfg = t.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, activation_function="gelu")
         cls = t.GPT2LMHeadModel
@@ -279,6 +309,14 @@ def hf_model(transformers, family: str, vocab: int, **overrides):
         cfg = t.ArceeConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
                             num_attention_heads=2, intermediate_size=64, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=0)
         cls = t.ArceeForCausalLM
+    elif family == "qwen2":
+        cfg, cls = t.Qwen2Config(**llama_shape, num_key_value_heads=1), t.Qwen2ForCausalLM
+    elif family == "mistral":  # a window as long as the context: Llama's attention
+        cfg, cls = t.MistralConfig(**llama_shape, num_key_value_heads=1, head_dim=24, sliding_window=64), t.MistralForCausalLM
+    elif family == "gemma":
+        cfg, cls = t.GemmaConfig(**llama_shape, num_key_value_heads=1, head_dim=24), t.GemmaForCausalLM
+    elif family == "phi3":
+        cfg, cls = t.Phi3Config(**llama_shape, num_key_value_heads=1, tie_word_embeddings=True), t.Phi3ForCausalLM
     else:
         cfg = t.Qwen3Config(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
                             num_attention_heads=2, num_key_value_heads=2, head_dim=16, intermediate_size=64)
@@ -306,6 +344,12 @@ IMPORTS = [  # (family, dtype it is saved in, max_shard_size)
     ("gpt_neox", torch.float32, None),
     ("arcee", torch.float32, None),
     ("qwen3", torch.float32, None),
+    ("qwen2", torch.float32, None),
+    ("mistral", torch.float32, None),
+    ("mistral", torch.bfloat16, "20KB"),
+    ("gemma", torch.float32, None),
+    ("gemma", torch.bfloat16, None),
+    ("phi3", torch.float32, None),
 ]
 
 
@@ -441,9 +485,9 @@ UNSUPPORTED = [
     ({**NEOX, "rope_parameters": None, "rotary_pct": 0.25}, "partial_rotary_factor"),
     ({**NEOX, "use_parallel_residual": True}, "use_parallel_residual"),
     ({**GPT2, "activation_function": "quick_gelu"}, "quick_gelu"),
-    ({**GPT2, "model_type": "qwen2"}, "model_type 'qwen2'"),
+    ({**GPT2, "model_type": "mamba"}, "model_type 'mamba' is not supported"),
     ({**QWEN3, "num_key_value_heads": 4}, "num_key_value_heads=4"),
-    ({**QWEN3, "head_dim": None}, "head_dim=128"),
+    ({**QWEN3, "head_dim": 0}, "head_dim=0 must be a positive integer"),
     ({**QWEN3, "use_sliding_window": True}, "use_sliding_window"),
     ({**QWEN3, "layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
     ({**QWEN3, "attention_bias": True}, "attention_bias=true"),
@@ -618,6 +662,9 @@ ADAPTERS = [  # (variant, the HF modules LoRA lands on)
     ("arcee-gelu-bias", ["down_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
     ("qwen3", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
     ("llama-gqa-eps", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),  # B split unevenly
+    ("qwen2", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ("gemma", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ("phi3-gqa-untied", ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]),  # fused as ours: A and B as they are
 ]
 
 
@@ -628,9 +675,9 @@ def test_lora_adapter_export_matches_peft(tmp_path, transformers, bpe_tok, name,
     from scratchgpt.checkpoint import load_run
     from scratchgpt.hf import export_adapter
 
-    options = dict((v[0], v[1]) for v in VARIANTS)[name]
+    options, arch = {v[0]: v[1:] for v in VARIANTS}[name]
     run = make_lora_run(tmp_path, bpe_tok, options)
-    out = export_adapter(run, tmp_path / "adapter")
+    out = export_adapter(run, tmp_path / "adapter", model_type=EXPORT_AS.get(arch))
     files = ["README.md", "adapter_config.json", "adapter_model.safetensors", "base"]
     assert sorted(p.name for p in out.iterdir()) == files
     config = json.loads((out / "adapter_config.json").read_text())

@@ -13,7 +13,7 @@ from scratchgpt.model import GPT, DecodeStep, KVCache, ModelConfig
 FACTORS = {
     "pos": ["learned", "sinusoidal", "rope"],
     "norm": ["layernorm", "rmsnorm"],
-    "mlp": ["gelu", "gelu_tanh", "relu", "swiglu", "relu2"],
+    "mlp": ["gelu", "gelu_tanh", "relu", "swiglu", "geglu_tanh", "relu2"],
     "norm_placement": ["pre", "post"],
     "qk_norm": [False, True],
     "value_embeds": [False, True],
@@ -22,6 +22,9 @@ FACTORS = {
     "bias": [True, False],
     "n_kv_head": [None, 1],  # grouped-query attention (n_head 2): one key/value head for both
     "norm_eps": [None, 1e-3],
+    "head_size": [None, 24],  # heads wider than n_embd / n_head (Gemma's, Qwen3's head_dim)
+    "qkv_bias": [False, True],  # Qwen2: biases on q, k, v only
+    "scale_embeddings": [False, True],  # Gemma: embeddings times sqrt(n_embd)
 }
 
 
@@ -49,7 +52,7 @@ def test_pairwise_covers_every_pair():
     for a, b in itertools.combinations(FACTORS, 2):
         for va, vb in itertools.product(FACTORS[a], FACTORS[b]):
             assert any(r[a] == va and r[b] == vb for r in COMBOS), (a, va, b, vb)
-    assert len(COMBOS) < 30  # pairwise, not the full 1536-combination product
+    assert len(COMBOS) < 30  # pairwise, not the full 73728-combination product
 
 
 @pytest.mark.parametrize("opts", COMBOS, ids=lambda o: "-".join(str(v) for v in o.values()))

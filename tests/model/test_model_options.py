@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 import torch
 
-from scratchgpt.model import GPT, ModelConfig
+from scratchgpt.model import GPT, ModelConfig, mlp_activation
 from scratchgpt.optim import OptimConfig, build_optimizer
 
 SMALL = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -23,6 +23,10 @@ OPTIONS = [
     {"mlp": "relu2"},
     {"mlp": "swiglu"},
     {"mlp": "relu"},
+    {"mlp": "geglu_tanh"},
+    {"head_size": 24, "pos": "rope", "n_kv_head": 1},
+    {"qkv_bias": True, "bias": False},
+    {"scale_embeddings": True},
     {"tie_embeddings": False},
     {"zero_init_proj": True, "tie_embeddings": False},
     {"logit_softcap": 15.0},
@@ -34,6 +38,26 @@ OPTIONS = [
     {"pos": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False,
      "zero_init_proj": True, "logit_softcap": 15.0, "bias": False, "value_embeds": True},
 ]
+
+
+def test_head_size_qkv_bias_geglu_and_embedding_scale_are_what_they_claim():
+    cfg = ModelConfig(**SMALL, pos="rope", head_size=24, n_kv_head=1, bias=False, qkv_bias=True, mlp="geglu_tanh")
+    model = GPT(cfg)
+    block = model.transformer.h[0]
+    assert (cfg.head_dim, cfg.q_dim, cfg.kv_dim) == (24, 48, 24)
+    assert block.attn.c_attn.weight.shape == (48 + 2 * 24, 32) and block.attn.c_proj.weight.shape == (32, 48)
+    assert block.attn.c_attn.bias is not None and block.attn.c_proj.bias is None and block.mlp.c_fc.bias is None
+    assert block.mlp.c_fc.weight.shape == (2 * cfg.hidden_dim, 32)  # [gate; up]
+    h = torch.randn(3, 2 * cfg.hidden_dim)
+    gate, up = h.chunk(2, dim=-1)
+    assert torch.equal(mlp_activation(h, "geglu_tanh"),
+                       torch.nn.functional.gelu(gate, approximate="tanh") * up)
+    scaled = GPT(ModelConfig(**{**cfg.__dict__, "scale_embeddings": True}))
+    scaled.load_state_dict(model.state_dict())
+    x = torch.randint(0, 37, (2, 5))
+    assert torch.allclose(scaled.embed(x)[0], model.embed(x)[0] * 32**0.5)
+    with pytest.raises(ValueError, match="even head dimension"):
+        ModelConfig(**SMALL, pos="rope", head_size=7)
 
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")

@@ -13,10 +13,22 @@ Mapping (our `ModelConfig` -> transformers class, and the config keys that carry
     learned  layernorm  post       plain       -> OPTForCausalLM (opt): do_layer_norm_before=false
     rope     layernorm  pre        plain       -> GPTNeoXForCausalLM (gpt_neox): use_parallel_residual=false,
                                                  partial_rotary_factor=1, hidden_act
-    rope     rmsnorm    pre        swiglu      -> LlamaForCausalLM (llama): hidden_act=silu
+    rope     rmsnorm    pre        gated       -> LlamaForCausalLM (llama): hidden_act=silu (swiglu) or
+                                                 gelu_pytorch_tanh (geglu_tanh); on request (model_type), or
+                                                 when imported from one, with bias=false:
+                                                 MistralForCausalLM (mistral): sliding_window=null
+                                                 Phi3ForCausalLM (phi3): fused qkv_proj, gate_up_proj
     rope     rmsnorm    pre        plain       -> ArceeForCausalLM (arcee): Llama with a plain up/down MLP
-    rope     rmsnorm    pre        swiglu,     -> Qwen3ForCausalLM (qwen3): bias=false only (Qwen3's MLP has
+    rope     rmsnorm    pre        gated,      -> Qwen3ForCausalLM (qwen3): bias=false only (Qwen3's MLP has
                                    qk_norm        no biases); q_norm/k_norm weights are ones, eps 1e-6
+    rope     rmsnorm    pre        gated,      -> Qwen2ForCausalLM (qwen2): q/k/v biases, nothing else (bias=false)
+                                   qkv_bias
+    rope     rmsnorm    pre        gated,      -> GemmaForCausalLM (gemma): norm weights minus one (its RMSNorm
+                                   scale_         scales by 1 + w), bias=false
+                                   embeddings
+
+Every Llama-shaped row (rope, rmsnorm, pre) carries n_kv_head (num_key_value_heads), head_size
+(head_dim) and Llama 3's rope_scaling (not Phi-3); the others have neither.
 
 The parts, each with the documentation of what it does:
 
@@ -29,17 +41,20 @@ The parts, each with the documentation of what it does:
     load.py      import_hf: reading folders and shards, tokenizers, writing the run
 
 Public API:
-    hf_architecture(cfg, classifier_pooling=None) -> str
-    hf_config(cfg, *, eot_id=None, pad_token_id=None, labels=None, bos_id=None) -> dict
-    state_dict_to_hf(cfg, tensors) -> dict[str, Tensor]
-    export_checkpoint(ckpt, out, *, which="best", force=False) -> Path
+    hf_architecture(cfg, classifier_pooling=None, *, model_type=None) -> str
+    hf_config(cfg, *, eot_id=None, pad_token_id=None, labels=None, bos_id=None, model_type=None) -> dict
+    state_dict_to_hf(cfg, tensors, *, model_type=None) -> dict[str, Tensor]
+    export_checkpoint(ckpt, out, *, which="best", force=False, model_type=None) -> Path
     read_hf_folder(hf_dir) -> (hf config dict, fp32 tensors)
     config_from_hf(hf_config, tensors=None) -> ModelConfig
     state_dict_from_hf(hf_config, tensors, cfg=None) -> dict[str, Tensor]
     load_hf_tokenizer(path) -> Tokenizer
     import_hf(hf_dir, out, *, tokenizer=None, force=False) -> Path
-    adapter_to_hf(cfg, adapter_config, tensors, base_model_name_or_path="base") -> (adapter_config.json, tensors)
-    export_adapter(ckpt, out, *, which="best", force=False, base=None) -> Path
+    adapter_to_hf(cfg, adapter_config, tensors, base_model_name_or_path="base", *, model_type=None)
+        -> (adapter_config.json, tensors)
+    export_adapter(ckpt, out, *, which="best", force=False, base=None, model_type=None) -> Path
+`model_type` picks among the classes that compute the same model (llama, mistral, phi3); None: the
+family a run was imported from where it still fits, else the natural class.
 `transformers` itself is never imported here: the files are written and read directly.
 """
 

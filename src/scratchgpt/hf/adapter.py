@@ -29,7 +29,7 @@ from ..model import ModelConfig
 from ..utils import atomic_write, atomic_write_bytes, read_json, replace_dir
 from .card import adapter_card
 from .config import json_bytes
-from .export import _check_out, export_checkpoint
+from .export import _check_out, export_checkpoint, export_family
 from .families import FAMILIES, build_model_config, export_model_type
 from .layout import Rule, contiguous_copy, weight_rules
 
@@ -60,16 +60,17 @@ def _lora_pieces(rule: Rule, part: str, t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def adapter_to_hf(cfg: ModelConfig, adapter_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
-                  base_model_name_or_path: str = "base") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+                  base_model_name_or_path: str = "base", *,
+                  model_type: Optional[str] = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A scratchgpt LoRA adapter (PEFT keys over our module names) -> (adapter_config.json, tensors) of the
-    same adapter over `hf_architecture(cfg)`'s modules.
+    same adapter over `hf_architecture(cfg, model_type=model_type)`'s modules.
 
     LoRA adds s * B @ A to a Linear's weight W (out, in). Where a family splits or permutes
     W's rows (q/k/v, gate/up, GPT-NeoX's per-head qkv), B's rows are split or permuted the
     same way and every part keeps A: delta W_q = s B_q A. GPT-2's Conv1D stores W transposed;
     its A and B stay as they are and fan_in_fan_out=true tells PEFT to transpose the delta.
     """
-    mt = export_model_type(cfg)
+    mt = export_model_type(cfg, model_type)
     arch = FAMILIES[mt].causal_lm
     _check_adapter_config(adapter_config)
     targets = {r.ours.removesuffix(".weight"): r for r in weight_rules(mt, cfg) if r.ours.startswith("transformer.h.")
@@ -117,7 +118,7 @@ def _adapter_base(ckpt: Path, finetune: Mapping[str, Any], base: Optional[str | 
 
 
 def export_adapter(ckpt: str | os.PathLike, out: str | os.PathLike, *, which: str = "best", force: bool = False,
-                   base: Optional[str | os.PathLike] = None) -> Path:
+                   base: Optional[str | os.PathLike] = None, model_type: Optional[str] = None) -> Path:
     """Write a LoRA run (or its `which` checkpoint) as a PEFT adapter folder `out` over its base exported
     in `out/base` (with export_checkpoint). Returns `out`.
 
@@ -127,7 +128,8 @@ def export_adapter(ckpt: str | os.PathLike, out: str | os.PathLike, *, which: st
     computes what `load_run(run).model` computes (fp32 logits within 1e-4). adapter_config.json
     names the base "base", relative: PEFT resolves that against the working directory, not
     against `out`, so load the base explicitly as above. `base` overrides the base path the run
-    records (when it moved). A classifier's LoRA run is refused: export it merged.
+    records (when it moved). `model_type` picks the base's class as export_checkpoint's does. A
+    classifier's LoRA run is refused: export it merged.
     """
     ckpt, out = resolve_checkpoint(Path(ckpt), which), Path(out)
     if not (ckpt / ADAPTER_FILE).is_file():
@@ -145,14 +147,15 @@ def export_adapter(ckpt: str | os.PathLike, out: str | os.PathLike, *, which: st
         raise UserError(f"{ckpt}: its base {base_ckpt} is a classification run; only a language-model base exports "
                         "with an adapter")
     cfg = build_model_config(base_config["model"], where=str(base_ckpt / CONFIG_FILE))
+    mt = export_family(cfg, base_config, model_type)  # the base's class: the adapter's module names are its
     adapter_config = read_json(ckpt / ADAPTER_CONFIG_FILE)
-    hf_adapter_config, tensors = adapter_to_hf(cfg, adapter_config, load_tensors(ckpt / ADAPTER_FILE))
+    hf_adapter_config, tensors = adapter_to_hf(cfg, adapter_config, load_tensors(ckpt / ADAPTER_FILE), model_type=mt)
     n_params = sum(t.numel() for t in tensors.values())
-    card = adapter_card(ckpt, out, config, state, cfg, hf_adapter_config, n_params)
+    card = adapter_card(ckpt, out, config, state, cfg, mt, hf_adapter_config, n_params)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        export_checkpoint(base_ckpt, tmp / "base")
+        export_checkpoint(base_ckpt, tmp / "base", model_type=mt)
         atomic_write(tmp / "adapter_model.safetensors",
                      lambda path: save_file(tensors, path, metadata={"format": "pt"}))
         atomic_write_bytes(tmp / "adapter_config.json", json_bytes(hf_adapter_config))

@@ -12,7 +12,7 @@ from ..model import ModelConfig
 from ..tokenizer import EOT, Tokenizer
 from ..utils import human_number, read_json
 from .config import PAD
-from .families import export_model_type, hf_architecture
+from .families import FAMILIES
 
 
 def _run_metrics(ckpt: Path, state: dict) -> tuple[Optional[float], Optional[float], str]:
@@ -83,8 +83,8 @@ def _training_lines(ckpt: Path, config: dict, state: dict, labels: Optional[list
     return lines
 
 
-def model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfig, arch: str, n_params: int,
-               tokenizer: Tokenizer, labels: Optional[list[str]]) -> str:
+def model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfig, model_type: str, arch: str,
+               n_params: int, tokenizer: Tokenizer, labels: Optional[list[str]]) -> str:
     """README.md of a folder exported as `arch` (a classifier's when `labels` are given)."""
     merged_from = Path((config.get("finetune") or {}).get("merged_from") or "")
     if merged_from.name and (merged_from / STATE_FILE).is_file():
@@ -99,7 +99,7 @@ def model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfi
         "---",
         "library_name: transformers",
         f"pipeline_tag: {'text-classification' if labels else 'text-generation'}",
-        f"tags: [scratchgpt, {export_model_type(cfg)}]",
+        f"tags: [scratchgpt, {model_type}]",
         "---",
         "",
         f"# {name}",
@@ -171,17 +171,17 @@ def _limits_lines(cfg: ModelConfig) -> list[str]:
     ]
 
 
-def adapter_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfig, adapter: dict,
+def adapter_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfig, model_type: str, adapter: dict,
                  n_params: int) -> str:
-    """README.md of a PEFT adapter folder whose base sits in out/base."""
+    """README.md of a PEFT adapter folder whose base (a `model_type` model) sits in out/base."""
     name = ckpt.parent.name if ckpt.name in ("best", "latest") else out.name
-    arch = hf_architecture(cfg)
+    arch = FAMILIES[model_type].causal_lm
     scale = "alpha/sqrt(r)" if adapter["use_rslora"] else "alpha/r"
     lines = [
         "---",
         "library_name: peft",
         "pipeline_tag: text-generation",
-        f"tags: [scratchgpt, lora, {export_model_type(cfg)}]",
+        f"tags: [scratchgpt, lora, {model_type}]",
         "---",
         "",
         f"# {name}",

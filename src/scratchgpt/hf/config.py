@@ -3,10 +3,11 @@
 
 Every family: vocab_size, n_layer, n_head, n_embd, block_size (max_position_embeddings), mlp_hidden
 (intermediate size), rope_base (rope_theta), tie_embeddings (tie_word_embeddings), dropout, init_std
-(initializer_range), norm_eps (GPT-2 layer_norm_epsilon, NeoX layer_norm_eps, Llama/Arcee/Qwen3
-rms_norm_eps; OPT has no key: its LayerNorms are 1e-5, so only that exports as OPT). `bias=false`
-sets the classes' bias flags off (OPT enable_bias, NeoX attention_bias, Llama/Arcee attention_bias
-and mlp_bias, Qwen3 attention_bias).
+(initializer_range), norm_eps (GPT-2 layer_norm_epsilon, NeoX layer_norm_eps, the Llama-shaped
+classes rms_norm_eps; OPT has no key: its LayerNorms are 1e-5, so only that exports as OPT).
+`bias=false` sets the classes' bias flags off (OPT enable_bias, NeoX attention_bias, Llama/Arcee
+attention_bias and mlp_bias, Qwen3 and Gemma attention_bias); Qwen2, Mistral and Phi-3 have no
+flag (Qwen2's q/k/v biases are model.qkv_bias, always on).
 
 Plain MLPs: ours -> transformers' ACT2FN name (activation_function / hidden_act), and back:
 
@@ -19,14 +20,19 @@ Plain MLPs: ours -> transformers' ACT2FN name (activation_function / hidden_act)
     relu       <-> relu
     relu2      <-> relu2
 
+Gated MLPs (the Llama-shaped classes but Arcee): hidden_act names the gate's activation, silu <->
+swiglu, gelu_pytorch_tanh <-> geglu_tanh (and the tanh names above; Gemma's "gelu", which
+transformers runs as gelu_pytorch_tanh). Gemma's config also gets hidden_activation, its 4.x key.
+
 Epsilons: norm_eps=null means LayerNorm 1e-5, RMSNorm 1e-6, and qk_norm's per-head RMSNorm 1e-6
 (model.QK_NORM_EPS, Qwen3's default rms_norm_eps); a norm_eps applies to every norm, qk_norm's too,
 as Qwen3's one rms_norm_eps does. On import an eps equal to our default for the norm becomes null,
 so configs that always imported stay byte for byte what they were.
 
-Llama, Arcee, Qwen3 only: n_kv_head (num_key_value_heads; null = n_head), grouped-query attention as
-in SmolLM2, TinyLlama and Qwen3 (GPT-2, OPT and NeoX have none: refused), and Llama 3.1/3.2's RoPE
-frequency scaling:
+The Llama-shaped classes only: n_kv_head (num_key_value_heads; null = n_head), grouped-query
+attention as in SmolLM2, TinyLlama and Qwen3 (GPT-2, OPT and NeoX have none: refused), head_size
+(head_dim; null where it is hidden_size / heads, the default of all but Qwen3's 128 and Gemma's
+256), and, except Phi-3, Llama 3.1/3.2's RoPE frequency scaling:
 
     rope_scaling=llama3  <-> rope_type "llama3"
     rope_factor              factor (Llama 3.1: 8, 3.2: 32)
@@ -38,15 +44,21 @@ read from rope_parameters (transformers 5) or rope_scaling (4.x, as Meta's confi
 missing original_max_position_embeddings is transformers' fallback, max_position_embeddings),
 written to both (5.x reads rope_scaling first when both are there: the same values).
 
-Import refuses in one line: num_key_value_heads that does not divide num_attention_heads, head_dim
-!= hidden_size / heads, scaled RoPE other than llama3 (linear, dynamic, yarn, longrope; llama3 in
-GPT-NeoX) and partial RoPE, GPT-NeoX's parallel residual, a non-positive eps, activations we lack
-(e.g. quick_gelu), Qwen3 with sliding-window layers, nonzero attention biases (so released Qwen3
-checkpoints are refused; exported ones come back). A bias is kept (bias=true) when the config
-declares linear biases or any bias tensor is nonzero. Keys that change nothing we compute are
-ignored: n_ctx (transformers reads n_positions), reorder_and_upcast_attn (fp32 attention either
-way), summary_* (the double-heads model's classifier), task_specific_params, bos/eos ids (the
-tokenizer's `<|endoftext|>` is the EOT).
+Sliding windows: ours is whole-context attention, so export writes none (Mistral and Phi-3
+sliding_window=null, Qwen2/Qwen3 use_sliding_window=false), and import takes a window at least as
+long as max_position_embeddings (it changes nothing there) and refuses a shorter one (Mistral's
+default when the key is missing: 4096).
+
+Import refuses in one line: num_key_value_heads that does not divide num_attention_heads, a
+head_dim that is not a positive integer, scaled RoPE other than llama3 (linear, dynamic, yarn,
+longrope; llama3 in GPT-NeoX or Phi-3) and partial RoPE, GPT-NeoX's parallel residual, a
+non-positive eps, activations we lack (e.g. quick_gelu), Qwen3 with sliding-window layers, nonzero
+attention biases (so released Qwen3 checkpoints are refused; exported ones come back), Gemma with
+attention biases or bidirectional attention. A bias is kept (bias=true) when the config declares
+linear biases or any bias tensor is nonzero. Keys that change nothing we compute are ignored: n_ctx
+(transformers reads n_positions), reorder_and_upcast_attn (fp32 attention either way), summary_*
+(the double-heads model's classifier), task_specific_params, bos/eos ids (the tokenizer's
+`<|endoftext|>` is the EOT), Phi-3's original_max_position_embeddings (read by longrope alone).
 """
 
 from __future__ import annotations
@@ -60,7 +72,7 @@ import torch
 
 from .. import UserError
 from ..model import LAYERNORM_EPS, RMSNORM_EPS, ModelConfig
-from .families import FAMILIES, NORM_EPS_KEYS, build_model_config, export_model_type, import_model_type
+from .families import FAMILIES, LLAMA_LIKE, NORM_EPS_KEYS, build_model_config, export_model_type, import_model_type
 from .layout import canonical_keys, weight_rules
 
 # transformers' ACT2FN name -> our plain (non-gated) MLP; export writes them back with _hf_activation
@@ -85,9 +97,11 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def _hf_activation(cfg: ModelConfig, model_type: str) -> str:
-    """The ACT2FN name of cfg.mlp in `model_type`'s config (the table above)."""
+    """The ACT2FN name of cfg.mlp in `model_type`'s config (the table above; a gated MLP's gate's)."""
     if cfg.mlp == "swiglu":
         return "silu"
+    if cfg.mlp == "geglu_tanh":
+        return "gelu_pytorch_tanh"
     if cfg.mlp == "gelu_tanh":
         return "gelu_new" if model_type == "gpt2" else "gelu_pytorch_tanh"
     return cfg.mlp
@@ -120,42 +134,52 @@ def _neox_keys(cfg: ModelConfig, rope: dict[str, Any], mt: str) -> dict[str, Any
 
 
 def _llama_keys(cfg: ModelConfig, rope: dict[str, Any], mt: str) -> dict[str, Any]:
-    """Llama, Arcee and Qwen3's keys (`rope`, shared with the result, gains Llama 3's scaling)."""
+    """The Llama-shaped classes' keys (`rope`, shared with the result, gains Llama 3's scaling)."""
     c = dict(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
              num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.hidden_dim,
              hidden_act=_hf_activation(cfg, mt), max_position_embeddings=cfg.block_size,
              rms_norm_eps=cfg.eps, rope_parameters=rope, rope_theta=rope["rope_theta"],
-             attention_bias=cfg.bias, attention_dropout=cfg.dropout, initializer_range=cfg.init_std)
+             attention_dropout=cfg.dropout, initializer_range=cfg.init_std)
+    if mt in ("llama", "arcee", "qwen3", "gemma"):  # (the others have no flag: Qwen2's q/k/v biases are always there)
+        c["attention_bias"] = cfg.bias
     if cfg.rope_scaling == "llama3":
         # 5.x reads rope_parameters (rope_scaling first when both are there: the same values), 4.x rope_scaling
         scaling = {"rope_type": "llama3"} | {key: getattr(cfg, ours) for key, ours in LLAMA3_ROPE.items()}
         rope.update(scaling)
         c["rope_scaling"] = scaling
-    if mt == "qwen3":  # (no mlp_bias: Qwen3's MLP never has biases)
-        c.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
-                 layer_types=["full_attention"] * cfg.n_layer)
-    else:
-        c["mlp_bias"] = cfg.bias
-    if mt == "llama":
-        c["pretraining_tp"] = 1
-    return c
+    return c | _llama_variant_keys(cfg, mt)
+
+
+def _llama_variant_keys(cfg: ModelConfig, mt: str) -> dict[str, Any]:
+    """What each Llama-shaped class adds: bias flags, whole-context attention, Phi-3's dropouts, Gemma's
+    activation under its 4.x name."""
+    whole_context = dict(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
+                         layer_types=["full_attention"] * cfg.n_layer)
+    return {"llama": dict(mlp_bias=cfg.bias, pretraining_tp=1), "arcee": dict(mlp_bias=cfg.bias),
+            "qwen3": whole_context, "qwen2": whole_context,  # (no mlp_bias: their MLPs never have biases)
+            "mistral": dict(sliding_window=None),
+            "phi3": dict(sliding_window=None, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                         original_max_position_embeddings=cfg.block_size),
+            "gemma": dict(hidden_activation=_hf_activation(cfg, mt))}[mt]
 
 
 # Each family's writer: its config.json keys (`rope`: the default RoPE parameters of cfg)
-_FAMILY_KEYS = {"gpt2": _gpt2_keys, "opt": _opt_keys, "gpt_neox": _neox_keys, "llama": _llama_keys,
-                "arcee": _llama_keys, "qwen3": _llama_keys}
+_FAMILY_KEYS = {"gpt2": _gpt2_keys, "opt": _opt_keys, "gpt_neox": _neox_keys,
+                **{mt: _llama_keys for mt in LLAMA_LIKE}}
 
 
 def hf_config(cfg: ModelConfig, *, eot_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-              labels: Optional[Sequence[str]] = None, bos_id: Optional[int] = None) -> dict[str, Any]:
-    """The config.json of `hf_architecture(cfg)` (a `...ForSequenceClassification` when `labels` are given).
+              labels: Optional[Sequence[str]] = None, bos_id: Optional[int] = None,
+              model_type: Optional[str] = None) -> dict[str, Any]:
+    """The config.json of `hf_architecture(cfg)` (a `...ForSequenceClassification` when `labels` are given;
+    `model_type` picks among classes that compute the same, as export_model_type).
 
     bos_token_id is `bos_id` (an imported tokenizer's BOS), else the EOT id, as GPT-2's configs have it.
 
     Written for transformers 5 (rope_parameters, dtype) with the 4.x spellings beside them
     (rope_theta, rotary_pct, torch_dtype), which 5.x reads as the same values.
     """
-    mt = export_model_type(cfg)
+    mt = export_model_type(cfg, model_type)
     family = FAMILIES[mt]
     c: dict[str, Any] = {
         "architectures": [family.seq_cls if labels else family.causal_lm],
@@ -250,10 +274,11 @@ def _norm_eps(c: Mapping[str, Any], mt: str, norm: str) -> Optional[float]:
     return None if float(eps) == (RMSNORM_EPS if norm == "rmsnorm" else LAYERNORM_EPS) else float(eps)
 
 
-# Each family's reader: (ModelConfig fields, whether the config declares linear biases)
+# Each family's reader: (ModelConfig fields, its biases: True when the config declares them, False when the
+# class has none, None when the tensors settle it)
 
 
-def _gpt2_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], bool]:
+def _gpt2_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], Optional[bool]]:
     for key, want, default in (("scale_attn_weights", True, True), ("scale_attn_by_inverse_layer_idx", False, False),
                                ("add_cross_attention", False, False)):
         _require_value(c, key, want, default, "scratchgpt's attention is plain scaled self-attention")
@@ -263,10 +288,10 @@ def _gpt2_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], bool]:
               block_size=_config_value(c, "n_positions", 1024), n_layer=_config_value(c, "n_layer"),
               n_head=_config_value(c, "n_head"), n_embd=n_embd, mlp_hidden=_config_value(c, "n_inner", 4 * n_embd),
               dropout=_config_value(c, "resid_pdrop", 0.1), init_std=_config_value(c, "initializer_range", 0.02))
-    return kw, False  # GPT-2 has every bias, always
+    return kw, None  # GPT-2 has every bias, always: biases all zero import as bias=false
 
 
-def _opt_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], bool]:
+def _opt_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], Optional[bool]]:
     pre = _config_value(c, "do_layer_norm_before", True)
     if pre:
         _require_value(c, "_remove_final_layer_norm", False, False, "a pre-norm scratchgpt model ends with a final norm")
@@ -279,10 +304,10 @@ def _opt_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], bool]:
               n_layer=_config_value(c, "num_hidden_layers"), n_head=_config_value(c, "num_attention_heads"),
               n_embd=n_embd, mlp_hidden=_config_value(c, "ffn_dim"), dropout=_config_value(c, "dropout", 0.1),
               init_std=_config_value(c, "init_std", 0.02))
-    return kw, _config_value(c, "enable_bias", True)
+    return kw, _config_value(c, "enable_bias", True) or None
 
 
-def _neox_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], bool]:
+def _neox_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], Optional[bool]]:
     _require_value(c, "use_parallel_residual", False, True, "scratchgpt's blocks are sequential: x + attn, then + mlp")
     kw = dict(pos="rope", **_rope_fields(c, partial_default=0.25), norm="layernorm", norm_placement="pre",
               mlp=_plain_mlp_activation(c, "hidden_act", "gelu"),
@@ -290,48 +315,91 @@ def _neox_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], bool]:
               n_layer=_config_value(c, "num_hidden_layers"), n_head=_config_value(c, "num_attention_heads"),
               n_embd=_config_value(c, "hidden_size"), mlp_hidden=_config_value(c, "intermediate_size"),
               dropout=_config_value(c, "hidden_dropout", 0.0), init_std=_config_value(c, "initializer_range", 0.02))
-    return kw, _config_value(c, "attention_bias", True)
+    return kw, _config_value(c, "attention_bias", True) or None
+
+
+# The Llama-shaped classes: what a config omits (transformers' defaults)
+_DEFAULT_CONTEXT = {"llama": 2048, "arcee": 4096, "qwen3": 32768, "qwen2": 32768, "mistral": 131072, "gemma": 8192,
+                    "phi3": 4096}
+_DEFAULT_HEAD_DIM = {"qwen3": 128, "gemma": 256}  # the others: hidden_size / num_attention_heads
+_TANH_GELUS = tuple(k for k, v in ACTIVATIONS.items() if v == "gelu_tanh")
 
 
 def _llama_mlp(c: Mapping[str, Any], mt: str) -> str:
-    """Llama's and Qwen3's gated MLP (SiLU only), Arcee's plain one."""
+    """A gated MLP (silu: swiglu; tanh GELU, which Gemma's "gelu" also means: geglu_tanh), Arcee's plain one."""
     if mt == "arcee":
         return _plain_mlp_activation(c, "hidden_act", "relu2")
-    act = _config_value(c, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise UserError(f"config.json: hidden_act={act!r} in {FAMILIES[mt].causal_lm}'s gated MLP has no "
-                        "scratchgpt equivalent (model.mlp=swiglu is SiLU-gated)")
-    return "swiglu"
+    act = _config_value(c, "hidden_act", "gelu_pytorch_tanh" if mt == "gemma" else "silu")
+    if act in ("silu", "swish"):
+        return "swiglu"
+    if act in _TANH_GELUS or (mt == "gemma" and act == "gelu"):  # (transformers runs Gemma's "gelu" as tanh)
+        return "geglu_tanh"
+    raise UserError(f"config.json: hidden_act={act!r} in {FAMILIES[mt].causal_lm}'s gated MLP has no "
+                    "scratchgpt equivalent (model.mlp=swiglu is SiLU-gated, geglu_tanh tanh-GELU-gated)")
 
 
-def _llama_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], bool]:
-    """Llama's, Arcee's and Qwen3's fields."""
+def _head_size(c: Mapping[str, Any], mt: str, n_embd: int, n_head: int) -> Optional[int]:
+    """model.head_size from head_dim: None where it is n_embd / n_head, so configs stay as they were."""
+    head = _config_value(c, "head_dim", _DEFAULT_HEAD_DIM.get(mt, n_embd // n_head))
+    if type(head) is not int or head < 1:
+        raise UserError(f"config.json: head_dim={head!r} must be a positive integer")
+    return None if head * n_head == n_embd else head
+
+
+def _check_whole_context(c: Mapping[str, Any], mt: str, context: int) -> None:
+    """Refuse sliding-window attention narrower than the context (a window at least as long changes nothing
+    there): scratchgpt's attention sees the whole context."""
+    if mt == "qwen3":
+        _require_value(c, "use_sliding_window", False, False, "scratchgpt's attention sees the whole context")
+    if mt in ("qwen3", "qwen2"):
+        layer_types = set(_config_value(c, "layer_types", ["full_attention"]))
+        if layer_types != {"full_attention"} and (mt == "qwen3" or c.get("use_sliding_window")):
+            raise UserError(f"config.json: layer_types {sorted(layer_types)} has no scratchgpt equivalent (every "
+                            "layer attends to the whole context)")
+    if mt == "qwen2":  # (its window applies only with use_sliding_window, to layers from max_window_layers on)
+        sliding = c.get("use_sliding_window") and (_config_value(c, "max_window_layers", 28)
+                                                   < _config_value(c, "num_hidden_layers"))
+        window = _config_value(c, "sliding_window", 4096) if sliding else None
+    elif mt == "mistral":
+        window = c["sliding_window"] if "sliding_window" in c else 4096  # MistralConfig's default
+    else:
+        window = c.get("sliding_window")
+    if window is not None and not (type(window) is int and window >= context):
+        raise UserError(f"config.json: sliding_window={window!r} is shorter than the context (max_position_embeddings="
+                        f"{context}): scratchgpt's attention sees the whole context")
+
+
+def _llama_variant_refusals(c: Mapping[str, Any], mt: str) -> None:
+    if mt == "gemma":
+        _require_value(c, "use_bidirectional_attention", False, False, "scratchgpt's model generates: causal attention")
+        _require_value(c, "attention_bias", False, False, "Gemma's MLP has no biases for model.bias to cover")
+
+
+def _llama_fields(c: Mapping[str, Any], mt: str) -> tuple[dict[str, Any], Optional[bool]]:
+    """The fields of every Llama-shaped class (rope, rmsnorm, pre-norm)."""
     n_embd, n_head = _config_value(c, "hidden_size"), _config_value(c, "num_attention_heads")
     kv = _config_value(c, "num_key_value_heads", n_head)
     if type(kv) is not int or kv < 1 or n_head % kv:
         raise UserError(f"config.json: num_key_value_heads={kv!r} must be a positive integer that divides "
                         f"num_attention_heads={n_head}")
-    _require_value(c, "head_dim", n_embd // n_head, 128 if mt == "qwen3" else n_embd // n_head,
-                   "scratchgpt's head_dim is n_embd / n_head")
-    if mt == "qwen3":
-        _require_value(c, "use_sliding_window", False, False, "scratchgpt's attention sees the whole context")
-        layer_types = set(_config_value(c, "layer_types", ["full_attention"]))
-        if layer_types != {"full_attention"}:
-            raise UserError(f"config.json: layer_types {sorted(layer_types)} has no scratchgpt equivalent (every "
-                            "layer attends to the whole context)")
+    head_size = _head_size(c, mt, n_embd, n_head)
+    block_size = _config_value(c, "max_position_embeddings", _DEFAULT_CONTEXT[mt])
+    _check_whole_context(c, mt, block_size)
+    _llama_variant_refusals(c, mt)
     mlp = _llama_mlp(c, mt)
-    kw = dict(pos="rope", **_rope_fields(c, partial_default=1.0, scaled=True), norm="rmsnorm", norm_placement="pre",
-              mlp=mlp, qk_norm=mt == "qwen3", n_layer=_config_value(c, "num_hidden_layers"),
-              n_head=n_head, n_embd=n_embd, n_kv_head=kv if kv != n_head else None,
-              block_size=_config_value(c, "max_position_embeddings", {"llama": 2048, "arcee": 4096, "qwen3": 32768}[mt]),
+    kw = dict(pos="rope", **_rope_fields(c, partial_default=1.0, scaled=mt != "phi3"), norm="rmsnorm",
+              norm_placement="pre", mlp=mlp, qk_norm=mt == "qwen3", qkv_bias=mt == "qwen2",
+              scale_embeddings=mt == "gemma", n_layer=_config_value(c, "num_hidden_layers"), n_head=n_head,
+              n_embd=n_embd, n_kv_head=kv if kv != n_head else None, head_size=head_size, block_size=block_size,
               mlp_hidden=_config_value(c, "intermediate_size"), dropout=_config_value(c, "attention_dropout", 0.0),
               init_std=_config_value(c, "initializer_range", 0.02))
-    flag = mt != "qwen3" and (_config_value(c, "attention_bias", False) or _config_value(c, "mlp_bias", False))
-    return kw, flag
+    if mt in ("llama", "arcee"):
+        return kw, (_config_value(c, "attention_bias", False) or _config_value(c, "mlp_bias", False)) or None
+    return kw, None if mt == "qwen3" else False
 
 
-_FAMILY_FIELDS = {"gpt2": _gpt2_fields, "opt": _opt_fields, "gpt_neox": _neox_fields, "llama": _llama_fields,
-                  "arcee": _llama_fields, "qwen3": _llama_fields}
+_FAMILY_FIELDS = {"gpt2": _gpt2_fields, "opt": _opt_fields, "gpt_neox": _neox_fields,
+                  **{mt: _llama_fields for mt in LLAMA_LIKE}}
 
 
 def _settle_bias(c: Mapping[str, Any], mt: str, cfg: ModelConfig,
@@ -359,8 +427,10 @@ def config_from_hf(hf_config: Mapping[str, Any], tensors: Optional[Mapping[str, 
     """
     c = hf_config
     mt = import_model_type(c)
-    kw, declared_bias = _FAMILY_FIELDS[mt](c, mt)
+    kw, bias = _FAMILY_FIELDS[mt](c, mt)
     tied = _config_value(c, "tie_word_embeddings", FAMILIES[mt].tied_default)
     cfg = build_model_config(dict(kw, vocab_size=_config_value(c, "vocab_size"), tie_embeddings=bool(tied), bias=True,
                                   dropout=float(kw["dropout"]), norm_eps=_norm_eps(c, mt, kw["norm"])))
-    return cfg if declared_bias else _settle_bias(c, mt, cfg, tensors)
+    if bias is None:
+        return _settle_bias(c, mt, cfg, tensors)
+    return cfg if bias else replace(cfg, bias=False)

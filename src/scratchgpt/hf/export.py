@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -38,7 +38,7 @@ from ..tokenizer import EOT, HF_CONFIG_FILE, UNK, Tokenizer
 from ..utils import atomic_write, atomic_write_bytes, read_json, replace_dir
 from .card import model_card
 from .config import PAD, hf_config, json_bytes
-from .families import build_model_config, export_model_type, hf_architecture
+from .families import FAMILIES, build_model_config, export_model_type, hf_architecture
 from .layout import check_shapes, contiguous_copy, to_hf_tensors
 
 
@@ -83,13 +83,30 @@ def _add_pad_token(tokenizer_json: bytes, pad_id: int) -> bytes:
     return (json.dumps(spec, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def export_family(cfg: ModelConfig, config: Mapping[str, Any], model_type: Optional[str] = None) -> str:
+    """The model_type a run exports as: `model_type` if given (a UserError unless it computes the model), else
+    the family the run was imported from where that computes it (an imported Mistral goes back a Mistral), else
+    the class export_model_type picks."""
+    if model_type is not None:
+        return export_model_type(cfg, model_type)
+    imported = (config.get("imported_from") or {}).get("model_type")
+    if imported in FAMILIES:
+        try:
+            return export_model_type(cfg, imported)
+        except UserError:
+            pass  # (changed since, e.g. fine-tuned with other options): the class that computes it now
+    return export_model_type(cfg)
+
+
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, which: str = "best",
-                      force: bool = False) -> Path:
+                      force: bool = False, model_type: Optional[str] = None) -> Path:
     """Write a transformers model folder for a checkpoint (or a run dir: its `which` checkpoint). Returns `out`.
 
     The folder holds config.json, model.safetensors, generation_config.json (language
     models), tokenizer.json, tokenizer_config.json, special_tokens_map.json and a README.md
-    model card. It is built under a temporary name and renamed into place.
+    model card. It is built under a temporary name and renamed into place. `model_type`
+    picks among classes that compute the same model (a Llama-shaped one: llama, mistral or
+    phi3; see export_family).
     """
     for d in (Path(ckpt), Path(ckpt) / which):
         if (d / ADAPTER_FILE).is_file() and not (d / MODEL_FILE).is_file():
@@ -100,7 +117,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, which:
     config = read_json(ckpt / CONFIG_FILE)
     cfg = build_model_config(config["model"], where=str(ckpt / CONFIG_FILE))
     classifier = config.get("classifier")
-    arch = hf_architecture(cfg, classifier.get("pooling", "last") if classifier else None)
+    mt = export_family(cfg, config, model_type)
+    arch = hf_architecture(cfg, classifier.get("pooling", "last") if classifier else None, model_type=mt)
     tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"{ckpt}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
@@ -115,20 +133,21 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, which:
     if classifier:
         labels = list(classifier["labels"])
         head = load_tensors(ckpt / HEAD_FILE)
-        hf_tensors, hf_cfg, special["pad_token"] = _classifier_export(cfg, tensors, head, labels, tokenizer, arch,
-                                                                      files)
+        hf_tensors, hf_cfg, special["pad_token"] = _classifier_export(cfg, mt, tensors, head, labels, tokenizer,
+                                                                      arch, files)
         n_params = sum(t.numel() for k, t in tensors.items() if k != "lm_head.weight")
         n_params += sum(t.numel() for t in head.values())
     else:
-        hf_tensors = to_hf_tensors(export_model_type(cfg), cfg, tensors, lm_head=True)
-        hf_cfg = hf_config(cfg, eot_id=eot, bos_id=bos)
+        hf_tensors = to_hf_tensors(mt, cfg, tensors, lm_head=True)
+        hf_cfg = hf_config(cfg, eot_id=eot, bos_id=bos, model_type=mt)
         n_params = sum(t.numel() for t in tensors.values())
         gen = {"bos_token_id": eot if bos is None else bos, "eos_token_id": eot, "pad_token_id": eot} \
             if eot is not None else {}
         files["generation_config.json"] = json_bytes(gen)
     files["config.json"] = json_bytes(hf_cfg)
     files.update(_tokenizer_files(tokenizer, special, cfg))
-    files["README.md"] = model_card(ckpt, out, config, state, cfg, arch, n_params, tokenizer, labels).encode("utf-8")
+    card = model_card(ckpt, out, config, state, cfg, mt, arch, n_params, tokenizer, labels)
+    files["README.md"] = card.encode("utf-8")
     _write_folder(out, hf_tensors, files)
     return out
 
@@ -150,7 +169,7 @@ def _tokenizer_files(tokenizer: Tokenizer, special: dict[str, str], cfg: ModelCo
     return {"tokenizer_config.json": config, "special_tokens_map.json": json_bytes(special)}
 
 
-def _classifier_export(cfg: ModelConfig, tensors: dict[str, torch.Tensor], head: dict[str, torch.Tensor],
+def _classifier_export(cfg: ModelConfig, mt: str, tensors: dict[str, torch.Tensor], head: dict[str, torch.Tensor],
                        labels: list[str], tokenizer: Tokenizer, arch: str,
                        files: dict[str, bytes]) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """(tensors, config.json, pad token) of a ...ForSequenceClassification; may add <pad> to files["tokenizer.json"]."""
@@ -168,9 +187,9 @@ def _classifier_export(cfg: ModelConfig, tensors: dict[str, torch.Tensor], head:
         tensors["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(1, cfg.n_embd)])
         cfg = replace(cfg, vocab_size=cfg.vocab_size + 1)
         files["tokenizer.json"] = _add_pad_token(files["tokenizer.json"], pad)
-    hf_tensors = to_hf_tensors(export_model_type(cfg), cfg, tensors, lm_head=False)
+    hf_tensors = to_hf_tensors(mt, cfg, tensors, lm_head=False)
     hf_tensors["score.weight"] = contiguous_copy(head["weight"].float())
-    return hf_tensors, hf_config(cfg, eot_id=eot, pad_token_id=pad, labels=labels), pad_token
+    return hf_tensors, hf_config(cfg, eot_id=eot, pad_token_id=pad, labels=labels, model_type=mt), pad_token
 
 
 def _write_folder(out: Path, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:

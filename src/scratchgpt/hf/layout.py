@@ -3,16 +3,20 @@
 Ours is nanoGPT's (`transformer.h.N.attn.c_attn` holds [q; k; v], each head contiguous; with
 grouped-query attention k and v have n_kv_head heads each: [q (n_head * head_dim); k (n_kv_head *
 head_dim); v (same)], query head h using key/value head h // (n_head / n_kv_head) as transformers'
-repeat_kv does; swiglu's c_fc holds [gate; up]). GPT-2 stores Linear weights transposed (Conv1D);
-OPT/Llama/Arcee/Qwen3 split q, k, v (and gate, up); NeoX fuses qkv per head ([q_h; k_h; v_h] for
-each head h); OPT's position table has 2 leading rows it never reads for unpadded input (written as
-zeros); Qwen3's q_norm/k_norm weights have no tensor of ours (written as ones; on import they must be
-ones). A tied head is omitted from model.safetensors, as transformers does. RoPE rotates (first half,
-second half) of each head in both.
+repeat_kv does; a gated MLP's c_fc holds [gate; up]). GPT-2 stores Linear weights transposed
+(Conv1D); OPT and the Llama-shaped classes split q, k, v (and gate, up); Phi-3 fuses them as we do
+(qkv_proj, gate_up_proj: the same tensors); NeoX fuses qkv per head ([q_h; k_h; v_h] for each head
+h); OPT's position table has 2 leading rows it never reads for unpadded input (written as zeros);
+Qwen3's q_norm/k_norm weights have no tensor of ours (written as ones; on import they must be ones);
+Gemma's RMSNorms scale by (1 + w), so its norm weights are ours minus one (exact in fp32 both ways,
+as transformers computes 1 + w in fp32). A tied head is omitted from model.safetensors, as
+transformers does. RoPE rotates (first half, second half) of each head in both.
 
 Biases: `bias=false` drops the biases a class has only with its bias flag on; a bias a class always
-has (GPT-2's, every LayerNorm's, NeoX's MLP) is written as zeros. On import, biases that are all
-zero are dropped (config.py decides), which is the same math with fewer parameters.
+has (GPT-2's, every LayerNorm's, NeoX's MLP, Qwen2's q/k/v: model.qkv_bias) is written as zeros when
+ours has none. On import, biases that are all zero are dropped (config.py decides), which is the same
+math with fewer parameters. Tensors present with a shape the config does not give are refused by
+name before anything is converted.
 
 Released GPT-2 folders (gpt2, gpt2-medium, distilgpt2, ...) import as they are: their keys lack the
 `transformer.` prefix (a bare GPT2Model's names), the head is tied and absent, and files converted
@@ -25,7 +29,7 @@ that they change nothing: the mask must be lower-triangular ones and the masking
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -66,9 +70,18 @@ def _unpad_positions(ts: list[torch.Tensor]) -> torch.Tensor:
     return ts[0][2:]
 
 
+def _minus_one(t: torch.Tensor) -> list[torch.Tensor]:
+    return [t - 1]
+
+
+def _plus_one(ts: list[torch.Tensor]) -> torch.Tensor:
+    return ts[0] + 1
+
+
 AS_IS = (_as_is_to_hf, _as_is_from_hf)
 TRANSPOSED = (_transpose, _untranspose)  # GPT-2's Conv1D stores a Linear weight as (in, out)
 OPT_POSITIONS = (_pad_positions, _unpad_positions)
+ONE_PLUS = (_minus_one, _plus_one)  # Gemma's RMSNorm multiplies by (1 + weight)
 
 
 def _chunks(n: int) -> tuple[ToHF, FromHF]:
@@ -107,10 +120,10 @@ class Rule:
 class _Rules(list):
     """The rules of one model, built tensor by tensor."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, norm_conv=AS_IS):
         super().__init__()
-        self.cfg = cfg
-        self.qkv = _split([cfg.n_embd, cfg.kv_dim, cfg.kv_dim])  # grouped-query attention: k and v narrower than q
+        self.cfg, self.norm_conv = cfg, norm_conv
+        self.qkv = _split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim])  # grouped-query attention: k and v narrower than q
 
     def tensor(self, ours: str, hf: str | list[str], conv=AS_IS, bias: str = "") -> None:
         self.append(Rule(ours, tuple(hf) if isinstance(hf, list) else (hf,), conv[0], conv[1], bias))
@@ -121,7 +134,7 @@ class _Rules(list):
         self.tensor(ours + ".bias", [n + ".bias" for n in names], AS_IS if conv is TRANSPOSED else conv, bias)
 
     def norm(self, ours: str, hf: str) -> None:
-        self.tensor(ours + ".weight", hf + ".weight")
+        self.tensor(ours + ".weight", hf + ".weight", self.norm_conv)
         if self.cfg.norm == "layernorm":  # these classes' LayerNorms always have a bias; RMSNorms never do
             self.tensor(ours + ".bias", hf + ".bias", bias="always")
 
@@ -157,10 +170,11 @@ def _neox_block(r: _Rules, i: int) -> None:
     r.linear(o + "mlp.c_proj", h + "mlp.dense_4h_to_h", bias="always")
 
 
-def _llama_block(r: _Rules, i: int, gated: bool = True) -> None:
+def _llama_block(r: _Rules, i: int, gated: bool = True, qkv_bias: str = "flag") -> None:
     o, h = f"transformer.h.{i}.", f"model.layers.{i}."
     r.norm(o + "ln_1", h + "input_layernorm")
-    r.linear(o + "attn.c_attn", [h + "self_attn.q_proj", h + "self_attn.k_proj", h + "self_attn.v_proj"], r.qkv)
+    r.linear(o + "attn.c_attn", [h + "self_attn.q_proj", h + "self_attn.k_proj", h + "self_attn.v_proj"], r.qkv,
+             qkv_bias)
     r.linear(o + "attn.c_proj", h + "self_attn.o_proj")
     r.norm(o + "ln_2", h + "post_attention_layernorm")
     if gated:
@@ -174,21 +188,39 @@ def _arcee_block(r: _Rules, i: int) -> None:
     _llama_block(r, i, gated=False)  # Llama with a plain up/down MLP
 
 
-# model_type -> (the rules of block i, the embedding, the final norm)
-_LAYOUTS: dict[str, tuple[Callable[[_Rules, int], None], str, str]] = {
-    "gpt2": (_gpt2_block, "transformer.wte", "transformer.ln_f"),
-    "opt": (_opt_block, "model.decoder.embed_tokens", "model.decoder.final_layer_norm"),
-    "gpt_neox": (_neox_block, "gpt_neox.embed_in", "gpt_neox.final_layer_norm"),
-    "llama": (_llama_block, "model.embed_tokens", "model.norm"),
-    "arcee": (_arcee_block, "model.embed_tokens", "model.norm"),
-    "qwen3": (_llama_block, "model.embed_tokens", "model.norm"),
+def _qwen2_block(r: _Rules, i: int) -> None:
+    _llama_block(r, i, qkv_bias="always")  # Llama whose q, k and v always have biases (and nothing else has)
+
+
+def _phi3_block(r: _Rules, i: int) -> None:
+    o, h = f"transformer.h.{i}.", f"model.layers.{i}."  # Llama with our fused [q; k; v] and [gate; up]
+    r.norm(o + "ln_1", h + "input_layernorm")
+    r.linear(o + "attn.c_attn", h + "self_attn.qkv_proj")
+    r.linear(o + "attn.c_proj", h + "self_attn.o_proj")
+    r.norm(o + "ln_2", h + "post_attention_layernorm")
+    r.linear(o + "mlp.c_fc", h + "mlp.gate_up_proj")
+    r.linear(o + "mlp.c_proj", h + "mlp.down_proj")
+
+
+# model_type -> (the rules of block i, the embedding, the final norm, the norm weights' conversion)
+_LAYOUTS: dict[str, tuple[Callable[[_Rules, int], None], str, str, tuple[ToHF, FromHF]]] = {
+    "gpt2": (_gpt2_block, "transformer.wte", "transformer.ln_f", AS_IS),
+    "opt": (_opt_block, "model.decoder.embed_tokens", "model.decoder.final_layer_norm", AS_IS),
+    "gpt_neox": (_neox_block, "gpt_neox.embed_in", "gpt_neox.final_layer_norm", AS_IS),
+    "llama": (_llama_block, "model.embed_tokens", "model.norm", AS_IS),
+    "arcee": (_arcee_block, "model.embed_tokens", "model.norm", AS_IS),
+    "qwen3": (_llama_block, "model.embed_tokens", "model.norm", AS_IS),
+    "qwen2": (_qwen2_block, "model.embed_tokens", "model.norm", AS_IS),
+    "mistral": (_llama_block, "model.embed_tokens", "model.norm", AS_IS),
+    "gemma": (_llama_block, "model.embed_tokens", "model.norm", ONE_PLUS),
+    "phi3": (_phi3_block, "model.embed_tokens", "model.norm", AS_IS),
 }
 
 
 def weight_rules(model_type: str, cfg: ModelConfig, lm_head: bool = True) -> list[Rule]:
     """Every tensor of a `cfg` model with bias=True (ours) and where it lives in `model_type`."""
-    block, embed, final_norm = _LAYOUTS[model_type]
-    rules = _Rules(cfg)
+    block, embed, final_norm, norm_conv = _LAYOUTS[model_type]
+    rules = _Rules(cfg, norm_conv)
     for i in range(cfg.n_layer):
         block(rules, i)
     rules.tensor("transformer.wte.weight", embed + ".weight")
@@ -213,13 +245,26 @@ def constant_hf_tensors(model_type: str, cfg: ModelConfig) -> dict[str, torch.Te
             for i in range(cfg.n_layer) for n in ("q_norm", "k_norm")}
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """Our state dict's shapes for `cfg` (a tied head omitted), without allocating the weights."""
+def _meta_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict for `cfg` (a tied head omitted) on the meta device: shapes without the weights."""
     with torch.device("meta"):
         sd = GPT(cfg).state_dict()
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
-    return {k: v.shape for k, v in sd.items()}
+    return sd
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in _meta_state_dict(cfg).items()}
+
+
+def _check_hf_shapes(model_type: str, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+    """A UserError naming the first transformers tensor whose shape is not the one `cfg` gives it."""
+    want = to_hf_tensors(model_type, cfg, _meta_state_dict(cfg), lm_head=True)
+    for key, t in tensors.items():
+        if key in want and t.shape != want[key].shape:
+            raise UserError(f"tensor {key} has shape {tuple(t.shape)}, where config.json makes a "
+                            f"{FAMILIES[model_type].causal_lm} with {tuple(want[key].shape)}")
 
 
 def check_shapes(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], where: str) -> None:
@@ -239,9 +284,11 @@ def contiguous_copy(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def state_dict_to_hf(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our model's tensors (a checkpoint's model.safetensors) -> the fp32 tensors of `hf_architecture(cfg)`."""
-    return to_hf_tensors(export_model_type(cfg), cfg, tensors, lm_head=True)
+def state_dict_to_hf(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], *,
+                     model_type: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Our model's tensors (a checkpoint's model.safetensors) -> the fp32 tensors of
+    `hf_architecture(cfg, model_type=model_type)`."""
+    return to_hf_tensors(export_model_type(cfg, model_type), cfg, tensors, lm_head=True)
 
 
 def to_hf_tensors(model_type: str, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor],
@@ -268,8 +315,7 @@ def to_hf_tensors(model_type: str, cfg: ModelConfig, tensors: Mapping[str, torch
 
 
 # the prefix every transformers key of a causal LM starts with; a bare base model's keys lack it
-_PREFIX = {"gpt2": "transformer.", "opt": "model.", "gpt_neox": "gpt_neox.", "llama": "model.", "arcee": "model.",
-           "qwen3": "model."}
+_PREFIX = {"gpt2": "transformer.", "opt": "model.", "gpt_neox": "gpt_neox."}  # the others: "model."
 # buffers older checkpoints saved beside the weights: causal masks (checked, then dropped) and RoPE frequencies
 _MASKS = {"gpt2": (".attn.bias", ".attn.masked_bias"), "gpt_neox": (".attention.bias", ".attention.masked_bias")}
 _IGNORED_SUFFIXES = (".inv_freq",)
@@ -299,7 +345,7 @@ def _is_mask_buffer(model_type: str, key: str, t: torch.Tensor) -> bool:
 
 def canonical_keys(model_type: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`tensors` under the causal LM's names: a bare base model's keys get the prefix, old names the new ones."""
-    prefix = _PREFIX[model_type]
+    prefix = _PREFIX.get(model_type, "model.")
     out = {}
     bare = not any(k.startswith(prefix) for k in tensors)
     for k, v in tensors.items():
@@ -324,15 +370,21 @@ def _hf_piece(model_type: str, rule: Rule, tensors: Mapping[str, torch.Tensor], 
     return t.float()
 
 
+def _ours_has(cfg: ModelConfig, rule: Rule) -> bool:
+    """Whether a `cfg` model has `rule`'s tensor (every weight; biases with bias=true, c_attn's with qkv_bias)."""
+    return not rule.bias or cfg.bias or (cfg.qkv_bias and rule.ours.endswith(".attn.c_attn.bias"))
+
+
 def from_hf_tensors(model_type: str, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our model's fp32 state dict (tied head omitted) from a `model_type` model's tensors, read as `cfg`."""
     arch = FAMILIES[model_type].causal_lm
     tensors = canonical_keys(model_type, tensors)
+    _check_hf_shapes(model_type, cfg, tensors)
     out: dict[str, torch.Tensor] = {}
     used = set()
     for rule in weight_rules(model_type, cfg):
         used.update(k for k in rule.hf if k in tensors)
-        if rule.bias and not cfg.bias:
+        if not _ours_has(cfg, rule):
             continue  # absent, or all zero (config_from_hf checked): our model has no such tensor
         out[rule.ours] = contiguous_copy(rule.from_hf([_hf_piece(model_type, rule, tensors, k) for k in rule.hf]))
     for key, value in constant_hf_tensors(model_type, cfg).items():

@@ -142,6 +142,22 @@ def _generation_file(hf_dir: Path) -> Optional[bytes]:
     return json_bytes({"eos_token_id": eos}) if eos is not None else None
 
 
+def _convert(hf_dir: Path, hf_cfg: Mapping[str, Any],
+             tensors: Mapping[str, torch.Tensor]) -> tuple[str, ModelConfig, dict[str, torch.Tensor]]:
+    """(model_type, ModelConfig, our state dict) of a folder read by read_hf_folder; a refusal names the file
+    it is about (config.json, or the weights)."""
+    try:
+        mt = import_model_type(hf_cfg)
+        cfg = config_from_hf(hf_cfg, tensors)
+    except UserError as e:
+        raise UserError(f"{hf_dir / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
+    weights = "model.safetensors" if (hf_dir / "model.safetensors").is_file() else "model.safetensors.index.json"
+    try:
+        return mt, cfg, from_hf_tensors(mt, cfg, tensors)
+    except UserError as e:
+        raise UserError(f"{hf_dir / weights}: {e}") from None
+
+
 def _import_tokenizer(hf_dir: Path, tokenizer: Optional[str | os.PathLike],
                       cfg: ModelConfig) -> tuple[Path, Tokenizer, Optional[str], Optional[bytes]]:
     """(tokenizer.json path, the tokenizer, the eos token to record, the generation_config.json to add)."""
@@ -171,9 +187,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: O
     hf_dir, out = Path(hf_dir), Path(out)
     _check_out(out, force, hf_dir)
     hf_cfg, tensors = read_hf_folder(hf_dir)
-    mt = import_model_type(hf_cfg)
-    cfg = config_from_hf(hf_cfg, tensors)
-    sd = from_hf_tensors(mt, cfg, tensors)
+    mt, cfg, sd = _convert(hf_dir, hf_cfg, tensors)
     tok_path, tok, eos, generation = _import_tokenizer(hf_dir, tokenizer, cfg)
     model = GPT(cfg)
     if cfg.tie_embeddings:
