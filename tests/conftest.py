@@ -57,6 +57,18 @@ def english_text(n_chars: int = 200_000) -> str:
     return text[:n_chars]
 
 
+def train_bpe_tokenizer(texts, vocab_size: int, *, min_frequency: int = 2, exact: bool = True):
+    """Byte-level BPE learned from `texts`, as `prepare` learns it (piece counts -> train_bpe_from_counts)."""
+    from collections import Counter
+
+    from scratchgpt.tokenizer import split_pieces, train_bpe_from_counts
+
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(split_pieces(text))
+    return train_bpe_from_counts(counts, vocab_size, min_frequency=min_frequency, exact=exact)
+
+
 def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: float = 300,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m scratchgpt ARGS` in a fresh process, as a user would run it."""

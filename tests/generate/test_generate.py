@@ -10,6 +10,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from conftest import train_bpe_tokenizer
 from scratchgpt import UserError
 from scratchgpt import generate as G
 from scratchgpt import chat as chat_module
@@ -19,7 +20,7 @@ from scratchgpt.model import DecodeStep
 from scratchgpt.checkpoint import save_checkpoint
 from scratchgpt.cli import main
 from scratchgpt.model import GPT, ModelConfig
-from scratchgpt.tokenizer import train_bpe_tokenizer, train_char_tokenizer
+from scratchgpt.tokenizer import train_char_tokenizer
 
 TEXT = "hello world, the quick brown fox jumps over the lazy dog.\nHéllo wörld 日本語 😀 ünïcödé\n" * 4
 

@@ -17,14 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import cli, english_text, export_import_export, randomize, tiny_flags
+from conftest import cli, english_text, export_import_export, randomize, tiny_flags, train_bpe_tokenizer
 from scratchgpt import UserError
 from scratchgpt.checkpoint import load_run
 from scratchgpt.generate import generate_tokens
 from scratchgpt.hf import import_hf, load_hf_tokenizer
 from scratchgpt.model import mlp_activation
 from scratchgpt.prompts import encode_with_eot
-from scratchgpt.tokenizer import EOT, train_bpe_tokenizer
+from scratchgpt.tokenizer import EOT
 
 transformers = pytest.importorskip("transformers")
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import english_text, randomize
+from conftest import english_text, randomize, train_bpe_tokenizer
 from scratchgpt import UserError
 from scratchgpt.checkpoint import load_model, save_checkpoint
 from scratchgpt.generate import generate_tokens
 from scratchgpt.hf import (config_from_hf, export_checkpoint, hf_architecture, import_hf, load_hf_tokenizer,
                            read_hf_folder, state_dict_from_hf)
 from scratchgpt.model import GPT, ModelConfig
-from scratchgpt.tokenizer import EOT, train_bpe_tokenizer, train_char_tokenizer
+from scratchgpt.tokenizer import EOT, train_char_tokenizer
 
 CHINESE = "我们的模型到处都能用。你好，世界！这是一个小模型，从零开始训练。"
 TEXTS = [

@@ -8,12 +8,12 @@ import random
 import numpy as np
 import pytest
 
+from conftest import train_bpe_tokenizer
 from scratchgpt import UserError
 from scratchgpt.tokenizer import (
     EOT,
     Tokenizer,
     split_pieces,
-    train_bpe_tokenizer,
     train_char_tokenizer,
 )
 
@@ -117,9 +117,9 @@ def test_bpe_matches_hf_tokenizers_encoding(bpe):
 
 
 def _unbyte(c: str) -> int:
-    from scratchgpt.tokenizer import _bytes_to_unicode
+    from scratchgpt.tokenizer.pieces import bytes_to_unicode
 
-    return {v: k for k, v in _bytes_to_unicode().items()}[c]
+    return {v: k for k, v in bytes_to_unicode().items()}[c]
 
 
 def test_bpe_special_token_text_stays_plain(bpe):
