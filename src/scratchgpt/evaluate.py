@@ -30,7 +30,7 @@ from .data.readers import read_labelled, read_sft, read_text
 from .generate import MAX_NEW_TOKENS, complete
 from .heads import predict_proba
 from .metrics import classification_metrics, evaluate_lm, generation_metrics
-from .prompts import default_template, encode_texts, prompt_ids
+from .prompts import JinjaChatTemplate, default_template, encode_texts, prompt_ids
 from .quantize import quantize_model
 from .utils import atomic_write_json, finite_or_null, json_text
 
@@ -135,7 +135,8 @@ def evaluate_classify_cli(run: Path, data: Path, which: str = "best", text_field
 
 def evaluate_generate_cli(run: Path, data: Path, which: str = "best", max_new_tokens: int = 128, limit: int = 0,
                           base: Optional[Path] = None, quantize: Optional[str] = None) -> dict:
-    """`scratchgpt eval RUN --task generate --data FILE`: BLEU, chrF and exact match of greedy replies."""
+    """`scratchgpt eval RUN --task generate --data FILE`: BLEU, chrF and exact match of greedy replies (prompted in
+    the run's SFT template, else an imported instruct model's own jinja template, else the default SFT one)."""
     if data is None:
         raise UserError("--task generate needs --data FILE (SFT JSONL: prompt/response or messages)")
     if max_new_tokens < 1:
@@ -145,6 +146,7 @@ def evaluate_generate_cli(run: Path, data: Path, which: str = "best", max_new_to
         raise UserError(f"{run} is a classification run: use --task classify")
     model, tokenizer, config = loaded.language_model("eval --task generate"), loaded.tokenizer, loaded.config
     quantize_model(model, quantize)
+    jinja = JinjaChatTemplate.of(tokenizer, config)  # an imported instruct model is asked in its own template
     template = config.get("chat_template") or default_template(tokenizer)
     examples = read_sft(data)
     if limit:
@@ -152,11 +154,13 @@ def evaluate_generate_cli(run: Path, data: Path, which: str = "best", max_new_to
     prompts = []
     for ex in examples:
         try:
-            prompts.append(prompt_ids(tokenizer, template, ex.context))
+            prompts.append(jinja.encode([{"role": r, "content": c} for r, c in ex.context]) if jinja
+                           else prompt_ids(tokenizer, template, ex.context))
         except UserError as e:
             raise UserError(f"{ex.where}: {e}") from None
+    # replies end at any of the model's eos ids (complete's default) or the SFT template's stop strings
     done = complete(model, tokenizer, prompts, temperature=0.0, max_new_tokens=max_new_tokens,
-                    stop=tuple(template.get("stop") or ()), note=lambda m: None)
+                    stop=() if jinja else tuple(template.get("stop") or ()), note=lambda m: None)
     hyps = [c.text.strip() for c in done]
     refs = [ex.reference.strip() for ex in examples]
     result = {"run": str(run), "task": "generate", "data": str(data), **generation_metrics(hyps, refs),

@@ -46,6 +46,8 @@ STYLES = {
                    tokens=dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"), bos="<|begin_of_text|>",
                    turn_end="<|eot_id|>", eos=["<|end_of_text|>", "<|eot_id|>"]),
 }
+# the released SmolLM2-135M-Instruct's tokenizer.json has GPT-2's split alone (no digit split): kind "bpe"
+STYLES["smollm2"] = dict(STYLES["chatml"], gpt2_shape=True)
 CONVERSATIONS = [
     [{"role": "user", "content": "Once upon a time"}],
     [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a function?"}],
@@ -63,9 +65,10 @@ def hub_folder(folder: Path, style: str) -> Path:
     so greedy replies end there (the constant hidden unit 0 keeps the text to words, as in test_hf_tokenizers)."""
     s = STYLES[style]
     tok = Tokenizer(models.BPE())
-    # SmolLM2's split: digits one by one, then GPT-2's byte-level regex
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    # SmolLM2's split: digits one by one (the hub's tokenizer.json; not the released one), then GPT-2's regex
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = byte_level if s.get("gpt2_shape") else \
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     tok.train_from_iterator(english_text(30_000).split("\n"), trainers.BpeTrainer(
         vocab_size=600, special_tokens=s["specials"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
@@ -126,6 +129,7 @@ def hf_reply(h, messages, max_new_tokens: int = 12) -> tuple[list[int], str]:
 
 def test_prompt_ids_are_apply_chat_template_ids(hub):
     tok = hub["loaded"].tokenizer
+    assert tok.kind == ("bpe" if STYLES[hub["style"]].get("gpt2_shape") else "hf")
     assert tok.chat_template == STYLES[hub["style"]]["template"]
     assert tok.stop_ids == [tok.token_to_id(t) for t in STYLES[hub["style"]]["eos"]]  # eos, then the list's others
     template = JinjaChatTemplate.of(tok, hub["loaded"].config)
@@ -197,8 +201,9 @@ def test_serve_chat_completions_replies_as_transformers(hub):
             r = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 0, "max_tokens": 12})
             assert r.status_code == 200, r.text
             body = r.json()
-            # (a reply cut inside a character ends before it, where transformers' decode writes U+FFFD)
-            assert body["choices"][0]["message"]["content"] == reply.rstrip("\ufffd")
+            # (a reply cut inside a character ends before it, where transformers' decode writes U+FFFD; bytes
+            # that can never be UTF-8 are U+FFFD in both, streamed at once by the byte-level kind "bpe")
+            assert body["choices"][0]["message"]["content"].rstrip("\ufffd") == reply.rstrip("\ufffd")
             assert body["choices"][0]["finish_reason"] == ("stop" if stopped else "length")
             usage = body["usage"]
             assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(hf_ids(hub["auto"], messages)),
@@ -244,3 +249,17 @@ def test_a_broken_template_is_one_line_error(hub, tmp_path, capsys, monkeypatch)
         assert r.status_code == 400 and "does not compile" in r.json()["error"]["message"]
         r = client.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200  # plain completions need no template
+
+
+def test_eval_generate_asks_in_the_models_template_and_stops_at_its_eos(hub, tmp_path, capsys):
+    import json
+
+    rows = [{"prompt": "Once upon a time", "response": "x"}, {"prompt": "Tell me about modules", "response": "y"}]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = cli(capsys, "eval", hub["run"], "--task", "generate", "--data", tmp_path / "sft.jsonl",
+                         "--max-new-tokens", "12")
+    assert code == 0, err
+    samples = json.loads(out)["samples"]
+    for row, sample in zip(rows, samples):
+        _, reply = hf_reply(hub, [{"role": "user", "content": row["prompt"]}])
+        assert sample["output"].rstrip("\ufffd") == reply.strip().rstrip("\ufffd")

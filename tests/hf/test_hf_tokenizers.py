@@ -1,5 +1,6 @@
-"""Imported models keep their own tokenizer (kind "hf"): Llama/TinyLlama's SentencePiece-style BPE with byte
-fallback, SmolLM2's byte-level BPE with a digit split, Qwen2's NFC + regex split + byte-level BPE. Each encodes
+"""Imported models keep their own tokenizer: Llama/TinyLlama's SentencePiece-style BPE with byte fallback,
+SmolLM2's byte-level BPE with a digit split, Qwen2's NFC + regex split + byte-level BPE (kind "hf"), and the
+GPT-2-shaped byte-level BPE of the released SmolLM2-135M-Instruct (kind "bpe", its side files kept). Each encodes
 exactly as transformers' tokenizer does, samples the same greedy text as transformers' generate (the same BOS),
 streams the same text it prints, stops at the eos token and exports back unchanged.
 
@@ -80,6 +81,14 @@ def smollm_tokenizer() -> tuple[Tokenizer, dict]:
     return tok, dict(bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)
 
 
+def smollm2_tokenizer() -> tuple[Tokenizer, dict]:
+    """The released SmolLM2-135M-Instruct's tokenizer.json: GPT-2's byte-level split alone (no digit split),
+    so scratchgpt reads it as its own kind "bpe"; <|im_end|> still ends a turn, <|im_start|> is its bos."""
+    tok = _byte_level_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    return tok, dict(bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+                     chat_template=CHAT_TEMPLATE)
+
+
 def qwen_tokenizer() -> tuple[Tokenizer, dict]:
     """Qwen2's: NFC, its own split regex (single digits, no contractions' case), byte-level without a regex.
     Its tokenizer_config names no eos here: import takes config.json's eos_token_id."""
@@ -89,7 +98,8 @@ def qwen_tokenizer() -> tuple[Tokenizer, dict]:
     return tok, {}
 
 
-STYLES = {"llama": llama_tokenizer, "smollm": smollm_tokenizer, "qwen": qwen_tokenizer}
+STYLES = {"llama": llama_tokenizer, "smollm": smollm_tokenizer, "qwen": qwen_tokenizer, "smollm2": smollm2_tokenizer}
+EOS = {"llama": "</s>", "smollm": "<|im_end|>", "qwen": "<|endoftext|>", "smollm2": "<|im_end|>"}
 
 
 def hub_folder(folder: Path, style: str) -> Path:
@@ -98,7 +108,7 @@ def hub_folder(folder: Path, style: str) -> Path:
     greedy decoding picks new after a few steps (its constant-unit weight kept), so that it reaches eos by then."""
     tok, special = STYLES[style]()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
-    eos = tok.token_to_id("</s>" if style == "llama" else "<|im_end|>" if style == "smollm" else "<|endoftext|>")
+    eos = tok.token_to_id(EOS[style])
     vocab = tok.get_vocab_size() + 3  # a few unused rows, as hub models pad theirs
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-5,
@@ -154,10 +164,11 @@ def test_imported_tokenizers_encode_as_transformers(hub):
     style, folder, run = hub
     loaded = load_run(run)
     ours = loaded.tokenizer
-    assert ours.kind == "hf" and loaded.config["tokenizer"] == "hf"
+    kind = "bpe" if style == "smollm2" else "hf"
+    assert ours.kind == kind and loaded.config["tokenizer"] == kind
     assert ours.to_json() == (folder / "tokenizer.json").read_text()  # kept byte for byte
     auto, split = auto_tokenizers(folder)
-    assert ours.eot_token == {"llama": "</s>", "smollm": "<|im_end|>", "qwen": "<|endoftext|>"}[style]
+    assert ours.eot_token == EOS[style]
     assert ours.bos_ids == ([auto.bos_token_id] if style == "llama" else [])
     for text in TRICKY:
         check_same_ids(ours, auto, split, text)
@@ -255,8 +266,10 @@ def test_export_gives_back_the_hub_tokenizer_files(hub, tmp_path, capsys):
     config = json.loads((tmp_path / "hf1" / "config.json").read_text())
     ours = load_run(run).tokenizer
     assert config["eos_token_id"] == ours.eot_id
-    assert config["bos_token_id"] == (ours.bos_ids[0] if ours.bos_ids else ours.eot_id)
-    if style == "smollm":  # its chat template file goes along
+    assert config["bos_token_id"] == (ours.bos_id if ours.bos_id is not None else ours.eot_id)
+    if style != "qwen":  # the model's own bos, as the hub folder has it (SmolLM2's <|im_start|>, not its eos)
+        assert config["bos_token_id"] == json.loads((folder / "config.json").read_text())["bos_token_id"]
+    if style in ("smollm", "smollm2"):  # its chat template file goes along
         assert (tmp_path / "hf2" / "chat_template.jinja").read_bytes() == (folder / "chat_template.jinja").read_bytes()
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf1")
     assert auto.eos_token_id == ours.eot_id
@@ -326,6 +339,40 @@ def test_imported_llama_prepares_fine_tunes_evaluates_and_chats(llama, tmp_path,
     assert out.getvalue().endswith("\n")
 
 
+@pytest.mark.slow
+def test_side_files_travel_with_a_bpe_kind_tokenizer(tmp_path_factory, tmp_path, capsys):
+    """The released SmolLM2's GPT-2-shaped tokenizer is kind "bpe": its tokenizer_config.json (eos <|im_end|>),
+    chat_template.jinja and generation_config.json go wherever its tokenizer.json goes: the imported run,
+    prepare --tokenizer-from, a run trained on that data, a fine-tuned run. Every copy stops at the same eos ids."""
+    folder = hub_folder(tmp_path_factory.mktemp("smollm2"), "smollm2")
+    run = import_hf(folder, tmp_path / "run")
+    ours = load_run(run).tokenizer
+    side = ("tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+    assert ours.kind == "bpe" and set(side) <= set(ours.side_files)
+    assert ours.stop_ids == [ours.token_to_id("<|im_end|>")] and ours.bos_id == ours.token_to_id("<|im_start|>")
+    docs = [f"Document {i} about modules, functions and {i * 37} classes." for i in range(300)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    code, _, err = cli(capsys, "prepare", tmp_path / "docs.jsonl", "--out", tmp_path / "data", "--tokenizer-from", run)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert (meta["tokenizer"], meta["eot_id"]) == ("bpe", ours.eot_id)
+    flags = [f for f in tiny_flags(**{"train.max_iters": 2, "train.eval_interval": 2}) if not f.startswith("--model.")]
+    code, _, err = cli(capsys, "train", "--data", tmp_path / "data", "--out", tmp_path / "continued",
+                       "--train.init_from", run, *flags)
+    assert code == 0, err
+    rows = [{"prompt": f"Say {w}.", "response": f"{w}, {w}!"} for w in ("hello", "world", "stone", "river")]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = cli(capsys, "finetune", "sft", run, "--train", tmp_path / "sft.jsonl", "--val",
+                       tmp_path / "sft.jsonl", "--out", tmp_path / "sft", "--max-steps", "2", "--device", "cpu")
+    assert code == 0, err
+    for where in (tmp_path / "data", tmp_path / "continued" / "best", tmp_path / "sft" / "best"):
+        for name in side:
+            assert (where / name).read_bytes() == (folder / name).read_bytes(), (where, name)
+    for other in (load_run(tmp_path / "continued").tokenizer, load_run(tmp_path / "sft").tokenizer):
+        assert (other.kind, other.eot_id, other.stop_ids, other.chat_template) == \
+            ("bpe", ours.eot_id, ours.stop_ids, ours.chat_template)
+
+
 def test_chat_uses_the_jinja_chat_template_else_plain_continuation(hub, capsys, monkeypatch):
     """SmolLM2's folder has a jinja chat template (chat_template.jinja): `chat` prompts with it, as
     transformers' apply_chat_template does (test_chat_templates.py checks that in depth).
@@ -341,7 +388,7 @@ def test_chat_uses_the_jinja_chat_template_else_plain_continuation(hub, capsys, 
     gen = GenerationConfig(temperature=0, max_new_tokens=4)
     out = io.StringIO()
     chat(loaded.gpt, loaded.tokenizer, loaded.config, ["Once upon a time\n"], out, gen)
-    if style == "smollm":
+    if style in ("smollm", "smollm2"):
         assert loaded.tokenizer.chat_template == (folder / "chat_template.jinja").read_text() == CHAT_TEMPLATE
         messages = [{"role": "user", "content": "Once upon a time"}]
         ids = JinjaChatTemplate.of(loaded.tokenizer, loaded.config).encode(messages)

@@ -16,10 +16,14 @@
   post-processor puts before a text, e.g. Llama's ``<s>``: generation, eval and data
   preparation add it where transformers' ``tokenizer(text)`` would), and special-token
   strings inside text are plain characters (transformers' ``split_special_tokens=True``).
-  Its end-of-text token (``eot_id``) is the ``eos_token`` of the transformers
-  ``tokenizer_config.json`` kept beside tokenizer.json with the model's chat template files
-  and generation_config.json (`HF_SIDE_FILES`, carried byte for byte wherever tokenizer.json
-  goes; import writes them); ``stop_ids`` adds the latter's eos_token_id list (Llama 3's).
+
+An imported tokenizer of any kind (SmolLM2's tokenizer.json is GPT-2-shaped, so it is kind
+``bpe``) keeps the model's side files beside tokenizer.json: transformers'
+``tokenizer_config.json``, the chat template files and generation_config.json (`HF_SIDE_FILES`,
+carried byte for byte wherever tokenizer.json goes; import writes them). The end-of-text token
+(``eot_id``) is the ``eos_token`` they name (else ``<|endoftext|>`` for char and bpe), ``bos_id``
+their ``bos_token`` where the post-processor adds none, ``stop_ids`` adds generation_config.json's
+eos_token_id list (Llama 3's), and ``chat_template`` is the model's jinja template.
 
 The package: `pieces` (GPT-2's byte-level split emulated with the stdlib `re`, and the piece cache),
 `files` (tokenizer.json's shapes and the side files), `kinds` (one codec per kind), `core` (the

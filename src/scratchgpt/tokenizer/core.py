@@ -11,8 +11,8 @@ import numpy as np
 
 from .. import UserError
 from ..utils import atomic_write_bytes
-from .files import (EOT, HF_CONFIG_FILE, HF_GENERATION_FILE, HF_SIDE_FILES, HF_SPECIAL_TOKEN_NAMES, TOKENIZER_FILE,
-                    json_object, kind_of)
+from .files import (EOT, HF_CONFIG_FILE, HF_GENERATION_FILE, HF_SPECIAL_TOKEN_NAMES, TOKENIZER_FILE, json_object,
+                    kind_of, read_side_files)
 from .kinds import KINDS
 from .stream import HFStreamDecoder, StreamDecoder
 
@@ -24,11 +24,11 @@ class Tokenizer:
     vocab_size: int
     eot_id: int | None
     unk_id: int | None
-    bos_ids: list[int]  # put before a text where transformers' tokenizer(text) would ("hf" kind only)
+    bos_ids: list[int]  # put before a text where transformers' tokenizer(text) would (an imported Llama's <s>)
 
     def __init__(self, hf, kind: str, *, raw: str | None = None, side_files: dict[str, bytes] | None = None) -> None:
-        # `hf` is a tokenizers.Tokenizer holding the vocabulary (and, for bpe, merges); for kind "hf",
-        # `raw` is the file's text and `side_files` the HF_SIDE_FILES beside it (all kept byte for byte).
+        # `hf` is a tokenizers.Tokenizer holding the vocabulary (and, for bpe, merges); `raw` is the file's text
+        # as read and `side_files` the HF_SIDE_FILES beside it, any kind's (all kept byte for byte).
         if kind not in KINDS:
             raise ValueError(f"unknown tokenizer kind {kind!r} (one of {', '.join(KINDS)})")
         codec = KINDS[kind]
@@ -44,18 +44,27 @@ class Tokenizer:
             if not 0 <= i < self.vocab_size:
                 raise UserError(f"tokenizer: id {i} of {tok!r} is outside 0..{self.vocab_size - 1}")
             self._itos[i] = tok
-        self.eot_id = self._config_eos() if codec.eos_from_config else vocab.get(EOT)
+        # the model's own eos (tokenizer_config.json's eos_token: SmolLM2-Instruct's <|im_end|>), else the kind's
+        self.eot_id = self._named_id("eos_token")
+        if self.eot_id is None and codec.eos_default:
+            self.eot_id = vocab.get(EOT)
         self._codec = codec(hf, self._itos)
         self.unk_id = self._codec.unk_id
         self.bos_ids = list(self._codec.bos_ids)
         self._hf_specials = None
 
-    def _config_eos(self) -> int | None:
-        eos = self.special_tokens().get("eos_token")
-        return self._hf.token_to_id(eos) if eos is not None else None
+    def _named_id(self, name: str) -> int | None:
+        token = self.special_tokens().get(name)
+        return self._hf.token_to_id(token) if token is not None else None
+
+    @property
+    def bos_id(self) -> int | None:
+        """The model's bos id: what `bos_ids` puts first, else tokenizer_config.json's bos_token (SmolLM2's
+        <|im_start|>, which its tokenizer(text) does not add); None where neither names one."""
+        return self.bos_ids[0] if self.bos_ids else self._named_id("bos_token")
 
     def special_tokens(self) -> dict[str, str]:
-        """An "hf" tokenizer's named special tokens from tokenizer_config.json ({"eos_token": "</s>", ...})."""
+        """An imported tokenizer's named special tokens from tokenizer_config.json ({"eos_token": "</s>", ...})."""
         out = {}
         for name in HF_SPECIAL_TOKEN_NAMES:
             value = self.hf_config.get(name)
@@ -80,11 +89,9 @@ class Tokenizer:
         return ids
 
     def encode_with_special_tokens(self, text: str) -> list[int]:
-        """Encode an "hf" tokenizer's text in which special-token strings ARE the special tokens (a chat
-        template's own text; message text keeps them plain: `encode`), as transformers' tokenizer(text,
-        add_special_tokens=False) does."""
-        if self.kind != "hf":
-            raise ValueError("encode_with_special_tokens is for imported (hf) tokenizers")
+        """Encode text in which special-token strings ARE the special tokens (a chat template's own text;
+        message text keeps them plain: `encode`), as transformers' tokenizer(text, add_special_tokens=False)
+        does. Between special tokens the ids are `encode`'s (`tokenizers` and the kinds' encoders agree)."""
         if self._hf_specials is None:  # a second copy that honours them (a shared flag would race in serve)
             self._hf_specials = type(self._hf).from_str(self._raw or self._hf.to_str())
             self._hf_specials.encode_special_tokens = False
@@ -148,11 +155,11 @@ class Tokenizer:
     # -- persistence ---------------------------------------------------------------------
 
     def to_json(self) -> str:
-        """tokenizer.json's text (an "hf" tokenizer's exactly as it was read)."""
+        """tokenizer.json's text (a loaded one's exactly as it was read)."""
         return self._raw if self._raw is not None else self._hf.to_str(pretty=True)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write `directory/tokenizer.json` (and an "hf" tokenizer's tokenizer_config.json) atomically."""
+        """Write `directory/tokenizer.json` and its side files (tokenizer_config.json...) atomically."""
         path = Path(directory) / TOKENIZER_FILE
         if self._raw is not None:
             atomic_write_bytes(path, self._raw.encode("utf-8"))
@@ -171,17 +178,14 @@ class Tokenizer:
         if not path.is_file():
             raise UserError(f"no tokenizer found at {path}")
         raw, kind, hf = _read(path)
-        if kind != "hf":
-            return cls(hf, kind)
-        side = {name: (path.parent / name).read_bytes() for name in HF_SIDE_FILES if (path.parent / name).is_file()}
         try:
-            return cls(hf, kind, raw=raw, side_files=side)
+            return cls(hf, kind, raw=raw, side_files=read_side_files(path.parent))
         except UserError as e:
             raise UserError(f"{path.parent}/{e}") from None
 
     @property
     def chat_template(self) -> str | list | None:
-        """An imported model's own (jinja) chat template, if its tokenizer files hold one."""
+        """An imported model's own (jinja) chat template, if its tokenizer files hold one (any kind)."""
         if "chat_template.jinja" in self.side_files:
             return self.side_files["chat_template.jinja"].decode("utf-8", "replace")
         spare = json_object(self.side_files.get("chat_template.json"), "chat_template.json")

@@ -16,7 +16,7 @@ from .. import UserError
 EOT = "<|endoftext|>"
 UNK = "<unk>"
 TOKENIZER_FILE = "tokenizer.json"
-# transformers' tokenizer settings (eos_token, chat_template...), kept beside an "hf" tokenizer.json with
+# transformers' tokenizer settings (eos_token, chat_template...), kept beside an imported tokenizer.json with
 # the chat template files transformers >= 4.4x writes apart from it, and the model's generation_config.json
 # (its eos_token_id list: the ids that end a turn, e.g. Llama 3's <|end_of_text|> and <|eot_id|>)
 HF_CONFIG_FILE = "tokenizer_config.json"
@@ -73,12 +73,17 @@ def json_object(data: bytes | None, name: str) -> dict:
     return obj
 
 
+def read_side_files(directory: Path) -> dict[str, bytes]:
+    """The HF_SIDE_FILES found in `directory`, {name: bytes}."""
+    return {name: (directory / name).read_bytes() for name in HF_SIDE_FILES if (directory / name).is_file()}
+
+
 def copy_tokenizer(tokenizer_file: str | os.PathLike, directory: str | os.PathLike) -> None:
-    """Copy tokenizer.json into `directory` byte for byte, with an "hf" tokenizer's HF_SIDE_FILES beside it."""
+    """Copy tokenizer.json into `directory` byte for byte, with the HF_SIDE_FILES beside it (any kind's: an
+    imported GPT-2-shaped "bpe" tokenizer's eos, chat template and eos list matter as much as an "hf" one's)."""
     src = Path(tokenizer_file)
     shutil.copyfile(src, Path(directory) / TOKENIZER_FILE)
-    side = [n for n in HF_SIDE_FILES if (src.parent / n).is_file()]
-    if side and kind_of(json.loads(src.read_text(encoding="utf-8"))) == "hf":
-        for name in side:
+    for name in HF_SIDE_FILES:
+        if (src.parent / name).is_file():
             shutil.copyfile(src.parent / name, Path(directory) / name)
 

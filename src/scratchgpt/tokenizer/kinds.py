@@ -21,7 +21,7 @@ class Codec:
 
     kind = ""
     dense_ids = True  # the vocabulary is exactly ids 0..n-1 (hub files ("hf") may leave ids unused)
-    eos_from_config = False  # the end-of-text token is tokenizer_config.json's eos_token, not <|endoftext|>
+    eos_default = True  # without an eos_token in tokenizer_config.json, <|endoftext|> (if any) ends a text
     unk_id: int | None = None
     bos_ids: Sequence[int] = ()
 
@@ -137,7 +137,7 @@ class HfCodec(Codec):
 
     kind = "hf"
     dense_ids = False
-    eos_from_config = True
+    eos_default = False  # only what its tokenizer_config.json names (transformers has no default either)
 
     def __init__(self, hf, itos: list[str]) -> None:
         super().__init__(hf, itos)
