@@ -116,6 +116,24 @@ class ChatTemplate:
             stop=[stop] if isinstance(stop, str) else [str(s) for s in stop],
         )
 
+    def to_jinja(self, tokenizer: Tokenizer) -> str:
+        """This template as a jinja chat template (what an export writes into tokenizer_config.json): transformers'
+        apply_chat_template renders the text `encode_conversation` encodes, `<|endoftext|>` in the template as the
+        tokenizer's eos token and its BOS first. Its token ids are ours wherever encoding the pieces apart and the
+        whole text agree: a message that starts or ends with whitespace may join the template's spaces or newlines
+        into other tokens; a SentencePiece normalizer (Llama's "▁" prefix) puts one before every piece ours encodes."""
+        eos = tokenizer.eot_token
+
+        def lit(text: str) -> str:  # a jinja string literal (JSON's escapes are jinja's)
+            return json.dumps(text.replace(EOT, eos) if eos else text, ensure_ascii=False)
+
+        before, _, after = self.user.partition("{prompt}")
+        bos = "".join(tokenizer.id_to_token(i) for i in tokenizer.bos_ids)
+        return ("{{ " + lit(bos + self.system) + " }}{% for message in messages %}"
+                "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+                "{% elif message['role'] == 'user' %}{{ " + lit(before) + " + message['content'] + " + lit(after) + " }}"
+                "{% else %}{{ message['content'] + " + lit(self.assistant_end) + " }}{% endif %}{% endfor %}")
+
     def user_ids(self, tokenizer: Tokenizer, message: str) -> list[int]:
         # the message is ordinary text: only the template around it may hold EOT markers
         before, _, after = self.user.partition("{prompt}")

@@ -225,7 +225,7 @@ def test_tokenizer_matches_transformers_on_any_text(imported_tokenizer, hf_token
 
 
 @pytest.mark.slow
-def test_export_round_trip_of_imported_gpt2(imported, hf_gpt2, tmp_path, capsys):
+def test_export_round_trip_of_imported_gpt2(imported, hf_gpt2, hf_tokenizers, hub_gpt2, tmp_path, capsys):
     export_import_export(capsys, imported, tmp_path)  # hf1, and hf2 exported from its import: the same bytes
     config = json.loads((tmp_path / "hf1" / "config.json").read_text())
     assert config["activation_function"] == "gelu_new" and config["eos_token_id"] == VOCAB - 1
@@ -233,8 +233,11 @@ def test_export_round_trip_of_imported_gpt2(imported, hf_gpt2, tmp_path, capsys)
     x = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (exported(x).logits - hf_gpt2(x).logits).abs().max() <= 1e-4
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf1")  # split_special_tokens: our ids
-    assert tok(TRICKY[2])["input_ids"] == load_run(imported).tokenizer.encode(TRICKY[2])
+    # the model's own tokenizer files go back as they came: the export's tokenizer is the hub folder's
+    assert (tmp_path / "hf1" / "tokenizer_config.json").read_bytes() == (hub_gpt2 / "tokenizer_config.json").read_bytes()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf1")
+    assert tok(TRICKY[2])["input_ids"] == hf_tokenizers[0](TRICKY[2])["input_ids"]
+    assert tok(TRICKY[2], split_special_tokens=True)["input_ids"] == load_run(imported).tokenizer.encode(TRICKY[2])
 
 
 @pytest.mark.slow

@@ -182,6 +182,29 @@ def test_exported_tokenizer_matches(tmp_path, transformers, bpe_tok, char_tok, k
         assert theirs.eos_token is None  # a char vocabulary has no <|endoftext|>
 
 
+CHATS = [[("user", "Say what a tokenizer is.")],
+         [("system", "Answer briefly."), ("user", "Name a colour.")],
+         [("user", "Hi there"), ("assistant", "Hello, how can I help."), ("user", "Tell me a story.")]]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_an_sft_run_exports_its_chat_template(tmp_path, transformers, bpe_tok, char_tok, kind):
+    """transformers' apply_chat_template on the export gives the ids scratchgpt prompts the SFT run with."""
+    from scratchgpt.prompts import default_template, prompt_ids
+
+    tok = bpe_tok if kind == "bpe" else char_tok
+    template = dict(default_template(tok), system="Below is an instruction.\n\n")
+    run, _ = make_run(tmp_path, tok, dict(pos="rope"), extra={"chat_template": template})
+    out = export_checkpoint(run, tmp_path / "hf")
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    for chat in CHATS:
+        messages = [{"role": r, "content": c} for r, c in chat]
+        theirs = auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert theirs == prompt_ids(tok, template, chat)
+    if kind == "bpe":  # a reply in the history ends with the eos token, as SFT taught it
+        assert prompt_ids(tok, template, CHATS[2]).count(tok.eot_id) == 1
+
+
 def test_export_files_and_model_card(tmp_path, bpe_tok):
     run, model = make_run(tmp_path, bpe_tok, dict(pos="rope", bias=False, mlp_hidden=192),
                           extra={"command": ["scratchgpt", "train", "--data", "data/tiny"]})

@@ -274,6 +274,50 @@ def test_export_gives_back_the_hub_tokenizer_files(hub, tmp_path, capsys):
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf1")
     assert auto.eos_token_id == ours.eot_id
     assert auto(TRICKY[0])["input_ids"] == ours.bos_ids + ours.encode(TRICKY[0])
+    # transformers' own generate on the export stops where it stops on the original (its generation_config.json)
+    original = transformers.AutoTokenizer.from_pretrained(folder)
+    if style != "qwen":  # (its tokenizer names no eos: the export's is config.json's)
+        assert (auto.bos_token_id, auto.eos_token_id) == (original.bos_token_id, original.eos_token_id)
+    ids = original("Once upon a time", return_tensors="pt").input_ids
+    outs = []
+    for where in (folder, tmp_path / "hf1"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(where).eval()
+        with torch.no_grad():
+            outs.append(model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                                       pad_token_id=0)[0].tolist())
+    assert outs[0] == outs[1] and len(outs[0]) < ids.shape[1] + 20  # it stopped at the model's eos
+    if style in ("smollm", "smollm2"):
+        messages = [{"role": "user", "content": "Once upon a time"}]
+        assert auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+            original.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@pytest.mark.slow
+def test_an_sft_run_of_an_imported_model_exports_its_own_chat_template(tmp_path_factory, tmp_path, capsys):
+    """Fine-tuned in scratchgpt's template, the SFT run of SmolLM2 (kind "bpe") exports that template, not the
+    base model's: transformers' apply_chat_template gives the ids scratchgpt prompts it with; imported again, it
+    chats in it (as a jinja template) with the same ids."""
+    from scratchgpt.prompts import JinjaChatTemplate, prompt_ids
+
+    folder = hub_folder(tmp_path_factory.mktemp("smollm2"), "smollm2")
+    run = import_hf(folder, tmp_path / "run")
+    rows = [{"prompt": f"Say {w}.", "response": f"{w}, {w}!"} for w in ("hello", "world", "stone", "river")]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = cli(capsys, "finetune", "sft", run, "--train", tmp_path / "sft.jsonl", "--val",
+                       tmp_path / "sft.jsonl", "--out", tmp_path / "sft", "--max-steps", "2", "--device", "cpu")
+    assert code == 0, err
+    code, _, err = cli(capsys, "export", tmp_path / "sft", "--out", tmp_path / "hf")
+    assert code == 0, err
+    tuned = load_run(tmp_path / "sft")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    again = load_run(import_hf(tmp_path / "hf", tmp_path / "again"))
+    jinja = JinjaChatTemplate.of(again.tokenizer, again.config)
+    for chat in ([("user", "Say hello.")], [("system", "Be brief."), ("user", "Say 12 words.")],
+                 [("user", "Say river."), ("assistant", "river, river!"), ("user", "Say stone.")]):
+        messages = [{"role": r, "content": c} for r, c in chat]
+        ours = prompt_ids(tuned.tokenizer, tuned.config["chat_template"], chat)
+        assert auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False) == ours
+        assert jinja.encode(messages) == ours
 
 
 @pytest.mark.slow

@@ -143,7 +143,7 @@ def _usage_lines(out: Path, auto: str, labels: Optional[list[str]]) -> list[str]
 def _token_notes(cfg: ModelConfig, tokenizer: Tokenizer, labels: Optional[list[str]]) -> list[str]:
     """What the card says about the eos and pad tokens."""
     lines = []
-    if tokenizer.kind == "hf" and tokenizer.eot_id is not None:
+    if tokenizer.eot_token not in (None, EOT):  # an imported model's own eos
         lines += [f"`{tokenizer.eot_token}` (id {tokenizer.eot_id}) is the eos token; scratchgpt encodes special-token "
                   "strings inside text as plain characters (transformers' `split_special_tokens=True`).", ""]
     elif tokenizer.eot_id is not None:

@@ -12,9 +12,14 @@ Tokenizer: tokenizer.json is copied as is (it is already a `tokenizers` file) wi
 tokenizer_config.json for `PreTrainedTokenizerFast`. `split_special_tokens: true` keeps
 `<|endoftext|>` inside text as plain characters, exactly as scratchgpt encodes it; the EOT id is the
 config's bos/eos id (append `tokenizer.eos_token_id` to mark a document end). An imported model's own
-tokenizer (kind "hf": tokenizer.py) goes back byte for byte with the files that came with it
-(tokenizer_config.json, chat_template.jinja); config.json's bos_token_id is the BOS its
-post-processor adds (else the eos), eos_token_id its eos.
+tokenizer (any kind: SmolLM2's GPT-2-shaped one is "bpe") goes back byte for byte with the files that
+came with it (tokenizer_config.json, chat_template.jinja, generation_config.json with its eos list);
+config.json's bos_token_id is the tokenizer's bos (the BOS its post-processor adds, else its
+bos_token, else the eos), eos_token_id its eos. A `finetune sft` run's chat template goes into
+tokenizer_config.json as jinja (`ChatTemplate.to_jinja`), so transformers' apply_chat_template gives
+the ids scratchgpt prompts it with; for that its tokenizer_config.json says `split_special_tokens:
+false` (apply_chat_template encodes the rendered text whole, and the template's `<|endoftext|>` must
+be the token), so there `tokenizer(text)` makes that string in text the token too, unlike scratchgpt.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .. import UserError
 from ..checkpoint import (ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, TOKENIZER_FILE, load_tensors,
                           resolve_checkpoint, verify_checkpoint)
 from ..model import ModelConfig
+from ..prompts import ChatTemplate
 from ..tokenizer import EOT, HF_CONFIG_FILE, UNK, Tokenizer
 from ..utils import atomic_write, atomic_write_bytes, read_json, replace_dir
 from .card import model_card
@@ -125,7 +131,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, which:
     tensors = {k: v.float() for k, v in load_tensors(ckpt / MODEL_FILE).items()}
     check_shapes(cfg, tensors, str(ckpt / MODEL_FILE))
     eot, labels = tokenizer.eot_id, None
-    bos = tokenizer.bos_ids[0] if tokenizer.bos_ids else None
+    bos = tokenizer.bos_id
     files = {"tokenizer.json": (ckpt / TOKENIZER_FILE).read_bytes()}
     special = {"bos_token": EOT, "eos_token": EOT} if eot is not None else {}
     if tokenizer.unk_id is not None:
@@ -145,28 +151,39 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, which:
             if eot is not None else {}
         files["generation_config.json"] = json_bytes(gen)
     files["config.json"] = json_bytes(hf_cfg)
-    files.update(_tokenizer_files(tokenizer, special, cfg))
+    files.update(_tokenizer_files(tokenizer, special, cfg, ChatTemplate.from_config(config)))
     card = model_card(ckpt, out, config, state, cfg, mt, arch, n_params, tokenizer, labels)
     files["README.md"] = card.encode("utf-8")
     _write_folder(out, hf_tensors, files)
     return out
 
 
-def _tokenizer_files(tokenizer: Tokenizer, special: dict[str, str], cfg: ModelConfig) -> dict[str, bytes]:
-    """tokenizer_config.json with special_tokens_map.json, or an imported tokenizer's own files."""
-    if tokenizer.kind == "hf":
-        # an imported tokenizer goes back as it came (tokenizer_config.json holds its special tokens, it or
-        # chat_template.jinja its chat template); only a classifier's pad token is added
-        out = dict(tokenizer.side_files)
-        hf_tok = out.get(HF_CONFIG_FILE) or \
+def _tokenizer_files(tokenizer: Tokenizer, special: dict[str, str], cfg: ModelConfig,
+                     sft: ChatTemplate | None) -> dict[str, bytes]:
+    """tokenizer_config.json with special_tokens_map.json, or an imported tokenizer's own files; an SFT run's
+    chat template in tokenizer_config.json (instead of an imported one's)."""
+    # an imported tokenizer goes back as it came (tokenizer_config.json holds its special tokens, it or
+    # chat_template.jinja its chat template, generation_config.json its eos list); a classifier's pad token and an
+    # SFT run's template are added
+    out = dict(tokenizer.side_files)
+    imported = tokenizer.kind == "hf" or HF_CONFIG_FILE in out
+    if imported:
+        raw = out.get(HF_CONFIG_FILE) or \
             json_bytes({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size})
-        if "pad_token" in special:
-            hf_tok = json_bytes(dict(json.loads(hf_tok), pad_token=special["pad_token"]))
-        out[HF_CONFIG_FILE] = hf_tok
-        return out
-    config = json_bytes(dict(special, tokenizer_class="PreTrainedTokenizerFast", model_max_length=cfg.block_size,
-                             clean_up_tokenization_spaces=False, split_special_tokens=True))
-    return {"tokenizer_config.json": config, "special_tokens_map.json": json_bytes(special)}
+        changes = {"pad_token": special["pad_token"]} if "pad_token" in special else {}
+    else:
+        raw = json_bytes(dict(special, tokenizer_class="PreTrainedTokenizerFast", model_max_length=cfg.block_size,
+                              clean_up_tokenization_spaces=False, split_special_tokens=True))
+        out["special_tokens_map.json"] = json_bytes(special)
+        changes = {}
+    if sft is not None:
+        for name in ("chat_template.jinja", "chat_template.json"):  # (transformers would prefer these files)
+            out.pop(name, None)
+        changes["chat_template"] = sft.to_jinja(tokenizer)
+        if not imported:  # apply_chat_template encodes the rendered text whole: its eos must be the token
+            changes["split_special_tokens"] = False
+    out[HF_CONFIG_FILE] = json_bytes(dict(json.loads(raw), **changes)) if changes else raw
+    return out
 
 
 def _classifier_export(cfg: ModelConfig, mt: str, tensors: dict[str, torch.Tensor], head: dict[str, torch.Tensor],

@@ -9,9 +9,11 @@ byte.
 Tokenizers: any tokenizer.json the `tokenizers` library loads imports (one it cannot load is refused
 in one line); files in scratchgpt's own char/bpe shapes load as those kinds, every other one (Llama's
 byte-fallback BPE, SmolLM2's or Qwen's byte-level BPE with their splits and normalizers...) as kind
-"hf", encoded by `tokenizers` itself, with the tokenizer_config.json and chat template files beside
-it copied into the run. Its eos is tokenizer_config.json's eos_token, else config.json's (or
-generation_config.json's) eos_token_id, which import then writes into the run's tokenizer_config.json.
+"hf", encoded by `tokenizers` itself. Every kind keeps the side files beside it (tokenizer_config.json,
+special_tokens_map.json, the chat template files): the released SmolLM2-135M-Instruct's tokenizer.json is
+GPT-2-shaped, so it is kind "bpe", and still stops at <|im_end|> and chats in its own template. Its eos is
+tokenizer_config.json's eos_token, else config.json's (or generation_config.json's) eos_token_id, which
+import then writes into the run's tokenizer_config.json (unless it is the kind's own <|endoftext|>).
 The model's generation_config.json (else one holding config.json's eos_token_id) goes beside it too:
 its eos_token_id list (Llama 3 Instruct's <|eot_id|>) also ends generated text (Tokenizer.stop_ids).
 GPT-2's tokenizer.json (byte-level BPE, `<|endoftext|>` = 50256 as an added token, the BPE model
@@ -169,8 +171,12 @@ def _import_tokenizer(hf_dir: Path, tokenizer: Optional[str | os.PathLike],
     tok = load_hf_tokenizer(tok_path)
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"{tok_path}: {tok.vocab_size} tokens, but the model has only {cfg.vocab_size} embeddings")
-    eos = _eos_from_config(hf_dir, tok) if tok.kind == "hf" and tok.eot_id is None else None
-    generation = _generation_file(hf_dir) if tok.kind == "hf" else None
+    # every kind keeps the model's eos and eos list (SmolLM2's GPT-2-shaped tokenizer.json is kind "bpe")
+    named = "eos_token" in tok.special_tokens()
+    eos = _eos_from_config(hf_dir, tok) if tok.eot_id is None or not named else None
+    if eos == tok.eot_token:
+        eos = None  # (the tokenizer's own default already: GPT-2's <|endoftext|>)
+    generation = _generation_file(hf_dir)
     if generation == tok.side_files.get(HF_GENERATION_FILE):
         generation = None  # copied with the tokenizer already
     return tok_path, tok, eos, generation

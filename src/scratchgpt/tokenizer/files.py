@@ -21,7 +21,8 @@ TOKENIZER_FILE = "tokenizer.json"
 # (its eos_token_id list: the ids that end a turn, e.g. Llama 3's <|end_of_text|> and <|eot_id|>)
 HF_CONFIG_FILE = "tokenizer_config.json"
 HF_GENERATION_FILE = "generation_config.json"
-HF_SIDE_FILES = (HF_CONFIG_FILE, "chat_template.jinja", "chat_template.json", HF_GENERATION_FILE)
+HF_SIDE_FILES = (HF_CONFIG_FILE, "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+                 HF_GENERATION_FILE)
 # the special-token names transformers passes to a chat template (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES)
 HF_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
