@@ -12,16 +12,22 @@ compete for the cores; with one thread the fairest figure, with more it counts s
     python bench/generate.py --nanogpt /tmp/nanogpt            # both model sizes
     python bench/generate.py --models small --runs 5
     python bench/generate.py --models gpt2 --quantize int8 int4   # adds scratchgpt with int8 / int4 weights
+    python bench/generate.py --models small --utf8-guard --no-hf --runs 9   # the UTF-8 guard's cost, A/B
 
 With --quantize int8 (or int4) another contender runs our decoder on a copy whose Linear layers
 hold int8 (int4) weights (`scratchgpt sample --quantize int8`); the others stay fp32. Its greedy tokens
 are compared with the fp32 model's, and its speed-ups are given against every contender.
+
+With --utf8-guard, scratchgpt runs twice per round, with a byte-level vocabulary of the model's size (ByteVocab)
+and the UTF-8 guard off ("scratchgpt") and on ("scratchgpt utf8-guard"): the guard's cost is the second's
+median per-round time ratio (its "speed-up over" the first, below 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import sys
 import time
@@ -89,6 +95,34 @@ def run_ours(model, prompt, n, seed):
     return generate_tokens(model, [prompt], GenerationConfig(max_new_tokens=n, temperature=TEMPERATURE, top_k=TOP_K, seed=seed, stop_tokens=()))[0]
 
 
+class ByteVocab:
+    """A byte-level vocabulary of `size` tokens, as generate_tokens reads a tokenizer (vocab_size and the bytes of
+    each token): the 256 bytes, then English words and CJK characters, whole or cut inside a character, as BPE
+    learns them. The guard's per-step cost depends on the vocabulary's size only, not on its tokens."""
+
+    def __init__(self, size: int) -> None:
+        rng = random.Random(0)
+        table = [bytes([b]) for b in range(256)]
+        while len(table) < size:
+            if rng.random() < 0.6:
+                table.append((" " + "".join(rng.choice("etaoinshrdlucmfw") for _ in range(rng.randint(2, 8)))).encode())
+            else:
+                ch = "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(rng.randint(1, 2))).encode()
+                table.append(ch[: rng.choice([len(ch), 1, 2, 4, 5])])
+        self.table, self.vocab_size = table[:size], size
+
+    def token_bytes_table(self) -> list[bytes]:
+        return self.table
+
+
+def ours_with_vocab(vocab: ByteVocab, guard: bool):
+    def run(model, prompt, n, seed):
+        gen = GenerationConfig(max_new_tokens=n, temperature=TEMPERATURE, top_k=TOP_K, seed=seed, stop_tokens=(),
+                               utf8_guard=guard)
+        return generate_tokens(model, [prompt], gen, tokenizer=vocab)[0]
+    return run
+
+
 def run_hf(model, prompt, n, seed):
     torch.manual_seed(seed)
     x = torch.tensor([prompt])
@@ -132,6 +166,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--quantize", nargs="+", choices=["none", "int8", "int4"], default=["none"],
                     help="also run ours with these weight formats")
+    ap.add_argument("--utf8-guard", action="store_true",
+                    help="run ours with a byte-level vocabulary, UTF-8 guard off and on (its cost, paired A/B)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -141,6 +177,10 @@ def main() -> None:
     for name in a.models.split(","):
         model = ours(MODELS[name])
         contenders = {"scratchgpt": (run_ours, model)}
+        if a.utf8_guard:
+            vocab = ByteVocab(model.cfg.vocab_size)
+            contenders = {"scratchgpt": (ours_with_vocab(vocab, False), model),
+                          "scratchgpt utf8-guard": (ours_with_vocab(vocab, True), model)}
         quantized = {}
         for q in a.quantize:
             if q != "none":

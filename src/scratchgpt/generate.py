@@ -4,7 +4,7 @@ Public API (a GPT, possibly DDP/compile/PEFT-wrapped, sampled in eval mode whate
 
     complete(model, tokenizer, prompts, gen=None, **options) -> list[Completion]
     generate(model, tokenizer, prompt_or_prompts, gen=None, **options) -> str | list[str]
-    generate_tokens(model, prompt_ids_list, gen=None, **options) -> list[list[int]]   (no tokenizer)
+    generate_tokens(model, prompt_ids_list, gen=None, *, tokenizer=None, **options) -> list[list[int]]   (ids only)
     stream(model, tokenizer, prompt, gen=None, **options) -> TextStream   (iterator of text pieces)
 
 `options` are the fields of `GenerationConfig` (temperature, top_k, top_p, ...).
@@ -38,6 +38,11 @@ forward in plain torch calls (no module dispatch).
 Everything runs under torch.inference_mode; without stop strings the only host syncs are a
 stop-token check every 16 steps; sampling uses torch.multinomial on per-row generators.
 
+UTF-8: with a byte-level tokenizer a model can sample bytes that are not UTF-8 (U+FFFD in the text). By
+default (`utf8_guard`) tokens whose bytes cannot continue the pending character are masked before
+top-k/top-p/argmax, from tables built once per tokenizer (utf8guard.py); greedy text that was valid is
+unchanged.
+
 Chat templates (how a fine-tuned run is prompted) live in prompts.py; the `chat` loop and the
 `sample` command in chat.py.
 """
@@ -56,6 +61,7 @@ from .checks import check_fields
 from .model import GPT, DecodeStep, KVCache, gpt_of
 from .prompts import start_token
 from .tokenizer import EOT, Tokenizer
+from .utf8guard import Utf8Guard, Utf8Tables, utf8_tables
 
 Prompt = Union[str, Sequence[int]]
 
@@ -93,6 +99,9 @@ class GenerationConfig:
     """False recomputes the whole window every step (the reference path the KV cache is tested against)."""
     window_shift: int = 1
     """Past the context, slide the window this many tokens at a time (faster, less context per token)."""
+    utf8_guard: bool = True
+    """Never sample a token whose bytes would break UTF-8 (byte-level tokenizers), so text has no U+FFFD from
+    split characters; greedy text that was valid UTF-8 is unchanged. --no-utf8-guard samples every token."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -163,11 +172,13 @@ def _stops(tokenizer: Tokenizer, gen: GenerationConfig) -> tuple[set[int], list[
 
 
 class _Sampler:
-    """Logits (B, V) -> next tokens (B,): repetition penalty, temperature, top-k, top-p, multinomial."""
+    """Logits (B, V) -> next tokens (B,): repetition penalty, temperature, UTF-8 guard, top-k, top-p, multinomial."""
 
-    def __init__(self, gen: GenerationConfig, ctx: torch.Tensor, vocab: int, valid_vocab: int, row_seeds: list[int]):
+    def __init__(self, gen: GenerationConfig, ctx: torch.Tensor, vocab: int, valid_vocab: int, row_seeds: list[int],
+                 utf8: Optional[Utf8Tables] = None):
         self.gen = gen
         self.valid_vocab = valid_vocab
+        self.guard = Utf8Guard(utf8, ctx.size(0), vocab, ctx.device) if utf8 is not None else None
         self.seen = None
         if gen.repetition_penalty != 1.0:
             self.seen = torch.zeros(ctx.size(0), vocab, dtype=torch.bool, device=ctx.device)
@@ -193,11 +204,15 @@ class _Sampler:
         tok = logits.argmax(dim=-1) if gen.temperature == 0 else self._sample(logits)
         if self.seen is not None:
             self.seen.scatter_(1, tok[:, None], True)
+        if self.guard is not None:
+            self.guard.advance(tok)
         return tok
 
     def _decodable(self, logits: torch.Tensor) -> torch.Tensor:
         if self.valid_vocab < logits.size(-1):  # padded vocabulary: ids past the tokenizer can't be decoded
             logits[:, self.valid_vocab :] = float("-inf")
+        if self.guard is not None:  # (before top-k and top-p: they choose among tokens that keep UTF-8 valid)
+            logits = self.guard.mask(logits)
         return logits
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
@@ -311,9 +326,10 @@ def resolve_seed(gen: GenerationConfig) -> int:
     return gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**62)  # room for + row
 
 
-def _decoder(model: GPT, valid_vocab: int, rows: list[list[int]], gen: GenerationConfig, seeds: list[int]) -> _Decoder:
+def _decoder(model: GPT, valid_vocab: int, rows: list[list[int]], gen: GenerationConfig, seeds: list[int],
+             utf8: Optional[Utf8Tables] = None) -> _Decoder:
     ctx = torch.tensor(rows, dtype=torch.long, device=_device(model))
-    sampler = _Sampler(gen, ctx, model.cfg.vocab_size, min(valid_vocab, model.cfg.vocab_size), seeds)
+    sampler = _Sampler(gen, ctx, model.cfg.vocab_size, min(valid_vocab, model.cfg.vocab_size), seeds, utf8)
     return _Decoder(model, ctx, gen.max_new_tokens, sampler, gen.use_cache, gen.window_shift)
 
 
@@ -406,7 +422,8 @@ def complete(
     rows = [_prompt_ids(tokenizer, p, model.cfg.block_size, note) for p in prompts]
     stop_ids, stops = _stops(tokenizer, gen)
     states = [_Row(tokenizer, stop_ids, stops or None, r) for r in rows]
-    _run_batches(model, tokenizer.vocab_size, rows, gen, states, host_every_step=bool(stops), should_stop=should_stop)
+    _run_batches(model, tokenizer.vocab_size, rows, gen, states, host_every_step=bool(stops), should_stop=should_stop,
+                 utf8=_utf8(tokenizer, gen))
     out = []
     for st in states:
         if st.text is not None:
@@ -424,12 +441,14 @@ def generate_tokens(
     gen: Optional[GenerationConfig] = None,
     *,
     note: Callable[[str], None] = _stderr_note,
+    tokenizer: Optional[Tokenizer] = None,
     **options,
 ) -> list[list[int]]:
-    """Token-level generation without a tokenizer: new ids for each prompt of ids.
+    """Token-level generation: new ids for each prompt of ids, no text.
 
-    Stops only at `stop_tokens` (default: none); stop strings need a tokenizer (use complete()).
-    Prompts must be non-empty; longer than block_size, they keep their tail.
+    Stops only at `stop_tokens` (default: none); stop strings need text (use complete()).
+    Prompts must be non-empty; longer than block_size, they keep their tail. With a `tokenizer`, ids past its
+    vocabulary are never sampled and the UTF-8 guard (`utf8_guard`) applies as in complete().
     """
     gen = _config(gen, options)
     model = _check_model(model)
@@ -439,12 +458,19 @@ def generate_tokens(
         raise UserError("generate_tokens needs non-empty prompts (complete() starts empty ones from EOT)")
     rows = [_prompt_ids(None, p, model.cfg.block_size, note) for p in prompts]
     states = [_Row(None, set(gen.stop_tokens or ()), None, r) for r in rows]
-    _run_batches(model, model.cfg.vocab_size, rows, gen, states, host_every_step=False)
+    valid = tokenizer.vocab_size if tokenizer is not None else model.cfg.vocab_size
+    utf8 = _utf8(tokenizer, gen) if tokenizer is not None else None
+    _run_batches(model, valid, rows, gen, states, host_every_step=False, utf8=utf8)
     return [st.ids for st in states]
 
 
+def _utf8(tokenizer: Tokenizer, gen: GenerationConfig) -> Optional[Utf8Tables]:
+    return utf8_tables(tokenizer) if gen.utf8_guard else None
+
+
 def _run_batches(model: GPT, valid_vocab: int, rows: list[list[int]], gen: GenerationConfig, states: list[_Row],
-                 host_every_step: bool, should_stop: Optional[Callable[[], bool]] = None) -> None:
+                 host_every_step: bool, should_stop: Optional[Callable[[], bool]] = None,
+                 utf8: Optional[Utf8Tables] = None) -> None:
     """Run equal-length prompts as one batch each; row i samples with seed + i."""
     if not gen.max_new_tokens:
         return
@@ -454,7 +480,7 @@ def _run_batches(model: GPT, valid_vocab: int, rows: list[list[int]], gen: Gener
         groups.setdefault(len(r), []).append(i)
     with _eval_mode(model):
         for members in groups.values():
-            dec = _decoder(model, valid_vocab, [rows[i] for i in members], gen, [base + i for i in members])
+            dec = _decoder(model, valid_vocab, [rows[i] for i in members], gen, [base + i for i in members], utf8)
             _run_group(dec, gen, [states[i] for i in members], host_every_step, should_stop or (lambda: False))
 
 
@@ -521,7 +547,7 @@ class TextStream:
     def _run(self, model, tokenizer, ids, gen) -> Iterator[str]:
         row = self._row
         if gen.max_new_tokens:
-            dec = _decoder(model, tokenizer.vocab_size, [ids], gen, [resolve_seed(gen)])
+            dec = _decoder(model, tokenizer.vocab_size, [ids], gen, [resolve_seed(gen)], _utf8(tokenizer, gen))
             for _ in range(gen.max_new_tokens):
                 with _eval_mode(model):  # per step: the caller's code between pieces sees its own mode
                     tok = int(dec.next()[0])

@@ -230,7 +230,7 @@ def test_bad_options_are_user_errors():
 
 def test_empty_long_and_unknown_prompts(char_tok, bpe_tok):
     model = tiny(bpe_tok.vocab_size)
-    c = G.complete(model, bpe_tok, [""], max_new_tokens=5, seed=1, stop_tokens=())[0]
+    c = G.complete(model, bpe_tok, [""], max_new_tokens=5, seed=1, stop_tokens=(), utf8_guard=False)[0]
     assert c.prompt_tokens == 1
     assert c.token_ids == G.generate_tokens(model, [[bpe_tok.eot_id]], max_new_tokens=5, seed=1)[0]
     assert start_token(char_tok) == char_tok.encode("\n")[0]
@@ -432,16 +432,18 @@ def test_partial_utf8_is_held_until_the_character_is_complete():
         assert "".join(pieces) == c.text and all("\ufffd" not in p for p in pieces)
     assert ended_mid_character >= 5
 
-    # an untrained model emits invalid sequences of its own: those, and only those, become U+FFFD
+    # an untrained model sampled without the UTF-8 guard emits invalid sequences of its own: those, and only
+    # those, become U+FFFD
     rand = tiny(tok.vocab_size, "rope", block_size=32)
     for seed in range(6):
-        c = G.complete(rand, tok, ["中"], max_new_tokens=30, seed=seed, stop_tokens=())[0]
+        c = G.complete(rand, tok, ["中"], max_new_tokens=30, seed=seed, stop_tokens=(), utf8_guard=False)[0]
         raw = b"".join(table[i] for i in c.token_ids)
         assert c.text.count("\ufffd") == utf8_errors(raw)
-        assert "".join(G.stream(rand, tok, "中", max_new_tokens=30, seed=seed, stop_tokens=())) == c.text
+        assert "".join(G.stream(rand, tok, "中", max_new_tokens=30, seed=seed, stop_tokens=(),
+                                utf8_guard=False)) == c.text
 
     # chat (a line per message) streams its reply through the same decoder
-    out, gen = io.StringIO(), G.GenerationConfig(max_new_tokens=9, seed=1, stop_tokens=())
+    out, gen = io.StringIO(), G.GenerationConfig(max_new_tokens=9, seed=1, stop_tokens=(), utf8_guard=False)
     chat(rand, tok, {}, ["中"], out, gen, err=io.StringIO())
     assert out.getvalue() == G.generate(rand, tok, "中\n", gen) + "\n"
 

@@ -189,10 +189,15 @@ def test_sample_prints_transformers_greedy_text(imported, hf_gpt2, hf_tokenizers
                            eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
     out = out[: out.index(VOCAB - 1)] if VOCAB - 1 in out else out  # sample stops at <|endoftext|>
     assert len(out) >= 10
+    # token for token (--no-utf8-guard: this random model's greedy bytes break characters)
     code, text, err = cli(capsys, "sample", imported, "--prompt", prompt, "--temperature", "0",
-                          "--max-new-tokens", "16", "--device", "cpu")
+                          "--max-new-tokens", "16", "--device", "cpu", "--no-utf8-guard")
     assert code == 0, err
     assert text == prompt + auto.decode(out) + "\n"
+    # by default the same text up to the first broken character, then whole characters only
+    code, guarded, err = cli(capsys, "sample", imported, "--prompt", prompt, "--temperature", "0",
+                             "--max-new-tokens", "16", "--device", "cpu")
+    assert code == 0 and "\ufffd" not in guarded and guarded.startswith(text.split("\ufffd")[0]), err
 
 
 def test_tokenizer_encodes_as_transformers(imported_tokenizer, hub_gpt2, hf_tokenizers):

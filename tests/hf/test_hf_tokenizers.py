@@ -158,6 +158,9 @@ def check_same_ids(ours, auto, split, text: str) -> None:
         assert auto(text)["input_ids"] == ours.bos_ids + ids
     assert ours.decode(ids) == auto.decode(ids)
     assert ours.stream_decoder().decode(ids) == auto.decode(ids)  # streamed, nothing held back at the end
+    # the bytes each token stands for (what the UTF-8 guard reads) spell the text (Llama's decoder strips a space)
+    raw = b"".join(ours.token_bytes_table()[i] for i in ids).decode("utf-8")
+    assert raw == auto.decode(ids) or (raw[:1] == " " and raw[1:] == auto.decode(ids))
 
 
 def test_imported_tokenizers_encode_as_transformers(hub):
@@ -222,6 +225,23 @@ def test_sample_is_transformers_greedy_text_and_stops_at_eos(hub, capsys):
     assert streamed == text
 
 
+@pytest.mark.slow
+def test_the_utf8_guard_reads_imported_byte_tokens(hub):
+    """Byte-level (GPT-2 alphabet) and byte-fallback (<0xNN>) vocabularies: hot sampling never breaks a
+    character with the guard; without it the same seeds do (the tiny model knows little of UTF-8)."""
+    from scratchgpt.utf8guard import utf8_tables
+
+    style, folder, run = hub
+    loaded = load_run(run)
+    assert utf8_tables(loaded.tokenizer) is not None
+    found = {}
+    for guard in (False, True):
+        done = complete(loaded.gpt, loaded.tokenizer, ["Once", "我们", "🙂", "x"], max_new_tokens=100, temperature=3.0,
+                        top_k=None, seed=3, stop_tokens=(), utf8_guard=guard)
+        found[guard] = sum(c.text.count("\ufffd") for c in done)
+    assert found[True] == 0 and found[False] > 0, found
+
+
 def test_streaming_never_splits_a_byte_fallback_character(llama):
     """🙂 is four <0x..> tokens: the stream shows nothing until the last, then the whole character; an
     unfinished character at the end is dropped, as scratchgpt's own streamer drops incomplete UTF-8."""
@@ -235,6 +255,23 @@ def test_streaming_never_splits_a_byte_fallback_character(llama):
     assert "".join(pieces) + dec.flush() == auto.decode(context + ids)[len(auto.decode(context)):] == " a🙂b🚀"
     dec = ours.stream_decoder(context)
     assert dec.push(ours.encode("ok🙂")[:-2]) == " ok" and dec.flush() == "" and dec.dropped_bytes == 2
+
+
+def test_streaming_bytes_that_are_not_utf8(llama):
+    """A model sampled without the UTF-8 guard may write byte-fallback ids that are not UTF-8: the stream shows
+    them as U+FFFD, as transformers' decode does, and goes on. (Neighbouring byte ids decode as one group there,
+    so "]" = <0x5D> before <0xED><0xCE> turns into U+FFFD too, after the stream has shown it; tokenizers'
+    DecodeStream gives up at that point.)"""
+    ours, auto = llama["ours"], llama["auto"]
+    byte = lambda b: ours.token_to_id(f"<0x{b:02X}>")  # noqa: E731
+    context = ours.bos_ids + ours.encode("Hi")
+    ids = ours.encode("it is") + [byte(0x5D), byte(0xED), byte(0xCE)] + ours.encode(" there") + [byte(0xF0)] \
+        + ours.encode("ok, 🙂 and") + [byte(0x35), byte(0x8B)] + ours.encode("end")
+    dec = ours.stream_decoder(context)
+    streamed = "".join(dec.push([i]) for i in ids) + dec.flush()
+    expected = auto.decode(context + ids)[len(auto.decode(context)):]
+    assert len(streamed) == len(expected) and streamed.endswith("end") and streamed.count("\ufffd") >= 4
+    assert all(a == b or b == "\ufffd" for a, b in zip(streamed, expected)), (streamed, expected)
 
 
 def test_streaming_without_decode_stream_prefill(llama, monkeypatch):

@@ -149,7 +149,7 @@ class Tokenizer:
         return self._hf.token_to_id(token)
 
     def token_bytes_table(self) -> list[bytes]:
-        """The UTF-8 bytes of every token, indexed by id ("hf": the vocabulary's spelling, in UTF-8)."""
+        """The bytes every token stands for, indexed by id (a byte-level token's may be part of a character)."""
         return self._codec.token_bytes()
 
     # -- persistence ---------------------------------------------------------------------

@@ -6,6 +6,8 @@ shares (the vocabulary, special tokens, side files, saving and loading).
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Sequence
 
 import numpy as np
@@ -126,10 +128,7 @@ class BpeCodec(Codec):
         return self.decode_bytes(ids).decode("utf-8", "replace")
 
     def _token_bytes(self) -> list[bytes]:
-        back = {c: b for b, c in bytes_to_unicode().items()}
-        special = {t.content for t in self._hf.get_added_tokens_decoder().values()}
-        return [t.encode("utf-8") if t in special or any(c not in back for c in t) else bytes(back[c] for c in t)
-                for t in self._itos]
+        return _byte_level_bytes(self._itos, {t.content for t in self._hf.get_added_tokens_decoder().values()})
 
 
 class HfCodec(Codec):
@@ -156,6 +155,48 @@ class HfCodec(Codec):
 
     def stream_decoder(self, tokenizer, context: Sequence[int]):
         return HFStreamDecoder(tokenizer, context)
+
+    def _token_bytes(self) -> list[bytes]:
+        """The bytes each token decodes to, as the file's decoder makes them: a ByteLevel decoder's byte
+        alphabet (SmolLM2, Qwen), ByteFallback's <0xNN> (Llama) and Replace/Metaspace's "▁" -> " "; added tokens
+        and other vocabularies (WordPiece...) are their spelling."""
+        steps = _decoder_steps(json.loads(self._hf.to_str()).get("decoder"))
+        types = {d.get("type") for d in steps}
+        added = {t.content for t in self._hf.get_added_tokens_decoder().values()}
+        if "ByteLevel" in types:
+            return _byte_level_bytes(self._itos, added)
+        swaps = [(d["pattern"]["String"], d.get("content", "")) for d in steps
+                 if d.get("type") == "Replace" and "String" in (d.get("pattern") or {})]
+        swaps += [(d.get("replacement") or "▁", " ") for d in steps if d.get("type") == "Metaspace"]
+        fallback = "ByteFallback" in types
+        out = []
+        for t in self._itos:
+            if fallback and t not in added and _BYTE_TOKEN.fullmatch(t):
+                out.append(bytes([int(t[3:5], 16)]))
+                continue
+            for a, b in swaps if t not in added else ():
+                t = t.replace(a, b)
+            out.append(t.encode("utf-8", "surrogatepass"))
+        return out
+
+
+_BYTE_TOKEN = re.compile("<0x[0-9A-Fa-f]{2}>")
+
+
+def _decoder_steps(decoder: dict | None) -> list[dict]:
+    """A tokenizer.json decoder as a flat list (a Sequence's decoders in order)."""
+    if not decoder:
+        return []
+    if decoder.get("type") == "Sequence":
+        return [d for sub in decoder.get("decoders") or [] for d in _decoder_steps(sub)]
+    return [decoder]
+
+
+def _byte_level_bytes(itos: list[str], added: set[str]) -> list[bytes]:
+    """GPT-2's byte alphabet back to bytes; added tokens (and anything outside the alphabet) are their UTF-8."""
+    back = {c: b for b, c in bytes_to_unicode().items()}
+    return [t.encode("utf-8") if t in added or any(c not in back for c in t) else bytes(back[c] for c in t)
+            for t in itos]
 
 
 KINDS: dict[str, type[Codec]] = {c.kind: c for c in (CharCodec, BpeCodec, HfCodec)}

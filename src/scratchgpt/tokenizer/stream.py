@@ -45,28 +45,50 @@ class HFStreamDecoder:
     """
 
     def __init__(self, tokenizer, context: Sequence[int] = ()) -> None:  # an "hf" Tokenizer
-        from tokenizers.decoders import DecodeStream
-
         self._hf = tokenizer._hf
-        context = [int(i) for i in context]
-        try:
-            self._stream = DecodeStream(ids=context, skip_special_tokens=False)
-        except TypeError:  # tokenizers < 0.22 has no prefill: step through the context, which ends the same
-            self._stream = DecodeStream(skip_special_tokens=False)
-            for i in context:
-                self._stream.step(self._hf, i)
+        self._context = [int(i) for i in context]
+        self._ids: list[int] = []  # pushed so far
+        self._sent = 0  # characters of text emitted so far
+        self._stream = self._start(self._context)
         self._pending = 0  # ids pushed whose text is not out yet
         self.dropped_bytes = 0
+
+    def _start(self, prefill: list[int]):
+        from tokenizers.decoders import DecodeStream
+
+        try:
+            return DecodeStream(ids=prefill, skip_special_tokens=False)
+        except TypeError:  # tokenizers < 0.22 has no prefill: step through the context, which ends the same
+            stream = DecodeStream(skip_special_tokens=False)
+            for i in prefill:
+                try:
+                    stream.step(self._hf, i)
+                except Exception:  # (an invalid byte sequence in the context: see _resync)
+                    stream = DecodeStream(skip_special_tokens=False)
+            return stream
 
     def push(self, ids: Iterable[int]) -> str:
         out = []
         for i in ids:
-            piece = self._stream.step(self._hf, int(i))
+            self._ids.append(int(i))
+            try:
+                piece = self._stream.step(self._hf, int(i))
+            except Exception:  # DecodeStream gives up on some bytes that are not UTF-8 (sampled without the guard)
+                piece = self._resync()
             self._pending += 1
             if piece is not None:
                 out.append(piece)
+                self._sent += len(piece)
                 self._pending = 0
         return "".join(out)
+
+    def _resync(self) -> str:
+        """Decode the whole text once and emit what is new (U+FFFD for the invalid bytes, as decode gives them),
+        then restart the stream after it."""
+        whole = self._hf.decode(self._context + self._ids, skip_special_tokens=False)
+        start = len(self._hf.decode(self._context, skip_special_tokens=False)) + self._sent
+        self._stream = self._start(self._context + self._ids)
+        return whole[start:]
 
     def flush(self) -> str:
         """The end of the text: ids still waiting for the rest of a character are dropped."""
