@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import UserError
-from .sandbox import MAX_RENDER_CHARS, RENDER_TIMEOUT_S, compile_jinja, jinja_error, render
+from .sandbox import MAX_RENDER_CHARS, RENDER_TIMEOUT_S, compile_jinja, jinja_error, render, start_worker
 from .tokenizer import EOT, Tokenizer
 from .utils import read_json
 
@@ -164,6 +164,14 @@ class JinjaChatTemplate:
         if config.get("chat_template") or not tokenizer.chat_template:
             return None
         return cls(tokenizer, tokenizer.chat_template, **limits)
+
+    def warm(self) -> None:
+        """Do the one-time work now (the render worker's start, the special-token encoder), not in a request."""
+        start_worker()
+        try:
+            self.tokenizer.encode_with_special_tokens("")
+        except ValueError:  # a kind without special-token encoding: nothing to build
+            pass
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
                deadline: Optional[float] = None) -> str:

@@ -190,6 +190,15 @@ class _Worker:
 _WORKER = _Worker()
 
 
+def start_worker() -> None:
+    """Start the worker process now rather than at the first render (a server does it before it listens: a
+    fork from a big process is slow, and holds the interpreter meanwhile)."""
+    with _WORKER.lock:
+        if _WORKER.proc is None or _WORKER.proc.poll() is not None:
+            _WORKER._kill()
+            _WORKER._start()
+
+
 def render(source: str, variables: dict, *, timeout: float = RENDER_TIMEOUT_S, max_chars: int = MAX_RENDER_CHARS,
            deadline: Optional[float] = None) -> str:
     """`source` rendered with `variables` (JSON values) in the worker process, within `timeout` seconds (and

@@ -383,7 +383,7 @@ class Tokenizer:
         if self._hf_specials is None:  # a second copy that honours them (a shared flag would race in serve)
             self._hf_specials = type(self._hf).from_str(self._raw or self._hf.to_str())
             self._hf_specials.encode_special_tokens = False
-        return self._hf_specials.encode(text, add_special_tokens=False).ids
+        return self._hf_specials.encode_batch([text], add_special_tokens=False)[0].ids  # (releases the GIL)
 
     @property
     def eot_token(self) -> str | None:
@@ -404,8 +404,8 @@ class Tokenizer:
         """Encode to an int64 numpy array (the fast path the data pipeline uses)."""
         if self.kind == "char":
             return self._encode_char(text)
-        if self.kind == "hf":
-            return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        if self.kind == "hf":  # (encode_batch lets other threads run meanwhile; encode holds the GIL throughout)
+            return np.asarray(self._hf.encode_batch([text], add_special_tokens=False)[0].ids, dtype=np.int64)
         return self._pieces.encode(split_pieces(text))
 
     def encode_indexed(self, uniq: list[str], inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -102,6 +102,8 @@ class Engine:
         self.jinja_error: Optional[UserError] = None
         try:
             self.jinja = JinjaChatTemplate.of(tokenizer, config, timeout=options.template_timeout)
+            if self.jinja is not None:
+                self.jinja.warm()
         except UserError as e:
             self.jinja_error = e
         self.created = int(time.time())

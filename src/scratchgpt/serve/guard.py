@@ -2,13 +2,15 @@
 in OpenAI's error shape.
 
 The body cap counts the bytes actually received, `Transfer-Encoding: chunked` included: the body is read here,
-chunk by chunk, and refused with 413 as soon as it passes the cap (so at most the cap is ever held), or with
-408 when it takes longer than the body timeout; the route then gets the body from memory.
+chunk by chunk, and refused with 413 as soon as it passes the cap (so at most the cap is ever held, and given
+back to the system after), or with 408 when it takes longer than the body timeout; the route then gets the body
+from memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import mmap
 import secrets
 from typing import Optional
 
@@ -76,22 +78,59 @@ class Guard:
     async def _read_body(self, receive) -> tuple[bytes, Optional[JSONResponse]]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.body_timeout
-        chunks, size = [], 0
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                return b"", error_response(408, f"the request body took longer than {self.body_timeout:g} s to "
-                                                "arrive", headers={"Connection": "close"})
-            if message["type"] == "http.disconnect":
-                return b"", error_response(400, "the client went away before its body arrived")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return b"", self._too_large()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks), None
+        body = _Body(self.max_body)
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    return b"", error_response(408, f"the request body took longer than {self.body_timeout:g} s to "
+                                                    "arrive", headers={"Connection": "close"})
+                if message["type"] == "http.disconnect":
+                    return b"", error_response(400, "the client went away before its body arrived")
+                if not body.add(message.get("body", b"")):
+                    return b"", self._too_large()
+                if not message.get("more_body", False):
+                    return body.value(), None
+        finally:
+            body.close()
+
+
+class _Body:
+    """A request body as it arrives, at most `cap` bytes. Past 1 MiB it moves to an anonymous memory map: only
+    the pages written count, and all of them go back to the system at once when the request is done (a heap
+    would keep them, fragmented)."""
+
+    SPILL = 2**20
+
+    def __init__(self, cap: int):
+        self.cap, self.size = cap, 0
+        self.chunks: list[bytes] = []
+        self.map: Optional[mmap.mmap] = None
+
+    def add(self, chunk: bytes) -> bool:
+        """Keep `chunk`; False once the body passes the cap (nothing more is kept)."""
+        if self.size + len(chunk) > self.cap:
+            return False
+        if self.map is None and self.size + len(chunk) > self.SPILL:
+            self.map = mmap.mmap(-1, self.cap)
+            for c in self.chunks:
+                self.map.write(c)
+            self.chunks.clear()
+        if self.map is not None:
+            self.map.write(chunk)
+        else:
+            self.chunks.append(chunk)
+        self.size += len(chunk)
+        return True
+
+    def value(self) -> bytes:
+        return self.map[: self.size] if self.map is not None else b"".join(self.chunks)
+
+    def close(self) -> None:
+        self.chunks.clear()
+        if self.map is not None:
+            self.map.close()
 
 
 def _replay(body: bytes, receive):

@@ -73,13 +73,11 @@ def prompt_entries(model, ids: list[int], k: int, valid_vocab: int) -> list[Entr
 
 def token_text(tokenizer, i: int) -> str:
     """A token alone, as OpenAI shows it: its text, or `bytes:\\xNN...` when its bytes aren't whole UTF-8."""
-    if tokenizer.kind != "hf":
-        raw = tokenizer.token_bytes(i)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-    return tokenizer.decode([i])
+    raw = tokenizer.decode_bytes([i])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def logprobs_object(tokenizer, entries: list[Entry], context: Sequence[int] = (), offset: int = 0) -> dict:
