@@ -207,7 +207,7 @@ def cycling_model(cycle: str, alphabet: str = "", *, chat_template: str | None =
         hf = HFTokenizer.from_str(tok.to_json())
         tok = Tokenizer(hf, "hf", raw=tok.to_json(), side_files={"chat_template.jinja": chat_template.encode()})
     V = tok.vocab_size
-    cfg = ModelConfig(vocab_size=V, block_size=block_size, n_layer=1, n_head=1, n_embd=max(V, 8), pos="rope",
+    cfg = ModelConfig(vocab_size=V, block_size=block_size, n_layer=1, n_head=1, n_embd=max(V + V % 2, 8), pos="rope",
                       tie_embeddings=False, bias=False)
     model = GPT(cfg)
     nxt = {tok.token_to_id(c): tok.token_to_id(cycle[(i + 1) % len(cycle)]) for i, c in enumerate(cycle)}

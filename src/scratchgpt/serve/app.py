@@ -95,8 +95,8 @@ def _info_routes(app: FastAPI, engine: Engine) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         html = resources.files("scratchgpt.serve").joinpath("chat.html").read_text(encoding="utf-8")
-        return HTMLResponse(html, headers={"Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; "
-                                                                      "script-src 'unsafe-inline'"})
+        csp = "default-src 'self'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+        return HTMLResponse(html, headers={"Content-Security-Policy": csp})
 
     @app.get("/health")
     async def health() -> dict:
