@@ -190,19 +190,30 @@ def tiny_run(char_data, tmp_path_factory) -> Path:
     return out
 
 
-def cycling_model(cycle: str, alphabet: str = "", *, chat_template: str | None = None, block_size: int = 64):
-    """(model, tokenizer, config) of a char model whose greedy text repeats `cycle` for ever: after each character
-    of `cycle` comes the next one, after any other character of `alphabet` the first. No training: the blocks are
-    identities (zero weights) and the embedding and head spell the successor table. `cycle` must not repeat a
-    character. With `chat_template`, an "hf" tokenizer carrying that jinja chat template."""
+def cycling_model(cycle: str | list[str], alphabet: str = "", *, chat_template: str | None = None,
+                  block_size: int = 64):
+    """(model, tokenizer, config) of a model whose greedy text repeats `cycle` for ever: after each token of `cycle`
+    comes the next one, after any other token the first. `cycle` is characters (a char tokenizer over them and
+    `alphabet`) or words (a word-level tokenizer). No training: the blocks are identities (zero weights) and the
+    embedding and head spell the successor table. `cycle` must not repeat a token. With `chat_template`, an "hf"
+    tokenizer carrying that jinja chat template."""
     import torch
     from tokenizers import Tokenizer as HFTokenizer
 
     from scratchgpt.model import GPT, ModelConfig
     from scratchgpt.tokenizer import Tokenizer, train_char_tokenizer
 
-    assert len(set(cycle)) == len(cycle), "cycle repeats a character"
-    tok = train_char_tokenizer([cycle, alphabet])
+    assert len(set(cycle)) == len(cycle), "cycle repeats a token"
+    if isinstance(cycle, str):
+        tok = train_char_tokenizer([cycle, alphabet])
+    else:  # words: a word-level "hf" tokenizer (a word keeps its leading space; anything else is [UNK])
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+
+        vocab = {w: i for i, w in enumerate(dict.fromkeys([*cycle, "\n", "[UNK]"]))}
+        hf = HFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n| ?[^ \n]+| +"), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+        tok = Tokenizer(hf, "hf", raw=hf.to_str())
     if chat_template is not None:
         hf = HFTokenizer.from_str(tok.to_json())
         tok = Tokenizer(hf, "hf", raw=tok.to_json(), side_files={"chat_template.jinja": chat_template.encode()})

@@ -1,6 +1,7 @@
 """The chat page at `/`, driven in a real headless Chromium (Debian's chromium + chromium-driver, via Selenium):
 a message typed, tokens streamed in, a reply stopped midway, model output and user input shown as text, a new
-chat, the API key asked for. `SCRATCHGPT_SCREENSHOT=PATH` also saves a screenshot of the page there."""
+chat, the API key asked for. With `SCRATCHGPT_SCREENSHOT=PATH` (e.g. docs/serve-chat.png) a screenshot of a chat
+is saved there."""
 
 from __future__ import annotations
 
@@ -98,8 +99,6 @@ def test_chat_streams_stops_and_shows_everything_as_text(browser):
         t0 = time.monotonic()
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "<", "max_tokens": 3, "temperature": 0}, timeout=30)
         assert r.json()["choices"][0]["text"] == "scr" and time.monotonic() - t0 < 2
-        if os.environ.get("SCRATCHGPT_SCREENSHOT"):
-            browser.save_screenshot(os.environ["SCRATCHGPT_SCREENSHOT"])
         browser.find_element(By.ID, "new-chat").click()
         assert not browser.find_elements(By.CSS_SELECTOR, "#messages .msg")
 
@@ -120,3 +119,25 @@ def test_the_page_asks_for_the_api_key_and_sends_it(browser):
         send(browser, "hello")
         WebDriverWait(browser, 20).until(lambda d: reply_text(d) == "abcab")
         assert browser.execute_script("return localStorage.getItem('scratchgpt.apiKey')") == "s3cret-key"
+
+
+REPLY = ("Hello! I am a tiny GPT, trained from scratch and served by scratchgpt. My replies stream in word after "
+         "word; Stop ends one early, New chat starts over.").split(" ")
+
+
+def test_screenshot_of_a_chat(browser):
+    path = os.environ.get("SCRATCHGPT_SCREENSHOT")
+    if not path:
+        pytest.skip("set SCRATCHGPT_SCREENSHOT=PATH to save a screenshot of the page")
+    words = [REPLY[0]] + [" " + w for w in REPLY[1:]] + [" \u200b"]  # (a last zero-width word: the cycle's seam)
+    model, tok, config = cycling_model(words)
+    with live_server(create_app(model, tok, config, name="tiny-gpt")) as url:
+        browser.get(url + "/")
+        WebDriverWait(browser, 20).until(lambda d: "tiny-gpt" in d.find_element(By.ID, "model").text)
+        set_field(browser, "system", "You are a helpful assistant.")
+        set_field(browser, "temperature", "0")
+        set_field(browser, "max-tokens", str(len(words) - 1))
+        send(browser, "Who are you?")
+        WebDriverWait(browser, 20).until(lambda d: reply_text(d).endswith("starts over.")
+                                         and d.find_element(By.ID, "status").text == "")
+        browser.save_screenshot(path)
