@@ -198,3 +198,22 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "no such run directory" in err and "\n" not in err
     assert main(["serve", str(tmp_path), "--port", "70000"]) == 1
     assert "--port must be" in capsys.readouterr().err
+
+
+def test_serve_options_are_declared_once(tmp_path, capsys):
+    """ServeOptions is the one declaration of serve's flags: each field a documented flag, its checks one line."""
+    import dataclasses
+
+    from scratchgpt.cli import COMMANDS, field_docs
+    from scratchgpt.generate import MAX_NEW_TOKENS
+    from scratchgpt.serve.options import MAX_NEW_TOKENS as SERVE_MAX, ServeOptions
+
+    assert SERVE_MAX == MAX_NEW_TOKENS
+    docs = field_docs(ServeOptions)
+    flags = {o for a in COMMANDS["serve"][0]()._actions for o in a.option_strings}
+    for f in dataclasses.fields(ServeOptions):
+        assert docs.get(f.name) and "--" + f.name.replace("_", "-") in flags, f.name
+    for flag, value in (("--header-timeout", "0"), ("--max-connections", "0"), ("--request-timeout", "-1")):
+        assert main(["serve", str(tmp_path), flag, value]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} must be") and err.count("\n") == 1

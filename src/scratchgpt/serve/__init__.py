@@ -54,4 +54,8 @@ def __getattr__(name: str) -> Any:
         from .command import serve
 
         return serve
+    if name in ("CompletionRequest", "ChatRequest", "ChatMessage"):
+        from . import schema
+
+        return getattr(schema, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -158,28 +158,7 @@ async def stream_response(engine: Engine, ticket: Ticket, req: Options, ids: lis
     s = stream(engine.model, engine.tokenizer, ids, gen, observe=rec)
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
-
-    def produce() -> None:  # in the model thread
-        sent = 0
-
-        def new_entries(final: bool) -> Optional[list]:
-            nonlocal sent
-            if rec is None:
-                return None
-            upto = len(s.token_ids) if final else min(len(rec.steps[0]), len(s.token_ids))
-            entries, sent = rec.entries(0, upto)[sent:], max(sent, upto)
-            return entries
-
-        try:
-            for c in head():
-                loop.call_soon_threadsafe(queue.put_nowait, ("head", c, None))
-            for piece in s:
-                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece, new_entries(False)))
-                if ticket.should_stop():
-                    break
-        finally:
-            s.close()
-            loop.call_soon_threadsafe(queue.put_nowait, ("end", "", new_entries(True)))
+    produce = _producer(s, rec, head, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), ticket)
 
     async def events() -> AsyncIterator[str]:
         job = asyncio.ensure_future(engine.run(ticket, produce))
@@ -210,3 +189,32 @@ async def stream_response(engine: Engine, ticket: Ticket, req: Options, ids: lis
         yield "data: [DONE]\n\n"
 
     return TicketStream(ticket, events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _producer(s, rec: Optional[Recorder], head: Callable[[], list[dict]], put: Callable[[tuple], None],
+              ticket: Ticket) -> Callable[[], None]:
+    """The model-thread side of a stream: ("head", chunk, None) items, then ("piece", text, logprob entries) per
+    piece of text, then ("end", "", the entries not sent yet), each handed to `put`."""
+    sent = 0
+
+    def new_entries(final: bool) -> Optional[list]:
+        nonlocal sent
+        if rec is None:
+            return None
+        upto = len(s.token_ids) if final else min(len(rec.steps[0]), len(s.token_ids))
+        entries, sent = rec.entries(0, upto)[sent:], max(sent, upto)
+        return entries
+
+    def produce() -> None:
+        try:
+            for c in head():
+                put(("head", c, None))
+            for piece in s:
+                put(("piece", piece, new_entries(False)))
+                if ticket.should_stop():
+                    break
+        finally:
+            s.close()
+            put(("end", "", new_entries(True)))
+
+    return produce
