@@ -64,7 +64,7 @@ def test_template_bomb_is_stopped_and_health_keeps_answering():
         app.state.server.options = app.state.server.options.__class__(request_timeout=0.5, template_timeout=30.0)
         t0 = time.monotonic()
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
-        assert r.status_code in (400, 504) and time.monotonic() - t0 < 3, r.text
+        assert r.status_code in (400, 504) and time.monotonic() - t0 < 1.8, r.text  # (before the 2 s limit)
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "abc", "max_tokens": 3, "temperature": 0}, timeout=30)
         assert r.json()["choices"][0]["text"] == "abc"  # and the server works on
 
