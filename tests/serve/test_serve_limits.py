@@ -37,6 +37,17 @@ def probe_health(url: str, until: threading.Event, worst: list) -> None:
             time.sleep(0.02)
 
 
+def quiet_health(url: str, seconds: float = 1.0) -> float:
+    """The slowest /health answer with nothing else asked of the server: what the machine's load alone costs."""
+    return health_during(url, lambda: time.sleep(seconds))[1]
+
+
+def responsive(worst: float, quiet: float) -> bool:
+    """/health answered within 100 ms, or (on a machine loaded by others, where even an idle server is slower)
+    within twice what it takes with nothing else to do; an event loop held by the work would take seconds."""
+    return worst < 0.1 or worst < 2 * quiet
+
+
 def health_during(url: str, request) -> tuple[httpx.Response, float]:
     """`request()` while /health is probed: its response and the slowest /health answer meanwhile."""
     done, worst = threading.Event(), [0.0]
@@ -56,10 +67,11 @@ def test_template_bomb_is_stopped_and_health_keeps_answering():
     app = create_app(model, tok, config, template_timeout=2.0)
     with live_server(app) as url:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        quiet = quiet_health(url)
         t0 = time.monotonic()
         r, worst = health_during(url, lambda: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60))
         assert r.status_code == 400 and "stopped" in r.json()["error"]["message"], r.text
-        assert 1.9 < time.monotonic() - t0 < 10 and worst < 0.1
+        assert 1.9 < time.monotonic() - t0 < 10 and responsive(worst, quiet), (worst, quiet)
         # the bomb counts against --request-timeout too: the tighter of the two stops it
         app.state.server.options = app.state.server.options.__class__(request_timeout=0.5, template_timeout=30.0)
         t0 = time.monotonic()
@@ -80,9 +92,10 @@ def test_a_1024_message_chat_renders_off_the_event_loop():
     app.state.server.jinja.encode = lambda *a, **k: calls.append(1) or real(*a, **k)
     with live_server(app) as url:
         body = {"messages": messages, "max_tokens": 4, "temperature": 0}
+        quiet = quiet_health(url)
         r, worst = health_during(url, lambda: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60))
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "abca"
-    assert worst < 0.1, worst
+    assert responsive(worst, quiet), (worst, quiet)
     assert len(calls) <= 12  # a binary search over the 513 places a history may start, not one render each
     assert r.json()["usage"]["prompt_tokens"] <= 64 - 4
 
