@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,83 @@ def tiny_run(char_data, tmp_path_factory) -> Path:
                             dtype="float32"),
           optim=OptimConfig(warmup_iters=1))
     return out
+
+
+def cycling_model(cycle: str | list[str], alphabet: str = "", *, chat_template: str | None = None,
+                  block_size: int = 64):
+    """(model, tokenizer, config) of a model whose greedy text repeats `cycle` for ever: after each token of `cycle`
+    comes the next one, after any other token the first. `cycle` is characters (a char tokenizer over them and
+    `alphabet`) or words (a word-level tokenizer). No training: the blocks are identities (zero weights) and the
+    embedding and head spell the successor table. `cycle` must not repeat a token. With `chat_template`, an "hf"
+    tokenizer carrying that jinja chat template."""
+    import torch
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from scratchgpt.model import GPT, ModelConfig
+    from scratchgpt.tokenizer import Tokenizer, train_char_tokenizer
+
+    assert len(set(cycle)) == len(cycle), "cycle repeats a token"
+    if isinstance(cycle, str):
+        tok = train_char_tokenizer([cycle, alphabet])
+    else:  # words: a word-level "hf" tokenizer (a word keeps its leading space; anything else is [UNK])
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+
+        vocab = {w: i for i, w in enumerate(dict.fromkeys([*cycle, "\n", "[UNK]"]))}
+        hf = HFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n| ?[^ \n]+| +"), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+        tok = Tokenizer(hf, "hf", raw=hf.to_str())
+    if chat_template is not None:
+        hf = HFTokenizer.from_str(tok.to_json())
+        tok = Tokenizer(hf, "hf", raw=tok.to_json(), side_files={"chat_template.jinja": chat_template.encode()})
+    V = tok.vocab_size
+    cfg = ModelConfig(vocab_size=V, block_size=block_size, n_layer=1, n_head=1, n_embd=max(V + V % 2, 8), pos="rope",
+                      tie_embeddings=False, bias=False)
+    model = GPT(cfg)
+    nxt = {tok.token_to_id(c): tok.token_to_id(cycle[(i + 1) % len(cycle)]) for i, c in enumerate(cycle)}
+    with torch.no_grad():
+        for p in model.transformer.h.parameters():
+            p.zero_()
+        model.transformer.wte.weight.copy_(torch.eye(V, cfg.n_embd))
+        model.lm_head.weight.zero_()
+        for t in range(V):
+            model.lm_head.weight[nxt.get(t, tok.token_to_id(cycle[0])), t] += 10.0
+    return model.eval(), tok, {}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live_server(app, options=None):
+    """`app` behind a real uvicorn server (serve's bounded protocol) in a thread of this process: yields its URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from scratchgpt.serve.command import bounded_protocol
+
+    options = options or app.state.server.options
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=bounded_protocol(options),
+                            timeout_keep_alive=options.keep_alive_timeout, timeout_graceful_shutdown=2,
+                            h11_max_incomplete_event_size=options.max_header_bytes)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        app.state.server.stopping = True  # generations in flight stop at their next token
+        server.should_exit = True
+        thread.join(30)

@@ -4,7 +4,7 @@ Options are declared once, as typed dataclasses with a docstring per field, and 
 come from them: `--model.*`, `--train.*`, `--optim.*` (ModelConfig, TrainConfig, OptimConfig,
 through jsonargparse: every field is also a config-file key), and the dash-named flags of
 `prepare` (PrepareConfig), `finetune` (FinetuneOptions, ClassifyOptions, SFTOptions) and
-`sample`/`chat`/`serve` (GenerationConfig). Heavy imports (torch) happen inside the
+`sample`/`chat` (GenerationConfig) and `serve` (ServeOptions). Heavy imports (torch) happen inside the
 subcommands where they can, so `--help` is quick.
 """
 
@@ -534,39 +534,29 @@ def cmd_tune(a, argv: list[str], parser: Parser) -> int:
 
 
 def _serve_parser() -> Parser:
-    p = Parser(description="Serve a run over HTTP with an OpenAI-compatible API: POST /v1/completions, "
-                           "POST /v1/chat/completions (streaming as server-sent events), GET /v1/models, GET /health. "
-                           "SIGTERM or Ctrl-C stops it gracefully (exit 0).")
+    from .serve.options import ServeOptions
+
+    p = Parser(description="Serve a run over HTTP: a chat page at /, and an OpenAI-compatible API: POST "
+                           "/v1/completions, POST /v1/chat/completions (streaming as server-sent events), GET "
+                           "/v1/models, GET /health. SIGTERM or Ctrl-C stops it gracefully (exit 0).")
     p.add_argument("run", type=Path, help="run directory (or a checkpoint directory)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on; beyond loopback needs --api-key or --insecure")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
     _which_arg(p)
-    p.add_argument("--device", default="auto", help="cpu, cuda, ...; auto: cuda > mps > cpu")
-    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
-    p.add_argument("--api-key", type=Optional[str], default=None,
-                   help="require `Authorization: Bearer KEY` on every route but /health (default: $SCRATCHGPT_API_KEY; "
-                        "unset: no key)")
-    p.add_argument("--insecure", action="store_true", help="allow a --host beyond loopback without an API key")
-    p.add_argument("--max-queue", type=int, default=16,
-                   help="requests that may wait while one generates; more get 503 with Retry-After")
-    p.add_argument("--request-timeout", type=float, default=300.0,
-                   help="seconds a request may take, waiting included: 503 while waiting, 504 once generating")
-    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
-                   help="uvicorn's log level")
+    add_options(p, ServeOptions)
     _quantize_arg(p)
     return p
 
 
 def cmd_serve(a) -> None:
+    from .serve.options import ServeOptions
+
+    options = options_from(a, ServeOptions)  # (bad values: one line, before FastAPI or the model load)
     try:
         import uvicorn  # noqa: F401
 
         from .serve import serve
     except ImportError as e:
         raise UserError(f"`scratchgpt serve` needs FastAPI and uvicorn ({e}): pip install 'scratchgpt[serve]'") from None
-    serve(a.run, host=a.host, port=a.port, which=a.which, device=a.device, max_tokens_limit=a.max_tokens_limit,
-          log_level=a.log_level, quantize=a.quantize, api_key=a.api_key, insecure=a.insecure, max_queue=a.max_queue,
-          request_timeout=a.request_timeout)
+    serve(a.run, options, which=a.which, quantize=a.quantize)
 
 
 # name: (parser, handler, one line for `scratchgpt --help`), in pipeline order

@@ -64,6 +64,10 @@ from .tokenizer import EOT, Tokenizer
 from .utf8guard import Utf8Guard, Utf8Tables, utf8_tables
 
 Prompt = Union[str, Sequence[int]]
+# observe(rows, logits, tokens): called at every step with the indices of the prompts in this batch, their raw
+# next-token logits (B, V) as the model gave them (before penalty, temperature or truncation) and the tokens
+# chosen from them (B,). A server computes logprobs from it, from the very forward the text came from.
+Observer = Callable[[Sequence[int], torch.Tensor, torch.Tensor], None]
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,6 +267,7 @@ class _Decoder:
             # the last sampled token is never fed back, hence -1
             self.cache = KVCache(cfg, B, max(T0, min(self.bs, T0 + max_new - 1)), param.device, param.dtype)
         self.logits: Optional[torch.Tensor] = None
+        self.observe: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
         self.fast = DecodeStep(model, self.cache) if self.cache is not None and DecodeStep.supports(model) else None
 
     @torch.inference_mode()
@@ -274,6 +279,8 @@ class _Decoder:
         if self.logits is None:
             self.logits = self._forward()
         tok = self.sampler(self.logits)
+        if self.observe is not None:
+            self.observe(self.logits, tok)
         self.seq.select(1, self.n).copy_(tok)
         self.n += 1
         self.logits = None  # computed lazily, so the last token costs no forward pass
@@ -407,13 +414,15 @@ def complete(
     *,
     note: Callable[[str], None] = _stderr_note,
     should_stop: Optional[Callable[[], bool]] = None,
+    observe: Optional[Observer] = None,
     **options,
 ) -> list[Completion]:
     """Continue each prompt (text, or a list of token ids); one Completion per prompt, in order.
 
     `options` override fields of `gen` (see GenerationConfig). Stop tokens are checked on the
     device and synced every 16 steps; stop strings need the text, so they sync every step.
-    `should_stop()`, asked before every token, ends generation early (a server's deadline).
+    `should_stop()`, asked before every token, ends generation early (a server's deadline). `observe` sees
+    each step's raw logits (see Observer).
     """
     gen = _config(gen, options)
     model = _check_model(model)
@@ -423,7 +432,7 @@ def complete(
     stop_ids, stops = _stops(tokenizer, gen)
     states = [_Row(tokenizer, stop_ids, stops or None, r) for r in rows]
     _run_batches(model, tokenizer.vocab_size, rows, gen, states, host_every_step=bool(stops), should_stop=should_stop,
-                 utf8=_utf8(tokenizer, gen))
+                 utf8=_utf8(tokenizer, gen), observe=observe)
     out = []
     for st in states:
         if st.text is not None:
@@ -470,7 +479,7 @@ def _utf8(tokenizer: Tokenizer, gen: GenerationConfig) -> Optional[Utf8Tables]:
 
 def _run_batches(model: GPT, valid_vocab: int, rows: list[list[int]], gen: GenerationConfig, states: list[_Row],
                  host_every_step: bool, should_stop: Optional[Callable[[], bool]] = None,
-                 utf8: Optional[Utf8Tables] = None) -> None:
+                 utf8: Optional[Utf8Tables] = None, observe: Optional[Observer] = None) -> None:
     """Run equal-length prompts as one batch each; row i samples with seed + i."""
     if not gen.max_new_tokens:
         return
@@ -481,6 +490,8 @@ def _run_batches(model: GPT, valid_vocab: int, rows: list[list[int]], gen: Gener
     with _eval_mode(model):
         for members in groups.values():
             dec = _decoder(model, valid_vocab, [rows[i] for i in members], gen, [base + i for i in members], utf8)
+            if observe is not None:
+                dec.observe = lambda logits, tok, members=members: observe(members, logits, tok)
             _run_group(dec, gen, [states[i] for i in members], host_every_step, should_stop or (lambda: False))
 
 
@@ -536,18 +547,21 @@ class TextStream:
     `close()` stops early (the partial result stays available).
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, prompt: Prompt, gen: GenerationConfig, note: Callable[[str], None]):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, prompt: Prompt, gen: GenerationConfig, note: Callable[[str], None],
+                 observe: Optional[Observer] = None):
         model = _check_model(model)
         ids = _prompt_ids(tokenizer, prompt, model.cfg.block_size, note)
         stop_ids, stops = _stops(tokenizer, gen)
         self._row = _Row(tokenizer, stop_ids, stops, ids)
-        self._gen = self._run(model, tokenizer, ids, gen)
+        self._gen = self._run(model, tokenizer, ids, gen, observe)
         self.prompt_tokens = len(ids)
 
-    def _run(self, model, tokenizer, ids, gen) -> Iterator[str]:
+    def _run(self, model, tokenizer, ids, gen, observe: Optional[Observer]) -> Iterator[str]:
         row = self._row
         if gen.max_new_tokens:
             dec = _decoder(model, tokenizer.vocab_size, [ids], gen, [resolve_seed(gen)], _utf8(tokenizer, gen))
+            if observe is not None:
+                dec.observe = lambda logits, tok: observe([0], logits, tok)
             for _ in range(gen.max_new_tokens):
                 with _eval_mode(model):  # per step: the caller's code between pieces sees its own mode
                     tok = int(dec.next()[0])
@@ -589,9 +603,11 @@ def stream(
     gen: Optional[GenerationConfig] = None,
     *,
     note: Callable[[str], None] = _stderr_note,
+    observe: Optional[Observer] = None,
     **options,
 ) -> TextStream:
-    """Stream one continuation: `for piece in stream(...)`; pieces join to what generate() returns."""
-    return TextStream(model, tokenizer, prompt, _config(gen, options), note)
+    """Stream one continuation: `for piece in stream(...)`; pieces join to what generate() returns. `observe`
+    sees each step's raw logits (see Observer)."""
+    return TextStream(model, tokenizer, prompt, _config(gen, options), note, observe)
 
 

@@ -22,7 +22,6 @@ An imported instruct model without such a template chats in its own jinja chat t
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import UserError
+from .sandbox import MAX_RENDER_CHARS, RENDER_TIMEOUT_S, compile_jinja, jinja_error, render, start_worker
 from .tokenizer import EOT, Tokenizer
 from .utils import read_json
 
@@ -148,73 +148,26 @@ class ChatTemplate:
 _MARK_START, _MARK_END = "\U000f0000", "\U000f0001"  # transformers' _CONTROL_TOKEN_START/_END (private use)
 
 
-def _compile_jinja(source: str):
-    """transformers.utils.chat_template_utils._cached_compile_jinja_template's sandboxed environment: the same
-    options (trim_blocks, lstrip_blocks, loopcontrols), filter (tojson) and globals (raise_exception,
-    strftime_now, dict, namespace); its {% generation %} tag (assistant masks) is left out."""
-    from datetime import datetime
-
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    class TemplateDict:  # dict() without attribute access to the dict type itself
-        def __call__(self, *args, **kwargs):
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args, **kwargs):
-            return dict.fromkeys(*args, **kwargs)
-
-    class TemplateNamespace(jinja2.utils.Namespace):  # no underscore-prefixed attributes (CPython internals)
-        def __init__(*args, **kwargs):
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name, value):
-            TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check_name(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"chat templates cannot set attribute {name!r} on a namespace")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f),
-                       dict=TemplateDict(), namespace=TemplateNamespace)
-    ast = env.parse(source)
-    # transformers' _get_template_literal_text: the added tokens the template writes itself are control tokens
-    literals = {n.data for n in ast.find_all(jinja2.nodes.TemplateData)}
-    literals |= {n.value for n in ast.find_all(jinja2.nodes.Const) if isinstance(n.value, str)}
-    return env.from_string(source), "\0".join(literals)
-
-
 class JinjaChatTemplate:
     """An imported model's jinja chat template (its tokenizer files' `chat_template`), rendered and encoded as
-    transformers does. A template that doesn't compile or render is a one-line UserError naming jinja's error."""
+    transformers does. A template that doesn't compile or render is a one-line UserError naming jinja's error.
 
-    def __init__(self, tokenizer: Tokenizer, source: str | list) -> None:
+    Rendering runs in sandbox.py's worker process, bounded: `timeout` seconds (a loop bomb is stopped, as a
+    UserError), `max_chars` characters of output, and the worker's memory cap."""
+
+    def __init__(self, tokenizer: Tokenizer, source: str | list, *, timeout: float = RENDER_TIMEOUT_S,
+                 max_chars: int = MAX_RENDER_CHARS) -> None:
         if isinstance(source, list):  # named templates: transformers uses "default" when no name is asked for
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default")
             if not isinstance(source, str):
                 raise UserError("the imported chat template is a list without a \"default\" template")
-        self.tokenizer = tokenizer
+        self.tokenizer, self.source, self.timeout, self.max_chars = tokenizer, source, timeout, max_chars
         self.variables = tokenizer.special_tokens()  # bos_token, eos_token...: as transformers passes them
         try:
-            self._template, literal_text = _compile_jinja(source)
+            _, literal_text = compile_jinja(source)  # (here too: a syntax error is found at load time)
         except Exception as e:  # jinja's TemplateSyntaxError and friends
-            raise UserError(f"the imported model's jinja chat template does not compile: {_jinja_error(e)}") from None
+            raise UserError(f"the imported model's jinja chat template does not compile: {jinja_error(e)}") from None
         added = list(tokenizer.added_tokens().values())
         # transformers' _get_control_tokens: special tokens, and added tokens the template writes (not whitespace)
         self._control_re = _alternation([t.content for t in added if t.special or
@@ -223,30 +176,43 @@ class JinjaChatTemplate:
                                       f"|[{_MARK_START}{_MARK_END}]")
 
     @classmethod
-    def of(cls, tokenizer: Tokenizer, config: dict) -> Optional["JinjaChatTemplate"]:
+    def of(cls, tokenizer: Tokenizer, config: dict, **limits: float) -> Optional["JinjaChatTemplate"]:
         """The run's jinja template, if chat should use one: an imported model's, unless SFT gave the run
-        scratchgpt's own ChatTemplate (that one is what it was tuned on)."""
+        scratchgpt's own ChatTemplate (that one is what it was tuned on). `limits`: timeout, max_chars."""
         if config.get("chat_template") or not tokenizer.chat_template:
             return None
-        return cls(tokenizer, tokenizer.chat_template)
+        return cls(tokenizer, tokenizer.chat_template, **limits)
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        """The text apply_chat_template(messages, add_generation_prompt=..., tokenize=False) gives."""
-        return self._render([{k: v for k, v in m.items() if v is not None} for m in messages], add_generation_prompt)
-
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def warm(self) -> None:
+        """Do the one-time work now (the render worker's start, the special-token encoder), not in a request."""
+        start_worker()
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **self.variables)
-        except Exception as e:  # TemplateError from raise_exception, or a template bug (UndefinedError, TypeError...)
-            raise UserError(f"the imported model's jinja chat template failed: {_jinja_error(e)}") from None
+            self.tokenizer.encode_with_special_tokens("")
+        except ValueError:  # a kind without special-token encoding: nothing to build
+            pass
 
-    def encode(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
+               deadline: Optional[float] = None) -> str:
+        """The text apply_chat_template(messages, add_generation_prompt=..., tokenize=False) gives.
+        `deadline` (a time.monotonic() value) bounds it further, e.g. by a server's request timeout."""
+        return self._render([{k: v for k, v in m.items() if v is not None} for m in messages], add_generation_prompt,
+                            deadline)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, deadline: Optional[float]) -> str:
+        variables = dict(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                         **self.variables)
+        try:
+            return render(self.source, variables, timeout=self.timeout, max_chars=self.max_chars, deadline=deadline)
+        except ValueError as e:  # TemplateError from raise_exception, or a template bug (UndefinedError, TypeError...)
+            raise UserError(f"the imported model's jinja chat template failed: {e}") from None
+
+    def encode(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
+               deadline: Optional[float] = None) -> list[int]:
         """Prompt ids for `messages`: apply_chat_template(..., add_generation_prompt=True, tokenize=True,
         sanitize_control_tokens=True) (transformers' encode_marked_chat). Without control-token strings in the
         messages that is exactly its default (sanitize_control_tokens=False) too."""
         marked = [{k: self._mark(v) for k, v in m.items() if v is not None} for m in messages]
-        pieces = self._markers_re.split(self._render(marked, add_generation_prompt))
+        pieces = self._markers_re.split(self._render(marked, add_generation_prompt, deadline))
         tok = self.tokenizer
         ids = tok.encode_with_special_tokens(pieces[0])
         newline = tok.encode_with_special_tokens("\n")
@@ -275,28 +241,41 @@ class JinjaChatTemplate:
         return value
 
 
-def fit_messages(template: JinjaChatTemplate, messages: Sequence[dict], budget: int) -> tuple[list[int], list[dict]]:
-    """The conversation's prompt ids, re-rendered whole, and its messages after dropping the oldest turns (never a
+def fit_messages(template: JinjaChatTemplate, messages: Sequence[dict], budget: int, *,
+                 deadline: Optional[float] = None) -> tuple[list[int], list[dict]]:
+    """The conversation's prompt ids, rendered whole, and its messages after dropping the oldest turns (never a
     system message; the rest still starts with a user message) until it fits in `budget` tokens or one is left."""
     system = [m for m in messages if m.get("role") == "system"]
     rest = [m for m in messages if m.get("role") != "system"]
-    while True:
-        ids = template.encode(system + rest)
-        if len(ids) <= budget or len(rest) <= 1:
-            return ids, system + rest
-        rest = rest[1:]
-        while len(rest) > 1 and rest[0].get("role") != "user":
-            rest = rest[1:]
+    ids, start = fit_suffix(lambda k: template.encode(system + rest[k:], deadline=deadline),
+                            [m.get("role") == "user" for m in rest], budget)
+    return ids, system + rest[start:]
+
+
+def fit_suffix(encode: Callable[[int], list[int]], is_user: Sequence[bool], budget: int) -> tuple[list[int], int]:
+    """The longest history that fits in `budget` tokens: (encode(k), k) for the smallest start k among 0, the
+    user messages and the last message, with len(encode(k)) <= budget (else the last message alone).
+
+    Dropping turns oldest first, one at a time, would encode the conversation once per dropped turn (a
+    1,024-message chat: a thousand renders); a longer history is never shorter in tokens, so a binary search
+    over the starts finds the same one in log2(n) encodings."""
+    n = len(is_user)
+    starts = sorted({0, max(n - 1, 0), *(k for k in range(1, n) if is_user[k])})
+    lo, hi = 0, len(starts) - 1  # invariant: starts[hi] is the answer if none before it fits
+    found: dict[int, list[int]] = {}
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found[mid] = encode(starts[mid])
+        if len(found[mid]) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return (found[lo] if lo in found else encode(starts[lo])), starts[lo]
 
 
 def _alternation(strings: list[str]) -> re.Pattern:
     """A regex matching any of `strings`, longer ones first (so a token wins over the tokens it contains)."""
     return re.compile("|".join(map(re.escape, sorted(strings, key=len, reverse=True))) or "(?!)")
-
-
-def _jinja_error(e: Exception) -> str:
-    where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
-    return f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}{where}"
 
 
 def default_template(tokenizer: Tokenizer) -> dict:

@@ -438,7 +438,7 @@ def test_lora_run_works_directly_with_sample_chat_serve_and_eval(base_run, ft_ro
     from fastapi.testclient import TestClient
 
     apps = []
-    monkeypatch.setattr("scratchgpt.serve._graceful_server",  # the app serve() builds, instead of running it
+    monkeypatch.setattr("scratchgpt.serve.command._graceful_server",  # the app serve() builds, instead of running it
                         lambda config, srv: type("NoServer", (), {"run": lambda self: apps.append(config.app)})())
     code, _, err = cli(capsys, "serve", lora, "--port", "0", "--device", "cpu")
     assert code == 0 and len(apps) == 1, err

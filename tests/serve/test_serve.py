@@ -150,7 +150,9 @@ def test_chat_without_template_and_long_history(client, loaded):
     ("/v1/completions", {"max_tokens": 3}, "prompt: Field required"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 65}, "max_tokens: Input should be less than or equal to 64"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 3}, "logprobs: not supported"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs: Input should be less than or equal to 20"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True},
+     "logprobs: not supported"),
     ("/v1/completions", {"prompt": "x", "stream": True, "n": 2}, "n=1"),
     ("/v1/completions", {"prompt": []}, "prompt: List should have at least 1 item"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
@@ -195,4 +197,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no such run directory" in err and "\n" not in err
     assert main(["serve", str(tmp_path), "--port", "70000"]) == 1
-    assert "--port must be in 0..65535" in capsys.readouterr().err
+    assert "--port must be" in capsys.readouterr().err
+
+
+def test_serve_options_are_declared_once(tmp_path, capsys):
+    """ServeOptions is the one declaration of serve's flags: each field a documented flag, its checks one line."""
+    import dataclasses
+
+    from scratchgpt.cli import COMMANDS, field_docs
+    from scratchgpt.generate import MAX_NEW_TOKENS
+    from scratchgpt.serve.options import MAX_NEW_TOKENS as SERVE_MAX, ServeOptions
+
+    assert SERVE_MAX == MAX_NEW_TOKENS
+    docs = field_docs(ServeOptions)
+    flags = {o for a in COMMANDS["serve"][0]()._actions for o in a.option_strings}
+    for f in dataclasses.fields(ServeOptions):
+        assert docs.get(f.name) and "--" + f.name.replace("_", "-") in flags, f.name
+    for flag, value in (("--header-timeout", "0"), ("--max-connections", "0"), ("--request-timeout", "-1")):
+        assert main(["serve", str(tmp_path), flag, value]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} must be") and err.count("\n") == 1

@@ -20,11 +20,12 @@ pytest.importorskip("httpx")
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-import scratchgpt.serve as serve_mod  # noqa: E402
+import scratchgpt.serve.routes as serve_mod  # noqa: E402  (where the endpoints call complete and stream)
 from scratchgpt.checkpoint import load_model  # noqa: E402
 from scratchgpt.cli import main  # noqa: E402
 from scratchgpt.generate import SEED_RANGE, generate  # noqa: E402
 from scratchgpt.serve import create_app  # noqa: E402
+from scratchgpt.serve.options import MAX_BODY_BYTES  # noqa: E402
 
 KEY = "s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -91,10 +92,13 @@ def test_any_seed_is_reduced_as_the_cli_reduces_it(client, loaded, tiny_run, cap
 
 
 def test_unsupported_options_only_at_their_neutral_values(client):
-    ok = {"prompt": "a", "max_tokens": 2, "logprobs": 0, "frequency_penalty": 0.0, "best_of": 1, "logit_bias": {}}
+    ok = {"prompt": "a", "max_tokens": 2, "frequency_penalty": 0.0, "best_of": 1, "logit_bias": {}}
     assert client.post("/v1/completions", json=ok, headers=AUTH).status_code == 200
-    for field, value in (("logprobs", 2), ("logprobs", True), ("best_of", 3), ("presence_penalty", 0.5),
-                         ("logit_bias", {"1": 2.0}), ("suffix", "x")):
+    chat = {"messages": [{"role": "user", "content": "a"}], "max_tokens": 2}
+    assert client.post("/v1/chat/completions", json={**chat, "logprobs": False}, headers=AUTH).status_code == 200
+    err = error_of(client.post("/v1/chat/completions", json={**chat, "logprobs": True}, headers=AUTH), 400)
+    assert err["param"] == "logprobs" and "not supported" in err["message"]
+    for field, value in (("best_of", 3), ("presence_penalty", 0.5), ("logit_bias", {"1": 2.0}), ("suffix", "x")):
         err = error_of(client.post("/v1/completions", json={"prompt": "a", field: value}, headers=AUTH), 400)
         assert err["param"] == field and "not supported" in err["message"]
 
@@ -135,7 +139,7 @@ def test_no_key_means_open_and_loopback_only(loaded, tmp_path, capsys):
 
 
 def test_body_size_is_capped(client):
-    big = b'{"prompt": "' + b"a" * (serve_mod.MAX_BODY_BYTES + 1) + b'"}'
+    big = b'{"prompt": "' + b"a" * (MAX_BODY_BYTES + 1) + b'"}'
     r = client.post("/v1/completions", content=big, headers={**AUTH, "content-type": "application/json"})
     assert error_of(r, 413)["type"] == "invalid_request_error"
 
@@ -189,6 +193,9 @@ def _slow_stream(real):
     class Slow:  # a TextStream whose every piece takes 50 ms
         def __init__(self, inner):
             self.inner = inner
+
+        def __iter__(self):
+            return self
 
         def __next__(self):
             time.sleep(0.05)

@@ -95,7 +95,7 @@ class Tokenizer:
         if self._hf_specials is None:  # a second copy that honours them (a shared flag would race in serve)
             self._hf_specials = type(self._hf).from_str(self._raw or self._hf.to_str())
             self._hf_specials.encode_special_tokens = False
-        return self._hf_specials.encode(text, add_special_tokens=False).ids
+        return self._hf_specials.encode_batch([text], add_special_tokens=False)[0].ids  # (releases the GIL)
 
     @property
     def eot_token(self) -> str | None:

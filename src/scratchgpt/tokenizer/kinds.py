@@ -144,7 +144,8 @@ class HfCodec(Codec):
         self.bos_ids = prefix_specials(hf)
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        # encode_batch lets other threads (serve's event loop) run meanwhile; encode holds the GIL throughout
+        return np.asarray(self._hf.encode_batch([text], add_special_tokens=False)[0].ids, dtype=np.int64)
 
     def decode(self, ids: list[int]) -> str:
         # special tokens are shown, as <|endoftext|> is by the other kinds
