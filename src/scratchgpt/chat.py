@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Iterable, Iterator, Optional, TextIO
 
 from . import UserError
 from .checks import check_range
-from .checkpoint import load_run
+from .checkpoint import Which, load_run
 from .data.readers import read_text
 from .generate import GenerationConfig, resolve_seed, complete, generate, stream
 from .model import GPT, gpt_of
 from .prompts import ChatTemplate, JinjaChatTemplate, encode_with_eot, fit_messages
-from .quantize import quantize_model
+from .quantize import Quantize, quantize_model
 from .runtime import pick_device
 from .tokenizer import Tokenizer
 
 
-def _load_for_generation(run, which: str, device: str, quantize: Optional[str], command: str) -> tuple[GPT, Tokenizer, dict]:
+def _load_for_generation(run, which: Which, device: str, quantize: Quantize, command: str) -> tuple[GPT, Tokenizer, dict]:
     loaded = load_run(run, which, device=pick_device(device))
     model = loaded.language_model(command)
     quantize_model(model, quantize)
@@ -122,25 +123,33 @@ def chat(
 
 
 def sample_cli(
-    run,
+    run: Path,
     *,
-    prompt: Optional[str],
-    prompt_file,
-    which: str,
-    device: str,
-    num_samples: int,
-    stream_output: bool,
-    gen: GenerationConfig,
-    out: Optional[TextIO] = None,
+    which: Which = "best",
+    gen: Optional[GenerationConfig] = None,
+    device: str = "auto",
+    quantize: Quantize = "none",
+    prompt: Optional[str] = None,
+    prompt_file: Optional[Path] = None,
+    num_samples: int = 1,
+    stream_output: bool = False,
     raw: bool = False,
-    quantize: Optional[str] = None,
+    out: Optional[TextIO] = None,
 ) -> None:
     """Print `num_samples` continuations (prompt included); sample i uses seed + i, streamed or not.
 
     A run fine-tuned with a chat template gets the prompt wrapped in it and prints only the reply;
     `raw` continues the text as given instead.
+
+    Args:
+        prompt: text to continue (default: empty)
+        prompt_file: read the prompt from a file
+        num_samples: independent samples (sample i uses seed + i)
+        stream_output: print text as it is generated
+        raw: ignore a fine-tuned run's chat template; continue the prompt as is
+        out: where the text goes (default: stdout)
     """
-    out = out or sys.stdout
+    out, gen = out or sys.stdout, gen or GenerationConfig()
 
     if prompt is not None and prompt_file is not None:
         raise UserError("give --prompt or --prompt-file, not both")
@@ -197,7 +206,9 @@ def _stdin_lines(err: TextIO) -> Iterator[str]:
             print("\n(Ctrl-C stops a reply; /exit or Ctrl-D quits)", file=err)
 
 
-def chat_cli(run, *, which: str, device: str, gen: GenerationConfig, quantize: Optional[str] = None) -> None:
+def chat_cli(run: Path, *, which: Which = "best", gen: Optional[GenerationConfig] = None, device: str = "auto",
+             quantize: Quantize = "none") -> None:
     """The interactive (or piped) chat session of `scratchgpt chat`."""
+    gen = gen or GenerationConfig()
     model, tokenizer, config = _load_for_generation(run, which, device, quantize, "chat")
     chat(model, tokenizer, config, _stdin_lines(sys.stderr), sys.stdout, gen, interactive=sys.stdin.isatty())

@@ -17,39 +17,66 @@ The result is printed as JSON and saved as RUN/eval-<task>.json (lm also as RUN/
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 
 from . import UserError
-from .checks import check_range
-from .checkpoint import load_run
+from .checks import check_fields
+from .checkpoint import Which, load_run
 from .data import TokenDataset, load_meta
 from .data.readers import read_labelled, read_sft, read_text
 from .generate import MAX_NEW_TOKENS, complete
 from .heads import predict_proba
 from .metrics import classification_metrics, evaluate_lm, generation_metrics
 from .prompts import JinjaChatTemplate, default_template, encode_texts, prompt_ids
-from .quantize import quantize_model
+from .quantize import Quantize, quantize_model
 from .utils import atomic_write_json, finite_or_null, json_text
 
 
-def evaluate_lm_cli(run: Path, data: Optional[Path] = None, context: int = 0, which: str = "best",
-                    batch_size: int = 16, base: Optional[Path] = None, quantize: Optional[str] = None) -> dict:
+@dataclass(frozen=True)
+class EvalOptions:
+    """What `scratchgpt eval` measures, on what data, and how (flags: --task, --batch-size, ...)."""
+
+    task: Literal["lm", "classify", "generate"] = "lm"
+    """What to measure."""
+    data: Optional[Path] = None
+    """lm: prepared data dir (default: the run's) or a text file; classify/generate: CSV/JSONL file."""
+    context: int = 0
+    """lm: window length in tokens; 0: the model's block_size."""
+    batch_size: int = 16
+    """Windows (lm) or texts (classify) per forward pass."""
+    text_field: Optional[str] = None
+    """classify: the text field of the file; null: the run's."""
+    label_field: Optional[str] = None
+    """classify: the label field of the file; null: the run's."""
+    max_new_tokens: int = 128
+    """generate: reply length limit. Shorter than sampling's default: replies are scored against short
+    references, and a reply that never stops costs its whole length."""
+    limit: int = 0
+    """generate: only the first N examples; 0: all."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, lambda name: "--" + name.replace("_", "-"), {
+            "context": "[0, 1048576]", "batch_size": "[1, 65536]", "max_new_tokens": f"[1, {MAX_NEW_TOKENS}]",
+            "limit": "[0, inf)"})
+
+
+def evaluate_lm_cli(run: Path, o: EvalOptions, *, which: Which, base: Optional[Path], quantize: Quantize) -> dict:
     """`scratchgpt eval RUN [--task lm]`: val_loss, perplexity, bits_per_byte; printed, saved as RUN/eval-lm.json.
 
-    `data` is a prepared data dir (its val split; default: the run's) or a text file.
+    `o.data` is a prepared data dir (its val split; default: the run's) or a text file.
     """
+    data = o.data
     loaded = load_run(run, which, base=base)
     model, tokenizer, config = loaded.gpt, loaded.tokenizer, loaded.config  # a classifier's backbone is still an LM
     if not model.cfg.causal:
         raise UserError(f"{run} is a bidirectional (mlm) model: --task lm measures next-token prediction, "
                         "which needs a causal model")
     quantize_model(model, quantize)
-    context = context or model.cfg.block_size
-    if context < 1:
-        raise UserError("--context must be at least 1")
+    context = o.context or model.cfg.block_size
     if not (data or config.get("data")):
         raise UserError(f"{run} records no data directory (an imported model?): pass --data DIR or a text file")
     data = Path(data or config["data"])
@@ -62,7 +89,7 @@ def evaluate_lm_cli(run: Path, data: Optional[Path] = None, context: int = 0, wh
                                                         and meta.get("tokenizer") != "hf"):
             raise UserError(f"vocabulary mismatch: the model has {model.cfg.vocab_size} tokens, {data} has {meta['vocab_size']}")
         dataset, split = TokenDataset(data, "val", 1), "val"
-    result = evaluate_lm(model, dataset, context, batch_size=batch_size, tokenizer=tokenizer)
+    result = evaluate_lm(model, dataset, context, batch_size=o.batch_size, tokenizer=tokenizer)
     result = {"run": str(run), "task": "lm", "data": str(data), "split": split, **result, "quantize": quantize or "none"}
     _report(run, "lm", result)
     return result
@@ -104,10 +131,10 @@ def _report(run: Path, task: str, result: dict) -> None:
                 print(f"warning: could not save {name}: {e}", file=sys.stderr)
 
 
-def evaluate_classify_cli(run: Path, data: Path, which: str = "best", text_field: Optional[str] = None,
-                          label_field: Optional[str] = None, batch_size: int = 64, base: Optional[Path] = None,
-                          quantize: Optional[str] = None) -> dict:
+def evaluate_classify_cli(run: Path, o: EvalOptions, *, which: Which, base: Optional[Path],
+                          quantize: Quantize) -> dict:
     """`scratchgpt eval RUN --task classify --data FILE`: accuracy, macro-F1, confusion matrix."""
+    data = o.data
     if data is None:
         raise UserError("--task classify needs --data FILE (CSV or JSONL with text and label fields)")
     loaded = load_run(run, which, base=base)
@@ -117,14 +144,14 @@ def evaluate_classify_cli(run: Path, data: Path, which: str = "best", text_field
         raise UserError(f"{run} is not a classification run (make one with `scratchgpt finetune classify`)")
     quantize_model(model, quantize)
     labels = cls["labels"]
-    texts, y_true, wheres = read_labelled(data, text_field or cls.get("text_field", "text"),
-                                          label_field or cls.get("label_field", "label"))
+    texts, y_true, wheres = read_labelled(data, o.text_field or cls.get("text_field", "text"),
+                                          o.label_field or cls.get("label_field", "label"))
     for lab, where in zip(y_true, wheres):
         if lab not in labels:
             raise UserError(f"{where}: label {lab!r} is not one the model knows ({', '.join(map(repr, labels))})")
     ids, cut = encode_texts(tokenizer, texts, wheres, loaded.gpt.cfg.block_size,
                             lambda m: print(m, file=sys.stderr))
-    probs = predict_proba(model, ids, "cpu", batch_size)
+    probs = predict_proba(model, ids, "cpu", o.batch_size)
     y_pred = [labels[i] for i in probs.argmax(-1).tolist()]
     metrics = classification_metrics(y_true, y_pred, labels)
     result = {"run": str(run), "task": "classify", "data": str(data), "truncated": cut, **metrics,
@@ -133,14 +160,13 @@ def evaluate_classify_cli(run: Path, data: Path, which: str = "best", text_field
     return result
 
 
-def evaluate_generate_cli(run: Path, data: Path, which: str = "best", max_new_tokens: int = 128, limit: int = 0,
-                          base: Optional[Path] = None, quantize: Optional[str] = None) -> dict:
+def evaluate_generate_cli(run: Path, o: EvalOptions, *, which: Which, base: Optional[Path],
+                          quantize: Quantize) -> dict:
     """`scratchgpt eval RUN --task generate --data FILE`: BLEU, chrF and exact match of greedy replies (prompted in
     the run's SFT template, else an imported instruct model's own jinja template, else the default SFT one)."""
+    data, max_new_tokens = o.data, o.max_new_tokens
     if data is None:
         raise UserError("--task generate needs --data FILE (SFT JSONL: prompt/response or messages)")
-    if max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1")
     loaded = load_run(run, which, base=base)
     if loaded.is_classifier:
         raise UserError(f"{run} is a classification run: use --task classify")
@@ -149,8 +175,8 @@ def evaluate_generate_cli(run: Path, data: Path, which: str = "best", max_new_to
     jinja = JinjaChatTemplate.of(tokenizer, config)  # an imported instruct model is asked in its own template
     template = config.get("chat_template") or default_template(tokenizer)
     examples = read_sft(data)
-    if limit:
-        examples = examples[:limit]
+    if o.limit:
+        examples = examples[:o.limit]
     prompts = []
     for ex in examples:
         try:
@@ -172,20 +198,11 @@ def evaluate_generate_cli(run: Path, data: Path, which: str = "best", max_new_to
     return result
 
 
-def evaluate_cli(run: Path, task: str = "lm", data: Optional[Path] = None, *, context: int = 0, which: str = "best",
-                 batch_size: int = 16, text_field: Optional[str] = None, label_field: Optional[str] = None,
-                 max_new_tokens: int = 128, limit: int = 0, base: Optional[Path] = None,
-                 quantize: Optional[str] = None) -> dict:
-    """`scratchgpt eval`: dispatch on --task."""
-    check_range("--batch-size", batch_size, "[1, 65536]")
-    check_range("--context", context, "[0, 1048576]")
-    check_range("--max-new-tokens", max_new_tokens, f"[1, {MAX_NEW_TOKENS}]")
-    check_range("--limit", limit, "[0, inf)")
-    if task == "lm":
-        return evaluate_lm_cli(run, data=data, context=context, which=which, batch_size=batch_size, base=base,
-                               quantize=quantize)
-    if task == "classify":
-        return evaluate_classify_cli(run, data, which, text_field, label_field, batch_size, base, quantize)
-    if task == "generate":
-        return evaluate_generate_cli(run, data, which, max_new_tokens, limit, base, quantize)
-    raise UserError(f"--task must be lm, classify or generate, not {task!r}")
+def evaluate_cli(run: Path, options: Optional[EvalOptions] = None, *, which: Which = "best",
+                 base: Optional[Path] = None, quantize: Quantize = "none") -> dict:
+    """`scratchgpt eval`: measure RUN/which as `options` say (EvalOptions: task, data, ...)."""
+    o = options or EvalOptions()
+    measure = {"lm": evaluate_lm_cli, "classify": evaluate_classify_cli, "generate": evaluate_generate_cli}.get(o.task)
+    if measure is None:
+        raise UserError(f"--task must be lm, classify or generate, not {o.task!r}")
+    return measure(run, o, which=which, base=base, quantize=quantize)

@@ -19,12 +19,19 @@ from pathlib import Path
 
 from . import UserError
 from . import hf
-from .checkpoint import ADAPTER_FILE, resolve_checkpoint
+from .checkpoint import ADAPTER_FILE, Which, resolve_checkpoint
 
 
-def export_cli(run: Path, out: Path, *, which: str = "best", adapter: bool = False, force: bool = False,
-               base: Path | None = None, model_type: str | None = None) -> Path:
-    """Export RUN/which (or a checkpoint dir) as a transformers folder; prints where it went and how to load it."""
+def export_cli(run: Path, out: Path, *, which: Which = "best", adapter: bool = False, base: Path | None = None,
+               model_type: str | None = None, force: bool = False) -> Path:
+    """Export RUN/which (or a checkpoint dir) as a transformers folder; prints where it went and how to load it.
+
+    Args:
+        out: the folder to write
+        adapter: LoRA runs: a PEFT adapter folder (with the base exported into OUT/base) instead of merged weights
+        model_type: the transformers model_type to write where several compute the model (a Llama-shaped one
+            without biases: llama, mistral or phi3); default: the one it was imported from, else the natural one
+    """
     ckpt = resolve_checkpoint(Path(run), which)
     is_lora = (ckpt / ADAPTER_FILE).exists()
     if adapter and not is_lora:
@@ -55,7 +62,13 @@ def _export_merged(ckpt: Path, out: Path, force: bool, base: Path | None, model_
 
 
 def import_cli(hf_dir: Path, out: Path, *, tokenizer: Path | None = None, force: bool = False) -> Path:
-    """Import a transformers folder as a scratchgpt run; prints what to do with it."""
+    """Import a transformers folder as a scratchgpt run; prints what to do with it.
+
+    Args:
+        hf_dir: a folder written by transformers' save_pretrained
+        out: the run directory to write
+        tokenizer: tokenizer.json (or its folder) if it is not in HF_DIR
+    """
     run = hf.import_hf(hf_dir, out, tokenizer=tokenizer, force=force)
     print(f"imported {hf_dir} as {run}: sample, chat, eval, serve and finetune take it; train --train.init_from "
           f"{run} continues pretraining on new data prepared with its tokenizer", file=sys.stderr)

@@ -364,8 +364,8 @@ def _fmt(params: Mapping[str, Any]) -> str:
 
 
 def tune(
-    space: Union[str, os.PathLike, Mapping, None],
-    out: Union[str, os.PathLike],
+    space: Union[str, os.PathLike, Mapping, None] = None,
+    out: Union[str, os.PathLike] = "runs/tune",
     *,
     data: Optional[Union[str, os.PathLike]] = None,
     method: Optional[Method] = None,
@@ -381,14 +381,25 @@ def tune(
 ) -> dict:
     """Run (or continue) a search; returns best.json's content.
 
-    `pruner`: median (the default), halving (successive halving) or none. A Ctrl-C or SIGTERM
-    records the running trial as interrupted and raises runtime.Interrupted (`resume` continues).
-
-    `trials` is the total number of trials, counting those already recorded. `model`/`train`/
-    `optim` are the base config each trial starts from. With `resume`, the saved space, method,
-    seed and base config are used; any given here must match them: the base-config keys named
-    in `given` (dotted, e.g. "train.max_iters": what the user set), or, without `given`,
+    A Ctrl-C or SIGTERM records the running trial as interrupted and raises runtime.Interrupted
+    (`resume` continues). With `resume`, the saved space, method, seed and base config are used;
+    any given here must match them: the base-config keys named in `given`, or, without `given`,
     every field of a section passed in.
+
+    Args:
+        space: YAML/JSON file or inline mapping, e.g. '{"optim.lr": {"low": 1e-4, "high": 1e-2, "log": true},
+            "model.n_embd": [32, 64]}'
+        out: search directory
+        data: prepared data dir (default: the embedded corpus)
+        method: grid, random, or bayes (TPE; the default)
+        trials: total trials, counting those already done on --resume
+        model: the base config of every trial (with train and optim)
+        seed: seeds the sampler (default 0); trials train with --train.seed
+        resume: continue the search in --out with its saved settings
+        force: replace a search that is already in --out
+        given: the dotted base-config keys the user set (e.g. "train.max_iters")
+        pruner: stop bad trials at an evaluation: median (the default: worse than the median of earlier trials at
+            that step), halving (successive halving) or none
     """
     import optuna
 

@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import count_fuzz
-from scratchgpt.cli import _flag, main
+from scratchgpt.cli import main
+from scratchgpt.flags import _flag
 from scratchgpt.data import PrepareConfig
 from scratchgpt.finetune import ClassifyOptions, FinetuneOptions, SFTOptions
 from scratchgpt.generate import GenerationConfig

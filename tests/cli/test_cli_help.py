@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 
-from scratchgpt.cli import COMMANDS, _all_parsers, field_docs, main
+from scratchgpt.cli import COMMANDS, main
+from scratchgpt.flags import _all_parsers, field_docs
 
 
 def flags_without_help() -> list[str]:

@@ -14,7 +14,7 @@ from scratchgpt import generate as G
 from scratchgpt.checkpoint import save_checkpoint
 from scratchgpt.cli import main
 from scratchgpt.model import GPT, ModelConfig
-from scratchgpt.quantize import Int4Linear, Int8Linear, quantize_int8, quantize_model
+from scratchgpt.quantize import Int4Linear, Int8Linear, quantize_model
 from scratchgpt.tokenizer import train_char_tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs.\n" * 20
@@ -85,7 +85,7 @@ def test_adapter_layers_are_refused():
     model = tiny(20)
     model.transformer.h[0].attn.c_attn = Wrapped(32, 96)
     with pytest.raises(UserError, match="merge-lora"):
-        quantize_int8(model)
+        quantize_model(model, "int8")
     with pytest.raises(UserError, match="--quantize"):
         quantize_model(tiny(20), "int3")
     assert quantize_model(model, "none") is model

@@ -25,7 +25,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -270,7 +270,10 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: cannot read ({first_line})") from None
 
 
-def resolve_checkpoint(run: Path, which: str = "best") -> Path:
+Which = Literal["best", "latest"]  # a run's checkpoint to use: `best` falls back to `latest`
+
+
+def resolve_checkpoint(run: Path, which: Which = "best") -> Path:
     """A run dir (picks `which`, falling back to latest) or a checkpoint dir itself."""
     run = Path(run)
     if not run.exists():

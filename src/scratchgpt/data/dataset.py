@@ -289,7 +289,11 @@ def load_tokenizer(data_dir: str | os.PathLike):
 def data_info(data_dir: str | os.PathLike, *, sample_tokens: int = 200, verify: bool = False) -> str:
     """A readable summary of a prepared directory: manifest, token counts, decoded samples.
 
-    With `verify`, the sha256 of every file is checked against meta.json (UserError if not).
+    Args:
+        data_dir: a prepared data directory
+        sample_tokens: tokens to decode from each split
+        verify: check the sha256 of every file (each shard too) against meta.json, and every token id
+            against the vocabulary (UserError if one is wrong)
     """
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import UserError
-from ..checkpoint import TOKENIZER_FILE, load_run
+from ..checkpoint import TOKENIZER_FILE, Which, load_run
 from ..data.readers import read_labelled, read_texts
 from ..heads import GPTClassifier, classifier_logits, predict_proba
 from ..metrics import classification_metrics, format_confusion
@@ -86,13 +86,23 @@ def train_classifier(model: nn.Module, train_ids: list[list[int]], train_y: list
 
 
 def finetune_classify(base: str | os.PathLike, train_file: str | os.PathLike, val_file: str | os.PathLike,
-                      out: str | os.PathLike, *, options: Optional[FinetuneOptions] = None,
-                      task: Optional[ClassifyOptions] = None, which: str = "best", force: bool = False,
-                      log: Callable[[str], None] = stderr_log, command: Optional[str] = None, resume: bool = False,
+                      out: str | os.PathLike, *, force: bool = False, resume: bool = False, which: Which = "best",
+                      options: Optional[FinetuneOptions] = None, task: Optional[ClassifyOptions] = None,
+                      log: Callable[[str], None] = stderr_log, command: Optional[str] = None,
                       **task_fields: Any) -> dict:
     """`scratchgpt finetune classify`: returns the summary also written to out/result.json.
 
-    `task` (or its fields as keywords: text_field=..., pooling=...) says what to read and how to pool."""
+    `task` (or its fields as keywords: text_field=..., pooling=...) says what to read and how to pool.
+
+    Args:
+        base: base run (or checkpoint dir) to fine-tune
+        train_file: training file (.csv, .tsv or .jsonl)
+        val_file: validation file, same format
+        out: new run directory
+        resume: continue `out` after a Ctrl-C or SIGTERM, exactly (give the same command line it started with)
+        log: where progress lines go (default: stderr)
+        command: the command line, recorded in config.json
+    """
     o = options or FinetuneOptions()
     t = replace(task or ClassifyOptions(), **task_fields)
     if t.pooling not in ("last", "mean"):
@@ -134,11 +144,19 @@ def finetune_classify(base: str | os.PathLike, train_file: str | os.PathLike, va
 
 
 def predict(run: str | os.PathLike, input: str | os.PathLike, output: Optional[str | os.PathLike] = None, *,
-            text_field: Optional[str] = None, which: str = "best", base: Optional[str | os.PathLike] = None,
+            text_field: Optional[str] = None, which: Which = "best", base: Optional[str | os.PathLike] = None,
             batch_size: int = 64, device: str = "cpu", stdout=None) -> list[dict]:
     """`scratchgpt predict`: a label and per-label probabilities for every row of `input`.
 
     Output: JSONL (default; stdout without --output) or CSV (columns text, label, prob_<label>...).
+
+    Args:
+        run: a classification run (finetune classify)
+        input: .csv, .tsv, .jsonl, or .txt (one text a line)
+        output: .jsonl or .csv (default: JSONL to stdout)
+        text_field: the text field of the input; default: the run's
+        batch_size: texts per forward pass
+        stdout: where JSONL goes without `output` (default: sys.stdout)
     """
     dev = pick_device(device)
     loaded = load_run(run, which, base=base, device=dev)

@@ -12,14 +12,20 @@ from pathlib import Path
 from typing import Optional
 
 from .. import UserError
-from ..checkpoint import ADAPTER_FILE, CONFIG_FILE, STATE_FILE, TOKENIZER_FILE, load_run, resolve_checkpoint, write_checkpoint
+from ..checkpoint import (ADAPTER_FILE, CONFIG_FILE, STATE_FILE, TOKENIZER_FILE, Which, load_run, resolve_checkpoint,
+                          write_checkpoint)
 from ..utils import atomic_write_json, read_json
 from .loop import check_out, run_files
 
 
 def merge_lora(run: str | os.PathLike, out: str | os.PathLike, *, base: Optional[str | os.PathLike] = None,
-               which: str = "best", force: bool = False) -> Path:
-    """Fold a LoRA run's adapter into its base: a full checkpoint that out/best and out/latest point at."""
+               which: Which = "best", force: bool = False) -> Path:
+    """Fold a LoRA run's adapter into its base: a full checkpoint that out/best and out/latest point at.
+
+    Args:
+        run: a LoRA run (finetune --lora)
+        out: new run directory
+    """
     ckpt = resolve_checkpoint(Path(run), which)
     if not (ckpt / ADAPTER_FILE).exists():
         raise UserError(f"{ckpt} holds no LoRA adapter ({ADAPTER_FILE}); nothing to merge")

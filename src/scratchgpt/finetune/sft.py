@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import UserError
-from ..checkpoint import TOKENIZER_FILE
+from ..checkpoint import TOKENIZER_FILE, Which
 from ..data.masking import IGNORE
 from ..data.readers import SFTExample, read_sft
 from ..heads import pad
@@ -147,12 +147,22 @@ def train_sft(model: nn.Module, train_ex: list[tuple[list[int], list[bool]]], va
 
 
 def finetune_sft(base: str | os.PathLike, train_file: str | os.PathLike, val_file: str | os.PathLike,
-                 out: str | os.PathLike, *, options: Optional[FinetuneOptions] = None, task: Optional[SFTOptions] = None,
-                 which: str = "best", force: bool = False, log: Callable[[str], None] = stderr_log,
-                 command: Optional[str] = None, resume: bool = False, **task_fields: Any) -> dict:
+                 out: str | os.PathLike, *, force: bool = False, resume: bool = False, which: Which = "best",
+                 options: Optional[FinetuneOptions] = None, task: Optional[SFTOptions] = None,
+                 log: Callable[[str], None] = stderr_log, command: Optional[str] = None, **task_fields: Any) -> dict:
     """`scratchgpt finetune sft`: returns the summary also written to out/result.json.
 
-    `task` (or its fields as keywords: template=..., mask_prompt=..., pack=...) says how to format."""
+    `task` (or its fields as keywords: template=..., mask_prompt=..., pack=...) says how to format.
+
+    Args:
+        base: base run (or checkpoint dir) to fine-tune
+        train_file: training file (.csv, .tsv or .jsonl)
+        val_file: validation file, same format
+        out: new run directory
+        resume: continue `out` after a Ctrl-C or SIGTERM, exactly (give the same command line it started with)
+        log: where progress lines go (default: stderr)
+        command: the command line, recorded in config.json
+    """
     o = options or FinetuneOptions()
     t = replace(task or SFTOptions(), **task_fields)
     run = prepare_run(base, out, o, force, which, resume)
