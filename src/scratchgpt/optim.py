@@ -10,7 +10,6 @@ from typing import Literal, Optional
 import torch
 
 from .checks import F32, LR, check_fields
-from .model import GPT
 from .muon import AdamW, make_muon
 
 
@@ -84,10 +83,13 @@ def lr_at(step: int, o: OptimConfig, max_iters: int) -> float:
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (o.lr - o.min_lr)
 
 
-def build_optimizer(model: GPT, o: OptimConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+def build_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device, *,
+                    decay_embeddings: bool = False) -> list[torch.optim.Optimizer]:
     """AdamW with no decay on norms, biases and embeddings; optionally Muon for 2-D hidden weights.
 
-    Each param group remembers its `base_lr` relative to optim.lr so one schedule drives them all.
+    Only parameters that require grad are optimised. Each param group remembers its `lr_scale`
+    relative to optim.lr so one schedule drives them all. `decay_embeddings` decays the embedding
+    tables too (every matrix decays: fine-tuning's rule).
     """
 
     embed, head, hidden_2d, other = [], [], [], []
@@ -108,7 +110,7 @@ def build_optimizer(model: GPT, o: OptimConfig, device: torch.device) -> list[to
         return (group_lr or o.lr) / o.lr if o.lr else 1.0
 
     adam_groups = [
-        dict(params=embed, weight_decay=0.0, lr_scale=scale(o.embed_lr)),
+        dict(params=embed, weight_decay=o.weight_decay if decay_embeddings else 0.0, lr_scale=scale(o.embed_lr)),
         dict(params=head, weight_decay=o.weight_decay, lr_scale=scale(o.head_lr)),
         dict(params=other, weight_decay=0.0, lr_scale=1.0),
     ]

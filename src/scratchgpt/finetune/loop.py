@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import shutil
 import sys
@@ -38,6 +37,7 @@ from ..checkpoint.store import optimizer_files
 from ..heads import classifier_of
 from ..lora import add_lora, adapter_tensors, lora_config_dict, set_adapter_tensors
 from ..model import GPT, gpt_of
+from ..optim import OptimConfig, build_optimizer, lr_at, set_lr
 from ..runtime import INTERRUPTED, configure_threads, environment, pick_device, stop_on_signals
 from ..utils import atomic_write, atomic_write_json, finite_or_null, json_text
 
@@ -108,14 +108,13 @@ class FinetuneOptions:
     def lora_dict(self) -> Optional[dict]:
         return lora_config_dict(self.lora_r, self.lora_alpha, self.lora_dropout) if self.lora else None
 
-
-def _lr(step: int, total: int, o: FinetuneOptions) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    peak = o.learning_rate
-    if step < o.warmup_steps:
-        return peak * (step + 1) / (o.warmup_steps + 1)
-    frac = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    def optim_config(self) -> OptimConfig:
+        """optim.py's AdamW and schedule as fine-tuning uses them: linear warmup, then cosine decay to 10% of
+        the peak; betas (0.9, 0.99); torch's unfused step (with build_optimizer's decay_embeddings=True)."""
+        peak = self.learning_rate
+        return OptimConfig(optimizer="adamw", lr=peak, min_lr=0.1 * peak, warmup_iters=self.warmup_steps,
+                           schedule="cosine", weight_decay=self.weight_decay, betas=(0.9, 0.99),
+                           grad_clip=self.grad_clip, fused=False)
 
 
 @dataclass
@@ -159,10 +158,8 @@ def _fit(model, batches, loss_of, evaluate, better, save, o: FinetuneOptions, ou
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: every parameter is frozen")
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=o.learning_rate, betas=(0.9, 0.99))
+    ocfg = o.optim_config()
+    opt, = build_optimizer(model, ocfg, params[0].device, decay_embeddings=True)
     per_epoch = len(batches(0))
     total = o.max_steps or o.epochs * per_epoch
     interval = o.eval_interval or per_epoch
@@ -197,8 +194,7 @@ def _fit(model, batches, loss_of, evaluate, better, save, o: FinetuneOptions, ou
                 restored_shuffle = None
             p.shuffle = base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
         for batch in batches(p.epoch)[p.position:]:
-            for g in opt.param_groups:
-                g["lr"] = _lr(p.step, total, o)
+            set_lr([opt], lr_at(p.step, ocfg, total), ocfg)
             loss = loss_of(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -213,7 +209,7 @@ def _fit(model, batches, loss_of, evaluate, better, save, o: FinetuneOptions, ou
             p.running.append(loss.item())
             if p.step % o.log_interval == 0:
                 record({"step": p.step, "epoch": p.epoch, "train_loss": sum(p.running) / len(p.running),
-                        "lr": _lr(p.step - 1, total, o), "elapsed_s": round(time.time() - t0, 3)})
+                        "lr": lr_at(p.step - 1, ocfg, total), "elapsed_s": round(time.time() - t0, 3)})
             if p.step % interval == 0 or p.step == total:
                 ev = p.last = evaluate()
                 model.train()
