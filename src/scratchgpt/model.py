@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from functools import partial
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -279,9 +280,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated keys and values for every layer, so decoding a token costs O(context), not O(context^2).
 
-    `length` counts the tokens written. With RoPE the cache can act as a ring buffer once full:
-    keys carry their rotation, and a single query attends to every cached key regardless of order.
-    It holds n_kv_head heads per layer: grouped-query attention divides its size by n_head/n_kv_head.
+    `length` counts the tokens written; writing past `max_len` is an error (generation rebuilds the
+    cache for a sliding window instead: generate.py). It holds n_kv_head heads per layer:
+    grouped-query attention divides its size by n_head/n_kv_head.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -363,23 +364,26 @@ class CausalSelfAttention(nn.Module):
         return att @ v
 
     def _attend_cached(self, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
-        start, T = cache.length, q.size(2)
-        if start + T <= cache.max_len:
-            cache.k[layer, :, :, start : start + T] = k
-            cache.v[layer, :, :, start : start + T] = v
-            keys, values = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
-            if start == 0:
-                return F.scaled_dot_product_attention(q, keys, values, is_causal=self.cfg.causal, enable_gqa=self.gqa)
-            if T == 1:  # one new token sees everything before it: no mask needed
-                return F.scaled_dot_product_attention(q, keys, values, enable_gqa=self.gqa)
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.gqa)
-        if T != 1 or self.cfg.pos != "rope":
-            raise ValueError("KV cache is full; only RoPE models decode one token at a time past it")
-        slot = start % cache.max_len  # ring buffer: overwrite the oldest position
-        cache.k[layer, :, :, slot : slot + 1] = k
-        cache.v[layer, :, :, slot : slot + 1] = v
-        return F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], enable_gqa=self.gqa)
+        return attend_cached(q, k, v, cache.k[layer], cache.v[layer], cache.length, self.cfg.causal, self.gqa)
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  start: int, causal: bool, gqa: bool) -> torch.Tensor:
+    """Attention for T new positions (q, k, v: (B, heads, T, D)) that continue `start` cached ones: k and v are
+    written into one layer's cache (`keys`, `values`: (B, KV, max_len, D)) at `start`, and q attends to
+    every position up to its own. Shared by the forward with a cache and DecodeStep."""
+    T = q.size(2)
+    if start + T > keys.size(2):
+        raise ValueError(f"KV cache is full: {start} + {T} positions past its {keys.size(2)}")
+    keys.narrow(2, start, T).copy_(k)
+    values.narrow(2, start, T).copy_(v)
+    keys, values = keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)
+    if start == 0:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=causal, enable_gqa=gqa)
+    if T == 1:  # one new token sees everything before it: no mask needed
+        return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+    mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
 
 
 def mlp_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
@@ -413,6 +417,16 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(mlp_activation(self.c_fc(x), self.kind)))
 
 
+def residual(pre: bool, x: torch.Tensor, attn: Callable, mlp: Callable, norm1: Callable, norm2: Callable):
+    """A block's residual wiring, shared by Block.forward and DecodeStep: pre-norm (GPT-2) adds each sublayer's
+    output to the stream and normalises only its input; post-norm (the original Transformer) normalises each sum."""
+    if pre:
+        x = x + attn(norm1(x))
+        return x + mlp(norm2(x))
+    x = norm1(x + attn(x))
+    return norm2(x + mlp(x))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -424,11 +438,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope=None, cache: Optional[KVCache] = None, layer: int = 0,
                 ve=None) -> torch.Tensor:
-        if self.pre:
-            x = x + self.attn(self.ln_1(x), rope, cache, layer, ve)
-            return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, rope, cache, layer, ve))
-        return self.ln_2(x + self.mlp(x))
+        return residual(self.pre, x, lambda h: self.attn(h, rope, cache, layer, ve), self.mlp, self.ln_1, self.ln_2)
 
 
 class GPT(nn.Module):
@@ -480,18 +490,18 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count; tied weights count once. non_embedding drops position tables (as nanoGPT)."""
+        """Parameter count; tied weights count once. non_embedding leaves out the embedding tables (token,
+        position and value embeddings, as Kaplan et al. count; a tied head is the token table, so it goes too)."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding and "wpe" in self.transformer:
-            n -= self.transformer.wpe.weight.numel()
+        if non_embedding:
+            n -= sum(self.transformer[name].weight.numel() for name in ("wte", "wpe", "vte") if name in self.transformer)
         return n
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Training FLOPs per token (forward + backward): 6N for the weights plus attention (PaLM, appendix B)."""
         cfg, T = self.cfg, seq_len or self.cfg.block_size
-        n = self.num_params(non_embedding=True) - self.transformer.wte.weight.numel() * (not cfg.tie_embeddings)
-        if cfg.value_embeds:  # a lookup, not a matmul
-            n -= self.transformer.vte.weight.numel()
+        # the weights of matmuls: all but the embedding lookups, and the head (which a tied head shares with wte)
+        n = self.num_params(non_embedding=True) + self.transformer.wte.weight.numel() * cfg.tie_embeddings
         # (attention scores and mixing: n_head query heads of head_dim, q_dim wide whatever n_kv_head is)
         return 6 * n + 12 * cfg.n_layer * cfg.q_dim * T * (0.5 if cfg.causal else 1.0)
 
@@ -580,8 +590,10 @@ class DecodeStep:
 
     At batch 1 on a CPU the module path spends about as long in per-call overhead (module
     dispatch, no-op dropouts, linear's transpose, indexing) as a small model spends in
-    arithmetic. This step runs the same computation through the model's own weights and the
-    same helpers as forward (embed, attention_inputs, mlp_activation, logits); tests check it
+    arithmetic. This step runs forward's own code on the model's own weights: the block's
+    residual wiring (`residual`), the cache write and attention (`attend_cached`), and the
+    helpers (embed, split_gqa, attention_inputs, mlp_activation, softcap); only the Linear and
+    norm layers are called as their torch functions rather than as modules. Tests check it
     against forward for every option that changes the forward. Eval mode only (no dropout).
     """
 
@@ -592,13 +604,16 @@ class DecodeStep:
         self.pre = cfg.norm_placement == "pre"
         self.gqa = cfg.kv_heads != cfg.n_head
         self.vte = t.vte.weight if cfg.value_embeds else None
+        # per layer: attention and MLP (partials over its weights and cache) and its two norms, as `residual` takes them
         self.layers = [
-            (self._norm(b.ln_1), self._linear(b.attn.c_attn), self._linear(b.attn.c_proj),
-             self._norm(b.ln_2), self._linear(b.mlp.c_fc), self._linear(b.mlp.c_proj), cache.k[i], cache.v[i])
+            (partial(self._attention, self._linear(b.attn.c_attn), self._linear(b.attn.c_proj), cache.k[i], cache.v[i]),
+             partial(self._mlp, self._linear(b.mlp.c_fc), self._linear(b.mlp.c_proj)), self._norm(b.ln_1),
+             self._norm(b.ln_2))
             for i, b in enumerate(t.h)
         ]
         self.ln_f = self._norm(t.ln_f) if self.pre else None
         self.head = self._linear(model.lm_head)
+        self._step: tuple = ()  # (batch, position, rope, value embeddings) of the token being decoded
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -610,11 +625,12 @@ class DecodeStep:
         return all(type(m) is nn.Linear or getattr(m, "quantized", False) for m in linears)
 
     @staticmethod
-    def _norm(m: nn.Module) -> tuple:
+    def _norm(m: nn.Module) -> Callable:
         # torch.* ops directly: the F.* wrappers add a Python layer per call
         if isinstance(m, nn.LayerNorm):
-            return (torch.layer_norm, m.normalized_shape, m.weight, m.bias, m.eps)
-        return (torch.rms_norm, (m.weight.numel(),), m.weight, m.eps)
+            return partial(torch.layer_norm, normalized_shape=m.normalized_shape, weight=m.weight, bias=m.bias,
+                           eps=m.eps)
+        return partial(torch.rms_norm, normalized_shape=(m.weight.numel(),), weight=m.weight, eps=m.eps)
 
     @staticmethod
     def _linear(m: nn.Module) -> tuple:
@@ -629,33 +645,31 @@ class DecodeStep:
             return lin[0](x)
         return torch.mm(x, lin[0]) if lin[1] is None else torch.addmm(lin[1], x, lin[0])
 
+    def _attention(self, attn: tuple, proj: tuple, kc: torch.Tensor, vc: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """CausalSelfAttention.forward for one token (h: (B, C)) at the step's position."""
+        cfg, (B, pos, rope, ve) = self.cfg, self._step
+        if self.gqa:
+            q, k, v = split_gqa(cfg, self._mm(h, attn), B, 1)
+        else:
+            q, k, v = self._mm(h, attn).view(B, 3, cfg.n_head, 1, cfg.head_dim).unbind(1)  # each (B, H, 1, D)
+        q, k, v = attention_inputs(cfg, q, k, v, ve, rope)
+        y = attend_cached(q, k, v, kc, vc, pos, cfg.causal, self.gqa)
+        return self._mm(y.view(B, cfg.q_dim), proj)
+
+    def _mlp(self, fc: tuple, out: tuple, h: torch.Tensor) -> torch.Tensor:
+        return self._mm(mlp_activation(self._mm(h, fc), self.cfg.mlp), out)
+
     def __call__(self, tok: torch.Tensor) -> torch.Tensor:
         """tok (B,) at position cache.length -> float logits (B, V); appends to the cache."""
-        cfg, mm = self.cfg, self._mm
-        B, H, D = tok.size(0), cfg.n_head, cfg.head_dim
-        pos = self.cache.length
+        cfg, pre = self.cfg, self.pre
+        B, pos = tok.size(0), self.cache.length
         x, rope = self.model.embed(tok[:, None], pos)
+        ve = None if self.vte is None else self.vte[tok].view(B, cfg.kv_heads, 1, cfg.head_dim)
+        self._step = (B, pos, rope, ve)
         x = x[:, 0]
-        gqa = self.gqa
-        ve = None if self.vte is None else self.vte[tok].view(B, cfg.kv_heads, 1, D)
-        for n1, attn, proj, n2, fc, out, kc, vc in self.layers:
-            h = n1[0](x, *n1[1:]) if self.pre else x
-            if gqa:
-                q, k, v = split_gqa(cfg, mm(h, attn), B, 1)
-            else:
-                q, k, v = mm(h, attn).view(B, 3, H, 1, D).unbind(1)  # each (B, H, 1, D)
-            q, k, v = attention_inputs(cfg, q, k, v, ve, rope)
-            kc.narrow(2, pos, 1).copy_(k)
-            vc.narrow(2, pos, 1).copy_(v)
-            y = F.scaled_dot_product_attention(q, kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1), enable_gqa=gqa)
-            y = mm(y.view(B, H * D), proj)
-            if self.pre:
-                x = x + y
-                x = x + mm(mlp_activation(mm(n2[0](x, *n2[1:]), fc), cfg.mlp), out)
-            else:
-                x = n1[0](x + y, *n1[1:])
-                x = n2[0](x + mm(mlp_activation(mm(x, fc), cfg.mlp), out), *n2[1:])
+        for attn, mlp, norm1, norm2 in self.layers:
+            x = residual(pre, x, attn, mlp, norm1, norm2)
         if self.ln_f is not None:
-            x = self.ln_f[0](x, *self.ln_f[1:])
+            x = self.ln_f(x)
         self.cache.length += 1
-        return softcap(mm(x, self.head), cfg.logit_softcap).float()
+        return softcap(self._mm(x, self.head), cfg.logit_softcap).float()

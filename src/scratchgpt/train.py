@@ -836,7 +836,7 @@ def sample_text(net: GPT, data: Path, prompt: str, n_tokens: int, device, seed: 
     tok = Tokenizer.load(data)
     net.eval()
     try:
-        return generate(net, tok, prompt, max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=seed)
+        return generate(net, tok, prompt, max_new_tokens=n_tokens, seed=seed)  # otherwise GenerationConfig's defaults
     finally:
         net.train()
 

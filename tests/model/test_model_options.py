@@ -296,20 +296,23 @@ def test_gqa_kv_cache_in_chunks_equals_no_cache(pos):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_gqa_ring_buffer_past_the_cache_equals_the_window():
-    """Past a full cache a RoPE model overwrites the oldest slot; with one layer that is exactly attention over
-    the last max_len tokens (deeper layers' cached keys carry older context, by design)."""
-    from scratchgpt.model import KVCache
+def test_a_full_cache_is_refused_not_overwritten():
+    """Past max_len the cache raises: generation slides its window by rebuilding the cache (generate.py), since
+    overwriting the oldest slot would be a different, approximate model."""
+    from scratchgpt.model import DecodeStep, KVCache
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(**{**SMALL, "n_layer": 1, "n_head": 4, "block_size": 32}, n_kv_head=2, pos="rope")).eval()
-    x = torch.randint(0, 37, (2, 12))
+    x = torch.randint(0, 37, (2, 9))
     cache = KVCache(model.cfg, 2, 8)
     with torch.no_grad():
         model(x[:, :8], cache=cache)
-        for t in range(8, 12):
-            torch.testing.assert_close(model(x[:, t : t + 1], cache=cache)[:, -1], model(x[:, t - 7 : t + 1])[:, -1],
-                                       atol=1e-5, rtol=1e-5)
+        before = cache.k.clone()
+        with pytest.raises(ValueError, match="KV cache is full"):
+            model(x[:, 8:], cache=cache)
+        with pytest.raises(ValueError, match="KV cache is full"):
+            DecodeStep(model, cache)(x[:, 8])
+    assert torch.equal(cache.k, before) and cache.length == 8
 
 
 def test_norm_eps_is_every_norms_eps():
@@ -384,3 +387,16 @@ def test_bad_gqa_and_eps_values_are_one_line(kw, message):
     with pytest.raises(UserError, match=message) as e:
         ModelConfig(**{"n_embd": 32, **kw})
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw", [{}, {"tie_embeddings": False}, {"pos": "rope", "value_embeds": True},
+                                {"pos": "learned", "value_embeds": True, "tie_embeddings": False}])
+def test_non_embedding_count_is_the_blocks_the_final_norm_and_an_untied_head(kw):
+    """What `train` prints as "non-embedding": no token, position or value table (a tied head is the token table);
+    the FLOPs per token still count the head's matmul."""
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, **kw))
+    blocks = sum(p.numel() for p in model.transformer.h.parameters())
+    norm = sum(p.numel() for p in model.transformer.ln_f.parameters())
+    head = 0 if model.cfg.tie_embeddings else model.lm_head.weight.numel()
+    assert model.num_params(non_embedding=True) == blocks + norm + head < model.num_params()
+    assert model.flops_per_token() == 6 * (blocks + norm + 50 * 32) + 12 * 2 * 32 * 16 * 0.5
