@@ -216,9 +216,9 @@ def evaluate_nanogpt(weights: Path, model_args: dict, data: Path, context: int =
 
 
 def evaluate_ours(run_dir: Path, data: Path, context: int = 64) -> float:
-    from scratchgpt.checkpoint import load_model
+    from scratchgpt.checkpoint import load_run
 
-    model, _, _ = load_model(run_dir, "best")
+    model = load_run(run_dir, "best").gpt
     return _evaluate(model, data, context)
 
 

@@ -114,6 +114,14 @@ def poison_loss(monkeypatch, at_calls, factor: float = float("nan")) -> dict:
     return calls
 
 
+def load_lm(run, which: str = "best", device: str = "cpu"):
+    """A run's language model as `sample`, `chat` and `serve` load it: (GPT in eval mode, tokenizer, config)."""
+    from scratchgpt.checkpoint import load_run
+
+    loaded = load_run(run, which, device=device)
+    return loaded.gpt, loaded.tokenizer, loaded.config
+
+
 def randomize(model, seed: int, scale: float = 0.1) -> None:
     """Weights far from init (norm weights away from 1, nonzero biases), so every mapped tensor matters."""
     import torch

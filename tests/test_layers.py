@@ -93,3 +93,12 @@ def test_library_never_imports_commands():
 def test_package_init_stays_light():
     """`import scratchgpt` (and so `scratchgpt --help`) must not pull in torch through the package root."""
     assert graph()["__init__"] == set()
+
+
+def test_readme_layout_names_every_module():
+    """README's "How the code is laid out" names every top-level module (x.py) and subpackage (x/)."""
+    readme = (PACKAGE.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### How the code is laid out", 1)[1].split("\n### ", 1)[0]
+    names = [p.name for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")]
+    names += [f"{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").exists()]
+    assert [n for n in sorted(names) if n not in section] == []

@@ -1,4 +1,4 @@
-"""Text generation: batched sampling with a KV cache, streaming, and an interactive chat loop.
+"""Text generation: batched sampling with a KV cache, and streaming (the chat loop is chat.py's).
 
 Public API (a GPT, possibly DDP/compile/PEFT-wrapped, sampled in eval mode whatever its mode):
 

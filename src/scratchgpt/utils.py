@@ -124,7 +124,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def human_number(n: float) -> str:
-    """3 significant digits with a k/M/G/T/P suffix: 27k, 3.07M (progress bars, reports, model cards)."""
+    """3 significant digits with a k/M/G/T/P suffix: 27k, 3.07M (the training progress bar, report.py's headline)."""
     for unit in ("", "k", "M", "G", "T"):
         if abs(n) < 1000:
             return f"{n:.3g}{unit}"

@@ -365,34 +365,6 @@ def test_batches_are_deterministic_and_shifted(char_dir):
         ds.get_batch(np.array([ds.n_tokens - 32]))
 
 
-def test_next_batch_resumes_from_state_dict(char_dir):
-    ds = TokenDataset(char_dir, "train", block_size=16, seed=3)
-    ds.next_batch(4)
-    state = ds.state_dict()
-    json.dumps(state)
-    want = ds.next_batch(4)
-    again = TokenDataset(char_dir, "train", block_size=16)
-    again.load_state_dict(state)
-    assert torch.equal(again.next_batch(4)[0], want[0])
-    seq = TokenDataset(char_dir, "val", block_size=16, shuffle=False)
-    x0, _ = seq.next_batch(2)
-    x1, _ = seq.next_batch(2)
-    assert x0[1].tolist() == np.asarray(seq.tokens[16:32]).tolist()
-    assert x1[0].tolist() == np.asarray(seq.tokens[32:48]).tolist()
-
-
-def test_eval_windows_cover_the_split_once(char_dir):
-    ds = TokenDataset(char_dir, "val", block_size=8)
-    ys, shapes = [], []
-    for x, y in ds.eval_windows(context=100, batch_size=7):
-        assert x.shape == y.shape
-        assert torch.equal(x[:, 1:], y[:, :-1])
-        shapes.append(tuple(x.shape))
-        ys.append(y.flatten())
-    assert torch.cat(ys).tolist() == np.asarray(ds.tokens[1:]).tolist()
-    assert shapes[0] == (7, 100)
-
-
 def test_block_size_larger_than_split_is_a_user_error(char_dir):
     n = load_meta(char_dir)["val_tokens"]
     TokenDataset(char_dir, "val", block_size=n - 1)

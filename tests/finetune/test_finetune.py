@@ -18,7 +18,7 @@ import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from conftest import cli  # noqa: E402
+from conftest import cli, load_lm  # noqa: E402
 from scratchgpt import UserError  # noqa: E402
 from scratchgpt.checkpoint import load_run  # noqa: E402
 from scratchgpt.data import mlm_mask_batch  # noqa: E402
@@ -382,7 +382,6 @@ def test_pack_keeps_whole_examples():
 
 @pytest.mark.slow
 def test_sft_cli_lora_pack_default_template_and_merge(base_run, ft_root, capsys):
-    from scratchgpt.checkpoint import load_model
     from scratchgpt.prompts import ChatTemplate
 
     rows = [{"prompt": w, "response": w[::-1]} for w in words(40, 3)]
@@ -397,7 +396,7 @@ def test_sft_cli_lora_pack_default_template_and_merge(base_run, ft_root, capsys)
     assert ChatTemplate.from_config(config) is not None and config["finetune"]["pack"] is True
     code, _, err = cli(capsys, "merge-lora", out, "--out", ft_root / "sft_merged")
     assert code == 0, err
-    model, _, merged_cfg = load_model(ft_root / "sft_merged")  # what `sample` and `chat` load
+    model, _, merged_cfg = load_lm(ft_root / "sft_merged")  # what `sample` and `chat` load
     assert merged_cfg["chat_template"] == config["chat_template"]
 
 
@@ -481,7 +480,6 @@ def test_mlm_masking_is_bert_style_and_deterministic():
 
 @pytest.mark.slow
 def test_mlm_loss_falls_and_attention_is_bidirectional(ft_root, base_run):
-    from scratchgpt.checkpoint import load_model
     from scratchgpt.optim import OptimConfig
     from scratchgpt.train import TrainConfig, train
 
@@ -495,14 +493,14 @@ def test_mlm_loss_falls_and_attention_is_bidirectional(ft_root, base_run):
     first, last = rows[0]["train_loss"], sum(r["train_loss"] for r in rows[-10:]) / 10
     print(f"\nMLM: train loss {first:.3f} -> {last:.3f}, val {rows[-1]['val_loss']:.3f}")
     assert last < first - 1.0
-    model, tok, config = load_model(out)
+    model, tok, config = load_lm(out)
     assert config["model"]["causal"] is False and model.cfg.vocab_size == tok.vocab_size + 1
     x = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog")])
     y = x.clone()
     y[0, 30] = (y[0, 30] + 1) % tok.vocab_size
     with torch.no_grad():
         assert not torch.allclose(model(x)[0, 5], model(y)[0, 5])  # position 5 sees position 30
-        causal, _, _ = load_model(base_run)
+        causal, _, _ = load_lm(base_run)
         torch.testing.assert_close(causal(x)[0, 5], causal(y)[0, 5])  # a causal model does not
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import english_text, randomize, train_bpe_tokenizer
+from conftest import english_text, load_lm, randomize, train_bpe_tokenizer
 from scratchgpt import UserError
-from scratchgpt.checkpoint import load_model, save_checkpoint
+from scratchgpt.checkpoint import save_checkpoint
 from scratchgpt.generate import generate_tokens
 from scratchgpt.hf import (config_from_hf, export_checkpoint, hf_architecture, import_hf, load_hf_tokenizer,
                            read_hf_folder, state_dict_from_hf)
@@ -294,7 +294,7 @@ def test_export_import_export_is_bit_identical(tmp_path, bpe_tok, name, options,
     second = export_checkpoint(imported, tmp_path / "hf2")  # an imported Mistral or Phi-3 goes back as one
     for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (first / f).read_bytes() == (second / f).read_bytes(), f
-    model, tok, config = load_model(imported)
+    model, tok, config = load_lm(imported)
     assert config["imported_from"]["architecture"] == arch and config["imported_from"]["path"] == str(first.resolve())
     assert (imported / "latest" / "model.safetensors").exists() and (imported / "config.json").exists()
     assert model.cfg.bias == ours.cfg.bias and tok.vocab_size == bpe_tok.vocab_size
@@ -384,7 +384,7 @@ def test_import_matches_transformers(tmp_path, transformers, bpe_tok, family, dt
     assert (src / "model.safetensors.index.json").exists() == bool(shard)
     bpe_tok.save(src)
     run = import_hf(src, tmp_path / "run")
-    ours, _, _ = load_model(run)
+    ours, _, _ = load_lm(run)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     assert_same_lm(ours, theirs, bpe_tok.vocab_size)
 
@@ -431,7 +431,7 @@ def test_gqa_folder_imports_and_round_trips(tmp_path, transformers, bpe_tok, fam
     hf_model(transformers, family, bpe_tok.vocab_size, num_key_value_heads=1, rms_norm_eps=eps).save_pretrained(src)
     bpe_tok.save(src)
     run = import_hf(src, tmp_path / "run")
-    ours, _, config = load_model(run)
+    ours, _, config = load_lm(run)
     assert (ours.cfg.n_head, ours.cfg.n_kv_head, ours.cfg.norm_eps) == (2, 1, eps)
     assert config["model"]["n_kv_head"] == 1 and config["model"]["norm_eps"] == eps
     theirs = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
@@ -462,7 +462,7 @@ def test_llama3_rope_scaling_folder_imports_and_round_trips(tmp_path, transforme
     theirs.eval().save_pretrained(src)
     bpe_tok.save(src)
     run = import_hf(src, tmp_path / "run")
-    ours, _, config = load_model(run)
+    ours, _, config = load_lm(run)
     want = dict(rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                 rope_original_context=32, rope_base=500.0, n_kv_head=1)
     assert {k: config["model"][k] for k in want} == want

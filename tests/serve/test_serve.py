@@ -12,7 +12,7 @@ pytest.importorskip("httpx")  # TestClient's transport
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from scratchgpt.checkpoint import load_model  # noqa: E402
+from conftest import load_lm  # noqa: E402
 from scratchgpt.cli import main  # noqa: E402
 from scratchgpt.generate import generate  # noqa: E402
 from scratchgpt.model import ModelConfig  # noqa: E402
@@ -36,7 +36,7 @@ def run_dir(char_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-    return load_model(run_dir)
+    return load_lm(run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 
-from conftest import count_fuzz  # noqa: E402
-from scratchgpt.checkpoint import load_model  # noqa: E402
+from conftest import count_fuzz, load_lm  # noqa: E402
 from scratchgpt.serve import create_app  # noqa: E402
 
 KEY = "fuzz-key"
@@ -26,7 +25,7 @@ EXAMPLES = int(os.environ.get("SCRATCHGPT_FUZZ_EXAMPLES") or 0) or 40
 
 @pytest.fixture(scope="module")
 def app(tiny_run):
-    model, tok, config = load_model(tiny_run)
+    model, tok, config = load_lm(tiny_run)
     # a small token limit keeps each generated example quick; the schema states it, so the fuzzer knows it
     return create_app(model, tok, config, name="tiny", max_tokens_limit=8, api_key=KEY, max_queue=4,
                       request_timeout=30)

@@ -21,7 +21,7 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 import scratchgpt.serve.routes as serve_mod  # noqa: E402  (where the endpoints call complete and stream)
-from scratchgpt.checkpoint import load_model  # noqa: E402
+from conftest import load_lm  # noqa: E402
 from scratchgpt.cli import main  # noqa: E402
 from scratchgpt.generate import SEED_RANGE, generate  # noqa: E402
 from scratchgpt.serve import create_app  # noqa: E402
@@ -33,7 +33,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def loaded(tiny_run):
-    return load_model(tiny_run)
+    return load_lm(tiny_run)
 
 
 @pytest.fixture(scope="module")

@@ -189,9 +189,9 @@ def test_fsdp2_matches_single_process_accumulation(reference, fsdp):
 
 
 def test_fsdp_export_serves_sample_eval_and_single_process_resume(runs, data, reference, fsdp):
-    from scratchgpt.checkpoint import load_model
+    from conftest import load_lm
 
-    model, tokenizer, _ = load_model(fsdp, which="latest")  # what `sample` and `eval` load
+    model, tokenizer, _ = load_lm(fsdp, which="latest")  # what `sample` and `eval` load
     assert model(torch.tensor([tokenizer.encode("the ")])).shape[-1] == tokenizer.vocab_size
     # one process picks up FSDP's step-5 checkpoint: weights from the export, optimizer from the shards
     run = seeded_run(fsdp, SAVE_AT, runs / "fsdp_to_single")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, poison_loss, run_cli, TINY, tiny_flags
+from conftest import cli, load_lm, poison_loss, run_cli, TINY, tiny_flags
 from scratchgpt import UserError
 from scratchgpt.model import GPT, ModelConfig
 from scratchgpt.optim import OptimConfig, lr_at
@@ -234,11 +234,11 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, char_dat
     proc = subprocess.run([sys.executable, str(script), "train", "--data", str(char_data), "--out", str(run),
                            *tiny_flags(**{"train.max_iters": 10, "train.eval_interval": 5})], capture_output=True, text=True)
     assert proc.returncode == -9
-    from scratchgpt.checkpoint import find_resumable, load_model
+    from scratchgpt.checkpoint import find_resumable
 
     ckpt, state = find_resumable(run)
     assert state["step"] == 5
-    load_model(run, "latest")  # loads and verifies
+    load_lm(run, "latest")  # loads and verifies
     assert not list((run / "checkpoints").glob("step-0000010"))
     res = run_cli("train", "--out", run, "--resume")  # a new process, as after a real crash
     assert res.returncode == 0, res.stderr

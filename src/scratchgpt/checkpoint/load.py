@@ -99,13 +99,6 @@ def load_run(run: str | Path, which: str = "best", *, device: str | torch.device
     return LoadedRun(model, Tokenizer.load(ckpt / TOKENIZER_FILE), config, ckpt)
 
 
-def load_model(run: str | Path, which: str = "best", device: str | torch.device = "cpu",
-               verify: bool = True) -> tuple[GPT, Tokenizer, dict]:
-    """load_run's language-model view: (GPT in eval mode, tokenizer, config dict)."""
-    loaded = load_run(run, which, device=device, verify=verify)
-    return loaded.gpt, loaded.tokenizer, loaded.config
-
-
 def _base_for_adapter(ckpt: Path, finetune: dict, base: Optional[str | Path]) -> GPT:
     """The base GPT an adapter was trained on; a different base (by sha256 of its weights) is an error."""
     recorded = finetune.get("base")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -173,7 +173,6 @@ class TokenDataset:
         block_size: int = 256,
         *,
         seed: int = 1337,
-        shuffle: bool = True,
     ) -> None:
         if split not in SPLITS:
             raise UserError(f"split must be one of {SPLITS}, not {split!r}")
@@ -184,8 +183,6 @@ class TokenDataset:
         self.split = split
         self.block_size = int(block_size)
         self.seed = int(seed)
-        self.shuffle = bool(shuffle)
-        self.position = 0
         self.n_tokens: int = self.meta[f"{split}_tokens"]
         self.dtype = np.dtype(self.meta["dtype"])
         if self.n_tokens == 0:
@@ -217,12 +214,6 @@ class TokenDataset:
         rng = np.random.default_rng([int(seed), int(step)])
         return rng.integers(0, self.max_offset, size=batch_size, endpoint=True, dtype=np.int64)
 
-    def sequential_offsets(self, step: int, batch_size: int) -> np.ndarray:
-        """Non-overlapping windows in order, wrapping around: batch `step` of an epoch loop."""
-        n_windows = (self.n_tokens - 1) // self.block_size
-        k = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
-        return (k % n_windows) * self.block_size
-
     def get_batch(self, offsets: np.ndarray):
         """(x, y) int64 tensors of shape (B, block_size); y is x shifted by one token."""
         import torch
@@ -237,46 +228,6 @@ class TokenDataset:
         x = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))
         y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
         return x, y
-
-    def next_batch(self, batch_size: int):
-        """The batch at the internal cursor (random or sequential), then advance it."""
-        if self.shuffle:
-            offsets = self.batch_offsets(self.position, batch_size)
-        else:
-            offsets = self.sequential_offsets(self.position, batch_size)
-        self.position += 1
-        return self.get_batch(offsets)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.position = int(d["position"])
-        self.seed = int(d.get("seed", self.seed))
-        self.shuffle = bool(d.get("shuffle", self.shuffle))
-
-    def eval_windows(self, context: int, batch_size: int) -> Iterator[tuple[Any, Any]]:
-        """Whole-split evaluation: non-overlapping windows of `context` tokens, in order.
-
-        Every token but the first is predicted exactly once. Full windows come in batches
-        of up to `batch_size`; a last, shorter window (if any) comes alone as shape (1, L).
-        """
-        import torch
-
-        if context < 1 or batch_size < 1:
-            raise UserError("context and batch size must be positive")
-        n_pred = self.n_tokens - 1
-        n_full = n_pred // context
-        ar = np.arange(context + 1, dtype=np.int64)
-        for first in range(0, n_full, batch_size):
-            starts = np.arange(first, min(first + batch_size, n_full), dtype=np.int64) * context
-            buf = self.tokens[starts[:, None] + ar].astype(np.int64)
-            yield (torch.from_numpy(np.ascontiguousarray(buf[:, :-1])),
-                   torch.from_numpy(np.ascontiguousarray(buf[:, 1:])))
-        rest = n_pred - n_full * context
-        if rest:
-            buf = np.asarray(self.tokens[n_full * context:], dtype=np.int64)
-            yield torch.from_numpy(buf[None, :-1].copy()), torch.from_numpy(buf[None, 1:].copy())
 
 
 def load_tokenizer(data_dir: str | os.PathLike):
