@@ -76,3 +76,74 @@ def test_generation_defaults_are_one_declaration():
     args = parser.parse_args(["run"])
     assert (args.temperature, args.top_k, args.top_p, args.max_new_tokens) == \
         (gen.temperature, gen.top_k, gen.top_p, gen.max_new_tokens)
+
+
+# Every flag users could type before the flags were built from signatures: commands may add flags, never lose
+# or rename one (the --model.* / --train.* / --optim.* sections are the config classes' fields).
+FLAGS = {
+    "prepare": "--bpe-sample-mb --buffer-mb --char-vocab --dedup --errors --force --jsonl-field --merge "
+               "--min-frequency --no-newlines --no-nfc --no-strip-control --num-parts --out --part --seed "
+               "--shard-tokens --strip-gutenberg --text-field --tokenizer --tokenizer-from --val --val-fraction "
+               "--vocab-size --workers",
+    "data-info": "--sample-tokens --verify",
+    "train": "--config --data --force --out --resume",
+    "eval": "--base --batch-size --context --data --label-field --limit --max-new-tokens --quantize --task "
+            "--text-field --which",
+    "info": "",
+    "report": "",
+    "sample": "--device --max-new-tokens --num-samples --prompt --prompt-file --quantize --raw --repetition-penalty "
+              "--seed --stop --stream --temperature --top-k --top-p --which --window-shift",
+    "chat": "--device --max-new-tokens --quantize --repetition-penalty --seed --stop --temperature --top-k --top-p "
+            "--which --window-shift",
+    "finetune classify": "--batch-size --device --epochs --eval-interval --force --freeze-except --grad-clip "
+                         "--label-field --lora --lora-alpha --lora-dropout --lora-r --lr --max-steps --out "
+                         "--patience --pooling --resume --seed --text-field --train --val --warmup-steps "
+                         "--weight-decay --which",
+    "finetune sft": "--batch-size --device --epochs --eval-interval --force --freeze-except --grad-clip --lora "
+                    "--lora-alpha --lora-dropout --lora-r --lr --max-steps --no-mask-prompt --out --pack --patience "
+                    "--resume --seed --template --train --val --warmup-steps --weight-decay --which",
+    "predict": "--base --batch-size --device --input --output --text-field --which",
+    "merge-lora": "--base --force --out --which",
+    "export": "--adapter --base --force --out --which",
+    "import-hf": "--force --out --tokenizer",
+    "tune": "--config --data --force --method --out --pruner --resume --seed --space --trials",
+    "serve": "--api-key --device --host --insecure --log-level --max-queue --max-tokens-limit --port --quantize "
+             "--request-timeout --which",
+}
+
+
+def test_every_flag_users_type_is_still_there():
+    assert sorted(FLAGS) == sorted([n for n in COMMANDS if n != "finetune"] + ["finetune classify", "finetune sft"])
+    for command, flags in FLAGS.items():
+        name, _, mode = command.partition(" ")
+        parser = COMMANDS[name][0]()
+        if mode:
+            parser = parser._subcommands_action.choices[mode]
+        have = {o for a in parser._actions for o in a.option_strings}
+        assert [f for f in flags.split() if f not in have] == [], command
+
+
+def test_no_option_is_declared_by_hand_in_cli():
+    """cli.py adds no flag of its own but --config (jsonargparse's config-file action): every other flag comes from
+    a signature or an options dataclass (flags.add_signature / add_options)."""
+    import ast
+    import inspect
+
+    import scratchgpt.cli as cli
+
+    calls = [node for node in ast.walk(ast.parse(inspect.getsource(cli)))
+             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument"]
+    assert [ast.literal_eval(c.args[0]) for c in calls] == ["--config", "--config"]  # train's and tune's
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "r", "--which", "bogus"], "error: --which takes one of best, latest, got 'bogus'"),
+    (["sample", "r", "--quantize", "int3"], "error: --quantize takes one of none, int8, int4, got 'int3'"),
+    (["finetune", "sft", "r", "--val", "v"], "error: the following arguments are required: --train, --out"),
+    (["export", "r", "--outt", "x"], "(did you mean --out?)"),
+])
+def test_parse_errors_are_one_line_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
