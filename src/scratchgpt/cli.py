@@ -318,6 +318,8 @@ def cmd_tune(a, argv: list[str], parser: Parser) -> int:
     return tune_cli(**kwargs_for(tune, a, given=set(given_keys(parser, argv))))
 
 
+# serve()'s docstring describes no parameter, and its signature types which, quantize and log_level as plain
+# strings: their help lines and choices are given here, until serve takes a typed options dataclass.
 _SERVE_HELP = {
     "host": "address to listen on; beyond loopback needs --api-key or --insecure",
     "port": "TCP port",
@@ -332,13 +334,20 @@ _SERVE_HELP = {
 
 
 def _serve_parser() -> Parser:
+    from typing import Literal
+
+    from .checkpoint import Which
+    from .quantize import Quantize
+
     try:
         from .serve import serve
     except ImportError as e:
         raise UserError(f"`scratchgpt serve` needs FastAPI and uvicorn ({e}): pip install 'scratchgpt[serve]'") from None
     return _parser("Serve a run over HTTP with an OpenAI-compatible API: POST /v1/completions, POST "
                    "/v1/chat/completions (streaming as server-sent events), GET /v1/models, GET /health. SIGTERM or "
-                   "Ctrl-C stops it gracefully (exit 0).", serve, help=_SERVE_HELP)
+                   "Ctrl-C stops it gracefully (exit 0).", serve, help=_SERVE_HELP,
+                   types={"which": Which, "quantize": Quantize,
+                          "log_level": Literal["critical", "error", "warning", "info", "debug"]})
 
 
 def cmd_serve(a) -> None:

@@ -202,20 +202,21 @@ def add_flag(parser: ArgumentParser, name: str, hint: Any, default: Any, help_te
 
 def add_signature(parser: ArgumentParser, fn: Callable, *, positional: tuple[str, ...] = (),
                   skip: tuple[str, ...] = (), sections: tuple[str, ...] = (), flags: Mapping[str, str] = {},
-                  defaults: Mapping[str, Any] = {}, help: Mapping[str, str] = {}) -> None:
+                  defaults: Mapping[str, Any] = {}, help: Mapping[str, str] = {},
+                  types: Mapping[str, Any] = {}) -> None:
     """The flags of `fn`'s parameters (all but `skip` and **kwargs), from its signature and docstring.
 
     `positional`: parameters given without a flag (`run`); a sequence takes any number. `sections`:
     dataclass parameters given as jsonargparse sections (`--model.*`). `flags`: a parameter whose flag
     is not its dash-named name (`train_file` -> `--train`). `defaults`: a default for a parameter the
     function requires but the command does not. `help`: a parameter's help line, where the docstring
-    has none.
+    has none. `types`: a narrower type than the signature's (a Literal of the values it accepts).
     """
     hints, docs = typing.get_type_hints(fn), param_docs(fn)
     for name, param in inspect.signature(fn).parameters.items():
         if name in skip or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        hint = _cli_type(hints.get(name, str))
+        hint = _cli_type(types.get(name, hints.get(name, str)))
         cls = _dataclass_of(hint)
         if cls is not None and name in sections:
             parser.add_class_arguments(cls, name)
