@@ -142,8 +142,6 @@ def unescape(text: str) -> str:
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
-
-
 def param_docs(fn: Callable) -> dict[str, str]:
     """Each parameter's description in `fn`'s docstring (its `Args:` section), as one line."""
     import docstring_parser
