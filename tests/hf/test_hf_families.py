@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import cli, english_text, randomize
+from conftest import cli, english_text, load_lm, randomize
 from scratchgpt import UserError
-from scratchgpt.checkpoint import load_model, save_checkpoint
+from scratchgpt.checkpoint import save_checkpoint
 from scratchgpt.hf import config_from_hf, export_checkpoint, hf_architecture, hf_config, import_hf, state_dict_to_hf
 from scratchgpt.model import GPT, ModelConfig
 from scratchgpt.tokenizer import train_char_tokenizer
@@ -199,7 +199,7 @@ def test_export_model_type_flag_and_an_imported_family_that_stays(tmp_path, caps
     assert code == 0, err
     assert json.loads((tmp_path / "phi3" / "config.json").read_text())["architectures"] == ["Phi3ForCausalLM"]
     imported = import_hf(tmp_path / "phi3", tmp_path / "imported")
-    again, _, config = load_model(imported)
+    again, _, config = load_lm(imported)
     assert config["imported_from"]["model_type"] == "phi3" and again.cfg == model.cfg
     assert json.loads((export_checkpoint(imported, tmp_path / "back") / "config.json").read_text())["model_type"] == "phi3"
     llama = export_checkpoint(imported, tmp_path / "llama", model_type="llama")  # asked: the natural class
