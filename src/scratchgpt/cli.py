@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 from jsonargparse import ActionConfigFile
 
 from . import UserError
-from .flags import Parser, _one_line, add_signature, call, kwargs_for, unescape
+from .flags import Parser, _one_line, add_signature, call, field_docs, kwargs_for, unescape  # noqa: F401 (field_docs)
 
 # The help line of a parameter many commands share, where the function's docstring has none.
 HELP = {
@@ -318,24 +318,7 @@ def cmd_tune(a, argv: list[str], parser: Parser) -> int:
     return tune_cli(**kwargs_for(tune, a, given=set(given_keys(parser, argv))))
 
 
-# serve()'s docstring describes no parameter, and its signature types which, quantize and log_level as plain
-# strings: their help lines and choices are given here, until serve takes a typed options dataclass.
-_SERVE_HELP = {
-    "host": "address to listen on; beyond loopback needs --api-key or --insecure",
-    "port": "TCP port",
-    "max_tokens_limit": "largest max_tokens a request may ask for",
-    "log_level": "uvicorn's log level: critical, error, warning, info or debug",
-    "api_key": "require `Authorization: Bearer KEY` on every route but /health (default: $SCRATCHGPT_API_KEY; "
-               "unset: no key)",
-    "insecure": "allow a --host beyond loopback without an API key",
-    "max_queue": "requests that may wait while one generates; more get 503 with Retry-After",
-    "request_timeout": "seconds a request may take, waiting included: 503 while waiting, 504 once generating",
-}
-
-
 def _serve_parser() -> Parser:
-    from typing import Literal
-
     from .checkpoint import Which
     from .quantize import Quantize
 
@@ -343,11 +326,10 @@ def _serve_parser() -> Parser:
         from .serve import serve
     except ImportError as e:
         raise UserError(f"`scratchgpt serve` needs FastAPI and uvicorn ({e}): pip install 'scratchgpt[serve]'") from None
-    return _parser("Serve a run over HTTP with an OpenAI-compatible API: POST /v1/completions, POST "
+    # (serve()'s signature types which and quantize as plain strings: their choices here)
+    return _parser("Serve a run over HTTP: a chat page at /, and an OpenAI-compatible API: POST /v1/completions, POST "
                    "/v1/chat/completions (streaming as server-sent events), GET /v1/models, GET /health. SIGTERM or "
-                   "Ctrl-C stops it gracefully (exit 0).", serve, help=_SERVE_HELP,
-                   types={"which": Which, "quantize": Quantize,
-                          "log_level": Literal["critical", "error", "warning", "info", "debug"]})
+                   "Ctrl-C stops it gracefully (exit 0).", serve, types={"which": Which, "quantize": Quantize})
 
 
 def cmd_serve(a) -> None:

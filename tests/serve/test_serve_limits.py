@@ -195,9 +195,9 @@ def _chunked(total: int, size: int = 2**20):
 
 @pytest.mark.slow
 def test_chunked_bodies_are_capped_by_what_arrives(tiny_run):
-    from scratchgpt.checkpoint import load_model
+    from conftest import load_lm
 
-    model, tok, config = load_model(tiny_run)
+    model, tok, config = load_lm(tiny_run)
     app = create_app(model, tok, config)
     with live_server(app) as url:
         head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
@@ -276,9 +276,9 @@ def test_a_200_mib_chunked_body_never_grows_the_server_by_more_than_the_cap(tiny
 # ---------------------------------------------------------------- slow clients, connections, headers
 @pytest.mark.slow
 def test_slow_bodies_headers_and_surplus_connections_are_cut(tiny_run):
-    from scratchgpt.checkpoint import load_model
+    from conftest import load_lm
 
-    model, tok, config = load_model(tiny_run)
+    model, tok, config = load_lm(tiny_run)
     app = create_app(model, tok, config, body_timeout=0.5, header_timeout=0.5, max_connections=3)
     with live_server(app) as url:
         host, port = url.removeprefix("http://").split(":")
@@ -304,9 +304,9 @@ def test_slow_bodies_headers_and_surplus_connections_are_cut(tiny_run):
 
 @pytest.mark.slow
 def test_malformed_content_length_gets_openai_shaped_400(tiny_run):
-    from scratchgpt.checkpoint import load_model
+    from conftest import load_lm
 
-    model, tok, config = load_model(tiny_run)
+    model, tok, config = load_lm(tiny_run)
     with live_server(create_app(model, tok, config)) as url:
         for length in (b"-1", b"+5", b"1e3", b"0x10", b"9" * 23, b"5, 6"):
             answer = _raw_exchange(url, b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: " + length +
@@ -318,9 +318,9 @@ def test_malformed_content_length_gets_openai_shaped_400(tiny_run):
 
 @pytest.mark.slow
 def test_duplicate_authorization_headers_are_refused(tiny_run):
-    from scratchgpt.checkpoint import load_model
+    from conftest import load_lm
 
-    model, tok, config = load_model(tiny_run)
+    model, tok, config = load_lm(tiny_run)
     with live_server(create_app(model, tok, config, api_key="k3y")) as url:
         for first, second in (("nope", "k3y"), ("k3y", "nope"), ("k3y", "k3y")):
             answer = _raw_exchange(url, f"GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {first}\r\n"

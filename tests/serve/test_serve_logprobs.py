@@ -13,13 +13,13 @@ pytest.importorskip("fastapi")
 import torch  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from scratchgpt.checkpoint import load_model  # noqa: E402
+from conftest import load_lm  # noqa: E402
 from scratchgpt.serve import create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_run):
-    return load_model(tiny_run)
+    return load_lm(tiny_run)
 
 
 @pytest.fixture(scope="module")
