@@ -22,6 +22,7 @@ An imported instruct model without such a template chats in its own jinja chat t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
