@@ -67,7 +67,8 @@ def _muon(params, **kw):
     ({"float32": 1.0, "bfloat16": 0.95}, torch.float32),  # within the margin: not worth bf16's rounding
     ({"float32": 1.0, "bfloat16": 3.0}, torch.float32),  # emulated bf16
 ])
-def test_newton_schulz_dtype_is_chosen_by_measurement(monkeypatch, times, chosen):
+def test_newton_schulz_dtype_is_chosen_by_measurement(monkeypatch, tmp_path, times, chosen):
+    monkeypatch.setenv("SCRATCHGPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(muon_module, "_NS_CHOICES", {})
     calls = []
     monkeypatch.setattr(muon_module, "time_newton_schulz", lambda stacks, **kw: calls.append(stacks) or dict(times))
@@ -79,16 +80,34 @@ def test_newton_schulz_dtype_is_chosen_by_measurement(monkeypatch, times, chosen
     assert len(calls) == 1  # once per process
 
 
+def test_the_newton_schulz_choice_is_cached_per_machine(monkeypatch, tmp_path):
+    """A later process reads the first one's choice, whatever its own timing would say (a busy machine)."""
+    monkeypatch.setenv("SCRATCHGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(muon_module, "_NS_CHOICES", {})
+    monkeypatch.setattr(muon_module, "time_newton_schulz", lambda stacks, **kw: {"float32": 1.0, "bfloat16": 0.1})
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in SHAPES]
+    assert _muon(params).ns_dtype == torch.bfloat16 and "measured" in muon_module.ns_source()
+    monkeypatch.setattr(muon_module, "_NS_CHOICES", {})  # a new process, on a loaded machine
+    monkeypatch.setattr(muon_module, "time_newton_schulz", lambda stacks, **kw: {"float32": 0.1, "bfloat16": 1.0})
+    assert _muon(params).ns_dtype == torch.bfloat16 and "cached" in muon_module.ns_source()
+    assert _muon(params, ns_dtype=torch.float32).ns_dtype == torch.float32  # a flag pins it
+    monkeypatch.setenv("SCRATCHGPT_CACHE_DIR", str(tmp_path / "elsewhere"))  # another machine measures for itself
+    monkeypatch.setattr(muon_module, "_NS_CHOICES", {})
+    assert _muon(params).ns_dtype == torch.float32
+
+
 def test_real_measurement_times_both_dtypes():
     times = muon_module.time_newton_schulz({(32, 96): 2}, rounds=1)
     assert set(times) == {"float32", "bfloat16"} and all(0 < t < 10 for t in times.values())
 
 
-def test_a_resumed_muon_keeps_its_dtype(monkeypatch):
+def test_a_resumed_muon_keeps_its_dtype(monkeypatch, tmp_path):
     monkeypatch.setattr(muon_module, "_NS_CHOICES", {})
     params = [torch.nn.Parameter(torch.randn(*s)) for s in SHAPES]
     monkeypatch.setattr(muon_module, "time_newton_schulz", lambda stacks, **kw: {"float32": 1.0, "bfloat16": 0.1})
+    monkeypatch.setenv("SCRATCHGPT_CACHE_DIR", str(tmp_path / "a"))
     saved = _muon(params).state_dict()
+    monkeypatch.setenv("SCRATCHGPT_CACHE_DIR", str(tmp_path / "b"))  # resumed on another machine
     monkeypatch.setattr(muon_module, "_NS_CHOICES", {})
     monkeypatch.setattr(muon_module, "time_newton_schulz", lambda stacks, **kw: {"float32": 0.1, "bfloat16": 1.0})
     resumed = _muon(params)

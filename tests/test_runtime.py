@@ -4,6 +4,7 @@ measured and cached), and the CPU paths chosen by measurement at start (Muon's N
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -196,15 +197,44 @@ def test_cpu_topology_is_a_sane_count():
 
 
 @pytest.mark.parametrize("times, chosen", [({1: 1.0, 2: 0.6}, 2), ({1: 1.0, 2: 1.0}, 1), ({1: 1.0, 2: 1.8}, 1)])
-def test_hyperthreads_are_used_only_when_measured_faster(monkeypatch, times, chosen):
+def test_hyperthreads_are_used_only_when_measured_faster(monkeypatch, tmp_path, times, chosen):
+    monkeypatch.setenv("SCRATCHGPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(runtime, "_THREADS", {})
     monkeypatch.setattr(runtime, "cpu_topology", lambda: (1, 2))  # one core, two hyperthreads
     calls = []
     monkeypatch.setattr(runtime, "time_matmul_threads", lambda counts: calls.append(counts) or dict(times))
     assert runtime.default_threads() == chosen and calls == [(1, 2)]
     assert runtime.default_threads() == chosen and len(calls) == 1  # once per process
+    monkeypatch.setattr(runtime, "_THREADS", {})  # a new process, on a busy machine: the cached count
+    monkeypatch.setattr(runtime, "time_matmul_threads", lambda counts: calls.append(counts) or {1: 1.0, 2: 9.0}
+                        if chosen == 2 else {1: 9.0, 2: 1.0})
+    assert runtime.default_threads() == chosen and len(calls) == 1
     monkeypatch.setattr(runtime, "cpu_topology", lambda: (2, 2))  # no SMT: nothing to measure
     assert runtime.default_threads() == 2 and len(calls) == 1
+
+
+def test_machine_choices_are_measured_once_under_a_lock(monkeypatch, tmp_path):
+    """Runs started together: one measures, the others wait for its answer and read it."""
+    import threading
+
+    monkeypatch.setenv("SCRATCHGPT_CACHE_DIR", str(tmp_path))
+    calls, results = [], []
+
+    def measure():
+        calls.append(1)
+        time.sleep(0.05)
+        return {"choice": len(calls)}
+
+    workers = [threading.Thread(target=lambda: results.append(runtime.machine_choice("x", measure)[0]["choice"]))
+               for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert calls == [1] and results == [1, 1, 1]
+    record, source = runtime.machine_choice("x", measure, refresh=lambda old: {"choice": old["choice"] + 1})
+    assert record == {"choice": 2} and source.startswith("measured")
+    assert runtime.machine_choice("x", measure)[0] == {"choice": 2}
 
 
 def test_thread_timing_restores_the_thread_count():

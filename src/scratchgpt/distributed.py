@@ -160,6 +160,22 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     return bool(t.item() > 0)
 
 
+def broadcast_json(obj, ctx: DistContext):
+    """Rank 0's JSON-able `obj` on every rank (as UTF-8 bytes in a tensor: nothing is pickled)."""
+    if ctx.world == 1:
+        return obj
+    import json
+
+    data = json.dumps(obj).encode("utf-8") if ctx.rank == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.long, device=ctx.device)
+    tdist.broadcast(size, src=0)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=ctx.device)
+    if ctx.rank == 0:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    tdist.broadcast(buf, src=0)
+    return json.loads(bytes(buf.cpu().tolist()).decode("utf-8"))
+
+
 def data_slices(batch_size: int, per_rank: int, micro: int, ctx: DistContext) -> dict:
     """The data cursor spelled out per rank, for state.json: all derive from (seed, step)."""
     return {"global_batch_size": batch_size, "world_size": ctx.world, "micro_batch_size": micro,

@@ -7,10 +7,11 @@ things change (measured in BENCHMARKS.md, 2 cores):
   iterated together with batched matmuls;
 - bf16 pays only where the CPU multiplies bf16 in hardware (AMX tiles on recent Xeons, AVX512-BF16
   on AMD Zen 4/5: several times fp32's rate); elsewhere it is emulated, several times slower than
-  fp32. CPU flags do not tell how large the difference is for the model's shapes, so the first
-  Muon built in a process times one Newton-Schulz iteration on the model's own stacks in both
-  dtypes (a few ms) and keeps the faster (`ns_dtype_by_measurement`). The choice is stored in the
-  optimizer's param group, so a resumed run keeps the dtype it started with.
+  fp32. CPU flags do not tell how large the difference is for the model's shapes, so unless
+  `--optim.ns_dtype` names one, the first run on a machine times one Newton-Schulz iteration on
+  the model's own stacks in both dtypes (a few ms) and keeps the faster (`ns_dtype_by_measurement`),
+  cached per machine: later runs, however busy the machine, take the same dtype. train records it
+  in the run's config.json, and the optimizer's param group keeps it, so a resumed run does too.
 The state (`momentum_buffer`), the update rule and the LR adjustment are torch's own, so
 checkpoints and results carry over between the two paths.
 """
@@ -43,6 +44,9 @@ def newton_schulz(x: torch.Tensor, coefficients, steps: int, eps: float, dtype: 
 # a dtype must beat the other by this factor to be chosen: timing noise must not flip the choice back and forth
 NS_MARGIN = 0.9
 _NS_CHOICES: dict[tuple, tuple[torch.dtype, dict[str, float]]] = {}
+# test hook: "RANK:DTYPE[,RANK:DTYPE]" makes that rank's own measurement say DTYPE (ranks that disagree)
+TEST_HOOK = "SCRATCHGPT_TEST_NS_DTYPE"
+NS_DTYPES = ("float32", "bfloat16")
 
 
 def _stack_shapes(shapes) -> dict[tuple[int, int], int]:
@@ -78,14 +82,45 @@ def time_newton_schulz(stacks: dict[tuple[int, int], int], dtypes=(torch.float32
 def ns_dtype_by_measurement(shapes, coefficients=(_torch_muon.DEFAULT_A, _torch_muon.DEFAULT_B, _torch_muon.DEFAULT_C),
                             eps: float = _torch_muon.EPS) -> tuple[torch.dtype, dict[str, float]]:
     """bf16 or fp32 for the CPU Newton-Schulz iteration of weights of these shapes: bf16 if its measured
-    time is below NS_MARGIN x fp32's. Measured once per process for given stacks and thread count."""
+    time is below NS_MARGIN x fp32's. Measured once per machine for given stacks and thread count, and
+    cached (runtime.machine_choice); ns_source() says where the last answer came from."""
     stacks = _stack_shapes(shapes)
     key = (tuple(sorted(stacks.items())), torch.get_num_threads())
+    forced = _test_hook()
+    if forced:
+        return getattr(torch, forced), {}
     if key not in _NS_CHOICES:
-        times = time_newton_schulz(stacks, coefficients=coefficients, eps=eps)
-        choice = torch.bfloat16 if times["bfloat16"] < NS_MARGIN * times["float32"] else torch.float32
-        _NS_CHOICES[key] = (choice, times)
+        from .runtime import machine_choice
+
+        def measure() -> dict:
+            times = time_newton_schulz(stacks, coefficients=coefficients, eps=eps)
+            return {"choice": "bfloat16" if times["bfloat16"] < NS_MARGIN * times["float32"] else "float32",
+                    "times": times}
+
+        name = f"ns_dtype | stacks {sorted(stacks.items())} | {key[1]} threads"
+        record, source = machine_choice(name, measure)
+        _NS_CHOICES[key] = (getattr(torch, record["choice"]), dict(record.get("times") or {}))
+        _NS_SOURCE[key] = source
+    _NS_SOURCE["last"] = _NS_SOURCE[key]
     return _NS_CHOICES[key]
+
+
+_NS_SOURCE: dict = {}
+
+
+def ns_source() -> str:
+    """Where the last measured choice came from: measured now, or read from the machine's cache."""
+    return _NS_SOURCE.get("last", "measured")
+
+
+def _test_hook() -> str | None:
+    import os
+
+    for pair in filter(None, os.environ.get(TEST_HOOK, "").split(",")):
+        rank, _, dtype = pair.partition(":")
+        if rank == os.environ.get("RANK", "0") and dtype in NS_DTYPES:
+            return dtype
+    return None
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -96,7 +131,8 @@ class Muon(torch.optim.Muon):
     """torch.optim.Muon; on CPU tensors the orthogonalisation is batched by shape, in `ns_dtype`.
 
     ns_dtype None: measured (ns_dtype_by_measurement) for CPU parameters; `ns_times` keeps the timings.
-    Each param group records its dtype as "ns_dtype", which a loaded state dict brings back."""
+    Each param group records its dtype as "ns_dtype", which a loaded state dict brings back. On GPUs
+    torch's own path runs (bf16) unless ns_dtype is float32: then the batched path runs there too."""
 
     def __init__(self, params, *args, ns_dtype: torch.dtype | None = None, **kwargs):
         super().__init__(params, *args, **kwargs)
@@ -111,7 +147,8 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if any(p.device.type != "cpu" for g in self.param_groups for p in g["params"]):
+        if (any(p.device.type != "cpu" for g in self.param_groups for p in g["params"])
+                and all(g.get("ns_dtype") != "float32" for g in self.param_groups)):
             return super().step(closure)  # GPUs: torch's own bf16 path
         loss = None
         if closure is not None:
@@ -147,7 +184,8 @@ class Muon(torch.optim.Muon):
 
 
 def make_muon(params: list[torch.Tensor], o) -> torch.optim.Optimizer:
-    """Muon over `params` at optim.muon_lr; `lr_scale` lets one LR schedule drive every optimizer."""
+    """Muon over `params` at optim.muon_lr, Newton-Schulz in optim.ns_dtype (auto: measured);
+    `lr_scale` lets one LR schedule drive every optimizer."""
     return Muon(
         [dict(params=params, lr_scale=o.muon_lr / o.lr if o.lr else 0.0)],  # lr 0: the schedule is all 0
         lr=o.muon_lr,
@@ -155,6 +193,7 @@ def make_muon(params: list[torch.Tensor], o) -> torch.optim.Optimizer:
         momentum=o.muon_momentum,
         ns_steps=o.muon_ns_steps,
         adjust_lr_fn="original",  # lr scaled by sqrt(max(1, rows/cols)), as Keller Jordan's reference
+        ns_dtype=getattr(torch, o.ns_dtype) if o.ns_dtype in NS_DTYPES else None,
     )
 
 

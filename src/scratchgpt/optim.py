@@ -51,6 +51,9 @@ class OptimConfig:
     """Muon's momentum."""
     muon_ns_steps: int = 5
     """Newton-Schulz iterations per Muon step (torch's default)."""
+    ns_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Muon's Newton-Schulz dtype; auto: on CPUs the faster for the model's shapes, measured once per machine and
+    cached, on GPUs bfloat16 (torch's own). The run's config.json records the dtype used."""
 
     def __post_init__(self) -> None:
         check_fields(self, lambda name: f"--optim.{name}", OPTIM_RANGES)
@@ -83,15 +86,8 @@ def lr_at(step: int, o: OptimConfig, max_iters: int) -> float:
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (o.lr - o.min_lr)
 
 
-def build_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device, *,
-                    decay_embeddings: bool = False) -> list[torch.optim.Optimizer]:
-    """AdamW with no decay on norms, biases and embeddings; optionally Muon for 2-D hidden weights.
-
-    Only parameters that require grad are optimised. Each param group remembers its `lr_scale`
-    relative to optim.lr so one schedule drives them all. `decay_embeddings` decays the embedding
-    tables too (every matrix decays: fine-tuning's rule).
-    """
-
+def param_kinds(model: torch.nn.Module) -> tuple[list, list, list, list]:
+    """The trainable parameters as (embedding tables, untied head, 2-D hidden weights: Muon's, the rest)."""
     embed, head, hidden_2d, other = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -104,6 +100,19 @@ def build_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device
             hidden_2d.append(p)
         else:
             other.append(p)  # norms, biases, scalars
+    return embed, head, hidden_2d, other
+
+
+def build_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device, *,
+                    decay_embeddings: bool = False) -> list[torch.optim.Optimizer]:
+    """AdamW with no decay on norms, biases and embeddings; optionally Muon for 2-D hidden weights.
+
+    Only parameters that require grad are optimised. Each param group remembers its `lr_scale`
+    relative to optim.lr so one schedule drives them all. `decay_embeddings` decays the embedding
+    tables too (every matrix decays: fine-tuning's rule).
+    """
+
+    embed, head, hidden_2d, other = param_kinds(model)
     fused = o.fused if o.fused is not None else device.type in ("cuda", "cpu")
 
     def scale(group_lr: float) -> float:

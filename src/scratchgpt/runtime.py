@@ -124,14 +124,76 @@ _THREADS: dict[tuple[int, int], int] = {}
 def default_threads() -> int:
     """One thread per physical core. Where the CPUs include SMT siblings (hyperthreads), whether the
     second thread of a core helps depends on the CPU and the VM, so a few 512^3 matmuls at both counts
-    decide (the faster wins). Measured once per process; a resumed run keeps the count it saved."""
+    decide (the faster wins). Measured once per machine (machine_choice: a later run, busy or not, reads
+    the cached count, since the count changes the order of sums); a resumed run keeps its config's count."""
     cores, cpus = cpu_topology()
     if cpus <= cores:
         return cores
     if (cores, cpus) not in _THREADS:
-        times = time_matmul_threads((cores, cpus))
-        _THREADS[(cores, cpus)] = cpus if times[cpus] < times[cores] else cores
+        def measure() -> dict:
+            times = time_matmul_threads((cores, cpus))
+            return {"choice": cpus if times[cpus] < times[cores] else cores, "times": {str(c): t for c, t in times.items()}}
+
+        _THREADS[(cores, cpus)] = int(machine_choice(f"threads | {cores} cores, {cpus} cpus", measure)[0]["choice"])
     return _THREADS[(cores, cpus)]
+
+
+# ---------------------------------------------------------------- choices measured once per machine
+CHOICES_FILE = "machine_choices.json"
+
+
+def machine_key() -> str:
+    """What a cached choice is valid for: the CPU model, this process's CPUs and torch's version."""
+    cores, cpus = cpu_topology()
+    return f"{device_name(torch.device('cpu'))} | {cores} cores, {cpus} cpus | torch {torch.__version__}"
+
+
+@contextlib.contextmanager
+def _cache_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the cache dir: runs started together measure once and the others wait and read
+    (without it, three runs started at once measured under each other's load and chose differently)."""
+    try:
+        import fcntl
+
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / ".lock", "a")
+    except (ImportError, OSError):  # not POSIX, or a read-only cache: no lock (each run measures for itself)
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def machine_choice(name: str, measure, refresh=None) -> tuple[dict, str]:
+    """The cached record of choice `name` on this machine (machine_key), measured by `measure()` (a JSON-able
+    dict) where missing; (record, where it came from). `refresh(old)` may return a new record to store in place
+    of a cached one (or None: keep it). Kept in cache_dir()/machine_choices.json, under a lock."""
+    path, key = cache_dir() / CHOICES_FILE, f"{name} | {machine_key()}"
+    with _cache_lock(path.parent):
+        try:
+            stored = json.loads(path.read_text())
+            stored = stored if isinstance(stored, dict) else {}
+        except (OSError, ValueError):
+            stored = {}
+        record = stored.get(key)
+        if isinstance(record, dict) and "choice" in record:
+            new = refresh(record) if refresh else None
+            if new is None:
+                return record, f"cached in {path}"
+            record = new
+        else:
+            record = measure()
+        try:
+            from .utils import atomic_write_json
+
+            atomic_write_json(path, {**stored, key: record})
+        except OSError:
+            return record, "measured (not cached: the cache dir is not writable)"
+    return record, f"measured, cached in {path}"
 
 
 def device_memory(device: torch.device) -> Optional[int]:

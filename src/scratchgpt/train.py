@@ -24,6 +24,7 @@ import torch
 
 from . import UserError
 from . import distributed as dist
+from . import numerics
 from .checkpoint import find_resumable, load_model_tensors, load_tensors, remove_stale_temps, rng_state, set_rng_state
 from .checks import SEED_MAX, ConfigError, check_fields
 from .checkpoint.fsdp import load_optimizers, save_training_checkpoint
@@ -233,6 +234,7 @@ class Session(Plan):
     peak: Peak
     mask_batch: Optional[Callable]
     dtype: torch.dtype = torch.float32
+    settled: Optional[numerics.Settled] = None  # how threads and the Newton-Schulz dtype were decided
     # CUDA with fused AdamW only: the finite check stays on the GPU (no host sync per step); a bad step's
     # update is skipped by the optimizer kernel itself (found_inf) and reported at the next log/save
     deferred_check: bool = False
@@ -352,12 +354,8 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     out.mkdir(parents=True, exist_ok=True)
     if ctx.rank == 0:
         remove_stale_temps(out)
-    config = {"format_version": 1, "data": str(data), "model": asdict(model_cfg), "train": asdict(tcfg),
-              "optim": asdict(ocfg), "world_size": ctx.world, "tokenizer": meta.get("tokenizer")}
     if resume and (out / "config.json").exists():
         command = read_json(out / "config.json").get("command", command)  # the run's own command, not the resume's
-    if command:
-        config["command"] = command
 
     torch.manual_seed(tcfg.seed)
     net = GPT(model_cfg).to(device)
@@ -365,6 +363,13 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     if p.initial is not None:
         load_model_tensors(net, p.initial)
     restored = _restore_model(out, net, scaler, ctx) if resume else None
+    # threads and Newton-Schulz dtype: rank 0's, cached per machine, recorded below (a resume repeats them)
+    p.tcfg, p.ocfg, settled = numerics.settle(tcfg, ocfg, net, device, ctx, restored[1] if restored else None)
+    tcfg, ocfg = p.tcfg, p.ocfg
+    config = {"format_version": 1, "data": str(data), "model": asdict(model_cfg), "train": asdict(tcfg),
+              "optim": asdict(ocfg), "world_size": ctx.world, "tokenizer": meta.get("tokenizer")}
+    if command:
+        config["command"] = command
     if ctx.rank == 0:
         atomic_write_json(out / "config.json", config)
     model_for_step = dist.wrap(net, tcfg, ctx)
@@ -375,6 +380,7 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     optimizers = build_optimizer(net, ocfg, device)  # after wrap: FSDP2 replaces the parameters with sharded ones
     if restored:
         load_optimizers(restored[0], net, optimizers, restored[1], ctx)  # full or sharded, onto any world size
+        numerics.apply_ns_dtype(optimizers, ocfg.ns_dtype)  # the checkpoint's groups carry theirs: the config wins
     if tcfg.compile:
         model_for_step = torch.compile(model_for_step, mode=tcfg.compile_mode)
     s = Session(
@@ -384,7 +390,7 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
         train_ds=train_ds, val_ds=val_ds, log=RunLog(out, ctx.rank == 0, tcfg.tensorboard, tcfg.plot), config=config,
         flops_per_step=net.flops_per_token() * tcfg.batch_size * model_cfg.block_size,
         peak=peak_flops(device, dtype, tcfg.peak_flops), mask_batch=mlm_mask_batch if tcfg.objective == "mlm" else None,
-        dtype=dtype, deferred_check=checks_finite_on_device(device, scaler, optimizers))
+        dtype=dtype, deferred_check=checks_finite_on_device(device, scaler, optimizers), settled=settled)
     if s.deferred_check:
         s.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         s.bad_steps = torch.zeros((), dtype=torch.long, device=device)
@@ -436,9 +442,12 @@ def startup_summary(s: Session) -> str:
     name = f" ({device_name(s.device)})" if s.device.type == "cuda" else ""
     muon = [o for o in s.optimizers if isinstance(o, Muon)]
     optim = s.ocfg.optimizer
-    if muon and muon[0].ns_times:
-        times = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in muon[0].ns_times.items())
-        optim += f" (Newton-Schulz in {muon[0].param_groups[0]['ns_dtype']}: measured {times} per iteration)"
+    if muon:
+        settled = s.settled or numerics.Settled(None, str(muon[0].param_groups[0]["ns_dtype"]))
+        how = settled.ns_source
+        if settled.ns_times:
+            how += ": " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in settled.ns_times.items()) + " per iteration"
+        optim += f" (Newton-Schulz in {muon[0].param_groups[0]['ns_dtype']}{f'; {how}' if how else ''})"
     remaining = max(0, tcfg.max_iters - s.step)
     lines = [
         f"params: {s.net.num_params():,} ({s.net.num_params(non_embedding=True):,} non-embedding)",
@@ -503,11 +512,8 @@ def check_memory(cfg: ModelConfig, micro: int, ctx: dist.DistContext) -> None:
 
 
 def _restore_counters(s: Session, state: dict) -> None:
-    """A checkpoint's counters, thread count and RNG into the session (last: nothing in setup shifts the stream)."""
-    if not s.tcfg.threads and "OMP_NUM_THREADS" not in os.environ and state.get("threads"):
-        # the default thread count may be measured (runtime.default_threads): a resumed run keeps its
-        # own, since the count changes the order of sums and so the numerics
-        torch.set_num_threads(min(state["threads"], os.cpu_count() or 1))
+    """A checkpoint's counters and RNG into the session (last: nothing in setup shifts the stream); its thread
+    count is numerics.settle's."""
     s.step, s.tokens = state["step"], state["tokens"]
     s.best_val = state.get("best_val_loss") or float("inf")
     s.bad_evals, s.elapsed_before = state.get("bad_evals", 0), state.get("elapsed_s", 0.0)

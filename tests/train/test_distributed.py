@@ -60,7 +60,7 @@ def torchrun(*args: str, nproc: int = 2, max_restarts: int = 0, env: dict | None
                           env={**os.environ, **ENV, **(env or {})})
 
 
-def elastic(*args: str, nproc: int = 2, max_restarts: int = 0, env: dict | None = None) -> dict:
+def elastic(*args: str, nproc: int = 2, max_restarts: int = 0, env: dict | None = None, worker=None) -> dict:
     """`scratchgpt train ARGS` under torchrun's own agent (`elastic_launch`, what the torchrun CLI calls),
     run from this process. Workers fork from a server that imports torch once for the whole file,
     instead of every worker of every launch paying ~6 s for it. Raises ChildFailedError on failure."""
@@ -77,7 +77,7 @@ def elastic(*args: str, nproc: int = 2, max_restarts: int = 0, env: dict | None 
                           monitor_interval=0.1, start_method="forkserver")  # = torchrun --standalone
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return elastic_launch(config, _elastic_worker)(list(args), {**ENV, **(env or {})})
+        return elastic_launch(config, worker or _elastic_worker)(list(args), {**ENV, **(env or {})})
     finally:
         for sig, handler in handlers.items():  # the agent installs its own; give pytest its back
             signal.signal(sig, handler)
@@ -91,6 +91,24 @@ def _elastic_worker(args: list, env: dict) -> int:
     if code:
         raise SystemExit(code)
     return code
+
+
+def _weights_worker(args: list, env: dict) -> int:
+    """_elastic_worker that also saves every rank's final weights as RUN/rank-R.safetensors (only rank 0 saves
+    checkpoints: this shows what the other ranks hold)."""
+    from safetensors.torch import save_file
+
+    import scratchgpt.train as train_module
+
+    finish = train_module.finish
+
+    def finish_and_dump(s, stop_reason):
+        save_file({k: v.detach().clone().contiguous() for k, v in s.net.state_dict().items()},
+                  str(s.out / f"rank-{s.ctx.rank}.safetensors"))
+        return finish(s, stop_reason)
+
+    train_module.finish = finish_and_dump
+    return _elastic_worker(args, env)
 
 
 def single(*args: str) -> None:
@@ -231,3 +249,17 @@ def test_single_process_checkpoint_resumes_under_ddp_and_survives_a_restart(runs
     assert json.loads((run / "result.json").read_text())["step"] == STEPS
     assert loss_error(run, reference, range(SAVE_AT + 1, STEPS + 1)) < 1e-6
     assert weight_error(weights(run), weights(reference)) < 1e-6
+
+
+def test_ranks_take_rank_0s_newton_schulz_dtype(runs, data):
+    """Rank 1's own measurement would say bf16 (a test hook), rank 0's fp32: every rank runs fp32, rank 0's
+    choice, recorded in config.json, and the ranks end with the same weights."""
+    out = runs / "disagree"
+    elastic(f"--data={data}", f"--out={out}", *flags(**{"optim.optimizer": "muon", "train.max_iters": 4,
+                                                         "train.eval_interval": 4}),
+            env={"SCRATCHGPT_TEST_NS_DTYPE": "0:float32,1:bfloat16"}, worker=_weights_worker)
+    assert json.loads((out / "config.json").read_text())["optim"]["ns_dtype"] == "float32"
+    rank0, rank1 = load_file(str(out / "rank-0.safetensors")), load_file(str(out / "rank-1.safetensors"))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    saved = weights(out)
+    assert all(torch.equal(rank0[k], saved[k]) for k in saved)  # what rank 0 saved
