@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 from jsonargparse import ActionConfigFile
 
 from . import UserError
+from .faults import NamedStdout, is_machine_fault, one_line, quiet_stdout
 from .flags import Parser, _one_line, add_signature, call, field_docs, kwargs_for, unescape  # noqa: F401 (field_docs)
 
 # The help line of a parameter many commands share, where the function's docstring has none.
@@ -380,6 +381,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: unknown command {name!r}" + (f" (did you mean {close[0]}?)" if close else ""), file=sys.stderr)
         return 2
     build, handler, _ = COMMANDS[name]
+    stdout, sys.stdout = sys.stdout, NamedStdout(sys.stdout)
     try:
         parser = build()
         parser.prog = f"scratchgpt {name}"
@@ -387,6 +389,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             use_recipe(parser, rest)
         args = parser.parse_args(rest)
         code = handler(args, rest, parser) if name in _TAKES_ARGV else handler(args)
+        sys.stdout.flush()  # a full disk under stdout fails here, inside the try, not at exit
     except UserError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 1
@@ -394,7 +397,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        quiet_stdout()
         return 0
+    except OSError as e:  # a full disk, a size limit, a read-only or impossible path: the machine's, said in one line
+        if not is_machine_fault(e):
+            raise
+        if e.filename == "standard output":
+            quiet_stdout()
+        print(f"error: {_one_line(one_line(e))}", file=sys.stderr)
+        return 1
+    finally:
+        sys.stdout = stdout
     return code if isinstance(code, int) else 0  # train, finetune, tune: 130 after a Ctrl-C / SIGTERM that saved
 
 

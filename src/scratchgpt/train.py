@@ -25,7 +25,8 @@ import torch
 from . import UserError
 from . import distributed as dist
 from . import numerics
-from .checkpoint import find_resumable, load_model_tensors, load_tensors, remove_stale_temps, rng_state, set_rng_state
+from .checkpoint import (find_resumable, load_model_tensors, load_tensors, remove_stale_temps, repair_aliases, rng_state,
+                         set_rng_state)
 from .checks import SEED_MAX, ConfigError, check_fields
 from .checkpoint.fsdp import load_optimizers, save_training_checkpoint
 from .data import TokenDataset, default_data_dir, load_meta, mlm_mask_batch
@@ -354,6 +355,8 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     out.mkdir(parents=True, exist_ok=True)
     if ctx.rank == 0:
         remove_stale_temps(out)
+        if resume:
+            repair_aliases(out, log=lambda m: print(m, file=sys.stderr))
     if resume and (out / "config.json").exists():
         command = read_json(out / "config.json").get("command", command)  # the run's own command, not the resume's
 

@@ -40,11 +40,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # f.write() names no file: say which one failed
+            raise type(e)(e.errno, e.strerror, str(path)) from None
         raise
     fsync_dir(path.parent)
 

@@ -30,9 +30,10 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import UserError
+from ..faults import final_name, save_tensors
 from ..model import gpt_of
 from ..tokenizer import copy_tokenizer
 from ..utils import atomic_write_json, read_json, replace_dir, sha256_file
@@ -155,7 +156,7 @@ def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         tmp.mkdir()
     try:
         for name, tensor_dict in tensors.items():
-            save_file(tensor_dict, str(tmp / name), metadata={"format": "pt"})
+            save_tensors(tensor_dict, tmp / name)
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
         for name, obj in json_files.items():
@@ -163,7 +164,7 @@ def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         if tokenizer_file is not None and Path(tokenizer_file).exists():
             copy_tokenizer(tokenizer_file, tmp)  # (an imported tokenizer's tokenizer_config.json with it)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != STATE_FILE)
-        full_state = dict(state, format_version=FORMAT_VERSION)
+        full_state = dict(state, format_version=FORMAT_VERSION, aliases=list(aliases))  # (for repair_aliases)
         full_state.setdefault("optimizer", None)
         full_state["sha256"] = {name: sha256_file(tmp / name) for name in files}
         atomic_write_json(tmp / STATE_FILE, full_state)
@@ -172,13 +173,22 @@ def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for alias in aliases:
-        link_tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{alias}-", dir=run_dir))
-        shutil.copytree(final, link_tmp, copy_function=_link_or_copy, dirs_exist_ok=True)  # hard links
-        replace_dir(link_tmp, run_dir / alias)
+        point_alias(run_dir, alias, final)
     steps = sorted(history.glob("step-*"))
     for stale in steps[: max(0, len(steps) - max(keep_last, 1))]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def point_alias(run_dir: Path, alias: str, ckpt: Path) -> None:
+    """RUN/alias (latest, best) becomes a copy of `ckpt` made of hard links, swapped in whole."""
+    link_tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{alias}-", dir=run_dir))
+    try:
+        shutil.copytree(ckpt, link_tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
+        replace_dir(link_tmp, run_dir / alias)
+    except BaseException:
+        shutil.rmtree(link_tmp, ignore_errors=True)
+        raise
 
 
 def save_checkpoint(
@@ -203,7 +213,8 @@ def save_checkpoint(
 
 
 def remove_stale_temps(run_dir: Path) -> list[Path]:
-    """Delete the half-written checkpoints a killed save left behind (a full model + optimizer each).
+    """Delete what killed writes left behind: half-written checkpoints (a full model + optimizer each) and the
+    temp files of utils.atomic_write (`.loss.png.XXXXXXXX.tmp`, `.config.json.XXXXXXXX.tmp`).
 
     A `.NAME.old` whose NAME is missing was moved aside by a swap killed before the new one took its
     place (utils.replace_dir): it is still the complete NAME (best/ may be its only copy), so it goes back."""
@@ -216,7 +227,47 @@ def remove_stale_temps(run_dir: Path) -> list[Path]:
                          *(run_dir / "checkpoints").glob(".*.old")] if p.is_dir()]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
-    return stale
+    temp_files = [p for p in run_dir.glob(".*.tmp") if final_name(p.name) and p.is_file() and not p.is_symlink()]
+    for p in temp_files:
+        p.unlink(missing_ok=True)
+    return stale + temp_files
+
+
+def repair_aliases(run_dir: Path, log=print) -> list[str]:
+    """Point latest/ and best/ at the newest intact checkpoint written for them, where a kill between the
+    checkpoint's rename and its alias swaps left them older (best/ would stay a stale model for good: the
+    resumed run believes that step is already its best). Returns the aliases it moved."""
+    run_dir = Path(run_dir)
+    history = [(int(p.name.removeprefix("step-")), p) for p in (run_dir / "checkpoints").glob("step-*")
+               if p.name.removeprefix("step-").isdigit()]
+    moved = []
+    for alias in ("latest", "best"):
+        current = _state_or_none(run_dir / alias)
+        at = current.get("step") if current is not None else None
+        for step, ckpt in sorted(history, reverse=True):
+            if isinstance(at, int) and at >= step:
+                break
+            state = _state_or_none(ckpt)
+            if state is None or alias not in state.get("aliases", ()):
+                continue
+            try:
+                verify_checkpoint(ckpt)
+            except UserError:
+                continue
+            point_alias(run_dir, alias, ckpt)
+            log(f"note: {alias}/ was {'missing' if at is None else f'at step {at}'} after an interrupted save: "
+                f"it is now {ckpt.name}")
+            moved.append(alias)
+            break
+    return moved
+
+
+def _state_or_none(ckpt: Path) -> Optional[dict]:
+    try:
+        state = read_json(ckpt / STATE_FILE)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def verify_checkpoint(ckpt: Path) -> dict:
@@ -241,11 +292,24 @@ def verify_checkpoint(ckpt: Path) -> dict:
 
 
 def checkpoint_candidates(run_dir: Path) -> list[Path]:
-    """Where a resume may start, newest first: latest, then the kept history."""
+    """Where a resume may start, newest step first wherever it is (latest/ or the kept history; latest/
+    first at equal steps). A kill during the swap of latest/ leaves a newer complete checkpoints/step-N."""
     run_dir = Path(run_dir)
-    out = [run_dir / "latest"] if (run_dir / "latest").exists() else []
-    out += sorted((run_dir / "checkpoints").glob("step-*"), reverse=True)
-    return out
+    history = [(int(p.name.removeprefix("step-")), 0, p) for p in (run_dir / "checkpoints").glob("step-*")
+               if p.name.removeprefix("step-").isdigit()]
+    latest = run_dir / "latest"
+    if latest.exists():
+        history.append((_step_of(latest), 1, latest))
+    return [p for _, _, p in sorted(history, key=lambda t: (t[0], t[1]), reverse=True)]
+
+
+def _step_of(ckpt: Path) -> int:
+    """The step a checkpoint's state.json names; unreadable ones sort first (they are tried, and reported)."""
+    try:
+        step = read_json(ckpt / STATE_FILE).get("step")
+    except (OSError, ValueError, AttributeError):
+        return 2**63
+    return step if isinstance(step, int) and not isinstance(step, bool) else 2**63
 
 
 def find_resumable(run_dir: Path, log=print) -> Optional[tuple[Path, dict]]:

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors.torch import save_file
 
 from .. import UserError
 from ..checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, load_tensors, resolve_checkpoint, \
     verify_checkpoint, weights_sha256
 from ..lora import LORA_TARGETS
+from ..faults import save_tensors
 from ..model import ModelConfig
 from ..utils import atomic_write, atomic_write_bytes, read_json, replace_dir
 from .card import adapter_card
@@ -157,7 +157,7 @@ def export_adapter(ckpt: str | os.PathLike, out: str | os.PathLike, *, which: st
     try:
         export_checkpoint(base_ckpt, tmp / "base", model_type=mt)
         atomic_write(tmp / "adapter_model.safetensors",
-                     lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+                     lambda path: save_tensors(tensors, path))
         atomic_write_bytes(tmp / "adapter_config.json", json_bytes(hf_adapter_config))
         atomic_write_bytes(tmp / "README.md", card.encode("utf-8"))
         replace_dir(tmp, out)

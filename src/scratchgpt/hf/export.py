@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors.torch import save_file
 
 from .. import UserError
 from ..checkpoint import (ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, TOKENIZER_FILE, load_tensors,
                           resolve_checkpoint, verify_checkpoint)
+from ..faults import save_tensors
 from ..model import ModelConfig
 from ..prompts import ChatTemplate
 from ..tokenizer import EOT, HF_CONFIG_FILE, UNK, Tokenizer
@@ -214,7 +214,7 @@ def _write_folder(out: Path, tensors: dict[str, torch.Tensor], files: dict[str, 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        atomic_write(tmp / "model.safetensors", lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        atomic_write(tmp / "model.safetensors", lambda path: save_tensors(tensors, path))
         for name, data in files.items():
             atomic_write_bytes(tmp / name, data)
         replace_dir(tmp, out)
