@@ -176,6 +176,38 @@ def test_measured_peak_is_measured_once_and_cached(monkeypatch, tmp_path):
     assert peak_flops(cpu, torch.float32, given=1e12) == Peak(1e12, "train.peak_flops")
 
 
+def test_a_peak_measured_under_load_rises_when_a_run_beats_it(monkeypatch, tmp_path):
+    """The cached peak only rises: a run faster than it measures again (once) and the higher figure is kept."""
+    monkeypatch.setenv("SCRATCHGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(runtime, "_MEASURED", {})
+    rates = iter([1e11, 4e11, 2e11])  # measured busy, then quiet, then busy again
+    monkeypatch.setattr(runtime, "robust_peak_flops", lambda device, dtype: next(rates))
+    cpu = torch.device("cpu")
+    peak = peak_flops(cpu, torch.float32)
+    assert peak.flops == 1e11
+    assert peak.mfu(5e10) == 0.5 and peak.flops == 1e11  # below the peak: nothing measured
+    assert peak.mfu(2e11) == 0.5 and peak.flops == 4e11  # above it: measured again, the higher figure kept
+    monkeypatch.setattr(runtime, "_MEASURED", {})
+    again = peak_flops(cpu, torch.float32)
+    assert again.flops == 4e11  # cached
+    assert again.mfu(5e11) == 1.0 and again.flops == 4e11  # a busy re-measurement never lowers it
+    stored = json.loads((tmp_path / "peak_flops.json").read_text())
+    assert list(stored.values()) == [4e11]
+
+
+def test_robust_peak_counts_one_thread_times_the_threads(monkeypatch):
+    """One busy core slows a 2-thread matmul to its slower thread; one thread times two says what 2 cores do."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(runtime, "measure_peak_flops",
+                        lambda device, dtype: {1: 3e10}.get(torch.get_num_threads(), 2e10))
+    try:
+        torch.set_num_threads(2)
+        assert runtime.robust_peak_flops(torch.device("cpu"), torch.float32) == 6e10
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_measure_peak_flops_runs_a_real_matmul():
     flops = runtime.measure_peak_flops(torch.device("cpu"), torch.float32, n=128, budget_s=0.01)
     assert 1e8 < flops < 1e14
