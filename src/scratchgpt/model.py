@@ -67,7 +67,10 @@ class ModelConfig:
     imported GPT-2 checkpoints use); swiglu: gated, silu(gate) * up (Llama); geglu_tanh: gated, gelu_tanh(gate) * up
     (Gemma); relu2: ReLU squared (cheap and strong in modded-nanogpt)."""
     mlp_hidden: int = 0
-    """MLP hidden width; 0: 4*n_embd (gated MLPs: 8/3*n_embd rounded up to 32, the same parameter count)."""
+    """MLP hidden width, absolute; 0: mlp_ratio * n_embd."""
+    mlp_ratio: float = 0.0
+    """MLP hidden width as a multiple of n_embd (rounded), so it scales with the model; mlp_hidden, if set, wins;
+    0: 4 (gated MLPs: 8/3, rounded up to a multiple of 32: the same parameter count)."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """layernorm, or rmsnorm (no mean, no bias: a little cheaper on GPUs, as good)."""
     norm_eps: Optional[float] = None
@@ -146,6 +149,8 @@ class ModelConfig:
     def hidden_dim(self) -> int:
         if self.mlp_hidden:
             return self.mlp_hidden
+        if self.mlp_ratio:
+            return max(1, round(self.mlp_ratio * self.n_embd))
         if self.gated:
             return 32 * math.ceil(8 * self.n_embd / 3 / 32)
         return 4 * self.n_embd
@@ -155,7 +160,7 @@ class ModelConfig:
 # trains (they keep a typo like n_layer=10000000 from allocating), the memory check at train start does the rest.
 MODEL_RANGES = {
     "vocab_size": "[0, 16777216]", "block_size": "[1, 1048576]", "n_layer": "[1, 1024]", "n_head": "[1, 1024]",
-    "n_embd": "[1, 65536]", "dropout": "[0, 1)", "rope_base": "[1, inf)", "mlp_hidden": "[0, 1048576]",
+    "n_embd": "[1, 65536]", "dropout": "[0, 1)", "rope_base": "[1, inf)", "mlp_hidden": "[0, 1048576]", "mlp_ratio": "[0, 1024]",
     "logit_softcap": "[0, inf)", "init_std": "[0, inf)", "n_kv_head": "[1, 1024]", "head_size": "[1, 65536]", "norm_eps": "(0, inf)",
     "rope_factor": "[1, inf)", "rope_low_freq_factor": "(0, inf)", "rope_high_freq_factor": "(0, inf)",
     "rope_original_context": "[1, 1048576]",

@@ -9,6 +9,7 @@ from typing import Literal, Optional
 
 import torch
 
+from . import UserError
 from .checks import F32, LR, check_fields
 from .muon import AdamW, make_muon
 
@@ -101,6 +102,25 @@ def param_kinds(model: torch.nn.Module) -> tuple[list, list, list, list]:
         else:
             other.append(p)  # norms, biases, scalars
     return embed, head, hidden_2d, other
+
+
+def check_extension(run, state: dict, o: OptimConfig, max_iters: int) -> Optional[str]:
+    """What the LR does first when a resume trains on from checkpoint `state`: steps at LR 0 (a schedule that
+    ended at min_lr 0) raise, naming the ways forward; an LR that jumps (a changed schedule) gives a note."""
+    step = state["step"]
+    if step >= max_iters:
+        return None
+    lr = lr_at(step, o, max_iters)
+    if lr == 0 and o.lr > 0:
+        raise UserError(f"{run} ended its {o.decay_iters or max_iters}-step LR schedule at LR 0 (min_lr {o.min_lr:g}): "
+                        f"{max_iters - step} more steps would not train. To go on, give --optim.decay_iters N (> {step}: "
+                        f"a longer schedule, resumed at its LR for step {step}), --optim.min_lr X (train on at X), or "
+                        "start a new run from its weights with --train.init_from")
+    before = (state.get("scheduler") or {}).get("lr")
+    if before is not None and not math.isclose(lr, before, rel_tol=1e-6, abs_tol=1e-12):
+        return (f"note: step {step} trains at LR {lr:.3g}; the schedule it was saved with had {before:.3g} "
+                "(a changed --optim.* schedule)")
+    return None
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device, *,

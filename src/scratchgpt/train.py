@@ -32,7 +32,7 @@ from .checkpoint.fsdp import load_optimizers, save_training_checkpoint
 from .data import TokenDataset, default_data_dir, load_meta, mlm_mask_batch
 from .metrics import evaluate_lm
 from .model import GPT, ModelConfig
-from .optim import OptimConfig, build_optimizer, lr_at, set_lr
+from .optim import OptimConfig, build_optimizer, check_extension, lr_at, set_lr
 from .runtime import (INTERRUPTED, Peak, StopRequest, configure_device, configure_threads, device_memory,
                       environment, exact_fp32_matmuls, keep_freed_memory, peak_flops, pick_dtype, stop_on_signals,
                       tf32_matmuls)
@@ -366,6 +366,8 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     if p.initial is not None:
         load_model_tensors(net, p.initial)
     restored = _restore_model(out, net, scaler, ctx) if resume else None
+    if restored and (note := check_extension(out, restored[1], ocfg, tcfg.max_iters)) and ctx.rank == 0:
+        print(note, file=sys.stderr)  # before anything trains: a changed schedule's LR jump
     # threads and Newton-Schulz dtype: rank 0's, cached per machine, recorded below (a resume repeats them)
     p.tcfg, p.ocfg, settled = numerics.settle(tcfg, ocfg, net, device, ctx, restored[1] if restored else None)
     tcfg, ocfg = p.tcfg, p.ocfg

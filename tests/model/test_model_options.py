@@ -126,6 +126,23 @@ def test_fast_recipe_config_parses_into_the_configs_it_names():
     assert built["optim"].optimizer == "muon" and built["model"].pos == "rope"
 
 
+def test_the_recipes_mlp_width_scales_with_the_model():
+    """The recipe's MLP is 3x n_embd at any width (not an absolute 384); an absolute mlp_hidden still wins."""
+    from scratchgpt.cli import RECIPE, _sections, _train_parser, use_recipe
+
+    def model(*argv: str) -> ModelConfig:
+        parser = _train_parser()
+        use_recipe(parser, list(argv))
+        return _sections(parser.parse_args(list(argv)))[0]
+
+    assert model().hidden_dim == 3 * model().n_embd == 384
+    assert model("--model.n_embd", "512", "--model.n_head", "4").hidden_dim == 1536
+    assert model("--model.n_embd", "512", "--model.n_head", "4", "--model.mlp_hidden", "100").hidden_dim == 100
+    assert "mlp_hidden" not in RECIPE.read_text()
+    assert ModelConfig(n_embd=64).hidden_dim == 256 and ModelConfig(n_embd=64, mlp_ratio=2.5).hidden_dim == 160
+    assert ModelConfig(n_embd=96, mlp="swiglu").hidden_dim == 256  # gated default: 8/3, rounded up to 32
+
+
 def test_rope_backward_is_autograd_of_the_rotation():
     from scratchgpt.model import apply_rope, rope_cos_sin
 

@@ -201,6 +201,22 @@ def test_longer_max_iters_on_resume_keeps_the_schedule(tmp_path, char_data, caps
     assert lrs[13] == pytest.approx(lr_at(12, OptimConfig(**{**optim.__dict__, "decay_iters": 16}), 16))
 
 
+def test_extending_a_run_that_ended_at_lr_0_is_refused_with_the_ways_forward(tmp_path, char_data, capsys):
+    """The recipe's schedule ends at min_lr 0: more steps would train nothing, so --resume with a larger
+    max_iters says so, in one line, before anything changes; each way it names then works, saying the LR."""
+    optim = OptimConfig(lr=1e-3, min_lr=0.0, warmup_iters=2, schedule="wsd", wsd_decay_frac=0.5)
+    run = tmp_path / "done"
+    train(data=char_data, out=run, model=ModelConfig(**TINY), optim=optim, train=quiet(max_iters=10, eval_interval=10))
+    before = (run / "metrics.jsonl").read_text(), (run / "config.json").read_text()
+    assert main(["train", "--out", str(run), "--resume", "--train.max_iters=16"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "at LR 0" in err and "--optim.decay_iters" in err and "--optim.min_lr" in err
+    assert ((run / "metrics.jsonl").read_text(), (run / "config.json").read_text()) == before
+    assert main(["train", "--out", str(run), "--resume", "--train.max_iters=16", "--optim.decay_iters=20"]) == 0
+    assert "note: step 10 trains at LR 0.001; the schedule it was saved with had 0" in capsys.readouterr().err
+    assert {r["step"]: r["lr"] for r in rows(run)}[11] == pytest.approx(1e-3)
+
+
 # ---------------------------------------------------------------- the final eval, --stop
 def test_final_val_loss_is_that_of_best(tmp_path, char_data, monkeypatch, capsys):
     """Val estimates that only get worse after the first: early stopping keeps best/ at step 2, and the
