@@ -279,17 +279,46 @@ def _alternation(strings: list[str]) -> re.Pattern:
     return re.compile("|".join(map(re.escape, sorted(strings, key=len, reverse=True))) or "(?!)")
 
 
+# SFT's default templates, the first the tokenizer can encode wins: a char vocabulary learned from plays has no
+# "#" (the reply's end: <|endoftext|> where the tokenizer has it, else a visible marker the model learns to write)
+DEFAULT_TEMPLATES = [
+    ("### Instruction:\n{prompt}\n\n### Response:\n", "\n### End\n", ["\n### End", "### Instruction:"]),
+    ("Instruction:\n{prompt}\n\nResponse:\n", "\nEnd.\n", ["\nEnd.", "Instruction:"]),
+]
+
+
 def default_template(tokenizer: Tokenizer) -> dict:
-    """The chat template SFT uses unless --template gives one."""
-    user = "### Instruction:\n{prompt}\n\n### Response:\n"
-    if tokenizer.eot_id is not None:
-        return {"system": "", "user": user, "assistant_end": EOT, "stop": [EOT, "### Instruction:"]}
-    # char tokenizers have no EOT token: a visible end marker the model learns to write
-    return {"system": "", "user": user, "assistant_end": "\n### End\n", "stop": ["\n### End", "### Instruction:"]}
+    """The chat template SFT uses unless --template gives one: the first of DEFAULT_TEMPLATES whose text the
+    tokenizer can encode (one line saying the template, not the data, is the trouble where none can be)."""
+    error = ""
+    for user, end, stop in DEFAULT_TEMPLATES:
+        if tokenizer.eot_id is not None:
+            template = {"system": "", "user": user, "assistant_end": EOT, "stop": [EOT, stop[1]]}
+        else:
+            template = {"system": "", "user": user, "assistant_end": end, "stop": stop}
+        error = template_error(tokenizer, template)
+        if error is None:
+            return template
+    raise UserError(f"the default chat template cannot be encoded by this tokenizer ({error}): give --template FILE "
+                    "(user, assistant_end, stop) written in characters it has")
+
+
+def template_error(tokenizer: Tokenizer, template: dict) -> Optional[str]:
+    """Why `tokenizer` can't encode the template's own text (characters its vocabulary lacks), or None."""
+    t = ChatTemplate.from_config({"chat_template": template})
+    before, _, after = t.user.partition("{prompt}")
+    try:
+        for text in (t.system, before, after, t.assistant_end):
+            text = text.replace(EOT, "") if tokenizer.eot_id is not None else text  # EOT: its own token
+            if text:
+                encode_strict(tokenizer, text)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def load_template(path: Optional[str | os.PathLike], tokenizer: Tokenizer) -> dict:
-    """A template JSON file (validated: "user" holds {prompt}), or the default."""
+    """A template JSON file (validated: "user" holds {prompt}, its text encodable), or the default."""
     if path is None:
         return default_template(tokenizer)
     try:
@@ -298,7 +327,11 @@ def load_template(path: Optional[str | os.PathLike], tokenizer: Tokenizer) -> di
         raise UserError(f"{path}: cannot read the template JSON ({e})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the template must be a JSON object with a \"user\" field")
-    return asdict(ChatTemplate.from_config({"chat_template": raw}))
+    template = asdict(ChatTemplate.from_config({"chat_template": raw}))
+    error = template_error(tokenizer, template)
+    if error:
+        raise UserError(f"{path}: the template (not the data) cannot be encoded by the base run's tokenizer: {error}")
+    return template
 
 
 def encode_conversation(tokenizer: Tokenizer, template: dict, turns: Sequence[tuple[str, str]],

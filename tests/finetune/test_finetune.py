@@ -565,3 +565,31 @@ def test_messages_format_is_validated(ft_root):
     ])
     with pytest.raises(UserError, match=r"msgs.jsonl:2: message 0 is 'assistant', expected 'user'"):
         read_sft(p)
+
+
+@pytest.mark.slow
+def test_sft_default_template_fits_a_vocabulary_without_its_characters(tmp_path, capsys):
+    """A char vocabulary learned from a play has no "#": the default template falls back to one it can encode; a
+    --template it can't encode is named as the template's fault, not the data's."""
+    from scratchgpt.data import prepare
+    from scratchgpt.optim import OptimConfig
+    from scratchgpt.prompts import DEFAULT_TEMPLATES
+    from scratchgpt.train import TrainConfig, train
+
+    play = "FIRST CITIZEN:\nBefore we proceed any further, hear me speak. End.\nInstruction? Response!\n" * 400
+    (tmp_path / "play.txt").write_text(play, encoding="utf-8")
+    prepare(inputs=[str(tmp_path / "play.txt")], out=tmp_path / "data", tokenizer="char", progress=False)
+    train(data=tmp_path / "data", out=tmp_path / "base", model=ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=32),
+          train=TrainConfig(max_iters=1, eval_interval=1, eval_iters=1, batch_size=2, sample_tokens=0, progress=False,
+                            tensorboard=False, plot=False, final_eval=False, report=False, device="cpu"),
+          optim=OptimConfig(warmup_iters=0))
+    write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "hear me", "response": "speak"}] * 4)
+    args = ["finetune", "sft", tmp_path / "base", "--train", tmp_path / "sft.jsonl", "--val", tmp_path / "sft.jsonl",
+            "--max-steps", "1", "--device", "cpu"]
+    code, _, err = cli(capsys, *args, "--out", tmp_path / "sft")
+    assert code == 0, err
+    assert json.loads((tmp_path / "sft/best/config.json").read_text())["chat_template"]["user"] == DEFAULT_TEMPLATES[1][0]
+    (tmp_path / "hash.json").write_text(json.dumps({"user": "# {prompt}\n", "assistant_end": "\n"}))
+    code, _, err = cli(capsys, *args, "--out", tmp_path / "sft2", "--template", tmp_path / "hash.json")
+    assert code == 1 and err.strip().splitlines()[-1].startswith("error: ")
+    assert "the template (not the data)" in err and "'#'" in err and "sft.jsonl" not in err
