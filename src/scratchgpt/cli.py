@@ -154,14 +154,14 @@ def cmd_eval(a) -> None:
 
 
 def _info_parser() -> Parser:
-    from .train import run_info
+    from .runs.info import run_info
 
     return _parser("Show a run: config, kind, parameter count, steps, best val loss, files.", run_info,
                    help={"run": "run directory"})
 
 
 def cmd_info(a) -> None:
-    from .train import run_info
+    from .runs.info import run_info
 
     call(run_info, a)
 

@@ -26,6 +26,8 @@ import numpy as np
 from . import UserError
 from .checks import check_fields
 from .checkpoint import Which, load_run
+from .runs.files import OLD_EVAL_FILE, eval_file
+from .runs.guard import is_checkpoint
 from .data import TokenDataset, load_meta
 from .data.readers import read_labelled, read_sft, read_text
 from .generate import MAX_NEW_TOKENS, complete
@@ -119,11 +121,9 @@ def _report(run: Path, task: str, result: dict) -> None:
     quantized = result.get("quantize", "none") != "none"
     result = finite_or_null(result)
     print(json_text(result, indent=2))
-    if Path(run).is_dir():
-        if quantized:  # kept beside the full-precision figures, not over them
-            names = [f"eval-{task}-{result['quantize']}.json"]
-        else:
-            names = [f"eval-{task}.json"] + (["eval.json"] if task == "lm" else [])  # eval.json: earlier name
+    if Path(run).is_dir() and not is_checkpoint(Path(run)):  # a checkpoint's files are its hashed ones only
+        names = [eval_file(task, result["quantize"] if quantized else "none")]
+        names += [OLD_EVAL_FILE] if task == "lm" and not quantized else []
         for name in names:
             try:
                 atomic_write_json(Path(run) / name, result)

@@ -12,7 +12,6 @@ a PEFT adapter folder beside its exported base.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from . import UserError
 from . import hf
 from .checkpoint import ADAPTER_FILE, Which, resolve_checkpoint
+from .runs.guard import check_out
 
 
 def export_cli(run: Path, out: Path, *, which: Which = "best", adapter: bool = False, base: Path | None = None,
@@ -52,13 +52,11 @@ def _export_merged(ckpt: Path, out: Path, force: bool, base: Path | None, model_
     """A LoRA run, its adapter folded into the base (in a temporary run beside `out`), exported as full weights."""
     from .finetune import merge_lora
 
+    check_out(out, "hf-model", force=force, inputs=[ckpt])  # before the merge's work
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
-    try:
-        merged = merge_lora(ckpt, tmp / "run", base=base, force=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.merge-", dir=out.parent) as tmp:
+        merged = merge_lora(ckpt, Path(tmp) / "run", base=base, force=True)
         return hf.export_checkpoint(merged, out, force=force, model_type=model_type)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def import_cli(hf_dir: Path, out: Path, *, tokenizer: Path | None = None, force: bool = False) -> Path:

@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from . import UserError
+from .runs.files import (CONFIG_FILE, ENVIRONMENT_FILE, META_FILE, METRICS_FILE, OLD_EVAL_FILE, REPORT_FILE,
+                         RESULT_FILE, SAMPLES_FILE)
+from .runs.kind import REPORT_WORDS, run_kind
+from .runs.rows import read_rows
 from .utils import atomic_write_bytes, human_number, read_json
 
-REPORT_FILE = "report.html"
 
 # (panel title, [(label, metrics.jsonl key)]): a panel is drawn when any of its keys has values
 PANELS = [
@@ -51,32 +54,27 @@ def _json(path: Path) -> Optional[Any]:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash
-    return rows
+    try:
+        return read_rows(path)  # (a torn or damaged line is skipped: the report shows what is there)
+    except UserError:
+        return []
 
 
 def read_run(run: Path) -> dict[str, Any]:
     """Everything the report shows, from the run's files (missing ones are simply absent)."""
     run = Path(run)
-    config = _json(run / "config.json")
+    config = _json(run / CONFIG_FILE)
     if not isinstance(config, dict):
         raise UserError(f"{run}: not a run directory (no readable config.json)")
     evals = {}
     for p in sorted(run.glob("eval-*.json")):
         evals[p.stem.removeprefix("eval-")] = _json(p)
-    if not evals and (run / "eval.json").exists():  # the earlier name of eval-lm.json
-        evals["lm"] = _json(run / "eval.json")
-    meta = _json(Path(config["data"]) / "meta.json") if config.get("data") else None
-    return {"run": run, "config": config, "result": _json(run / "result.json") or {},
-            "metrics": _jsonl(run / "metrics.jsonl"), "samples": _jsonl(run / "samples.jsonl"), "evals": evals,
-            "environment": _json(run / "environment.json"), "meta": meta,
-            "kind": ("classifier" if "classifier" in config else "sft" if "finetune" in config else "pretraining")}
+    if not evals and (run / OLD_EVAL_FILE).exists():  # the earlier name of eval-lm.json
+        evals["lm"] = _json(run / OLD_EVAL_FILE)
+    meta = _json(Path(config["data"]) / META_FILE) if config.get("data") else None
+    return {"run": run, "config": config, "result": _json(run / RESULT_FILE) or {},
+            "metrics": _jsonl(run / METRICS_FILE), "samples": _jsonl(run / SAMPLES_FILE), "evals": evals,
+            "environment": _json(run / ENVIRONMENT_FILE), "meta": meta, "kind": REPORT_WORDS[run_kind(config)]}
 
 
 def _params(config: dict) -> Optional[int]:

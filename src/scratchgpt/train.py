@@ -1,4 +1,4 @@
-"""Training (`scratchgpt train`): the config, setup, the loop, evaluate-and-save, teardown; `scratchgpt info`.
+"""Training (`scratchgpt train`): the config, setup, the loop, evaluate-and-save, teardown.
 
 The loop (`loop`) does the same things in the same order every step: batch, forward,
 backward, clip, finite-check, step, schedule, log, eval, save. Batches are a pure function of
@@ -10,7 +10,6 @@ result and tears down.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -36,7 +35,12 @@ from .optim import OptimConfig, build_optimizer, check_extension, lr_at, set_lr
 from .runtime import (INTERRUPTED, Peak, StopRequest, configure_device, configure_threads, device_memory,
                       environment, exact_fp32_matmuls, keep_freed_memory, peak_flops, pick_dtype, stop_on_signals,
                       tf32_matmuls)
-from .utils import atomic_write, atomic_write_json, finite_or_null, human_number, json_text, read_json
+from .runs.files import (BEST, CONFIG_FILE, ENVIRONMENT_FILE, LATEST, MODEL_FILE, RESULT_FILE, STATE_FILE,
+                         TOKENIZER_FILE)
+from .runs.guard import check_run_out, write_marker
+from .runs.log import RunLog
+from .runs.rows import check_step
+from .utils import atomic_write_json, finite_or_null, human_number, json_text, read_json
 
 
 @dataclass
@@ -117,87 +121,6 @@ TRAIN_RANGES = {
 }
 
 
-# ---------------------------------------------------------------- logging
-class RunLog:
-    """metrics.jsonl, TensorBoard (when installed) and loss.png, written by rank 0 only."""
-
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool, plot: bool):
-        self.out, self.enabled, self.plot = out, enabled, plot
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tb"))
-            except Exception:  # tensorboard not installed: metrics.jsonl and loss.png still record everything
-                self.tb = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        _append_jsonl(self.out / "metrics.jsonl", record)
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def sample(self, step: int, prompt: str, text: str) -> None:
-        """RUN/samples.jsonl: every sample printed during training, for the report."""
-        if self.enabled:
-            _append_jsonl(self.out / "samples.jsonl", {"step": step, "prompt": prompt, "text": text})
-
-    def truncate(self, step: int) -> None:
-        """On resume: drop the rows past the checkpoint's step, which the resumed run writes again."""
-        if not self.enabled:
-            return
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            path = self.out / name
-            if path.exists():
-                kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                        if _row_step(line) <= step]
-                atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
-
-    def draw(self) -> None:
-        if not (self.enabled and self.plot):
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = [json.loads(line) for line in open(self.out / "metrics.jsonl", encoding="utf-8")]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        tr = [(r["tokens"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
-        va = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-        if tr:
-            ax.plot(*zip(*tr), label="train", alpha=0.7)
-        if va:
-            ax.plot(*zip(*va), "o-", label="val")
-        ax.set_xlabel("tokens seen")
-        ax.set_ylabel("loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        atomic_write(self.out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        plt.close(fig)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json_text(finite_or_null(record)) + "\n")
-
-
-def _row_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf  # a row torn by a crash mid-write: dropped
-
-
 # ---------------------------------------------------------------- setup
 @dataclass
 class Plan:
@@ -229,7 +152,7 @@ class Session(Plan):
     autocast: Any
     train_ds: TokenDataset
     val_ds: TokenDataset
-    log: "RunLog"
+    log: RunLog
     config: dict
     flops_per_step: float
     peak: Peak
@@ -265,15 +188,6 @@ class Session(Plan):
         return self.elapsed_before + time.time() - self.t_start
 
 
-def _run_has_content(out: Path) -> bool:
-    return out.exists() and any((out / n).exists() for n in ("config.json", "latest", "checkpoints", "metrics.jsonl"))
-
-
-def _run_litter(path: Path) -> bool:
-    """What a run dir may hold before its config.json: logs (tune's train.log), tb/, temp files of a crash."""
-    return path.name == "tb" or path.name.startswith(".") or path.suffix == ".log"
-
-
 def resolve_config(out: Path, data: Optional[Path], model: ModelConfig, train: TrainConfig, optim: OptimConfig,
                    resume: bool, overrides: Optional[dict] = None):
     """On resume the saved config wins, except for the train/optim keys the user gave (`overrides`).
@@ -281,7 +195,7 @@ def resolve_config(out: Path, data: Optional[Path], model: ModelConfig, train: T
     A longer train.max_iters keeps the schedule's original length unless optim.decay_iters is given."""
     if not resume:
         return data, model, train, optim
-    saved = read_json(out / "config.json") if (out / "config.json").exists() else None
+    saved = read_json(out / CONFIG_FILE) if (out / CONFIG_FILE).exists() else None
     if saved is None:
         raise UserError(f"{out}: nothing to resume (no config.json)")
     sections = {"train": asdict(TrainConfig()) | saved["train"], "optim": asdict(OptimConfig()) | saved["optim"]}
@@ -300,7 +214,7 @@ def resolve_config(out: Path, data: Optional[Path], model: ModelConfig, train: T
         return (data or Path(saved["data"]), ModelConfig(**saved["model"]), TrainConfig(**sections["train"]),
                 OptimConfig(**optim_d))
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{out / 'config.json'}: cannot resume from it ({e})") from None
+        raise UserError(f"{out / CONFIG_FILE}: cannot resume from it ({e})") from None
 
 
 def plan_run(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig], train: Optional[TrainConfig],
@@ -311,11 +225,8 @@ def plan_run(data: Optional[Path], out: Optional[Path], model: Optional[ModelCon
         raise UserError(f"--out {out} is a file, not a directory: give a new directory name")
     resume, force = dist.restart_mode(out, resume, force)  # torchrun --max-restarts: a restarted worker resumes
     model_cfg, tcfg, ocfg = model or ModelConfig(), train or TrainConfig(), optim or OptimConfig()
-    if _run_has_content(out) and not (resume or force):
-        raise UserError(f"{out} already holds a run: pass --resume to continue it or --force to replace it")
-    if out.is_dir() and not _run_has_content(out) and any(not _run_litter(p) for p in out.iterdir()):
-        # e.g. a data dir given as --out by mistake: never written into, and never deleted by --force
-        raise UserError(f"--out {out} already holds files that are not a training run: give a new directory name")
+    inputs = [Path(p) for p in (data, tcfg.init_from) if p]
+    force = check_run_out(out, resume=resume, force=force, inputs=inputs)  # True: an existing run is replaced
     data, model_cfg, tcfg, ocfg = resolve_config(out, data, model_cfg, tcfg, ocfg, resume, overrides)
     data = Path(data) if data is not None else default_data_dir()
     meta = load_meta(data)
@@ -351,14 +262,15 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     configure_device(device)
     dtype = pick_dtype(tcfg.dtype, device)
     if p.force and ctx.rank == 0 and out.exists() and not resume:
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # a run scratchgpt wrote, checked by plan_run (runs.guard)
     out.mkdir(parents=True, exist_ok=True)
     if ctx.rank == 0:
         remove_stale_temps(out)
+        write_marker(out, "run")
         if resume:
             repair_aliases(out, log=lambda m: print(m, file=sys.stderr))
-    if resume and (out / "config.json").exists():
-        command = read_json(out / "config.json").get("command", command)  # the run's own command, not the resume's
+    if resume and (out / CONFIG_FILE).exists():
+        command = read_json(out / CONFIG_FILE).get("command", command)  # the run's own command, not the resume's
 
     torch.manual_seed(tcfg.seed)
     net = GPT(model_cfg).to(device)
@@ -376,7 +288,7 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     if command:
         config["command"] = command
     if ctx.rank == 0:
-        atomic_write_json(out / "config.json", config)
+        atomic_write_json(out / CONFIG_FILE, config)
     model_for_step = dist.wrap(net, tcfg, ctx)
     if not tcfg.compile:
         from .muon import skip_dynamo_import
@@ -404,7 +316,7 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     if resume:
         s.log.truncate(s.step)  # rows a crash left past the checkpoint are written again, once
     if s.master:  # for the report (after a resume may have set the thread count)
-        atomic_write_json(out / "environment.json", {**environment(device, dtype), "world_size": ctx.world,
+        atomic_write_json(out / ENVIRONMENT_FILE, {**environment(device, dtype), "world_size": ctx.world,
                                                      "parallel": ctx.parallel})
     s.t_start = time.time()
     return s
@@ -536,7 +448,8 @@ def _restore_model(out: Path, net: GPT, scaler, ctx) -> Optional[tuple[Path, dic
                   "with its saved config", file=sys.stderr)
         return None
     ckpt, state = found
-    load_model_tensors(net, load_tensors(ckpt / "model.safetensors"))
+    check_step(state.get("step"), str(ckpt / STATE_FILE))  # before anything (config.json, the logs) changes
+    load_model_tensors(net, load_tensors(ckpt / MODEL_FILE))
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     if ctx.rank == 0:
@@ -762,7 +675,7 @@ def save(s: Session, is_best: bool) -> None:
                       **dist.data_slices(tcfg.batch_size, s.per_rank, s.micro, s.ctx)},
              "scheduler": {"step": s.step, "lr": lr_at(s.step, s.ocfg, tcfg.max_iters)},
              "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None}
-    save_training_checkpoint(s.out, s.net, s.optimizers, state, s.config, s.data / "tokenizer.json", s.ctx,
+    save_training_checkpoint(s.out, s.net, s.optimizers, state, s.config, s.data / TOKENIZER_FILE, s.ctx,
                              tcfg.keep_last, is_best)
 
 
@@ -783,7 +696,7 @@ def finish(s: Session, stop_reason: str) -> dict:
         result.update({"final_" + k: v for k, v in scores.items()})
     result = finite_or_null(result)
     if s.master:
-        atomic_write_json(s.out / "result.json", result)
+        atomic_write_json(s.out / RESULT_FILE, result)
         print(json_text(result), file=sys.stderr)
         s.log.draw()
         if tcfg.report:
@@ -802,13 +715,13 @@ def finish(s: Session, stop_reason: str) -> dict:
 def _load_best_weights(s: Session) -> str:
     """The final eval scores best/ (what sample, eval and serve load by default), so when the last model is
     not the best (early stopping, a late rise in val loss) best/'s weights replace it. Returns which was scored."""
-    best = s.out / "best"
-    if not (best / "state.json").exists():
-        return "latest"
-    step = read_json(best / "state.json")["step"]
+    best = s.out / BEST
+    if not (best / STATE_FILE).exists():
+        return LATEST
+    step = read_json(best / STATE_FILE)["step"]
     if step == s.step:
-        return "latest"
-    tensors = load_tensors(best / "model.safetensors")
+        return LATEST
+    tensors = load_tensors(best / MODEL_FILE)
     if s.ctx.parallel == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -859,31 +772,3 @@ def _progress(tcfg: TrainConfig, master: bool, start: int):
     # thousands of carriage-return redraws)
     return tqdm(total=tcfg.max_iters, initial=start, disable=None if master and tcfg.progress else True, unit="step",
                 dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
-
-
-def run_info(run: Path) -> dict:
-    """`scratchgpt info RUN`: config, kind, parameter count, steps, best val loss, files."""
-    from .checkpoint import load_run
-
-    run = Path(run)
-    if not (run / "config.json").exists():
-        raise UserError(f"{run}: not a run directory (no config.json)")
-    config = read_json(run / "config.json")
-    info: dict[str, Any] = {"run": str(run)}
-    if (run / "latest").exists() or (run / "best").exists():
-        loaded = load_run(run, verify=False)
-        net = loaded.gpt
-        info["kind"] = ("classifier" if loaded.is_classifier else "sft" if "chat_template" in loaded.config
-                        else "lm") + (" (LoRA adapter)" if loaded.is_lora else "")
-    else:  # started, no checkpoint yet
-        net = GPT(ModelConfig(**config["model"]))
-    info.update(params=net.num_params(), flops_per_token=net.flops_per_token(), config=config)
-    for name in ("latest", "best"):
-        if (run / name / "state.json").exists():
-            st = read_json(run / name / "state.json")
-            info[name] = {"step": st["step"], "tokens": st.get("tokens"), "best_val_loss": st.get("best_val_loss")}
-    if (run / "result.json").exists():
-        info["result"] = read_json(run / "result.json")
-    info["files"] = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "tb" not in p.parts)
-    print(json.dumps(info, indent=2))
-    return info

@@ -59,8 +59,12 @@ from .checks import check_range
 from .model import ModelConfig
 from .optim import OptimConfig
 from .runtime import INTERRUPTED, Interrupted, stop_on_signals
+from .runs.files import (SEARCH_BEST_CONFIG_FILE, SEARCH_BEST_FILE, SEARCH_PLOT_FILE, STUDY_FILE,
+                         TRIALS_FILE)
+from .runs.guard import check_placement, write_marker
+from .runs.rows import append_row, drop_torn_tail, read_rows, write_rows
 from .train import TrainConfig
-from .utils import atomic_write, atomic_write_bytes, atomic_write_json, json_text, read_json
+from .utils import atomic_write, atomic_write_json, json_text, read_json
 
 Method = Literal["grid", "random", "bayes"]
 METHODS = ("grid", "random", "bayes")
@@ -331,32 +335,13 @@ def _note(msg: str) -> None:
 
 
 def _read_trials(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # a line torn by a crash mid-write: drop it, and that trial runs again
-                _note(f"{path}: dropping an incomplete last line")
-                atomic_write_bytes(path, "".join(line + "\n" for line in lines[:i]).encode("utf-8"))
-                break
-            raise UserError(f"{path}: line {i + 1} is not valid JSON") from None
+    if drop_torn_tail(path):  # a line torn by a crash mid-write: that trial runs again
+        _note(f"{path}: dropping an incomplete last line")
+    records = read_rows(path, strict=True)
     for i, r in enumerate(records):
         if r.get("trial") != i:
             raise UserError(f"{path}: expected trial {i} on line {i + 1}, found {r.get('trial')!r}")
     return records
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json_text(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())  # a finished trial is never lost to a crash
 
 
 def _fmt(params: Mapping[str, Any]) -> str:
@@ -409,7 +394,8 @@ def tune(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory: give a new directory name")
-    if out.is_dir() and any(out.iterdir()) and not ((out / "study.json").exists() or (out / "trials.jsonl").exists()):
+    check_placement(out, "search", [Path(data)] if data is not None else [])
+    if out.is_dir() and any(out.iterdir()) and not ((out / STUDY_FILE).exists() or (out / TRIALS_FILE).exists()):
         raise UserError(f"--out {out} already holds other files (not a search): give a new directory name")
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
@@ -419,7 +405,7 @@ def tune(
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if pruner is not None and pruner not in PRUNERS:
         raise UserError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
-    study_file, trials_file = out / "study.json", out / "trials.jsonl"
+    study_file, trials_file = out / STUDY_FILE, out / TRIALS_FILE
     exists = study_file.exists() or trials_file.exists()
     if exists and not (resume or force):
         raise UserError(f"{out} already holds a search: pass --resume to continue it or --force to replace it")
@@ -471,6 +457,7 @@ def tune(
             _note(f"the grid has {size} combinations: running {size} trials, not {trials}")
             trials = size
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "search")
     if not resume:
         atomic_write_json(study_file, settings)
     records = _read_trials(trials_file)
@@ -496,11 +483,11 @@ def tune(
             raise Interrupted(f"the search stopped before trial-{n:03d}; --resume continues it")
         record = _run_trial(n, params, out, settings, base, run_training, trials, trial, earlier)
         if earlier is None:
-            _append_jsonl(trials_file, record)
+            append_row(trials_file, record, durable=True)  # a finished trial is never lost to a crash
             records.append(record)
         else:
             records[n] = record
-            _rewrite_jsonl(trials_file, records)
+            write_rows(trials_file, records)
         _write_best(out, records, settings)
         if record["status"] == INTERRUPTED:
             raise Interrupted(f"trial-{n:03d} saved a checkpoint at step {record['step']} and is recorded as "
@@ -517,7 +504,7 @@ def tune(
         finally:  # also after an interrupt: what was done so far is recorded and drawn
             optuna.logging.set_verbosity(verbosity)
             _write_best(out, records, settings)
-            draw_search(out / "search.png", records, study)
+            draw_search(out / SEARCH_PLOT_FILE, records, study)
     best = _write_best(out, records, settings)
     if best is None:
         first = next((r.get("error") for r in records if r.get("error")), "unknown error")
@@ -536,17 +523,13 @@ def _outcome(record: dict) -> float:
     return record["val_loss"]
 
 
-def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
-    atomic_write_bytes(path, "".join(json_text(r) + "\n" for r in records).encode("utf-8"))
-
-
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def _clear(out: Path) -> None:
     """--force: remove only what a search writes, never unrelated files that share the directory."""
-    for name in ("study.json", "trials.jsonl", "best.json", "best-config.json", "search.png"):
+    for name in (STUDY_FILE, TRIALS_FILE, SEARCH_BEST_FILE, SEARCH_BEST_CONFIG_FILE, SEARCH_PLOT_FILE):
         (out / name).unlink(missing_ok=True)
     for d in out.glob("trial-[0-9][0-9][0-9]*"):
         if d.is_dir():
@@ -622,8 +605,8 @@ def _write_best(out: Path, records: list[dict], settings: dict) -> Optional[dict
     best = {"trial": r["trial"], "run": str(out / r["run"]), "val_loss": r["val_loss"], "params": r["params"],
             "method": settings["method"], "pruner": settings.get("pruner", "none"), "trials_complete": len(done),
             "trials_pruned": count[PRUNED], "trials_failed": count["failed"], "config": config}
-    atomic_write_json(out / "best.json", best)
-    atomic_write_json(out / "best-config.json", config)
+    atomic_write_json(out / SEARCH_BEST_FILE, best)
+    atomic_write_json(out / SEARCH_BEST_CONFIG_FILE, config)
     return best
 
 

@@ -26,10 +26,33 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's umask (read without changing it where /proc says it; else set and put back)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(prefix: str, dir: str | os.PathLike) -> Path:
+    """tempfile.mkdtemp, with the mode a plain mkdir gives (mkdtemp makes it 0700 whatever the umask), for
+    folders that are renamed into place and then read by others."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, fsync the result, then rename it over `path`.
 
-    A crash at any point leaves either the old file or the new one, never a torn file.
+    A crash at any point leaves either the old file or the new one, never a torn file. The file gets
+    the mode a plain open() would give it (0666 less the umask), not mkstemp's private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +60,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # after: a writer may have made the file anew (safetensors does)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

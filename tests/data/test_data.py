@@ -91,7 +91,7 @@ def test_manifest_has_hashes_counts_and_settings(char_dir, play_file):
     for name in ("train.bin", "val.bin", "tokenizer.json"):
         assert meta["files"][name]["sha256"] == sha256_file(char_dir / name)
     assert meta["settings"]["tokenizer"] == "char" and meta["settings"]["val_fraction"] == 0.1
-    assert sorted(os.listdir(char_dir)) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(os.listdir(char_dir)) == [".scratchgpt", "meta.json", "tokenizer.json", "train.bin", "val.bin"]
 
 
 def test_bpe_val_bin_decodes_to_exactly_the_val_text(tmp_path):

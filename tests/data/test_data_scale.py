@@ -180,7 +180,7 @@ def test_shards_read_like_one_file_batches_eval_and_verify(corpus, tok_dir, tmp_
     prepare([corpus], one, tokenizer_from=str(tok_dir), workers=1)
     meta = prepare([corpus], sharded, tokenizer_from=str(tok_dir), shard_tokens=1000, workers=1)
     n = meta["train_tokens"]
-    assert sorted(os.listdir(one)) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(os.listdir(one)) == [".scratchgpt", "meta.json", "tokenizer.json", "train.bin", "val.bin"]
     assert load_meta(one)["format_version"] == 1 and meta["format_version"] == 2
     names = [s["file"] for s in meta["shards"]["train"]]
     assert names == [f"train-{i:05d}.bin" for i in range(-(-n // 1000))]

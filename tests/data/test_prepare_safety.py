@@ -25,7 +25,7 @@ from conftest import cli, tiny_flags
 from scratchgpt import UserError
 from scratchgpt.data import TokenDataset, data_info, load_meta, prepare
 from scratchgpt.data import dataset as dataset_module
-from scratchgpt.data import staging
+from scratchgpt.runs import staging
 from scratchgpt.data.shards import ShardWriter
 from scratchgpt.utils import sha256_file
 

@@ -211,8 +211,8 @@ def test_export_files_and_model_card(tmp_path, bpe_tok):
     (run / "result.json").write_text(json.dumps({"final_val_loss": 1.25, "final_perplexity": 3.49}))
     out = export_checkpoint(run, tmp_path / "hf")
     assert sorted(p.name for p in out.iterdir()) == sorted([
-        "README.md", "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
-        "tokenizer.json", "tokenizer_config.json"])
+        ".scratchgpt", "README.md", "config.json", "generation_config.json", "model.safetensors",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"])
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "gpt_neox" and config["architectures"] == ["GPTNeoXForCausalLM"]
     assert config["dtype"] == config["torch_dtype"] == "float32" and config["tie_word_embeddings"] is True
@@ -241,10 +241,14 @@ def test_export_refuses_existing_out_dir(tmp_path, bpe_tok):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
         export_checkpoint(run, out)
-    assert (out / "keep.txt").exists()
-    export_checkpoint(run, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-    with pytest.raises(UserError, match="holds the source"):
+    with pytest.raises(UserError, match="holds files scratchgpt did not write"):
+        export_checkpoint(run, out, force=True)  # a folder of the user's is never replaced
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    export_checkpoint(run, out)
+    export_checkpoint(run, out, force=True)  # an export it wrote is
+    assert (out / "model.safetensors").exists()
+    with pytest.raises(UserError, match="holds the input"):
         export_checkpoint(run / "best", run, force=True)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary dirs left behind
 
@@ -701,7 +705,7 @@ def test_lora_adapter_export_matches_peft(tmp_path, transformers, bpe_tok, name,
     options, arch = {v[0]: v[1:] for v in VARIANTS}[name]
     run = make_lora_run(tmp_path, bpe_tok, options)
     out = export_adapter(run, tmp_path / "adapter", model_type=EXPORT_AS.get(arch))
-    files = ["README.md", "adapter_config.json", "adapter_model.safetensors", "base"]
+    files = [".scratchgpt", "README.md", "adapter_config.json", "adapter_model.safetensors", "base"]
     assert sorted(p.name for p in out.iterdir()) == files
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["peft_type"], config["task_type"], config["base_model_name_or_path"]) == ("LORA", "CAUSAL_LM", "base")

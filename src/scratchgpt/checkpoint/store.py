@@ -23,7 +23,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -35,19 +34,12 @@ from safetensors.torch import load_file
 from .. import UserError
 from ..faults import final_name, save_tensors
 from ..model import gpt_of
+from ..runs.files import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, OPTIM_FILE,  # noqa: F401
+                          STATE_FILE, TOKENIZER_FILE)
 from ..tokenizer import copy_tokenizer
-from ..utils import atomic_write_json, read_json, replace_dir, sha256_file
+from ..utils import atomic_write_json, make_temp_dir, read_json, replace_dir, sha256_file, umask
 
 FORMAT_VERSION = 1
-MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE, TOKENIZER_FILE = (
-    "model.safetensors",
-    "optimizer.safetensors",
-    "state.json",
-    "config.json",
-    "tokenizer.json",
-)
-HEAD_FILE = "head.safetensors"  # a classifier's head
-ADAPTER_FILE, ADAPTER_CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"  # LoRA (PEFT's names)
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -157,6 +149,7 @@ def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, dict[str, t
     try:
         for name, tensor_dict in tensors.items():
             save_tensors(tensor_dict, tmp / name)
+            os.chmod(tmp / name, 0o666 & ~umask())  # safetensors makes it 0600 whatever the umask
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
         for name, obj in json_files.items():
@@ -182,7 +175,7 @@ def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, dict[str, t
 
 def point_alias(run_dir: Path, alias: str, ckpt: Path) -> None:
     """RUN/alias (latest, best) becomes a copy of `ckpt` made of hard links, swapped in whole."""
-    link_tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{alias}-", dir=run_dir))
+    link_tmp = make_temp_dir(f".tmp-{alias}-", run_dir)
     try:
         shutil.copytree(ckpt, link_tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
         replace_dir(link_tmp, run_dir / alias)

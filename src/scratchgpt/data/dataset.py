@@ -17,6 +17,7 @@ from typing import Any, Union
 import numpy as np
 
 from .. import UserError
+from ..runs.files import META_FILE, TOKENIZER_FILE
 from ..utils import read_json, sha256_file
 from .shards import ShardedTokens
 
@@ -24,8 +25,6 @@ from .shards import ShardedTokens
 # directories (prepare --merge). New directories with one file per split still say 1.
 FORMAT_VERSION = 1
 SHARDED_FORMAT_VERSION = 2
-META_FILE = "meta.json"
-TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 

@@ -15,10 +15,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import UserError
+from ..runs.staging import staged
 from ..utils import atomic_write_json
 from .dataset import META_FILE, SHARDED_FORMAT_VERSION, SPLITS, TOKENIZER_FILE, load_meta, split_shards
 from .inputs import Source
-from .staging import check_out, discard_tmp, finish_files, move_into_place, new_tmp, write_failure
 from .units import separator_ids
 
 # Settings that change the token stream: parts merged together must agree on them.
@@ -65,17 +65,9 @@ def merge_parts(part_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
         if d_abs == out_abs or out_abs in d_abs.parents:
             raise UserError(f"--out {out} must not be or hold a part directory ({d}): the merged directory "
                             "refers to the parts' files")
-    check_out(out, force)
-
-    tmp = new_tmp(out)
-    try:
+    with staged(out, "data", force=force, inputs=[Path(d) for d in part_dirs],
+                exists=f"output directory {out} already exists (use --force to replace it)", empty_is_new=False) as tmp:
         meta = _write_merged(tmp, metas, out_abs)
-        move_into_place(tmp, out, force)
-    except BaseException as e:
-        discard_tmp(tmp)
-        if isinstance(e, OSError):
-            raise write_failure(e, out, tmp) from None
-        raise
     counts = "; ".join(f"{s} {meta[f'{s}_documents']:,} docs, {meta[f'{s}_tokens']:,} tokens in "
                        f"{len(meta['shards'][s])} files" for s in SPLITS)
     print(f"merged {len(metas)} parts into {out} (their token files stay where they are; nothing copied): {counts}; "
@@ -137,7 +129,6 @@ def _write_merged(tmp: Path, metas: list[tuple[int, Path, dict]], out_abs: Path)
     if (tmp / sep_file["file"]).exists():
         meta["files"][sep_file["file"]] = {"bytes": sep.nbytes, "sha256": sep_file["sha256"]}
     atomic_write_json(tmp / META_FILE, meta)
-    finish_files(tmp)
     return meta
 
 

@@ -25,6 +25,8 @@ import numpy as np
 
 from .. import UserError
 from ..checks import ConfigError, check_fields
+from ..runs.guard import check_out
+from ..runs.staging import staged, terminate_as_interrupt
 from ..utils import atomic_write_json, sha256_file
 from .clean import CleanOptions
 from .dataset import FORMAT_VERSION, META_FILE, SHARDED_FORMAT_VERSION, SPLITS, TOKENIZER_FILE
@@ -33,8 +35,6 @@ from .hub import HubDataset
 from .inputs import BUILTIN, Reading, Source, resolve_inputs
 from .merge import merge_parts, select_part
 from .spool import read_corpus, split_docs
-from .staging import (check_out, discard_tmp, finish_files, move_into_place, new_tmp, terminate_as_interrupt,
-                      write_failure)
 from .summary import summary, warn_unknown_chars
 from .units import CHAR_DOC_SEPARATOR, Runner, Units, progress_bar, separator_ids
 
@@ -168,23 +168,17 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, out: str | os.PathLike, 
     val = list(o.val or [])
     workers = _check_options(o, explicit_val=bool(val))
     tok_file = _tokenizer_file(o.tokenizer_from)
-    check_out(out, o.force)
+    guard = dict(force=o.force, inputs=[Path(p) for p in [*inputs, *val, tok_file] if p is not None],
+                 exists=f"output directory {out} already exists (use --force to replace it)", empty_is_new=False)
+    check_out(out, "data", **guard)  # before any work (staged checks again before the swap)
     sources, part = _sources(inputs, val, o)
     show = sys.stderr.isatty() if progress is None else progress
     settings = _settings(o, inputs, val, tok_file)
 
-    tmp = new_tmp(out)
-    try:
-        with terminate_as_interrupt():
-            meta = _prepare_into(tmp, sources, o, tok_file=tok_file, explicit_val=bool(val), part=part,
-                                 buffer_bytes=o.buffer_mb << 20, workers=workers, show=show, stdin=stdin,
-                                 settings=settings)
-            move_into_place(tmp, out, o.force)
-    except BaseException as e:
-        discard_tmp(tmp)
-        if isinstance(e, OSError):
-            raise write_failure(e, out, tmp) from None
-        raise
+    with staged(out, "data", **guard) as tmp, terminate_as_interrupt():
+        meta = _prepare_into(tmp, sources, o, tok_file=tok_file, explicit_val=bool(val), part=part,
+                             buffer_bytes=o.buffer_mb << 20, workers=workers, show=show, stdin=stdin,
+                             settings=settings)
     warn_unknown_chars(meta)
     print(summary(out, meta, time.time() - t0), file=sys.stderr)
     return meta
@@ -314,7 +308,6 @@ def _prepare_into(tmp: Path, sources: list[Source], o: PrepareConfig, *, tok_fil
     if part is not None:
         meta["part"] = part
     atomic_write_json(tmp / META_FILE, meta)
-    finish_files(tmp)
     return meta
 
 

@@ -27,7 +27,8 @@ from ..heads import GPTClassifier, classifier_logits, predict_proba
 from ..metrics import classification_metrics, format_confusion
 from ..prompts import encode_texts
 from ..runtime import pick_device
-from ..utils import atomic_write_bytes, json_text
+from ..runs.guard import check_output_file, write_output_file
+from ..utils import json_text
 from .loop import (FinetuneOptions, checkpoint_saver, finetune_record, finish_run, fit, prepare_run,
                    recorded_command, resume_checkpoint, run_config, setup_trainable, stderr_log, train_part,
                    write_run_files)
@@ -158,6 +159,8 @@ def predict(run: str | os.PathLike, input: str | os.PathLike, output: Optional[s
         batch_size: texts per forward pass
         stdout: where JSONL goes without `output` (default: sys.stdout)
     """
+    if output is not None:
+        check_output_file(output, inputs=[Path(input)])  # before the work (written under the same rules below)
     dev = pick_device(device)
     loaded = load_run(run, which, base=base, device=dev)
     if not loaded.is_classifier:
@@ -181,6 +184,6 @@ def predict(run: str | os.PathLike, input: str | os.PathLike, output: Optional[s
     if output is None:
         (stdout or sys.stdout).write(text)
     else:
-        atomic_write_bytes(output, text.encode("utf-8"))
+        write_output_file(output, text.encode("utf-8"), inputs=[Path(input)])
         stderr_log(f"wrote {len(rows)} predictions to {output}")
     return rows

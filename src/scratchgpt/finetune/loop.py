@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,10 @@ from ..lora import add_lora, adapter_tensors, lora_config_dict, set_adapter_tens
 from ..model import GPT, gpt_of
 from ..optim import OptimConfig, build_optimizer, lr_at, set_lr
 from ..runtime import INTERRUPTED, configure_threads, environment, pick_device, stop_on_signals
-from ..utils import atomic_write, atomic_write_json, finite_or_null, json_text
+from ..runs.files import ENVIRONMENT_FILE, METRICS_FILE, RESULT_FILE
+from ..runs.guard import check_out, write_marker
+from ..runs.rows import append_row, cut_back
+from ..utils import atomic_write_json, finite_or_null
 
 
 @dataclass
@@ -166,11 +169,10 @@ def _fit(model, batches, loss_of, evaluate, better, save, o: FinetuneOptions, ou
     n_trainable = sum(p.numel() for p in params)
     n_all = sum(p.numel() for p in model.parameters())
     log(f"training {n_trainable:,} of {n_all:,} parameters for {total} steps ({per_epoch} per epoch), lr {o.learning_rate:g}")
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = out / METRICS_FILE
 
     def record(row: dict) -> None:
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json_text(finite_or_null(row)) + "\n")
+        append_row(metrics_path, row)
 
     stop = "max_steps" if o.max_steps else "epochs"
     if resume is not None:
@@ -250,10 +252,7 @@ def _restore(ckpt: Path, opt: torch.optim.Optimizer, metrics_path: Path) -> Prog
     optimizer_from_tensors(opt, {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("0.")},
                            state["optimizer"][0])
     p = Progress(**state["resume"])
-    if metrics_path.exists():
-        kept = [ln for ln in metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
-                if json.loads(ln)["step"] <= p.step]
-        atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
+    cut_back(metrics_path, p.step, str(ckpt / STATE_FILE))
     return p
 
 
@@ -307,8 +306,8 @@ def prepare_run(base: str | os.PathLike, out: str | os.PathLike, o: FinetuneOpti
         raise UserError("--resume continues --out, --force replaces it: give one")
     if resume:
         check_resumable(out, o)
-    else:
-        check_out(out, force, [Path(base)])
+    elif check_out(out, "run", force=force, inputs=[Path(base)]):
+        shutil.rmtree(out)  # a run scratchgpt wrote (runs.guard)
     base_run = load_run(base, which)
     base_run.gpt.train()
     configure_threads(0)
@@ -320,15 +319,16 @@ def prepare_run(base: str | os.PathLike, out: str | os.PathLike, o: FinetuneOpti
 def write_run_files(out: Path, config: dict, device: torch.device) -> None:
     """config.json and environment.json (for the report) of a new fine-tuning run."""
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "run")
     atomic_write_json(out / CONFIG_FILE, config)
-    atomic_write_json(out / "environment.json", environment(device, torch.float32))
+    atomic_write_json(out / ENVIRONMENT_FILE, environment(device, torch.float32))
 
 
 def finish_run(out: Path, result: dict, log: Callable[[str], None]) -> None:
     """result.json, the report and its summary; after an interrupt, how to see what was saved."""
     from ..report import report_at_end
 
-    atomic_write_json(out / "result.json", result)
+    atomic_write_json(out / RESULT_FILE, result)
     if result["stop_reason"] == INTERRUPTED:
         log(f"interrupted at step {result['steps']}: saved {out}/latest")
     report_at_end(out)
@@ -390,18 +390,6 @@ def train_part(train_loss: Optional[float]) -> str:
 
 def stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def check_out(out: Path, force: bool, inputs: Sequence[Path]) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory: give a new directory name")
-    for p in inputs:
-        if p.exists() and out.exists() and p.resolve().is_relative_to(out.resolve()):
-            raise UserError(f"--out {out} holds the input run {p}; choose a new directory")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise UserError(f"{out} already exists and is not empty: pass --force to replace it")
-        shutil.rmtree(out)
 
 
 def setup_trainable(model: nn.Module, *, lora: Optional[dict] = None, freeze_except: Optional[int] = None) -> nn.Module:

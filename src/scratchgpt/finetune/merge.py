@@ -15,7 +15,10 @@ from .. import UserError
 from ..checkpoint import (ADAPTER_FILE, CONFIG_FILE, STATE_FILE, TOKENIZER_FILE, Which, load_run, resolve_checkpoint,
                           write_checkpoint)
 from ..utils import atomic_write_json, read_json
-from .loop import check_out, run_files
+from ..runs.files import BEST, LATEST
+from ..runs.guard import check_out
+from ..runs.staging import staged
+from .loop import run_files
 
 
 def merge_lora(run: str | os.PathLike, out: str | os.PathLike, *, base: Optional[str | os.PathLike] = None,
@@ -30,16 +33,18 @@ def merge_lora(run: str | os.PathLike, out: str | os.PathLike, *, base: Optional
     if not (ckpt / ADAPTER_FILE).exists():
         raise UserError(f"{ckpt} holds no LoRA adapter ({ADAPTER_FILE}); nothing to merge")
     out = Path(out)
-    check_out(out, force, [Path(run)])
+    inputs = [Path(run), ckpt] + ([Path(base)] if base is not None else [])
+    check_out(out, "run", force=force, inputs=inputs)  # before the merge's work (staged checks again)
     loaded = load_run(ckpt, base=base, merge=True)
     config = dict(loaded.config)
     config["finetune"] = dict(config.get("finetune") or {}, lora=None, merged_from=str(ckpt.resolve()))
     state = read_json(ckpt / STATE_FILE)
     step = state.get("step", 0)
-    final = write_checkpoint(out, step, tensors=run_files(loaded.model, lora=False), json_files={CONFIG_FILE: config},
-                             tokenizer_file=ckpt / TOKENIZER_FILE,
-                             state={"step": step, "tokens": state.get("tokens", 0), "merged": True},
-                             aliases=["latest", "best"])
-    atomic_write_json(out / CONFIG_FILE, config)
-    print(f"merged {ckpt} into {final}", file=sys.stderr)
-    return out / "best"
+    with staged(out, "run", force=force, inputs=inputs) as tmp:
+        final = write_checkpoint(tmp, step, tensors=run_files(loaded.model, lora=False),
+                                 json_files={CONFIG_FILE: config}, tokenizer_file=ckpt / TOKENIZER_FILE,
+                                 state={"step": step, "tokens": state.get("tokens", 0), "merged": True},
+                                 aliases=[LATEST, BEST])
+        atomic_write_json(tmp / CONFIG_FILE, config)
+    print(f"merged {ckpt} into {out / final.relative_to(tmp)}", file=sys.stderr)
+    return out / BEST

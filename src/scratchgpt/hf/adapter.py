@@ -13,8 +13,6 @@ Classifier LoRA runs are refused: export them merged.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -26,10 +24,12 @@ from ..checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, load_te
 from ..lora import LORA_TARGETS
 from ..faults import save_tensors
 from ..model import ModelConfig
-from ..utils import atomic_write, atomic_write_bytes, read_json, replace_dir
+from ..runs.guard import check_out
+from ..runs.staging import staged
+from ..utils import atomic_write, atomic_write_bytes, read_json
 from .card import adapter_card
 from .config import json_bytes
-from .export import _check_out, export_checkpoint, export_family
+from .export import export_checkpoint, export_family
 from .families import FAMILIES, build_model_config, export_model_type
 from .layout import Rule, contiguous_copy, weight_rules
 
@@ -140,8 +140,7 @@ def export_adapter(ckpt: str | os.PathLike, out: str | os.PathLike, *, which: st
         raise UserError(f"{ckpt} is a LoRA classification run: PEFT's causal-LM adapter has no place for its head; "
                         "export it merged (without --adapter)")
     base_ckpt = _adapter_base(ckpt, config.get("finetune") or {}, base)
-    _check_out(out, force, ckpt)
-    _check_out(out, force, base_ckpt)
+    check_out(out, "hf-adapter", force=force, inputs=[ckpt, base_ckpt])  # before the work (staged checks again)
     base_config = read_json(base_ckpt / CONFIG_FILE)
     if base_config.get("classifier"):
         raise UserError(f"{ckpt}: its base {base_ckpt} is a classification run; only a language-model base exports "
@@ -152,16 +151,9 @@ def export_adapter(ckpt: str | os.PathLike, out: str | os.PathLike, *, which: st
     hf_adapter_config, tensors = adapter_to_hf(cfg, adapter_config, load_tensors(ckpt / ADAPTER_FILE), model_type=mt)
     n_params = sum(t.numel() for t in tensors.values())
     card = adapter_card(ckpt, out, config, state, cfg, mt, hf_adapter_config, n_params)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged(out, "hf-adapter", force=force, inputs=[ckpt, base_ckpt]) as tmp:
         export_checkpoint(base_ckpt, tmp / "base", model_type=mt)
-        atomic_write(tmp / "adapter_model.safetensors",
-                     lambda path: save_tensors(tensors, path))
-        atomic_write_bytes(tmp / "adapter_config.json", json_bytes(hf_adapter_config))
+        atomic_write(tmp / ADAPTER_FILE, lambda path: save_tensors(tensors, path))
+        atomic_write_bytes(tmp / ADAPTER_CONFIG_FILE, json_bytes(hf_adapter_config))
         atomic_write_bytes(tmp / "README.md", card.encode("utf-8"))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -41,22 +39,13 @@ from ..faults import save_tensors
 from ..model import ModelConfig
 from ..prompts import ChatTemplate
 from ..tokenizer import EOT, HF_CONFIG_FILE, UNK, Tokenizer
-from ..utils import atomic_write, atomic_write_bytes, read_json, replace_dir
+from ..runs.guard import check_out
+from ..runs.staging import staged
+from ..utils import atomic_write, atomic_write_bytes, read_json
 from .card import model_card
 from .config import PAD, hf_config, json_bytes
 from .families import FAMILIES, build_model_config, export_model_type, hf_architecture
 from .layout import check_shapes, contiguous_copy, to_hf_tensors
-
-
-def _check_out(out: Path, force: bool, source: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise UserError(f"{out} already exists and is not empty: pass --force to replace it")
-        if not out.is_dir():
-            raise UserError(f"{out} is a file, not a directory")
-        src, dst = source.resolve(), out.resolve()
-        if src == dst or dst in src.parents:
-            raise UserError(f"{out} holds the source {source}: replacing it would delete what is being converted")
 
 
 def _fold_head_bias(cfg: ModelConfig, tensors: dict[str, torch.Tensor], weight: torch.Tensor,
@@ -118,7 +107,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, which:
         if (d / ADAPTER_FILE).is_file() and not (d / MODEL_FILE).is_file():
             raise UserError(f"{d} holds a LoRA adapter, not full weights: merge it first (scratchgpt merge-lora)")
     ckpt, out = resolve_checkpoint(Path(ckpt), which), Path(out)
-    _check_out(out, force, ckpt)
+    check_out(out, "hf-model", force=force, inputs=[ckpt])  # before the work (staged checks again)
     state = verify_checkpoint(ckpt)
     config = read_json(ckpt / CONFIG_FILE)
     cfg = build_model_config(config["model"], where=str(ckpt / CONFIG_FILE))
@@ -154,7 +143,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, which:
     files.update(_tokenizer_files(tokenizer, special, cfg, ChatTemplate.from_config(config)))
     card = model_card(ckpt, out, config, state, cfg, mt, arch, n_params, tokenizer, labels)
     files["README.md"] = card.encode("utf-8")
-    _write_folder(out, hf_tensors, files)
+    _write_folder(out, hf_tensors, files, force, ckpt)
     return out
 
 
@@ -209,15 +198,10 @@ def _classifier_export(cfg: ModelConfig, mt: str, tensors: dict[str, torch.Tenso
     return hf_tensors, hf_config(cfg, eot_id=eot, pad_token_id=pad, labels=labels, model_type=mt), pad_token
 
 
-def _write_folder(out: Path, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
+def _write_folder(out: Path, tensors: dict[str, torch.Tensor], files: dict[str, bytes], force: bool,
+                  source: Path) -> None:
     """model.safetensors and `files` into a temporary sibling of `out`, renamed to `out` once complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        atomic_write(tmp / "model.safetensors", lambda path: save_tensors(tensors, path))
+    with staged(out, "hf-model", force=force, inputs=[source]) as tmp:
+        atomic_write(tmp / MODEL_FILE, lambda path: save_tensors(tensors, path))
         for name, data in files.items():
             atomic_write_bytes(tmp / name, data)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

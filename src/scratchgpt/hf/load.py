@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -39,9 +38,10 @@ from .. import UserError
 from ..checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_tensors, save_checkpoint
 from ..model import GPT, ModelConfig
 from ..tokenizer import HF_CONFIG_FILE, HF_GENERATION_FILE, Tokenizer, copy_tokenizer
-from ..utils import atomic_write_bytes, atomic_write_json, read_json, replace_dir, sha256_file
+from ..runs.guard import check_out
+from ..runs.staging import staged
+from ..utils import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from .config import config_from_hf, json_bytes
-from .export import _check_out
 from .families import FAMILIES, import_model_type
 from .layout import from_hf_tensors
 
@@ -191,7 +191,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: O
     Returns `out`.
     """
     hf_dir, out = Path(hf_dir), Path(out)
-    _check_out(out, force, hf_dir)
+    check_out(out, "run", force=force, inputs=[hf_dir] + ([Path(tokenizer)] if tokenizer else []))
     hf_cfg, tensors = read_hf_folder(hf_dir)
     mt, cfg, sd = _convert(hf_dir, hf_cfg, tensors)
     tok_path, tok, eos, generation = _import_tokenizer(hf_dir, tokenizer, cfg)
@@ -204,9 +204,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: O
               "tokenizer": tok.kind,
               "imported_from": {"path": str(hf_dir.resolve()), "architecture": FAMILIES[mt].causal_lm,
                                 "model_type": mt, "sha256": {f: sha256_file(hf_dir / f) for f in files}}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged(out, "run", force=force, inputs=[hf_dir] + ([Path(tokenizer)] if tokenizer else [])) as tmp:
         if eos is not None or generation is not None:
             (tmp / "tokenizer").mkdir()
             copy_tokenizer(tok_path, tmp / "tokenizer")
@@ -219,8 +217,4 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: O
                         config=config, tokenizer_file=tok_path, is_best=True)
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
         atomic_write_json(tmp / CONFIG_FILE, config)  # the run-level copy, as train writes it
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 
 from .. import UserError
+from ..runs.files import TOKENIZER_FILE
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
-TOKENIZER_FILE = "tokenizer.json"
 # transformers' tokenizer settings (eos_token, chat_template...), kept beside an imported tokenizer.json with
 # the chat template files transformers >= 4.4x writes apart from it, and the model's generation_config.json
 # (its eos_token_id list: the ids that end a turn, e.g. Llama 3's <|end_of_text|> and <|eot_id|>)

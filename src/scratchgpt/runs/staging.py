@@ -1,6 +1,7 @@
-"""Where `prepare` and `prepare --merge` write: the check on --out, and the temporary
-directory beside it that is renamed into place once complete (nothing half-written is ever
-seen at --out, and with --force the old directory survives a failure).
+"""The one staged writer for every folder scratchgpt makes in one go (data dirs from `prepare`, Hugging
+Face and adapter exports, `import-hf` and `merge-lora` runs): the check on --out (guard.py), a temporary
+directory beside it, renamed into place once complete (nothing half-written is ever seen at --out,
+and with --force the old directory survives a failure), then the marker that says what it is.
 
 While a temporary directory is in use, its writer holds a lock on a file inside it; a killed
 writer's lock goes with it, so the next `prepare` of the same --out removes that directory.
@@ -18,11 +19,11 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 from .. import UserError
-from ..utils import fsync_dir, replace_dir
-from .dataset import META_FILE, TOKENIZER_FILE
+from ..utils import fsync_dir, replace_dir, umask
+from .guard import Kind, check_out, write_marker
 
 try:
     import fcntl
@@ -34,19 +35,27 @@ _TMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # what tempfile.mkdtemp puts after th
 _held: dict[Path, int] = {}  # temporary directory -> the open, locked owner file
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def check_out(out: Path, force: bool) -> None:
-    """--out must be new, or a directory replaced with --force."""
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise UserError(f"output {out} exists and is not a directory")
-        if not force:
-            raise UserError(f"output directory {out} already exists (use --force to replace it)")
+@contextmanager
+def staged(out: str | os.PathLike, kind: Kind, *, force: bool = False, inputs: Iterable[Path] = (),
+           exists: Optional[str] = None, empty_is_new: bool = True) -> Iterator[Path]:
+    """Write the folder `out` of this kind: checks it (guard.check_out), yields a temporary directory to
+    fill, then marks it and renames it into place (checking again: nothing appeared meanwhile). On any
+    failure the temporary directory is removed and `out` is as it was; an OSError becomes one line."""
+    out, inputs = Path(out), list(inputs)
+    check_out(out, kind, force=force, inputs=inputs, exists=exists, empty_is_new=empty_is_new)
+    tmp = new_tmp(out)
+    try:
+        yield tmp
+        write_marker(tmp, kind)
+        fsync_dir(tmp)
+        check_out(out, kind, force=force, inputs=inputs, exists=exists, empty_is_new=empty_is_new)
+        _release(tmp)
+        replace_dir(tmp, out)
+    except BaseException as e:
+        discard_tmp(tmp)
+        if isinstance(e, OSError):
+            raise write_failure(e, out, tmp) from None
+        raise
 
 
 def new_tmp(out: Path) -> Path:
@@ -65,7 +74,7 @@ def new_tmp(out: Path) -> Path:
     except OSError as e:
         raise UserError(f"cannot write the output directory {out}: {e.strerror or e}") from None
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the result should not be
         _hold(tmp)
     except OSError as e:
         discard_tmp(tmp)
@@ -143,16 +152,9 @@ def _remove_if_abandoned(d: Path) -> bool:
         os.close(fd)
 
 
-def move_into_place(tmp: Path, out: Path, force: bool) -> None:
-    """Rename the finished tmp dir to `out`; with force, swap so the old dir survives failure."""
-    check_out(out, force)
-    _release(tmp)
-    replace_dir(tmp, out)
-
-
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (what schedulers send) stops `prepare` as Ctrl-C does: the temporary directory is
+    """SIGTERM (what schedulers send) stops a staged write as Ctrl-C does: the temporary directory is
     removed and the workers are stopped (only where the handler can be set: the main thread)."""
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
@@ -176,10 +178,3 @@ def write_failure(e: OSError, out: Path, tmp: Path) -> UserError:
     if name and not os.path.abspath(name).startswith(os.path.abspath(tmp) + os.sep):
         return UserError(f"{name}: {e.strerror or e}")  # not one of ours: an input
     return UserError(f"cannot write the output directory {out}: {e.strerror or e} (nothing was changed)")
-
-
-def finish_files(tmp: Path) -> None:
-    """Give meta.json and tokenizer.json the user's umask, and make the directory durable."""
-    for name in (META_FILE, TOKENIZER_FILE):  # atomic writes create private (0600) files
-        os.chmod(tmp / name, 0o666 & ~_umask())
-    fsync_dir(tmp)
