@@ -66,7 +66,8 @@ def merge_parts(part_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
             raise UserError(f"--out {out} must not be or hold a part directory ({d}): the merged directory "
                             "refers to the parts' files")
     with staged(out, "data", force=force, inputs=[Path(d) for d in part_dirs],
-                exists=f"output directory {out} already exists (use --force to replace it)", empty_is_new=False) as tmp:
+                exists=f"output directory {out} already exists (use --force to replace it)", empty_is_new=False,
+                summarize=True) as tmp:
         meta = _write_merged(tmp, metas, out_abs)
     counts = "; ".join(f"{s} {meta[f'{s}_documents']:,} docs, {meta[f'{s}_tokens']:,} tokens in "
                        f"{len(meta['shards'][s])} files" for s in SPLITS)

@@ -175,7 +175,7 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, out: str | os.PathLike, 
     show = sys.stderr.isatty() if progress is None else progress
     settings = _settings(o, inputs, val, tok_file)
 
-    with staged(out, "data", **guard) as tmp, terminate_as_interrupt():
+    with staged(out, "data", **guard, summarize=True) as tmp, terminate_as_interrupt():
         meta = _prepare_into(tmp, sources, o, tok_file=tok_file, explicit_val=bool(val), part=part,
                              buffer_bytes=o.buffer_mb << 20, workers=workers, show=show, stdin=stdin,
                              settings=settings)

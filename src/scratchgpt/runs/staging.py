@@ -37,10 +37,12 @@ _held: dict[Path, int] = {}  # temporary directory -> the open, locked owner fil
 
 @contextmanager
 def staged(out: str | os.PathLike, kind: Kind, *, force: bool = False, inputs: Iterable[Path] = (),
-           exists: Optional[str] = None, empty_is_new: bool = True) -> Iterator[Path]:
+           exists: Optional[str] = None, empty_is_new: bool = True, summarize: bool = False) -> Iterator[Path]:
     """Write the folder `out` of this kind: checks it (guard.check_out), yields a temporary directory to
     fill, then marks it and renames it into place (checking again: nothing appeared meanwhile). On any
-    failure the temporary directory is removed and `out` is as it was; an OSError becomes one line."""
+    failure the temporary directory is removed and `out` is as it was. An OSError (a full disk, a
+    read-only folder) goes on to the CLI, which names the file in one line (faults.one_line, temp names
+    said as the final ones); `summarize` says it as one line about `out` instead (prepare's)."""
     out, inputs = Path(out), list(inputs)
     check_out(out, kind, force=force, inputs=inputs, exists=exists, empty_is_new=empty_is_new)
     tmp = new_tmp(out)
@@ -53,7 +55,7 @@ def staged(out: str | os.PathLike, kind: Kind, *, force: bool = False, inputs: I
         replace_dir(tmp, out)
     except BaseException as e:
         discard_tmp(tmp)
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and summarize:
             raise write_failure(e, out, tmp) from None
         raise
 
