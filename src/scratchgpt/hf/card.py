@@ -41,12 +41,33 @@ def _run_metrics(ckpt: Path, state: dict) -> tuple[Optional[float], Optional[flo
     return state.get("best_val_loss"), None, "best periodic val estimate (state.json)"
 
 
+def source_name(imported: dict) -> str:
+    """The name of the model a run was imported from: its hub name, else its folder's name (never a machine path:
+    runs recorded before `name` existed give the last part of their `path`)."""
+    return imported.get("name") or Path(str(imported.get("path") or "unknown")).name
+
+
+def _run_name(path) -> str:
+    """A run's name (its directory's, not a checkpoint's best/latest), without the machine path before it."""
+    p = Path(str(path or "unknown"))
+    return p.parent.name if p.name in ("best", "latest") and p.parent.name else p.name
+
+
+def _origin(config: dict) -> str:
+    """The card's first words: where the weights came from."""
+    imported = config.get("imported_from")
+    tuned = " and fine-tuned with scratchgpt" if config.get("finetune") else ""
+    if imported:
+        return f"`{source_name(imported)}`, imported into scratchgpt from its transformers weights{tuned}"
+    return f"A small GPT trained from scratch with scratchgpt{tuned}"
+
+
 def _finetune_line(ft: dict) -> str:
     lora = ft.get("lora") or {}
     return (f"- fine-tuned ({ft.get('task', 'finetune')}"
             + (f", LoRA r={lora.get('r')} alpha={lora.get('lora_alpha')}" if lora else "")
             + (", LoRA merged into the weights" if ft.get("merged_from") else "")
-            + f") from `{ft.get('base')}`"
+            + f") from `{_run_name(ft.get('base'))}`"
             + (f" on `{ft['train_file']}` (val: `{ft.get('val_file')}`)" if ft.get("train_file") else ""))
 
 
@@ -60,7 +81,7 @@ def _training_lines(ckpt: Path, config: dict, state: dict, labels: Optional[list
     ft = config.get("finetune") or {}
     lines = ["## Training", ""]
     if imported:
-        lines.append(f"- imported from `{imported.get('path')}` ({imported.get('architecture')}); "
+        lines.append(f"- imported from `{source_name(imported)}` ({imported.get('architecture')}); "
                      "its training history is not recorded here")
     lines += [
         f"- data: `{config.get('data')}`" if config.get("data") else "- data: not recorded",
@@ -104,7 +125,7 @@ def model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfi
         "",
         f"# {name}",
         "",
-        f"A small GPT trained from scratch with scratchgpt, exported as a stock `{arch}`: it loads with "
+        f"{_origin(config)}, exported as a stock `{arch}`: it loads with "
         f"`{auto}.from_pretrained` (no `trust_remote_code`) and computes what scratchgpt computes "
         "(fp32 logits within 1e-4).",
         "",

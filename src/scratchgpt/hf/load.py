@@ -183,12 +183,12 @@ def _import_tokenizer(hf_dir: Path, tokenizer: Optional[str | os.PathLike],
 
 
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: Optional[str | os.PathLike] = None,
-              force: bool = False) -> Path:
+              force: bool = False, name: Optional[str] = None) -> Path:
     """Write a scratchgpt run (out/config.json, out/best, out/latest) from a transformers model folder.
 
     The tokenizer is the folder's tokenizer.json unless `tokenizer` names another file or
-    folder. config["imported_from"] records the source path, class and file hashes.
-    Returns `out`.
+    folder. config["imported_from"] records the source's name (`name`, a hub name; default: the
+    folder's name), path, class and file hashes. Returns `out`.
     """
     hf_dir, out = Path(hf_dir), Path(out)
     check_out(out, "run", force=force, inputs=[hf_dir] + ([Path(tokenizer)] if tokenizer else []))
@@ -202,7 +202,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: O
     files = sorted(p.name for p in hf_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
     config = {"format_version": 1, "data": None, "model": asdict(cfg), "train": {}, "optim": {},
               "tokenizer": tok.kind,
-              "imported_from": {"path": str(hf_dir.resolve()), "architecture": FAMILIES[mt].causal_lm,
+              "imported_from": {"name": name or hf_dir.resolve().name, "path": str(hf_dir.resolve()), "architecture": FAMILIES[mt].causal_lm,
                                 "model_type": mt, "sha256": {f: sha256_file(hf_dir / f) for f in files}}}
     with staged(out, "run", force=force, inputs=[hf_dir] + ([Path(tokenizer)] if tokenizer else [])) as tmp:
         if eos is not None or generation is not None:
