@@ -83,6 +83,39 @@ def test_bad_arguments_fail_before_any_training(char_data, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
+def test_a_base_config_every_trial_would_fail_on_is_refused_before_the_first(char_data, tmp_path):
+    long_warmup = dict(BASE, optim=OptimConfig(warmup_iters=100))  # > max_iters 3
+    with pytest.raises(UserError, match="the base config, which every trial starts from: --optim.warmup_iters 100"):
+        tune({"optim.lr": [1e-3]}, tmp_path / "w", data=char_data, trials=2, **long_warmup)
+    assert not (tmp_path / "w").exists()
+    # a searched key may mend it: the trials decide (here one fails and one completes)
+    tune({"optim.warmup_iters": [100, 1]}, tmp_path / "m", data=char_data, method="grid", trials=2, **long_warmup)
+    assert sorted(r["status"] for r in records(tmp_path / "m")) == ["complete", "failed"]
+
+
+@pytest.mark.slow
+def test_cli_tune_starts_from_trains_recipe(char_data, tmp_path, capsys):
+    """Without --config, a search's base config is the recipe `train` runs (Muon, its warmup), not the classes'."""
+    import yaml
+
+    from conftest import tiny_flags
+    from scratchgpt.cli import RECIPE
+
+    flags = [f for f in tiny_flags(**{"train.eval_interval": 4, "train.eval_iters": 1, "train.peak_flops": 1e15})
+             if not f.startswith("--optim.")]
+    argv = ["tune", "--data", str(char_data), "--trials", "1", "--method", "random", "--space",
+            '{"optim.muon_lr": [0.02]}', *flags]
+    assert main([*argv, "--out", str(tmp_path / "t"), "--train.max_iters", "8"]) == 0, capsys.readouterr().err
+    base, recipe = json.loads((tmp_path / "t/study.json").read_text())["base"], yaml.safe_load(RECIPE.read_text())
+    assert {k: base["optim"][k] for k in recipe["optim"] if k != "betas"} == \
+        {k: v for k, v in recipe["optim"].items() if k != "betas"}
+    assert base["model"]["mlp_ratio"] == recipe["model"]["mlp_ratio"] and base["model"]["n_embd"] == 32
+    # a schedule shorter than the recipe's warmup: shrunk as `train` shrinks it, with the same note
+    assert main([*argv, "--out", str(tmp_path / "short"), "--train.max_iters", "4"]) == 0
+    assert "warmup shortened from 5 to 0 steps" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- searches
 @pytest.mark.slow
 def test_grid_covers_every_combination_and_records_failures(char_data, tmp_path, capsys):

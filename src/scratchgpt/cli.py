@@ -303,8 +303,11 @@ def _tune_parser() -> Parser:
 
     p = Parser(description="Hyperparameter search (Optuna): each trial is a short training run in OUT/trial-NNN, "
                            "scored by its val loss. Writes OUT/trials.jsonl, OUT/best.json and OUT/search.png. The "
-                           "--model.*/--train.*/--optim.* flags (or --config) set the base config of every trial.")
-    p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON config file (base config, and any of these options)")
+                           "--model.*/--train.*/--optim.* flags (or --config) set the base config of every trial; "
+                           f"without --config it starts from train's recipe (scratchgpt/recipes/{RECIPE.name}), "
+                           "and it is checked before the first trial.")
+    p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON config file (base config, and any of these "
+                                                             "options; replaces the built-in recipe)")
     add_signature(p, tune, sections=SECTIONS, skip=("given",))
     return p
 
@@ -385,7 +388,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         parser = build()
         parser.prog = f"scratchgpt {name}"
-        if name == "train":
+        if name in ("train", "tune"):  # one set of defaults: a search starts from what `train` would run
             use_recipe(parser, rest)
         args = parser.parse_args(rest)
         code = handler(args, rest, parser) if name in _TAKES_ARGV else handler(args)

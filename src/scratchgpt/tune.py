@@ -317,6 +317,19 @@ def apply_params(base: dict[str, Any], params: Mapping[str, Any]) -> tuple[Model
     return tuple(replace(base[name], **sections[name]) for name in SECTIONS)  # type: ignore[return-value]
 
 
+def check_base(base: dict, meta: dict, data: Path, space: Mapping[str, Any]) -> None:
+    """The checks `train` makes across options and data (warmup within the schedule, context within the data, the
+    batch split), made on the base config before the first trial. A failure that names a searched key is left to
+    the trials (some of them may pass); any other would fail every trial alike, so it is said now, once."""
+    from .train import check_relations
+
+    try:
+        check_relations(base["model"], base["train"], base["optim"], 1, meta, data)
+    except UserError as e:
+        if not any(f"--{key} " in f"{e} " for key in space):
+            raise UserError(f"the base config, which every trial starts from: {e}") from None
+
+
 def _section(cls, d: dict):
     d = dict(d)
     if "betas" in d:
@@ -439,10 +452,16 @@ def tune(
         data_path = Path(data) if data is not None else default_data_dir()
         from .data import load_meta
 
-        load_meta(data_path)  # a bad data dir fails now, not once per trial
+        meta = load_meta(data_path)  # a bad data dir fails now, not once per trial
         base = {"model": model or ModelConfig(), "train": train or TrainConfig(), "optim": optim or OptimConfig()}
+        space_d = load_space(space)
+        from .train import fit_warmup
+
+        # as `train` does: a warmup the user did not set shrinks to fit a short schedule (with a note)
+        base["optim"] = fit_warmup(base["optim"], base["train"], None if given is None else dict.fromkeys(given))
+        check_base(base, meta, data_path, space_d)  # and so does a base config every trial would fail on
         settings = {"format_version": FORMAT_VERSION, "method": method or "bayes", "seed": 0 if seed is None else seed,
-                    "space": load_space(space), "data": str(data_path),
+                    "space": space_d, "data": str(data_path),
                     "base": {name: asdict(cfg) for name, cfg in base.items()}}
         # fixed once: a different number of TPE's random start-up trials would change every later trial
         settings["startup_trials"] = max(1, min(10, trials // 3))
