@@ -42,8 +42,8 @@ from .utils import atomic_write_json, finite_or_null, json_text
 class EvalOptions:
     """What `scratchgpt eval` measures, on what data, and how (flags: --task, --batch-size, ...)."""
 
-    task: Literal["lm", "classify", "generate"] = "lm"
-    """What to measure."""
+    task: Literal["lm", "classify", "generate", "harness"] = "lm"
+    """What to measure; harness: lm-evaluation-harness tasks (--tasks; pip install 'scratchgpt[harness]')."""
     data: Optional[Path] = None
     """lm: prepared data dir (default: the run's) or a text file; classify/generate: CSV/JSONL file."""
     context: int = 0
@@ -58,12 +58,22 @@ class EvalOptions:
     """generate: reply length limit. Shorter than sampling's default: replies are scored against short
     references, and a reply that never stops costs its whole length."""
     limit: int = 0
-    """generate: only the first N examples; 0: all."""
+    """generate, harness: only the first N examples (harness: of each task); 0: all (the default harness suite: 500)."""
+    tasks: Optional[str] = None
+    """harness: comma-separated lm-evaluation-harness task names (hellaswag,arc_easy,...); none: the default suite
+    (hellaswag, arc_easy, arc_challenge, piqa, winogrande, lambada_openai)."""
+    num_fewshot: Optional[int] = None
+    """harness: examples shown before each question; none: each task's own default (a prompt past the context
+    is an error once set)."""
+    apply_chat_template: bool = False
+    """harness: prompts in the run's chat template (an SFT run's, or an imported instruct model's)."""
+    include_path: Optional[Path] = None
+    """harness: a directory (or YAML file) of extra task YAMLs, e.g. over local dataset copies."""
 
     def __post_init__(self) -> None:
         check_fields(self, lambda name: "--" + name.replace("_", "-"), {
             "context": "[0, 1048576]", "batch_size": "[1, 65536]", "max_new_tokens": f"[1, {MAX_NEW_TOKENS}]",
-            "limit": "[0, inf)"})
+            "limit": "[0, inf)", "num_fewshot": "[0, 1048576]"})
 
 
 def evaluate_lm_cli(run: Path, o: EvalOptions, *, which: Which, base: Optional[Path], quantize: Quantize) -> dict:
@@ -198,11 +208,18 @@ def evaluate_generate_cli(run: Path, o: EvalOptions, *, which: Which, base: Opti
     return result
 
 
+def _harness(run: Path, o: EvalOptions, *, which: Which, base: Optional[Path], quantize: Quantize) -> dict:
+    from .harness import evaluate_harness_cli  # lm-eval is an optional extra
+
+    return evaluate_harness_cli(run, o, which=which, base=base, quantize=quantize)
+
+
 def evaluate_cli(run: Path, options: Optional[EvalOptions] = None, *, which: Which = "best",
                  base: Optional[Path] = None, quantize: Quantize = "none") -> dict:
     """`scratchgpt eval`: measure RUN/which as `options` say (EvalOptions: task, data, ...)."""
     o = options or EvalOptions()
-    measure = {"lm": evaluate_lm_cli, "classify": evaluate_classify_cli, "generate": evaluate_generate_cli}.get(o.task)
+    measure = {"lm": evaluate_lm_cli, "classify": evaluate_classify_cli, "generate": evaluate_generate_cli,
+               "harness": _harness}.get(o.task)
     if measure is None:
-        raise UserError(f"--task must be lm, classify or generate, not {o.task!r}")
+        raise UserError(f"--task must be lm, classify, generate or harness, not {o.task!r}")
     return measure(run, o, which=which, base=base, quantize=quantize)

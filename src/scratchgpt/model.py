@@ -336,7 +336,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual = True  # marks it for the scaled GPT-2 init
         self.resid_dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], layer: int, ve=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], layer: int, ve=None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         if self.gqa:
@@ -349,8 +350,8 @@ class CausalSelfAttention(nn.Module):
         if cache is None and 0 < dropout < 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
             y = self._attend_with_cpu_dropout(q, k, v, dropout)
         elif cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.cfg.causal,
-                                               enable_gqa=self.gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=self.cfg.causal and mask is None, enable_gqa=self.gqa)
         else:
             y = self._attend_cached(q, k, v, cache, layer)
         y = y.transpose(1, 2).reshape(B, T, H * D)
@@ -442,8 +443,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope=None, cache: Optional[KVCache] = None, layer: int = 0,
-                ve=None) -> torch.Tensor:
-        return residual(self.pre, x, lambda h: self.attn(h, rope, cache, layer, ve), self.mlp, self.ln_1, self.ln_2)
+                ve=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return residual(self.pre, x, lambda h: self.attn(h, rope, cache, layer, ve, mask), self.mlp, self.ln_1,
+                        self.ln_2)
 
 
 class GPT(nn.Module):
@@ -522,12 +524,17 @@ class GPT(nn.Module):
         per_layer = 32 * cfg.n_embd + 2 * cfg.kv_dim
         return n, 16 * n // param_shards + 2 * tokens * (per_layer * cfg.n_layer + 2 * cfg.vocab_size)
 
-    def embed(self, idx: torch.Tensor, start: int = 0):
-        """Token (+ absolute position) embeddings of idx at positions start.., and RoPE's (cos, sin) or None."""
+    def embed(self, idx: torch.Tensor, start: int = 0, positions: Optional[torch.Tensor] = None):
+        """Token (+ absolute position) embeddings of idx at positions start.. (or at `positions`, (B, T), each
+        below block_size), and RoPE's (cos, sin) or None."""
         cfg, T = self.cfg, idx.size(-1)
         x = self.transformer.wte(idx)
         if cfg.scale_embeddings:
             x = x * cfg.n_embd**0.5
+        if positions is not None:
+            if cfg.pos == "rope":  # (B, 1, T, D/2): one angle per row and position, shared by the heads
+                return x, (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+            return x + (self.transformer.wpe.weight if cfg.pos == "learned" else self.sinusoidal)[positions], None
         if cfg.pos == "rope":
             return x, self.rope_at(start, T, idx.device)
         if start + T > cfg.block_size:
@@ -552,18 +559,23 @@ class GPT(nn.Module):
         targets: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         return_hidden: bool = False,
+        positions: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
     ):
         """idx (B, T) -> logits (B, T, V); with targets also the mean cross-entropy (ignore_index -100).
 
         With a cache, idx continues the cached sequence at position `cache.length`.
         return_hidden returns the final normed hidden states (B, T, C) instead of logits.
+        `positions` (B, T) and `mask` (B, 1, T, T), bool, True where a query may attend to a key) run several
+        sequences packed in one row, such as the choices of a multiple-choice question after their shared
+        context (harness/scoring.py); not with a cache.
         """
         start = cache.length if cache is not None else 0
-        x, rope = self.embed(idx, start)
+        x, rope = self.embed(idx, start, positions)
         x = self.transformer.drop(x)
         ve = self.transformer.vte(idx) if self.cfg.value_embeds else None
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, cache, i, ve)
+            x = block(x, rope, cache, i, ve, mask)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.length += idx.size(1)
