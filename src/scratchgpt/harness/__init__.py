@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import UserError
+from ..runs.files import eval_file
 from ..utils import atomic_write_json, finite_or_null, read_json
 
 DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "lambada_openai")
 DEFAULT_LIMIT = 500  # examples per task of the default suite
-RESULT_FILE = "eval-harness.json"
+RESULT_FILE = eval_file("harness")  # eval-harness.json
 INSTALL = "pip install 'scratchgpt[harness]'"
 BOOTSTRAP_ITERS = 1000  # resamples for the stderr of metrics that are not means (perplexities); the harness's 100000 takes minutes
 
@@ -87,7 +88,7 @@ def _is_offline(e: BaseException) -> bool:
 
 
 def result_path(run: Path, quantize: str) -> Path:
-    return Path(run) / (RESULT_FILE if quantize in (None, "none") else f"eval-harness-{quantize}.json")
+    return Path(run) / eval_file("harness", quantize or "none")
 
 
 def _merge(saved: dict, out: dict, settings: dict) -> dict:
