@@ -93,6 +93,33 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+def assert_held(code, err: str, *words: str) -> str:
+    """What a hostile input must get: a non-zero exit, no traceback, exactly one short `error:` line, naming the
+    problem (`words`). Returns that line."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code not in (0, None) and "Traceback" not in err and len(lines) == 1, err[-3000:]
+    assert len(lines[0]) <= 1000, f"a {len(lines[0]):,}-character error line"
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def deadline():
+    """A hang fails the test instead of stalling the suite: SIGALRM after 30 s raises in the test (a blocking
+    open() or read() is interrupted by it)."""
+    import signal
+
+    def expire(*_):
+        raise TimeoutError("still running after 30 s: a hang")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
 def poison_loss(monkeypatch, at_calls, factor: float = float("nan")) -> dict:
     """Multiply the loss of the training forwards numbered `at_calls` (1-based; a set or a predicate on the number)
     by `factor` (NaN or inf): a non-finite step on demand. Returns the counter ({"n": ...}; set 0 to start over)."""

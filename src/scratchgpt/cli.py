@@ -20,11 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from jsonargparse import ActionConfigFile
-
 from . import UserError
 from .faults import NamedStdout, is_machine_fault, one_line, quiet_stdout
-from .flags import Parser, _one_line, add_signature, call, field_docs, kwargs_for, unescape  # noqa: F401 (field_docs)
+from .flags import ConfigFile, Parser, _one_line, add_signature, call, field_docs, kwargs_for, unescape  # noqa: F401 (field_docs)
 
 # The help line of a parameter many commands share, where the function's docstring has none.
 HELP = {
@@ -92,7 +90,7 @@ def _train_parser() -> Parser:
                            "Without --config the defaults are the project's best-known CPU recipe (scratchgpt/"
                            f"recipes/{RECIPE.name}: 1000 steps, ~3 min on 2 cores; shown below); with --config FILE "
                            "they are the config classes' own defaults, then FILE (--config '{}': those defaults alone).")
-    p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON config file (replaces the built-in recipe)")
+    p.add_argument("--config", action=ConfigFile, help="YAML/JSON config file (replaces the built-in recipe)")
     add_signature(p, train, sections=SECTIONS, skip=("overrides", "command", "on_eval"), help=_TRAIN_HELP)
     return p
 
@@ -306,7 +304,7 @@ def _tune_parser() -> Parser:
                            "--model.*/--train.*/--optim.* flags (or --config) set the base config of every trial; "
                            f"without --config it starts from train's recipe (scratchgpt/recipes/{RECIPE.name}), "
                            "and it is checked before the first trial.")
-    p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON config file (base config, and any of these "
+    p.add_argument("--config", action=ConfigFile, help="YAML/JSON config file (base config, and any of these "
                                                              "options; replaces the built-in recipe)")
     add_signature(p, tune, sections=SECTIONS, skip=("given",))
     return p

@@ -92,7 +92,7 @@ def evaluate_lm_cli(run: Path, o: EvalOptions, *, which: Which, base: Optional[P
     if not (data or config.get("data")):
         raise UserError(f"{run} records no data directory (an imported model?): pass --data DIR or a text file")
     data = Path(data or config["data"])
-    if data.is_file():
+    if data.exists() and not data.is_dir():  # a text file (read_text refuses a FIFO or a device in one line)
         dataset, split = _text_dataset(data, tokenizer), "file"
     else:
         meta = load_meta(data)

@@ -24,9 +24,10 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
-from jsonargparse import ArgumentParser, set_parsing_settings
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from . import UserError
+from .utils import load_yaml, read_text
 
 # field docstrings (LitGPT's args.py style) become the --help text of --model.* / --train.* / --optim.*
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -87,9 +88,41 @@ _TYPE_NAMES = {"int": "an integer", "float": "a finite number", "bool": "true or
                "NoneType": "null", "Path": "a path", "dict": "a mapping"}
 
 
+MAX_ERROR_CHARS = 600  # an error quoting a 30 MB value shows its start and end, not all of it
+
+
 def _one_line(message: str) -> str:
-    """An error stays one line even when it quotes text with line breaks in it."""
-    return message.strip().replace("\r", "\\r").replace("\n", "\\n")
+    """An error stays one line even when it quotes text with line breaks in it, and stays short when it quotes
+    a huge value (the middle is cut, saying how much)."""
+    line = message.strip().replace("\r", "\\r").replace("\n", "\\n")
+    if len(line) <= MAX_ERROR_CHARS:
+        return line
+    head, tail = MAX_ERROR_CHARS * 2 // 3, MAX_ERROR_CHARS // 4
+    return f"{line[:head]} [... {len(line) - head - tail:,} characters cut ...] {line[-tail:]}"
+
+
+CONFIG_MAX_BYTES = 1 << 20  # a config file is a few kilobytes; anything this large is the wrong file
+
+
+class ConfigFile(ActionConfigFile):
+    """--config FILE, or inline YAML/JSON text: read and checked here first (a regular UTF-8 file of at most
+    CONFIG_MAX_BYTES, YAML whose aliases don't multiply: utils.load_yaml), so a binary or latin-1 file, a FIFO,
+    /dev/zero, a 30 MB line or an alias bomb is one error line, not a traceback, a hang or a 30 MB message."""
+
+    def __call__(self, parser, cfg, values, option_string=None):
+        given = str(values)
+        shown = given if len(given) <= 80 else given[:77] + "..."
+        if os.path.exists(given):
+            try:
+                text = read_text(given, limit=CONFIG_MAX_BYTES)
+            except UserError as e:
+                raise UserError(f"--config {e}") from None
+        elif len(given) > CONFIG_MAX_BYTES:
+            raise UserError(f"--config {shown}: no such file, and too long to be inline YAML/JSON")
+        else:
+            text = given
+        load_yaml(text, f"--config {shown}")
+        super().__call__(parser, cfg, values, option_string)
 
 
 def _all_parsers(parser: ArgumentParser):

@@ -46,11 +46,13 @@ PANELS = [
 
 
 # ---------------------------------------------------------------- reading a run
-def _json(path: Path) -> Optional[Any]:
+def _json(path: Path) -> Optional[dict]:
+    """A run's JSON record, or None where it is missing or damaged (not JSON, not UTF-8, not an object)."""
     try:
-        return read_json(path)
+        value = read_json(path)
     except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -98,7 +100,7 @@ def curves_png(rows: list[dict]) -> Optional[bytes]:
         lines = []
         for label, key in series:
             pts = [(r["step"], r[key]) for r in rows
-                   if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and "step" in r]
+                   if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and isinstance(r.get("step"), int)]
             if pts:
                 lines.append((label, key, pts))
         if lines:

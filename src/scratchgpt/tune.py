@@ -64,7 +64,9 @@ from .runs.files import (SEARCH_BEST_CONFIG_FILE, SEARCH_BEST_FILE, SEARCH_PLOT_
 from .runs.guard import check_placement, write_marker
 from .runs.rows import append_row, drop_torn_tail, read_rows, write_rows
 from .train import TrainConfig
-from .utils import atomic_write, atomic_write_json, json_text, read_json
+from .utils import atomic_write, atomic_write_json, json_text, load_yaml, read_json, read_text
+
+CONFIG_MAX_BYTES = 1 << 20  # a search space is a few lines; anything this large is the wrong file
 
 Method = Literal["grid", "random", "bayes"]
 METHODS = ("grid", "random", "bayes")
@@ -160,18 +162,15 @@ def load_space(spec: Union[str, os.PathLike, Mapping]) -> dict[str, dict]:
     {"type": "int"|"float", "low", "high", "log", "step"}. Bad input raises UserError.
     """
     if isinstance(spec, (str, os.PathLike)) and not isinstance(spec, Mapping):
-        text = str(spec)
+        text, what = str(spec), "search space (neither a file nor inline YAML/JSON)"
         path = Path(text)
         if text.strip() and "\n" not in text and path.suffix.lower() in (".yaml", ".yml", ".json") or path.is_file():
-            if not path.is_file():
+            if not path.exists():
                 raise UserError(f"search space file {path} does not exist")
-            text = path.read_text(encoding="utf-8")
-        import yaml  # JSON is YAML, so one parser reads both
-
-        try:
-            spec = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise UserError(f"search space is neither a file nor valid YAML/JSON: {str(e).splitlines()[0]}") from None
+            text, what = read_text(path, limit=CONFIG_MAX_BYTES), f"search space file {path}"
+        elif len(text) > CONFIG_MAX_BYTES:
+            raise UserError("--space: no such file, and too long to be inline YAML/JSON")
+        spec = load_yaml(text, what)  # JSON is YAML, so one parser reads both
     if not isinstance(spec, Mapping):
         raise UserError('search space must be a mapping of config keys to choices or ranges, e.g. '
                         '\'{"optim.lr": {"low": 1e-4, "high": 1e-2, "log": true}, "model.n_embd": [32, 64]}\'')
@@ -347,6 +346,26 @@ def _note(msg: str) -> None:
     print(f"note: {msg}", file=sys.stderr)
 
 
+def _read_study(path: Path) -> dict:
+    """study.json of the search being resumed: a damaged one is a one-line error, not a KeyError later."""
+    try:
+        saved = read_json(path)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise UserError(f"{path}: unreadable ({' '.join(str(e).split())[:120]}); --force starts the search over") \
+            from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(saved).__name__}; --force starts the search over")
+    if saved.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: unsupported format {str(saved.get('format_version'))[:40]!r}")
+    base = saved.get("base")
+    missing = [k for k in ("space", "method", "seed", "data", "base") if k not in saved] + \
+        [f"base.{n}" for n in SECTIONS if not (isinstance(base, dict) and isinstance(base.get(n), dict))]
+    if missing or not isinstance(saved["space"], dict):
+        raise UserError(f"{path}: damaged ({', '.join(missing) or 'space'} missing or not a mapping); --force starts "
+                        "the search over")
+    return saved
+
+
 def _read_trials(path: Path) -> list[dict]:
     if drop_torn_tail(path):  # a line torn by a crash mid-write: that trial runs again
         _note(f"{path}: dropping an incomplete last line")
@@ -429,9 +448,7 @@ def tune(
     passed = {"model": model, "train": train, "optim": optim}
 
     if resume:
-        saved = read_json(study_file)
-        if saved.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{study_file}: unsupported format {saved.get('format_version')!r}")
+        saved = _read_study(study_file)
         if space is not None:
             _check_same("the search space", load_space(space), saved["space"])
         _check_same("--method", method, saved["method"])

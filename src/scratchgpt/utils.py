@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, hashing, JSON."""
+"""Small shared helpers: atomic file writes, hashing, JSON, and reading files a user names (bounded, one-line errors)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, BinaryIO, Callable, Optional
+
+from . import UserError
 
 
 def fsync_dir(path: Path) -> None:
@@ -137,13 +140,92 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
+    with open_regular(path) as f:
         return json.load(f)
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """`path` opened for binary reading, if it is a regular file (or a link to one). A FIFO would block for
+    ever and a device such as /dev/zero never ends, so anything else is a one-line UserError naming it
+    (a file that can't be opened raises OSError, as open() does)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # O_NONBLOCK: a FIFO must not wait for a writer
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
+        raise UserError(f"{path}: {what}")
+    return open(fd, "rb")
+
+
+def read_text(path: str | os.PathLike, encoding: str = "utf-8", limit: Optional[int] = None) -> str:
+    """A whole text file the user named; not a regular file, not text in `encoding`, unreadable or (with `limit`)
+    over `limit` bytes: a one-line UserError naming the file."""
+    try:
+        with open_regular(path) as f:
+            data = f.read(-1 if limit is None else limit + 1)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    if limit is not None and len(data) > limit:
+        raise UserError(f"{path}: larger than {limit:,} bytes (is it the right file?)")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not {'UTF-8' if 'utf' in encoding else encoding} text ({e.reason} at byte "
+                        f"{e.start})") from None
+
+
+YAML_MAX_VALUES = 100_000  # a config or search space has hundreds; an alias bomb expands to billions
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """YAML (or JSON) text as Python values, safely: no tags run (safe_load), and a document whose aliases
+    expand to more than YAML_MAX_VALUES values (a "billion laughs" bomb) or that refers to itself is refused in
+    one line before anything expands it."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_yaml_size(node, what)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} is not valid YAML/JSON: {' '.join(str(e).split())[:200]}") from None
+    except RecursionError:
+        raise UserError(f"{what} is nested too deeply") from None
+
+
+def _check_yaml_size(root: Any, what: str) -> None:
+    """Refuse `root` if it expands to more than YAML_MAX_VALUES values. Each distinct node is counted once, with
+    its children's expanded sizes, so checking an alias bomb costs what its text costs, not what it expands to."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node: Any) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise UserError(f"{what} refers to itself (a recursive YAML alias)")
+        busy.add(key)
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        n = 1 + sum(size(child) for child in children)
+        if n > YAML_MAX_VALUES:
+            raise UserError(f"{what} expands to more than {YAML_MAX_VALUES:,} values (YAML aliases that multiply?)")
+        busy.discard(key)
+        sizes[key] = n
+        return n
+
+    size(root)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

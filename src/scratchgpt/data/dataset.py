@@ -17,6 +17,7 @@ from typing import Any, Union
 import numpy as np
 
 from .. import UserError
+from ..checks import check_range
 from ..runs.files import META_FILE, TOKENIZER_FILE
 from ..utils import read_json, sha256_file
 from .shards import ShardedTokens
@@ -245,6 +246,7 @@ def data_info(data_dir: str | os.PathLike, *, sample_tokens: int = 200, verify: 
         verify: check the sha256 of every file (each shard too) against meta.json, and every token id
             against the vocabulary (UserError if one is wrong)
     """
+    check_range("--sample-tokens", sample_tokens, "[0, inf)")
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)
     tok = load_tokenizer(data_dir)

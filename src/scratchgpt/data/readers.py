@@ -15,18 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .. import UserError
+from .. import UserError, utils
 
 
 def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
-    """A whole text file; a missing, unreadable or non-UTF-8 file is a one-line error naming it."""
-    path = Path(path)
-    try:
-        return path.read_text(encoding=encoding)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    """A whole text file; a missing, unreadable or non-UTF-8 file, or one that is not a regular file (a FIFO
+    would block, /dev/zero never ends), is a one-line error naming it."""
+    return utils.read_text(path, encoding)
 
 
 def read_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:

@@ -54,6 +54,8 @@ def _weight_files(d: Path) -> tuple[list[str], Optional[set[str]]]:
     if index.is_file():
         try:
             weight_map = read_json(index)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise TypeError("weight_map is not a mapping of tensor names to file names")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{index}: not a safetensors index ({e})") from None
         files = sorted(set(weight_map.values()))
@@ -82,6 +84,9 @@ def read_hf_folder(hf_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
         hf_cfg = read_json(d / "config.json")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{d / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(hf_cfg, dict):
+        raise UserError(f"{d / 'config.json'}: expected a JSON object (a model's settings), got a "
+                        f"{type(hf_cfg).__name__}")
     files, expected = _weight_files(d)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
