@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 from conftest import cli, tiny_flags
 
-from scratchgpt.utils import atomic_write_json, replace_dir
+from scratchgpt.utils import atomic_write_json, make_temp_dir, replace_dir
 
 UMASK = 0o027  # not the usual 022, so following it can't be a coincidence
 
@@ -41,9 +41,9 @@ def wrong_modes(root) -> list[str]:
 def test_atomic_writes_and_directory_swaps_follow_the_umask(tmp_path):
     with umask(UMASK):
         atomic_write_json(tmp_path / "out" / "a.json", {"x": 1})
-        (tmp_path / "new").mkdir(mode=0o700)  # as mkdtemp makes it
-        (tmp_path / "new" / "f").write_text("x")
-        replace_dir(tmp_path / "new", tmp_path / "final")
+        new = make_temp_dir(".final.tmp-", tmp_path)
+        (new / "f").write_text("x")
+        replace_dir(new, tmp_path / "final")
     assert wrong_modes(tmp_path / "out") == [] and wrong_modes(tmp_path / "final") == []
 
 
