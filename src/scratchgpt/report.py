@@ -185,6 +185,18 @@ def _table(d: dict) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+def _harness_table(ev: dict) -> str:
+    """lm-evaluation-harness results: a row per task and metric, then the run's settings."""
+    from .harness import summary_rows
+
+    keys = ("task", "metric", "value", "stderr", "n_shot", "samples", "version")
+    head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td{' class=num' if k in keys[2:] else ''}>{_esc(_fmt(r[k]) if r[k] is not None else '')}"
+                                    "</td>" for k in keys) + "</tr>" for r in summary_rows(ev))
+    about = {k: ev.get(k) for k in ("harness_version", "quantize") if k in ev}
+    return f"<table><tr>{head}</tr>{body}</table>" + _table(about)
+
+
 def _sections(d: dict) -> str:
     """A mapping whose values are mostly mappings (a config): its scalars, then a table per section, side by side."""
     flat = {k: v for k, v in d.items() if not isinstance(v, dict)}
@@ -289,6 +301,9 @@ def render_html(info: dict) -> str:
             if not isinstance(ev, dict):
                 continue
             parts.append(f"<h3>eval-{_esc(name)}.json</h3>")
+            if name.startswith("harness"):
+                parts.append(_harness_table(ev))
+                continue
             if ev.get("confusion_matrix") and ev.get("labels"):
                 parts.append(_confusion(ev["confusion_matrix"], ev["labels"]))
             parts.append(_table({k: v for k, v in ev.items() if k not in ("confusion_matrix", "per_class")}))

@@ -95,7 +95,7 @@ def test_each_family_answers_as_hflm(family_runs, family):
             assert all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b)), (kind, a, b)
 
 
-def test_cli_prints_the_table_and_keeps_results(capsys, gpt2_run, harness_tasks):
+def test_cli_prints_the_table_and_keeps_results(capsys, tmp_path, gpt2_run, harness_tasks):
     run, _ = gpt2_run
     code, out, err = cli(capsys, "eval", run, "--task", "harness", "--tasks", "tiny_arc_easy,tiny_lambada",
                          "--include-path", harness_tasks, "--limit", "5", "--batch-size", "4")
@@ -112,6 +112,15 @@ def test_cli_prints_the_table_and_keeps_results(capsys, gpt2_run, harness_tasks)
     assert code == 0, err
     assert set(json.loads((run / "eval-harness.json").read_text())["results"]) == {
         "tiny_arc_easy", "tiny_lambada", "tiny_hellaswag"}
+    # the report and the model card show them
+    code, _, err = cli(capsys, "report", run)
+    assert code == 0, err
+    page = (run / "report.html").read_text()
+    assert "eval-harness.json" in page and "tiny_hellaswag" in page and "acc_norm" in page
+    code, _, err = cli(capsys, "export", run, "--out", tmp_path / "hf")
+    assert code == 0, err
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "## Evaluation" in card and "| tiny_lambada | perplexity |" in card
 
 
 def one_line_error(capsys, *args) -> str:
@@ -146,3 +155,28 @@ def test_mlm_models_and_a_missing_extra_are_refused(capsys, monkeypatch, gpt2_ru
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
     err = one_line_error(capsys, gpt2_run[0], "--task", "harness", "--tasks", "tiny_arc_easy")
     assert "pip install 'scratchgpt[harness]'" in err
+
+
+def test_lora_unmerged_in_its_chat_template_and_quantized(capsys, tmp_path, gpt2_run, harness_tasks):
+    """An SFT LoRA run scored with its adapters unmerged, prompts in its chat template (--apply-chat-template):
+    HFLM's figures on its export (merged, the template as jinja); --quantize int8 keeps its own file."""
+    run, _ = gpt2_run
+    rows = [{"prompt": f"What is {a} plus {b}", "response": f"The sum is {a + b}."} for a in range(2, 6) for b in (3, 7)]
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = cli(capsys, "finetune", "sft", run, "--train", sft, "--val", sft, "--out", tmp_path / "lora",
+                       "--lora", "--max-steps", "4", "--eval-interval", "4", "--batch-size", "4", "--lr", "0.01")
+    assert code == 0, err
+    ours = ScratchLM.from_run(tmp_path / "lora", dtype="float64")
+    assert ours.model is not ours.gpt  # PEFT's wrapper: the adapters run beside the frozen weights
+    code, _, err = cli(capsys, "export", tmp_path / "lora", "--out", tmp_path / "hf")
+    assert code == 0, err
+    tasks = ("tiny_lambada", "tiny_gsm8k")
+    a = metrics(ours, tasks, harness_tasks, apply_chat_template=True)
+    b = metrics(hflm(tmp_path / "hf"), tasks, harness_tasks, apply_chat_template=True)
+    assert all(math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-6) for k in a), (a, b)
+    assert a != metrics(ours, tasks, harness_tasks)  # the template changed the prompts
+    code, out, err = cli(capsys, "eval", run, "--task", "harness", "--tasks", "tiny_arc_easy", "--include-path",
+                         harness_tasks, "--quantize", "int8", "--limit", "4")
+    assert code == 0, err
+    assert json.loads((run / "eval-harness-int8.json").read_text())["quantize"] == "int8"

@@ -13,6 +13,7 @@ Results print as the harness's table and are kept in RUN/eval-harness.json (RESU
 eval-harness-int8.json beside it), one entry per task, with the harness's version and each task's version,
 shots, limit and sample count; a later run of other tasks adds to it. Each task is saved as it finishes, so
 Ctrl-C keeps the finished ones. report.html and the model card `export` writes show them (summary_rows).
+`python -m scratchgpt.harness` is not a command: the harness's own CLI takes `--model scratchgpt` (lm.py).
 """
 
 from __future__ import annotations
@@ -160,20 +161,14 @@ def _run_task(lm_eval, lm, manager, name: str, o, limit: Optional[int]) -> dict:
     return out
 
 
-def summary_rows(run: Path) -> list[dict[str, Any]]:
-    """One row per task of RUN's eval-harness.json: task, metric, value, stderr, shots, samples, version (for the
-    report and the model card); [] without the file."""
-    path = Path(run) / RESULT_FILE
-    try:
-        data = read_json(path)
-    except (OSError, ValueError, UserError):
-        return []
+def summary_rows(data: dict) -> list[dict[str, Any]]:
+    """One row per task and metric of an eval-harness.json: task, metric (with its filter, where not "none"),
+    value, stderr, n_shot, samples, version; for the report and the model card."""
     rows = []
     for task, metrics in sorted((data.get("results") or {}).items()):
         for key, value in metrics.items():
             metric, _, flt = key.partition(",")
-            if metric in ("alias", "name", "sample_len", "sample_count") or metric.endswith("_stderr") \
-                    or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if metric.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             stderr = metrics.get(f"{metric}_stderr,{flt}")
             rows.append({"task": task, "metric": metric if flt in ("none", "") else f"{metric} ({flt})",
@@ -182,3 +177,12 @@ def summary_rows(run: Path) -> list[dict[str, Any]]:
                          "samples": ((data.get("n-samples") or {}).get(task) or {}).get("effective"),
                          "version": (data.get("versions") or {}).get(task)})
     return rows
+
+
+def read_summary(run: Path) -> tuple[dict, list[dict[str, Any]]]:
+    """(RUN's eval-harness.json, its summary_rows); ({}, []) without a readable one."""
+    try:
+        data = read_json(Path(run) / RESULT_FILE)
+    except (OSError, ValueError, UserError):
+        return {}, []
+    return (data, summary_rows(data)) if isinstance(data, dict) else ({}, [])

@@ -143,8 +143,29 @@ def model_card(ckpt: Path, out: Path, config: dict, state: dict, cfg: ModelConfi
         "",
         *_training_lines(ckpt, config, state, labels),
     ]
-    lines += _usage_lines(out, auto, labels) + _token_notes(cfg, tokenizer, labels)
+    lines += _harness_lines(ckpt) + _usage_lines(out, auto, labels) + _token_notes(cfg, tokenizer, labels)
     return "\n".join(lines + _limits_lines(cfg))
+
+
+def _harness_lines(ckpt: Path) -> list[str]:
+    """The "Evaluation" section: `scratchgpt eval --task harness` results (eval-harness.json), where recorded."""
+    from ..harness import read_summary
+
+    for d in (ckpt, ckpt.parent):
+        data, rows = read_summary(d)
+        if rows:
+            break
+    else:
+        return []
+    lines = ["", "## Evaluation", "",
+             f"lm-evaluation-harness {data.get('harness_version', '')} through scratchgpt's own backend "
+             "(`scratchgpt eval --task harness`; the same figures as its `hf` backend on this folder):", "",
+             "| task | metric | value | ± | shots | examples | version |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        stderr = f"{r['stderr']:.4f}" if r["stderr"] is not None else ""
+        lines.append(f"| {r['task']} | {r['metric']} | {r['value']:.4f} | {stderr} | {r['n_shot'] if r['n_shot'] is not None else ''} "
+                     f"| {r['samples'] if r['samples'] is not None else ''} | {r['version'] if r['version'] is not None else ''} |")
+    return lines
 
 
 def _usage_lines(out: Path, auto: str, labels: Optional[list[str]]) -> list[str]:
