@@ -73,7 +73,8 @@ class TrainConfig:
     """torch.compile's mode: reduce-overhead adds CUDA graphs (fewer kernel launches on GPUs); max-autotune also
     tunes matmul kernels (minutes of compiling)."""
     threads: int = 0
-    """CPU threads for torch; 0: OMP_NUM_THREADS, else one per physical core."""
+    """CPU threads for torch; 0: OMP_NUM_THREADS, else one per physical core (hyperthreads where measured faster,
+    once per machine). The count used goes into the run's config.json: it changes the order of sums."""
     patience: int = 0
     """Early stopping: evals without val improvement before stopping; 0: off."""
     target_val_loss: Optional[float] = None
