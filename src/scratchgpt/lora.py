@@ -50,15 +50,28 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in peft.get_peft_model_state_dict(model).items()}
 
 
-def set_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def set_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str = "adapter") -> None:
     """Load saved adapter tensors into an already LoRA-wrapped model (a resumed fine-tune)."""
+    check_complete(model, tensors, where)
     _peft().set_peft_model_state_dict(model, tensors)
+
+
+def check_complete(wrapped: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor the adapter config implies (lora_A and lora_B of each target) is in `tensors`: PEFT loads
+    an incomplete adapter without a word, keeping its random lora_A (a wrong merge) or its zero lora_B
+    (a layer the adapter silently leaves alone)."""
+    missing = sorted(set(_peft().get_peft_model_state_dict(wrapped)) - set(tensors))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"{where}: the adapter is incomplete: {missing[0]}{more} missing (a damaged or truncated "
+                        "adapter_model.safetensors; use another checkpoint of the run)")
 
 
 def load_adapter(model: nn.Module, adapter_config: dict, tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
     """LoRA-wrap `model` and load saved adapter tensors into it; a mismatch names `where`."""
     peft = _peft()
     wrapped = add_lora(model, adapter_config)
+    check_complete(wrapped, tensors, where)
     try:
         result = peft.set_peft_model_state_dict(wrapped, tensors)
     except RuntimeError as e:  # shape mismatch: a base of another size

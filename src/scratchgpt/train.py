@@ -10,6 +10,7 @@ result and tears down.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -196,9 +197,9 @@ def resolve_config(out: Path, data: Optional[Path], model: ModelConfig, train: T
     A longer train.max_iters keeps the schedule's original length unless optim.decay_iters is given."""
     if not resume:
         return data, model, train, optim
-    saved = read_json(out / CONFIG_FILE) if (out / CONFIG_FILE).exists() else None
-    if saved is None:
+    if not (out / CONFIG_FILE).exists():
         raise UserError(f"{out}: nothing to resume (no config.json)")
+    saved = _saved_config(out / CONFIG_FILE)
     sections = {"train": asdict(TrainConfig()) | saved["train"], "optim": asdict(OptimConfig()) | saved["optim"]}
     overrides = overrides or {}
     for key, value in overrides.items():
@@ -216,6 +217,32 @@ def resolve_config(out: Path, data: Optional[Path], model: ModelConfig, train: T
                 OptimConfig(**optim_d))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{out / CONFIG_FILE}: cannot resume from it ({e})") from None
+
+
+def _saved_config(path: Path) -> dict:
+    """RUN/config.json for a resume, checked section by section: a damaged one is one line, not a traceback.
+    (Each checkpoint keeps a copy that its sha256 list covers.)"""
+    how = f"damaged or edited by hand: restore it from the checkpoint's copy, {path.parent / 'latest' / path.name}"
+    try:
+        saved = read_json(path)
+    except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError)
+        raise UserError(f"{path}: not JSON ({str(e)[:80]}); {how}") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: not a JSON object; {how}")
+    for key in ("model", "train", "optim"):
+        if not isinstance(saved.get(key), dict):
+            raise UserError(f"{path}: its {key} section must be an object, got {str(saved.get(key))[:40]}; {how}")
+    return saved
+
+
+def _check_same_model(net: GPT, ckpt: Path, out: Path) -> None:
+    """The model RUN/config.json describes is the one the checkpoint holds (its own config.json is hashed)."""
+    theirs = read_json(ckpt / CONFIG_FILE).get("model") or {}
+    ours = json.loads(json_text(asdict(net.cfg)))
+    for key in sorted(theirs.keys() & ours.keys()):
+        if theirs[key] != ours[key]:
+            raise UserError(f"{out / CONFIG_FILE}: model.{key} is {str(ours[key])[:40]}, but {ckpt} was trained with "
+                            f"{str(theirs[key])[:40]}; restore it from {ckpt / CONFIG_FILE}")
 
 
 def plan_run(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig], train: Optional[TrainConfig],
@@ -450,6 +477,7 @@ def _restore_model(out: Path, net: GPT, scaler, ctx) -> Optional[tuple[Path, dic
         return None
     ckpt, state = found
     check_step(state.get("step"), str(ckpt / STATE_FILE))  # before anything (config.json, the logs) changes
+    _check_same_model(net, ckpt, out)
     load_model_tensors(net, load_tensors(ckpt / MODEL_FILE))
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

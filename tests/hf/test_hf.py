@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from conftest import english_text, load_lm, randomize, train_bpe_tokenizer
 from scratchgpt import UserError
@@ -500,6 +499,11 @@ UNSUPPORTED = [
     ({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type='linear'"),
     ({**LLAMA, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type='yarn'"),
     ({**LLAMA, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'"),
+    # (sweep I32c) transformers reads yarn here: a non-empty rope_scaling replaces rope_parameters
+    ({**LLAMA, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_scaling": {"rope_type": "yarn",
+                                                                                              "factor": 4.0}},
+     "rope_type='yarn'"),
+    ({**LLAMA, "rope_scaling": "yarn"}, "rope_scaling must be an object"),
     ({**QWEN3, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_type='longrope'"),
     ({**NEOX, "rope_parameters": {**NEOX["rope_parameters"], "rope_type": "llama3", "factor": 8.0}}, "rope_type='llama3'"),
     ({**LLAMA, "rope_scaling": {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
@@ -520,6 +524,31 @@ UNSUPPORTED = [
     ({**QWEN3, "attention_bias": True}, "attention_bias=true"),
     ({**QWEN3, "hidden_act": "gelu"}, "hidden_act"),
 ]
+
+
+@pytest.mark.parametrize("text,kind", [("[]", "list"), ('"gpt2"', "str"), ("3", "int")])
+def test_a_config_json_that_is_not_an_object_is_one_line(tmp_path, text, kind):
+    (tmp_path / "config.json").write_text(text)  # (sweep I02/I03)
+    with pytest.raises(UserError, match=f"config.json: expected a JSON object .*, got a {kind}"):
+        read_hf_folder(tmp_path)
+
+
+def test_rope_keys_read_as_transformers_reads_them(transformers):
+    """rope_scaling and rope_parameters together (as exports and hand-edited configs have them): the RoPE
+    transformers builds is the one we import."""
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 16}
+    for keys in ({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}},
+                 {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}, "rope_scaling": llama3,
+                  "rope_theta": 500.0},
+                 {"rope_parameters": {**llama3, "rope_theta": 500.0}, "rope_scaling": None, "rope_theta": 500.0},
+                 {"rope_scaling": llama3, "rope_theta": 250.0}):
+        theirs = transformers.LlamaConfig(**{**LLAMA, **keys}).rope_parameters
+        ours = config_from_hf({**LLAMA, **keys})
+        assert ours.rope_base == theirs["rope_theta"], keys
+        assert ours.rope_scaling == ("llama3" if theirs["rope_type"] == "llama3" else "none"), keys
+        if ours.rope_scaling == "llama3":
+            assert ours.rope_factor == theirs["factor"], keys
 
 
 @pytest.mark.parametrize("hf_cfg,named", UNSUPPORTED, ids=[u[1] for u in UNSUPPORTED])
@@ -613,7 +642,13 @@ def make_classifier_run(tmp: Path, tok, options: dict, labels: list[str]) -> tup
     with torch.no_grad():
         clf.head.weight.normal_(0, 0.3)
         clf.head.bias.normal_(0, 1.0)  # a trained head's bias: score has none, so export folds it into the norm
-    save_file({k: v.contiguous() for k, v in clf.head.state_dict().items()}, str(run / "best" / "head.safetensors"))
+    from scratchgpt.checkpoint import CONFIG_FILE, HEAD_FILE, MODEL_FILE, model_tensors, write_checkpoint
+
+    best = run / "best"  # written again with its head, so best/state.json lists (and hashes) it
+    write_checkpoint(run, 7, tensors={MODEL_FILE: model_tensors(gpt),
+                                      HEAD_FILE: {k: v.contiguous() for k, v in clf.head.state_dict().items()}},
+                     json_files={CONFIG_FILE: json.loads((best / CONFIG_FILE).read_text())},
+                     tokenizer_file=best / "tokenizer.json", state={"step": 7, "tokens": 3584}, aliases=["latest", "best"])
     return run, clf
 
 

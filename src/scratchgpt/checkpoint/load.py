@@ -26,7 +26,8 @@ from ..model import GPT, ModelConfig, gpt_of
 from ..tokenizer import Tokenizer
 from ..utils import read_json
 from .store import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, TOKENIZER_FILE,
-                    load_model_tensors, load_tensors, resolve_checkpoint, verify_checkpoint, weights_sha256)
+                    load_model_tensors, load_tensors, resolve_checkpoint, weights_sha256)
+from .verify import verify_checkpoint
 
 
 @dataclass
@@ -92,11 +93,33 @@ def load_run(run: str | Path, which: str = "best", *, device: str | torch.device
     if lora:
         from ..lora import load_adapter
 
-        model = load_adapter(model, read_json(ckpt / ADAPTER_CONFIG_FILE), load_tensors(ckpt / ADAPTER_FILE), str(ckpt))
+        model = load_adapter(model, read_json(ckpt / ADAPTER_CONFIG_FILE), load_tensors(ckpt / ADAPTER_FILE),
+                             str(ckpt / ADAPTER_FILE))
         if merge:
             model = model.merge_and_unload()
     model.to(device).eval()
-    return LoadedRun(model, Tokenizer.load(ckpt / TOKENIZER_FILE), config, ckpt)
+    tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE)
+    check_vocabulary(tokenizer, gpt_of(model).cfg, config, ckpt / TOKENIZER_FILE)
+    return LoadedRun(model, tokenizer, config, ckpt)
+
+
+def check_vocabulary(tokenizer: Tokenizer, cfg: ModelConfig, config: dict, where: Path) -> None:
+    """The tokenizer is the model's: of the kind the run recorded, no id past the embeddings, and, for a run
+    trained here from scratch (whose vocab_size was the data's), exactly as many tokens as the model has
+    (mlm: plus its [MASK]). Imported models and runs started from them may have spare embedding rows."""
+    kind = config.get("tokenizer")
+    if isinstance(kind, str) and kind != tokenizer.kind:
+        raise UserError(f"{where}: a {tokenizer.kind} tokenizer, but the run was trained with a {kind} one "
+                        "(a tokenizer.json from another run?)")
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"{where}: {tokenizer.vocab_size} tokens, but the model has only {cfg.vocab_size} "
+                        "embeddings (a tokenizer.json from another run?)")
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    if config.get("data") and not train.get("init_from") and "imported_from" not in config:
+        want = tokenizer.vocab_size + (train.get("objective") == "mlm")
+        if cfg.vocab_size != want:
+            raise UserError(f"{where}: {tokenizer.vocab_size} tokens, but the model was trained on "
+                            f"{cfg.vocab_size - (want - tokenizer.vocab_size)} (a tokenizer.json from another run?)")
 
 
 def _base_for_adapter(ckpt: Path, finetune: dict, base: Optional[str | Path]) -> GPT:

@@ -19,6 +19,7 @@ such a kill left behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -37,9 +38,12 @@ from ..model import gpt_of
 from ..runs.files import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, OPTIM_FILE,  # noqa: F401
                           STATE_FILE, TOKENIZER_FILE)
 from ..tokenizer import copy_tokenizer
-from ..utils import atomic_write_json, make_temp_dir, read_json, replace_dir, sha256_file, umask
+from ..utils import atomic_write_json, json_text, make_temp_dir, read_json, replace_dir, sha256_file, umask
 
-FORMAT_VERSION = 1
+# 2: state.json carries STATE_SHA256, the hash of the rest of it (format 1, no such key, is still read: see
+# verify.py); both list every other file's sha256
+FORMAT_VERSION = 2
+STATE_SHA256 = "state_sha256"
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -160,6 +164,8 @@ def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         full_state = dict(state, format_version=FORMAT_VERSION, aliases=list(aliases))  # (for repair_aliases)
         full_state.setdefault("optimizer", None)
         full_state["sha256"] = {name: sha256_file(tmp / name) for name in files}
+        full_state = json.loads(json_text(full_state))  # as it will read back (tuples as lists)
+        full_state[STATE_SHA256] = state_digest(full_state)
         atomic_write_json(tmp / STATE_FILE, full_state)
         replace_dir(tmp, final)
     except BaseException:
@@ -205,6 +211,13 @@ def save_checkpoint(
                             aliases=["latest"] + (["best"] if is_best else []))
 
 
+def state_digest(state: dict) -> str:
+    """The sha256 of a state.json's content without its own STATE_SHA256 (canonical JSON: sorted keys)."""
+    body = {k: v for k, v in state.items() if k != STATE_SHA256}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def remove_stale_temps(run_dir: Path) -> list[Path]:
     """Delete what killed writes left behind: half-written checkpoints (a full model + optimizer each) and the
     temp files of utils.atomic_write (`.loss.png.XXXXXXXX.tmp`, `.config.json.XXXXXXXX.tmp`).
@@ -224,99 +237,6 @@ def remove_stale_temps(run_dir: Path) -> list[Path]:
     for p in temp_files:
         p.unlink(missing_ok=True)
     return stale + temp_files
-
-
-def repair_aliases(run_dir: Path, log=print) -> list[str]:
-    """Point latest/ and best/ at the newest intact checkpoint written for them, where a kill between the
-    checkpoint's rename and its alias swaps left them older (best/ would stay a stale model for good: the
-    resumed run believes that step is already its best). Returns the aliases it moved."""
-    run_dir = Path(run_dir)
-    history = [(int(p.name.removeprefix("step-")), p) for p in (run_dir / "checkpoints").glob("step-*")
-               if p.name.removeprefix("step-").isdigit()]
-    moved = []
-    for alias in ("latest", "best"):
-        current = _state_or_none(run_dir / alias)
-        at = current.get("step") if current is not None else None
-        for step, ckpt in sorted(history, reverse=True):
-            if isinstance(at, int) and at >= step:
-                break
-            state = _state_or_none(ckpt)
-            if state is None or alias not in state.get("aliases", ()):
-                continue
-            try:
-                verify_checkpoint(ckpt)
-            except UserError:
-                continue
-            point_alias(run_dir, alias, ckpt)
-            log(f"note: {alias}/ was {'missing' if at is None else f'at step {at}'} after an interrupted save: "
-                f"it is now {ckpt.name}")
-            moved.append(alias)
-            break
-    return moved
-
-
-def _state_or_none(ckpt: Path) -> Optional[dict]:
-    try:
-        state = read_json(ckpt / STATE_FILE)
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def verify_checkpoint(ckpt: Path) -> dict:
-    """Check every file against the hashes in state.json; UserError names the first bad file."""
-    ckpt = Path(ckpt)
-    state_path = ckpt / STATE_FILE
-    if not state_path.exists():
-        raise UserError(f"{state_path}: missing (incomplete checkpoint)")
-    try:
-        state = read_json(state_path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{state_path}: corrupt ({e})") from None
-    if state.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{state_path}: unsupported checkpoint format {state.get('format_version')!r}")
-    for name, digest in state.get("sha256", {}).items():
-        path = ckpt / name
-        if not path.exists():
-            raise UserError(f"{path}: missing")
-        if sha256_file(path) != digest:
-            raise UserError(f"{path}: checksum mismatch (truncated or corrupted)")
-    return state
-
-
-def checkpoint_candidates(run_dir: Path) -> list[Path]:
-    """Where a resume may start, newest step first wherever it is (latest/ or the kept history; latest/
-    first at equal steps). A kill during the swap of latest/ leaves a newer complete checkpoints/step-N."""
-    run_dir = Path(run_dir)
-    history = [(int(p.name.removeprefix("step-")), 0, p) for p in (run_dir / "checkpoints").glob("step-*")
-               if p.name.removeprefix("step-").isdigit()]
-    latest = run_dir / "latest"
-    if latest.exists():
-        history.append((_step_of(latest), 1, latest))
-    return [p for _, _, p in sorted(history, key=lambda t: (t[0], t[1]), reverse=True)]
-
-
-def _step_of(ckpt: Path) -> int:
-    """The step a checkpoint's state.json names; unreadable ones sort first (they are tried, and reported)."""
-    try:
-        step = read_json(ckpt / STATE_FILE).get("step")
-    except (OSError, ValueError, AttributeError):
-        return 2**63
-    return step if isinstance(step, int) and not isinstance(step, bool) else 2**63
-
-
-def find_resumable(run_dir: Path, log=print) -> Optional[tuple[Path, dict]]:
-    """The newest checkpoint that verifies; corrupt ones are reported, never silently skipped."""
-    errors = []
-    for ckpt in checkpoint_candidates(run_dir):
-        try:
-            return ckpt, verify_checkpoint(ckpt)
-        except UserError as e:
-            errors.append(str(e))
-            log(f"warning: skipping corrupt checkpoint: {e}")
-    if errors:
-        raise UserError(f"no intact checkpoint in {run_dir}: {errors[0]}")
-    return None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

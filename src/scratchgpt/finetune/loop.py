@@ -275,7 +275,7 @@ def resume_checkpoint(out: Path, model: nn.Module, o: FinetuneOptions) -> Path:
     model; returns the checkpoint for fit(resume=...)."""
     ckpt = out / "latest"
     if o.lora:
-        set_adapter_tensors(model, load_tensors(ckpt / ADAPTER_FILE))
+        set_adapter_tensors(model, load_tensors(ckpt / ADAPTER_FILE), str(ckpt / ADAPTER_FILE))
     else:
         load_model_tensors(model, load_tensors(ckpt / MODEL_FILE))
     head = classifier_of(model)

@@ -40,9 +40,10 @@ attention as in SmolLM2, TinyLlama and Qwen3 (GPT-2, OPT and NeoX have none: ref
     rope_high_freq_factor    high_freq_factor
     rope_original_context    original_max_position_embeddings (8192)
 
-read from rope_parameters (transformers 5) or rope_scaling (4.x, as Meta's config.json has it; a
-missing original_max_position_embeddings is transformers' fallback, max_position_embeddings),
-written to both (5.x reads rope_scaling first when both are there: the same values).
+read as transformers reads them: rope_scaling (4.x, as Meta's config.json has it) when it is there, else
+rope_parameters (5.x; a rope_scaling replaces it whole, so yarn in rope_scaling beside a default
+rope_parameters is yarn, refused); a missing original_max_position_embeddings is transformers'
+fallback, max_position_embeddings. Written to both (the same values).
 
 Sliding windows: ours is whole-context attention, so export writes none (Mistral and Phi-3
 sliding_window=null, Qwen2/Qwen3 use_sliding_window=false), and import takes a window at least as
@@ -249,7 +250,13 @@ def _llama3_rope_fields(c: Mapping[str, Any], params: dict[str, Any]) -> dict[st
 def _rope_fields(c: Mapping[str, Any], partial_default: float, scaled: bool = False) -> dict[str, Any]:
     """ModelConfig's rope fields: rope_base (rope_theta) of RoPE over whole heads and, where `scaled` (the
     Llama/Arcee/Qwen3 classes), Llama 3's frequency scaling; other scaling and partial RoPE are refused."""
-    params = dict(c.get("rope_scaling") or {}) | dict(c.get("rope_parameters") or {})
+    # as transformers reads it: a non-empty rope_scaling (4.x's key) replaces rope_parameters whole (5.x's
+    # RotaryEmbeddingConfigMixin), so yarn there beside a default rope_parameters is yarn
+    params = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    if not isinstance(params, Mapping):
+        key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
+        raise UserError(f"config.json: {key} must be an object, got {str(params)[:80]!r}")
+    params = dict(params)
     kind = params.get("rope_type", params.get("type", "default"))
     out: dict[str, Any] = {}
     if kind == "llama3" and scaled:
