@@ -73,3 +73,21 @@ def family_runs(bpe_data, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 @pytest.fixture(scope="session")
 def gpt2_run(family_runs) -> tuple[Path, Path]:
     return family_runs["gpt2"]
+
+
+def hflm(export: Path, dtype: str = "float64", batch_size: int = 4):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(export), dtype=dtype, batch_size=batch_size, device="cpu")
+
+
+def metrics(lm, tasks, include: Path, **options) -> dict[str, float]:
+    """simple_evaluate's figures, {"task/metric,filter": value} (stderrs left out), on the local tasks only."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include), include_defaults=False)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
+                                  bootstrap_iters=0, log_samples=False, verbosity="ERROR", **options)
+    return {f"{task}/{key}": v for task, res in out["results"].items() for key, v in res.items()
+            if isinstance(v, (int, float)) and "stderr" not in key}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli
-from harness_fixtures import bpe_data, family_runs, gpt2_run, harness_tasks  # noqa: F401 (fixtures)
+from harness_fixtures import bpe_data, family_runs, gpt2_run, harness_tasks, hflm, metrics  # noqa: F401 (fixtures)
 from local_tasks import LOGLIKELIHOOD_TASKS, TASKS
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -24,22 +24,6 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from scratchgpt.harness.lm import ScratchLM  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def hflm(export: Path, dtype: str = "float64", batch_size: int = 4):
-    from lm_eval.models.huggingface import HFLM
-
-    return HFLM(pretrained=str(export), dtype=dtype, batch_size=batch_size, device="cpu")
-
-
-def metrics(lm, tasks, include: Path, **options) -> dict[str, float]:
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=str(include), include_defaults=False)
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
-                                  bootstrap_iters=0, log_samples=False, verbosity="ERROR", **options)
-    return {f"{task}/{key}": v for task, res in out["results"].items() for key, v in res.items()
-            if isinstance(v, (int, float)) and "stderr" not in key}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -180,3 +164,31 @@ def test_lora_unmerged_in_its_chat_template_and_quantized(capsys, tmp_path, gpt2
                          harness_tasks, "--quantize", "int8", "--limit", "4")
     assert code == 0, err
     assert json.loads((run / "eval-harness-int8.json").read_text())["quantize"] == "int8"
+
+
+def test_default_suite_offline_says_so_in_one_line(gpt2_run, tmp_path):
+    """No --tasks: the default suite; its datasets unreachable (offline, empty cache): one line naming --include-path."""
+    from conftest import run_cli
+
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    r = run_cli("eval", str(gpt2_run[0]), "--task", "harness", env=env)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("harness: ", "20"))]
+    assert r.returncode == 1 and lines == [lines[-1]] and "--include-path" in lines[-1], r.stderr
+    assert "could not fetch the dataset of hellaswag (offline?)" in lines[-1]
+
+
+def test_ctrl_c_keeps_the_finished_tasks(capsys, monkeypatch, tmp_path, gpt2_run, harness_tasks):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(gpt2_run[0], run)
+    (run / "eval-harness.json").unlink(missing_ok=True)
+
+    def interrupted(self, requests, disable_tqdm=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ScratchLM, "generate_until", interrupted)
+    code, _, err = cli(capsys, "eval", run, "--task", "harness", "--tasks", "tiny_arc_easy,tiny_gsm8k,tiny_lambada",
+                       "--include-path", harness_tasks, "--limit", "3")
+    assert code == 130 and f"interrupted: kept tiny_arc_easy in {run / 'eval-harness.json'}" in err, err
+    assert set(json.loads((run / "eval-harness.json").read_text())["results"]) == {"tiny_arc_easy"}
