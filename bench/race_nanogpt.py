@@ -13,7 +13,11 @@ same split (the first 90% of the text for training, the last 10% for validation,
 shakespeare_char/prepare.py); the runs alternate (N, S, S, N, N, S, ...) so drift in machine load
 hits both. For every run we record:
 
-  wall   process start to the moment its last checkpoint is on disk (what a user waits for)
+  wall   the whole process, from the command's start to its exit (what a user waits for), split into
+         start-up (start to the first training step), loop (the training steps and their evaluations)
+         and teardown (the last step to exit: final evaluation, checkpoint, report, interpreter exit).
+         Ours: loop = elapsed_s of its last metrics.jsonl row. nanoGPT: from its first to its last
+         "iter N" log line, each time-stamped as the line arrives.
   val    the final model on the WHOLE val split in non-overlapping --context windows, by one
          evaluator (scratchgpt.evaluate.evaluate_lm) for both trainers: nanoGPT's ckpt.pt is
          converted to safetensors by a helper run inside nanoGPT's directory, and loaded into
@@ -22,6 +26,10 @@ hits both. For every run we record:
          own CPU time); runs with load > ~0.3 cores are marked, as the 2 cores are shared
 
 and print a table of medians and the ratio ours/nanoGPT. --json writes every figure.
+
+--busy N starts N CPU-bound background processes (`while True: pass`, each ended by the race, and
+by a deadline of its own) before the first run and keeps them for the whole race, the same for both
+contenders: a laptop is seldom quiet. The table then records their load.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import resource
 import shlex
 import shutil
@@ -128,13 +137,22 @@ def wait_quiet(max_wait: float, threshold: float = 0.3) -> float:
 
 def run(cmd: list[str], cwd: Path | None = None, quiet: bool = False, log: Path | None = None,
         env: dict | None = None) -> dict:
-    """Run to completion; returns wall time, our CPU seconds and the other processes' load in cores."""
+    """Run to completion; returns wall time, our CPU seconds, the other processes' load in cores, and
+    each output line with the second it arrived (for the start-up / loop / teardown split)."""
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     b0, j0 = _cpu_jiffies()
     t0 = time.time()
-    out = open(log, "w") if log else (subprocess.DEVNULL if quiet else None)
+    lines: list[tuple[float, str]] = []
+    out = open(log, "w") if log else None
     try:
-        p = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT if log else None, env=env)
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE if log else
+                             (subprocess.DEVNULL if quiet else None), stderr=subprocess.STDOUT if log else None,
+                             text=True, errors="replace")
+        if log:
+            for line in p.stdout:
+                lines.append((time.time() - t0, line.rstrip("\n")))
+                out.write(line)
+        p.wait()
     finally:
         if log:
             out.close()
@@ -147,7 +165,22 @@ def run(cmd: list[str], cwd: Path | None = None, quiet: bool = False, log: Path 
     ncpu = os.cpu_count() or 1
     busy_s = (b1 - b0) / max(j1 - j0, 1) * ncpu * (t1 - t0)
     ours_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    return {"t0": t0, "process_s": t1 - t0, "cpu_s": ours_s, "load": max(0.0, (busy_s - ours_s) / (t1 - t0))}
+    return {"t0": t0, "process_s": t1 - t0, "wall_s": t1 - t0, "cpu_s": ours_s,
+            "load": max(0.0, (busy_s - ours_s) / (t1 - t0)), "lines": lines}
+
+
+def split_phases(r: dict, loop_start: float, loop_end: float) -> None:
+    """Start-up, loop and teardown seconds of a finished run (they add up to its whole-process wall)."""
+    r["startup_s"] = max(0.0, loop_start)
+    r["loop_s"] = max(0.0, loop_end - loop_start)
+    r["teardown_s"] = max(0.0, r["process_s"] - loop_end)
+    del r["lines"]
+
+
+def start_busy(n: int, seconds: float) -> list[subprocess.Popen]:
+    """N bounded CPU-bound processes: each spins until the race ends it or its own deadline passes."""
+    spin = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
+    return [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(n)]
 
 
 def last_mtime(paths: list[Path]) -> float:
@@ -168,7 +201,11 @@ def run_nanogpt(nanogpt: Path, args: str, data: Path, out: Path, log: Path, eval
     # --dataset=<absolute path>: nanoGPT joins it onto 'data/', which keeps an absolute path as is
     cmd = [sys.executable, "train.py", *shlex.split(args), f"--dataset={data}", f"--out_dir={out}"]
     r = run(cmd, cwd=nanogpt, log=log)
-    r["wall_s"] = last_mtime([out / "ckpt.pt"]) - r["t0"]
+    iters = [t for t, line in r["lines"] if re.match(r"(step|iter) \d+", line)]
+    if not iters:
+        raise SystemExit(f"no 'iter N' lines in {log}")
+    split_phases(r, iters[0], iters[-1])
+    r["checkpoint_s"] = last_mtime([out / "ckpt.pt"]) - r["t0"]
     st, meta = out / "model.safetensors", out / "export.json"
     subprocess.run([sys.executable, "-c", _EXPORT_NANOGPT, str(out / "ckpt.pt"), str(st), str(meta)], cwd=nanogpt,
                    check=True)
@@ -183,7 +220,13 @@ def run_ours(args: str, data: Path, out: Path, log: Path, context: int = 64) -> 
     cmd = [sys.executable, "-m", "scratchgpt", "train", "--data", str(data), "--out", str(out), "--force",
            "--train.progress", "false", *shlex.split(args)]
     r = run(cmd, cwd=REPO, log=log, env=OURS_ENV)
-    r["wall_s"] = last_mtime([out / "latest", out / "best"]) - r["t0"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    loop = max(row.get("elapsed_s", 0.0) for row in rows)
+    # the loop ends where the last "step N:" line arrives (the final evaluation follows it)
+    ends = [t for t, line in r["lines"] if re.match(r"step \d+: ", line)]
+    loop_end = ends[-1] if ends else r["process_s"]
+    split_phases(r, loop_end - loop, loop_end)
+    r["checkpoint_s"] = last_mtime([out / "latest", out / "best"]) - r["t0"]
     res = json.loads((out / "result.json").read_text())
     r["iters"], r["est_val"] = res["step"], res.get("best_val_loss")
     r["stop"] = res.get("stop_reason")
@@ -236,6 +279,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=None, help="evaluation windows (default: 64 on cpu, 256 on cuda)")
     ap.add_argument("--only", choices=["both", "ours", "nanogpt"], default="both")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="wait up to this long for a quiet CPU before each run")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="N CPU-bound background processes for the whole race, the same for both contenders")
+    ap.add_argument("--busy-limit", type=float, default=7200.0, help="each busy process ends itself after this long")
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a new temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="write every run's figures here")
     a = ap.parse_args()
@@ -254,19 +300,33 @@ def main() -> None:
     results: dict[str, list[dict]] = {n: [] for n in names}
     print(f"work dir {work}; {a.device} race, val at context {a.context}; load before start {os.getloadavg()}",
           file=sys.stderr)
-    for i in range(a.pairs):
-        order = names if i % 2 == 0 else names[::-1]  # N S | S N | N S ...: drift hits both equally
-        for name in order:
-            before = wait_quiet(a.quiet_wait)
-            r = contenders[name](i)
-            r["load_before"] = before
-            results[name].append(r)
-            print(f"pair {i} {name:8s} wall {r['wall_s']:7.1f}s  val {r['val']:.4f}  (est {r['est_val']}, "
-                  f"{r['iters']} iters, {r.get('stop', '')})  cpu {r['cpu_s']:.0f}s  other load {r['load']:.2f} cores",
-                  file=sys.stderr, flush=True)
+    # quiet means: nothing but the busy processes we started ourselves
+    before = wait_quiet(a.quiet_wait)
+    busy = start_busy(a.busy, a.busy_limit)
+    try:
+        for i in range(a.pairs):
+            order = names if i % 2 == 0 else names[::-1]  # N S | S N | N S ...: drift hits both equally
+            for name in order:
+                if i or name != order[0]:
+                    before = wait_quiet(a.quiet_wait, threshold=a.busy + 0.3)
+                r = contenders[name](i)
+                r["load_before"] = before
+                results[name].append(r)
+                print(f"pair {i} {name:8s} wall {r['wall_s']:7.1f}s (start-up {r['startup_s']:.1f}, loop "
+                      f"{r['loop_s']:.1f}, teardown {r['teardown_s']:.1f})  val {r['val']:.4f}  (est {r['est_val']}, "
+                      f"{r['iters']} iters, {r.get('stop', '')})  cpu {r['cpu_s']:.0f}s  other load "
+                      f"{r['load']:.2f} cores", file=sys.stderr, flush=True)
+    finally:
+        for p in busy:
+            p.kill()
 
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "val", "process_s", "load")}
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "val", "process_s", "load", "startup_s",
+                                                                 "loop_s", "teardown_s")}
            for n, rs in results.items()}
+    print(f"\nwhole process, start to exit; {a.busy} busy process(es) beside both contenders")
+    for n in names:
+        print(f"{n}: median start-up {med[n]['startup_s']:.1f} s, loop {med[n]['loop_s']:.1f} s, teardown "
+              f"{med[n]['teardown_s']:.1f} s, other load {med[n]['load']:.2f} cores")
     print("\n| run | " + " | ".join(f"{n} wall s | {n} val" for n in names) + (" | wall ratio |" if len(names) == 2 else " |"))
     print("|---" * (1 + 2 * len(names) + (len(names) == 2)) + "|")
     ratios = []
