@@ -348,10 +348,11 @@ def test_resume_takes_exactly_the_keys_given_even_at_their_default(tmp_path, cha
     assert cli(capsys, "train", "--data", char_data, "--out", run, *flags)[0] == 0
     (tmp_path / "more.yaml").write_text("train:\n  log_interval: 10\n")  # 10 is TrainConfig's default
     code, _, err = cli(capsys, "train", "--out", run, "--resume", "--train.max_iters", "6", "--optim.lr", "0.001",
-                       "--config", tmp_path / "more.yaml")  # 0.001 is OptimConfig's default
+                       "--optim.min_lr", "0.0001",  # the recipe's schedule ends at LR 0: train on at 1e-4
+                       "--config", tmp_path / "more.yaml")  # 0.001 and 0.0001 are OptimConfig's defaults
     assert code == 0, err
     saved = json.loads((run / "config.json").read_text())
-    assert saved["optim"]["lr"] == 0.001 and saved["train"]["log_interval"] == 10 and saved["train"]["max_iters"] == 6
+    assert saved["optim"]["lr"] == 0.001 and saved["optim"]["min_lr"] == 0.0001 and saved["train"]["log_interval"] == 10 and saved["train"]["max_iters"] == 6
     assert saved["optim"]["warmup_iters"] == 2 and saved["train"]["batch_size"] == 8  # not given: kept from the run
     assert "keeps its original length of 4 steps" in err and saved["optim"]["decay_iters"] == 4  # no LR jump
 
