@@ -367,12 +367,12 @@ def _read_study(path: Path) -> dict:
 
 
 def _read_trials(path: Path) -> list[dict]:
-    if drop_torn_tail(path):  # a line torn by a crash mid-write: that trial runs again
-        _note(f"{path}: dropping an incomplete last line")
-    records = read_rows(path, strict=True)
+    records = read_rows(path, strict=True)  # damage refused before the file changes
     for i, r in enumerate(records):
         if r.get("trial") != i:
             raise UserError(f"{path}: expected trial {i} on line {i + 1}, found {r.get('trial')!r}")
+    if drop_torn_tail(path):  # a line torn by a crash mid-write: that trial runs again
+        _note(f"{path}: dropping an incomplete last line")
     return records
 
 

@@ -107,7 +107,8 @@ def search(tmp_path_factory, char_data):
      "line 1 is not a JSON object"),
     (lambda t: (t / "trials.jsonl").write_bytes(b'[1]\n' + (t / "trials.jsonl").read_bytes()),
      "line 1 is not a JSON object"),
-], ids=["study-list", "study-binary", "study-base-not-mapping", "trials-binary", "trials-not-object"])
+    (lambda t: (t / "trials.jsonl").open("ab").write(b"\x9c\xff garbage\n\x01 torn"), "line 2 is not a JSON object"),
+], ids=["study-list", "study-binary", "study-base-not-mapping", "trials-binary", "trials-not-object", "trials-tail"])
 def test_resuming_a_damaged_search(capsys, tmp_path, search, damage, says):
     t = tmp_path / "t"
     shutil.copytree(search, t)
