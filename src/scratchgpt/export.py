@@ -23,7 +23,8 @@ from .runs.guard import check_out
 
 
 def export_cli(run: Path, out: Path, *, which: Which = "best", adapter: bool = False, base: Path | None = None,
-               model_type: str | None = None, force: bool = False) -> Path:
+               model_type: str | None = None, force: bool = False, push_to_hub: str | None = None,
+               private: bool = False) -> Path:
     """Export RUN/which (or a checkpoint dir) as a transformers folder; prints where it went and how to load it.
 
     Args:
@@ -31,7 +32,12 @@ def export_cli(run: Path, out: Path, *, which: Which = "best", adapter: bool = F
         adapter: LoRA runs: a PEFT adapter folder (with the base exported into OUT/base) instead of merged weights
         model_type: the transformers model_type to write where several compute the model (a Llama-shaped one
             without biases: llama, mistral or phi3); default: the one it was imported from, else the natural one
+        push_to_hub: then upload the folder to this hub model repo (ORG/NAME; created if missing) with
+            huggingface_hub (its token: HF_TOKEN or `hf auth login`)
+        private: --push-to-hub: create the repo private
     """
+    if push_to_hub is not None:
+        hf.check_repo_id(push_to_hub, "--push-to-hub")  # (before anything is written)
     ckpt = resolve_checkpoint(Path(run), which)
     is_lora = (ckpt / ADAPTER_FILE).exists()
     if adapter and not is_lora:
@@ -45,6 +51,10 @@ def export_cli(run: Path, out: Path, *, which: Which = "best", adapter: bool = F
                    else hf.export_checkpoint(ckpt, out, force=force, model_type=model_type))
         how = f"AutoModelForCausalLM.from_pretrained({str(written)!r})"
     print(f"exported {ckpt} to {written}: load it with {how}", file=sys.stderr)
+    if push_to_hub is not None:
+        url = hf.push_folder(written, push_to_hub, private=private)
+        print(f"pushed {written} to the hub as {push_to_hub} ({url}): from_pretrained({push_to_hub!r}) loads it",
+              file=sys.stderr)
     return written
 
 
@@ -59,15 +69,24 @@ def _export_merged(ckpt: Path, out: Path, force: bool, base: Path | None, model_
         return hf.export_checkpoint(merged, out, force=force, model_type=model_type)
 
 
-def import_cli(hf_dir: Path, out: Path, *, tokenizer: Path | None = None, force: bool = False) -> Path:
-    """Import a transformers folder as a scratchgpt run; prints what to do with it.
+def import_cli(hf_dir: Path, out: Path, *, tokenizer: Path | None = None, force: bool = False,
+               revision: str | None = None) -> Path:
+    """Import a transformers folder, or a hub model by name, as a scratchgpt run; prints what to do with it.
 
     Args:
-        hf_dir: a folder written by transformers' save_pretrained
+        hf_dir: a folder written by transformers' save_pretrained, or a hub model name ORG/NAME (downloaded with
+            huggingface_hub into its cache: only the files import reads; HF_TOKEN and HF_HUB_OFFLINE apply)
         out: the run directory to write
         tokenizer: tokenizer.json (or its folder) if it is not in HF_DIR
+        revision: a hub name's branch, tag or commit (default: main)
     """
-    run = hf.import_hf(hf_dir, out, tokenizer=tokenizer, force=force)
-    print(f"imported {hf_dir} as {run}: sample, chat, eval, serve and finetune take it; train --train.init_from "
+    name = None
+    if hf.is_hub_name(hf_dir):
+        name = str(hf_dir)
+        hf_dir = hf.download_model(name, revision)
+    elif revision is not None:
+        raise UserError(f"--revision is for hub names (ORG/NAME); {hf_dir} is a folder")
+    run = hf.import_hf(hf_dir, out, tokenizer=tokenizer, force=force, name=name)
+    print(f"imported {name or hf_dir} as {run}: sample, chat, eval, serve and finetune take it; train --train.init_from "
           f"{run} continues pretraining on new data prepared with its tokenizer", file=sys.stderr)
     return run

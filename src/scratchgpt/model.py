@@ -8,9 +8,10 @@ weights map onto those tools one to one.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Literal, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -448,6 +449,22 @@ class Block(nn.Module):
                         self.ln_2)
 
 
+_NO_INIT = [False]  # set by _no_init while GPT.with_weights builds a model whose weights come from a file
+
+
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """Linear and Embedding layers built inside keep torch.empty weights (no init): for weights about to be replaced."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    _NO_INIT[0] = True
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+        _NO_INIT[0] = False
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -464,18 +481,38 @@ class GPT(nn.Module):
         )
         if cfg.pos == "learned":
             self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
-        elif cfg.pos == "sinusoidal":
-            self.register_buffer("sinusoidal", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
         if cfg.value_embeds:
             self.transformer["vte"] = nn.Embedding(cfg.vocab_size, cfg.kv_dim)  # added to the values
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        self._position_buffers()
+        if not _NO_INIT[0]:
+            self.apply(self._init_weights)
+
+    def _position_buffers(self) -> None:
+        """The tables RoPE (or sinusoidal positions) read: computed, never saved, on the current default device."""
+        cfg = self.cfg
+        if cfg.pos == "sinusoidal":
+            self.register_buffer("sinusoidal", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
         if cfg.pos == "rope":
             cos, sin = rope_cos_sin(torch.arange(cfg.block_size), cfg.head_dim, cfg.rope_base, cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
+
+    @classmethod
+    def with_weights(cls, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> tuple["GPT", list[str], list[str]]:
+        """(a GPT whose parameters are `tensors` themselves, missing keys, unexpected keys), so loading a
+        checkpoint holds its weights once: no random init, no copy (tensors safetensors maps from a file stay
+        file-backed until written). Floating tensors of another dtype are made fp32. A missing tensor is left
+        uninitialized: the caller refuses it (missing keys)."""
+        with _no_init():  # (torch.empty pages a checkpoint replaces are never touched; the meta device would cost
+            model = cls(cfg)  # ~75 MB of torch's Python meta kernels the first time)
+        tensors = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in tensors.items()}
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight
+        return model, missing, unexpected
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.cfg.init_std

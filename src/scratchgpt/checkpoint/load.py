@@ -78,8 +78,7 @@ def load_run(run: str | Path, which: str = "best", *, device: str | torch.device
     if lora:
         gpt = _base_for_adapter(ckpt, config.get("finetune") or {}, base)
     else:
-        gpt = GPT(ModelConfig(**config["model"]))
-        load_model_tensors(gpt, load_tensors(ckpt / MODEL_FILE))
+        gpt = gpt_from_file(ModelConfig(**config["model"]), ckpt / MODEL_FILE)
     model: nn.Module = gpt
     if "classifier" in config:
         from ..heads import GPTClassifier
@@ -120,6 +119,18 @@ def check_vocabulary(tokenizer: Tokenizer, cfg: ModelConfig, config: dict, where
         if cfg.vocab_size != want:
             raise UserError(f"{where}: {tokenizer.vocab_size} tokens, but the model was trained on "
                             f"{cfg.vocab_size - (want - tokenizer.vocab_size)} (a tokenizer.json from another run?)")
+
+
+def gpt_from_file(cfg: ModelConfig, path: Path) -> GPT:
+    """The GPT of a model.safetensors, its weights held once (GPT.with_weights); a mismatch is one line."""
+    try:
+        gpt, missing, unexpected = GPT.with_weights(cfg, load_tensors(path))
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise UserError(f"{path}: does not match the config ({str(e).splitlines()[-1].strip()[:200]})") from None
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise UserError(f"{path}: checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return gpt
 
 
 def _base_for_adapter(ckpt: Path, finetune: dict, base: Optional[str | Path]) -> GPT:

@@ -239,8 +239,15 @@ def remove_stale_temps(run_dir: Path) -> list[Path]:
     return stale + temp_files
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path, owned: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file: mapped from the file where safetensors does that (pages are read as they
+    are used, and shared with the page cache), or `owned`: read into memory of their own, freed tensor by tensor."""
     try:
+        if owned:
+            try:
+                return load_file(str(path), backend="pread")
+            except TypeError:  # safetensors < 0.8 has no backend: it reads into memory anyway
+                pass
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]  # one line, whatever the library said

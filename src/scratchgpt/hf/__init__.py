@@ -39,6 +39,7 @@ The parts, each with the documentation of what it does:
     card.py      the README.md model cards
     adapter.py   LoRA runs as PEFT adapter folders
     load.py      import_hf: reading folders and shards, tokenizers, writing the run
+    hub.py       hub names: download_model (import-hf ORG/NAME), push_folder (export --push-to-hub)
 
 Public API:
     hf_architecture(cfg, classifier_pooling=None, *, model_type=None) -> str
@@ -49,7 +50,9 @@ Public API:
     config_from_hf(hf_config, tensors=None) -> ModelConfig
     state_dict_from_hf(hf_config, tensors, cfg=None) -> dict[str, Tensor]
     load_hf_tokenizer(path) -> Tokenizer
-    import_hf(hf_dir, out, *, tokenizer=None, force=False) -> Path
+    import_hf(hf_dir, out, *, tokenizer=None, force=False, name=None) -> Path
+    is_hub_name(source) -> bool; download_model(repo_id, revision=None) -> Path
+    push_folder(folder, repo_id, *, private=False, message=None) -> str
     adapter_to_hf(cfg, adapter_config, tensors, base_model_name_or_path="base", *, model_type=None)
         -> (adapter_config.json, tensors)
     export_adapter(ckpt, out, *, which="best", force=False, base=None, model_type=None) -> Path
@@ -62,6 +65,7 @@ from .adapter import adapter_to_hf, export_adapter
 from .config import config_from_hf, hf_config
 from .export import export_checkpoint
 from .families import FAMILIES, hf_architecture
+from .hub import check_repo_id, download_model, is_hub_name, push_folder
 from .layout import state_dict_to_hf
 from .load import import_hf, load_hf_tokenizer, read_hf_folder, state_dict_from_hf
 
@@ -78,4 +82,8 @@ __all__ = [
     "import_hf",
     "adapter_to_hf",
     "export_adapter",
+    "is_hub_name",
+    "download_model",
+    "push_folder",
+    "check_repo_id",
 ]

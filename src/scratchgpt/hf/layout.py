@@ -279,6 +279,14 @@ def check_shapes(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], where: s
             raise UserError(f"{where}: {k} has shape {tuple(tensors[k].shape)}, the config needs {tuple(shape)}")
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself where it is contiguous and alone in its storage (a tensor read from a file, a concatenation),
+    else a contiguous copy: an import holds each weight once."""
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes:
+        return t
+    return contiguous_copy(t)
+
+
 def contiguous_copy(t: torch.Tensor) -> torch.Tensor:
     # chunks of one tensor share storage, which safetensors refuses to save
     return t.clone(memory_format=torch.contiguous_format)
@@ -375,10 +383,15 @@ def _ours_has(cfg: ModelConfig, rule: Rule) -> bool:
     return not rule.bias or cfg.bias or (cfg.qkv_bias and rule.ours.endswith(".attn.c_attn.bias"))
 
 
-def from_hf_tensors(model_type: str, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our model's fp32 state dict (tied head omitted) from a `model_type` model's tensors, read as `cfg`."""
+def from_hf_tensors(model_type: str, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor],
+                    consume: bool = False) -> dict[str, torch.Tensor]:
+    """Our model's fp32 state dict (tied head omitted) from a `model_type` model's tensors, read as `cfg`.
+    `consume` empties `tensors` (a dict) and lets each go as soon as it is converted, so a whole model is never
+    held twice (import_hf)."""
     arch = FAMILIES[model_type].causal_lm
-    tensors = canonical_keys(model_type, tensors)
+    given, tensors = tensors, canonical_keys(model_type, tensors)
+    if consume:
+        given.clear()  # (the renamed dict holds the only references now)
     _check_hf_shapes(model_type, cfg, tensors)
     out: dict[str, torch.Tensor] = {}
     used = set()
@@ -386,7 +399,9 @@ def from_hf_tensors(model_type: str, cfg: ModelConfig, tensors: Mapping[str, tor
         used.update(k for k in rule.hf if k in tensors)
         if not _ours_has(cfg, rule):
             continue  # absent, or all zero (config_from_hf checked): our model has no such tensor
-        out[rule.ours] = contiguous_copy(rule.from_hf([_hf_piece(model_type, rule, tensors, k) for k in rule.hf]))
+        out[rule.ours] = _owned(rule.from_hf([_hf_piece(model_type, rule, tensors, k) for k in rule.hf]))
+        for k in rule.hf if consume else ():
+            tensors.pop(k, None)
     for key, value in constant_hf_tensors(model_type, cfg).items():
         if key not in tensors:
             raise UserError(f"{arch} weights lack tensor {key}")

@@ -90,7 +90,7 @@ def read_hf_folder(hf_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     files, expected = _weight_files(d)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        part = load_tensors(d / f)
+        part = load_tensors(d / f, owned=True)  # (read, not mapped: each tensor's memory goes when it is converted)
         clash = tensors.keys() & part.keys()
         if clash:
             raise UserError(f"{d / f}: tensor {min(clash)} also appears in another shard")
@@ -160,7 +160,7 @@ def _convert(hf_dir: Path, hf_cfg: Mapping[str, Any],
         raise UserError(f"{hf_dir / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
     weights = "model.safetensors" if (hf_dir / "model.safetensors").is_file() else "model.safetensors.index.json"
     try:
-        return mt, cfg, from_hf_tensors(mt, cfg, tensors)
+        return mt, cfg, from_hf_tensors(mt, cfg, tensors, consume=True)
     except UserError as e:
         raise UserError(f"{hf_dir / weights}: {e}") from None
 
@@ -200,10 +200,10 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: O
     hf_cfg, tensors = read_hf_folder(hf_dir)
     mt, cfg, sd = _convert(hf_dir, hf_cfg, tensors)
     tok_path, tok, eos, generation = _import_tokenizer(hf_dir, tokenizer, cfg)
-    model = GPT(cfg)
-    if cfg.tie_embeddings:
-        sd = dict(sd, **{"lm_head.weight": sd["transformer.wte.weight"]})
-    model.load_state_dict(sd, strict=True)
+    del tensors  # (what sd does not hold itself is freed here: the weights are held once from now on)
+    model, missing, unexpected = GPT.with_weights(cfg, sd)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # (checked by _convert)
+    del sd
     files = sorted(p.name for p in hf_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
     config = {"format_version": 1, "data": None, "model": asdict(cfg), "train": {}, "optim": {},
               "tokenizer": tok.kind,
