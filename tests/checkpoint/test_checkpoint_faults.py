@@ -180,6 +180,38 @@ def test_a_kill_during_the_best_swap_is_repaired_by_resume(run10, capsys):
     assert load_lm(run10)[0].cfg == load_lm(run10 / "checkpoints/step-0000010")[0].cfg  # what sample loads
 
 
+KILL_IN_BEST_SWAP = """
+import os, signal, sys
+from pathlib import Path
+import scratchgpt.checkpoint.store as store
+real = store.replace_dir
+def replace_then_die(tmp, final):
+    if Path(final).name == "best" and (Path(final).parent / "checkpoints" / "step-0000010").exists():
+        os.kill(os.getpid(), signal.SIGKILL)  # step 10 is saved and latest/ swapped; best/ is still step 5's
+    return real(tmp, final)
+store.replace_dir = replace_then_die
+from scratchgpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_real_kill_in_the_last_best_swap_is_repaired(tmp_path, char_data, capsys):
+    """The sweep's case, with a real SIGKILL: best/ at the older step, result.json absent; after --resume,
+    best/ is step 10's, and result.json's best loss is best/'s."""
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_BEST_SWAP, "train", "--data", char_data, "--out", run,
+                           *tiny_flags(**{"train.max_iters": 10, "train.eval_interval": 5, "train.threads": 1})],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert step_of(run / "latest") == 10 and step_of(run / "best") == 5 and not (run / "result.json").exists()
+    code, _, err = cli(capsys, "train", "--out", run, "--resume")
+    assert code == 0, err
+    assert "best/ was at step 5 after an interrupted save: it is now step-0000010" in err
+    result = json.loads((run / "result.json").read_text())
+    assert step_of(run / "best") == 10 and not [p for p in run.iterdir() if p.name.startswith((".tmp", ".best"))]
+    assert result["best_val_loss"] == json.loads((run / "best" / "state.json").read_text())["best_val_loss"]
+
+
 def test_repair_leaves_agreeing_aliases_and_legacy_checkpoints_alone(run10):
     assert json.loads((run10 / "checkpoints/step-0000010/state.json").read_text())["aliases"] == ["latest", "best"]
     assert repair_aliases(run10) == []

@@ -110,8 +110,8 @@ def test_resume_refuses_damaged_state_and_config_in_one_line(tmp_path, tiny_run,
                                   reseal(r / "latest", 1)), "step must be an integer >= 0, got -5"),
         "v1 no rng": (lambda r: (edit_json(r / "latest" / STATE_FILE, lambda s: s.pop("rng")),
                                  reseal(r / "latest", 1)), "rng must be the saved random generator states"),
-        "v1 optimizer": (lambda r: (edit_json(r / "latest" / STATE_FILE, lambda s: s.update(optimizer="x")),
-                                    reseal(r / "latest", 1)), "optimizer must be a list"),
+        "v1 no optimizer": (lambda r: (edit_json(r / "latest" / STATE_FILE, lambda s: s.pop("optimizer")),
+                                       reseal(r / "latest", 1)), "optimizer must be a list"),
     }
     for name, (damage, needle) in cases.items():
         r = tmp_path / name.replace(" ", "-")

@@ -109,7 +109,7 @@ def check_resume_state(state: dict, where: Path) -> dict:
     rng = state.get("rng")
     if not isinstance(rng, dict) or not all(isinstance(rng.get(k), list) for k in ("python", "numpy", "torch")):
         raise bad("rng", "the saved random generator states")
-    if not (state.get("optimizer") is None or isinstance(state["optimizer"], list)):
+    if not isinstance(state.get("optimizer"), list):  # (a training checkpoint always has its optimizers' states)
         raise bad("optimizer", "a list of optimizer states")
     best = state.get("best_val_loss")
     if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float))):
