@@ -174,3 +174,18 @@ def test_files_and_folders_get_the_users_umask(tree, capsys, mask):
               *(tree / "hf2").iterdir(), *(tree / "r2").rglob("*")]:
         want = (0o777 if p.is_dir() else 0o666) & ~mask
         assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+
+
+# ---------------------------------------------------------------- the run kind and info
+def test_info_and_report_name_the_kind_from_one_vocabulary(fx, capsys):
+    from scratchgpt.report import read_run
+    from scratchgpt.runs.kind import run_kind
+
+    for name, kind, report_word in (("run", "lm", "pretraining"), ("cls", "classifier", "classifier"),
+                                    ("lora", "sft (LoRA adapter)", "sft")):
+        capsys.readouterr()
+        assert main("info", fx[name]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["kind"] == kind and ".scratchgpt" not in info["files"] and "config.json" in info["files"]
+        assert read_run(fx[name])["kind"] == report_word
+    assert run_kind({"finetune": {"task": "sft"}}) == "sft" and run_kind({"model": {}}) == "lm"

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from .. import UserError
 from ..model import GPT, ModelConfig, gpt_of
+from ..runs.kind import RunKind, run_kind
 from ..tokenizer import Tokenizer
 from ..utils import read_json
 from .store import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, TOKENIZER_FILE,
@@ -45,8 +46,13 @@ class LoadedRun:
         return gpt_of(self.model)
 
     @property
+    def kind(self) -> RunKind:
+        """lm, sft or classifier (runs/kind.py: the one vocabulary of info, report, serve and export)."""
+        return run_kind(self.config)
+
+    @property
     def is_classifier(self) -> bool:
-        return "classifier" in self.config
+        return self.kind == "classifier"
 
     @property
     def is_lora(self) -> bool:

@@ -9,7 +9,6 @@ from typing import Any
 from .. import UserError
 from ..utils import read_json
 from .files import BEST, CONFIG_FILE, LATEST, MARKER_FILE, RESULT_FILE, STATE_FILE, TENSORBOARD_DIR
-from .kind import describe
 
 
 def run_info(run: Path) -> dict:
@@ -25,7 +24,7 @@ def run_info(run: Path) -> dict:
     if (run / LATEST).exists() or (run / BEST).exists():
         loaded = load_run(run, verify=False)
         net = loaded.gpt
-        info["kind"] = describe(loaded.config, loaded.is_lora)
+        info["kind"] = loaded.kind + (" (LoRA adapter)" if loaded.is_lora else "")
     else:  # started, no checkpoint yet
         net = GPT(ModelConfig(**config["model"]))
     info.update(params=net.num_params(), flops_per_token=net.flops_per_token(), config=config)

@@ -24,7 +24,3 @@ def run_kind(config: Mapping[str, Any]) -> RunKind:
         return "sft"
     return "lm"
 
-
-def describe(config: Mapping[str, Any], is_lora: bool = False) -> str:
-    """`info`'s "kind": the run kind, with " (LoRA adapter)" for an adapter run."""
-    return run_kind(config) + (" (LoRA adapter)" if is_lora else "")
