@@ -26,6 +26,7 @@ from .prompts import ChatTemplate, JinjaChatTemplate, encode_with_eot, fit_messa
 from .quantize import Quantize, quantize_model
 from .runtime import pick_device
 from .tokenizer import Tokenizer
+from .utils import one_line_message
 
 
 def _load_for_generation(run, which: Which, device: str, quantize: Quantize, command: str) -> tuple[GPT, Tokenizer, dict]:
@@ -85,14 +86,14 @@ def chat(
             try:  # (a template's raise_exception, or a message it cannot keep plain: this message only)
                 prompt, kept = fit_messages(jinja, messages + [{"role": "user", "content": msg}], bs - reserve)
             except UserError as e:
-                print(f"error: {e}", file=err)
+                print(f"error: {one_line_message(str(e))}", file=err)
                 continue
             dropped, messages = (len(messages) + 1 - len(kept)) // 2, kept
         else:
             try:
                 user_ids = template.user_ids(tokenizer, msg) if template else tokenizer.encode(msg + "\n")
             except UserError as e:  # e.g. characters a char tokenizer doesn't know: this message only
-                print(f"error: {e}", file=err)
+                print(f"error: {one_line_message(str(e))}", file=err)
                 continue
             dropped = 0
             while turns and len(system_ids) + sum(map(len, turns)) + len(user_ids) > bs - reserve:
@@ -192,10 +193,22 @@ def sample_cli(
     out.flush()
 
 
+MAX_MESSAGE_CHARS = 1 << 20  # a piped line longer than this is not a message (/dev/zero has no line breaks at all)
+
+
 def _stdin_lines(err: TextIO) -> Iterator[str]:
     if not sys.stdin.isatty():  # piped: one message per line, EOF ends the session
-        yield from sys.stdin
-        return
+        while True:
+            try:
+                line = sys.stdin.readline(MAX_MESSAGE_CHARS + 1)
+            except UnicodeDecodeError as e:
+                raise UserError(f"standard input: not UTF-8 text ({e.reason} at byte {e.start} of a read)") from None
+            if len(line) > MAX_MESSAGE_CHARS:
+                raise UserError(f"standard input: a line longer than {MAX_MESSAGE_CHARS:,} characters (chat reads one "
+                                "message a line: is it text?)")
+            if not line:
+                return
+            yield line
     while True:
         try:
             yield input("> ")

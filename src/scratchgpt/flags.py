@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from . import UserError
-from .utils import load_yaml, read_text
+from .utils import load_yaml, one_line_message, read_text
 
 # field docstrings (LitGPT's args.py style) become the --help text of --model.* / --train.* / --optim.*
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -88,17 +88,9 @@ _TYPE_NAMES = {"int": "an integer", "float": "a finite number", "bool": "true or
                "NoneType": "null", "Path": "a path", "dict": "a mapping"}
 
 
-MAX_ERROR_CHARS = 600  # an error quoting a 30 MB value shows its start and end, not all of it
-
-
 def _one_line(message: str) -> str:
-    """An error stays one line even when it quotes text with line breaks in it, and stays short when it quotes
-    a huge value (the middle is cut, saying how much)."""
-    line = message.strip().replace("\r", "\\r").replace("\n", "\\n")
-    if len(line) <= MAX_ERROR_CHARS:
-        return line
-    head, tail = MAX_ERROR_CHARS * 2 // 3, MAX_ERROR_CHARS // 4
-    return f"{line[:head]} [... {len(line) - head - tail:,} characters cut ...] {line[-tail:]}"
+    """An error stays one line, and short (utils.one_line_message)."""
+    return one_line_message(message)
 
 
 CONFIG_MAX_BYTES = 1 << 20  # a config file is a few kilobytes; anything this large is the wrong file

@@ -231,6 +231,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+MAX_ERROR_CHARS = 600  # an error quoting a 30 MB value shows its start and end, not all of it
+
+
+def one_line_message(message: str) -> str:
+    """An error message as one line, even when it quotes text with line breaks in it, and short when it quotes
+    a huge value (the middle is cut, saying how much)."""
+    line = message.strip().replace("\r", "\\r").replace("\n", "\\n")
+    if len(line) <= MAX_ERROR_CHARS:
+        return line
+    head, tail = MAX_ERROR_CHARS * 2 // 3, MAX_ERROR_CHARS // 4
+    return f"{line[:head]} [... {len(line) - head - tail:,} characters cut ...] {line[-tail:]}"
+
+
 def human_number(n: float) -> str:
     """3 significant digits with a k/M/G/T/P suffix: 27k, 3.07M (the training progress bar, report.py's headline)."""
     for unit in ("", "k", "M", "G", "T"):

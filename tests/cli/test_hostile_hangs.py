@@ -44,3 +44,22 @@ def test_a_checkpoint_file_linked_to_dev_zero_is_refused(capsys, tmp_path, deadl
         (run / ckpt / "model.safetensors").symlink_to("/dev/zero")
     code, _, err = cli(capsys, "sample", run, "--max-new-tokens", "3")
     assert_held(code, err, "model.safetensors", "not a regular file")
+
+
+@pytest.mark.parametrize("command", [("finetune", "classify", "RUN", "--train", "FIFO", "--val", "FIFO", "--out", "OUT"),
+                                     ("finetune", "sft", "RUN", "--train", "FIFO", "--val", "FIFO", "--out", "OUT")],
+                         ids=["classify", "sft"])
+def test_finetune_refuses_a_fifo_as_its_data(capsys, tmp_path, deadline, tiny_run, command):
+    fifo = tmp_path / ("data.csv" if "classify" in command else "data.jsonl")
+    os.mkfifo(fifo)
+    args = [{"RUN": tiny_run, "FIFO": fifo, "OUT": tmp_path / "o"}.get(a, a) for a in command]
+    code, _, err = cli(capsys, *args)
+    assert_held(code, err, str(fifo), "not a regular file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_chat_refuses_endless_input_lines(capsys, monkeypatch, deadline, tiny_run):
+    with open("/dev/zero", encoding="utf-8") as zero:  # NUL characters, and never a line break
+        monkeypatch.setattr("sys.stdin", zero)
+        code, _, err = cli(capsys, "chat", tiny_run, "--max-new-tokens", "2")
+    assert_held(code, err, "standard input", "longer than 1,048,576 characters")

@@ -31,7 +31,7 @@ def read_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
     JSON object. Blank lines are skipped.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such file")
     suffix = path.suffix.lower()
     raw = read_text(path, encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first column's name
