@@ -339,3 +339,7 @@ def test_readme_is_a_landing_page():
     assert len(readme.splitlines()) <= 150
     for guide in guides():
         assert f"docs/{guide.name}" in readme, f"README's table of guides misses docs/{guide.name}"
+
+
+def test_every_english_guide_has_a_chinese_one():
+    assert [p.name for p in guides() if not (DOCS / "zh" / p.name).exists()] == []
