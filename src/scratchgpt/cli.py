@@ -379,7 +379,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, COMMANDS, n=1)
-        print(f"error: unknown command {name!r}" + (f" (did you mean {close[0]}?)" if close else ""), file=sys.stderr)
+        print(f"error: {_one_line(f'unknown command {name!r}')}" + (f" (did you mean {close[0]}?)" if close else ""),
+              file=sys.stderr)
         return 2
     build, handler, _ = COMMANDS[name]
     stdout, sys.stdout = sys.stdout, NamedStdout(sys.stdout)

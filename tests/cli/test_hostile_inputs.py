@@ -56,6 +56,8 @@ def test_inline_config_still_works_and_huge_values_are_cut(capsys, tmp_path):
     assert len(line) < 700
     code, _, err = cli(capsys, "train", "--model.n_layer", "9" * 50_000 + "x", "--out", tmp_path / "o")
     assert_held(code, err, "--model.n_layer", "characters cut")
+    code, _, err = cli(capsys, "t" * 50_000)
+    assert_held(code, err, "unknown command", "characters cut")
 
 
 @pytest.mark.parametrize("config", ["[]", '"gpt2"', "3", "null"])
