@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli, load_lm, tiny_flags
-from scratchgpt.checkpoint import checkpoint_candidates, remove_stale_temps, repair_aliases
+from scratchgpt.checkpoint import checkpoint_candidates, find_resumable, remove_stale_temps, repair_aliases
 from scratchgpt.utils import atomic_write_json
 
 pytestmark = pytest.mark.slow  # trains, or drives the CLI in a subprocess
@@ -161,6 +161,12 @@ def test_resume_takes_the_newest_intact_checkpoint_wherever_it_is(run10, capsys)
     code, _, err = cli(capsys, "train", "--out", run10, "--resume")
     assert code == 0, err
     assert "at step 10" in err and step_of(run10 / "latest") == 10
+    (run10 / "latest" / "state.json").unlink()
+    os.mkfifo(run10 / "latest" / "state.json")  # read, it would block for ever: skipped, named
+    warnings = []
+    ckpt, state = find_resumable(run10, log=warnings.append)
+    assert ckpt.name == "step-0000010" and state["step"] == 10
+    assert len(warnings) == 1 and "latest/state.json" in warnings[0] and "not a regular file" in warnings[0]
 
 
 def test_a_kill_during_the_best_swap_is_repaired_by_resume(run10, capsys):

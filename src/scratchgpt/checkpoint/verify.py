@@ -53,7 +53,7 @@ def repair_aliases(run_dir: Path, log=print) -> list[str]:
 def _state_or_none(ckpt: Path) -> Optional[dict]:
     try:
         state = read_json(ckpt / STATE_FILE)
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):  # (UserError: not a regular file)
         return None
     return state if isinstance(state, dict) else None
 
@@ -133,7 +133,7 @@ def _step_of(ckpt: Path) -> int:
     """The step a checkpoint's state.json names; unreadable ones sort first (they are tried, and reported)."""
     try:
         step = read_json(ckpt / STATE_FILE).get("step")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, UserError):  # (UserError: not a regular file)
         return 2**63
     return step if isinstance(step, int) and not isinstance(step, bool) else 2**63
 
