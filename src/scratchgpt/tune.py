@@ -59,7 +59,7 @@ from .checks import check_range
 from .model import ModelConfig
 from .optim import OptimConfig
 from .runtime import INTERRUPTED, Interrupted, stop_on_signals
-from .runs.files import (SEARCH_BEST_CONFIG_FILE, SEARCH_BEST_FILE, SEARCH_PLOT_FILE, STUDY_FILE,
+from .runs.files import (CONFIG_FILE, SEARCH_BEST_CONFIG_FILE, SEARCH_BEST_FILE, SEARCH_PLOT_FILE, STUDY_FILE,
                          TRIALS_FILE)
 from .runs.guard import check_placement, write_marker
 from .runs.rows import append_row, drop_torn_tail, read_rows, write_rows
@@ -634,7 +634,7 @@ def _write_best(out: Path, records: list[dict], settings: dict) -> Optional[dict
     r = min(done, key=lambda r: (r["val_loss"], r["trial"]))
     base = {name: _section(cls, settings["base"][name]) for name, cls in SECTIONS.items()}
     config = {"data": settings["data"]} | {name: asdict(cfg) for name, cfg in zip(SECTIONS, apply_params(base, r["params"]))}
-    run_config = out / r["run"] / "config.json"
+    run_config = out / r["run"] / CONFIG_FILE
     if run_config.exists():  # what training actually used, e.g. vocab_size filled in from the data
         config["model"] = read_json(run_config)["model"]
     count = {status: sum(rec["status"] == status for rec in records) for status in ("failed", PRUNED)}

@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..checkpoint import STATE_FILE
 from ..model import ModelConfig
+from ..runs.files import RESULT_FILE, eval_file
 from ..tokenizer import EOT, Tokenizer
 from ..utils import human_number, read_json
 from .config import PAD
@@ -21,12 +22,12 @@ def _run_metrics(ckpt: Path, state: dict) -> tuple[Optional[float], Optional[flo
     val file (state.json), then the best periodic estimate."""
     runs = (ckpt, ckpt.parent)
     for d in runs:
-        path = d / "eval-lm.json"
+        path = d / eval_file("lm")
         if path.is_file():
             r = read_json(path)
             if r.get("val_loss") is not None:
                 return r["val_loss"], r.get("perplexity"), f"`scratchgpt eval` ({path.name}, {r.get('split', 'val')})"
-        path = d / "result.json"
+        path = d / RESULT_FILE
         if path.is_file():
             r = read_json(path)
             if r.get("final_val_loss") is not None:
@@ -35,7 +36,7 @@ def _run_metrics(ckpt: Path, state: dict) -> tuple[Optional[float], Optional[flo
     if val.get("val_loss") is not None:
         return val["val_loss"], None, "this checkpoint on the fine-tuning val file (state.json)"
     for d in runs:
-        path = d / "result.json"
+        path = d / RESULT_FILE
         if path.is_file() and read_json(path).get("best_val_loss") is not None:
             return read_json(path)["best_val_loss"], None, "best periodic val estimate (result.json)"
     return state.get("best_val_loss"), None, "best periodic val estimate (state.json)"

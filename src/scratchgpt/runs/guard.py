@@ -28,8 +28,10 @@ from typing import Iterable, Literal, Optional
 
 from .. import UserError
 from ..utils import atomic_write_json
-from .files import (BEST, CHECKPOINTS, CONFIG_FILE, LATEST, MARKER_FILE, META_FILE, METRICS_FILE, STATE_FILE,
-                    STUDY_FILE, TOKENIZER_FILE, TRIALS_FILE)
+from .files import (BEST, CHECKPOINTS, CONFIG_FILE, ENVIRONMENT_FILE, LATEST, MARKER_FILE, META_FILE, METRICS_FILE,
+                    OLD_EVAL_FILE, PLOT_FILE, REPORT_FILE, RESULT_FILE, SAMPLES_FILE, SEARCH_BEST_CONFIG_FILE,
+                    SEARCH_BEST_FILE, SEARCH_PLOT_FILE, STATE_FILE, STUDY_FILE, TENSORBOARD_DIR, TOKENIZER_FILE,
+                    TRIALS_FILE, eval_file)
 
 Kind = Literal["run", "data", "hf-model", "hf-adapter", "search", "gguf"]
 KIND_NAMES = {"run": "run", "data": "data directory", "hf-model": "Hugging Face export",
@@ -38,11 +40,12 @@ KIND_NAMES = {"run": "run", "data": "data directory", "hf-model": "Hugging Face 
 
 # the names each kind of folder holds (patterns); hidden names are temp files and the marker
 _NAMES: dict[str, tuple[str, ...]] = {
-    "run": ("config.json", "environment.json", "metrics.jsonl", "samples.jsonl", "result.json", "report.html",
-            "loss.png", "tb", LATEST, BEST, CHECKPOINTS, "eval-*.json", "eval.json", "*.log"),
-    "data": ("meta.json", "tokenizer.json", "*.bin", "tokenizer_config.json", "special_tokens_map.json",
+    "run": (CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, SAMPLES_FILE, RESULT_FILE, REPORT_FILE, PLOT_FILE,
+            TENSORBOARD_DIR, LATEST, BEST, CHECKPOINTS, eval_file("*"), OLD_EVAL_FILE, "*.log"),
+    "data": (META_FILE, TOKENIZER_FILE, "*.bin", "tokenizer_config.json", "special_tokens_map.json",
              "chat_template.jinja", "chat_template.json", "generation_config.json"),
-    "search": (STUDY_FILE, TRIALS_FILE, "best.json", "best-config.json", "search.png", "trial-[0-9][0-9][0-9]*"),
+    "search": (STUDY_FILE, TRIALS_FILE, SEARCH_BEST_FILE, SEARCH_BEST_CONFIG_FILE, SEARCH_PLOT_FILE,
+               "trial-[0-9][0-9][0-9]*"),
 }
 _MARKER_MAX = 1 << 16
 
@@ -287,7 +290,7 @@ def run_has_content(out: Path) -> bool:
 
 def _litter(name: str) -> bool:
     """What a run dir may hold before its config.json: logs (tune's train.log), tb/, temp files of a crash."""
-    return name == "tb" or name.startswith(".") or name.endswith(".log")
+    return name == TENSORBOARD_DIR or name.startswith(".") or name.endswith(".log")
 
 
 def check_run_out(out: Path, *, resume: bool, force: bool, inputs: Iterable[Path] = ()) -> bool:
