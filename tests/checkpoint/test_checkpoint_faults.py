@@ -90,6 +90,16 @@ def test_stdout_on_a_full_disk_is_one_line(tiny_run, capsys, monkeypatch):
         one_error(code, capsys.readouterr().err, "standard output: No space left on device")
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_appended_rows_name_their_file_on_a_full_disk():
+    from scratchgpt.faults import one_line
+    from scratchgpt.runs.rows import append_row
+
+    with pytest.raises(OSError) as e:  # (metrics.jsonl is appended to every step: often the first write to fail)
+        append_row("/dev/full", {"step": 1})
+    assert one_line(e.value) == "/dev/full: No space left on device"
+
+
 # One process drives every command under a file size limit and (where it can) without root's DAC override,
 # so torch is imported once. Each case: (argv, what the error line says).
 DRIVER = r"""

@@ -63,11 +63,16 @@ def read_rows(path: str | os.PathLike, strict: bool = False) -> list[dict]:
 def append_row(path: str | os.PathLike, record: dict, durable: bool = False) -> None:
     """Add one row (NaN/inf as null). `durable`: fsync it, for rows that must survive a crash (a finished
     trial); a training log's rows are rewritten by the resumed run anyway."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json_text(finite_or_null(record)) + "\n")
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json_text(finite_or_null(record)) + "\n")
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:  # f.write() on a full disk names no file: say which one
+            raise type(e)(e.errno, e.strerror, os.fspath(path)) from None
+        raise
 
 
 def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
