@@ -40,6 +40,9 @@ The parts, each with the documentation of what it does:
     adapter.py   LoRA runs as PEFT adapter folders
     load.py      import_hf: reading folders and shards, tokenizers, writing the run
     hub.py       hub names: download_model (import-hf ORG/NAME), push_folder (export --push-to-hub)
+    gguf_layout.py  GGUF (llama.cpp): its architectures, tensor names, pre-tokenizers
+    gguf_in.py   import_gguf: a GGUF file (dequantized) -> a run
+    gguf_out.py  export_gguf: a checkpoint -> a GGUF file llama.cpp runs
 
 Public API:
     hf_architecture(cfg, classifier_pooling=None, *, model_type=None) -> str
@@ -56,9 +59,13 @@ Public API:
     adapter_to_hf(cfg, adapter_config, tensors, base_model_name_or_path="base", *, model_type=None)
         -> (adapter_config.json, tensors)
     export_adapter(ckpt, out, *, which="best", force=False, base=None, model_type=None) -> Path
+    is_gguf(path) -> bool
+    import_gguf(path, out, *, force=False) -> Path
+    export_gguf(ckpt, out, *, which="best", outtype="f32", force=False) -> Path
 `model_type` picks among the classes that compute the same model (llama, mistral, phi3); None: the
 family a run was imported from where it still fits, else the natural class.
-`transformers` itself is never imported here: the files are written and read directly.
+`transformers` itself is never imported here: the files are written and read directly (GGUF files
+with llama.cpp's `gguf` package).
 """
 
 from .adapter import adapter_to_hf, export_adapter
@@ -66,6 +73,8 @@ from .config import config_from_hf, hf_config
 from .export import export_checkpoint
 from .families import FAMILIES, hf_architecture
 from .hub import check_repo_id, download_model, is_hub_name, push_folder
+from .gguf_in import import_gguf, is_gguf
+from .gguf_out import export_gguf
 from .layout import state_dict_to_hf
 from .load import import_hf, load_hf_tokenizer, read_hf_folder, state_dict_from_hf
 
@@ -86,4 +95,7 @@ __all__ = [
     "download_model",
     "push_folder",
     "check_repo_id",
+    "is_gguf",
+    "import_gguf",
+    "export_gguf",
 ]

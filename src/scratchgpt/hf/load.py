@@ -201,15 +201,28 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: O
     mt, cfg, sd = _convert(hf_dir, hf_cfg, tensors)
     tok_path, tok, eos, generation = _import_tokenizer(hf_dir, tokenizer, cfg)
     del tensors  # (what sd does not hold itself is freed here: the weights are held once from now on)
-    model, missing, unexpected = GPT.with_weights(cfg, sd)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # (checked by _convert)
-    del sd
     files = sorted(p.name for p in hf_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
+    origin = {"name": name or hf_dir.resolve().name, "path": str(hf_dir.resolve()),
+              "architecture": FAMILIES[mt].causal_lm, "model_type": mt,
+              "sha256": {f: sha256_file(hf_dir / f) for f in files}}
+    inputs = [hf_dir] + ([Path(tokenizer)] if tokenizer else [])
+    return write_imported_run(out, cfg, sd, tok_path, tok, origin, eos=eos, generation=generation, force=force,
+                              inputs=inputs)
+
+
+def write_imported_run(out: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tok_path: Path, tok: Tokenizer,
+                       origin: dict[str, Any], *, eos: Optional[str] = None, generation: Optional[bytes] = None,
+                       force: bool = False, inputs: list[Path] = ()) -> Path:
+    """Write the run `out` (config.json, best, latest) of an imported model: its config, fp32 state dict (tied
+    head omitted), `tok` as read from `tok_path` (tokenizer.json with its side files; `eos` named in
+    tokenizer_config.json and `generation` as generation_config.json where given) and
+    config["imported_from"] = `origin`. Staged (runs.staging): a failure writes nothing."""
+    model, missing, unexpected = GPT.with_weights(cfg, sd)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # (checked by the callers)
+    del sd
     config = {"format_version": 1, "data": None, "model": asdict(cfg), "train": {}, "optim": {},
-              "tokenizer": tok.kind,
-              "imported_from": {"name": name or hf_dir.resolve().name, "path": str(hf_dir.resolve()), "architecture": FAMILIES[mt].causal_lm,
-                                "model_type": mt, "sha256": {f: sha256_file(hf_dir / f) for f in files}}}
-    with staged(out, "run", force=force, inputs=[hf_dir] + ([Path(tokenizer)] if tokenizer else [])) as tmp:
+              "tokenizer": tok.kind, "imported_from": origin}
+    with staged(out, "run", force=force, inputs=inputs) as tmp:
         if eos is not None or generation is not None:
             (tmp / "tokenizer").mkdir()
             copy_tokenizer(tok_path, tmp / "tokenizer")
