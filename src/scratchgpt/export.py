@@ -90,7 +90,8 @@ def _export_merged(ckpt: Path, out: Path, force: bool, base: Path | None, model_
     by `export` (a transformers folder, or a GGUF file)."""
     from .finetune import merge_lora
 
-    check_out(out, "hf-model", force=force, inputs=[ckpt])  # before the merge's work
+    if export is hf.export_checkpoint:  # (a GGUF file is checked by export_gguf, before any work of its own)
+        check_out(out, "hf-model", force=force, inputs=[ckpt])  # before the merge's work
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.merge-", dir=out.parent) as tmp:
         merged = merge_lora(ckpt, Path(tmp) / "run", base=base, force=True)
