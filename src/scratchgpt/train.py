@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from .runs.files import (BEST, CONFIG_FILE, ENVIRONMENT_FILE, LATEST, MODEL_FILE
                          TOKENIZER_FILE)
 from .runs.guard import check_run_out, write_marker
 from .runs.log import RunLog
+from .runs.staging import remove_replaced
 from .runs.rows import check_step
 from .utils import atomic_write_json, finite_or_null, human_number, json_text, read_json
 
@@ -290,7 +290,7 @@ def setup(data: Optional[Path], out: Optional[Path], model: Optional[ModelConfig
     configure_device(device)
     dtype = pick_dtype(tcfg.dtype, device)
     if p.force and ctx.rank == 0 and out.exists() and not resume:
-        shutil.rmtree(out)  # a run scratchgpt wrote, checked by plan_run (runs.guard)
+        remove_replaced(out)  # a run scratchgpt wrote, checked by plan_run (runs.guard)
     out.mkdir(parents=True, exist_ok=True)
     if ctx.rank == 0:
         remove_stale_temps(out)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ from ..runtime import INTERRUPTED, configure_threads, environment, pick_device, 
 from ..runs.files import ENVIRONMENT_FILE, METRICS_FILE, RESULT_FILE
 from ..runs.guard import check_out, write_marker
 from ..runs.rows import append_row, cut_back
+from ..runs.staging import remove_replaced
 from ..utils import atomic_write_json, finite_or_null
 
 
@@ -307,7 +307,7 @@ def prepare_run(base: str | os.PathLike, out: str | os.PathLike, o: FinetuneOpti
     if resume:
         check_resumable(out, o)
     elif check_out(out, "run", force=force, inputs=[Path(base)]):
-        shutil.rmtree(out)  # a run scratchgpt wrote (runs.guard)
+        remove_replaced(out)  # a run scratchgpt wrote (runs.guard)
     base_run = load_run(base, which)
     base_run.gpt.train()
     configure_threads(0)

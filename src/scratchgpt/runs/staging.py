@@ -35,6 +35,15 @@ _TMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # what tempfile.mkdtemp puts after th
 _held: dict[Path, int] = {}  # temporary directory -> the open, locked owner file
 
 
+def remove_replaced(out: Path) -> None:
+    """Delete a run that --force replaces in place (train, finetune write runs as they go, so they can't be
+    staged): the caller's guard.check_out said it may go. Renamed aside first, so `out` is either the old run
+    or absent, never half of one; a kill mid-delete leaves only a hidden .OUT.old-* folder."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, aside / out.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 @contextmanager
 def staged(out: str | os.PathLike, kind: Kind, *, force: bool = False, inputs: Iterable[Path] = (),
            exists: Optional[str] = None, empty_is_new: bool = True, summarize: bool = False) -> Iterator[Path]:
