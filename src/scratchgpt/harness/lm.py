@@ -27,10 +27,20 @@ from ..generate import complete
 from ..model import gpt_of
 from ..prompts import ChatTemplate, JinjaChatTemplate
 from ..quantize import quantize_model
+from ..tokenizer.files import HF_CONFIG_FILE
 from .scoring import score
 
 MAX_GEN_TOKS = 256  # a generation task's token limit when its YAML gives none (HFLM's default)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _reads_special_tokens(tokenizer, config: dict) -> bool:
+    """Whether transformers' tokenizer(text) on the export makes special-token strings in text those tokens
+    (hf/export.py's tokenizer_config.json): an imported tokenizer as it came (split_special_tokens, default
+    false); scratchgpt's own keeps them plain characters, but an SFT run's reads them (its chat template's eos)."""
+    if tokenizer.kind == "hf" or HF_CONFIG_FILE in tokenizer.side_files:
+        return not tokenizer.hf_config.get("split_special_tokens")
+    return bool(config.get("chat_template"))
 
 
 @register_model("scratchgpt")
@@ -47,11 +57,8 @@ class ScratchLM(TemplateLM):
         self.model, self.gpt, self.tok, self.config = model.eval(), gpt, tokenizer, dict(config or {})
         self.batch_size, self.max_gen_toks, self.name = int(batch_size), int(max_gen_toks), name
         self.max_length = gpt.cfg.block_size
-        # an imported tokenizer reads special-token strings in text as those tokens, as transformers' does;
-        # scratchgpt's own keep them plain characters (their export says so: split_special_tokens)
-        self._encode = (tokenizer.encode_with_special_tokens
-                        if tokenizer.kind == "hf" and not tokenizer.hf_config.get("split_special_tokens")
-                        else tokenizer.encode)
+        self._encode = tokenizer.encode_with_special_tokens if _reads_special_tokens(tokenizer, self.config) \
+            else tokenizer.encode
         self._jinja: Optional[str] = None
         self.fewshot = 0  # set (--num-fewshot): a prompt past the context is an error, not silently cut
 
