@@ -216,10 +216,12 @@ def run_nanogpt(nanogpt: Path, args: str, data: Path, out: Path, log: Path, eval
     return r
 
 
-def run_ours(args: str, data: Path, out: Path, log: Path, context: int = 64) -> dict:
+def run_ours(args: str, data: Path, out: Path, log: Path, context: int = 64, repo: Path = REPO) -> dict:
+    """`scratchgpt train` of the checkout `repo` (this one, or an older commit's for a before/after race)."""
     cmd = [sys.executable, "-m", "scratchgpt", "train", "--data", str(data), "--out", str(out), "--force",
            "--train.progress", "false", *shlex.split(args)]
-    r = run(cmd, cwd=REPO, log=log, env=OURS_ENV)
+    env = {**OURS_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo / "src"), os.environ.get("PYTHONPATH")]))}
+    r = run(cmd, cwd=repo, log=log, env=env)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     loop = max(row.get("elapsed_s", 0.0) for row in rows)
     # the loop ends where the last "step N:" line arrives (the final evaluation follows it)
@@ -278,6 +280,8 @@ def main() -> None:
     ap.add_argument("--ours-args", default=None, help="scratchgpt train flags (default: the --device's config)")
     ap.add_argument("--context", type=int, default=None, help="evaluation windows (default: 64 on cpu, 256 on cuda)")
     ap.add_argument("--only", choices=["both", "ours", "nanogpt"], default="both")
+    ap.add_argument("--ours-repo", type=Path, default=REPO,
+                    help="the scratchgpt checkout to race (default: this one; e.g. a worktree of an older commit)")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="wait up to this long for a quiet CPU before each run")
     ap.add_argument("--busy", type=int, default=0,
                     help="N CPU-bound background processes for the whole race, the same for both contenders")
@@ -295,7 +299,8 @@ def main() -> None:
     ng_data, data = prepare_data(a.text, work, a.data)
     contenders = {"nanogpt": lambda i: run_nanogpt(a.nanogpt.resolve(), a.nanogpt_args, ng_data, work / f"ng{i}",
                                                    work / f"ng{i}.log", data, a.context),
-                  "ours": lambda i: run_ours(a.ours_args, data, work / f"ours{i}", work / f"ours{i}.log", a.context)}
+                  "ours": lambda i: run_ours(a.ours_args, data, work / f"ours{i}", work / f"ours{i}.log", a.context,
+                                                a.ours_repo.resolve())}
     names = ["nanogpt", "ours"] if a.only == "both" else [a.only]
     results: dict[str, list[dict]] = {n: [] for n in names}
     print(f"work dir {work}; {a.device} race, val at context {a.context}; load before start {os.getloadavg()}",
