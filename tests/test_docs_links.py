@@ -1,4 +1,5 @@
-"""Every relative link and image in README.md and docs/ (English and Chinese) points at a file that exists."""
+"""README.md and docs/ (English and Chinese): every relative link and image points at a file that exists, every
+Python block compiles, and each guide links its translation. Quick: no command runs here (test_docs.py runs them)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,15 @@ def test_each_guide_links_its_translation():
         if f"(../{zh.name})" not in zh.read_text(encoding="utf-8"):
             missing.append(str(zh.relative_to(REPO)))
     assert missing == []
+
+
+def test_python_blocks_compile():
+    """The ```python blocks of the guides are valid Python (the shell commands are run by test_docs.py)."""
+    bad = []
+    for page in markdown_files():
+        for i, block in enumerate(re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.M | re.S)):
+            try:
+                compile(block, f"{page.name}[{i}]", "exec")
+            except SyntaxError as e:
+                bad.append(f"{page.relative_to(REPO)}: block {i}: {e}")
+    assert bad == []
