@@ -28,6 +28,7 @@ from typing import Any, Optional, TextIO
 from . import UserError
 from .runs.files import (CONFIG_FILE, ENVIRONMENT_FILE, META_FILE, METRICS_FILE, OLD_EVAL_FILE, REPORT_FILE,
                          RESULT_FILE, SAMPLES_FILE)
+from .runs.guard import KIND_NAMES, artifact_kind
 from .runs.kind import REPORT_WORDS, run_kind
 from .runs.rows import read_rows
 from .utils import atomic_write_bytes, human_number, read_json
@@ -332,7 +333,12 @@ def render_html(info: dict) -> str:
 
 
 def write_report(run: Path) -> Path:
-    """Write RUN/report.html from the run's files; returns its path."""
+    """Write RUN/report.html from the run's files; returns its path. Only into a run: never into a checkpoint
+    folder, an export or a data dir (their files are theirs, runs/guard.py)."""
+    kind = artifact_kind(run)
+    if kind not in (None, "run"):
+        hint = f": give its run, {Path(run).parent}" if kind == "checkpoint" else ""
+        raise UserError(f"{run} is a {KIND_NAMES[kind]}, not a run directory{hint}")
     info = read_run(Path(run))
     path = Path(run) / REPORT_FILE
     atomic_write_bytes(path, render_html(info).encode("utf-8"))

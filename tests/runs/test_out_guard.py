@@ -189,3 +189,9 @@ def test_info_and_report_name_the_kind_from_one_vocabulary(fx, capsys):
         assert info["kind"] == kind and ".scratchgpt" not in info["files"] and "config.json" in info["files"]
         assert read_run(fx[name])["kind"] == report_word
     assert run_kind({"finetune": {"task": "sft"}}) == "sft" and run_kind({"model": {}}) == "lm"
+
+
+def test_report_writes_only_into_a_run(tree, capsys):
+    for target, says in (("run/best", "is a checkpoint folder, not a run directory: give its run"),
+                         ("hf", "is a Hugging Face export"), ("data", "is a data directory")):
+        refused(capsys, tree, "report", tree / target, says=says)

@@ -1,6 +1,6 @@
 """A Hypothesis state machine over a tree of everything a user's disk holds beside scratchgpt's folders (runs, data
 dirs, exports, a folder of the user's notes, symlinks to a run and to a file, a FIFO), running random commands
-(prepare, train, export, import-hf, merge-lora, predict --output) with random --out/--output and --force.
+(prepare, train, export, import-hf, merge-lora, predict --output, report, eval) with random --out/--output and --force.
 
 Invariant (issue 22.2): every file outside the command's own output keeps its hash, links stay links, the
 FIFO stays a FIFO; an existing folder is replaced only when it held nothing of the user's; every failure is
@@ -31,6 +31,8 @@ FOLDER_OUTS = ["new", "new2/deep", "data", "run", "cls", "hf", "keep", "run/best
 FILE_OUTS = ["p.jsonl", "run/config.json", "run/p.jsonl", "cls/best/p.jsonl", "link-file", "fifo", "keep/notes.txt",
              "data", "cls.csv", "hf/config.json"]
 
+REPORTED = ["run", "cls", "run/best", "hf", "data", "keep", "link-run", "new"]  # what report and eval are given
+
 
 class Tree(RuleBasedStateMachine):
     fx: dict[str, Path] = {}
@@ -54,15 +56,14 @@ class Tree(RuleBasedStateMachine):
     def teardown(self) -> None:
         shutil.rmtree(getattr(self, "root", self.base / "none"), ignore_errors=True)
 
-    def command(self, args: list, out: str, folder: bool) -> None:
-        """Run one command, then check the invariant against the tree before it."""
+    def command(self, args: list, out: str, folder: bool, also: tuple[str, ...] = ()) -> None:
+        """Run one command, then check the invariant against the tree before it (`also`: more files it writes)."""
         before = snapshot(self.root)
         code = main(*args)
         assert code in (0, 1), args
-        target = self.root / out
-        mine = {out}
-        if not folder and target.is_symlink():
-            mine.add(os.path.relpath(os.path.realpath(target), self.root))  # written through the link
+        mine = {out, *also}
+        if not folder:  # a file output given through a link (to it or to its folder) is written at the target
+            mine |= {os.path.relpath(os.path.realpath(self.root / m), self.root) for m in mine}
         after = snapshot(self.root)
         for key, value in before.items():
             if any(key == m or key.startswith(m + "/") for m in mine):
@@ -99,6 +100,15 @@ class Tree(RuleBasedStateMachine):
     def merge_lora(self, out: str, force: bool) -> None:
         self.command(["merge-lora", self.root / "lora", "--out", self.root / out, *(["--force"] if force else [])],
                      out, folder=True)
+
+    @rule(run=st.sampled_from(REPORTED))
+    def report(self, run: str) -> None:
+        self.command(["report", self.root / run], f"{run}/report.html", folder=False)
+
+    @rule(run=st.sampled_from(REPORTED))
+    def eval(self, run: str) -> None:
+        self.command(["eval", self.root / run], f"{run}/eval-lm.json", folder=False,
+                     also=(f"{run}/eval.json",))
 
     @rule(output=st.sampled_from(FILE_OUTS))
     def predict(self, output: str) -> None:
