@@ -25,6 +25,7 @@ from . import UserError
 from . import hf
 from .checkpoint import ADAPTER_FILE, Which, resolve_checkpoint
 from .runs.guard import check_out
+from .utils import read_json
 
 ExportFormat = Literal["hf", "gguf"]
 GGUFOutType = Literal["f32", "f16", "q8_0"]
@@ -69,7 +70,10 @@ def export_cli(run: Path, out: Path, *, which: Which = "best", adapter: bool = F
     else:
         written = (_export_merged(ckpt, Path(out), force, base, model_type) if is_lora
                    else hf.export_checkpoint(ckpt, out, force=force, model_type=model_type))
-        how = f"AutoModelForCausalLM.from_pretrained({str(written)!r})"
+        arch = (read_json(written / "config.json").get("architectures") or ["?"])[0]
+        auto = "AutoModelForSequenceClassification" if arch.endswith("ForSequenceClassification") else \
+            "AutoModelForCausalLM"
+        how = f"{auto}.from_pretrained({str(written)!r}) (a {arch})"
     print(f"exported {ckpt} to {written}: load it with {how}", file=sys.stderr)
     if push_to_hub is not None:
         url = hf.push_folder(written, push_to_hub, private=private)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import english_text, load_lm, randomize, train_bpe_tokenizer
+from conftest import cli, english_text, load_lm, randomize, train_bpe_tokenizer
 from scratchgpt import UserError
 from scratchgpt.checkpoint import save_checkpoint
 from scratchgpt.generate import generate_tokens
@@ -673,6 +673,14 @@ def test_classifier_export_matches(tmp_path, transformers, bpe_tok, char_tok, op
     with torch.no_grad():
         ref = classifier_logits(clf, [tok.encode(t) for t in texts])
         assert max_diff(theirs(**batch).logits, ref) <= 1e-4
+
+
+def test_classifier_export_message_names_its_class(tmp_path, bpe_tok, capsys):
+    run, _ = make_classifier_run(tmp_path, bpe_tok, {}, ["no", "yes"])
+    code, _, err = cli(capsys, "export", run, "--out", tmp_path / "hf")
+    assert code == 0, err
+    assert "AutoModelForSequenceClassification.from_pretrained(" in err and "GPT2ForSequenceClassification" in err
+    assert "AutoModelForCausalLM" not in err
 
 
 def test_classifier_refusals(tmp_path, bpe_tok):
