@@ -123,6 +123,18 @@ def test_resume_refuses_damaged_state_and_config_in_one_line(tmp_path, tiny_run,
         assert (r / "metrics.jsonl").read_bytes() == metrics, name
 
 
+def test_a_checkpoint_config_of_the_wrong_shape_is_one_line(run):
+    best = run / "best"  # (sweep S10: resealed, so only its shape can tell)
+    for text, needle in (("[]", 'needs a "model" object'), ('{"model": {"n_layr": 2}}', "does not describe a model"),
+                         ('{"model": {}, "classifier": "x"}', "classifier section must be an object"),
+                         ('{"model": {}, "classifier": {"labels": 3}}', "classifier.labels must be a list")):
+        (best / CONFIG_FILE).unlink()
+        (best / CONFIG_FILE).write_text(text)
+        reseal(best)
+        with pytest.raises(UserError, match=needle):
+            load_run(run)
+
+
 # ---------------------------------------------------------------- the tokenizer is the model's
 def test_a_tokenizer_from_another_run_is_refused(run, capsys):
     from conftest import english_text

@@ -96,12 +96,16 @@ def load_run(run: str | Path, which: str = "best", *, device: str | torch.device
 
 
 def _load(ckpt: Path, device: str | torch.device, base: Optional[str | Path], merge: bool) -> LoadedRun:
-    config = read_json(ckpt / CONFIG_FILE)
+    config = checkpoint_config(ckpt / CONFIG_FILE)
     lora = (ckpt / ADAPTER_FILE).exists()
     if lora:
         gpt = _base_for_adapter(ckpt, config.get("finetune") or {}, base)
     else:
-        gpt = gpt_from_file(ModelConfig(**config["model"]), ckpt / MODEL_FILE)
+        try:
+            cfg = ModelConfig(**config["model"])
+        except TypeError as e:  # an unknown or missing key (bad values are ConfigErrors, one line already)
+            raise UserError(f"{ckpt / CONFIG_FILE}: its model section does not describe a model ({e})") from None
+        gpt = gpt_from_file(cfg, ckpt / MODEL_FILE)
     model: nn.Module = gpt
     if "classifier" in config:
         from ..heads import GPTClassifier
@@ -154,6 +158,24 @@ def gpt_from_file(cfg: ModelConfig, path: Path) -> GPT:
     if missing or unexpected:
         raise UserError(f"{path}: checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return gpt
+
+
+def checkpoint_config(path: Path) -> dict:
+    """A checkpoint's config.json, with the sections a load reads checked for their shape (its sha256 list may
+    have been fixed up by hand after an edit)."""
+    try:
+        config = read_json(path)
+    except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError)
+        raise UserError(f"{path}: not JSON ({str(e)[:80]})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise UserError(f"{path}: not a run's config (it needs a \"model\" object)")
+    for key in ("finetune", "classifier", "train"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise UserError(f"{path}: its {key} section must be an object, got {str(config[key])[:40]}")
+    labels = (config.get("classifier") or {}).get("labels", [])
+    if not isinstance(labels, list) or ("classifier" in config and not labels):
+        raise UserError(f"{path}: classifier.labels must be a list of labels")
+    return config
 
 
 def _base_for_adapter(ckpt: Path, finetune: dict, base: Optional[str | Path]) -> GPT:
