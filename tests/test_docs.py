@@ -39,9 +39,9 @@ from conftest import REPO, english_text
 pytestmark = pytest.mark.slow
 
 DOCS = REPO / "docs"
-SKIP_REASONS = {"network", "gpu", "server", "long", "cluster", "browser"}
+SKIP_REASONS = {"network", "gpu", "server", "long", "cluster", "browser", "tool"}  # tool: llama.cpp, Ollama...
 KNOWN_PROGRAMS = {"pip", "curl", "wget", "hf", "huggingface-cli", "chromium", "python", "torchrun", "lm_eval",
-                  "nvidia-smi", "git", "apt-get", "sudo"}
+                  "nvidia-smi", "git", "apt-get", "sudo", "llama-cli", "llama-server", "ollama", "printf"}
 
 TINY_MODEL = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=16", "--model.block_size=96",
               "--model.mlp_hidden=32"]
