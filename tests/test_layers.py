@@ -112,9 +112,7 @@ ALLOWED_OFFENDERS = {
     "tune.py:tune",
     "finetune/loop.py:_fit",
     "chat.py:chat",
-    "train.py:setup",
     "chat.py:sample_cli",
-    "train.py:loop",
     "report.py:render_html",
     "data/readers.py:read_rows",
 }
