@@ -17,7 +17,11 @@ runs in a sandbox folder, in the guide's order, so later commands see what earli
 Every guide starts from where the README leaves a reader: the README's commands (its main command, `scratchgpt
 train`, leaves data/default and runs/default) run once, and each guide runs in a copy of that folder with the
 input files FIXTURES stand in for (what the skipped downloads would fetch). A Chinese guide runs after its English
-counterpart, in the same folder; the commands they share ran already and are not run twice.
+counterpart, in the same folder; the commands they share ran already and are not run twice. A guide that builds on
+another's results says so (`<!-- docs: after finetuning.md -->`) and starts from that guide's folder.
+
+Every `--flag` the guides name, in prose too, must be a flag of a scratchgpt command (or of another program they
+show, EXTERNAL_FLAGS).
 """
 
 from __future__ import annotations
@@ -343,3 +347,29 @@ def test_readme_is_a_landing_page():
 
 def test_every_english_guide_has_a_chinese_one():
     assert [p.name for p in guides() if not (DOCS / "zh" / p.name).exists()] == []
+
+
+EXTERNAL_FLAGS = {  # flags of the other programs the guides show (pip, torchrun, hf, chromium, lm_eval, bench/)
+    "--extra-index-url", "--headless", "--hide-scrollbars", "--local-dir", "--master_addr", "--master_port",
+    "--max-restarts", "--model_args", "--nanogpt", "--pairs", "--nnodes", "--no-python", "--no-sandbox",
+    "--node_rank", "--nproc_per_node", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id", "--repo-type",
+    "--screenshot", "--standalone", "--window-size", "--help", "--tasks", "--model", "--master"}  # --master_*
+
+
+def test_every_flag_the_guides_name_exists():
+    """A `--flag` named anywhere in README.md or docs/ (prose too) is a flag of some scratchgpt command, or of one
+    of the other programs the guides show: a guide never documents a flag that isn't there."""
+    from scratchgpt.cli import COMMANDS
+    from scratchgpt.flags import _all_parsers
+
+    known = set(EXTERNAL_FLAGS)
+    for build, _, _ in COMMANDS.values():
+        for parser in _all_parsers(build()):
+            for action in parser._actions:
+                known.update(action.option_strings)
+    unknown = {}
+    for page in [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]:
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9_.-]*[a-z0-9]", page.read_text(encoding="utf-8")):
+            if flag not in known:
+                unknown.setdefault(flag, str(page.relative_to(REPO)))
+    assert unknown == {}
