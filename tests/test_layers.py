@@ -109,7 +109,6 @@ MAX_FUNCTION_LINES = 60
 MAX_NESTING = 4
 # Offenders that predate the rule, each to be split; this list only shrinks (a fixed one must leave it).
 ALLOWED_OFFENDERS = {
-    "tune.py:tune",
     "finetune/loop.py:_fit",
     "chat.py:chat",
     "chat.py:sample_cli",

@@ -42,15 +42,13 @@ A trial cut short by a crash runs again from its start.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import math
 import os
 import shutil
 import sys
 import time
-import typing
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
@@ -63,199 +61,14 @@ from .runs.files import (CONFIG_FILE, SEARCH_BEST_CONFIG_FILE, SEARCH_BEST_FILE,
                          TRIALS_FILE)
 from .runs.guard import check_placement, write_marker
 from .runs.rows import append_row, drop_torn_tail, read_rows, write_rows
-from .train import TrainConfig
-from .utils import atomic_write, atomic_write_json, json_text, load_yaml, read_json, read_text
+from .train_plan import TrainConfig
+from .tune_plot import PRUNED, draw_search
+from .tune_space import METHODS, SECTIONS, Method, apply_params, grid_size, grid_values, load_section, load_space
+from .utils import atomic_write_json, json_text, read_json
 
-CONFIG_MAX_BYTES = 1 << 20  # a search space is a few lines; anything this large is the wrong file
-
-Method = Literal["grid", "random", "bayes"]
-METHODS = ("grid", "random", "bayes")
 Pruner = Literal["none", "median", "halving"]
 PRUNERS = ("none", "median", "halving")
-PRUNED = "pruned"
-SECTIONS = {"model": ModelConfig, "train": TrainConfig, "optim": OptimConfig}
 FORMAT_VERSION = 1
-_RANGE_KEYS = {"low", "high", "log", "step"}
-
-
-# ---------------------------------------------------------------- search space
-def _field_types() -> dict[str, Any]:
-    """Dotted key -> resolved type annotation, for every field of the three config sections."""
-    out = {}
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            out[f"{section}.{f.name}"] = hints[f.name]
-    return out
-
-
-def _scalar_types(hint: Any) -> Optional[list[Any]]:
-    """The allowed scalar types (or Literal values) of a field; None if it isn't a scalar field."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return [("literal", typing.get_args(hint))]
-    if origin is Union:
-        parts = [_scalar_types(a) if a is not type(None) else [type(None)] for a in typing.get_args(hint)]
-        return None if any(p is None for p in parts) else [t for p in parts for t in p]
-    if hint in (int, float, bool, str):
-        return [hint]
-    return None  # tuples (optim.betas) etc.: Optuna's categorical choices must be scalars
-
-
-def _coerce(key: str, hint: Any, value: Any) -> Any:
-    """`value` as the field's type, or UserError; numeric strings are accepted for floats because
-    YAML 1.1 (PyYAML) reads `1e-4` as a string."""
-    types = _scalar_types(hint)
-    if types is None:
-        raise UserError(f"search space: {key} can't be searched (only number, string and boolean fields can)")
-    for t in types:
-        if isinstance(t, tuple):
-            if value in t[1]:
-                return value
-        elif t is type(None) and value is None:
-            return None
-        elif t is bool and isinstance(value, bool):
-            return value
-        elif t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        elif t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        elif t is float and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif t is str and isinstance(value, str):
-            return value
-    allowed = [repr(v) for t in types if isinstance(t, tuple) for v in t[1]]
-    want = ", ".join(allowed) if allowed else " or ".join("null" if t is type(None) else t.__name__ for t in types)
-    raise UserError(f"search space: {key} = {value!r} is not valid (expected {want})")
-
-
-def _numeric_kind(hint: Any) -> Optional[str]:
-    types = _scalar_types(hint) or []
-    if int in types:
-        return "int"
-    if float in types:
-        return "float"
-    return None
-
-
-def _flatten(raw: Mapping) -> dict[str, Any]:
-    """Accept `optim: {lr: ...}` as well as `optim.lr: ...`."""
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        key = str(key)
-        is_range = isinstance(value, Mapping) and (set(value) & (_RANGE_KEYS | {"choices"}))
-        if key in SECTIONS and isinstance(value, Mapping) and not is_range:
-            for sub, v in value.items():
-                flat[f"{key}.{sub}"] = v
-        else:
-            flat[key] = value
-    return flat
-
-
-def load_space(spec: Union[str, os.PathLike, Mapping]) -> dict[str, dict]:
-    """Parse and check a search space: a mapping, a YAML/JSON file, or inline YAML/JSON text.
-
-    Returns the normalised space: key -> {"choices": [...]} or
-    {"type": "int"|"float", "low", "high", "log", "step"}. Bad input raises UserError.
-    """
-    if isinstance(spec, (str, os.PathLike)) and not isinstance(spec, Mapping):
-        text, what = str(spec), "search space (neither a file nor inline YAML/JSON)"
-        path = Path(text)
-        if text.strip() and "\n" not in text and path.suffix.lower() in (".yaml", ".yml", ".json") or path.is_file():
-            if not path.exists():
-                raise UserError(f"search space file {path} does not exist")
-            text, what = read_text(path, limit=CONFIG_MAX_BYTES), f"search space file {path}"
-        elif len(text) > CONFIG_MAX_BYTES:
-            raise UserError("--space: no such file, and too long to be inline YAML/JSON")
-        spec = load_yaml(text, what)  # JSON is YAML, so one parser reads both
-    if not isinstance(spec, Mapping):
-        raise UserError('search space must be a mapping of config keys to choices or ranges, e.g. '
-                        '\'{"optim.lr": {"low": 1e-4, "high": 1e-2, "log": true}, "model.n_embd": [32, 64]}\'')
-    flat = _flatten(spec)
-    if not flat:
-        raise UserError("search space is empty: give at least one key to search")
-    types = _field_types()
-    space: dict[str, dict] = {}
-    for key, value in flat.items():
-        if key not in types:
-            close = _closest_key(key, list(types))
-            hint = f" (did you mean {close}?)" if close else " (keys look like model.n_embd, optim.lr, train.batch_size)"
-            raise UserError(f"search space: unknown key {key!r}{hint}")
-        space[key] = _param(key, types[key], value)
-    return space
-
-
-def _closest_key(key: str, keys: list[str]) -> Optional[str]:
-    """The likeliest intended key: an abbreviation first (learning_rate -> lr), else the closest spelling."""
-    name = key.rsplit(".", 1)[-1]
-    initials = "".join(w[0] for w in name.split("_") if w)
-    abbreviated = [k for k in keys if len(initials) > 1 and k.rsplit(".", 1)[-1] == initials]
-    if abbreviated:
-        return abbreviated[0]
-    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-    return close[0] if close else None
-
-
-def _param(key: str, hint: Any, value: Any) -> dict:
-    if isinstance(value, Mapping) and set(value) == {"choices"}:
-        value = value["choices"]
-    if isinstance(value, (list, tuple)):
-        choices = []
-        for v in value:
-            v = _coerce(key, hint, v)
-            if v not in choices:  # a repeated value would only be evaluated twice
-                choices.append(v)
-        if not choices:
-            raise UserError(f"search space: {key} has no choices")
-        return {"choices": choices}
-    if not isinstance(value, Mapping):
-        raise UserError(f"search space: {key} needs a list of choices or a range {{low, high[, log, step]}}, "
-                        f"got {value!r}")
-    unknown = set(value) - _RANGE_KEYS
-    if unknown or not {"low", "high"} <= set(value):
-        raise UserError(f"search space: {key} range needs low and high (and optionally log, step); "
-                        f"got keys {sorted(map(str, value))}")
-    kind = _numeric_kind(hint)
-    if kind is None:
-        raise UserError(f"search space: {key} is not numeric: give a list of choices")
-    low, high = _coerce(f"{key}.low", float, value["low"]), _coerce(f"{key}.high", float, value["high"])
-    step = _coerce(f"{key}.step", float, value["step"]) if value.get("step") is not None else None
-    log = value.get("log", False)
-    if not isinstance(log, bool):
-        raise UserError(f"search space: {key}.log must be true or false")
-    if kind == "int":
-        raw = [value["low"], value["high"]] + ([value["step"]] if value.get("step") is not None else [])
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
-            raise UserError(f"search space: {key} is an integer field: low, high and step must be integers")
-        low, high, step = int(low), int(high), int(step) if step is not None else 1
-    if not low < high:
-        raise UserError(f"search space: {key} needs low < high, got {low} and {high}")
-    if step is not None and step <= 0:
-        raise UserError(f"search space: {key}.step must be positive")
-    if log and low <= 0:
-        raise UserError(f"search space: {key} with log: true needs low > 0")
-    if log and step not in (None, 1):
-        raise UserError(f"search space: {key}: log and step can't be combined")
-    return {"type": kind, "low": low, "high": high, "log": log, "step": step}
-
-
-def grid_values(key: str, p: dict) -> list:
-    """The finite list of values a parameter takes in a grid search."""
-    if "choices" in p:
-        return list(p["choices"])
-    if p["type"] == "int":
-        return list(range(p["low"], p["high"] + 1, p["step"] or 1))
-    if not p["step"]:
-        raise UserError(f"grid search needs a finite set of values: give {key} a list of choices or a step")
-    n = int(math.floor((p["high"] - p["low"]) / p["step"] + 1e-9))
-    return [float(f"{p['low'] + i * p['step']:.12g}") for i in range(n + 1)]  # 12 digits: no 0.30000000000000004
-
-
-def grid_size(space: dict[str, dict]) -> int:
-    return math.prod(len(grid_values(k, p)) for k, p in space.items())
 
 
 # ---------------------------------------------------------------- the search
@@ -304,36 +117,17 @@ def _suggest(trial, method: str, space: dict[str, dict]) -> dict[str, Any]:
     return params
 
 
-def apply_params(base: dict[str, Any], params: Mapping[str, Any]) -> tuple[ModelConfig, TrainConfig, OptimConfig]:
-    """The three config sections of a trial: `base` (section -> dataclass) with `params` set.
-
-    ValueError when the combination is invalid (e.g. n_embd not divisible by n_head).
-    """
-    sections = {name: {} for name in SECTIONS}
-    for key, value in params.items():
-        section, name = key.split(".", 1)
-        sections[section][name] = value
-    return tuple(replace(base[name], **sections[name]) for name in SECTIONS)  # type: ignore[return-value]
-
-
 def check_base(base: dict, meta: dict, data: Path, space: Mapping[str, Any]) -> None:
     """The checks `train` makes across options and data (warmup within the schedule, context within the data, the
     batch split), made on the base config before the first trial. A failure that names a searched key is left to
     the trials (some of them may pass); any other would fail every trial alike, so it is said now, once."""
-    from .train import check_relations
+    from .train_plan import check_relations
 
     try:
         check_relations(base["model"], base["train"], base["optim"], 1, meta, data)
     except UserError as e:
         if not any(f"--{key} " in f"{e} " for key in space):
             raise UserError(f"the base config, which every trial starts from: {e}") from None
-
-
-def _section(cls, d: dict):
-    d = dict(d)
-    if "betas" in d:
-        d["betas"] = tuple(d["betas"])
-    return cls(**d)
 
 
 def _check_same(what: str, given: Any, saved: Any) -> None:
@@ -418,12 +212,30 @@ def tune(
         pruner: stop bad trials at an evaluation: median (the default: worse than the median of earlier trials at
             that step), halving (successive halving) or none
     """
-    import optuna
-
-    from .data import default_data_dir
     from .train import train as run_training
 
     out = Path(out)
+    _check_request(out, data, trials, seed, method, pruner, resume, force)
+    if force and not resume:
+        _clear(out)
+    passed = {"model": model, "train": train, "optim": optim}
+    if resume:
+        settings, base = _resumed_settings(out / STUDY_FILE, space, method, seed, pruner, data, passed, given)
+    else:
+        settings, base = _new_settings(space, method, seed, pruner, data, passed, given, trials)
+    trials = _fit_grid(settings, trials)
+    records = _start(out, settings, resume, trials)
+    _optimize(out, records, settings, base, trials, run_training)
+    best = _write_best(out, records, settings)
+    if best is None:
+        first = next((r.get("error") for r in records if r.get("error")), "unknown error")
+        raise UserError(f"no trial finished: {first} (logs in {out}/trial-*/train.log)")
+    return best
+
+
+def _check_request(out: Path, data, trials: int, seed: Optional[int], method: Optional[str],
+                   pruner: Optional[str], resume: bool, force: bool) -> None:
+    """The checks of tune's arguments before anything is read: --out's kind and state, the ranges and the names."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory: give a new directory name")
     check_placement(out, "search", [Path(data)] if data is not None else [])
@@ -443,62 +255,102 @@ def tune(
         raise UserError(f"{out} already holds a search: pass --resume to continue it or --force to replace it")
     if resume and not study_file.exists():
         raise UserError(f"{out}: nothing to resume (no study.json)")
-    if force and not resume:
-        _clear(out)
-    passed = {"model": model, "train": train, "optim": optim}
 
-    if resume:
-        saved = _read_study(study_file)
-        if space is not None:
-            _check_same("the search space", load_space(space), saved["space"])
-        _check_same("--method", method, saved["method"])
-        _check_same("--seed", seed, saved["seed"])
-        _check_same("--pruner", pruner, saved.get("pruner", "none"))
-        _check_same("--data", str(data) if data is not None else None, saved["data"])
-        base = {name: _section(cls, saved["base"][name]) for name, cls in SECTIONS.items()}
-        for name in SECTIONS:
-            if passed[name] is None:
-                continue
-            for key, value in asdict(passed[name]).items():
-                if given is None or f"{name}.{key}" in given:
-                    _check_same(f"{name}.{key}", _plain(value), _plain(saved["base"][name][key]))
-        settings = saved
-    else:
-        if space is None:
-            raise UserError("--space is required: a YAML/JSON file or inline mapping of config keys to search")
-        data_path = Path(data) if data is not None else default_data_dir()
-        from .data import load_meta
 
-        meta = load_meta(data_path)  # a bad data dir fails now, not once per trial
-        base = {"model": model or ModelConfig(), "train": train or TrainConfig(), "optim": optim or OptimConfig()}
-        space_d = load_space(space)
-        from .train import fit_warmup
-
-        # as `train` does: a warmup the user did not set shrinks to fit a short schedule (with a note)
-        base["optim"] = fit_warmup(base["optim"], base["train"], None if given is None else dict.fromkeys(given))
-        check_base(base, meta, data_path, space_d)  # and so does a base config every trial would fail on
-        settings = {"format_version": FORMAT_VERSION, "method": method or "bayes", "seed": 0 if seed is None else seed,
-                    "space": space_d, "data": str(data_path),
-                    "base": {name: asdict(cfg) for name, cfg in base.items()}}
-        # fixed once: a different number of TPE's random start-up trials would change every later trial
-        settings["startup_trials"] = max(1, min(10, trials // 3))
-        # the median pruner waits for this many complete trials, and prunes no trial in its first quarter
-        # (early losses are close together and noisy)
-        settings.update(pruner=pruner or "median", pruner_startup_trials=max(2, min(5, trials // 4)),
-                        pruner_warmup_steps=base["train"].max_iters // 4)
-    space_n, method_n = settings["space"], settings["method"]
-    if method_n == "grid":
-        size = grid_size(space_n)
+def _fit_grid(settings: dict, trials: int) -> int:
+    """The number of trials to run: a grid has no more than its combinations."""
+    if settings["method"] == "grid":
+        size = grid_size(settings["space"])
         if trials > size:
             _note(f"the grid has {size} combinations: running {size} trials, not {trials}")
-            trials = size
+            return size
+    return trials
+
+
+def _start(out: Path, settings: dict, resume: bool, trials: int) -> list[dict]:
+    """The search directory made (study.json written for a new search); the trials recorded so far."""
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "search")
     if not resume:
-        atomic_write_json(study_file, settings)
-    records = _read_trials(trials_file)
+        atomic_write_json(out / STUDY_FILE, settings)
+    records = _read_trials(out / TRIALS_FILE)
     if len(records) >= trials and records[-1]["status"] != INTERRUPTED:
         _note(f"{out} already has {len(records)} trials (--trials {trials}); nothing to run")
+    return records
+
+
+def _resumed_settings(study_file: Path, space, method, seed, pruner, data, passed: dict,
+                      given: Optional[set[str]]) -> tuple[dict, dict]:
+    """--resume: the saved settings and base config, after checking that what was given here matches them."""
+    saved = _read_study(study_file)
+    if space is not None:
+        _check_same("the search space", load_space(space), saved["space"])
+    _check_same("--method", method, saved["method"])
+    _check_same("--seed", seed, saved["seed"])
+    _check_same("--pruner", pruner, saved.get("pruner", "none"))
+    _check_same("--data", str(data) if data is not None else None, saved["data"])
+    base = {name: load_section(cls, saved["base"][name]) for name, cls in SECTIONS.items()}
+    for name in SECTIONS:
+        if passed[name] is None:
+            continue
+        for key, value in asdict(passed[name]).items():
+            if given is None or f"{name}.{key}" in given:
+                _check_same(f"{name}.{key}", _plain(value), _plain(saved["base"][name][key]))
+    return saved, base
+
+
+def _new_settings(space, method, seed, pruner, data, passed: dict, given: Optional[set[str]],
+                  trials: int) -> tuple[dict, dict]:
+    """A new search's settings (study.json) and base config, checked against the data before any trial."""
+    from .data import default_data_dir, load_meta
+    from .train_plan import fit_warmup
+
+    if space is None:
+        raise UserError("--space is required: a YAML/JSON file or inline mapping of config keys to search")
+    data_path = Path(data) if data is not None else default_data_dir()
+    meta = load_meta(data_path)  # a bad data dir fails now, not once per trial
+    base = {"model": passed["model"] or ModelConfig(), "train": passed["train"] or TrainConfig(),
+            "optim": passed["optim"] or OptimConfig()}
+    space_d = load_space(space)
+    # as `train` does: a warmup the user did not set shrinks to fit a short schedule (with a note)
+    base["optim"] = fit_warmup(base["optim"], base["train"], None if given is None else dict.fromkeys(given))
+    check_base(base, meta, data_path, space_d)  # and so does a base config every trial would fail on
+    settings = {"format_version": FORMAT_VERSION, "method": method or "bayes", "seed": 0 if seed is None else seed,
+                "space": space_d, "data": str(data_path),
+                "base": {name: asdict(cfg) for name, cfg in base.items()}}
+    # fixed once: a different number of TPE's random start-up trials would change every later trial
+    settings["startup_trials"] = max(1, min(10, trials // 3))
+    # the median pruner waits for this many complete trials, and prunes no trial in its first quarter
+    # (early losses are close together and noisy)
+    settings.update(pruner=pruner or "median", pruner_startup_trials=max(2, min(5, trials // 4)),
+                    pruner_warmup_steps=base["train"].max_iters // 4)
+    return settings, base
+
+
+def _optimize(out: Path, records: list[dict], settings: dict, base: dict, trials: int, run_training) -> None:
+    """Run Optuna's study over the trials (recorded ones replayed); what was done is recorded and drawn even
+    after an interrupt."""
+    import optuna
+
+    space_n, method_n = settings["space"], settings["method"]
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own one line per trial replaces Optuna's log
+    study = optuna.create_study(direction="minimize", pruner=_pruner(settings),
+                                sampler=_sampler(method_n, space_n, settings["seed"], settings["startup_trials"]))
+    with stop_on_signals() as signals:
+        objective = _objective(out, records, settings, base, trials, run_training, signals)
+        try:
+            study.optimize(objective, n_trials=max(trials, len(records)), catch=(_TrialFailed,))
+        finally:  # also after an interrupt: what was done so far is recorded and drawn
+            optuna.logging.set_verbosity(verbosity)
+            _write_best(out, records, settings)
+            draw_search(out / SEARCH_PLOT_FILE, records, study)
+
+
+def _objective(out: Path, records: list[dict], settings: dict, base: dict, trials: int, run_training, signals):
+    """Optuna's objective: replay a recorded trial, continue an interrupted one, or train a new one; each
+    outcome is recorded in trials.jsonl before Optuna hears of it."""
+    trials_file, space_n, method_n = out / TRIALS_FILE, settings["space"], settings["method"]
 
     def objective(trial) -> float:
         n = trial.number
@@ -530,22 +382,7 @@ def tune(
                               f"interrupted; --resume continues it")
         return _outcome(record)
 
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own one line per trial replaces Optuna's log
-    study = optuna.create_study(direction="minimize", pruner=_pruner(settings),
-                                sampler=_sampler(method_n, space_n, settings["seed"], settings["startup_trials"]))
-    with stop_on_signals() as signals:
-        try:
-            study.optimize(objective, n_trials=max(trials, len(records)), catch=(_TrialFailed,))
-        finally:  # also after an interrupt: what was done so far is recorded and drawn
-            optuna.logging.set_verbosity(verbosity)
-            _write_best(out, records, settings)
-            draw_search(out / SEARCH_PLOT_FILE, records, study)
-    best = _write_best(out, records, settings)
-    if best is None:
-        first = next((r.get("error") for r in records if r.get("error")), "unknown error")
-        raise UserError(f"no trial finished: {first} (logs in {out}/trial-*/train.log)")
-    return best
+    return objective
 
 
 def _outcome(record: dict) -> float:
@@ -632,7 +469,7 @@ def _write_best(out: Path, records: list[dict], settings: dict) -> Optional[dict
     if not done:
         return None
     r = min(done, key=lambda r: (r["val_loss"], r["trial"]))
-    base = {name: _section(cls, settings["base"][name]) for name, cls in SECTIONS.items()}
+    base = {name: load_section(cls, settings["base"][name]) for name, cls in SECTIONS.items()}
     config = {"data": settings["data"]} | {name: asdict(cfg) for name, cfg in zip(SECTIONS, apply_params(base, r["params"]))}
     run_config = out / r["run"] / CONFIG_FILE
     if run_config.exists():  # what training actually used, e.g. vocab_size filled in from the data
@@ -644,62 +481,6 @@ def _write_best(out: Path, records: list[dict], settings: dict) -> Optional[dict
     atomic_write_json(out / SEARCH_BEST_FILE, best)
     atomic_write_json(out / SEARCH_BEST_CONFIG_FILE, config)
     return best
-
-
-def draw_search(path: Path, records: list[dict], study=None) -> None:
-    """search.png: each trial's val loss in order (pruned ones where they stopped) with the best so far,
-    every trial's val curve over steps, and (from 2 complete trials on) Optuna's parameter importances."""
-    if not records:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (hist, curves, imp) = plt.subplots(1, 3, figsize=(15, 4))
-    done = [r for r in records if r["status"] == "complete"]
-    pruned = [r for r in records if r["status"] == PRUNED and r.get("val_loss") is not None]
-    hist.plot([r["trial"] for r in done], [r["val_loss"] for r in done], "o", label="complete")
-    if pruned:
-        hist.plot([r["trial"] for r in pruned], [r["val_loss"] for r in pruned], "x", color="grey",
-                  label="pruned (last eval)")
-    best, xs, ys = math.inf, [], []
-    for r in done:
-        best = min(best, r["val_loss"])
-        xs.append(r["trial"])
-        ys.append(best)
-    hist.step(xs, ys, where="post", color="tab:red", label="best so far")
-    hist.set(title="optimization history", xlabel="trial", ylabel="val loss")
-    for r in records:
-        if r.get("evals"):
-            steps, losses = zip(*r["evals"])
-            line, = curves.plot(steps, losses, "--" if r["status"] == PRUNED else "-", alpha=0.7, marker=".")
-            if r["status"] == PRUNED:
-                curves.plot(steps[-1:], losses[-1:], "x", color=line.get_color(), markersize=8)
-    curves.set(title="val loss per trial (x: pruned there)", xlabel="step", ylabel="val loss")
-    importances = _importances(study) if study is not None and len(done) >= 2 else {}
-    if importances:
-        names = list(importances)[::-1]
-        imp.barh(names, [importances[k] for k in names])
-        imp.set(title="parameter importances (fANOVA)", xlabel="importance")
-    else:
-        imp.axis("off")
-        imp.text(0.5, 0.5, "parameter importances need\n2 complete trials that differ", ha="center", va="center")
-    for ax in (hist, curves):
-        ax.grid(alpha=0.3)
-    hist.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)
-
-
-def _importances(study) -> dict:
-    import optuna
-
-    try:
-        return optuna.importance.get_param_importances(study)
-    except (ValueError, RuntimeError):  # e.g. every complete trial has the same params
-        return {}
 
 
 def tune_cli(**kwargs: Any) -> int:
