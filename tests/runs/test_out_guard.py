@@ -79,6 +79,8 @@ def test_a_symlink_out_is_refused_and_its_target_kept(tree, capsys):
     refused(capsys, tree, "train", "--data", tree / "data", "--out", tree / "link", "--force", *TINY,
             says="symbolic link")
     refused(capsys, tree, "export", tree / "cls", "--out", tree / "link", "--force", says="symbolic link")
+    ok(capsys, "train", "--out", tree / "link", "--resume", "--train.max_iters", "3")  # continuing it replaces nothing
+    assert (tree / "link").is_symlink() and json.loads((tree / "run" / "latest" / "state.json").read_text())["step"] == 3
 
 
 def test_resume_from_a_negative_step_changes_nothing(tree, capsys):

@@ -297,7 +297,7 @@ def check_run_out(out: Path, *, resume: bool, force: bool, inputs: Iterable[Path
     """train's --out: new (or holding only a run's litter), the run to --resume, or with --force a run to
     replace (check_out's rules). True when an existing run is to be replaced."""
     out, inputs = Path(out), list(inputs)
-    if out.is_symlink():
+    if out.is_symlink() and not resume:  # (--resume continues the run a link points at: nothing is replaced)
         raise UserError(f"--out {out} is a symbolic link: give the folder itself (its target is not replaced)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory: give a new directory name")
@@ -307,7 +307,11 @@ def check_run_out(out: Path, *, resume: bool, force: bool, inputs: Iterable[Path
         raise UserError(f"--out {out} already holds files that are not a training run: give a new directory name")
     if has_run and not (resume or force):
         raise UserError(f"{out} already holds a run: pass --resume to continue it or --force to replace it")
+    if resume:
+        check_inside(Path(os.path.realpath(out)), "run")
+        _check_inputs(out, inputs, "--out")
+        return False
     check_placement(out, "run", inputs)
-    if resume or not has_run:
+    if not has_run:
         return False
     return check_out(out, "run", force=True, inputs=inputs)
