@@ -297,17 +297,7 @@ def render_html(info: dict) -> str:
         parts.append("<h2>Result</h2>" + _table({k: v for k, v in result.items() if k != "best"}
                                                  | ({"best": result["best"]} if "best" in result else {})))
     if info["evals"]:
-        parts.append("<h2>Evaluations (scratchgpt eval)</h2>")
-        for name, ev in info["evals"].items():
-            if not isinstance(ev, dict):
-                continue
-            parts.append(f"<h3>eval-{_esc(name)}.json</h3>")
-            if name.startswith("harness"):
-                parts.append(_harness_table(ev))
-                continue
-            if ev.get("confusion_matrix") and ev.get("labels"):
-                parts.append(_confusion(ev["confusion_matrix"], ev["labels"]))
-            parts.append(_table({k: v for k, v in ev.items() if k not in ("confusion_matrix", "per_class")}))
+        parts += _evals_html(info["evals"])
     if info["samples"]:
         parts.append(f"<h2>Samples during training ({len(info['samples'])})</h2>")
         for smp in info["samples"]:
@@ -330,6 +320,22 @@ def render_html(info: dict) -> str:
         parts.append("<h2>Environment</h2>" + _table(info["environment"]))
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _evals_html(evals: dict) -> list[str]:
+    """The report's section on `scratchgpt eval`'s results (eval-*.json)."""
+    parts = ["<h2>Evaluations (scratchgpt eval)</h2>"]
+    for name, ev in evals.items():
+        if not isinstance(ev, dict):
+            continue
+        parts.append(f"<h3>eval-{_esc(name)}.json</h3>")
+        if name.startswith("harness"):
+            parts.append(_harness_table(ev))
+            continue
+        if ev.get("confusion_matrix") and ev.get("labels"):
+            parts.append(_confusion(ev["confusion_matrix"], ev["labels"]))
+        parts.append(_table({k: v for k, v in ev.items() if k not in ("confusion_matrix", "per_class")}))
+    return parts
 
 
 def write_report(run: Path) -> Path:

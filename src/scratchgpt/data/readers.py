@@ -36,41 +36,54 @@ def read_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
     suffix = path.suffix.lower()
     raw = read_text(path, encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first column's name
     if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((i, obj))
-        return rows
+        return _jsonl_rows(path, raw)
     if suffix in (".csv", ".tsv"):
-        reader = csv.reader(io.StringIO(raw, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-        rows, header, start = [], None, 1
-        try:
-            for record in reader:
-                line, start = start, reader.line_num + 1  # a quoted field may span lines: report the first
-                if not record or (len(record) == 1 and not record[0].strip()):
-                    continue
-                if header is None:
-                    header = [h.strip() for h in record]
-                    dup = sorted({h for h in header if header.count(h) > 1})
-                    if dup:
-                        raise UserError(f"{path}:{line}: duplicate column name(s) {', '.join(map(repr, dup))}")
-                    continue
-                if len(record) != len(header):
-                    raise UserError(f"{path}:{line}: row has {len(record)} fields, the header has {len(header)}")
-                rows.append((line, dict(zip(header, record))))
-        except csv.Error as e:
-            raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
-        if header is None:
-            raise UserError(f"{path}: empty file (expected a header row)")
-        return rows
+        return _csv_rows(path, raw, delimiter="\t" if suffix == ".tsv" else ",")
     raise UserError(f"{path}: unknown format {suffix or '(no extension)'!r}; use .csv, .tsv or .jsonl")
+
+
+def _jsonl_rows(path: Path, raw: str) -> list[tuple[int, dict]]:
+    rows = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((i, obj))
+    return rows
+
+
+def _csv_rows(path: Path, raw: str, delimiter: str) -> list[tuple[int, dict]]:
+    reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter)
+    rows, header, start = [], None, 1
+    try:
+        for record in reader:
+            line, start = start, reader.line_num + 1  # a quoted field may span lines: report the first
+            if not record or (len(record) == 1 and not record[0].strip()):
+                continue
+            if header is None:
+                header = _csv_header(path, line, record)
+                continue
+            if len(record) != len(header):
+                raise UserError(f"{path}:{line}: row has {len(record)} fields, the header has {len(header)}")
+            rows.append((line, dict(zip(header, record))))
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    if header is None:
+        raise UserError(f"{path}: empty file (expected a header row)")
+    return rows
+
+
+def _csv_header(path: Path, line: int, record: list[str]) -> list[str]:
+    header = [h.strip() for h in record]
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise UserError(f"{path}:{line}: duplicate column name(s) {', '.join(map(repr, dup))}")
+    return header
 
 
 def _field(path: Path, line: int, row: dict, name: str) -> Any:
