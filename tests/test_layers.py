@@ -110,8 +110,6 @@ MAX_NESTING = 4
 # Offenders that predate the rule, each to be split; this list only shrinks (a fixed one must leave it).
 ALLOWED_OFFENDERS = {
     "finetune/loop.py:_fit",
-    "chat.py:chat",
-    "chat.py:sample_cli",
 }
 _COMPOUND = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.Match,
              *((ast.TryStar,) if hasattr(ast, "TryStar") else ()))

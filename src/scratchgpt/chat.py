@@ -56,71 +56,99 @@ def chat(
     model = gpt_of(model)
     gen = gen or GenerationConfig()
     err = err or sys.stderr
-    template = ChatTemplate.from_config(config)
-    jinja = JinjaChatTemplate.of(tokenizer, config)  # an imported instruct model's own template
-    stop = tuple(gen.stop) + tuple(s for s in (template.stop if template else []) if s not in gen.stop)
-    system_ids = tokenizer.bos_ids + (encode_with_eot(tokenizer, template.system) if template else [])
-    turns: list[list[int]] = []  # token ids of each finished exchange
-    bs = model.cfg.block_size
-    reserve = min(max(gen.max_new_tokens, 1), bs // 2)  # room left for the reply
+    conv = _Conversation(tokenizer, config, reserve=min(max(gen.max_new_tokens, 1), model.cfg.block_size // 2),
+                         block_size=model.cfg.block_size)
+    stop = tuple(gen.stop) + tuple(s for s in (conv.template.stop if conv.template else []) if s not in gen.stop)
     n_reply = 0
 
     def note(msg: str) -> None:
         print(f"note: {msg}", file=err)
 
-    messages: list[dict] = []  # the conversation so far, for a jinja template (re-rendered whole each turn)
     if interactive:
-        kind = "the imported model's chat template" if jinja else "chat template" if template else \
-            "plain continuation (no chat template in this checkpoint)"
-        print(f"chat: {kind}; /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply", file=err)
+        print(f"chat: {conv.describe()}; /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply",
+              file=err)
     for line in lines:
         msg = line.rstrip("\r\n")
         if msg.strip() == "/exit":
             break
         if msg.strip() == "/reset":
-            turns.clear()
-            messages.clear()
+            conv.reset()
             print("(history cleared)", file=err)
             continue
-        if jinja:
-            try:  # (a template's raise_exception, or a message it cannot keep plain: this message only)
-                prompt, kept = fit_messages(jinja, messages + [{"role": "user", "content": msg}], bs - reserve)
-            except UserError as e:
-                print(f"error: {one_line_message(str(e))}", file=err)
-                continue
-            dropped, messages = (len(messages) + 1 - len(kept)) // 2, kept
-        else:
-            try:
-                user_ids = template.user_ids(tokenizer, msg) if template else tokenizer.encode(msg + "\n")
-            except UserError as e:  # e.g. characters a char tokenizer doesn't know: this message only
-                print(f"error: {one_line_message(str(e))}", file=err)
-                continue
-            dropped = 0
-            while turns and len(system_ids) + sum(map(len, turns)) + len(user_ids) > bs - reserve:
-                turns.pop(0)
-                dropped += 1
-            prompt = system_ids + [t for turn in turns for t in turn] + user_ids
+        try:  # (a template's raise_exception, or characters a char tokenizer doesn't know: this message only)
+            prompt, dropped = conv.prompt(msg)
+        except UserError as e:
+            print(f"error: {one_line_message(str(e))}", file=err)
+            continue
         if dropped:
-            note(f"dropped the {dropped} oldest turn(s) to fit the context of {bs} tokens")
+            note(f"dropped the {dropped} oldest turn(s) to fit the context of {conv.block_size} tokens")
         seed = gen.seed + n_reply if gen.seed is not None else None
         s = stream(model, tokenizer, prompt, replace(gen, stop=stop, seed=seed), note=note)
-        try:
-            for piece in s:
-                out.write(piece)
-                out.flush()
-        except KeyboardInterrupt:
-            s.close()
-            print("\n(reply stopped)", file=err)
-        out.write("\n")
-        out.flush()
+        _write_reply(s, out, err)
         n_reply += 1
-        reply = s.text
-        if jinja:
-            messages.append({"role": "assistant", "content": reply})
-        elif template:
-            turns.append(user_ids + tokenizer.encode(reply) + encode_with_eot(tokenizer, template.assistant_end))
+        conv.record(s.text)
+
+
+def _write_reply(s, out: TextIO, err: TextIO) -> None:
+    """Stream a reply to `out`; Ctrl-C stops the reply (its text so far stays in `s.text`), not the session."""
+    try:
+        for piece in s:
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        s.close()
+        print("\n(reply stopped)", file=err)
+    out.write("\n")
+    out.flush()
+
+
+class _Conversation:
+    """The history of a chat and the prompt of its next reply, in one of three forms: an imported model's jinja
+    template (the whole conversation re-rendered each turn), a fine-tuned run's chat template, or plain text."""
+
+    def __init__(self, tokenizer: Tokenizer, config: dict, *, reserve: int, block_size: int) -> None:
+        self.tokenizer, self.block_size, self.reserve = tokenizer, block_size, reserve  # reserve: room for the reply
+        self.template = ChatTemplate.from_config(config)
+        self.jinja = JinjaChatTemplate.of(tokenizer, config)  # an imported instruct model's own template
+        self.system_ids = tokenizer.bos_ids + (encode_with_eot(tokenizer, self.template.system) if self.template
+                                               else [])
+        self.turns: list[list[int]] = []  # token ids of each finished exchange
+        self.messages: list[dict] = []  # the conversation so far, for a jinja template
+        self.user_ids: list[int] = []
+
+    def describe(self) -> str:
+        return "the imported model's chat template" if self.jinja else "chat template" if self.template else \
+            "plain continuation (no chat template in this checkpoint)"
+
+    def reset(self) -> None:
+        self.turns.clear()
+        self.messages.clear()
+
+    def prompt(self, msg: str) -> tuple[list[int], int]:
+        """The next reply's prompt with `msg` added, and how many of the oldest turns were dropped to fit it.
+        UserError when this message cannot be encoded (the history is unchanged)."""
+        budget = self.block_size - self.reserve
+        if self.jinja:
+            prompt, kept = fit_messages(self.jinja, self.messages + [{"role": "user", "content": msg}], budget)
+            dropped, self.messages = (len(self.messages) + 1 - len(kept)) // 2, kept
+            return prompt, dropped
+        tok = self.tokenizer
+        self.user_ids = self.template.user_ids(tok, msg) if self.template else tok.encode(msg + "\n")
+        dropped = 0
+        while self.turns and len(self.system_ids) + sum(map(len, self.turns)) + len(self.user_ids) > budget:
+            self.turns.pop(0)
+            dropped += 1
+        return self.system_ids + [t for turn in self.turns for t in turn] + self.user_ids, dropped
+
+    def record(self, reply: str) -> None:
+        """The reply to the last prompt joins the history."""
+        tok = self.tokenizer
+        if self.jinja:
+            self.messages.append({"role": "assistant", "content": reply})
+        elif self.template:
+            self.turns.append(self.user_ids + tok.encode(reply) + encode_with_eot(tok, self.template.assistant_end))
         else:
-            turns.append(user_ids + tokenizer.encode(reply if reply.endswith("\n") or not reply else reply + "\n"))
+            self.turns.append(self.user_ids + tok.encode(reply if reply.endswith("\n") or not reply else reply + "\n"))
 
 
 def sample_cli(
@@ -151,15 +179,7 @@ def sample_cli(
         out: where the text goes (default: stdout)
     """
     out, gen = out or sys.stdout, gen or GenerationConfig()
-
-    if prompt is not None and prompt_file is not None:
-        raise UserError("give --prompt or --prompt-file, not both")
-    if prompt_file is not None:
-        try:
-            prompt = read_text(prompt_file)
-        except UserError as e:
-            raise UserError(f"--prompt-file {e}") from None
-    prompt = prompt or ""
+    prompt = _read_prompt(prompt, prompt_file)
     check_range("--num-samples", num_samples, "[1, 10000]")
     model, tokenizer, config = _load_for_generation(run, which, device, quantize, "sample")
     gen = replace(gen, seed=resolve_seed(gen))  # one base seed, so streamed and batched samples agree
@@ -167,17 +187,7 @@ def sample_cli(
     sep = "\n---------------\n" if num_samples > 1 else "\n"
     template = None if raw else ChatTemplate.from_config(config)
     if template is not None:
-        # a fine-tuned run answers inside its template: wrap the prompt, stop where a reply ends, print the reply
-        ids = tokenizer.bos_ids + encode_with_eot(tokenizer, template.system) + template.user_ids(tokenizer, prompt)
-        gen = replace(gen, stop=tuple(gen.stop) + tuple(s for s in template.stop if s not in gen.stop))
-        for i in range(num_samples):
-            g = replace(gen, seed=gen.seed + i)
-            pieces = stream(model, tokenizer, ids, g) if stream_output else [complete(model, tokenizer, [ids], g)[0].text]
-            for piece in pieces:
-                out.write(piece)
-                out.flush()
-            out.write(sep)
-        out.flush()
+        _sample_replies(model, tokenizer, template, prompt, gen, num_samples, stream_output, out, sep)
         return
     if stream_output:
         for i in range(num_samples):
@@ -190,6 +200,32 @@ def sample_cli(
     else:
         for text in generate(model, tokenizer, [prompt] * num_samples, gen):
             out.write(prompt + text + sep)
+    out.flush()
+
+
+def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            prompt = read_text(prompt_file)
+        except UserError as e:
+            raise UserError(f"--prompt-file {e}") from None
+    return prompt or ""
+
+
+def _sample_replies(model: GPT, tokenizer: Tokenizer, template: ChatTemplate, prompt: str, gen: GenerationConfig,
+                    num_samples: int, stream_output: bool, out: TextIO, sep: str) -> None:
+    """A fine-tuned run answers inside its template: wrap the prompt, stop where a reply ends, print the reply."""
+    ids = tokenizer.bos_ids + encode_with_eot(tokenizer, template.system) + template.user_ids(tokenizer, prompt)
+    gen = replace(gen, stop=tuple(gen.stop) + tuple(s for s in template.stop if s not in gen.stop))
+    for i in range(num_samples):
+        g = replace(gen, seed=gen.seed + i)
+        pieces = stream(model, tokenizer, ids, g) if stream_output else [complete(model, tokenizer, [ids], g)[0].text]
+        for piece in pieces:
+            out.write(piece)
+            out.flush()
+        out.write(sep)
     out.flush()
 
 
