@@ -175,14 +175,7 @@ def _fit(model, batches, loss_of, evaluate, better, save, o: FinetuneOptions, ou
         append_row(metrics_path, row)
 
     stop = "max_steps" if o.max_steps else "epochs"
-    if resume is not None:
-        p = _restore(resume, opt, metrics_path)
-        log(f"resumed from {resume} at step {p.step}")
-    else:
-        p = Progress()
-        p.first = p.last = evaluate()  # before any step: shows what training starts from
-        record({"step": 0, **p.first})
-        log(describe(0, p.first, None))
+    p = _start(resume, opt, metrics_path, evaluate, record, log, describe)
     model.train()
     t0 = time.time() - p.elapsed_s
     restored_shuffle = p.shuffle if resume is not None else None
@@ -191,39 +184,15 @@ def _fit(model, batches, loss_of, evaluate, better, save, o: FinetuneOptions, ou
         set_rng_state(p.rng, device)
     while p.step < total:
         if generator is not None:  # this epoch's order is drawn now: keep the state it is drawn from
-            if restored_shuffle is not None:
-                generator.set_state(torch.frombuffer(bytearray(base64.b64decode(restored_shuffle)), dtype=torch.uint8))
-                restored_shuffle = None
-            p.shuffle = base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
+            _keep_shuffle_state(generator, p, restored_shuffle)
+            restored_shuffle = None
         for batch in batches(p.epoch)[p.position:]:
-            set_lr([opt], lr_at(p.step, ocfg, total), ocfg)
-            loss = loss_of(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-            if not torch.isfinite(loss):
-                raise UserError(f"non-finite loss at step {p.step}; lower --lr")
-            opt.step()
-            p.step += 1
-            p.position += 1
-            p.tokens += tokens_of(batch)
-            p.running.append(loss.item())
+            _step(batch, p, opt, ocfg, total, params, o.grad_clip, loss_of, tokens_of)
             if p.step % o.log_interval == 0:
                 record({"step": p.step, "epoch": p.epoch, "train_loss": sum(p.running) / len(p.running),
                         "lr": lr_at(p.step - 1, ocfg, total), "elapsed_s": round(time.time() - t0, 3)})
             if p.step % interval == 0 or p.step == total:
-                ev = p.last = evaluate()
-                model.train()
-                train_loss = sum(p.running) / len(p.running)
-                p.running = []
-                record({"step": p.step, "epoch": p.epoch, "train_loss": train_loss, **ev})
-                log(describe(p.step, ev, train_loss))
-                if better(ev, p.best):
-                    p.best, p.bad = dict(ev, step=p.step), 0
-                    save("best", {"step": p.step, "tokens": p.tokens}, ev)
-                else:
-                    p.bad += 1
+                _evaluate_and_keep_best(p, model, evaluate, better, save, record, log, describe)
                 if o.patience and p.bad >= o.patience:
                     stop = f"early stopping: no val improvement in {p.bad} evaluations"
                     break
@@ -243,6 +212,59 @@ def _fit(model, batches, loss_of, evaluate, better, save, o: FinetuneOptions, ou
         save("latest", {"step": p.step, "tokens": p.tokens}, p.last)  # the last evaluation's metrics
     return {"steps": p.step, "tokens": p.tokens, "stop_reason": stop, "best": p.best, "initial": p.first,
             "elapsed_s": round(p.elapsed_s, 3)}
+
+
+def _start(resume: Optional[Path], opt, metrics_path: Path, evaluate, record, log, describe) -> Progress:
+    """The loop's counters: an interrupted run's (its optimizer restored), or fresh after a first evaluation."""
+    if resume is not None:
+        p = _restore(resume, opt, metrics_path)
+        log(f"resumed from {resume} at step {p.step}")
+        return p
+    p = Progress()
+    p.first = p.last = evaluate()  # before any step: shows what training starts from
+    record({"step": 0, **p.first})
+    log(describe(0, p.first, None))
+    return p
+
+
+def _keep_shuffle_state(generator: torch.Generator, p: Progress, restored: Optional[str]) -> None:
+    """Record the state this epoch's order is drawn from (a resume first puts back the one it saved)."""
+    if restored is not None:
+        generator.set_state(torch.frombuffer(bytearray(base64.b64decode(restored)), dtype=torch.uint8))
+    p.shuffle = base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
+
+
+def _step(batch, p: Progress, opt, ocfg, total: int, params: list, grad_clip: float, loss_of, tokens_of) -> None:
+    """One optimizer step on `batch`; a non-finite loss stops the run."""
+    set_lr([opt], lr_at(p.step, ocfg, total), ocfg)
+    loss = loss_of(batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if not torch.isfinite(loss):
+        raise UserError(f"non-finite loss at step {p.step}; lower --lr")
+    opt.step()
+    p.step += 1
+    p.position += 1
+    p.tokens += tokens_of(batch)
+    p.running.append(loss.item())
+
+
+def _evaluate_and_keep_best(p: Progress, model, evaluate, better, save, record, log, describe) -> None:
+    """A periodic evaluation: its metrics row and line, and the best checkpoint when it improved (else one more
+    evaluation without improvement)."""
+    ev = p.last = evaluate()
+    model.train()
+    train_loss = sum(p.running) / len(p.running)
+    p.running = []
+    record({"step": p.step, "epoch": p.epoch, "train_loss": train_loss, **ev})
+    log(describe(p.step, ev, train_loss))
+    if better(ev, p.best):
+        p.best, p.bad = dict(ev, step=p.step), 0
+        save("best", {"step": p.step, "tokens": p.tokens}, ev)
+    else:
+        p.bad += 1
 
 
 def _restore(ckpt: Path, opt: torch.optim.Optimizer, metrics_path: Path) -> Progress:
