@@ -11,19 +11,6 @@ from conftest import cli
 from real_model import hf_greedy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    """The suite runs single-threaded (conftest); a 135M model's forwards use both cores of the 2-core machine."""
-    import os
-
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(before, min(2, os.cpu_count() or 1)))
-    yield
-    torch.set_num_threads(before)
-
-
 pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timeout(900)]  # (the first run converts the model)
 
 QUESTIONS = ["What is the capital of France?", "What is 2 + 2?", "Name one color of the rainbow."]
