@@ -16,18 +16,18 @@ TASKS = ("tiny_hellaswag", "tiny_arc_easy", "tiny_lambada", "tiny_wikitext", "ti
 LOGLIKELIHOOD_TASKS = ("tiny_hellaswag", "tiny_arc_easy", "tiny_lambada")
 
 
-def _sentences(n: int, seed: int) -> list[str]:
-    words = re.findall(r"[A-Za-z]+", english_text(60_000))
+def _sentences(n: int, seed: int, words: tuple[int, int] = (6, 12)) -> list[str]:
+    text = re.findall(r"[A-Za-z]+", english_text(60_000))
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        at = rng.randrange(len(words) - 20)
-        out.append(" ".join(words[at : at + rng.randint(6, 12)]))
+        at = rng.randrange(len(text) - words[1])
+        out.append(" ".join(text[at : at + rng.randint(*words)]))
     return out
 
 
-def _hellaswag(n: int, seed: int) -> list[dict]:
-    s, rng = _sentences(5 * n, seed), random.Random(seed)
+def _hellaswag(n: int, seed: int, words: tuple[int, int] = (6, 12)) -> list[dict]:
+    s, rng = _sentences(5 * n, seed, words), random.Random(seed)
     docs = []
     for i in range(n):
         ctx_a, ctx_b = s[5 * i], s[5 * i + 1].split(" ", 2)
@@ -61,8 +61,9 @@ def _jsonl(path: Path, docs: list[dict]) -> str:
     return str(path)
 
 
-def write_tasks(root: Path, n: int = 8) -> Path:
-    """Datasets and YAMLs for TASKS under root; returns the YAML directory (for --include-path)."""
+def write_tasks(root: Path, n: int = 8, words: tuple[int, int] = (6, 12)) -> Path:
+    """Datasets and YAMLs for TASKS under root (`n` documents a split; HellaSwag's context and endings
+    `words` long); returns the YAML directory (for --include-path)."""
     import lm_eval.tasks
 
     builtin = Path(lm_eval.tasks.__file__).parent
@@ -70,7 +71,8 @@ def write_tasks(root: Path, n: int = 8) -> Path:
     data.mkdir(parents=True, exist_ok=True)
     yamls.mkdir(parents=True, exist_ok=True)
     docs = {
-        "tiny_hellaswag": ("hellaswag/hellaswag.yaml", {"train": _hellaswag(n, 1), "validation": _hellaswag(n, 2)}, {}),
+        "tiny_hellaswag": ("hellaswag/hellaswag.yaml", {"train": _hellaswag(n, 1, words),
+                                                         "validation": _hellaswag(n, 2, words)}, {}),
         "tiny_arc_easy": ("arc/arc_easy.yaml", {"train": _arc(n, 3), "validation": _arc(n, 4), "test": _arc(n, 5)}, {}),
         "tiny_lambada": ("lambada/lambada_openai.yaml", {"test": [{"text": t} for t in _sentences(n, 6)]}, {}),
         "tiny_wikitext": ("wikitext/wikitext.yaml", {s: [{"page": " ".join(_sentences(12, seed + k))} for k in range(3)]
