@@ -11,7 +11,6 @@ result and tears down.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -41,20 +40,11 @@ from .runs.staging import remove_replaced
 from .runs.rows import check_step
 from .utils import atomic_write_json, finite_or_null, human_number, json_text, read_json
 from .train_plan import (TRAIN_RANGES, Plan, RunRequest, Session, TrainConfig, check_relations,  # noqa: F401
-                         check_memory, fit_warmup, initial_weights, plan_run, resolve_config, startup_summary)
+                         check_memory, check_same_model, fit_warmup, initial_weights, plan_run, resolve_config,
+                         startup_summary)
 
 
 # ---------------------------------------------------------------- setup
-def _check_same_model(net: GPT, ckpt: Path, out: Path) -> None:
-    """The model RUN/config.json describes is the one the checkpoint holds (its own config.json is hashed)."""
-    theirs = read_json(ckpt / CONFIG_FILE).get("model") or {}
-    ours = json.loads(json_text(asdict(net.cfg)))
-    for key in sorted(theirs.keys() & ours.keys()):
-        if theirs[key] != ours[key]:
-            raise UserError(f"{out / CONFIG_FILE}: model.{key} is {str(ours[key])[:40]}, but {ckpt} was trained with "
-                            f"{str(theirs[key])[:40]}; restore it from {ckpt / CONFIG_FILE}")
-
-
 def setup(req: RunRequest) -> Session:
     """Plan and check the run, join the process group, build data, model and optimizers, restore a
     checkpoint. Every check comes before the first change on disk."""
@@ -173,7 +163,7 @@ def _restore_model(out: Path, net: GPT, scaler, ctx) -> Optional[tuple[Path, dic
         return None
     ckpt, state = found
     check_step(state.get("step"), str(ckpt / STATE_FILE))  # before anything (config.json, the logs) changes
-    _check_same_model(net, ckpt, out)
+    check_same_model(net, ckpt, out)
     load_model_tensors(net, load_tensors(ckpt / MODEL_FILE))
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

@@ -6,6 +6,7 @@ Everything here is decided before the first change on disk; train.py's `setup` b
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ from .runtime import Peak, StopRequest, device_memory, tf32_matmuls
 from .runs.files import CONFIG_FILE
 from .runs.guard import check_run_out
 from .runs.log import RunLog
-from .utils import read_json
+from .utils import json_text, read_json
 
 
 @dataclass
@@ -370,3 +371,13 @@ def check_memory(cfg: ModelConfig, micro: int, ctx: dist.DistContext) -> None:
         raise UserError(f"this model ({params:,} parameters, micro-batches of {micro} x {cfg.block_size} tokens) needs "
                         f"at least {need / 2**30:,.1f} GiB to train; {ctx.device} has {have / 2**30:,.1f} GiB. "
                         "Make --model.n_layer/n_embd/block_size or --train.micro_batch_size smaller")
+
+
+def check_same_model(net: GPT, ckpt: Path, out: Path) -> None:
+    """The model RUN/config.json describes is the one the checkpoint holds (its own config.json is hashed)."""
+    theirs = read_json(ckpt / CONFIG_FILE).get("model") or {}
+    ours = json.loads(json_text(asdict(net.cfg)))
+    for key in sorted(theirs.keys() & ours.keys()):
+        if theirs[key] != ours[key]:
+            raise UserError(f"{out / CONFIG_FILE}: model.{key} is {str(ours[key])[:40]}, but {ckpt} was trained with "
+                            f"{str(theirs[key])[:40]}; restore it from {ckpt / CONFIG_FILE}")
