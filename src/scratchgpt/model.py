@@ -603,7 +603,8 @@ class GPT(nn.Module):
 
         With a cache, idx continues the cached sequence at position `cache.length`.
         return_hidden returns the final normed hidden states (B, T, C) instead of logits.
-        `positions` (B, T) and `mask` (B, 1, T, T), bool, True where a query may attend to a key) run several
+        `positions` (B, T) and `mask` (B, 1, T, T): bool, True where a query may attend to a key, or additive
+        floats, 0 there and -inf elsewhere, which CPU attention runs faster) run several
         sequences packed in one row, such as the choices of a multiple-choice question after their shared
         context (harness/scoring.py); not with a cache.
         """

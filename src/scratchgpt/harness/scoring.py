@@ -68,7 +68,7 @@ def _batches(groups: list[_Group], batch_size: int) -> list[list[_Group]]:
     return out
 
 
-def _pack(batch: list[_Group], device) -> tuple[torch.Tensor, ...]:
+def _pack(batch: list[_Group], device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Tokens, positions and attention mask of the batch's rows, and per request the (row, index) of each
     position whose logits score it (first the prefix's last, then its own tokens but the last)."""
     width = batch[0].length
@@ -93,7 +93,9 @@ def _pack(batch: list[_Group], device) -> tuple[torch.Tensor, ...]:
             targets += cont
             owners += [i] * (n + 1)
             at += n
-    return (idx.to(device), pos.to(device), mask[:, None].to(device), torch.tensor(rows), torch.tensor(cols),
+    # additive (0 / -inf) rather than bool: CPU SDPA runs a bool mask 3-4x slower (measured, GQA shapes)
+    additive = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    return (idx.to(device), pos.to(device), additive[:, None].to(device), torch.tensor(rows), torch.tensor(cols),
             torch.tensor(targets), owners)
 
 
@@ -105,10 +107,11 @@ def score(model: torch.nn.Module, requests: Sequence[Request], max_length: int, 
     `model`: a GPT, or anything gpt_of finds one in (an unmerged LoRA's PEFT wrapper runs its adapters).
     `progress(n)` is told each batch's request count."""
     gpt = gpt_of(model)
-    device = next(gpt.parameters()).device
+    param = next(gpt.parameters())
+    device, dtype = param.device, param.dtype if param.is_floating_point() else torch.float32
     out: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
     for batch in _batches(group_requests(requests, max_length), max(1, batch_size)):
-        idx, pos, mask, rows, cols, targets, owners = _pack(batch, device)
+        idx, pos, mask, rows, cols, targets, owners = _pack(batch, device, dtype)
         hidden = gpt(idx, positions=pos, mask=mask, return_hidden=True)
         logits = gpt.logits(hidden[rows.to(device), cols.to(device)])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
