@@ -7,6 +7,9 @@
 # already there is reused. With PYTHON, the wheel is installed into that interpreter's environment.
 # About 10 minutes on 2 cores; CI never builds it (.ci/run installs a cached wheel if there is one).
 # SCRATCHGPT_LLAMACPP_NATIVE=OFF builds a portable wheel (no -march=native) for other machines.
+# On CPUs with AMX (Sapphire Rapids and later) a native build repacks Q8_0 weights for AMX, which crashed here
+# (SIGSEGV, in a VM): load models with --no-repack (llama-cli) / use_extra_bufts=False (the tests do).
+# CI installs the wheel from $SCRATCHGPT_CACHE/llamacpp/wheels (~/.cache/scratchgpt/llamacpp/wheels).
 set -euo pipefail
 VERSION=0.3.36
 CACHE=${1:?usage: bench/build_llamacpp.sh CACHE_DIR [PYTHON]}

@@ -109,8 +109,9 @@ def _hf_activation(cfg: ModelConfig, model_type: str) -> str:
 
 
 def _gpt2_keys(cfg: ModelConfig, rope: dict[str, Any], mt: str) -> dict[str, Any]:
+    # n_ctx beside n_positions, as GPT-2's own config.json has it (llama.cpp's convert_hf_to_gguf.py reads n_ctx)
     return dict(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_positions=cfg.block_size,
-                n_inner=cfg.hidden_dim, activation_function=_hf_activation(cfg, mt), layer_norm_epsilon=cfg.eps,
+                n_ctx=cfg.block_size, n_inner=cfg.hidden_dim, activation_function=_hf_activation(cfg, mt), layer_norm_epsilon=cfg.eps,
                 resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
                 initializer_range=cfg.init_std, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
                 reorder_and_upcast_attn=False, add_cross_attention=False)

@@ -34,7 +34,7 @@ from ..runs.guard import check_out
 from ..utils import sha256_file
 from .config import json_bytes
 from .families import FAMILIES, build_model_config
-from .gguf_layout import ARCHES, PRE_TOKENIZERS, REFUSED_ARCHES, constant_tensors, tensor_slots
+from .gguf_layout import ARCHES, PRE_TOKENIZERS, REFUSED_ARCHES, UNTIED_ONLY, constant_tensors, tensor_slots
 from .layout import check_shapes
 from .load import write_imported_run
 
@@ -118,8 +118,10 @@ class _Meta:
         return UserError(f"{self.where}: {self.arch} {why} has no scratchgpt equivalent")
 
 
-def _config_kwargs(meta: dict[str, Any], arch: str, names: set[str], vocab_size: int, where: Path) -> dict[str, Any]:
-    """ModelConfig's fields from the metadata of an `arch` file holding tensors `names`."""
+def _config_kwargs(meta: dict[str, Any], arch: str, names: set[str], vocab_size: int, where: Path,
+                   tied: bool) -> dict[str, Any]:
+    """ModelConfig's fields from the metadata of an `arch` file holding tensors `names` (`tied`: its head is the
+    embedding)."""
     m = _Meta(meta, arch, where)
     n_embd, n_head = int(m("embedding_length")), int(m("attention.head_count"))
     kv = m("attention.head_count_kv", n_head)
@@ -140,7 +142,7 @@ def _config_kwargs(meta: dict[str, Any], arch: str, names: set[str], vocab_size:
             raise m.refuse(f"{key}={m(key)}")
     c: dict[str, Any] = dict(vocab_size=vocab_size, block_size=int(m("context_length")), n_layer=int(m("block_count")),
                              n_head=n_head, n_embd=n_embd, mlp_hidden=int(m("feed_forward_length")),
-                             tie_embeddings="output.weight" not in names, dropout=0.0)
+                             tie_embeddings=tied, dropout=0.0)
     if arch in ("gpt2", "gptneox"):
         if arch == "gptneox" and m("use_parallel_residual", True):
             raise m.refuse("use_parallel_residual=true (attention and MLP in parallel)")
@@ -180,6 +182,8 @@ def _state_dict(reader, arch: str, cfg, where: Path) -> dict[str, torch.Tensor]:
         if n not in by_name or not torch.equal(dequantize(by_name[n], where), value):
             raise UserError(f"{where}: tensor {n} is not all ones: scratchgpt's qk_norm has no weight (it represents "
                             "a Qwen3 whose q/k norm weights are 1)")
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # (a copy of the embedding: gptneox files always hold one)
     check_shapes(cfg, sd, str(where))
     return sd
 
@@ -272,7 +276,10 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, *, force: bool 
     if "token_embd.weight" not in by_name:
         raise UserError(f"{path}: tensor token_embd.weight is missing")
     vocab_size = int(by_name["token_embd.weight"].shape[-1])
-    kwargs = _config_kwargs(meta, arch, set(by_name), vocab_size, path)
+    head = by_name.get("output.weight")
+    tied = head is None or (arch in UNTIED_ONLY and head.tensor_type == by_name["token_embd.weight"].tensor_type
+                            and np.array_equal(head.data, by_name["token_embd.weight"].data))
+    kwargs = _config_kwargs(meta, arch, set(by_name), vocab_size, path, tied)
     cfg = build_model_config(kwargs, where=str(path))
     files = tokenizer_files(meta, path, cfg.block_size)
     sd = _state_dict(reader, arch, cfg, path)

@@ -28,6 +28,9 @@ from ..model import ModelConfig
 
 # GGUF general.architecture -> the transformers model_type recorded as the run's origin (export goes back there)
 ARCHES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2", "gptneox": "gpt_neox"}
+# architectures whose llama.cpp graph always reads output.weight: a tied head is written as a copy of the
+# embedding (and a file whose output.weight equals token_embd.weight reads back tied)
+UNTIED_ONLY = ("gptneox",)
 # architectures recognised and refused, with why
 REFUSED_ARCHES = {
     "gemma": "Gemma's norms scale by 1 + w (scratchgpt's by w) with scaled embeddings; not mapped yet",
@@ -111,7 +114,7 @@ def tensor_slots(arch: str, cfg: ModelConfig) -> list[Slot]:
     slots.append(Slot("transformer.ln_f.weight", ("output_norm.weight",), _same, _first))
     if not llama_like:
         slots.append(Slot("transformer.ln_f.bias", ("output_norm.bias",), _same, _first))
-    if not cfg.tie_embeddings:
+    if not cfg.tie_embeddings or arch in UNTIED_ONLY:
         slots.append(Slot("lm_head.weight", ("output.weight",), _same, _first))
     return slots
 

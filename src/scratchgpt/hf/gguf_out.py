@@ -129,6 +129,8 @@ def gguf_tensors(arch: str, cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) ->
     out: dict[str, torch.Tensor] = {}
     for slot in tensor_slots(arch, cfg):
         t = sd.get(slot.ours)
+        if t is None and slot.ours == "lm_head.weight":  # (a tied head where llama.cpp wants output.weight)
+            t = sd["transformer.wte.weight"]
         if t is None and slot.ours.endswith(".bias"):
             t = torch.zeros(sd[slot.ours[: -len("bias")] + "weight"].shape[0])
         if t is None:
