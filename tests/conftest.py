@@ -70,6 +70,18 @@ def train_bpe_tokenizer(texts, vocab_size: int, *, min_frequency: int = 2, exact
     return train_bpe_from_counts(counts, vocab_size, min_frequency=min_frequency, exact=exact)
 
 
+def one_quick_per(params, key, ids=None) -> list:
+    """Parametrize cases: the first case of each key (a family, an architecture) stays in the quick inner loop
+    (`-m "not slow"`); the others are marked slow and run in the full suite."""
+    seen, out = set(), []
+    for i, p in enumerate(params):
+        k = key(p)
+        marks = () if k not in seen else (pytest.mark.slow,)
+        seen.add(k)
+        out.append(pytest.param(*p, marks=marks, id=ids[i] if ids else None))
+    return out
+
+
 def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: float = 300,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m scratchgpt ARGS` in a fresh process, as a user would run it."""

@@ -86,6 +86,7 @@ def test_report_errors_are_one_line(tmp_path, capsys):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no headless browser (Debian: apt-get install chromium)")
 def test_report_renders_in_a_headless_browser(run, tmp_path):
     """The documented command (report.py's docstring): a real browser draws the page, images included."""

@@ -35,8 +35,10 @@ def our_logits(run: Path, ids: torch.Tensor) -> torch.Tensor:
         return load_run(run).gpt(ids)
 
 
-@pytest.mark.parametrize("config", ["shakespeare-char-nanogpt.yaml", "shakespeare-char-fast.yaml",
-                                    "shakespeare-char-gpu.yaml", "the default recipe"])
+@pytest.mark.parametrize("config", [pytest.param("shakespeare-char-nanogpt.yaml", marks=pytest.mark.slow),
+                                    pytest.param("shakespeare-char-fast.yaml", marks=pytest.mark.slow),
+                                    pytest.param("shakespeare-char-gpu.yaml", marks=pytest.mark.slow),
+                                    "the default recipe"])
 def test_runs_of_every_shipped_config_export_and_load_in_transformers(config, tmp_path, char_data, capsys):
     run, out = tmp_path / "run", tmp_path / "hf"
     flags = tiny_flags(**{"train.max_iters": 3, "train.eval_interval": 3, "train.target_val_loss": "null",

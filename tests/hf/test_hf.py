@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, english_text, load_lm, randomize, train_bpe_tokenizer
+from conftest import cli, english_text, load_lm, one_quick_per, randomize, train_bpe_tokenizer
 from scratchgpt import UserError
 from scratchgpt.checkpoint import save_checkpoint
 from scratchgpt.generate import generate_tokens
@@ -146,7 +146,7 @@ def assert_same_lm(ours: GPT, theirs, vocab: int) -> None:
 # Export: logits and greedy parity for every mapped variant
 
 
-@pytest.mark.parametrize("name,options,arch", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("name,options,arch", one_quick_per(VARIANTS, lambda v: v[2], VARIANT_IDS))
 def test_export_matches_transformers(tmp_path, transformers, bpe_tok, name, options, arch):
     run, ours = make_run(tmp_path, bpe_tok, options, seed=len(name))
     assert hf_architecture(ours.cfg, model_type=EXPORT_AS.get(arch)) == arch
@@ -289,7 +289,7 @@ def test_unmappable_options_refused_in_one_line(options, named):
 # Round trip: export -> import -> export is byte-identical, and the imported model is the same model
 
 
-@pytest.mark.parametrize("name,options,arch", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("name,options,arch", one_quick_per(VARIANTS, lambda v: v[2], VARIANT_IDS))
 def test_export_import_export_is_bit_identical(tmp_path, bpe_tok, name, options, arch):
     run, ours = make_run(tmp_path, bpe_tok, options, seed=3)
     first = export_checkpoint(run, tmp_path / "hf1", model_type=EXPORT_AS.get(arch))
@@ -379,8 +379,8 @@ IMPORTS = [  # (family, dtype it is saved in, max_shard_size)
 ]
 
 
-@pytest.mark.parametrize("family,dtype,shard", IMPORTS,
-                         ids=[f"{f}-{str(d).split('.')[1]}{'-sharded' if s else ''}" for f, d, s in IMPORTS])
+@pytest.mark.parametrize("family,dtype,shard", one_quick_per(
+    IMPORTS, lambda i: i[0], [f"{f}-{str(d).split('.')[1]}{'-sharded' if s else ''}" for f, d, s in IMPORTS]))
 def test_import_matches_transformers(tmp_path, transformers, bpe_tok, family, dtype, shard):
     src = tmp_path / "src"
     hf_model(transformers, family, bpe_tok.vocab_size).to(dtype).save_pretrained(src, **({"max_shard_size": shard} if shard else {}))
@@ -739,7 +739,9 @@ ADAPTERS = [  # (variant, the HF modules LoRA lands on)
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # transformers inside PEFT
-@pytest.mark.parametrize("name,targets", ADAPTERS, ids=[a[0] for a in ADAPTERS])
+@pytest.mark.parametrize("name,targets", one_quick_per(  # quick: GPT-2, Llama and Phi-3's fused projections
+    ADAPTERS, lambda a: a[0] if a[0] in ("gpt2", "llama-bias-untied", "phi3-gqa-untied") else "the others",
+    [a[0] for a in ADAPTERS]))
 def test_lora_adapter_export_matches_peft(tmp_path, transformers, bpe_tok, name, targets):
     peft = pytest.importorskip("peft")
     from scratchgpt.checkpoint import load_run
