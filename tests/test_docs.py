@@ -44,7 +44,7 @@ pytestmark = pytest.mark.slow
 
 DOCS = REPO / "docs"
 SKIP_REASONS = {"network", "gpu", "server", "long", "cluster", "browser", "tool"}  # tool: llama.cpp, Ollama...
-KNOWN_PROGRAMS = {"pip", "curl", "wget", "hf", "huggingface-cli", "chromium", "python", "torchrun", "lm_eval",
+KNOWN_PROGRAMS = {"bash", "pip", "curl", "wget", "hf", "huggingface-cli", "chromium", "python", "torchrun", "lm_eval",
                   "nvidia-smi", "git", "apt-get", "sudo", "llama-cli", "llama-server", "ollama", "printf"}
 
 TINY_MODEL = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=16", "--model.block_size=96",
@@ -172,7 +172,7 @@ def check_skipped(cmd: Command, parsed: Parsed, where: str) -> None:
     while words and "=" in words[0]:
         words.pop(0)
     assert words and words[0] in KNOWN_PROGRAMS, f"{where}: unknown program in a skipped command: {cmd.text}"
-    if words[0] == "python" and len(words) > 1 and words[1].endswith(".py"):
+    if words[0] in ("python", "bash") and len(words) > 1 and words[1].endswith((".py", ".sh")):
         assert (REPO / words[1]).is_file(), f"{where}: {words[1]} is not in the repository"
     if words[:3] == ["python", "-m", "pytest"] and "-m" in words[3:]:
         markers = (REPO / "pyproject.toml").read_text(encoding="utf-8")
