@@ -265,8 +265,9 @@ def test_a_200_mib_chunked_body_never_grows_the_server_by_more_than_the_cap(tiny
         grown_kib = max(peak[0], _rss_kib(proc.pid, "VmHWM")) - before
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         # at most the cap itself (the body held until it passes it), plus uvicorn's and h11's own receive buffers
-        # (256 KiB socket reads, the 64 KiB flow-control mark) and allocator slack: 1 MiB
-        assert grown_kib * 1024 <= MAX_BODY_BYTES + 2**20, f"grew {grown_kib} KiB"
+        # (256 KiB socket reads, the 64 KiB flow-control mark) and allocator slack: 4 MiB (a loaded machine,
+        # where the server reads behind the sender, measured 2.1 MiB over the cap; 200 MiB were sent)
+        assert grown_kib * 1024 <= MAX_BODY_BYTES + 4 * 2**20, f"grew {grown_kib} KiB"
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
     finally:
         proc.terminate()
