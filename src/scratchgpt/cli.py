@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import UserError
+from . import UserError, cpu_wait
 from .faults import NamedStdout, is_machine_fault, one_line, quiet_stdout
 from .flags import ConfigFile, Parser, _one_line, add_signature, call, field_docs, kwargs_for, unescape  # noqa: F401 (field_docs)
 
@@ -368,6 +368,9 @@ def usage() -> str:
             + "\n".join(lines) + "\n\nRun `scratchgpt COMMAND --help` for a command's options.")
 
 
+_COMPUTES = ("train", "eval", "sample", "chat", "finetune", "predict", "tune", "serve")  # torch's threads at work
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -383,6 +386,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
     build, handler, _ = COMMANDS[name]
+    if name in _COMPUTES:
+        cpu_wait.choose()  # before anything loads torch: libgomp reads its spin count once
     stdout, sys.stdout = sys.stdout, NamedStdout(sys.stdout)
     try:
         parser = build()

@@ -18,7 +18,7 @@ import torch
 
 from . import UserError
 from . import distributed as dist
-from . import numerics
+from . import cpu_wait, numerics
 from .checks import SEED_MAX, ConfigError, check_fields
 from .data import TokenDataset, default_data_dir, load_meta
 from .model import GPT, ModelConfig
@@ -300,6 +300,8 @@ def startup_summary(s: Session) -> str:
         workers = f"{ctx.world} rank(s) ({ctx.parallel}, {ctx.device.type})"
     else:
         workers = f"{torch.get_num_threads()} threads" if s.device.type == "cpu" else "1 process"
+        if s.device.type == "cpu" and cpu_wait.described():
+            workers += f"; {cpu_wait.described()}"
     precision = "float32" if s.dtype == torch.float32 else f"{str(s.dtype).removeprefix('torch.')} autocast"
     if s.device.type == "cuda" and s.dtype == torch.float32 and tf32_matmuls():
         precision += " (TF32 matmuls)"
