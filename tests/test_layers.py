@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "scratchgpt"
@@ -102,6 +103,23 @@ def test_readme_layout_names_every_module():
     names = [p.name for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")]
     names += [f"{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").exists()]
     assert [n for n in sorted(names) if n not in section] == []
+
+
+def test_readme_layout_names_every_module_of_each_subpackage():
+    """Inside the layout, each subpackage's entry (from `x/` to the next entry or package) names its modules."""
+    readme = (PACKAGE.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### How the code is laid out", 1)[1].split("\n### ", 1)[0]
+    packages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
+    starts = sorted((m.start(), m.group(1)) for m in re.finditer(r"(?<![\w/.])(" + "|".join(packages) + r")/", section))
+    ends = [m.start() for m in re.finditer(r"\n    \S", section)] + [len(section)]
+    missing = []
+    for package in packages:
+        begin = min(pos for pos, name in starts if name == package)
+        end = min([pos for pos, name in starts if pos > begin and name != package] + [e for e in ends if e > begin])
+        entry = section[begin:end]
+        missing += [f"{package}/{p.name}" for p in sorted((PACKAGE / package).glob("*.py"))
+                    if p.stem != "__init__" and not re.search(rf"(?<![\w/]){re.escape(p.name)}", entry)]
+    assert missing == []
 
 
 # Functions over these limits are hard to read in one screen; issue 21 set them for the whole package.

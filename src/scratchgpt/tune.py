@@ -58,7 +58,7 @@ from .model import ModelConfig
 from .optim import OptimConfig
 from .runtime import INTERRUPTED, Interrupted, stop_on_signals
 from .runs.files import (CONFIG_FILE, SEARCH_BEST_CONFIG_FILE, SEARCH_BEST_FILE, SEARCH_PLOT_FILE, STUDY_FILE,
-                         TRIALS_FILE)
+                         TRIAL_LOG_FILE, TRIALS_FILE)
 from .runs.guard import check_placement, write_marker
 from .runs.rows import append_row, drop_torn_tail, read_rows, write_rows
 from .train_plan import TrainConfig
@@ -428,7 +428,7 @@ def _run_trial(n: int, params: dict, out: Path, settings: dict, base: dict, run_
 
         run_dir.mkdir(parents=True, exist_ok=True)
         # each trial's training output goes to its own log, so the terminal shows one line per trial
-        with open(run_dir / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
+        with open(run_dir / TRIAL_LOG_FILE, "a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
             result = run_training(data=Path(settings["data"]), out=run_dir, model=model, train=train_cfg, optim=optim,
                                   resume=earlier is not None, on_eval=on_eval)
         record.update(step=result.get("step"), stop_reason=result.get("stop_reason"))
@@ -451,7 +451,7 @@ def _run_trial(n: int, params: dict, out: Path, settings: dict, base: dict, run_
         record.update(status="failed", val_loss=None, error=str(e).splitlines()[0])
     record["evals"] = evals  # [step, val loss] of each evaluation: what the pruner saw, replayed on --resume
     record["wall_s"] = round(time.perf_counter() - t0 + (earlier or {}).get("wall_s", 0.0), 3)
-    log_file = run_dir / "train.log"
+    log_file = run_dir / TRIAL_LOG_FILE
     status = record["status"]
     if status == "failed":
         outcome = f"failed: {record['error']}" + (f" (see {log_file})" if log_file.exists() and log_file.stat().st_size
@@ -490,9 +490,9 @@ def tune_cli(**kwargs: Any) -> int:
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
+    out = Path(kwargs["out"])
     print(f"best: trial-{best['trial']:03d}, val loss {best['val_loss']:.4f}: {_fmt(best['params'])} "
           f"({best['trials_complete']} complete, {best['trials_pruned']} pruned, {best['trials_failed']} failed; "
-          f"full config in {Path(kwargs['out']) / 'best.json'}, picture in {Path(kwargs['out']) / 'search.png'})",
-          file=sys.stderr)
+          f"full config in {out / SEARCH_BEST_FILE}, picture in {out / SEARCH_PLOT_FILE})", file=sys.stderr)
     print(json_text({k: best[k] for k in ("trial", "val_loss", "params", "run")}))
     return 0

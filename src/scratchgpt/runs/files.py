@@ -41,6 +41,7 @@ SPLIT_FILES = ("train.bin", "val.bin")
 # a search directory (tune)
 STUDY_FILE, TRIALS_FILE = "study.json", "trials.jsonl"
 SEARCH_BEST_FILE, SEARCH_BEST_CONFIG_FILE, SEARCH_PLOT_FILE = "best.json", "best-config.json", "search.png"
+TRIAL_LOG_FILE = "train.log"  # in each trial's run: its training output (the terminal shows one line per trial)
 
 # written into every folder scratchgpt makes (runs, data dirs, exports, searches): what kind of artifact it is.
 # --out/--force replace only a folder holding this marker with the same kind (runs/guard.py)
