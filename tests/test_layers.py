@@ -181,3 +181,13 @@ def test_nesting_counts_compound_statements():
 def test_functions_stay_short_and_shallow():
     found = function_offenders()
     assert not found, f"functions over {MAX_FUNCTION_LINES} lines or nested deeper than {MAX_NESTING}: {found}"
+
+
+# hf/ was split by concern (issue 21) with every file under 400 lines. layout.py is the one left over, while the
+# memory work (issue 24) changes it: split it once that lands, and empty this set.
+HF_OVER_400 = {"layout.py"}
+
+
+def test_hf_modules_stay_under_400_lines():
+    sizes = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in (PACKAGE / "hf").glob("*.py")}
+    assert {name: n for name, n in sizes.items() if n >= 400 and name not in HF_OVER_400} == {}

@@ -34,7 +34,8 @@ The parts, each with the documentation of what it does:
 
     families.py  which class computes a ModelConfig (and what is refused); which class a config.json names
     layout.py    where each of our tensors lives in each family, both directions; masks of old GPT-2 files
-    config.py    config.json both ways: the keys, activations, epsilons, RoPE scaling
+    config.py    config.json read: the keys, activations, epsilons, RoPE scaling (the mapping, both ways)
+    config_out.py  config.json written (hf_config)
     export.py    export_checkpoint: the folder, classifiers, the tokenizer files
     card.py      the README.md model cards
     adapter.py   LoRA runs as PEFT adapter folders
@@ -69,7 +70,8 @@ with llama.cpp's `gguf` package).
 """
 
 from .adapter import adapter_to_hf, export_adapter
-from .config import config_from_hf, hf_config
+from .config import config_from_hf
+from .config_out import hf_config
 from .export import export_checkpoint
 from .families import FAMILIES, hf_architecture
 from .hub import check_repo_id, download_model, is_hub_name, push_folder

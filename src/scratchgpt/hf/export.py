@@ -43,7 +43,8 @@ from ..runs.guard import check_out
 from ..runs.staging import staged
 from ..utils import atomic_write, atomic_write_bytes, read_json
 from .card import model_card
-from .config import PAD, hf_config, json_bytes
+from .config import PAD, json_bytes
+from .config_out import hf_config
 from .families import FAMILIES, build_model_config, export_model_type, hf_architecture
 from .layout import check_shapes, contiguous_copy, to_hf_tensors
 
