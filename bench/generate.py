@@ -13,6 +13,12 @@ compete for the cores; with one thread the fairest figure, with more it counts s
     python bench/generate.py --models small --runs 5
     python bench/generate.py --models gpt2 --quantize int8 int4   # adds scratchgpt with int8 / int4 weights
     python bench/generate.py --models small --utf8-guard --no-hf --runs 9   # the UTF-8 guard's cost, A/B
+    python bench/generate.py --models smollm2 --threads 2 --runs 5   # the real SmolLM2-135M vs HF and llama.cpp
+
+`--models smollm2` is its own mode (bench/generate_smollm2.py): the released SmolLM2-135M-Instruct, greedy, a
+32-token prompt and 256 new tokens by default, ours in fp32 / int8 / int4 / bf16 against HF `generate` fp32 and
+llama.cpp on GGUF F16 / Q8_0 / Q4_1 of the same weights, with each one's weight GB/s as a fraction of the
+machine's memory bandwidth, and the time to first token of a fresh `scratchgpt sample`.
 
 With --quantize int8 (or int4) another contender runs our decoder on a copy whose Linear layers
 hold int8 (int4) weights (`scratchgpt sample --quantize int8`); the others stay fp32. Its greedy tokens
@@ -35,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+import generate_smollm2
 from scratchgpt.generate import GenerationConfig, generate_tokens
 from scratchgpt.model import GPT, ModelConfig
 from scratchgpt.quantize import quantize_model
@@ -156,9 +163,9 @@ def greedy_check(name, ours_model, others, prompt):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="small,gpt2", help="comma list of: " + ",".join(MODELS))
-    ap.add_argument("--new-tokens", type=int, default=500)
-    ap.add_argument("--prompt-tokens", type=int, default=8)
+    ap.add_argument("--models", default="small,gpt2", help="comma list of: " + ",".join(MODELS) + "; or smollm2 alone")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 500 (smollm2: 256)")
+    ap.add_argument("--prompt-tokens", type=int, default=None, help="default 8 (smollm2: 32)")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per contender (median reported)")
     ap.add_argument("--nanogpt-runs", type=int, default=0, help="timed nanoGPT runs (default: --runs); it is slow at 124M")
     ap.add_argument("--nanogpt", type=Path, default=None, help="path to a nanoGPT checkout (its model.py)")
@@ -168,7 +175,16 @@ def main() -> None:
                     help="also run ours with these weight formats")
     ap.add_argument("--utf8-guard", action="store_true",
                     help="run ours with a byte-level vocabulary, UTF-8 guard off and on (its cost, paired A/B)")
+    generate_smollm2.add_arguments(ap)
     a = ap.parse_args()
+    if a.models == "smollm2":
+        a.new_tokens, a.prompt_tokens = a.new_tokens or 256, a.prompt_tokens or 32
+        if a.quantize == ["none"]:
+            a.quantize = ["int8", "int4"]
+        return generate_smollm2.main(a)
+    if "smollm2" in a.models.split(","):
+        ap.error("--models smollm2 runs alone")
+    a.new_tokens, a.prompt_tokens = a.new_tokens or 500, a.prompt_tokens or 8
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, batch 1, {a.new_tokens} new tokens, "

@@ -35,7 +35,15 @@ def load(path: Path, threads: int, n_ctx: int, repack: bool = False):
         llama_cpp.llama.llama_cpp.llama_model_default_params = params
 
 
-def decode_seconds(llm, prompt: list[int], new: int) -> float:
+def weight_bytes(path: Path) -> int:
+    """The file's tensor bytes: what one decoded token reads (a tied model's token_embd is its output matrix too)."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+
+
+def decode_seconds(llm, prompt: list[int], new: int, tokens: list[int] | None = None) -> float:
+    """Seconds for `new` greedy one-token steps after the prompt's (untimed) evaluation; the ids go to `tokens`."""
     import numpy as np
 
     llm.reset()
@@ -43,7 +51,10 @@ def decode_seconds(llm, prompt: list[int], new: int) -> float:
     t = time.perf_counter()
     for _ in range(new):
         logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
-        llm.eval([int(np.argmax(logits))])  # greedy, as ours
+        tok = int(np.argmax(logits))  # greedy, as ours
+        if tokens is not None:
+            tokens.append(tok)
+        llm.eval([tok])
     return time.perf_counter() - t
 
 
@@ -56,10 +67,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--repack", action="store_true", help="let llama.cpp repack weights (AMX / AVX-512 layouts)")
     a = ap.parse_args()
-    import gguf
-
     for path in a.files:
-        weights = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+        weights = weight_bytes(path)
         llm = load(path, a.threads, a.prompt_tokens + a.new_tokens + 8, a.repack)
         prompt = llm.tokenize(b"The history of the city begins " * 8, add_bos=False)[: a.prompt_tokens]
         best = min(decode_seconds(llm, prompt, a.new_tokens) for _ in range(a.repeats))
