@@ -258,6 +258,23 @@ def keep_freed_memory() -> None:
         pass
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim): what loading a model left behind.
+
+    Parsing a tokenizer.json and reading weights free tens of MiB in the middle of the heap, which glibc keeps
+    (only the top is trimmed by itself), so a process would peak that much higher once the weights are faulted
+    in (measured: 25 MiB of a fresh `sample` of SmolLM2-135M). Costs ~1 ms. A no-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 # ---------------------------------------------------------------- MFU: the peak FLOP/s of the device
 def _dense(half: float, tf32: float, fp32: float, bf16: bool = True) -> dict[str, float]:
     """A datasheet's dense (no 2:4 sparsity) tensor-core rates in TFLOP/s, fp32 accumulation."""

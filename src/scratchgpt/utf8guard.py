@@ -39,7 +39,7 @@ _LEADS = (((0x00, 0x7F), 0), ((0xC2, 0xDF), 1), ((0xE0, 0xE0), 3), ((0xE1, 0xEC)
 
 def byte_automaton() -> np.ndarray:
     """(states + 1, 256): the state after a byte; REJECT (the last row, a sink) where the byte is invalid."""
-    t = np.full((REJECT + 1, 256), REJECT, dtype=np.int64)
+    t = np.full((REJECT + 1, 256), REJECT, dtype=np.uint8)  # (9 states: a byte each keeps the tables small)
     for (lo, hi), state in _LEADS:
         t[ACCEPT, lo:hi + 1] = state
     after = {1: ACCEPT, 2: 1, 3: 2}  # a continuation byte leaves one fewer to come, in 80-BF
@@ -53,10 +53,10 @@ def token_transitions(table: Sequence[bytes]) -> np.ndarray:
     """(states, tokens): the state after each token's bytes from each state, REJECT where they are invalid."""
     auto = byte_automaton()
     lens = np.fromiter(map(len, table), dtype=np.int64, count=len(table))
-    flat = np.frombuffer(b"".join(table), dtype=np.uint8).astype(np.int64)
+    flat = np.frombuffer(b"".join(table), dtype=np.uint8)
     starts = np.cumsum(lens) - lens
     order = np.argsort(-lens, kind="stable")  # longest first: position i concerns a prefix of `order`
-    state = np.repeat(np.arange(len(STATES), dtype=np.int64)[:, None], len(table), axis=1)
+    state = np.repeat(np.arange(len(STATES), dtype=np.uint8)[:, None], len(table), axis=1)
     sorted_lens, sorted_starts = lens[order], starts[order]
     for i in range(int(lens.max(initial=0))):
         k = int(np.searchsorted(-sorted_lens, -i, side="left"))  # tokens longer than i

@@ -25,6 +25,7 @@ import torch.nn as nn
 from .. import UserError
 from ..model import GPT, ModelConfig, gpt_of
 from ..runs.kind import RunKind, run_kind
+from ..runtime import release_freed_memory
 from ..tokenizer import Tokenizer
 from ..utils import read_json
 from .store import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, TOKENIZER_FILE,
@@ -79,7 +80,7 @@ def load_run(run: str | Path, which: str = "best", *, device: str | torch.device
     """
     ckpt = resolve_checkpoint(Path(run), which)
     if not verify:
-        return _load(ckpt, device, base, merge)
+        return _released(_load(ckpt, device, base, merge))
     # the sha256 of every file (~0.5 s for 540 MB) runs beside the loading (hashlib lets go of the GIL), which
     # reads the same files: a fresh `sample` starts sooner. A damaged file still decides the error: its
     # mismatch is raised first, whether the load failed or not.
@@ -92,6 +93,13 @@ def load_run(run: str | Path, which: str = "best", *, device: str | torch.device
         check.result()
         raise
     check.result()
+    return _released(loaded)
+
+
+def _released(loaded: LoadedRun) -> LoadedRun:
+    # what the load freed goes back to the OS before the weights' pages are faulted in by a first forward: the
+    # peak a fresh `sample` or `serve` reaches is then the model, not the model plus the load's garbage
+    release_freed_memory()
     return loaded
 
 

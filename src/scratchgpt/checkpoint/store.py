@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -133,12 +134,56 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f".tmp-step-{step:07d}"
 
 
-def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, dict[str, torch.Tensor]],
+class StreamedTensors:
+    """A safetensors file whose tensors are made one at a time while it is written: `import_hf` converts a model
+    tensor by tensor, so it never holds the whole model. `shapes` names every fp32 tensor first (the header);
+    `make[name]()` makes one when its turn comes, and it is let go once written. The file is byte for byte what
+    safetensors' save_file writes for the same tensors (one dtype: ordered by name, the header padded with spaces
+    to 8 bytes)."""
+
+    def __init__(self, shapes: dict[str, Sequence[int]], make: dict[str, Callable[[], torch.Tensor]]) -> None:
+        if shapes.keys() != make.keys():
+            raise ValueError("StreamedTensors: every tensor needs a shape and a maker")
+        self.shapes = {name: [int(n) for n in shape] for name, shape in shapes.items()}
+        self.make = make
+
+    def write(self, path: Path) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in sorted(self.shapes):
+            end = offset + 4 * math.prod(self.shapes[name])
+            header[name] = {"dtype": "F32", "shape": self.shapes[name], "data_offsets": [offset, end]}
+            offset = end
+        head = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        head += b" " * (-len(head) % 8)
+        with open(path, "wb", buffering=0) as f:  # (unbuffered: a write's failure is raised by that write)
+            self._write(f, len(head).to_bytes(8, "little") + head, path)
+            for name in sorted(self.shapes):
+                t = self.make[name]()
+                if t.dtype != torch.float32 or list(t.shape) != self.shapes[name]:
+                    raise ValueError(f"StreamedTensors: {name} is {t.dtype} {list(t.shape)}, the header says "
+                                     f"float32 {self.shapes[name]}")
+                self._write(f, memoryview(t.detach().cpu().contiguous().numpy().astype("<f4", copy=False)).cast("B"),
+                            path)
+                del t  # (before the next one is made)
+
+    @staticmethod
+    def _write(f, data, path: Path) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[f.write(view):]  # (a raw write may take only part)
+        except OSError as e:  # a full disk, a file size limit: named by the file, as save_tensors names it
+            raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, "dict[str, torch.Tensor] | StreamedTensors"],
                      json_files: dict[str, Any], tokenizer_file: Optional[Path], state: dict,
                      aliases: Sequence[str] = ("latest",), keep_last: int = 2, staged: bool = False) -> Path:
     """Write RUN/checkpoints/step-N atomically, then point each alias (latest, best) at it. Returns its path.
 
-    `tensors` maps file names to tensors (safetensors), `json_files` file names to JSON data.
+    `tensors` maps file names to tensors (safetensors; or StreamedTensors, made while written), `json_files`
+    file names to JSON data.
     With `staged`, staging_dir(run_dir, step) already holds files written by others (FSDP
     shards); they are hashed and swapped in with the rest.
     """
@@ -152,7 +197,10 @@ def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, dict[str, t
         tmp.mkdir()
     try:
         for name, tensor_dict in tensors.items():
-            save_tensors(tensor_dict, tmp / name)
+            if isinstance(tensor_dict, StreamedTensors):
+                tensor_dict.write(tmp / name)
+            else:
+                save_tensors(tensor_dict, tmp / name)
             os.chmod(tmp / name, 0o666 & ~umask())  # safetensors makes it 0600 whatever the umask
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
@@ -239,15 +287,10 @@ def remove_stale_temps(run_dir: Path) -> list[Path]:
     return stale + temp_files
 
 
-def load_tensors(path: Path, owned: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file: mapped from the file where safetensors does that (pages are read as they
-    are used, and shared with the page cache), or `owned`: read into memory of their own, freed tensor by tensor."""
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, mapped from the file where safetensors does that (pages are read as they
+    are used, and shared with the page cache)."""
     try:
-        if owned:
-            try:
-                return load_file(str(path), backend="pread")
-            except TypeError:  # safetensors < 0.8 has no backend: it reads into memory anyway
-                pass
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]  # one line, whatever the library said

@@ -29,6 +29,7 @@ that they change nothing: the mask must be lower-triangular ones and the masking
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -254,7 +255,7 @@ def _meta_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in _meta_state_dict(cfg).items()}
 
 
@@ -269,7 +270,7 @@ def _check_hf_shapes(model_type: str, cfg: ModelConfig, tensors: Mapping[str, to
 
 def check_shapes(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], where: str) -> None:
     """A one-line UserError naming `where` unless `tensors` are exactly a `cfg` model's (the head may be absent)."""
-    want = _expected_shapes(cfg)
+    want = expected_shapes(cfg)
     missing = sorted(want.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - want.keys() - {"lm_head.weight"})
     if missing or unexpected:
@@ -353,29 +354,38 @@ def _is_mask_buffer(model_type: str, key: str, t: torch.Tensor) -> bool:
 
 def canonical_keys(model_type: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`tensors` under the causal LM's names: a bare base model's keys get the prefix, old names the new ones."""
+    bare = _is_bare(model_type, tensors)
+    return {canonical_key(model_type, k, bare): v for k, v in tensors.items()}
+
+
+def _is_bare(model_type: str, tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether `tensors` are a bare base model's (no key has the causal LM's prefix)."""
     prefix = _PREFIX.get(model_type, "model.")
-    out = {}
-    bare = not any(k.startswith(prefix) for k in tensors)
-    for k, v in tensors.items():
-        if model_type == "gpt_neox" and k == "embed_out.weight":
-            k = "lm_head.weight"  # transformers < 5 named GPT-NeoX's head embed_out
-        elif bare and k != "lm_head.weight":
-            k = prefix + k
-        out[k] = v
-    return out
+    return not any(k.startswith(prefix) for k in tensors)
 
 
-def _hf_piece(model_type: str, rule: Rule, tensors: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
-    """transformers tensor `key` of `rule` as fp32 (a missing bias beside its weight: zeros)."""
+def canonical_key(model_type: str, key: str, bare: bool) -> str:
+    """transformers tensor `key` under the causal LM's name (`bare`: of a base model, see _is_bare)."""
+    if model_type == "gpt_neox" and key == "embed_out.weight":
+        return "lm_head.weight"  # transformers < 5 named GPT-NeoX's head embed_out
+    if bare and key != "lm_head.weight":
+        return _PREFIX.get(model_type, "model.") + key
+    return key
+
+
+def _hf_piece(model_type: str, rule: Rule, tensors: Mapping[str, torch.Tensor], key: str,
+              value: Optional[Callable[[str], torch.Tensor]] = None) -> torch.Tensor:
+    """transformers tensor `key` of `rule` as fp32 (a missing bias beside its weight: zeros), checked against
+    `tensors` (meta tensors will do) and read from `value(key)` where given."""
     if key in tensors:
         t = tensors[key]
         if not t.is_floating_point():
             raise UserError(f"tensor {key} is {t.dtype}, not floating point (a quantized checkpoint?)")
-    elif rule.bias:  # e.g. Llama with attention_bias but no mlp_bias: ours has both, the missing one is zero
-        t = torch.zeros(tensors[key[: -len("bias")] + "weight"].shape[0])
-    else:
-        raise UserError(f"{FAMILIES[model_type].causal_lm} weights lack tensor {key}")
-    return t.float()
+        return (t if value is None else value(key)).float()
+    if rule.bias:  # e.g. Llama with attention_bias but no mlp_bias: ours has both, the missing one is zero
+        weight = tensors[key[: -len("bias")] + "weight"]
+        return torch.zeros(weight.shape[0], device=weight.device if value is None else "cpu")
+    raise UserError(f"{FAMILIES[model_type].causal_lm} weights lack tensor {key}")
 
 
 def _ours_has(cfg: ModelConfig, rule: Rule) -> bool:
@@ -383,35 +393,47 @@ def _ours_has(cfg: ModelConfig, rule: Rule) -> bool:
     return not rule.bias or cfg.bias or (cfg.qkv_bias and rule.ours.endswith(".attn.c_attn.bias"))
 
 
-def from_hf_tensors(model_type: str, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor],
-                    consume: bool = False) -> dict[str, torch.Tensor]:
-    """Our model's fp32 state dict (tied head omitted) from a `model_type` model's tensors, read as `cfg`.
-    `consume` empties `tensors` (a dict) and lets each go as soon as it is converted, so a whole model is never
-    held twice (import_hf)."""
+def from_hf_tensors(model_type: str, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our model's fp32 state dict (tied head omitted) from a `model_type` model's tensors, read as `cfg`."""
+    return {name: make() for name, make in hf_converter(model_type, cfg, tensors).items()}
+
+
+def hf_converter(model_type: str, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor],
+                 load: Optional[Callable[[str], torch.Tensor]] = None) -> dict[str, Callable[[], torch.Tensor]]:
+    """{our tensor's name: a function making it (fp32)} from a `model_type` model's tensors read as `cfg`, every
+    name, shape and constant checked first: a bad folder is a UserError before anything is converted.
+
+    `tensors` may hold shapes alone (meta tensors), with `load(key)` reading a tensor's values when a function
+    needs them: import_hf then holds one transformers tensor and its converted form at a time, never the model.
+    """
     arch = FAMILIES[model_type].causal_lm
-    given, tensors = tensors, canonical_keys(model_type, tensors)
-    if consume:
-        given.clear()  # (the renamed dict holds the only references now)
+    bare = _is_bare(model_type, tensors)
+    origin = {canonical_key(model_type, k, bare): k for k in tensors}
+    tensors = canonical_keys(model_type, tensors)
+    value = (lambda key: tensors[key]) if load is None else (lambda key: load(origin[key]))
     _check_hf_shapes(model_type, cfg, tensors)
-    out: dict[str, torch.Tensor] = {}
-    used = set()
+    shapes = {k: v.to("meta") for k, v in tensors.items()}  # (converted here without their values)
+    rules, converted, used = [], {}, set()
     for rule in weight_rules(model_type, cfg):
         used.update(k for k in rule.hf if k in tensors)
-        if not _ours_has(cfg, rule):
-            continue  # absent, or all zero (config_from_hf checked): our model has no such tensor
-        out[rule.ours] = _owned(rule.from_hf([_hf_piece(model_type, rule, tensors, k) for k in rule.hf]))
-        for k in rule.hf if consume else ():
-            tensors.pop(k, None)
-    for key, value in constant_hf_tensors(model_type, cfg).items():
+        if _ours_has(cfg, rule):  # (else absent, or all zero (config_from_hf checked): our model has no such tensor)
+            converted[rule.ours] = rule.from_hf([_hf_piece(model_type, rule, shapes, k) for k in rule.hf])
+            rules.append(rule)
+    for key, want in constant_hf_tensors(model_type, cfg).items():
         if key not in tensors:
             raise UserError(f"{arch} weights lack tensor {key}")
-        if not torch.equal(tensors[key].float(), value):
+        if not torch.equal(value(key).float(), want):
             raise UserError(f"tensor {key} is not all ones: scratchgpt's qk_norm has no weight (model.qk_norm "
                             "represents a Qwen3 whose q_norm/k_norm weights are 1)")
         used.add(key)
     left = sorted(k for k in set(tensors) - used if not k.endswith(_IGNORED_SUFFIXES) and k != "lm_head.weight"
-                  and not _is_mask_buffer(model_type, k, tensors[k]))
+                  and not _is_mask_buffer(model_type, k, value(k)))
     if left:
         raise UserError(f"unexpected tensor {left[0]} for {arch} (a variant scratchgpt cannot represent?)")
-    check_shapes(cfg, out, arch)
-    return out
+    check_shapes(cfg, converted, arch)
+    return {r.ours: partial(_convert_rule, model_type, r, shapes, value) for r in rules}
+
+
+def _convert_rule(model_type: str, rule: Rule, shapes: Mapping[str, torch.Tensor],
+                  value: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    return _owned(rule.from_hf([_hf_piece(model_type, rule, shapes, k, value) for k in rule.hf]))

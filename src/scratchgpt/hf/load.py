@@ -25,17 +25,19 @@ gives our ids, and prompts.encode_with_eot gives theirs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .. import UserError
-from ..checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_tensors, save_checkpoint
+from ..checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, StreamedTensors, model_tensors, write_checkpoint
 from ..model import GPT, ModelConfig
 from ..tokenizer import HF_CONFIG_FILE, HF_GENERATION_FILE, Tokenizer, copy_tokenizer
 from ..runs.guard import check_out
@@ -43,7 +45,7 @@ from ..runs.staging import staged
 from ..utils import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from .config import config_from_hf, json_bytes
 from .families import FAMILIES, import_model_type
-from .layout import from_hf_tensors
+from .layout import expected_shapes, from_hf_tensors, hf_converter
 
 
 def _weight_files(d: Path) -> tuple[list[str], Optional[set[str]]]:
@@ -69,13 +71,8 @@ def _weight_files(d: Path) -> tuple[list[str], Optional[set[str]]]:
     raise UserError(f"{d}: no model.safetensors or model.safetensors.index.json")
 
 
-def read_hf_folder(hf_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config.json, every tensor as fp32) of a transformers folder: model.safetensors or a sharded index.
-
-    fp16 and bf16 weights are widened to fp32 (exact). pytorch_model.bin is refused: it is a
-    pickle, and unpickling a file can run arbitrary code.
-    """
-    d = Path(hf_dir)
+def _read_hf_config(d: Path) -> dict[str, Any]:
+    """config.json of transformers folder `d`, checked to be a folder with a JSON object there."""
     if not d.is_dir():
         raise UserError(f"{d}: no such directory")
     if not (d / "config.json").is_file():
@@ -87,18 +84,70 @@ def read_hf_folder(hf_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     if not isinstance(hf_cfg, dict):
         raise UserError(f"{d / 'config.json'}: expected a JSON object (a model's settings), got a "
                         f"{type(hf_cfg).__name__}")
-    files, expected = _weight_files(d)
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        part = load_tensors(d / f, owned=True)  # (read, not mapped: each tensor's memory goes when it is converted)
-        clash = tensors.keys() & part.keys()
-        if clash:
-            raise UserError(f"{d / f}: tensor {min(clash)} also appears in another shard")
-        tensors.update(part)
-    if expected is not None and expected != set(tensors):
-        diff = sorted(expected ^ set(tensors))
-        raise UserError(f"{d / 'model.safetensors.index.json'}: the index and the shards disagree about {diff[0]}")
+    return hf_cfg
+
+
+def read_hf_folder(hf_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json, every tensor as fp32) of a transformers folder: model.safetensors or a sharded index.
+
+    fp16 and bf16 weights are widened to fp32 (exact). pytorch_model.bin is refused: it is a
+    pickle, and unpickling a file can run arbitrary code.
+    """
+    d = Path(hf_dir)
+    hf_cfg = _read_hf_config(d)
+    with _weight_reader(d) as (shapes, load):
+        tensors = {k: load(k) for k in shapes}
     return hf_cfg, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+@contextlib.contextmanager
+def _weight_reader(d: Path) -> Iterator[tuple[dict[str, torch.Tensor], Callable[[str], torch.Tensor]]]:
+    """(every tensor of folder `d`'s safetensors files as a meta tensor: its shape and dtype, nothing read;
+    load(name): that tensor read into memory of its own). A tensor in two shards, or an index that disagrees with
+    the shards, is a UserError."""
+    files, expected = _weight_files(d)
+    with contextlib.ExitStack() as stack:
+        where, shapes = {}, {}
+        for f in files:
+            handle = stack.enter_context(_open_safetensors(d / f))
+            for k in handle.keys():
+                if k in where:
+                    raise UserError(f"{d / f}: tensor {k} also appears in another shard")
+                where[k] = (d / f, handle)
+                piece = handle.get_slice(k)
+                dtype = _DTYPES.get(piece.get_dtype()) or handle.get_tensor(k).dtype  # (a rarer one: read it once)
+                shapes[k] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+        if expected is not None and expected != set(shapes):
+            diff = sorted(expected ^ set(shapes))
+            raise UserError(f"{d / 'model.safetensors.index.json'}: the index and the shards disagree about {diff[0]}")
+
+        def load(k: str) -> torch.Tensor:
+            path, handle = where[k]
+            try:
+                return handle.get_tensor(k)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise UserError(f"{path}: cannot read {k} ({(str(e).splitlines() or [type(e).__name__])[0][:200]})"
+                                ) from None
+
+        yield shapes, load
+
+
+# safetensors' names of the usual dtypes
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _open_safetensors(path: Path):
+    """safe_open reading each tensor with pread(2) into memory of its own (safetensors >= 0.8; older ones map the
+    file), so a converted tensor's source is freed with it; an unreadable file is a UserError."""
+    try:
+        try:
+            return safe_open(str(path), framework="pt", backend="pread")
+        except TypeError:  # safetensors < 0.8: no backend
+            return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read ({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
 
 
 def state_dict_from_hf(hf_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
@@ -149,20 +198,23 @@ def _generation_file(hf_dir: Path) -> Optional[bytes]:
     return json_bytes({"eos_token_id": eos}) if eos is not None else None
 
 
-def _convert(hf_dir: Path, hf_cfg: Mapping[str, Any],
-             tensors: Mapping[str, torch.Tensor]) -> tuple[str, ModelConfig, dict[str, torch.Tensor]]:
-    """(model_type, ModelConfig, our state dict) of a folder read by read_hf_folder; a refusal names the file
-    it is about (config.json, or the weights)."""
+def _convert(hf_dir: Path, hf_cfg: Mapping[str, Any], shapes: dict[str, torch.Tensor],
+             load: Callable[[str], torch.Tensor]) -> tuple[str, ModelConfig, StreamedTensors]:
+    """(model_type, ModelConfig, our weights made tensor by tensor as they are written) of a folder whose tensors
+    are `shapes` (meta) and `load`; a refusal names the file it is about (config.json, or the weights)."""
+    biases = {k: load(k) if k.endswith("bias") else v for k, v in shapes.items()}  # (what settles model.bias)
     try:
         mt = import_model_type(hf_cfg)
-        cfg = config_from_hf(hf_cfg, tensors)
+        cfg = config_from_hf(hf_cfg, biases)
     except UserError as e:
         raise UserError(f"{hf_dir / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
+    del biases
     weights = "model.safetensors" if (hf_dir / "model.safetensors").is_file() else "model.safetensors.index.json"
     try:
-        return mt, cfg, from_hf_tensors(mt, cfg, tensors, consume=True)
+        make = hf_converter(mt, cfg, shapes, load)
     except UserError as e:
         raise UserError(f"{hf_dir / weights}: {e}") from None
+    return mt, cfg, StreamedTensors(expected_shapes(cfg), make)
 
 
 def _import_tokenizer(hf_dir: Path, tokenizer: Optional[str | os.PathLike],
@@ -197,29 +249,33 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tokenizer: O
     """
     hf_dir, out = Path(hf_dir), Path(out)
     check_out(out, "run", force=force, inputs=[hf_dir] + ([Path(tokenizer)] if tokenizer else []))
-    hf_cfg, tensors = read_hf_folder(hf_dir)
-    mt, cfg, sd = _convert(hf_dir, hf_cfg, tensors)
-    tok_path, tok, eos, generation = _import_tokenizer(hf_dir, tokenizer, cfg)
-    del tensors  # (what sd does not hold itself is freed here: the weights are held once from now on)
-    files = sorted(p.name for p in hf_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
-    origin = {"name": name or hf_dir.resolve().name, "path": str(hf_dir.resolve()),
-              "architecture": FAMILIES[mt].causal_lm, "model_type": mt,
-              "sha256": {f: sha256_file(hf_dir / f) for f in files}}
-    inputs = [hf_dir] + ([Path(tokenizer)] if tokenizer else [])
-    return write_imported_run(out, cfg, sd, tok_path, tok, origin, eos=eos, generation=generation, force=force,
-                              inputs=inputs)
+    hf_cfg = _read_hf_config(hf_dir)
+    # the weights are read, converted and written one tensor at a time (StreamedTensors): the model is never
+    # held whole, so the peak is torch, the tokenizer and the largest tensor (SmolLM2's embedding)
+    with _weight_reader(hf_dir) as (shapes, load):
+        mt, cfg, sd = _convert(hf_dir, hf_cfg, shapes, load)
+        tok_path, tok, eos, generation = _import_tokenizer(hf_dir, tokenizer, cfg)
+        files = sorted(p.name for p in hf_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
+        origin = {"name": name or hf_dir.resolve().name, "path": str(hf_dir.resolve()),
+                  "architecture": FAMILIES[mt].causal_lm, "model_type": mt,
+                  "sha256": {f: sha256_file(hf_dir / f) for f in files}}
+        inputs = [hf_dir] + ([Path(tokenizer)] if tokenizer else [])
+        return write_imported_run(out, cfg, sd, tok_path, tok, origin, eos=eos, generation=generation, force=force,
+                                  inputs=inputs)
 
 
-def write_imported_run(out: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tok_path: Path, tok: Tokenizer,
+def write_imported_run(out: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor] | StreamedTensors, tok_path: Path,
+                       tok: Tokenizer,
                        origin: dict[str, Any], *, eos: Optional[str] = None, generation: Optional[bytes] = None,
                        force: bool = False, inputs: list[Path] = ()) -> Path:
     """Write the run `out` (config.json, best, latest) of an imported model: its config, fp32 state dict (tied
-    head omitted), `tok` as read from `tok_path` (tokenizer.json with its side files; `eos` named in
-    tokenizer_config.json and `generation` as generation_config.json where given) and
+    head omitted; or StreamedTensors, made while written), `tok` as read from `tok_path` (tokenizer.json with its
+    side files; `eos` named in tokenizer_config.json and `generation` as generation_config.json where given) and
     config["imported_from"] = `origin`. Staged (runs.staging): a failure writes nothing."""
-    model, missing, unexpected = GPT.with_weights(cfg, sd)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # (checked by the callers)
-    del sd
+    if not isinstance(sd, StreamedTensors):
+        model, missing, unexpected = GPT.with_weights(cfg, sd)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # (checked by the callers)
+        sd = model_tensors(model)
     config = {"format_version": 1, "data": None, "model": asdict(cfg), "train": {}, "optim": {},
               "tokenizer": tok.kind, "imported_from": origin}
     with staged(out, "run", force=force, inputs=inputs) as tmp:
@@ -231,8 +287,8 @@ def write_imported_run(out: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor],
             if generation is not None:  # the model's eos ids (Llama 3's list) end its turns wherever the run goes
                 atomic_write_bytes(tmp / "tokenizer" / HF_GENERATION_FILE, generation)
             tok_path = tmp / "tokenizer" / TOKENIZER_FILE
-        save_checkpoint(tmp, model=model, optimizer=None, state={"step": 0, "tokens": 0, "best_val_loss": None},
-                        config=config, tokenizer_file=tok_path, is_best=True)
+        write_checkpoint(tmp, 0, tensors={MODEL_FILE: sd}, json_files={CONFIG_FILE: config}, tokenizer_file=tok_path,
+                         state={"step": 0, "tokens": 0, "best_val_loss": None}, aliases=["latest", "best"])
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
         atomic_write_json(tmp / CONFIG_FILE, config)  # the run-level copy, as train writes it
     return out

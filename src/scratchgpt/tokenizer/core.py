@@ -26,15 +26,17 @@ class Tokenizer:
     unk_id: int | None
     bos_ids: list[int]  # put before a text where transformers' tokenizer(text) would (an imported Llama's <s>)
 
-    def __init__(self, hf, kind: str, *, raw: str | None = None, side_files: dict[str, bytes] | None = None) -> None:
+    def __init__(self, hf, kind: str, *, raw: str | bytes | None = None,
+                 side_files: dict[str, bytes] | None = None) -> None:
         # `hf` is a tokenizers.Tokenizer holding the vocabulary (and, for bpe, merges); `raw` is the file's text
-        # as read and `side_files` the HF_SIDE_FILES beside it, any kind's (all kept byte for byte).
+        # as read and `side_files` the HF_SIDE_FILES beside it, any kind's (all kept byte for byte). The text is
+        # held as UTF-8 bytes: a byte-level vocabulary's str takes 2 bytes a character (6.6 MiB for SmolLM2's).
         if kind not in KINDS:
             raise ValueError(f"unknown tokenizer kind {kind!r} (one of {', '.join(KINDS)})")
         codec = KINDS[kind]
         self._hf = hf
         self.kind = kind
-        self._raw = raw
+        self._raw = raw.encode("utf-8") if isinstance(raw, str) else raw
         self.side_files = dict(side_files or {})
         self.hf_config = json_object(self.side_files.get(HF_CONFIG_FILE), HF_CONFIG_FILE)
         vocab: dict[str, int] = hf.get_vocab(with_added_tokens=True)
@@ -93,7 +95,8 @@ class Tokenizer:
         message text keeps them plain: `encode`), as transformers' tokenizer(text, add_special_tokens=False)
         does. Between special tokens the ids are `encode`'s (`tokenizers` and the kinds' encoders agree)."""
         if self._hf_specials is None:  # a second copy that honours them (a shared flag would race in serve)
-            self._hf_specials = type(self._hf).from_str(self._raw or self._hf.to_str())
+            self._hf_specials = (type(self._hf).from_buffer(self._raw) if self._raw is not None
+                                 else type(self._hf).from_str(self._hf.to_str()))
             self._hf_specials.encode_special_tokens = False
         return self._hf_specials.encode_batch([text], add_special_tokens=False)[0].ids  # (releases the GIL)
 
@@ -156,13 +159,13 @@ class Tokenizer:
 
     def to_json(self) -> str:
         """tokenizer.json's text (a loaded one's exactly as it was read)."""
-        return self._raw if self._raw is not None else self._hf.to_str(pretty=True)
+        return self._raw.decode("utf-8") if self._raw is not None else self._hf.to_str(pretty=True)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `directory/tokenizer.json` and its side files (tokenizer_config.json...) atomically."""
         path = Path(directory) / TOKENIZER_FILE
         if self._raw is not None:
-            atomic_write_bytes(path, self._raw.encode("utf-8"))
+            atomic_write_bytes(path, self._raw)
         else:
             atomic_write_bytes(path, (self.to_json() + "\n").encode("utf-8"))
         for name, data in self.side_files.items():
@@ -196,13 +199,14 @@ class Tokenizer:
 
 
 def _read(path: Path):
-    """(text, kind, tokenizers.Tokenizer) of a tokenizer.json; a file `tokenizers` cannot load is a UserError."""
+    """(UTF-8 bytes, kind, tokenizers.Tokenizer) of a tokenizer.json; a file `tokenizers` cannot load is a
+    UserError."""
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
-        raw = path.read_text(encoding="utf-8")
-        kind = kind_of(json.loads(raw))
-        return raw, kind, HFTokenizer.from_str(raw)
+        raw = path.read_bytes()
+        kind = kind_of(json.loads(raw.decode("utf-8")))
+        return raw, kind, HFTokenizer.from_buffer(raw)
     except UserError:
         raise
     except Exception as e:  # tokenizers raises plain Exception for malformed files
