@@ -57,6 +57,9 @@ class EvalOptions:
     max_new_tokens: int = 128
     """generate: reply length limit. Shorter than sampling's default: replies are scored against short
     references, and a reply that never stops costs its whole length."""
+    utf8_guard: bool = True
+    """generate: replies never hold a token whose bytes would break UTF-8 (byte-level tokenizers), as `sample`;
+    --no-utf8-guard scores the unconstrained greedy replies."""
     limit: int = 0
     """generate, harness: only the first N examples (harness: of each task); 0: all (the default harness suite: 500)."""
     tasks: Optional[str] = None
@@ -196,7 +199,8 @@ def evaluate_generate_cli(run: Path, o: EvalOptions, *, which: Which, base: Opti
             raise UserError(f"{ex.where}: {e}") from None
     # replies end at any of the model's eos ids (complete's default) or the SFT template's stop strings
     done = complete(model, tokenizer, prompts, temperature=0.0, max_new_tokens=max_new_tokens,
-                    stop=() if jinja else tuple(template.get("stop") or ()), note=lambda m: None)
+                    stop=() if jinja else tuple(template.get("stop") or ()), utf8_guard=o.utf8_guard,
+                    note=lambda m: None)
     hyps = [c.text.strip() for c in done]
     refs = [ex.reference.strip() for ex in examples]
     result = {"run": str(run), "task": "generate", "data": str(data), **generation_metrics(hyps, refs),

@@ -381,7 +381,8 @@ def _sample(s: Session, write: Callable[..., None]) -> None:
     tcfg = s.tcfg
     try:
         with dist.unsharded(s.net, s.ctx):  # FSDP: every rank runs the sample's forwards; rank 0 prints
-            text = sample_text(s.net, s.data, tcfg.sample_prompt, tcfg.sample_tokens, s.device, tcfg.seed)
+            text = sample_text(s.net, s.data, tcfg.sample_prompt, tcfg.sample_tokens, s.device, tcfg.seed,
+                               utf8_guard=tcfg.sample_utf8_guard)
     except (UserError, ImportError) as e:
         if s.master:
             write(f"(no sample: {e})", file=sys.stderr)
@@ -478,7 +479,7 @@ def estimate_loss(net: GPT, train_ds, val_ds, tcfg: TrainConfig, device, autocas
     return out
 
 
-def sample_text(net: GPT, data: Path, prompt: str, n_tokens: int, device, seed: int) -> str:
+def sample_text(net: GPT, data: Path, prompt: str, n_tokens: int, device, seed: int, *, utf8_guard: bool = True) -> str:
     """A short sample during training (the prompt's continuation), from its own RNG so it never perturbs
     the training stream. UserError when the data dir has no usable tokenizer."""
     from .generate import generate
@@ -487,7 +488,8 @@ def sample_text(net: GPT, data: Path, prompt: str, n_tokens: int, device, seed: 
     tok = Tokenizer.load(data)
     net.eval()
     try:
-        return generate(net, tok, prompt, max_new_tokens=n_tokens, seed=seed)  # otherwise GenerationConfig's defaults
+        # otherwise GenerationConfig's defaults
+        return generate(net, tok, prompt, max_new_tokens=n_tokens, seed=seed, utf8_guard=utf8_guard)
     finally:
         net.train()
 

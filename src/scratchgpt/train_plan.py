@@ -86,6 +86,9 @@ class TrainConfig:
     """Prompt of the samples printed at each eval."""
     sample_tokens: int = 200
     """Tokens of sample text printed at each eval; 0: off."""
+    sample_utf8_guard: bool = True
+    """The samples never hold a token whose bytes would break UTF-8 (byte-level tokenizers), as `sample`; false:
+    every token may be sampled."""
     keep_last: int = 2
     """Complete checkpoints kept in RUN/checkpoints (latest and best are kept besides)."""
     skip_nonfinite: bool = False

@@ -97,9 +97,52 @@ def test_greedy_text_is_unchanged_where_it_was_valid(chinese):
 @pytest.mark.slow
 def test_the_guard_is_on_by_default_and_a_flag_turns_it_off(capsys):
     assert G.GenerationConfig().utf8_guard is True
-    for command in ("sample", "chat"):
+    flags = {"sample": "--no-utf8-guard", "chat": "--no-utf8-guard", "eval": "--no-utf8-guard",
+             "train": "--train.sample_utf8_guard"}
+    try:
+        import fastapi  # noqa: F401
+        flags["serve"] = "--no-utf8-guard"
+    except ImportError:
+        pass
+    for command, flag in flags.items():
         code, out, _ = cli(capsys, command, "--help")
-        assert code == 0 and "--no-utf8-guard" in out
+        assert code == 0 and flag in out, command
+
+
+@pytest.mark.slow
+def test_the_flag_reaches_serve_eval_and_the_training_samples(capsys, monkeypatch, tmp_path, tiny_run, char_data):
+    """serve's --no-utf8-guard, eval --task generate's and train's --train.sample_utf8_guard false each reach the
+    generation they configure (on by default)."""
+    import json
+    from types import SimpleNamespace
+
+    import scratchgpt.evaluate as E
+    from conftest import tiny_flags
+
+    pytest.importorskip("fastapi")
+    from scratchgpt.serve.options import ServeOptions
+    from scratchgpt.serve.routes import gen_config
+    from scratchgpt.serve.schema import CompletionRequest
+
+    for guard in (True, False):
+        engine = SimpleNamespace(options=ServeOptions(utf8_guard=guard))
+        assert gen_config(engine, CompletionRequest(prompt="x"), None).utf8_guard is guard
+
+    seen = []
+    real_complete, real_generate = E.complete, G.generate
+    monkeypatch.setattr(E, "complete", lambda *a, **kw: seen.append(("eval", kw["utf8_guard"])) or real_complete(*a, **kw))
+    monkeypatch.setattr(G, "generate", lambda *a, **kw: seen.append(("train", kw["utf8_guard"])) or real_generate(*a, **kw))
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    for extra in ((), ("--no-utf8-guard",)):
+        code, _, err = cli(capsys, "eval", tiny_run, "--task", "generate", "--data", data, "--max-new-tokens", "2", *extra)
+        assert code == 0, err
+    for value in ("true", "false"):
+        flags = tiny_flags(**{"train.max_iters": 2, "train.eval_interval": 2, "train.eval_iters": 1,
+                              "train.sample_tokens": 2, "train.sample_utf8_guard": value})
+        code, _, err = cli(capsys, "train", "--data", char_data, "--out", tmp_path / f"run-{value}", *flags)
+        assert code == 0, err
+    assert seen == [("eval", True), ("eval", False), ("train", True), ("train", False)]
 
 
 def test_vocabularies_of_whole_characters_need_no_guard():

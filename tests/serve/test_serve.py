@@ -205,6 +205,7 @@ def test_serve_options_are_declared_once(tmp_path, capsys):
     import dataclasses
 
     from scratchgpt.cli import COMMANDS, field_docs
+    from scratchgpt.flags import _flag
     from scratchgpt.generate import MAX_NEW_TOKENS
     from scratchgpt.serve.options import MAX_NEW_TOKENS as SERVE_MAX, ServeOptions
 
@@ -212,7 +213,7 @@ def test_serve_options_are_declared_once(tmp_path, capsys):
     docs = field_docs(ServeOptions)
     flags = {o for a in COMMANDS["serve"][0]()._actions for o in a.option_strings}
     for f in dataclasses.fields(ServeOptions):
-        assert docs.get(f.name) and "--" + f.name.replace("_", "-") in flags, f.name
+        assert docs.get(f.name) and _flag(f) in flags, f.name  # (--x, or --no-x when on by default)
     for flag, value in (("--header-timeout", "0"), ("--max-connections", "0"), ("--request-timeout", "-1")):
         assert main(["serve", str(tmp_path), flag, value]) == 1
         err = capsys.readouterr().err

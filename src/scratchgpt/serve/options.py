@@ -56,6 +56,9 @@ class ServeOptions:
     """Seconds an idle keep-alive connection stays open between requests."""
     max_header_bytes: int = 16384
     """Largest request line and headers, in bytes (h11's incomplete-event limit); larger ones get 400."""
+    utf8_guard: bool = True
+    """Never sample a token whose bytes would break UTF-8 (byte-level tokenizers), as `sample` does: replies hold
+    no U+FFFD from split characters. --no-utf8-guard samples every token."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """uvicorn's log level."""
 

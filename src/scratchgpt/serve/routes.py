@@ -34,7 +34,8 @@ def gen_config(engine: Engine, req: Options, max_tokens: Optional[int], extra_st
     # any seed is reduced to 63 bits by GenerationConfig itself, as for `sample --seed`
     return GenerationConfig(max_new_tokens=default if max_tokens is None else max_tokens, temperature=req.temperature,
                             top_k=req.top_k or None, top_p=req.top_p, repetition_penalty=req.repetition_penalty,
-                            stop=tuple(stop), seed=req.seed if req.seed is not None else secrets.randbits(62))
+                            stop=tuple(stop), seed=req.seed if req.seed is not None else secrets.randbits(62),
+                            utf8_guard=engine.options.utf8_guard)
 
 
 class TicketStream(StreamingResponse):
