@@ -47,10 +47,11 @@ def _parser(description: str, fn: Callable, *, positional: tuple[str, ...] = ("r
 # ---------------------------------------------------------------- data
 def _prepare_parser() -> Parser:
     from .data import prepare
+    from .data.prepare import DEFAULT_DATA_DIR
 
     return _parser("Clean and tokenize raw text into train.bin / val.bin (or shards) / tokenizer.json / meta.json; "
                    "or, with --merge, combine the parts of a corpus prepared apart.", prepare, positional=("inputs",),
-                   skip=("progress", "stdin"), defaults={"out": Path("data/default")},
+                   skip=("progress", "stdin"), defaults={"out": DEFAULT_DATA_DIR},
                    help={"inputs": "files, directories, globs, .jsonl, .parquet, datasets save_to_disk folders, "
                                    ".gz/.bz2/.xz/.zst text or JSONL, or - for stdin; none: embedded corpus (or "
                                    "--hf-dataset alone); with --merge: the part directories",

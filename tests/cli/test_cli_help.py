@@ -147,3 +147,26 @@ def test_parse_errors_are_one_line_naming_the_flag(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_default_paths_are_one_declaration(capsys):
+    """Where commands write and read without --out/--data (data/default, runs/default, runs/tune): each spelled
+    once in the package; `prepare --help` shows the same default `train` reads."""
+    import ast
+    from collections import Counter
+    from pathlib import Path
+
+    import scratchgpt
+    from scratchgpt.data import default_data_dir  # noqa: F401 (the reader of data/default)
+    from scratchgpt.data.prepare import DEFAULT_DATA_DIR
+
+    wanted = {"data/default", "runs/default", "runs/tune"}
+    seen: Counter = Counter()
+    for path in Path(scratchgpt.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in wanted:
+                seen[node.value] += 1
+    assert seen == Counter({name: 1 for name in wanted})
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    assert f"default: {DEFAULT_DATA_DIR}" in " ".join(capsys.readouterr().out.split())

@@ -123,9 +123,12 @@ class PrepareConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at most {most}, got {value}")
 
 
+DEFAULT_DATA_DIR = Path("data/default")  # where `prepare` writes without --out, and bare `train` reads
+
+
 def default_data_dir() -> Path:
     """The embedded corpus (CPython's pydoc topics) as char-level data, prepared on first use."""
-    d = Path("data/default")
+    d = DEFAULT_DATA_DIR
     if (d / META_FILE).exists():
         return d
     if int(os.environ.get("RANK", 0)) > 0:  # under torchrun only rank 0 prepares; the others wait for it
