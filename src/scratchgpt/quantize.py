@@ -42,7 +42,7 @@ class _QuantizedLinear(nn.Module):
     """What both formats share: y = x W^T + b, the kernel taking bf16 rows, the bias added in fp32."""
 
     bits = 0
-    quantized = True  # model.DecodeStep calls such layers as modules
+    quantized = True  # model.DecodeStep calls such layers' `rows` directly
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -52,10 +52,13 @@ class _QuantizedLinear(nn.Module):
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:  # (rows, in) bf16 -> (rows, out) bf16
         raise NotImplementedError
 
+    def rows(self, x2d: torch.Tensor) -> torch.Tensor:
+        """(rows, in) -> (rows, out) in x2d's dtype (with a bias: the bias' dtype, which the add promotes to)."""
+        y = self._matmul(x2d.to(ACT_DTYPE))
+        return y.to(x2d.dtype) if self.bias is None else torch.add(y, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._matmul(x.reshape(-1, self.in_features).to(ACT_DTYPE))
-        y = y.to(x.dtype) if self.bias is None else torch.add(y, self.bias)  # the add promotes to the bias' dtype
-        return y.view(*x.shape[:-1], self.out_features)
+        return self.rows(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int{self.bits}"
