@@ -123,8 +123,15 @@ def test_resume_refuses_damaged_state_and_config_in_one_line(tmp_path, tiny_run,
         assert (r / "metrics.jsonl").read_bytes() == metrics, name
 
 
-def test_a_checkpoint_config_of_the_wrong_shape_is_one_line(run):
+def test_a_checkpoint_config_of_the_wrong_shape_is_one_line(run, tmp_path, capsys):
+    """load_run, and export (a transformers folder, a GGUF file), which read the checkpoint's config themselves."""
     best = run / "best"  # (sweep S10: resealed, so only its shape can tell)
+    exports = [("--out", tmp_path / "hf")]
+    try:
+        import gguf  # noqa: F401
+        exports.append(("--format", "gguf", "--out", tmp_path / "model.gguf"))
+    except ImportError:
+        pass
     for text, needle in (("[]", 'needs a "model" object'), ('{"model": {"n_layr": 2}}', "does not describe a model"),
                          ('{"model": {}, "classifier": "x"}', "classifier section must be an object"),
                          ('{"model": {}, "classifier": {"labels": 3}}', "classifier.labels must be a list")):
@@ -133,6 +140,9 @@ def test_a_checkpoint_config_of_the_wrong_shape_is_one_line(run):
         reseal(best)
         with pytest.raises(UserError, match=needle):
             load_run(run)
+        for args in exports:
+            code, _, err = cli(capsys, "export", run, *args)
+            one_error(code, err, str(best / CONFIG_FILE))
 
 
 # ---------------------------------------------------------------- the tokenizer is the model's

@@ -21,6 +21,7 @@ import torch
 from .. import UserError
 from ..checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, load_tensors, resolve_checkpoint, \
     verify_checkpoint, weights_sha256
+from ..checkpoint.load import checkpoint_config
 from ..lora import LORA_TARGETS
 from ..faults import save_tensors
 from ..model import ModelConfig
@@ -135,13 +136,13 @@ def export_adapter(ckpt: str | os.PathLike, out: str | os.PathLike, *, which: st
     if not (ckpt / ADAPTER_FILE).is_file():
         raise UserError(f"{ckpt} holds full weights, not a LoRA adapter: export it as a model (without --adapter)")
     state = verify_checkpoint(ckpt)
-    config = read_json(ckpt / CONFIG_FILE)
+    config = checkpoint_config(ckpt / CONFIG_FILE)
     if config.get("classifier"):
         raise UserError(f"{ckpt} is a LoRA classification run: PEFT's causal-LM adapter has no place for its head; "
                         "export it merged (without --adapter)")
     base_ckpt = _adapter_base(ckpt, config.get("finetune") or {}, base)
     check_out(out, "hf-adapter", force=force, inputs=[ckpt, base_ckpt])  # before the work (staged checks again)
-    base_config = read_json(base_ckpt / CONFIG_FILE)
+    base_config = checkpoint_config(base_ckpt / CONFIG_FILE)
     if base_config.get("classifier"):
         raise UserError(f"{ckpt}: its base {base_ckpt} is a classification run; only a language-model base exports "
                         "with an adapter")

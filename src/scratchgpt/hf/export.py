@@ -35,13 +35,14 @@ import torch
 from .. import UserError
 from ..checkpoint import (ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, TOKENIZER_FILE, load_tensors,
                           resolve_checkpoint, verify_checkpoint)
+from ..checkpoint.load import checkpoint_config
 from ..faults import save_tensors
 from ..model import ModelConfig
 from ..prompts import ChatTemplate
 from ..tokenizer import EOT, HF_CONFIG_FILE, UNK, Tokenizer
 from ..runs.guard import check_out
 from ..runs.staging import staged
-from ..utils import atomic_write, atomic_write_bytes, read_json
+from ..utils import atomic_write, atomic_write_bytes
 from .card import model_card
 from .config import PAD, json_bytes
 from .config_out import hf_config
@@ -110,7 +111,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, which:
     ckpt, out = resolve_checkpoint(Path(ckpt), which), Path(out)
     check_out(out, "hf-model", force=force, inputs=[ckpt])  # before the work (staged checks again)
     state = verify_checkpoint(ckpt)
-    config = read_json(ckpt / CONFIG_FILE)
+    config = checkpoint_config(ckpt / CONFIG_FILE)  # (its shape checked: the sha256 list may be fixed up)
     cfg = build_model_config(config["model"], where=str(ckpt / CONFIG_FILE))
     classifier = config.get("classifier")
     mt = export_family(cfg, config, model_type)

@@ -33,11 +33,12 @@ import torch
 from .. import UserError
 from ..checkpoint import ADAPTER_FILE, CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_tensors, resolve_checkpoint, \
     verify_checkpoint
+from ..checkpoint.load import checkpoint_config
 from ..model import ModelConfig
 from ..prompts import ChatTemplate
 from ..runs.guard import check_output_file
 from ..tokenizer import Tokenizer
-from ..utils import atomic_write, read_json
+from ..utils import atomic_write
 from .export import export_family
 from .families import FAMILIES, build_model_config
 from .gguf_layout import constant_tensors, pre_tokenizer_name, tensor_slots
@@ -219,7 +220,7 @@ def export_gguf(ckpt: str | os.PathLike, out: str | os.PathLike, *, which: str =
     if how != "file":
         raise UserError(f"--out {out} is not a regular file: a GGUF export is written to a file")
     verify_checkpoint(ckpt)
-    config = read_json(ckpt / CONFIG_FILE)
+    config = checkpoint_config(ckpt / CONFIG_FILE)
     if config.get("classifier"):
         raise UserError(f"{ckpt} is a classifier: llama.cpp runs language models (export it with --format hf)")
     cfg = build_model_config(config["model"], where=str(ckpt / CONFIG_FILE))
