@@ -19,7 +19,6 @@ from typing import Iterable, Iterator, Optional, TextIO
 from . import UserError
 from .checks import check_range
 from .checkpoint import Which, load_run
-from .data.readers import read_text
 from .generate import GenerationConfig, resolve_seed, complete, generate, stream
 from .model import GPT, gpt_of
 from .prompts import ChatTemplate, JinjaChatTemplate, encode_with_eot, fit_messages
@@ -207,6 +206,8 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     if prompt is not None and prompt_file is not None:
         raise UserError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
+        from .data.readers import read_text  # (here: the data package costs a fresh `sample` ~45 ms of imports)
+
         try:
             prompt = read_text(prompt_file)
         except UserError as e:

@@ -33,7 +33,8 @@ Every Llama-shaped row (rope, rmsnorm, pre) carries n_kv_head (num_key_value_hea
 The parts, each with the documentation of what it does:
 
     families.py  which class computes a ModelConfig (and what is refused); which class a config.json names
-    layout.py    where each of our tensors lives in each family, both directions; masks of old GPT-2 files
+    layout.py    where each of our tensors lives in each family, both directions
+    layout_in.py reading a folder's tensors into ours, one at a time; masks of old GPT-2 files
     config.py    config.json read: the keys, activations, epsilons, RoPE scaling (the mapping, both ways)
     config_out.py  config.json written (hf_config)
     export.py    export_checkpoint: the folder, classifiers, the tokenizer files

@@ -74,7 +74,8 @@ import torch
 from .. import UserError
 from ..model import LAYERNORM_EPS, RMSNORM_EPS, ModelConfig
 from .families import FAMILIES, LLAMA_LIKE, NORM_EPS_KEYS, build_model_config, import_model_type
-from .layout import canonical_keys, weight_rules
+from .layout import weight_rules
+from .layout_in import canonical_keys
 
 # transformers' ACT2FN name -> our plain (non-gated) MLP; export writes them back (config_out._hf_activation)
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "relu2": "relu2", "gelu_new": "gelu_tanh",

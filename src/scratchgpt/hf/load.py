@@ -45,7 +45,8 @@ from ..runs.staging import staged
 from ..utils import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from .config import config_from_hf, json_bytes
 from .families import FAMILIES, import_model_type
-from .layout import expected_shapes, from_hf_tensors, hf_converter
+from .layout import expected_shapes
+from .layout_in import from_hf_tensors, hf_converter
 
 
 def _weight_files(d: Path) -> tuple[list[str], Optional[set[str]]]:
