@@ -380,7 +380,9 @@ def check_memory(cfg: ModelConfig, micro: int, ctx: dist.DistContext) -> None:
 
 def check_same_model(net: GPT, ckpt: Path, out: Path) -> None:
     """The model RUN/config.json describes is the one the checkpoint holds (its own config.json is hashed)."""
-    theirs = read_json(ckpt / CONFIG_FILE).get("model") or {}
+    from .checkpoint.load import checkpoint_config
+
+    theirs = checkpoint_config(ckpt / CONFIG_FILE)["model"]  # (its shape checked: the hashes may be fixed up)
     ours = json.loads(json_text(asdict(net.cfg)))
     for key in sorted(theirs.keys() & ours.keys()):
         if theirs[key] != ours[key]:

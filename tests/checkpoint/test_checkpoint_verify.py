@@ -112,6 +112,9 @@ def test_resume_refuses_damaged_state_and_config_in_one_line(tmp_path, tiny_run,
                                  reseal(r / "latest", 1)), "rng must be the saved random generator states"),
         "v1 no optimizer": (lambda r: (edit_json(r / "latest" / STATE_FILE, lambda s: s.pop("optimizer")),
                                        reseal(r / "latest", 1)), "optimizer must be a list"),
+        "checkpoint config list": (lambda r: ((r / "latest" / CONFIG_FILE).unlink(),
+                                              (r / "latest" / CONFIG_FILE).write_text("[]"), reseal(r / "latest")),
+                                   'latest/config.json: not a run\'s config (it needs a "model" object)'),
     }
     for name, (damage, needle) in cases.items():
         r = tmp_path / name.replace(" ", "-")
@@ -121,6 +124,31 @@ def test_resume_refuses_damaged_state_and_config_in_one_line(tmp_path, tiny_run,
         code, _, err = cli(capsys, "train", "--out", r, "--resume", "--train.max_iters", "4")
         one_error(code, err, needle)
         assert (r / "metrics.jsonl").read_bytes() == metrics, name
+
+
+def test_finetune_resume_refuses_a_checkpoint_config_of_the_wrong_shape(tmp_path, tiny_run, capsys):
+    """finetune --resume reads the interrupted checkpoint's options from its config.json: a resealed one that is not
+    a run's config is one line, before anything changes."""
+    csv = tmp_path / "cls.csv"
+    csv.write_text("text,label\n" + "".join(f"{'good day' if i % 2 else 'bad day'},{i % 2}\n" for i in range(8)))
+    out = tmp_path / "ft"
+    code, _, err = cli(capsys, "finetune", "classify", tiny_run, "--train", csv, "--val", csv, "--out", out,
+                       "--max-steps", "2", "--eval-interval", "2", "--batch-size", "4", "--device", "cpu")
+    assert code == 0, err
+    latest = out / "latest"
+    for p in [p for p in latest.iterdir() if p.is_file()]:  # its own files (no hard links into checkpoints/)
+        data = p.read_bytes()
+        p.unlink()
+        p.write_bytes(data)
+    edit_json(latest / STATE_FILE, lambda s: s.update(resume={"epoch": 0}))  # as a run stopped by Ctrl-C
+    (latest / CONFIG_FILE).unlink()
+    (latest / CONFIG_FILE).write_text("[]")
+    reseal(latest)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, err = cli(capsys, "finetune", "classify", tiny_run, "--train", csv, "--val", csv, "--out", out,
+                       "--max-steps", "2", "--eval-interval", "2", "--batch-size", "4", "--device", "cpu", "--resume")
+    one_error(code, err, 'latest/config.json: not a run\'s config (it needs a "model" object)')
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_a_checkpoint_config_of_the_wrong_shape_is_one_line(run, tmp_path, capsys):

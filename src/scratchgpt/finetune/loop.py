@@ -16,7 +16,6 @@ config + "finetune" (+ "classifier" | "chat_template")), tokenizer.json and stat
 from __future__ import annotations
 
 import base64
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ from ..checks import F32, LR, SEED_MAX, check_fields
 from ..checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE,
                           LoadedRun, load_model_tensors, load_run, load_tensors, model_tensors, optimizer_from_tensors,
                           rng_state, set_rng_state, verify_checkpoint, weights_sha256, write_checkpoint)
+from ..checkpoint.load import checkpoint_config
 from ..checkpoint.store import optimizer_files
 from ..heads import classifier_of
 from ..lora import add_lora, adapter_tensors, lora_config_dict, set_adapter_tensors
@@ -284,7 +284,7 @@ def check_resumable(out: Path, o: FinetuneOptions) -> Path:
     state = verify_checkpoint(ckpt) if (ckpt / STATE_FILE).exists() else {}
     if "resume" not in state:
         raise UserError(f"{out}: nothing to resume (no fine-tune stopped by Ctrl-C or SIGTERM in {ckpt})")
-    saved = (json.loads((ckpt / CONFIG_FILE).read_text(encoding="utf-8")).get("finetune") or {}).get("options", {})
+    saved = (checkpoint_config(ckpt / CONFIG_FILE).get("finetune") or {}).get("options", {})
     changed = sorted(k for k, v in asdict(o).items() if saved.get(k, v) != v)
     if changed:
         raise UserError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the run's "
@@ -366,7 +366,7 @@ def finetune_record(kind: str, base_ckpt: Path, o: FinetuneOptions, train_file, 
 def recorded_command(out: Path, command: Optional[str], resume: bool) -> Optional[str]:
     """The command line config.json records: after --resume still the run's own, not the resume's."""
     if resume:
-        return json.loads((out / "latest" / CONFIG_FILE).read_text(encoding="utf-8")).get("command")
+        return checkpoint_config(out / "latest" / CONFIG_FILE).get("command")
     return command
 
 
