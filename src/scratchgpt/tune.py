@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
 from . import UserError
+from .checkpoint.load import checkpoint_config
 from .checks import check_range
 from .model import ModelConfig
 from .optim import OptimConfig
@@ -473,7 +474,7 @@ def _write_best(out: Path, records: list[dict], settings: dict) -> Optional[dict
     config = {"data": settings["data"]} | {name: asdict(cfg) for name, cfg in zip(SECTIONS, apply_params(base, r["params"]))}
     run_config = out / r["run"] / CONFIG_FILE
     if run_config.exists():  # what training actually used, e.g. vocab_size filled in from the data
-        config["model"] = read_json(run_config)["model"]
+        config["model"] = checkpoint_config(run_config)["model"]  # (a damaged one: one line naming it)
     count = {status: sum(rec["status"] == status for rec in records) for status in ("failed", PRUNED)}
     best = {"trial": r["trial"], "run": str(out / r["run"]), "val_loss": r["val_loss"], "params": r["params"],
             "method": settings["method"], "pruner": settings.get("pruner", "none"), "trials_complete": len(done),

@@ -119,3 +119,15 @@ def test_resuming_a_damaged_search(capsys, tmp_path, search, damage, says):
     code, _, err = cli(capsys, "tune", "--out", t, "--resume", "--trials", "2")
     assert_held(code, err, says)
     assert before == {p.name: p.read_bytes() for p in t.iterdir() if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_damaged_trial_config_is_one_line(capsys, tmp_path, search):
+    """best-config.json takes the best trial's model section from its run's config.json: damaged, one line."""
+    t = tmp_path / "t"
+    shutil.copytree(search, t)
+    (t / "trial-000" / "config.json").write_text("[]")
+    before = {p: p.read_bytes() for p in t.rglob("*") if p.is_file()}
+    code, _, err = cli(capsys, "tune", "--out", t, "--resume", "--trials", "1")
+    assert_held(code, err, "trial-000/config.json: not a run's config")
+    assert before == {p: p.read_bytes() for p in t.rglob("*") if p.is_file()}
