@@ -30,8 +30,8 @@ HELP = {
     "which": "checkpoint; best falls back to latest",
     "base": "LoRA runs: the base run, if it moved",
     "device": "cpu, cuda, ...; auto: cuda > mps > cpu",
-    "quantize": "weight-only quantized Linear layers for faster CPU decoding of large models: int8 (~1.6x fp32 at "
-                "GPT-2 size) or int4 (~2.4x; larger quality cost; CPUs and Ampere+ GPUs; see BENCHMARKS.md)",
+    "quantize": "weight-only quantized Linear layers for faster CPU decoding of large models: int8, or int4 (faster "
+                "still, at a larger quality cost; CPUs and Ampere+ GPUs); the speeds are in BENCHMARKS.md",
     "force": "replace --out if it exists",
 }
 

@@ -170,3 +170,16 @@ def test_default_paths_are_one_declaration(capsys):
     with pytest.raises(SystemExit):
         main(["prepare", "--help"])
     assert f"default: {DEFAULT_DATA_DIR}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_help_quotes_no_measured_figure():
+    """Speeds live in BENCHMARKS.md (issue 27): no flag's help quotes one (a "1.6x" goes stale silently)."""
+    import re
+
+    quoted = []
+    for name, (build, _, _) in COMMANDS.items():
+        for parser in _all_parsers(build()):
+            for action in parser._actions:
+                if re.search(r"\d(\.\d+)?x\b|tok/s|tokens/s", action.help or ""):
+                    quoted.append(f"{name} {'/'.join(action.option_strings)}: {action.help}")
+    assert quoted == []
