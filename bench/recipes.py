@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=TEXT)
     ap.add_argument("--steps", type=int, default=300, help="pretraining steps, both contenders")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--first-seed", type=int, default=1, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=128)
@@ -136,7 +137,7 @@ def main() -> None:
                "--force", log=work / "prepare.log")
     files = build_tasks(text, work, a.n_cls, a.n_sft)
     rows = []
-    for seed in range(1, a.seeds + 1):
+    for seed in range(a.first_seed, a.first_seed + a.seeds):
         for name in ("recipe", "plain"):
             base = pretrain(name, data, work, a, seed)
             cls = finetune("classify", base["run"], files, work, a)
