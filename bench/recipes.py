@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -98,6 +99,8 @@ def pretrain(name: str, data: Path, work: Path, a: argparse.Namespace, seed: int
         args += ["--config", str(plain)]
     for k, v in sizes.items():
         args += [f"--{k}", str(v)]
+    if name == "recipe":
+        args += shlex.split(a.recipe_args)
     scratchgpt(*args, log=work / f"{name}-{seed}.log")
     res = json.loads((work / f"{name}-{seed}" / "result.json").read_text())
     return {"val_loss": res.get("final_val_loss"), "run": work / f"{name}-{seed}"}
@@ -128,6 +131,8 @@ def main() -> None:
     ap.add_argument("--n-sft", type=int, default=2000, help="sft training pairs (val: a quarter)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--contenders", nargs="+", choices=["recipe", "plain"], default=["recipe", "plain"])
+    ap.add_argument("--recipe-args", default="", help="extra `train` flags for the recipe (a variant to judge)")
     a = ap.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="recipes-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -138,7 +143,7 @@ def main() -> None:
     files = build_tasks(text, work, a.n_cls, a.n_sft)
     rows = []
     for seed in range(a.first_seed, a.first_seed + a.seeds):
-        for name in ("recipe", "plain"):
+        for name in a.contenders:
             base = pretrain(name, data, work, a, seed)
             cls = finetune("classify", base["run"], files, work, a)
             sft = finetune("sft", base["run"], files, work, a)
@@ -151,7 +156,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['contender']} (seed {r['seed']}) | {r['pretrain_val_loss']:.4f} | {r['classify_accuracy']:.4f} | "
               f"{r['sft_val_loss']:.4f} |")
-    for name in ("recipe", "plain"):
+    for name in a.contenders:
         mine = [r for r in rows if r["contender"] == name]
         print(f"| **{name} median** | {statistics.median(r['pretrain_val_loss'] for r in mine):.4f} | "
               f"{statistics.median(r['classify_accuracy'] for r in mine):.4f} | "
