@@ -17,7 +17,7 @@ THEIR_FORMATS = {"hf": None, "export.py": {"config.json"}, "data/inputs.py": {"s
 
 def our_file_names() -> set[str]:
     names = {v for k, v in vars(files).items() if k.isupper() and isinstance(v, str)} | set(files.SPLIT_FILES)
-    return {n for n in names if "." in n.strip(".")} | {files.eval_file("lm")}
+    return {n for n in names if "." in n.strip(".")} | {files.eval_file("lm"), files.CHECKPOINTS}
 
 
 def test_file_names_are_spelled_only_in_runs_files():

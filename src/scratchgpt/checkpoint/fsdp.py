@@ -26,7 +26,7 @@ import torch
 import torch.distributed as tdist
 
 from .. import UserError
-from .store import (CONFIG_FILE, MODEL_FILE, OPTIM_FILE, load_tensors, optimizer_from_tensors, save_checkpoint,
+from .store import (BEST, CONFIG_FILE, LATEST, MODEL_FILE, OPTIM_FILE, load_tensors, optimizer_from_tensors, save_checkpoint,
                     staging_dir, write_checkpoint)
 
 SHARDED_DIR = "sharded"
@@ -90,7 +90,7 @@ def _save_fsdp(out: Path, model, optimizers, state: dict, config: dict, tokenize
             write_checkpoint(out, state["step"], tensors={MODEL_FILE: {k: v.contiguous() for k, v in full.items()}},
                              json_files={CONFIG_FILE: config}, tokenizer_file=tokenizer_file,
                              state=dict(state, optimizer=metas, sharded=sharded), keep_last=keep_last,
-                             aliases=["latest"] + (["best"] if is_best else []), staged=True)
+                             aliases=[LATEST] + ([BEST] if is_best else []), staged=True)
     except BaseException:
         if master:
             shutil.rmtree(tmp, ignore_errors=True)

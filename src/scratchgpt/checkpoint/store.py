@@ -36,8 +36,8 @@ from safetensors.torch import load_file
 from .. import UserError
 from ..faults import final_name, save_tensors
 from ..model import gpt_of
-from ..runs.files import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, HEAD_FILE, MODEL_FILE, OPTIM_FILE,  # noqa: F401
-                          STATE_FILE, TOKENIZER_FILE)
+from ..runs.files import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, BEST, CHECKPOINT_PREFIX, CHECKPOINTS,  # noqa: F401
+                          CONFIG_FILE, HEAD_FILE, LATEST, MODEL_FILE, OPTIM_FILE, STATE_FILE, TOKENIZER_FILE)
 from ..tokenizer import copy_tokenizer
 from ..utils import atomic_write_json, json_text, make_temp_dir, read_json, replace_dir, sha256_file, umask
 
@@ -131,7 +131,7 @@ def optimizer_files(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, 
 
 def staging_dir(run_dir: Path, step: int) -> Path:
     """Where a checkpoint is assembled before it is renamed into place; a name every rank can derive."""
-    return Path(run_dir) / "checkpoints" / f".tmp-step-{step:07d}"
+    return Path(run_dir) / CHECKPOINTS / f".tmp-{CHECKPOINT_PREFIX}{step:07d}"
 
 
 class StreamedTensors:
@@ -179,7 +179,7 @@ class StreamedTensors:
 
 def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, "dict[str, torch.Tensor] | StreamedTensors"],
                      json_files: dict[str, Any], tokenizer_file: Optional[Path], state: dict,
-                     aliases: Sequence[str] = ("latest",), keep_last: int = 2, staged: bool = False) -> Path:
+                     aliases: Sequence[str] = (LATEST,), keep_last: int = 2, staged: bool = False) -> Path:
     """Write RUN/checkpoints/step-N atomically, then point each alias (latest, best) at it. Returns its path.
 
     `tensors` maps file names to tensors (safetensors; or StreamedTensors, made while written), `json_files`
@@ -188,9 +188,9 @@ def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, "dict[str, 
     shards); they are hashed and swapped in with the rest.
     """
     run_dir = Path(run_dir)
-    history = run_dir / "checkpoints"
+    history = run_dir / CHECKPOINTS
     history.mkdir(parents=True, exist_ok=True)
-    final = history / f"step-{step:07d}"
+    final = history / f"{CHECKPOINT_PREFIX}{step:07d}"
     tmp = staging_dir(run_dir, step)
     if not staged:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a kill during an earlier save of this step
@@ -221,7 +221,7 @@ def write_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, "dict[str, 
         raise
     for alias in aliases:
         point_alias(run_dir, alias, final)
-    steps = sorted(history.glob("step-*"))
+    steps = sorted(history.glob(f"{CHECKPOINT_PREFIX}*"))
     for stale in steps[: max(0, len(steps) - max(keep_last, 1))]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
@@ -256,7 +256,7 @@ def save_checkpoint(
         tensors[OPTIM_FILE], state["optimizer"] = optimizer_files(optimizer if isinstance(optimizer, list) else [optimizer])
     return write_checkpoint(run_dir, state["step"], tensors=tensors, json_files={CONFIG_FILE: config},
                             tokenizer_file=tokenizer_file, state=state, keep_last=keep_last,
-                            aliases=["latest"] + (["best"] if is_best else []))
+                            aliases=[LATEST] + ([BEST] if is_best else []))
 
 
 def state_digest(state: dict) -> str:
@@ -273,12 +273,12 @@ def remove_stale_temps(run_dir: Path) -> list[Path]:
     A `.NAME.old` whose NAME is missing was moved aside by a swap killed before the new one took its
     place (utils.replace_dir): it is still the complete NAME (best/ may be its only copy), so it goes back."""
     run_dir = Path(run_dir)
-    for old in [*run_dir.glob(".*.old"), *(run_dir / "checkpoints").glob(".*.old")]:
+    for old in [*run_dir.glob(".*.old"), *(run_dir / CHECKPOINTS).glob(".*.old")]:
         final = old.with_name(old.name[1:-len(".old")])
         if old.is_dir() and not final.exists():
             os.replace(old, final)
-    stale = [p for p in [*run_dir.glob(".tmp-*"), *run_dir.glob(".*.old"), *(run_dir / "checkpoints").glob(".tmp-*"),
-                         *(run_dir / "checkpoints").glob(".*.old")] if p.is_dir()]
+    stale = [p for p in [*run_dir.glob(".tmp-*"), *run_dir.glob(".*.old"), *(run_dir / CHECKPOINTS).glob(".tmp-*"),
+                         *(run_dir / CHECKPOINTS).glob(".*.old")] if p.is_dir()]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     temp_files = [p for p in run_dir.glob(".*.tmp") if final_name(p.name) and p.is_file() and not p.is_symlink()]
@@ -310,7 +310,7 @@ def resolve_checkpoint(run: Path, which: Which = "best") -> Path:
 
     if holds_weights(run):
         return run
-    for name in ([which, "latest"] if which != "latest" else ["latest"]):
+    for name in ([which, LATEST] if which != LATEST else [LATEST]):
         if holds_weights(run / name):
             return run / name
     raise UserError(f"{run}: no checkpoint found (expected {run}/{which}/{MODEL_FILE} or {ADAPTER_FILE})")

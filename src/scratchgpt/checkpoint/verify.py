@@ -14,8 +14,8 @@ from typing import Optional
 
 from .. import UserError
 from ..utils import read_json, sha256_file
-from .store import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CONFIG_FILE, FORMAT_VERSION, HEAD_FILE, MODEL_FILE, OPTIM_FILE,
-                    STATE_FILE, STATE_SHA256, TOKENIZER_FILE, point_alias, state_digest)
+from .store import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, BEST, CHECKPOINT_PREFIX, CHECKPOINTS, CONFIG_FILE, FORMAT_VERSION,
+                    HEAD_FILE, LATEST, MODEL_FILE, OPTIM_FILE, STATE_FILE, STATE_SHA256, TOKENIZER_FILE, point_alias, state_digest)
 
 # the files a loader reads: where one is there, the sha256 list must name it
 CHECKED_FILES = (CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE, OPTIM_FILE, HEAD_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE)
@@ -26,10 +26,10 @@ def repair_aliases(run_dir: Path, log=print) -> list[str]:
     checkpoint's rename and its alias swaps left them older (best/ would stay a stale model for good: the
     resumed run believes that step is already its best). Returns the aliases it moved."""
     run_dir = Path(run_dir)
-    history = [(int(p.name.removeprefix("step-")), p) for p in (run_dir / "checkpoints").glob("step-*")
-               if p.name.removeprefix("step-").isdigit()]
+    history = [(int(p.name.removeprefix(CHECKPOINT_PREFIX)), p) for p in (run_dir / CHECKPOINTS).glob(f"{CHECKPOINT_PREFIX}*")
+               if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
     moved = []
-    for alias in ("latest", "best"):
+    for alias in (LATEST, BEST):
         current = _state_or_none(run_dir / alias)
         at = current.get("step") if current is not None else None
         for step, ckpt in sorted(history, reverse=True):
@@ -121,9 +121,9 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     """Where a resume may start, newest step first wherever it is (latest/ or the kept history; latest/
     first at equal steps). A kill during the swap of latest/ leaves a newer complete checkpoints/step-N."""
     run_dir = Path(run_dir)
-    history = [(int(p.name.removeprefix("step-")), 0, p) for p in (run_dir / "checkpoints").glob("step-*")
-               if p.name.removeprefix("step-").isdigit()]
-    latest = run_dir / "latest"
+    history = [(int(p.name.removeprefix(CHECKPOINT_PREFIX)), 0, p) for p in (run_dir / CHECKPOINTS).glob(f"{CHECKPOINT_PREFIX}*")
+               if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    latest = run_dir / LATEST
     if latest.exists():
         history.append((_step_of(latest), 1, latest))
     return [p for _, _, p in sorted(history, key=lambda t: (t[0], t[1]), reverse=True)]
