@@ -6,9 +6,10 @@
 Runs `scratchgpt import-hf`, `scratchgpt sample --max-new-tokens 1` and `scratchgpt serve` (until /health answers,
 one chat completion, then SIGTERM) as child processes and reads each one's peak resident set size from
 os.wait4 (the kernel's ru_maxrss of that child alone). The goal (issue 24): each peak below 1.5x the size of
-the model's fp32 weights (each row says x_weights and below_goal; tests/hf/test_real_memory.py checks import-hf's). Time to first token: a fresh `scratchgpt sample --stream` process, from spawn to its
-first generated character on stdout; beside it the cost of `import torch` and of the CLI's imports alone.
-Prints one JSON object (sizes in MB = 1e6 bytes).
+the model's fp32 weights (each row says x_weights and below_goal; tests/hf/test_real_memory.py checks
+import-hf's). Time to first token (goal: within 2 s): a fresh `scratchgpt sample --stream` process, from spawn
+to its first generated character on stdout, the least of --first-token-runs; beside it the cost of
+`import torch` and of the CLI's imports alone. Prints one JSON object (sizes in MB = 1e6 bytes).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,6 +117,8 @@ def main() -> None:
     p.add_argument("--hf-dir", type=Path, help="a transformers folder (default: the real SmolLM2-135M-Instruct)")
     p.add_argument("--keep", type=Path, help="write the imported run here (default: a temporary folder)")
     p.add_argument("--run", type=Path, help="measure this imported run (skips import-hf)")
+    p.add_argument("--first-token-runs", type=int, default=1,
+                   help="fresh processes timed to their first token (min and median; a busy machine scatters them)")
     a = p.parse_args()
     if a.hf_dir is None:
         sys.path.insert(0, str(REPO / "tests"))
@@ -135,11 +139,15 @@ def main() -> None:
         result["sample (1 token)"] = measure(["sample", str(run), "--prompt", "Hi", "--max-new-tokens", "1",
                                               "--device", "cpu"])
         result["serve"] = measure_serve(run)
-        result.update(first_token(run))
+        times = [first_token(run)["time_to_first_token_s"] for _ in range(max(1, a.first_token_runs))]
+        result["time_to_first_token_s"] = min(times)
+        if len(times) > 1:
+            result["time_to_first_token_median_s"] = round(statistics.median(times), 2)
         for key in ("import-hf", "sample (1 token)", "serve"):  # each against the goal
             if key in result:
                 peak = result[key]["peak_rss_mb"]
-                result[key].update(x_weights=round(peak / result["weights_mb"], 2), below_goal=peak < result["limit_mb"])
+                result[key].update(x_weights=round(peak / result["weights_mb"], 2),
+                                   below_goal=peak < result["limit_mb"])
         print(json.dumps(result, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
