@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -12,7 +11,7 @@ import numpy as np
 from .. import UserError
 from ..utils import atomic_write_bytes
 from .files import (EOT, HF_CONFIG_FILE, HF_GENERATION_FILE, HF_SPECIAL_TOKEN_NAMES, TOKENIZER_FILE, json_object,
-                    kind_of, read_side_files)
+                    kind_of, loaded_spec, read_side_files)
 from .kinds import KINDS
 from .stream import HFStreamDecoder, StreamDecoder
 
@@ -205,8 +204,8 @@ def _read(path: Path):
 
     try:
         raw = path.read_bytes()
-        kind = kind_of(json.loads(raw.decode("utf-8")))
-        return raw, kind, HFTokenizer.from_buffer(raw)
+        hf = HFTokenizer.from_buffer(raw)
+        return raw, kind_of(loaded_spec(hf)), hf
     except UserError:
         raise
     except Exception as e:  # tokenizers raises plain Exception for malformed files
