@@ -25,33 +25,32 @@ from typing import MutableMapping, Optional
 QUIET_SPIN = 10_000
 BUSY_SPIN = 1_000
 BUSY_CORES = 0.5  # other processes using half a core or more during the sample: busy
-SAMPLE_S = 0.1
+SAMPLE_S = 0.03
 
 _choice = ""  # what choose() did, for the start-up line
 
 
-def other_cores_in_use(sample_s: float = SAMPLE_S) -> Optional[float]:
-    """Cores in use by other processes over `sample_s` seconds (/proc/stat less this process), None off Linux."""
-    def busy_and_total() -> tuple[int, int]:
+def other_cores_in_use(sample_s: float = SAMPLE_S, samples: int = 10) -> Optional[float]:
+    """Other processes' runnable threads, averaged over `sample_s` seconds; None off Linux.
+
+    /proc/stat's procs_running counts the threads running or waiting for a CPU at the moment it is read,
+    this one included (the only thread of this process that runs before torch loads), so a sleep of a
+    few milliseconds between reads is enough: no need to wait for CPU-time counters to move."""
+    def running() -> int:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])
+            for line in f:
+                if line.startswith("procs_running"):
+                    return int(line.split()[1])
+        raise ValueError("no procs_running in /proc/stat")
 
     try:
-        busy0, total0 = busy_and_total()
-        own0 = sum(os.times()[:2])
-        time.sleep(sample_s)
-        busy1, total1 = busy_and_total()
-        own1 = sum(os.times()[:2])
+        counts = []
+        for _ in range(samples):
+            counts.append(running())
+            time.sleep(sample_s / samples)
     except (OSError, ValueError, IndexError):
         return None
-    if total1 <= total0:
-        return None
-    cpus = os.cpu_count() or 1
-    ticks = os.sysconf("SC_CLK_TCK")
-    busy_cores = (busy1 - busy0) / (total1 - total0) * cpus
-    return max(0.0, busy_cores - (own1 - own0) * ticks / ((total1 - total0) / cpus))
+    return max(0.0, sum(counts) / len(counts) - 1)
 
 
 def choose(environ: MutableMapping[str, str] = os.environ, sample_s: float = SAMPLE_S) -> str:
