@@ -21,8 +21,10 @@ as a fraction of bench/membw.py's Copy bandwidth (the best of a measurement befo
 same process). Contenders alternate within each round (the order reversed every other round). Each run records
 the other processes' CPU use (/proc/stat minus ours): one other busy process on a 2-core machine stalls both
 decoding threads, so medians and the per-round ratios of the goals (int4 / Q4_1, int8 / Q8_0, bf16 / F16,
-fp32 / HF) count only the runs with at most `--max-load` cores of other load (all runs if none qualify). Then time to the first token of a fresh
-`scratchgpt sample` process (bench/memory.py's first_token), the median of `--first-token-runs`.
+fp32 / HF) count only the runs with at most `--max-load` cores of other load (all runs if none qualify).
+Ours decodes through `complete()` with `sample`'s defaults (the UTF-8 guard on), stop tokens off. Then the
+time to the first token of a fresh `scratchgpt sample` process (bench/memory.py's first_token), the median
+of `--first-token-runs`.
 """
 
 from __future__ import annotations
