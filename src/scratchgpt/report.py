@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from . import UserError
-from .runs.files import (CONFIG_FILE, ENVIRONMENT_FILE, META_FILE, METRICS_FILE, OLD_EVAL_FILE, REPORT_FILE,
+from .runs.files import (ENVIRONMENT_FILE, META_FILE, METRICS_FILE, OLD_EVAL_FILE, REPORT_FILE,
                          RESULT_FILE, SAMPLES_FILE)
+from .runs.config import run_config_or_none
 from .runs.guard import KIND_NAMES, artifact_kind
 from .runs.kind import REPORT_WORDS, run_kind
 from .runs.rows import read_rows
@@ -66,8 +67,8 @@ def _jsonl(path: Path) -> list[dict]:
 def read_run(run: Path) -> dict[str, Any]:
     """Everything the report shows, from the run's files (missing ones are simply absent)."""
     run = Path(run)
-    config = _json(run / CONFIG_FILE)
-    if not isinstance(config, dict):
+    config = run_config_or_none(run)
+    if config is None:
         raise UserError(f"{run}: not a run directory (no readable config.json)")
     evals = {}
     for p in sorted(run.glob("eval-*.json")):

@@ -34,6 +34,7 @@ from .runtime import (INTERRUPTED, configure_device, configure_threads, environm
                       exact_fp32_matmuls, keep_freed_memory, peak_flops, pick_dtype, stop_on_signals)
 from .runs.files import (BEST, CONFIG_FILE, ENVIRONMENT_FILE, LATEST, MODEL_FILE, RESULT_FILE, STATE_FILE,
                          TOKENIZER_FILE)
+from .runs.config import read_run_config, write_run_config
 from .runs.guard import write_marker
 from .runs.log import RunLog
 from .runs.staging import remove_replaced
@@ -109,7 +110,7 @@ def _prepare_out(p: Plan, ctx: dist.DistContext, command: Optional[str]) -> Opti
         if p.resume:
             repair_aliases(out, log=lambda m: print(m, file=sys.stderr))
     if p.resume and (out / CONFIG_FILE).exists():
-        command = read_json(out / CONFIG_FILE).get("command", command)
+        command = read_run_config(out).get("command", command)
     return command
 
 
@@ -120,7 +121,7 @@ def _write_config(p: Plan, ctx: dist.DistContext, command: Optional[str]) -> dic
     if command:
         config["command"] = command
     if ctx.rank == 0:
-        atomic_write_json(p.out / CONFIG_FILE, config)
+        write_run_config(p.out, config)
     return config
 
 

@@ -24,10 +24,11 @@ from .data import TokenDataset, default_data_dir, load_meta
 from .model import GPT, ModelConfig
 from .optim import OptimConfig
 from .runtime import Peak, StopRequest, device_memory, tf32_matmuls
+from .runs.config import read_run_config
 from .runs.files import CONFIG_FILE
 from .runs.guard import check_run_out
 from .runs.log import RunLog
-from .utils import json_text, read_json
+from .utils import json_text
 
 
 @dataclass
@@ -206,7 +207,7 @@ def resolve_config(req: RunRequest) -> RunRequest:
         return req
     if not (out / CONFIG_FILE).exists():
         raise UserError(f"{out}: nothing to resume (no config.json)")
-    saved = _saved_config(out / CONFIG_FILE)
+    saved = read_run_config(out, sections=("model", "train", "optim"))
     sections = {"train": asdict(TrainConfig()) | saved["train"], "optim": asdict(OptimConfig()) | saved["optim"]}
     overrides = overrides or {}
     for key, value in overrides.items():
@@ -224,23 +225,6 @@ def resolve_config(req: RunRequest) -> RunRequest:
                        train=TrainConfig(**sections["train"]), optim=OptimConfig(**optim_d))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{out / CONFIG_FILE}: cannot resume from it ({e})") from None
-
-
-def _saved_config(path: Path) -> dict:
-    """RUN/config.json for a resume, checked section by section: a damaged one is one line, not a traceback.
-    (Each checkpoint keeps a copy that its sha256 list covers.)"""
-    how = f"damaged or edited by hand: restore it from the checkpoint's copy, {path.parent / 'latest' / path.name}"
-    try:
-        saved = read_json(path)
-    except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError)
-        raise UserError(f"{path}: not JSON ({str(e)[:80]}); {how}") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"{path}: not a JSON object; {how}")
-    for key in ("model", "train", "optim"):
-        if not isinstance(saved.get(key), dict):
-            raise UserError(f"{path}: its {key} section must be an object, got {str(saved.get(key))[:40]}; {how}")
-    return saved
-
 
 
 def plan_run(req: RunRequest) -> Plan:

@@ -38,6 +38,7 @@ from ..lora import add_lora, adapter_tensors, lora_config_dict, set_adapter_tens
 from ..model import GPT, gpt_of
 from ..optim import OptimConfig, build_optimizer, lr_at, set_lr
 from ..runtime import INTERRUPTED, configure_threads, environment, pick_device, stop_on_signals
+from ..runs.config import write_run_config
 from ..runs.files import ENVIRONMENT_FILE, METRICS_FILE, RESULT_FILE
 from ..runs.guard import check_out, write_marker
 from ..runs.rows import append_row, cut_back
@@ -342,7 +343,7 @@ def write_run_files(out: Path, config: dict, device: torch.device) -> None:
     """config.json and environment.json (for the report) of a new fine-tuning run."""
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "run")
-    atomic_write_json(out / CONFIG_FILE, config)
+    write_run_config(out, config)
     atomic_write_json(out / ENVIRONMENT_FILE, environment(device, torch.float32))
 
 

@@ -14,7 +14,8 @@ from typing import Optional
 from .. import UserError
 from ..checkpoint import (ADAPTER_FILE, CONFIG_FILE, STATE_FILE, TOKENIZER_FILE, Which, load_run, resolve_checkpoint,
                           write_checkpoint)
-from ..utils import atomic_write_json, read_json
+from ..utils import read_json
+from ..runs.config import write_run_config
 from ..runs.files import BEST, LATEST
 from ..runs.guard import check_out
 from ..runs.staging import staged
@@ -45,6 +46,6 @@ def merge_lora(run: str | os.PathLike, out: str | os.PathLike, *, base: Optional
                                  json_files={CONFIG_FILE: config}, tokenizer_file=ckpt / TOKENIZER_FILE,
                                  state={"step": step, "tokens": state.get("tokens", 0), "merged": True},
                                  aliases=[LATEST, BEST])
-        atomic_write_json(tmp / CONFIG_FILE, config)
+        write_run_config(tmp, config)
     print(f"merged {ckpt} into {out / final.relative_to(tmp)}", file=sys.stderr)
     return out / BEST

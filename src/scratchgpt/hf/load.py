@@ -40,6 +40,7 @@ from .. import UserError
 from ..checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, StreamedTensors, model_tensors, write_checkpoint
 from ..model import GPT, ModelConfig
 from ..tokenizer import HF_CONFIG_FILE, HF_GENERATION_FILE, Tokenizer, copy_tokenizer
+from ..runs.config import write_run_config
 from ..runs.guard import check_out
 from ..runs.staging import staged
 from ..utils import atomic_write_bytes, atomic_write_json, read_json, sha256_file
@@ -291,5 +292,5 @@ def write_imported_run(out: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor] 
         write_checkpoint(tmp, 0, tensors={MODEL_FILE: sd}, json_files={CONFIG_FILE: config}, tokenizer_file=tok_path,
                          state={"step": 0, "tokens": 0, "best_val_loss": None}, aliases=["latest", "best"])
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
-        atomic_write_json(tmp / CONFIG_FILE, config)  # the run-level copy, as train writes it
+        write_run_config(tmp, config)  # the run-level copy, as train writes it
     return out

@@ -7,6 +7,7 @@
     log.py      RunLog: a training run's metrics, samples, TensorBoard and loss.png
     kind.py     the run kind (lm, sft, classifier; LoRA or not), one vocabulary for every command
     info.py     `scratchgpt info RUN`
+    config.py   RUN/config.json: written and read here (each checkpoint keeps a hashed copy)
 
 Only files, guard, staging and rows are imported here: they need nothing beyond the standard library,
 so the checkpoint store and the tokenizer can take their names from files.py without a cycle.
