@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import UserError
 from ..utils import read_json
-from .files import BEST, CONFIG_FILE, LATEST, MARKER_FILE, RESULT_FILE, STATE_FILE, TENSORBOARD_DIR
+from .config import read_run_config
+from .files import BEST, LATEST, MARKER_FILE, RESULT_FILE, STATE_FILE, TENSORBOARD_DIR
 
 
 def run_info(run: Path) -> dict:
@@ -17,9 +17,7 @@ def run_info(run: Path) -> dict:
     from ..model import GPT, ModelConfig
 
     run = Path(run)
-    if not (run / CONFIG_FILE).exists():
-        raise UserError(f"{run}: not a run directory (no config.json)")
-    config = read_json(run / CONFIG_FILE)
+    config = read_run_config(run, sections=("model",))
     info: dict[str, Any] = {"run": str(run)}
     if (run / LATEST).exists() or (run / BEST).exists():
         loaded = load_run(run, verify=False)
