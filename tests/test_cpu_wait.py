@@ -72,3 +72,23 @@ def test_the_spin_changes_no_number(tmp_path, char_data):
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs[spin] = [r["train_loss"] for r in rows if "train_loss" in r]
     assert len(runs["0"]) == 8 and runs["0"] == runs["300000"]
+
+
+def test_the_load_is_read_before_the_early_hash_starts(monkeypatch):
+    """sample's early sha256 runs on a thread of its own: started first, it would read as another process's load."""
+    from scratchgpt import cli
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+    monkeypatch.setattr(cpu_wait, "choose", lambda: calls.append("load"))
+
+    def hash_early(rest):
+        calls.append("hash")
+        raise Stop
+
+    monkeypatch.setattr(cli, "_hash_weights_early", hash_early)
+    with pytest.raises(Stop):
+        cli.main(["sample", "RUN"])
+    assert calls == ["load", "hash"]

@@ -402,10 +402,10 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
     build, handler, _ = COMMANDS[name]
+    if name in _COMPUTES:  # before anything loads torch (libgomp reads its spin count once), and before the
+        cpu_wait.choose()  # early hash below starts: its thread would count as another process's load
     if name in ("sample", "chat", "serve"):
         _hash_weights_early(rest)
-    if name in _COMPUTES:
-        cpu_wait.choose()  # before anything loads torch: libgomp reads its spin count once
     stdout, sys.stdout = sys.stdout, NamedStdout(sys.stdout)
     try:
         parser = build()

@@ -307,12 +307,15 @@ def attention_inputs(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torc
     """From the projected heads (B, H, T, D) to what attention sees: value embeddings, qk norm, rotation."""
     if ve is not None:
         v = v + ve
+    return qk_inputs(cfg, q, rope), qk_inputs(cfg, k, rope), v
+
+
+def qk_inputs(cfg: ModelConfig, heads: torch.Tensor, rope, rotate: Callable = apply_rope) -> torch.Tensor:
+    """Query or key heads (or both, stacked along the head axis) as attention sees them: qk norm, then rotation.
+    Each head's arithmetic is its own, so q and k stacked give what each gives alone (DecodeStep stacks them)."""
     if cfg.qk_norm:
-        eps = cfg.qk_norm_eps
-        q, k = F.rms_norm(q, (cfg.head_dim,), eps=eps), F.rms_norm(k, (cfg.head_dim,), eps=eps)
-    if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return q, k, v
+        heads = F.rms_norm(heads, (cfg.head_dim,), eps=cfg.qk_norm_eps)
+    return heads if rope is None else rotate(heads, *rope)
 
 
 def split_gqa(cfg: ModelConfig, qkv: torch.Tensor, B: int, T: int, joint_qk: bool = False) -> tuple[torch.Tensor, ...]:
@@ -711,11 +714,7 @@ class DecodeStep:
         qk, v = split_gqa(cfg, self._mm(h, attn), B, 1, joint_qk=True)
         if ve is not None:
             v = v + ve
-        if cfg.qk_norm:
-            qk = F.rms_norm(qk, (cfg.head_dim,), eps=cfg.qk_norm_eps)
-        if rope is not None:
-            qk = _rotate(qk, *rope)
-        q, k = qk.split([H, KV], dim=1)
+        q, k = qk_inputs(cfg, qk, rope, rotate=_rotate).split([H, KV], dim=1)
         y = attend_cached(q, k, v, kc, vc, pos, cfg.causal, self.gqa)
         return self._mm(y.view(B, cfg.q_dim), proj)
 
