@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--nanogpt", type=Path, default=None, help="path to a nanoGPT checkout (its model.py)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    ap.add_argument("--quantize", nargs="+", choices=["none", "int8", "int4"], default=["none"],
+    ap.add_argument("--quantize", nargs="+", choices=["none", "int8", "int4", "bf16"], default=["none"],
                     help="also run ours with these weight formats")
     ap.add_argument("--utf8-guard", action="store_true",
                     help="run ours with a byte-level vocabulary, UTF-8 guard off and on (its cost, paired A/B)")

@@ -8,8 +8,8 @@ an fp32 transformers folder). It is imported with `scratchgpt import-hf` and exp
 --format gguf --outtype f16` and `q8_0`, so llama.cpp decodes the very weights ours does; its Q4_1 contender is
 the package's own file. Contenders, all on `--threads` threads, the same 32-token prompt, greedy, 256 new tokens:
 
-- scratchgpt fp32, int8 and int4 (`--quantize`, scratchgpt.quantize), and bf16 (the model cast with
-  `.to(torch.bfloat16)`: the Python API's path; `sample` has no bf16 flag);
+- scratchgpt fp32, int8, int4 and bf16 (`--quantize`, scratchgpt.quantize; bf16 unless --no-bf16: bf16 weights,
+  fp32 inputs and sums; int8 and bf16 decode through scratchgpt/kernels.c where it builds);
 - HF transformers `generate` fp32 (LlamaForCausalLM from the same folder);
 - llama.cpp through llama-cpp-python (bench/llamacpp_decode.py: weights not repacked) on GGUF F16, Q8_0, Q4_1.
 
@@ -173,8 +173,8 @@ def contenders(a, hf_dir: Path, run: Path, ggufs: dict[str, Path]) -> tuple[dict
         if q != "none":
             m = quantize_model(copy.deepcopy(fp32), q)
             out[f"scratchgpt {q}"] = (ours_contender(m, tok), decode_bytes(m))
-    if not a.no_bf16:
-        m = copy.deepcopy(fp32).to(torch.bfloat16)
+    if not a.no_bf16 and "bf16" not in a.quantize:
+        m = quantize_model(copy.deepcopy(fp32), "bf16")
         out["scratchgpt bf16"] = (ours_contender(m, tok), decode_bytes(m))
     if not a.no_hf:
         from transformers import AutoModelForCausalLM

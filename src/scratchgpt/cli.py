@@ -30,8 +30,9 @@ HELP = {
     "which": "checkpoint; best falls back to latest",
     "base": "LoRA runs: the base run, if it moved",
     "device": "cpu, cuda, ...; auto: cuda > mps > cpu",
-    "quantize": "weight-only quantized Linear layers for faster CPU decoding of large models: int8, or int4 (faster "
-                "still, at a larger quality cost; CPUs and Ampere+ GPUs); the speeds are in BENCHMARKS.md",
+    "quantize": "weight-only quantized Linear layers for faster CPU decoding of large models: bf16 (half the bytes, "
+                "fp32 sums), int8, or int4 (faster still, at a larger quality cost; CPUs and Ampere+ GPUs); the speeds "
+                "are in BENCHMARKS.md",
     "force": "replace --out if it exists",
 }
 

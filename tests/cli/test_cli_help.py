@@ -138,7 +138,7 @@ def test_no_option_is_declared_by_hand_in_cli():
 
 @pytest.mark.parametrize("argv, message", [
     (["eval", "r", "--which", "bogus"], "error: --which takes one of best, latest, got 'bogus'"),
-    (["sample", "r", "--quantize", "int3"], "error: --quantize takes one of none, int8, int4, got 'int3'"),
+    (["sample", "r", "--quantize", "int3"], "error: --quantize takes one of none, int8, int4, bf16, got 'int3'"),
     (["finetune", "sft", "r", "--val", "v"], "error: the following arguments are required: --train, --out"),
     (["export", "r", "--oot", "x"], "(did you mean --out?)"),  # (--outt: a prefix of --outtype now)
 ])

@@ -14,7 +14,7 @@ from scratchgpt import generate as G
 from scratchgpt.checkpoint import save_checkpoint
 from scratchgpt.cli import main
 from scratchgpt.model import GPT, ModelConfig
-from scratchgpt.quantize import Int4Linear, Int8Linear, quantize_model
+from scratchgpt.quantize import Bf16Linear, Int4Linear, Int8Linear, quantize_model
 from scratchgpt.tokenizer import train_char_tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs.\n" * 20
@@ -78,6 +78,28 @@ def test_quantized_model_decodes_like_the_original(kw, mode, tol):
     assert dec.fast is not None  # the fast decode step handles int8 layers (checked against GPT.forward)
 
 
+@pytest.mark.parametrize("kw", [{}, dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=1)])
+def test_bf16_weights_decode_as_the_original(kw):
+    """`--quantize bf16`: every Linear holds bf16 weights (half the bytes), inputs and sums stay fp32."""
+    tok = train_char_tokenizer([TEXT])
+    model = tiny(tok.vocab_size, **kw)
+    prompts = [tok.encode("the lazy"), tok.encode("pack my")]
+    x = torch.tensor([tok.encode("the quick brown ")])
+    with torch.no_grad():
+        ref = model(x)[0]
+    want = G.generate_tokens(model, prompts, max_new_tokens=30, temperature=0)
+    quantize_model(model, "bf16")
+    assert isinstance(model.lm_head, Bf16Linear) and model.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        got = model(x)[0]
+    assert (got - ref).abs().max() / ref.abs().max() < 0.03  # bf16 keeps 8 bits of each weight (int8: 0.06)
+    assert G.generate_tokens(model, prompts, max_new_tokens=30, temperature=0) == want
+    assert G.generate_tokens(model, prompts, max_new_tokens=30, temperature=0, use_cache=False) == want
+    dec = G._decoder(model, tok.vocab_size, prompts[:1], G.GenerationConfig(max_new_tokens=4, temperature=0), [0])
+    dec.next()
+    assert dec.fast is not None
+
+
 def test_adapter_layers_are_refused():
     class Wrapped(torch.nn.Linear):
         pass
@@ -107,6 +129,9 @@ def test_cli_sample_chat_and_eval_quantized(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.startswith("the ")
     assert main(["sample", str(run), "--prompt", "the ", "--max-new-tokens", "10", "--quantize", "int4",
                  "--device", "cpu"]) == 0  # the CPU kernels (test_gpu.py: CUDA's)
+    assert capsys.readouterr().out.startswith("the ")
+    assert main(["sample", str(run), "--prompt", "the ", "--max-new-tokens", "10", "--quantize", "bf16",
+                 "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("the ")
     monkeypatch.setattr("sys.stdin", io.StringIO("the \n/exit\n"))  # piped chat, plain continuation
     assert main(["chat", str(run), "--max-new-tokens", "5", "--seed", "1", "--quantize", "int8", "--device", "cpu"]) == 0

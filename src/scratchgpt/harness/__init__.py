@@ -2,7 +2,7 @@
 
 lm-evaluation-harness (`pip install 'scratchgpt[harness]'`) runs its tasks on the run through `ScratchLM`
 (lm.py: scratchgpt's own batched scoring and KV-cache generation, no export to transformers). Every run kind
-loads: pretrained, imported, fine-tuned, LoRA (its adapters unmerged), `--quantize int8|int4`.
+loads: pretrained, imported, fine-tuned, LoRA (its adapters unmerged), `--quantize bf16|int8|int4`.
 
 Without `--tasks` it runs DEFAULT_TASKS at `--limit` DEFAULT_LIMIT (a CPU scorecard in minutes for a small
 model: the zero-shot tasks of the SmolLM2 and nanochat model cards that need no generation). Their datasets

@@ -1,0 +1,106 @@
+/* Matrix-vector products for decoding on x86 CPUs with AVX-512 (scratchgpt/kernels.py builds and loads this).
+
+   Decoding one token at batch 1 reads every weight once: the speed is how fast weights stream from memory.
+   torch's batch-1 kernels for int8 (`_weight_int8pack_mm`) and bf16 weights (`mm`) are bound by their own
+   instruction loop at ~7-9 GB/s on the project's CPU; these loops widen each 16 weights to fp32 in registers
+   and reach ~14-19 GB/s (BENCHMARKS.md). Each output is a dot product of one weight row with one input row,
+   accumulated in fp32; rows are split among the OpenMP threads torch uses (the same libgomp).
+
+   y has M x N floats: y[m * N + n] = x[m] . w[n] (then scaled, rounded, biased as each function says). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define PREFETCH_BYTES 2048 /* how far ahead in the weight stream to prefetch (measured: 2-4 KB best) */
+
+int sg_fast_path(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float round_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return f; /* NaN stays NaN */
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static float dot_i8(const float *x, const int8_t *w, int64_t K) {
+    int64_t k = 0;
+    float acc = 0.f;
+#ifdef __AVX512F__
+#define I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; k + 64 <= K; k += 64) {
+        _mm_prefetch((const char *)(w + k + PREFETCH_BYTES), _MM_HINT_T0);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), I8(w + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), I8(w + k + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), I8(w + k + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), I8(w + k + 48), a3);
+    }
+    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), I8(w + k), a0);
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+    for (; k < K; k++) acc += x[k] * (float)w[k];
+    return acc;
+}
+
+static float dot_bf16(const float *x, const uint16_t *w, int64_t K) {
+    int64_t k = 0;
+    float acc = 0.f;
+#ifdef __AVX512F__
+#define BF(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    for (; k + 32 <= K; k += 32) {
+        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), BF(w + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), BF(w + k + 16), a1);
+    }
+    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), BF(w + k), a0);
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+    for (; k < K; k++) acc += x[k] * bf16_to_f32(w[k]);
+    return acc;
+}
+
+/* int8 weights, one bf16 scale per row: what torch's _weight_int8pack_mm computes, the same roundings
+   (x rounded to bf16, the scaled sum rounded to bf16), then the fp32 bias (NULL: none) added.
+   Returns 0, or -1 if memory for the rounded inputs could not be had. */
+int sg_int8_rows(const float *x, int64_t M, const int8_t *w, const uint16_t *scale, const float *bias, float *y,
+                 int64_t N, int64_t K) {
+    float *xr = malloc((size_t)(M * K) * sizeof(float));
+    if (!xr) return -1;
+    for (int64_t i = 0; i < M * K; i++) xr[i] = round_bf16(x[i]);
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float s = bf16_to_f32(scale[n]), b = bias ? bias[n] : 0.f;
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = round_bf16(dot_i8(xr + m * K, w + n * K, K) * s) + b;
+    }
+    free(xr);
+    return 0;
+}
+
+/* bf16 weights, fp32 inputs and outputs (no rounding but the weights'), then the fp32 bias (NULL: none). */
+int sg_bf16_rows(const float *x, int64_t M, const uint16_t *w, const float *bias, float *y, int64_t N, int64_t K) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float b = bias ? bias[n] : 0.f;
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_bf16(x + m * K, w + n * K, K) + b;
+    }
+    return 0;
+}

@@ -1,0 +1,128 @@
+"""Decoding's matrix-vector products for int8 and bf16 weights on x86 CPUs with AVX-512 (kernels.c).
+
+At batch 1 a decoder reads every weight once per token, so its speed is how fast the weights stream from
+memory. torch's kernels for a few rows of int8 or bf16 weights stay well below that (BENCHMARKS.md); the C
+loops in kernels.c reach it. They are compiled once per machine with the C compiler found (`$CC`, `cc`,
+`gcc` or `clang`, `-O3 -march=native -fopenmp`) into the cache folder (runtime.cache_dir()/kernels, named
+by a hash of the source, compiler and CPU), and loaded with ctypes. Where that is not possible (no
+compiler, no AVX-512, another OS) or `SCRATCHGPT_KERNELS=0` is set, `library()` is None and the quantized
+layers use torch's kernels: same results up to the order of fp32 sums, only slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+MAX_ROWS = 8  # up to this many input rows (batch x new tokens) a call; more (a prompt) read weights often enough for torch's GEMMs
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor()
+
+
+def _build(cc: str, out: Path) -> bool:
+    """Compile kernels.c into `out`, atomically (a temporary file renamed): True if it worked."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        if done.returncode != 0:
+            return False
+        os.chmod(tmp, 0o755 & ~_umask())
+        os.replace(tmp, out)
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernels, built on first use; None where they cannot be had (then torch's kernels run)."""
+    if os.environ.get("SCRATCHGPT_KERNELS", "1") == "0" or platform.system() != "Linux" \
+            or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    cc = _compiler()
+    if cc is None:
+        return None
+    from .runtime import cache_dir
+
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_key().encode()).hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"decode-{key}.so"
+    if not path.exists() and not _build(cc, path):
+        return None
+    try:
+        torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the library shares its threads
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    if not lib.sg_fast_path():  # compiled without AVX-512: torch's kernels are faster than the plain loops
+        return None
+    lib.sg_int8_rows.argtypes = [_P, _I, _P, _P, _P, _P, _I, _I]
+    lib.sg_bf16_rows.argtypes = [_P, _I, _P, _P, _P, _I, _I]
+    lib.sg_int8_rows.restype = lib.sg_bf16_rows.restype = ctypes.c_int
+    return lib
+
+
+def usable(x2d: torch.Tensor) -> bool:
+    """Whether these rows can go through the kernels: a few contiguous fp32 rows on the CPU."""
+    return (x2d.device.type == "cpu" and x2d.dtype == torch.float32 and x2d.size(0) <= MAX_ROWS
+            and x2d.is_contiguous() and library() is not None)
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def int8_rows(x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """(M, K) fp32 x (N, K) int8 with (N,) bf16 scales -> (M, N) fp32: torch._weight_int8pack_mm's product
+    (inputs and the scaled sums rounded to bf16), plus the bias."""
+    (m, k), n = x2d.shape, weight.size(0)
+    y = torch.empty(m, n)
+    if library().sg_int8_rows(x2d.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), n, k):
+        raise MemoryError("int8 kernel: no memory for its rounded inputs")
+    return y
+
+
+def bf16_rows(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """(M, K) fp32 x (N, K) bf16 -> (M, N) fp32, summed in fp32, plus the bias."""
+    (m, k), n = x2d.shape, weight.size(0)
+    y = torch.empty(m, n)
+    library().sg_bf16_rows(x2d.data_ptr(), m, weight.data_ptr(), _ptr(bias), y.data_ptr(), n, k)
+    return y

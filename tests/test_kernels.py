@@ -1,0 +1,109 @@
+"""kernels.py: decoding's int8 and bf16 matrix-vector products, built once per machine, and the fallback."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from scratchgpt import kernels
+from scratchgpt.quantize import Bf16Linear, Int8Linear
+
+needs_kernels = pytest.mark.skipif(kernels.library() is None,
+                                   reason="no C compiler with OpenMP, or no AVX-512: torch's kernels run instead")
+SHAPES = [(64, 96), (576, 960), (100, 33), (1536, 40), (17, 5)]  # K not a multiple of 16 or 64: the tails
+
+
+def bf16_round(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+@needs_kernels
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, kernels.MAX_ROWS])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_rows_compute_what_torch_int8_layers_compute(k, n, rows, bias):
+    torch.manual_seed(k + n + rows)
+    q = Int8Linear(torch.nn.Linear(k, n, bias=bias))
+    x = torch.randn(rows, k)
+    exact = (bf16_round(x).double() @ q.weight.double().t()) * q.scales.double()  # the defined product, unrounded
+    got = kernels.int8_rows(x, q.weight, q.scales, q.bias)
+    biased = bf16_round(exact.float()) + (q.bias if bias else 0)
+    # fp32 sums in another order can only move a result across a bf16 rounding boundary: one bf16 step at most
+    step = exact.abs().float() * 2 ** -7 + 1e-30
+    assert ((got - biased).abs() <= step + 1e-6).all()
+    assert (got - biased).abs().gt(1e-6).float().mean() < 0.05  # and rarely
+
+
+@needs_kernels
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_bf16_rows_are_the_fp32_product_with_bf16_weights(k, n, rows):
+    torch.manual_seed(k * n + rows)
+    lin = torch.nn.Linear(k, n)
+    b = Bf16Linear(lin)
+    x = torch.randn(rows, k)
+    ref = x.double() @ lin.weight.to(torch.bfloat16).double().t() + lin.bias.double()
+    got = kernels.bf16_rows(x, b.weight, b.bias)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5)
+    assert b.weight.dtype == torch.bfloat16 and b.rows(x).shape == (rows, n)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Bf16Linear])
+def test_layers_agree_with_and_without_the_kernels(cls, monkeypatch):
+    """The quantized layers give the same results on a machine without the kernels (or past MAX_ROWS rows)."""
+    torch.manual_seed(0)
+    layer = cls(torch.nn.Linear(64, 48))
+    x = torch.randn(2, 64)
+    fast = layer.rows(x)
+    many = layer.rows(torch.cat([x] * 8))[:2]  # 16 rows: torch's kernels
+    monkeypatch.setenv("SCRATCHGPT_KERNELS", "0")
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None and not kernels.usable(x)
+        slow = layer.rows(x)
+    finally:
+        kernels.library.cache_clear()
+    for other in (many, slow):
+        assert torch.allclose(fast, other, rtol=2 ** -7, atol=1e-5)
+
+
+def test_int8_layers_are_right_for_any_width():
+    """torch's int8 kernel reads inputs 16 at a time and returns garbage for other widths: such layers multiply
+    the dequantized weights instead."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(100, 33)
+    q = Int8Linear(lin)
+    x = torch.randn(12, 100)  # more rows than the kernels take
+    assert (q(x) - lin(x)).abs().max() / lin(x).abs().max() < 0.02
+
+
+def test_a_failed_build_falls_back_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: "/bin/false" if name == "false" else None)
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None
+        assert not kernels.usable(torch.zeros(1, 4))
+    finally:
+        kernels.library.cache_clear()
+    assert list(tmp_path.rglob("*")) in ([], [tmp_path / "kernels"])  # no half-written library, no temporary file
+
+
+@needs_kernels
+def test_the_build_is_cached_with_the_umask(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHGPT_CACHE_DIR", str(tmp_path))
+    old = os.umask(0o027)
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is not None
+        (built,) = (tmp_path / "kernels").iterdir()
+        assert built.name.startswith("decode-") and built.stat().st_mode & 0o777 == 0o750
+        stamp = built.stat().st_mtime_ns
+        kernels.library.cache_clear()
+        assert kernels.library() is not None and built.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    finally:
+        os.umask(old)
+        kernels.library.cache_clear()
