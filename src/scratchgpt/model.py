@@ -665,14 +665,14 @@ class DecodeStep:
         self.gqa = cfg.kv_heads != cfg.n_head
         self.vte = t.vte.weight if cfg.value_embeds else None
         # per layer: attention and MLP (partials over its weights and cache) and its two norms, as `residual` takes them
+        linear = partial(self._linear, rows=cache.k.size(1), dtype=t.wte.weight.dtype)
         self.layers = [
-            (partial(self._attention, self._linear(b.attn.c_attn), self._linear(b.attn.c_proj), cache.k[i], cache.v[i]),
-             partial(self._mlp, self._linear(b.mlp.c_fc), self._linear(b.mlp.c_proj)), self._norm(b.ln_1),
-             self._norm(b.ln_2))
+            (partial(self._attention, linear(b.attn.c_attn), linear(b.attn.c_proj), cache.k[i], cache.v[i]),
+             partial(self._mlp, linear(b.mlp.c_fc), linear(b.mlp.c_proj)), self._norm(b.ln_1), self._norm(b.ln_2))
             for i, b in enumerate(t.h)
         ]
         self.ln_f = self._norm(t.ln_f) if self.pre else None
-        self.head = self._linear(model.lm_head)
+        self.head = linear(model.lm_head, reuse_output=False)  # the logits outlive the step
         self._step: tuple = ()  # (batch, position, rope, value embeddings) of the token being decoded
 
     @staticmethod
@@ -693,9 +693,9 @@ class DecodeStep:
         return partial(torch.rms_norm, normalized_shape=(m.weight.numel(),), weight=m.weight, eps=m.eps)
 
     @staticmethod
-    def _linear(m: nn.Module) -> tuple:
+    def _linear(m: nn.Module, rows: int, dtype: torch.dtype, reuse_output: bool = True) -> tuple:
         if type(m) is not nn.Linear:  # a quantized layer: its kernel and bias on (B, in) rows, no module dispatch
-            return (m.rows,)
+            return (m.decoding_rows(rows, dtype, reuse_output),)
         # (W^T view, bias): addmm/mm on a transposed view is exactly what F.linear does, minus two dispatches
         return (m.weight.t(), m.bias)
 

@@ -28,7 +28,7 @@ Training never sees these modules: quantize a loaded model, not one you will tra
 from __future__ import annotations
 
 import typing
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -62,6 +62,16 @@ class _QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.rows(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+
+    def decoding_rows(self, rows: int, dtype: torch.dtype, reuse_output: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`rows` for a decoder that always passes `rows` contiguous rows of `dtype` (model.DecodeStep): the
+        kernel bound once where kernels.py runs this layer (with reuse_output, each result is overwritten by the
+        next call), else `rows` itself."""
+        scales = getattr(self, "scales", None) if self.bits == 8 else None
+        if self.bits not in (8, 16) or kernels.library() is None or rows > kernels.MAX_ROWS or dtype != torch.float32 \
+                or self.weight.device.type != "cpu" or (self.bias is not None and self.bias.dtype != torch.float32):
+            return self.rows
+        return kernels.bound(self.weight, scales, self.bias, rows, reuse_output)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int{self.bits}"
