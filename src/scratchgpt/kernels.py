@@ -51,7 +51,7 @@ def _build(cc: str, out: Path) -> bool:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp]
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
         done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
         if done.returncode != 0:
             return False
@@ -145,3 +145,48 @@ def bf16_rows(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     y = torch.empty(m, n)
     library().sg_bf16_rows(x2d.data_ptr(), m, weight.data_ptr(), _ptr(bias), y.data_ptr(), n, k)
     return y
+
+
+class DecodeOps:
+    """kernels.c's RMS norm, SwiGLU activation and one-token attention, for model.DecodeStep's rows of fp32 on
+    the CPU: one call each where torch runs 2-12 small ops (the same arithmetic, sums in another order)."""
+
+    def __init__(self, lib: ctypes.CDLL, heads: int, kv_heads: int, head_dim: int, qk_norm_eps: float) -> None:
+        self.lib, self.heads, self.kv_heads, self.head_dim, self.qk_eps = lib, heads, kv_heads, head_dim, qk_norm_eps
+        lib.sg_rms_norm.argtypes = [_P, _I, _I, _P, ctypes.c_float, _P]
+        lib.sg_silu_mul.argtypes = [_P, _I, _I, _P]
+        lib.sg_attend_one.argtypes = [_P, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _I, _I, _P]
+        lib.sg_attend_one.restype = ctypes.c_int
+
+    @staticmethod
+    def of(model_cfg, dtype: torch.dtype, device: torch.device) -> Optional["DecodeOps"]:
+        """Where the kernels run this model's decoding steps (fp32 on the CPU, no value embeddings), else None."""
+        lib = library()
+        if lib is None or dtype != torch.float32 or device.type != "cpu" or model_cfg.value_embeds:
+            return None
+        cfg = model_cfg
+        return DecodeOps(lib, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.qk_norm_eps if cfg.qk_norm else 0.0)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()  # (a no-op: the step's rows are)
+        y = torch.empty_like(x)
+        self.lib.sg_rms_norm(x.data_ptr(), x.size(0), x.size(1), weight.data_ptr(), eps, y.data_ptr())
+        return y
+
+    def silu_mul(self, h: torch.Tensor) -> torch.Tensor:
+        """[gate; up] rows -> silu(gate) * up."""
+        h = h.contiguous()
+        y = torch.empty(h.size(0), h.size(1) // 2)
+        self.lib.sg_silu_mul(h.data_ptr(), h.size(0), h.size(1) // 2, y.data_ptr())
+        return y
+
+    def attend(self, qkv: torch.Tensor, rope, keys: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:
+        """c_attn's rows (B, (H + 2 KV) D) at position `pos` -> attention's output (B, H D); the new keys and
+        values go into the layer's cache (B, KV, max_len, D)."""
+        B, (cos, sin), qkv = qkv.size(0), rope if rope is not None else (None, None), qkv.contiguous()
+        y = torch.empty(B, self.heads * self.head_dim)
+        if self.lib.sg_attend_one(qkv.data_ptr(), B, self.heads, self.kv_heads, self.head_dim, self.qk_eps,
+                                  _ptr(cos), _ptr(sin), keys.data_ptr(), values.data_ptr(), pos, keys.size(2),
+                                  y.data_ptr()):
+            raise MemoryError("attention kernel: no memory for its scores")
+        return y

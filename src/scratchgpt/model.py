@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .checks import ConfigError, check_fields
 
 
@@ -664,6 +665,8 @@ class DecodeStep:
         self.pre = cfg.norm_placement == "pre"
         self.gqa = cfg.kv_heads != cfg.n_head
         self.vte = t.vte.weight if cfg.value_embeds else None
+        # kernels.c's norm, activation and attention where they run (fp32 on a CPU with the kernels built)
+        self.native = kernels.DecodeOps.of(cfg, t.wte.weight.dtype, t.wte.weight.device)
         # per layer: attention and MLP (partials over its weights and cache) and its two norms, as `residual` takes them
         linear = partial(self._linear, rows=cache.k.size(1), dtype=t.wte.weight.dtype)
         self.layers = [
@@ -684,12 +687,13 @@ class DecodeStep:
         linears = [model.lm_head] + [m for b in t.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         return all(type(m) is nn.Linear or getattr(m, "quantized", False) for m in linears)
 
-    @staticmethod
-    def _norm(m: nn.Module) -> Callable:
+    def _norm(self, m: nn.Module) -> Callable:
         # torch.* ops directly: the F.* wrappers add a Python layer per call
         if isinstance(m, nn.LayerNorm):
             return partial(torch.layer_norm, normalized_shape=m.normalized_shape, weight=m.weight, bias=m.bias,
                            eps=m.eps)
+        if self.native is not None:  # torch's rms_norm is ~7 ops on a CPU
+            return partial(self.native.rms_norm, weight=m.weight, eps=torch.finfo(m.weight.dtype).eps if m.eps is None else m.eps)
         return partial(torch.rms_norm, normalized_shape=(m.weight.numel(),), weight=m.weight, eps=m.eps)
 
     @staticmethod
@@ -709,6 +713,10 @@ class DecodeStep:
         """CausalSelfAttention.forward for one token (h: (B, C)) at the step's position."""
         cfg, (B, pos, rope, ve) = self.cfg, self._step
         H, KV = cfg.n_head, cfg.kv_heads
+        if self.native is not None:  # split_gqa, qk_inputs and attend_cached in one call
+            if pos >= kc.size(2):
+                raise ValueError(f"KV cache is full: {pos} + 1 positions past its {kc.size(2)}")
+            return self._mm(self.native.attend(self._mm(h, attn), rope, kc, vc, pos), proj)
         # attention_inputs with q and k as one tensor: [q; k] heads normed and rotated in one op each (the same
         # elementwise arithmetic per head; RoPE's kernels without its autograd Function: ~1 ms a token at 30 layers)
         qk, v = split_gqa(cfg, self._mm(h, attn), B, 1, joint_qk=True)
@@ -719,6 +727,8 @@ class DecodeStep:
         return self._mm(y.view(B, cfg.q_dim), proj)
 
     def _mlp(self, fc: tuple, out: tuple, h: torch.Tensor) -> torch.Tensor:
+        if self.native is not None and self.cfg.mlp == "swiglu":
+            return self._mm(self.native.silu_mul(self._mm(h, fc)), out)
         return self._mm(mlp_activation(self._mm(h, fc), self.cfg.mlp), out)
 
     def __call__(self, tok: torch.Tensor) -> torch.Tensor:
@@ -727,7 +737,7 @@ class DecodeStep:
         B, pos = tok.size(0), self.cache.length
         x, rope = self.model.embed(tok[:, None], pos)
         if rope is not None:  # (apply_rope's cast, once a step instead of twice a layer)
-            rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
+            rope = (rope[0].to(x.dtype).contiguous(), rope[1].to(x.dtype).contiguous())
         ve = None if self.vte is None else self.vte[tok].view(B, cfg.kv_heads, 1, cfg.head_dim)
         self._step = (B, pos, rope, ve)
         x = x[:, 0]

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 
+from scratchgpt import kernels
 from scratchgpt.model import GPT, DecodeStep, KVCache, ModelConfig
 
 FACTORS = {
@@ -65,8 +66,14 @@ def test_pairwise_covers_every_pair():
     assert len(COMBOS) < 30  # pairwise, not the full 73728-combination product
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["kernels", "torch"])
 @pytest.mark.parametrize("opts", COMBOS, ids=lambda o: "-".join(str(v) for v in o.values()))
-def test_decode_step_equals_forward(opts):
+def test_decode_step_equals_forward(opts, native, monkeypatch):
+    """Both ways a step can run: kernels.c's norm, activation and attention (where built), and torch's ops."""
+    if native and kernels.library() is None:
+        pytest.skip("no C compiler with OpenMP, or no AVX-512: torch's ops run instead")
+    if not native:
+        monkeypatch.setattr(kernels.DecodeOps, "of", staticmethod(lambda *a: None))
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=41, block_size=24, n_layer=2, n_head=2, n_embd=32, **opts)
     model = GPT(cfg).eval()
@@ -81,6 +88,7 @@ def test_decode_step_equals_forward(opts):
         prefill = model(seq[:, :prompt], cache=cache)
         assert torch.allclose(prefill, reference[:, :prompt], atol=1e-5)
         step = DecodeStep(model, cache)
+        assert (step.native is not None) == (native and not cfg.value_embeds)
         worst = 0.0
         for t in range(prompt, seq.size(1)):
             logits = step(seq[:, t])
