@@ -107,3 +107,15 @@ def test_the_build_is_cached_with_the_umask(tmp_path, monkeypatch):
     finally:
         os.umask(old)
         kernels.library.cache_clear()
+
+
+def test_an_unwritable_cache_falls_back(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("SCRATCHGPT_CACHE_DIR", str(blocked))  # kernels/ cannot be made under a file
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None
+    finally:
+        kernels.library.cache_clear()
+    assert blocked.read_text() == "not a folder"

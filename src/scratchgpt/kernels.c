@@ -1,4 +1,6 @@
-/* Matrix-vector products for decoding on x86 CPUs with AVX-512 (scratchgpt/kernels.py builds and loads this).
+/* Decoding's inner loops on x86 CPUs with AVX-512 (scratchgpt/kernels.py builds and loads this): the
+   matrix-vector products of int8 and bf16 weights, and the rest of a one-token step (RMS norm, SwiGLU's
+   activation, attention over the KV cache) as one call each.
 
    Decoding one token at batch 1 reads every weight once: the speed is how fast weights stream from memory.
    torch's batch-1 kernels for int8 (`_weight_int8pack_mm`) and bf16 weights (`mm`) are bound by their own
