@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scratchgpt import kernels
-from scratchgpt.quantize import Bf16Linear, Int8Linear
+from scratchgpt.quantize import Bf16Linear, Int4Linear, Int8Linear
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None,
                                    reason="no C compiler with OpenMP, or no AVX-512: torch's kernels run instead")
@@ -34,6 +34,27 @@ def test_int8_rows_compute_what_torch_int8_layers_compute(k, n, rows, bias):
     step = exact.abs().float() * 2 ** -7 + 1e-30
     assert ((got - biased).abs() <= step + 1e-6).all()
     assert (got - biased).abs().gt(1e-6).float().mean() < 0.05  # and rarely
+
+
+@needs_kernels
+@pytest.mark.parametrize("k, n", [(64, 96), (576, 960), (1536, 48)])
+@pytest.mark.parametrize("rows", [1, 3, kernels.MAX_ROWS, 12])
+def test_int4_layers_compute_what_torch_int4_layers_compute(k, n, rows, monkeypatch):
+    """kernels.c's 4-bit layout (rows up to MAX_ROWS: the C loop; more: the dequantized weights) against the same
+    weights in torch's own layout and kernel."""
+    torch.manual_seed(k + n + rows)
+    lin = torch.nn.Linear(k, n)
+    ours = Int4Linear(lin)
+    monkeypatch.setattr(kernels, "fast_matmuls", lambda: False)
+    theirs = Int4Linear(lin)
+    monkeypatch.undo()
+    assert ours.own_layout and not theirs.own_layout
+    x = torch.randn(rows, k)
+    exact = bf16_round(x).double() @ ours.dequantized().double().t()
+    got, want = ours.rows(x), theirs.rows(x)
+    step = exact.abs().float() * 2 ** -7 + 1e-6
+    assert ((got - want).abs() <= step + 1e-5).all()  # the same product; sums in another order, one bf16 step at most
+    assert (got - lin(x)).abs().max() / lin(x).abs().max() < 0.15  # and it is the layer, within 4-bit rounding
 
 
 @needs_kernels

@@ -1,4 +1,4 @@
-"""Decoding's inner loops on x86 CPUs with AVX-512 (kernels.c): int8 and bf16 matrix-vector products, and
+"""Decoding's inner loops on x86 CPUs (kernels.c): int8, int4 and bf16 matrix-vector products (AVX-512), and
 the rest of a one-token step (DecodeOps: RMS norm, SwiGLU's activation, attention over the KV cache).
 
 At batch 1 a decoder reads every weight once per token, so its speed is how fast the weights stream from
@@ -6,9 +6,10 @@ memory. torch's kernels for a few rows of int8 or bf16 weights stay well below t
 between the matmuls a 30-layer model runs ~1000 small torch ops a token at 1-3 us each; the C loops in
 kernels.c stream the weights faster and make each of those steps one call. They are compiled once per machine with the C compiler found (`$CC`, `cc`,
 `gcc` or `clang`, `-O3 -march=native -fopenmp`) into the cache folder (runtime.cache_dir()/kernels, named
-by a hash of the source, compiler and CPU), and loaded with ctypes. Where that is not possible (no
-compiler, no AVX-512, another OS) or `SCRATCHGPT_KERNELS=0` is set, `library()` is None and the quantized
-layers use torch's kernels: same results up to the order of fp32 sums, only slower.
+by a hash of the source, compiler and CPU), and loaded with ctypes. Where that is not possible (no compiler, another OS, an unwritable cache) or
+`SCRATCHGPT_KERNELS=0` is set, `library()` is None and torch's ops run: the same results up to the order of
+fp32 sums, only slower. Built without AVX-512, the plain C matmul loops are slower than torch's, so only
+DecodeOps is used (`fast_matmuls()` is False).
 """
 
 from __future__ import annotations
@@ -100,35 +101,41 @@ def library() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(str(path))
     except OSError:
         return None
-    if not lib.sg_fast_path():  # compiled without AVX-512: torch's kernels are faster than the plain loops
-        return None
-    lib.sg_int8_rows.argtypes = [_P, _I, _P, _P, _P, _P, _I, _I]
+    lib.sg_int8_rows.argtypes = lib.sg_int4_rows.argtypes = [_P, _I, _P, _P, _P, _P, _I, _I]
     lib.sg_bf16_rows.argtypes = [_P, _I, _P, _P, _P, _I, _I]
-    lib.sg_int8_rows.restype = lib.sg_bf16_rows.restype = ctypes.c_int
+    lib.sg_int8_rows.restype = lib.sg_int4_rows.restype = lib.sg_bf16_rows.restype = ctypes.c_int
     return lib
+
+
+def fast_matmuls() -> bool:
+    """Whether the matrix-vector products beat torch's: built with AVX-512 (the plain C loops do not; the
+    rest of DecodeOps helps either way)."""
+    lib = library()
+    return lib is not None and bool(lib.sg_fast_path())
 
 
 def usable(x2d: torch.Tensor) -> bool:
     """Whether these rows can go through the kernels: a few contiguous fp32 rows on the CPU."""
     return (x2d.device.type == "cpu" and x2d.dtype == torch.float32 and x2d.size(0) <= MAX_ROWS
-            and x2d.is_contiguous() and library() is not None)
+            and x2d.is_contiguous() and fast_matmuls())
 
 
-def bound(weight: torch.Tensor, scales: Optional[torch.Tensor], bias: Optional[torch.Tensor], rows: int,
+def bound(kind: str, weight: torch.Tensor, scales: Optional[torch.Tensor], bias: Optional[torch.Tensor], rows: int,
           reuse_output: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """int8_rows (scales given) or bf16_rows for exactly `rows` contiguous fp32 rows, its arguments converted once:
-    a decoder's per-call cost drops from ~9 to ~3 us. With reuse_output every call returns the same tensor,
-    overwritten by the next call. The caller keeps the weights alive."""
-    lib, (n, k) = library(), weight.shape
-    fn = lib.sg_int8_rows if scales is not None else lib.sg_bf16_rows
-    consts = [ctypes.c_void_p(weight.data_ptr())] + ([ctypes.c_void_p(scales.data_ptr())] if scales is not None else [])
-    consts += [ctypes.c_void_p(_ptr(bias)), ]
+    """int8_rows, int4_rows or bf16_rows (`kind`) for exactly `rows` contiguous fp32 rows, their arguments
+    converted once: a decoder's per-call cost drops from ~9 to ~3 us. With reuse_output every call returns the
+    same tensor, overwritten by the next call. The caller keeps the weights alive."""
+    lib, n = library(), weight.size(0)
+    k = weight.size(1) * (2 if kind == "int4" else 1)
+    fn = {"int8": lib.sg_int8_rows, "int4": lib.sg_int4_rows, "bf16": lib.sg_bf16_rows}[kind]
+    consts = [ctypes.c_void_p(weight.data_ptr())] + ([ctypes.c_void_p(scales.data_ptr())] if kind != "bf16" else [])
+    consts += [ctypes.c_void_p(_ptr(bias))]
     out = torch.empty(rows, n) if reuse_output else None
 
     def call(x: torch.Tensor) -> torch.Tensor:
         y = out if out is not None else torch.empty(rows, n)
         if fn(x.data_ptr(), rows, *consts, y.data_ptr(), n, k):
-            raise MemoryError("int8 kernel: no memory for its rounded inputs")
+            raise MemoryError(f"{kind} kernel: no memory for its rounded inputs")
         return y
     return call
 
@@ -144,6 +151,18 @@ def int8_rows(x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
     y = torch.empty(m, n)
     if library().sg_int8_rows(x2d.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), n, k):
         raise MemoryError("int8 kernel: no memory for its rounded inputs")
+    return y
+
+
+def int4_rows(x2d: torch.Tensor, weight: torch.Tensor, scales_offsets: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """(M, K) fp32 x 4-bit (N, K/2) weights with (N, K/32, 2) bf16 scales and offsets -> (M, N) fp32:
+    torch._weight_int4pack_mm_for_cpu's product (its roundings), plus the bias."""
+    (m, k), n = x2d.shape, weight.size(0)
+    y = torch.empty(m, n)
+    if library().sg_int4_rows(x2d.data_ptr(), m, weight.data_ptr(), scales_offsets.data_ptr(), _ptr(bias),
+                              y.data_ptr(), n, k):
+        raise MemoryError("int4 kernel: no memory for its rounded inputs")
     return y
 
 
