@@ -4,12 +4,13 @@ the rest of a one-token step (DecodeOps: RMS norm, SwiGLU's activation, attentio
 At batch 1 a decoder reads every weight once per token, so its speed is how fast the weights stream from
 memory. torch's kernels for a few rows of int8 or bf16 weights stay well below that (BENCHMARKS.md), and
 between the matmuls a 30-layer model runs ~1000 small torch ops a token at 1-3 us each; the C loops in
-kernels.c stream the weights faster and make each of those steps one call. They are compiled once per machine with the C compiler found (`$CC`, `cc`,
-`gcc` or `clang`, `-O3 -march=native -fopenmp`) into the cache folder (runtime.cache_dir()/kernels, named
-by a hash of the source, compiler and CPU), and loaded with ctypes. Where that is not possible (no compiler, another OS, an unwritable cache) or
-`SCRATCHGPT_KERNELS=0` is set, `library()` is None and torch's ops run: the same results up to the order of
-fp32 sums, only slower. Built without AVX-512, the plain C matmul loops are slower than torch's, so only
-DecodeOps is used (`fast_matmuls()` is False).
+kernels.c stream the weights faster and make each of those steps one call. They are compiled once per machine
+with the C compiler found (`$CC`, `cc`, `gcc` or `clang`, `-O3 -march=native -fopenmp`) into the cache folder
+(runtime.cache_dir()/kernels, named by a hash of the source, compiler and CPU), and loaded with ctypes. Where
+that is not possible (no compiler, another OS, an unwritable cache) or `SCRATCHGPT_KERNELS=0` is set,
+`library()` is None and torch's ops run: the same results up to the order of fp32 sums, only slower. Built
+without AVX-512, the plain C matmul loops are slower than torch's, so only DecodeOps is used (`fast_matmuls()`
+is False).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Callable, Optional
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-MAX_ROWS = 8  # up to this many input rows (batch x new tokens) a call; more (a prompt) read weights often enough for torch's GEMMs
+# up to this many input rows (batch x new tokens) a call; more (a prompt) read the weights often enough for torch's GEMMs
+MAX_ROWS = 8
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -144,7 +146,8 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def int8_rows(x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def int8_rows(x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
     """(M, K) fp32 x (N, K) int8 with (N,) bf16 scales -> (M, N) fp32: torch._weight_int8pack_mm's product
     (inputs and the scaled sums rounded to bf16), plus the bias."""
     (m, k), n = x2d.shape, weight.size(0)

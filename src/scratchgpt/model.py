@@ -696,7 +696,8 @@ class DecodeStep:
             return partial(torch.layer_norm, normalized_shape=m.normalized_shape, weight=m.weight, bias=m.bias,
                            eps=m.eps)
         if self.native is not None:  # torch's rms_norm is ~7 ops on a CPU
-            return partial(self.native.rms_norm, weight=m.weight, eps=torch.finfo(m.weight.dtype).eps if m.eps is None else m.eps)
+            eps = torch.finfo(m.weight.dtype).eps if m.eps is None else m.eps  # nn.RMSNorm's default
+            return partial(self.native.rms_norm, weight=m.weight, eps=eps)
         return partial(torch.rms_norm, normalized_shape=(m.weight.numel(),), weight=m.weight, eps=m.eps)
 
     @staticmethod
