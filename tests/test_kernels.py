@@ -37,27 +37,6 @@ def test_int8_rows_compute_what_torch_int8_layers_compute(k, n, rows, bias):
 
 
 @needs_kernels
-@pytest.mark.parametrize("k, n", [(64, 96), (576, 960), (1536, 48)])
-@pytest.mark.parametrize("rows", [1, 3, kernels.MAX_ROWS, 12])
-def test_int4_layers_compute_what_torch_int4_layers_compute(k, n, rows, monkeypatch):
-    """kernels.c's 4-bit layout (rows up to MAX_ROWS: the C loop; more: the dequantized weights) against the same
-    weights in torch's own layout and kernel."""
-    torch.manual_seed(k + n + rows)
-    lin = torch.nn.Linear(k, n)
-    ours = Int4Linear(lin)
-    monkeypatch.setattr(kernels, "fast_matmuls", lambda: False)
-    theirs = Int4Linear(lin)
-    monkeypatch.undo()
-    assert ours.own_layout and not theirs.own_layout
-    x = torch.randn(rows, k)
-    exact = bf16_round(x).double() @ ours.dequantized().double().t()
-    got, want = ours.rows(x), theirs.rows(x)
-    step = exact.abs().float() * 2 ** -7 + 1e-6
-    assert ((got - want).abs() <= step + 1e-5).all()  # the same product; sums in another order, one bf16 step at most
-    assert (got - lin(x)).abs().max() / lin(x).abs().max() < 0.15  # and it is the layer, within 4-bit rounding
-
-
-@needs_kernels
 @pytest.mark.parametrize("k, n", SHAPES)
 @pytest.mark.parametrize("rows", [1, 5])
 def test_bf16_rows_are_the_fp32_product_with_bf16_weights(k, n, rows):
@@ -140,3 +119,17 @@ def test_an_unwritable_cache_falls_back(tmp_path, monkeypatch):
     finally:
         kernels.library.cache_clear()
     assert blocked.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_decoding_rows_are_the_layers_rows(bias):
+    """What DecodeStep calls (a kernel bound once, or torch's int4 kernel without the checks) is `rows`."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=bias)
+    x = torch.randn(2, 64)
+    for layer in (Int8Linear(lin), Int4Linear(lin), Bf16Linear(lin)):
+        fast = layer.decoding_rows(2, torch.float32, reuse_output=True)
+        first = fast(x).clone()
+        assert torch.equal(first, layer.rows(x)) or torch.allclose(first, layer.rows(x), rtol=2 ** -7, atol=1e-6)
+        assert torch.equal(fast(x), first)  # the same call twice: the same result (in the reused buffer)
+    assert Int8Linear(lin).decoding_rows(2, torch.bfloat16, True) is not None  # another dtype: plain rows

@@ -1,5 +1,5 @@
 /* Decoding's inner loops on x86 CPUs (scratchgpt/kernels.py builds and loads this): the matrix-vector
-   products of int8, int4 and bf16 weights (with AVX-512; plain loops otherwise, which kernels.py leaves unused), and the rest of a one-token step (RMS norm, SwiGLU's
+   products of int8 and bf16 weights (with AVX-512; plain loops otherwise, which kernels.py leaves unused), and the rest of a one-token step (RMS norm, SwiGLU's
    activation, attention over the KV cache) as one call each.
 
    Decoding one token at batch 1 reads every weight once: the speed is how fast weights stream from memory.
@@ -93,70 +93,6 @@ int sg_int8_rows(const float *x, int64_t M, const int8_t *w, const uint16_t *sca
     for (int64_t n = 0; n < N; n++) {
         float s = bf16_to_f32(scale[n]), b = bias ? bias[n] : 0.f;
         for (int64_t m = 0; m < M; m++) y[m * N + n] = round_bf16(dot_i8(xr + m * K, w + n * K, K) * s) + b;
-    }
-    free(xr);
-    return 0;
-}
-
-/* 4-bit weights in groups of 32 along k: row n's group g is 16 bytes, byte j holding element j in its low
-   nibble and element j + 16 in its high one; so[(n * G + g) * 2] is the group's bf16 scale, + 1 its offset,
-   and w = (q - 8) * scale + offset: torch's _weight_int4pack_mm_for_cpu's arithmetic, with its roundings
-   (x rounded to bf16, the sums rounded to bf16), then the fp32 bias (NULL: none) added. K % 32 == 0.
-   Returns 0, or -1 without memory for the rounded inputs. */
-int sg_int4_rows(const float *x, int64_t M, const uint8_t *w, const uint16_t *so, const float *bias, float *y,
-                 int64_t N, int64_t K) {
-    int64_t G = K / 32;
-    float *xr = malloc((size_t)(M * (K + G)) * sizeof(float));
-    if (!xr) return -1;
-    float *xsum = xr + M * K; /* per row and group: the sum of its rounded inputs, for the offsets */
-    for (int64_t i = 0; i < M * K; i++) xr[i] = round_bf16(x[i]);
-    for (int64_t i = 0; i < M * G; i++) {
-        float t = 0.f;
-        for (int j = 0; j < 32; j++) t += xr[i * 32 + j];
-        xsum[i] = t;
-    }
-    #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = w + n * (K / 2);
-        const uint16_t *rs = so + n * G * 2;
-        float b = bias ? bias[n] : 0.f;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = xr + m * K, *xs = xsum + m * G;
-            float total = 0.f;
-            int64_t g = 0;
-#ifdef __AVX512F__
-            const __m512i m15 = _mm512_set1_epi32(15);
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-#define Q4_GROUP(gg, acc) do { \
-                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + (gg) * 16))); \
-                __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m15)); \
-                __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)); \
-                __m512 d = _mm512_fmadd_ps(_mm512_loadu_ps(xm + (gg) * 32 + 16), hi, \
-                                           _mm512_mul_ps(_mm512_loadu_ps(xm + (gg) * 32), lo)); \
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_f32(rs[2 * (gg)])), d, acc); \
-            } while (0)
-            for (; g + 2 <= G; g += 2) {
-                if ((g & 3) == 0) _mm_prefetch((const char *)(row + g * 16) + PREFETCH_BYTES, _MM_HINT_T0);
-                Q4_GROUP(g, a0);
-                Q4_GROUP(g + 1, a1);
-            }
-            if (g < G) {
-                Q4_GROUP(g, a0);
-                g++;
-            }
-            total = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#endif
-            for (; g < G; g++) {
-                const uint8_t *bg = row + g * 16;
-                const float *xg = xm + g * 32;
-                float d = 0.f;
-                for (int j = 0; j < 16; j++) d += xg[j] * (float)(bg[j] & 15) + xg[j + 16] * (float)(bg[j] >> 4);
-                total += bf16_to_f32(rs[2 * g]) * d;
-            }
-            for (g = 0; g < G; g++) /* the offsets: sum over the group of (offset - 8 scale) x */
-                total += (bf16_to_f32(rs[2 * g + 1]) - 8.f * bf16_to_f32(rs[2 * g])) * xs[g];
-            y[m * N + n] = round_bf16(total) + b;
-        }
     }
     free(xr);
     return 0;

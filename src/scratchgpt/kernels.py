@@ -1,4 +1,4 @@
-"""Decoding's inner loops on x86 CPUs (kernels.c): int8, int4 and bf16 matrix-vector products (AVX-512), and
+"""Decoding's inner loops on x86 CPUs (kernels.c): int8 and bf16 matrix-vector products (AVX-512), and
 the rest of a one-token step (DecodeOps: RMS norm, SwiGLU's activation, attention over the KV cache).
 
 At batch 1 a decoder reads every weight once per token, so its speed is how fast the weights stream from
@@ -103,9 +103,9 @@ def library() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(str(path))
     except OSError:
         return None
-    lib.sg_int8_rows.argtypes = lib.sg_int4_rows.argtypes = [_P, _I, _P, _P, _P, _P, _I, _I]
+    lib.sg_int8_rows.argtypes = [_P, _I, _P, _P, _P, _P, _I, _I]
     lib.sg_bf16_rows.argtypes = [_P, _I, _P, _P, _P, _I, _I]
-    lib.sg_int8_rows.restype = lib.sg_int4_rows.restype = lib.sg_bf16_rows.restype = ctypes.c_int
+    lib.sg_int8_rows.restype = lib.sg_bf16_rows.restype = ctypes.c_int
     return lib
 
 
@@ -124,12 +124,11 @@ def usable(x2d: torch.Tensor) -> bool:
 
 def bound(kind: str, weight: torch.Tensor, scales: Optional[torch.Tensor], bias: Optional[torch.Tensor], rows: int,
           reuse_output: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """int8_rows, int4_rows or bf16_rows (`kind`) for exactly `rows` contiguous fp32 rows, their arguments
+    """int8_rows or bf16_rows (`kind`) for exactly `rows` contiguous fp32 rows, their arguments
     converted once: a decoder's per-call cost drops from ~9 to ~3 us. With reuse_output every call returns the
     same tensor, overwritten by the next call. The caller keeps the weights alive."""
-    lib, n = library(), weight.size(0)
-    k = weight.size(1) * (2 if kind == "int4" else 1)
-    fn = {"int8": lib.sg_int8_rows, "int4": lib.sg_int4_rows, "bf16": lib.sg_bf16_rows}[kind]
+    lib, (n, k) = library(), weight.shape
+    fn = {"int8": lib.sg_int8_rows, "bf16": lib.sg_bf16_rows}[kind]
     consts = [ctypes.c_void_p(weight.data_ptr())] + ([ctypes.c_void_p(scales.data_ptr())] if kind != "bf16" else [])
     consts += [ctypes.c_void_p(_ptr(bias))]
     out = torch.empty(rows, n) if reuse_output else None
@@ -154,18 +153,6 @@ def int8_rows(x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     y = torch.empty(m, n)
     if library().sg_int8_rows(x2d.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), n, k):
         raise MemoryError("int8 kernel: no memory for its rounded inputs")
-    return y
-
-
-def int4_rows(x2d: torch.Tensor, weight: torch.Tensor, scales_offsets: torch.Tensor,
-              bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """(M, K) fp32 x 4-bit (N, K/2) weights with (N, K/32, 2) bf16 scales and offsets -> (M, N) fp32:
-    torch._weight_int4pack_mm_for_cpu's product (its roundings), plus the bias."""
-    (m, k), n = x2d.shape, weight.size(0)
-    y = torch.empty(m, n)
-    if library().sg_int4_rows(x2d.data_ptr(), m, weight.data_ptr(), scales_offsets.data_ptr(), _ptr(bias),
-                              y.data_ptr(), n, k):
-        raise MemoryError("int4 kernel: no memory for its rounded inputs")
     return y
 
 

@@ -20,9 +20,8 @@ two kernels read the same groups packed two different ways, so a layer is packed
 its weights are on: quantize after moving the model. The kernels need the output size to be a
 multiple of 16, so other layers (e.g. a 65-character head) stay int8.
 `bf16` stores the weights in bfloat16 (half of fp32's bytes) and keeps inputs, sums and outputs in fp32.
-On x86 CPUs with AVX-512, int8, int4 and bf16 layers multiply a few rows (decoding) through kernels.py's C
-loops, which stream the weights faster than torch's kernels: the same products, sums in another order (int4
-layers are then packed in kernels.c's layout, and a prompt's many rows multiply the dequantized weights).
+On x86 CPUs with AVX-512, int8 and bf16 layers multiply a few rows (decoding) through kernels.py's C loops,
+which stream the weights faster than torch's kernels: the same products, sums in another order.
 Training never sees these modules: quantize a loaded model, not one you will train further.
 """
 
@@ -68,12 +67,11 @@ class _QuantizedLinear(nn.Module):
         """`rows` for a decoder that always passes `rows` contiguous rows of `dtype` (model.DecodeStep): the
         kernel bound once where kernels.py runs this layer (with reuse_output, each result is overwritten by the
         next call), else `rows` itself."""
-        kind = {8: "int8", 16: "bf16", 4: "int4" if getattr(self, "own_layout", False) else None}[self.bits]
+        kind = {8: "int8", 16: "bf16"}.get(self.bits)
         if kind is None or not kernels.fast_matmuls() or rows > kernels.MAX_ROWS or dtype != torch.float32 \
                 or self.weight.device.type != "cpu" or (self.bias is not None and self.bias.dtype != torch.float32):
             return self.rows
-        return kernels.bound(kind, self.weight, getattr(self, "scales", getattr(self, "scales_offsets", None)),
-                             self.bias, rows, reuse_output)
+        return kernels.bound(kind, self.weight, getattr(self, "scales", None), self.bias, rows, reuse_output)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int{self.bits}"
@@ -118,21 +116,12 @@ class Int4Linear(_QuantizedLinear):
         offset = low + 8 * scale  # the kernels compute (q - 8) * scale + offset
         self.group = group
         self.packed_for = linear.weight.device.type
-        # kernels.c's layout on CPUs that have it: per row and group of 32, byte j holds element j (low nibble)
-        # and j + 16 (high); (n, k/group, 2) scales and offsets
-        self.own_layout = self.packed_for == "cpu" and group == 32 and kernels.fast_matmuls()
-        if self.own_layout:
-            q8 = q.to(torch.uint8).reshape(n, k // 32, 32)
-            packed = (q8[..., :16] | q8[..., 16:] << 4).reshape(n, k // 2).contiguous()
-            self.register_buffer("weight", packed)
-            self.register_buffer("scales_offsets", torch.cat([scale, offset], -1).contiguous().to(ACT_DTYPE))
-            return
         if self.packed_for == "cuda":  # two 4-bit values a byte, the even column in the high nibble
             packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), self.INNER_K_TILES)
         else:
             packed = torch._convert_weight_to_int4pack_for_cpu(q, self.INNER_K_TILES)
         self.register_buffer("weight", packed)
-        # (k/group, n, 2): both torch kernels' layout
+        # (k/group, n, 2): both kernels' layout
         self.register_buffer("scales_offsets", torch.cat([scale, offset], -1).transpose(0, 1).contiguous().to(ACT_DTYPE))
 
     @staticmethod
@@ -143,24 +132,20 @@ class Int4Linear(_QuantizedLinear):
         if x2d.device.type != self.packed_for:
             raise UserError(f"int4 weights packed for {self.packed_for} cannot run on {x2d.device.type}: "
                             "quantize the model after moving it")
-        if self.own_layout:  # many rows (a prompt): the dequantized weights through torch's GEMM
-            return torch.mm(x2d.float(), self.dequantized().t()).to(x2d.dtype)
         if self.packed_for == "cuda":
             return torch._weight_int4pack_mm(x2d, self.weight, self.group, self.scales_offsets)
         return torch._weight_int4pack_mm_for_cpu(x2d, self.weight, self.group, self.scales_offsets)
 
-    def dequantized(self) -> torch.Tensor:
-        """The (out, in) fp32 weights that kernels.c's layout holds."""
-        n, groups = self.out_features, self.in_features // 32
-        nibbles = self.weight.view(n, groups, 16)
-        q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).float()
-        so = self.scales_offsets.float()
-        return ((q - 8) * so[..., :1] + so[..., 1:]).view(n, self.in_features)
-
-    def rows(self, x2d: torch.Tensor) -> torch.Tensor:
-        if self.own_layout and kernels.usable(x2d) and (self.bias is None or self.bias.dtype == torch.float32):
-            return kernels.int4_rows(x2d, self.weight, self.scales_offsets, self.bias)
-        return super().rows(x2d)
+    def decoding_rows(self, rows: int, dtype: torch.dtype, reuse_output: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`rows` without its checks and Python layers, for a decoder's fixed rows of fp32 on a CPU: torch's
+        int4 kernel streams these weights faster than a C loop of ours did (BENCHMARKS.md's experiment log)."""
+        if self.packed_for != "cpu" or self.weight.device.type != "cpu" or dtype != torch.float32 \
+                or (self.bias is not None and self.bias.dtype != dtype):
+            return self.rows
+        mm, w, group, so, bias = torch._weight_int4pack_mm_for_cpu, self.weight, self.group, self.scales_offsets, self.bias
+        if bias is None:
+            return lambda x: mm(x.to(ACT_DTYPE), w, group, so).float()
+        return lambda x: torch.add(mm(x.to(ACT_DTYPE), w, group, so), bias)
 
 
 class Bf16Linear(_QuantizedLinear):
