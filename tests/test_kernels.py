@@ -52,7 +52,8 @@ def test_bf16_rows_are_the_fp32_product_with_bf16_weights(k, n, rows):
 
 @pytest.mark.parametrize("cls", [Int8Linear, Bf16Linear])
 def test_layers_agree_with_and_without_the_kernels(cls, monkeypatch):
-    """The quantized layers give the same results on a machine without the kernels (or past MAX_ROWS rows)."""
+    """The quantized layers give the same results (bf16: within its rounding) without the kernels, or past MAX_ROWS
+    rows."""
     torch.manual_seed(0)
     layer = cls(torch.nn.Linear(64, 48))
     x = torch.randn(2, 64)
@@ -65,8 +66,8 @@ def test_layers_agree_with_and_without_the_kernels(cls, monkeypatch):
         slow = layer.rows(x)
     finally:
         kernels.library.cache_clear()
-    for other in (many, slow):
-        assert torch.allclose(fast, other, rtol=2 ** -7, atol=1e-5)
+    for other in (many, slow):  # (bf16 without the kernels rounds its inputs and outputs too: ~2^-9 of each)
+        assert (fast - other).abs().max() <= 2 ** -7 * fast.abs().max()
 
 
 def test_int8_layers_are_right_for_any_width():

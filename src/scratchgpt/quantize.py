@@ -19,7 +19,8 @@ tinygemm's `_weight_int4pack_mm` on CUDA GPUs of compute capability 8.0+ (Ampere
 two kernels read the same groups packed two different ways, so a layer is packed for the device
 its weights are on: quantize after moving the model. The kernels need the output size to be a
 multiple of 16, so other layers (e.g. a 65-character head) stay int8.
-`bf16` stores the weights in bfloat16 (half of fp32's bytes) and keeps inputs, sums and outputs in fp32.
+`bf16` stores the weights in bfloat16 (half of fp32's bytes); decoding through kernels.py keeps the inputs,
+sums and outputs in fp32, torch's bf16 matmul (prompts, machines without the kernels) rounds them to bf16.
 On x86 CPUs with AVX-512, int8 and bf16 layers multiply a few rows (decoding) through kernels.py's C loops,
 which stream the weights faster than torch's kernels: the same products, sums in another order.
 Training never sees these modules: quantize a loaded model, not one you will train further.
@@ -149,8 +150,9 @@ class Int4Linear(_QuantizedLinear):
 
 
 class Bf16Linear(_QuantizedLinear):
-    """W stored in bfloat16 (half of fp32's bytes, its exponent range: no scales needed), multiplied in fp32:
-    the inputs, sums and outputs stay fp32, so only the weights are rounded (`--quantize bf16`)."""
+    """W stored in bfloat16 (half of fp32's bytes, its exponent range: no scales needed). Through kernels.py
+    (decoding on an AVX-512 CPU) the inputs, sums and outputs stay fp32, so only the weights are rounded;
+    elsewhere (a prompt's many rows, other machines) torch's bf16 matmul rounds inputs and outputs as well."""
 
     bits = 16
 
@@ -161,8 +163,9 @@ class Bf16Linear(_QuantizedLinear):
     def rows(self, x2d: torch.Tensor) -> torch.Tensor:
         if kernels.usable(x2d) and (self.bias is None or self.bias.dtype == torch.float32):
             return kernels.bf16_rows(x2d, self.weight, self.bias)
-        # torch has no fp32 x bf16 product: widen the weights (a prompt's many rows amortize it)
-        y = torch.mm(x2d, self.weight.t().to(x2d.dtype))
+        # torch has no fp32 x bf16 product (widening the weights every call costs 2x fp32's time): its bf16
+        # matmul rounds the inputs and outputs to bf16 too
+        y = torch.mm(x2d.to(torch.bfloat16), self.weight.t()).to(x2d.dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
