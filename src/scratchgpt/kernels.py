@@ -90,11 +90,12 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     from .runtime import cache_dir
 
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+    try:  # the compiler's identity by its file, not `cc --version` (a process start on every run's first token)
+        info = os.stat(os.path.realpath(cc))
+    except OSError:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_key().encode()).hexdigest()[:16]
+    compiler = f"{os.path.realpath(cc)} {info.st_size} {info.st_mtime_ns}"
+    key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + _cpu_key().encode()).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"decode-{key}.so"
     if not path.exists() and not _build(cc, path):
         return None

@@ -92,7 +92,7 @@ def test_bf16_weights_decode_as_the_original(kw):
     assert isinstance(model.lm_head, Bf16Linear) and model.lm_head.weight.dtype == torch.bfloat16
     with torch.no_grad():
         got = model(x)[0]
-    assert (got - ref).abs().max() / ref.abs().max() < 0.03  # bf16 keeps 8 bits of each weight (int8: 0.06)
+    assert (got - ref).abs().max() / ref.abs().max() < 0.06  # 16 rows: torch's bf16 matmul, inputs rounded too (as int8)
     assert G.generate_tokens(model, prompts, max_new_tokens=30, temperature=0) == want
     assert G.generate_tokens(model, prompts, max_new_tokens=30, temperature=0, use_cache=False) == want
     dec = G._decoder(model, tok.vocab_size, prompts[:1], G.GenerationConfig(max_new_tokens=4, temperature=0), [0])
