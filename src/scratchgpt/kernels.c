@@ -171,7 +171,7 @@ int sg_attend_one(const float *qkv, int64_t B, int64_t H, int64_t KV, int64_t D,
         }
     float *scores = malloc((size_t)(B * H * (T + D)) * sizeof(float));
     if (!scores) return -1;
-    #pragma omp parallel for schedule(static) if (B * H * T * D > (1 << 18))
+    #pragma omp parallel for schedule(static) if (B * H * T * D > (1 << 14))
     for (int64_t bh = 0; bh < B * H; bh++) {
         int64_t b = bh / H, h = bh % H;
         float *s = scores + bh * (T + D), *q = s + T;
