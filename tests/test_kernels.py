@@ -134,3 +134,35 @@ def test_decoding_rows_are_the_layers_rows(bias):
         assert torch.equal(first, layer.rows(x)) or torch.allclose(first, layer.rows(x), rtol=2 ** -7, atol=1e-6)
         assert torch.equal(fast(x), first)  # the same call twice: the same result (in the reused buffer)
     assert Int8Linear(lin).decoding_rows(2, torch.bfloat16, True) is not None  # another dtype: plain rows
+
+
+def test_no_home_or_an_unreadable_cache_falls_back(monkeypatch):
+    """cache_dir() raising (HOME unset and no passwd entry) or the cache unreadable (a folder an earlier sudo run
+    left): torch's ops run, no error."""
+    import scratchgpt.runtime
+
+    for error in (RuntimeError("Could not determine home directory."), PermissionError(13, "Permission denied")):
+        def broken(error=error):
+            raise error
+        monkeypatch.setattr(scratchgpt.runtime, "cache_dir", broken)
+        kernels.library.cache_clear()
+        try:
+            assert kernels.library() is None
+        finally:
+            kernels.library.cache_clear()
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+def test_the_kernels_write_fp32_whatever_the_default_dtype(default):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 64)
+    want = Int8Linear(lin).rows(x), Bf16Linear(lin).rows(x)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        got = Int8Linear(lin).rows(x), Bf16Linear(lin).rows(x)
+    finally:
+        torch.set_default_dtype(old)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and torch.equal(g, w)

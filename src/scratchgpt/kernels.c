@@ -133,11 +133,11 @@ void sg_silu_mul(const float *h, int64_t B, int64_t F, float *y) {
         }
 }
 
-/* one head of D: optional RMS norm over the head (qk norm, no weight), then RoPE's rotation of (first half,
-   second half) pairs by cos/sin (D/2; NULL: no rotation), into out */
+/* one head of D: optional RMS norm over the head (qk norm, no weight; qk_eps < 0: none), then RoPE's
+   rotation of (first half, second half) pairs by cos/sin (D/2; NULL: no rotation), into out */
 static void head_inputs(const float *x, int64_t D, float qk_eps, const float *cos, const float *sin, float *out) {
     float r = 1.f;
-    if (qk_eps > 0.f) {
+    if (qk_eps >= 0.f) { /* -1: no qk norm */
         float ss = 0.f;
         for (int64_t d = 0; d < D; d++) ss += x[d] * x[d];
         r = 1.f / sqrtf(ss / (float)D + qk_eps);

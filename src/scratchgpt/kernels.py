@@ -85,6 +85,13 @@ def library() -> Optional[ctypes.CDLL]:
     if os.environ.get("SCRATCHGPT_KERNELS", "1") == "0" or platform.system() != "Linux" \
             or platform.machine() not in ("x86_64", "AMD64"):
         return None
+    try:  # an unreadable cache folder, no home directory, ...: torch's ops, never an error
+        return _load()
+    except (OSError, RuntimeError):
+        return None
+
+
+def _load() -> Optional[ctypes.CDLL]:
     cc = _compiler()
     if cc is None:
         return None
@@ -99,11 +106,8 @@ def library() -> Optional[ctypes.CDLL]:
     path = cache_dir() / "kernels" / f"decode-{key}.so"
     if not path.exists() and not _build(cc, path):
         return None
-    try:
-        torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the library shares its threads
-        lib = ctypes.CDLL(str(path))
-    except OSError:
-        return None
+    torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the library shares its threads
+    lib = ctypes.CDLL(str(path))
     lib.sg_int8_rows.argtypes = [_P, _I, _P, _P, _P, _P, _I, _I]
     lib.sg_bf16_rows.argtypes = [_P, _I, _P, _P, _P, _I, _I]
     lib.sg_int8_rows.restype = lib.sg_bf16_rows.restype = ctypes.c_int
@@ -132,10 +136,10 @@ def bound(kind: str, weight: torch.Tensor, scales: Optional[torch.Tensor], bias:
     fn = {"int8": lib.sg_int8_rows, "bf16": lib.sg_bf16_rows}[kind]
     consts = [ctypes.c_void_p(weight.data_ptr())] + ([ctypes.c_void_p(scales.data_ptr())] if kind != "bf16" else [])
     consts += [ctypes.c_void_p(_ptr(bias))]
-    out = torch.empty(rows, n) if reuse_output else None
+    out = torch.empty(rows, n, dtype=torch.float32) if reuse_output else None
 
     def call(x: torch.Tensor) -> torch.Tensor:
-        y = out if out is not None else torch.empty(rows, n)
+        y = out if out is not None else torch.empty(rows, n, dtype=torch.float32)
         if fn(x.data_ptr(), rows, *consts, y.data_ptr(), n, k):
             raise MemoryError(f"{kind} kernel: no memory for its rounded inputs")
         return y
@@ -151,7 +155,7 @@ def int8_rows(x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     """(M, K) fp32 x (N, K) int8 with (N,) bf16 scales -> (M, N) fp32: torch._weight_int8pack_mm's product
     (inputs and the scaled sums rounded to bf16), plus the bias."""
     (m, k), n = x2d.shape, weight.size(0)
-    y = torch.empty(m, n)
+    y = torch.empty(m, n, dtype=torch.float32)
     if library().sg_int8_rows(x2d.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), n, k):
         raise MemoryError("int8 kernel: no memory for its rounded inputs")
     return y
@@ -160,7 +164,7 @@ def int8_rows(x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
 def bf16_rows(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """(M, K) fp32 x (N, K) bf16 -> (M, N) fp32, summed in fp32, plus the bias."""
     (m, k), n = x2d.shape, weight.size(0)
-    y = torch.empty(m, n)
+    y = torch.empty(m, n, dtype=torch.float32)
     library().sg_bf16_rows(x2d.data_ptr(), m, weight.data_ptr(), _ptr(bias), y.data_ptr(), n, k)
     return y
 
@@ -179,11 +183,12 @@ class DecodeOps:
     @staticmethod
     def of(model_cfg, dtype: torch.dtype, device: torch.device) -> Optional["DecodeOps"]:
         """Where the kernels run this model's decoding steps (fp32 on the CPU, no value embeddings), else None."""
-        lib = library()
-        if lib is None or dtype != torch.float32 or device.type != "cpu" or model_cfg.value_embeds:
+        if dtype != torch.float32 or device.type != "cpu" or model_cfg.value_embeds:
             return None
-        cfg = model_cfg
-        return DecodeOps(lib, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.qk_norm_eps if cfg.qk_norm else 0.0)
+        lib, cfg = library(), model_cfg
+        if lib is None:
+            return None  # (qk norm's epsilon, or -1: off; an epsilon that rounds to 0 still normalizes)
+        return DecodeOps(lib, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.qk_norm_eps if cfg.qk_norm else -1.0)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x = x.contiguous()  # (a no-op: the step's rows are)
@@ -194,7 +199,7 @@ class DecodeOps:
     def silu_mul(self, h: torch.Tensor) -> torch.Tensor:
         """[gate; up] rows -> silu(gate) * up."""
         h = h.contiguous()
-        y = torch.empty(h.size(0), h.size(1) // 2)
+        y = torch.empty(h.size(0), h.size(1) // 2, dtype=torch.float32)
         self.lib.sg_silu_mul(h.data_ptr(), h.size(0), h.size(1) // 2, y.data_ptr())
         return y
 
@@ -202,7 +207,7 @@ class DecodeOps:
         """c_attn's rows (B, (H + 2 KV) D) at position `pos` -> attention's output (B, H D); the new keys and
         values go into the layer's cache (B, KV, max_len, D)."""
         B, (cos, sin), qkv = qkv.size(0), rope if rope is not None else (None, None), qkv.contiguous()
-        y = torch.empty(B, self.heads * self.head_dim)
+        y = torch.empty(B, self.heads * self.head_dim, dtype=torch.float32)
         if self.lib.sg_attend_one(qkv.data_ptr(), B, self.heads, self.kv_heads, self.head_dim, self.qk_eps,
                                   _ptr(cos), _ptr(sin), keys.data_ptr(), values.data_ptr(), pos, keys.size(2),
                                   y.data_ptr()):

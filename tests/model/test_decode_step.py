@@ -116,3 +116,19 @@ def test_decode_step_equals_forward_with_llama3_rope_scaling():
         step = DecodeStep(model, cache)
         worst = max((step(seq[:, t]) - reference[:, t]).abs().max().item() for t in range(5, 20))
     assert worst <= 1e-5, f"decode step differs from forward by {worst:.2e}"
+
+
+def test_decode_step_with_a_qk_norm_epsilon_below_float32():
+    """qk norm stays on in the C attention even when its epsilon rounds to 0 in fp32."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=41, block_size=24, n_layer=1, n_head=2, n_embd=32, pos="rope", norm="rmsnorm",
+                      qk_norm=True, norm_eps=1e-46)
+    model = GPT(cfg).eval()
+    seq = torch.randint(0, 41, (1, 12))
+    with torch.no_grad():
+        reference = model(seq)
+        cache = KVCache(cfg, 1, 24)
+        model(seq[:, :4], cache=cache)
+        step = DecodeStep(model, cache)
+        worst = max((step(seq[:, t]) - reference[:, t]).abs().max().item() for t in range(4, 12))
+    assert worst <= 1e-5
