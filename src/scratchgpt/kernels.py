@@ -28,6 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .utils import umask
+
 SOURCE = Path(__file__).with_name("kernels.c")
 # up to this many input rows (batch x new tokens) a call; more (a prompt) read the weights often enough for torch's GEMMs
 MAX_ROWS = 8
@@ -63,7 +65,7 @@ def _build(cc: str, out: Path) -> bool:
         done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
         if done.returncode != 0:
             return False
-        os.chmod(tmp, 0o755 & ~_umask())
+        os.chmod(tmp, 0o755 & ~umask())  # (mkstemp makes it 0600 whatever the umask)
         os.replace(tmp, out)
         return True
     except (OSError, subprocess.SubprocessError):
@@ -71,12 +73,6 @@ def _build(cc: str, out: Path) -> bool:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @functools.lru_cache(maxsize=1)
