@@ -91,7 +91,7 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("scales", scale.to(ACT_DTYPE))
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        if self.in_features % 16:  # the kernel reads inputs 16 at a time: other widths give garbage (torch 2.10)
+        if self.in_features % 16:  # the kernel reads inputs 16 at a time: other widths give garbage (torch 2.13)
             return (torch.mm(x2d.float(), self.weight.t().float()) * self.scales.float()).to(x2d.dtype)
         return torch._weight_int8pack_mm(x2d, self.weight, self.scales)
 
@@ -193,8 +193,8 @@ def quantize_linears(model: nn.Module, bits: int) -> nn.Module:
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     wrapped = [name for name, m in targets if type(m) is not nn.Linear]
     if wrapped or hasattr(model, "peft_config"):
-        name = "bf16" if bits == 16 else f"int{bits}"
-        raise UserError(f"--quantize {name}: this model has adapter (LoRA) layers; fold them in first with "
+        choice = "bf16" if bits == 16 else f"int{bits}"
+        raise UserError(f"--quantize {choice}: this model has adapter (LoRA) layers; fold them in first with "
                         "`scratchgpt merge-lora`")
     for name, m in targets:
         parent_name, _, child = name.rpartition(".")
