@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import UserError
+from .utils import first_line
 
 RENDER_TIMEOUT_S = 10.0  # a chat template renders in milliseconds; seconds mean a loop bomb
 MAX_RENDER_CHARS = 4 * 2**20  # far past any conversation a context can hold
@@ -84,7 +85,7 @@ def compile_jinja(source: str):
 def jinja_error(e: BaseException) -> str:
     """A jinja (or Python) error as one short line, with the template line when jinja knows it."""
     where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
-    return f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}{where}"
+    return f"{first_line(e, 300)}{where}"
 
 
 # ---------------------------------------------------------------- the child

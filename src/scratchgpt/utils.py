@@ -285,6 +285,11 @@ def _hash_early(jobs: list[tuple[str | os.PathLike, tuple[int, ...]]]) -> None:
 MAX_ERROR_CHARS = 600  # an error quoting a 30 MB value shows its start and end, not all of it
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """A library's error as its first line, short (its type's name when it says nothing)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 def one_line_message(message: str) -> str:
     """An error message as one line, even when it quotes text with line breaks in it, and short when it quotes
     a huge value (the middle is cut, saying how much)."""

@@ -39,7 +39,8 @@ from ..model import gpt_of
 from ..runs.files import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, BEST, CHECKPOINT_PREFIX, CHECKPOINTS,  # noqa: F401
                           CONFIG_FILE, HEAD_FILE, LATEST, MODEL_FILE, OPTIM_FILE, STATE_FILE, TOKENIZER_FILE)
 from ..tokenizer import copy_tokenizer
-from ..utils import atomic_write_json, json_text, make_temp_dir, read_json, replace_dir, sha256_file, umask
+from ..utils import (atomic_write_json, first_line, json_text, make_temp_dir, read_json, replace_dir, sha256_file,
+                     umask)
 
 # 2: state.json carries STATE_SHA256, the hash of the rest of it (format 1, no such key, is still read: see
 # verify.py); both list every other file's sha256
@@ -293,8 +294,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]  # one line, whatever the library said
-        raise UserError(f"{path}: cannot read ({first_line})") from None
+        raise UserError(f"{path}: cannot read ({first_line(e)})") from None  # one line, whatever the library said
 
 
 Which = Literal["best", "latest"]  # a run's checkpoint to use: `best` falls back to `latest`

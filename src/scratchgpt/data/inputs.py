@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
 
 from .. import UserError
+from ..utils import first_line
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -461,7 +462,7 @@ def _table_documents(src: Source, r: Reading) -> Iterator[Iterator[str]]:
     except UserError:
         raise
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{src.name}: not a readable {what} file ({_first_line(e)})") from None
+        raise UserError(f"{src.name}: not a readable {what} file ({first_line(e)})") from None
     try:
         index = schema.get_field_index(field)
         row = 0
@@ -469,7 +470,7 @@ def _table_documents(src: Source, r: Reading) -> Iterator[Iterator[str]]:
             try:
                 batch = next(batches, None)
             except (pa.ArrowException, OSError) as e:
-                raise UserError(f"{src.name}: unreadable {what} data after row {row} ({_first_line(e)})") from None
+                raise UserError(f"{src.name}: unreadable {what} data after row {row} ({first_line(e)})") from None
             if batch is None:
                 break
             col = batch.column(0 if src.kind == "parquet" else index)
@@ -499,5 +500,3 @@ def _check_text_column(schema, field: str, name: str) -> None:
         raise UserError(f"{name}: column {field!r} holds {typ}, not text (choose another with --text-field)")
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

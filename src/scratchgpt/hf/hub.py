@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import UserError
+from ..utils import first_line
 
 # what import_hf reads from a model repo (top level only: fnmatch patterns of huggingface_hub's allow_patterns)
 HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
@@ -63,7 +64,7 @@ def download_model(repo_id: str, revision: Optional[str] = None) -> Path:
         raise UserError(f"{repo_id}{'@' + revision if revision else ''} is not in the hub cache and the hub cannot "
                         "be reached (offline: HF_HUB_OFFLINE, or no network)") from None
     except (errors.HfHubHTTPError, OSError) as e:
-        raise UserError(f"{repo_id}: download failed ({_first_line(e)})") from None
+        raise UserError(f"{repo_id}: download failed ({first_line(e)})") from None
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, message: Optional[str] = None) -> str:
@@ -78,9 +79,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, message: O
         info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
                                  commit_message=message or f"Upload {folder.name} (exported by scratchgpt)")
     except (errors.HfHubHTTPError, OSError, ValueError) as e:
-        raise UserError(f"--push-to-hub {repo_id}: upload failed ({_first_line(e)}; is HF_TOKEN set?)") from None
+        raise UserError(f"--push-to-hub {repo_id}: upload failed ({first_line(e)}; is HF_TOKEN set?)") from None
     return str(getattr(info, "commit_url", None) or repo_id)
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

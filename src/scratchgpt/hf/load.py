@@ -43,7 +43,7 @@ from ..tokenizer import HF_CONFIG_FILE, HF_GENERATION_FILE, Tokenizer, copy_toke
 from ..runs.config import write_run_config
 from ..runs.guard import check_out
 from ..runs.staging import staged
-from ..utils import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from ..utils import atomic_write_bytes, atomic_write_json, first_line, read_json, sha256_file
 from .config import config_from_hf, json_bytes
 from .families import FAMILIES, import_model_type
 from .layout import expected_shapes
@@ -128,7 +128,7 @@ def _weight_reader(d: Path) -> Iterator[tuple[dict[str, torch.Tensor], Callable[
             try:
                 return handle.get_tensor(k)
             except (SafetensorError, OSError, ValueError) as e:
-                raise UserError(f"{path}: cannot read {k} ({(str(e).splitlines() or [type(e).__name__])[0][:200]})"
+                raise UserError(f"{path}: cannot read {k} ({first_line(e)})"
                                 ) from None
 
         yield shapes, load
@@ -149,7 +149,7 @@ def _open_safetensors(path: Path):
         except TypeError:  # safetensors < 0.8: no backend
             return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read ({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
+        raise UserError(f"{path}: cannot read ({first_line(e)})") from None
 
 
 def state_dict_from_hf(hf_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],

@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .. import UserError
-from ..utils import atomic_write_bytes
+from ..utils import atomic_write_bytes, first_line
 from .files import (EOT, HF_CONFIG_FILE, HF_GENERATION_FILE, HF_SPECIAL_TOKEN_NAMES, TOKENIZER_FILE, json_object,
                     kind_of, loaded_spec, read_side_files)
 from .kinds import KINDS
@@ -210,4 +210,4 @@ def _read(path: Path):
         raise
     except Exception as e:  # tokenizers raises plain Exception for malformed files
         raise UserError(f"{path}: not a valid tokenizer.json: the tokenizers library cannot load it "
-                        f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
+                        f"({first_line(e)})") from None
