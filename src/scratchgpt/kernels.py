@@ -44,7 +44,8 @@ def _compiler() -> Optional[str]:
 
 
 def _cpu_key() -> str:
-    """What -march=native depends on: the CPU's model and flags."""
+    """What -march=native depends on: the CPU's model and flags (runtime.machine_key names the model alone: a
+    cluster's shared home can see nodes of one model name whose VMs expose different flags)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
@@ -106,7 +107,10 @@ def _load() -> Optional[ctypes.CDLL]:
     lib = ctypes.CDLL(str(path))
     lib.sg_int8_rows.argtypes = [_P, _I, _P, _P, _P, _P, _I, _I]
     lib.sg_bf16_rows.argtypes = [_P, _I, _P, _P, _P, _I, _I]
-    lib.sg_int8_rows.restype = lib.sg_bf16_rows.restype = ctypes.c_int
+    lib.sg_rms_norm.argtypes = [_P, _I, _I, _P, ctypes.c_float, _P]
+    lib.sg_silu_mul.argtypes = [_P, _I, _I, _P]
+    lib.sg_attend_one.argtypes = [_P, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _I, _I, _P]
+    lib.sg_int8_rows.restype = lib.sg_bf16_rows.restype = lib.sg_attend_one.restype = ctypes.c_int
     return lib
 
 
@@ -117,10 +121,14 @@ def fast_matmuls() -> bool:
     return lib is not None and bool(lib.sg_fast_path())
 
 
+def takes(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the matrix-vector products take `rows` rows of `dtype` on `device`: a few fp32 rows on the CPU."""
+    return device.type == "cpu" and dtype == torch.float32 and rows <= MAX_ROWS and fast_matmuls()
+
+
 def usable(x2d: torch.Tensor) -> bool:
     """Whether these rows can go through the kernels: a few contiguous fp32 rows on the CPU."""
-    return (x2d.device.type == "cpu" and x2d.dtype == torch.float32 and x2d.size(0) <= MAX_ROWS
-            and x2d.is_contiguous() and fast_matmuls())
+    return x2d.is_contiguous() and takes(x2d.size(0), x2d.dtype, x2d.device)
 
 
 def bound(kind: str, weight: torch.Tensor, scales: Optional[torch.Tensor], bias: Optional[torch.Tensor], rows: int,
@@ -150,19 +158,12 @@ def int8_rows(x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
     """(M, K) fp32 x (N, K) int8 with (N,) bf16 scales -> (M, N) fp32: torch._weight_int8pack_mm's product
     (inputs and the scaled sums rounded to bf16), plus the bias."""
-    (m, k), n = x2d.shape, weight.size(0)
-    y = torch.empty(m, n, dtype=torch.float32)
-    if library().sg_int8_rows(x2d.data_ptr(), m, weight.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), n, k):
-        raise MemoryError("int8 kernel: no memory for its rounded inputs")
-    return y
+    return bound("int8", weight, scales, bias, x2d.size(0), reuse_output=False)(x2d)
 
 
 def bf16_rows(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """(M, K) fp32 x (N, K) bf16 -> (M, N) fp32, summed in fp32, plus the bias."""
-    (m, k), n = x2d.shape, weight.size(0)
-    y = torch.empty(m, n, dtype=torch.float32)
-    library().sg_bf16_rows(x2d.data_ptr(), m, weight.data_ptr(), _ptr(bias), y.data_ptr(), n, k)
-    return y
+    return bound("bf16", weight, None, bias, x2d.size(0), reuse_output=False)(x2d)
 
 
 class DecodeOps:
@@ -171,10 +172,6 @@ class DecodeOps:
 
     def __init__(self, lib: ctypes.CDLL, heads: int, kv_heads: int, head_dim: int, qk_norm_eps: float) -> None:
         self.lib, self.heads, self.kv_heads, self.head_dim, self.qk_eps = lib, heads, kv_heads, head_dim, qk_norm_eps
-        lib.sg_rms_norm.argtypes = [_P, _I, _I, _P, ctypes.c_float, _P]
-        lib.sg_silu_mul.argtypes = [_P, _I, _I, _P]
-        lib.sg_attend_one.argtypes = [_P, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _I, _I, _P]
-        lib.sg_attend_one.restype = ctypes.c_int
 
     @staticmethod
     def of(model_cfg, dtype: torch.dtype, device: torch.device) -> Optional["DecodeOps"]:

@@ -380,14 +380,19 @@ class CausalSelfAttention(nn.Module):
         return attend_cached(q, k, v, cache.k[layer], cache.v[layer], cache.length, self.cfg.causal, self.gqa)
 
 
+def check_room(keys: torch.Tensor, start: int, T: int) -> None:
+    """A layer's cache (B, KV, max_len, D) takes T more positions after `start`, or a ValueError."""
+    if start + T > keys.size(2):
+        raise ValueError(f"KV cache is full: {start} + {T} positions past its {keys.size(2)}")
+
+
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                   start: int, causal: bool, gqa: bool) -> torch.Tensor:
     """Attention for T new positions (q, k, v: (B, heads, T, D)) that continue `start` cached ones: k and v are
     written into one layer's cache (`keys`, `values`: (B, KV, max_len, D)) at `start`, and q attends to
     every position up to its own. Shared by the forward with a cache and DecodeStep."""
     T = q.size(2)
-    if start + T > keys.size(2):
-        raise ValueError(f"KV cache is full: {start} + {T} positions past its {keys.size(2)}")
+    check_room(keys, start, T)
     keys.narrow(2, start, T).copy_(k)
     values.narrow(2, start, T).copy_(v)
     keys, values = keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)
@@ -718,8 +723,7 @@ class DecodeStep:
         cfg, (B, pos, rope, ve) = self.cfg, self._step
         H, KV = cfg.n_head, cfg.kv_heads
         if self.native is not None:  # split_gqa, qk_inputs and attend_cached in one call
-            if pos >= kc.size(2):
-                raise ValueError(f"KV cache is full: {pos} + 1 positions past its {kc.size(2)}")
+            check_room(kc, pos, 1)
             return self._mm(self.native.attend(self._mm(h, attn), rope, kc, vc, pos), proj)
         # attention_inputs with q and k as one tensor: [q; k] heads normed and rotated in one op each (the same
         # elementwise arithmetic per head; RoPE's kernels without its autograd Function: ~1 ms a token at 30 layers)

@@ -69,10 +69,12 @@ class _QuantizedLinear(nn.Module):
         kernel bound once where kernels.py runs this layer (with reuse_output, each result is overwritten by the
         next call), else `rows` itself."""
         kind = {8: "int8", 16: "bf16"}.get(self.bits)
-        if kind is None or not kernels.fast_matmuls() or rows > kernels.MAX_ROWS or dtype != torch.float32 \
-                or self.weight.device.type != "cpu" or (self.bias is not None and self.bias.dtype != torch.float32):
+        if kind is None or not kernels.takes(rows, dtype, self.weight.device) or not self._fp32_bias():
             return self.rows
         return kernels.bound(kind, self.weight, getattr(self, "scales", None), self.bias, rows, reuse_output)
+
+    def _fp32_bias(self) -> bool:  # (what the kernels add)
+        return self.bias is None or self.bias.dtype == torch.float32
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int{self.bits}"
@@ -96,7 +98,7 @@ class Int8Linear(_QuantizedLinear):
         return torch._weight_int8pack_mm(x2d, self.weight, self.scales)
 
     def rows(self, x2d: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x2d) and (self.bias is None or self.bias.dtype == torch.float32):
+        if kernels.usable(x2d) and self._fp32_bias():
             return kernels.int8_rows(x2d, self.weight, self.scales, self.bias)  # the same product, ~1.5x faster
         return super().rows(x2d)
 
@@ -140,8 +142,7 @@ class Int4Linear(_QuantizedLinear):
     def decoding_rows(self, rows: int, dtype: torch.dtype, reuse_output: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         """`rows` without its checks and Python layers, for a decoder's fixed rows of fp32 on a CPU: torch's
         int4 kernel streams these weights faster than a C loop of ours did (BENCHMARKS.md's experiment log)."""
-        if self.packed_for != "cpu" or self.weight.device.type != "cpu" or dtype != torch.float32 \
-                or (self.bias is not None and self.bias.dtype != dtype):
+        if self.packed_for != "cpu" or self.weight.device.type != "cpu" or dtype != torch.float32 or not self._fp32_bias():
             return self.rows
         mm, w, group, so, bias = torch._weight_int4pack_mm_for_cpu, self.weight, self.group, self.scales_offsets, self.bias
         if bias is None:
@@ -161,7 +162,7 @@ class Bf16Linear(_QuantizedLinear):
         self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
 
     def rows(self, x2d: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x2d) and (self.bias is None or self.bias.dtype == torch.float32):
+        if kernels.usable(x2d) and self._fp32_bias():
             return kernels.bf16_rows(x2d, self.weight, self.bias)
         # torch has no fp32 x bf16 product (widening the weights every call costs 2x fp32's time): its bf16
         # matmul rounds the inputs and outputs to bf16 too

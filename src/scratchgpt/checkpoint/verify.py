@@ -14,11 +14,18 @@ from typing import Optional
 
 from .. import UserError
 from ..utils import read_json, sha256_file
-from .store import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, BEST, CHECKPOINT_PREFIX, CHECKPOINTS, CONFIG_FILE, FORMAT_VERSION,
-                    HEAD_FILE, LATEST, MODEL_FILE, OPTIM_FILE, STATE_FILE, STATE_SHA256, TOKENIZER_FILE, point_alias, state_digest)
+from .store import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, BEST, CHECKPOINT_PREFIX, CHECKPOINTS, CONFIG_FILE,
+                    FORMAT_VERSION, HEAD_FILE, LATEST, MODEL_FILE, OPTIM_FILE, STATE_FILE, STATE_SHA256, TOKENIZER_FILE,
+                    point_alias, state_digest)
 
 # the files a loader reads: where one is there, the sha256 list must name it
 CHECKED_FILES = (CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE, OPTIM_FILE, HEAD_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE)
+
+
+def _history(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of each checkpoints/step-N the run keeps."""
+    folders = (run_dir / CHECKPOINTS).glob(f"{CHECKPOINT_PREFIX}*")
+    return [(int(p.name.removeprefix(CHECKPOINT_PREFIX)), p) for p in folders if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
 
 
 def repair_aliases(run_dir: Path, log=print) -> list[str]:
@@ -26,8 +33,7 @@ def repair_aliases(run_dir: Path, log=print) -> list[str]:
     checkpoint's rename and its alias swaps left them older (best/ would stay a stale model for good: the
     resumed run believes that step is already its best). Returns the aliases it moved."""
     run_dir = Path(run_dir)
-    history = [(int(p.name.removeprefix(CHECKPOINT_PREFIX)), p) for p in (run_dir / CHECKPOINTS).glob(f"{CHECKPOINT_PREFIX}*")
-               if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    history = _history(run_dir)
     moved = []
     for alias in (LATEST, BEST):
         current = _state_or_none(run_dir / alias)
@@ -121,8 +127,7 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     """Where a resume may start, newest step first wherever it is (latest/ or the kept history; latest/
     first at equal steps). A kill during the swap of latest/ leaves a newer complete checkpoints/step-N."""
     run_dir = Path(run_dir)
-    history = [(int(p.name.removeprefix(CHECKPOINT_PREFIX)), 0, p) for p in (run_dir / CHECKPOINTS).glob(f"{CHECKPOINT_PREFIX}*")
-               if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    history = [(step, 0, p) for step, p in _history(run_dir)]
     latest = run_dir / LATEST
     if latest.exists():
         history.append((_step_of(latest), 1, latest))
