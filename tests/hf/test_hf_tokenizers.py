@@ -177,6 +177,14 @@ def test_imported_tokenizers_encode_as_transformers(hub):
         check_same_ids(ours, auto, split, text)
     if style == "llama":  # characters the vocabulary lacks are their UTF-8 bytes, <0xF0><0x9F>...
         assert ours.encode("🙂")[-4:] == [ours.token_to_id(f"<0x{b:02X}>") for b in "🙂".encode()]
+    # a template's text: its special strings are the special tokens, as in transformers' tokenizer(text); the
+    # plain encoding of the same text, before and after, keeps them characters (no flag of a shared object flipped)
+    for text in TRICKY[-1:] + ["<|im_start|>user\nHi <s> x</s><|im_end|>\n<|endoftext|>y <unk>", TRICKY[0]]:
+        plain = ours.encode(text)
+        assert ours.encode_with_special_tokens(text) == auto(text, add_special_tokens=False)["input_ids"], text
+        assert ours.encode(text) == plain == split(text, add_special_tokens=False)["input_ids"]
+    # the byte-level kind honours them with its one `tokenizers` object (a second one is ~30 MiB at 49k tokens)
+    assert (ours._hf_specials is ours._hf) == (kind == "bpe")
 
 
 @pytest.fixture(scope="module")

@@ -93,9 +93,13 @@ class Tokenizer:
         """Encode text in which special-token strings ARE the special tokens (a chat template's own text;
         message text keeps them plain: `encode`), as transformers' tokenizer(text, add_special_tokens=False)
         does. Between special tokens the ids are `encode`'s (`tokenizers` and the kinds' encoders agree)."""
-        if self._hf_specials is None:  # a second copy that honours them (a shared flag would race in serve)
-            self._hf_specials = (type(self._hf).from_buffer(self._raw) if self._raw is not None
-                                 else type(self._hf).from_str(self._hf.to_str()))
+        if self._hf_specials is None:
+            # char and bpe never change the flag (their codecs keep special strings plain themselves), so the one
+            # tokenizer serves; the hf kind's is set, so it gets a second copy that honours them (flipping a shared
+            # flag would race in serve), ~30 MiB for a 49k vocabulary
+            self._hf_specials = self._hf if not self._hf.encode_special_tokens else (
+                type(self._hf).from_buffer(self._raw) if self._raw is not None
+                else type(self._hf).from_str(self._hf.to_str()))
             self._hf_specials.encode_special_tokens = False
         return self._hf_specials.encode_batch([text], add_special_tokens=False)[0].ids  # (releases the GIL)
 
