@@ -437,5 +437,35 @@ def main(argv: Optional[list[str]] = None) -> int:
     return code if isinstance(code, int) else 0  # train, finetune, tune: 130 after a Ctrl-C / SIGTERM that saved
 
 
+def run() -> None:
+    """The `scratchgpt` command: main(), then exit_fast with its status."""
+    exit_fast(main())
+
+
+def exit_fast(code: int) -> None:
+    """Exit with `code`, skipping the interpreter's teardown once what a normal exit does that can matter is done:
+    no other non-daemon thread alive, no process group open, no profiler, tracer or debugger watching (cProfile
+    writes its file after the program returns), atexit handlers run, stdout and stderr flushed. The
+    teardown frees each of the ~1,000 modules torch loads and every object one by one: 0.3 s after `import torch`
+    alone, 0.7 s after a training run, time a user waits for after the work is saved. (Every file scratchgpt
+    writes is closed, and synced, where it is written.) Otherwise, or when a flush fails, a normal exit."""
+    import atexit
+    import os
+    import threading
+
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    dist = sys.modules.get("torch.distributed")
+    watched = sys.getprofile() is not None or sys.gettrace() is not None
+    if others or watched or (dist is not None and dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # (and clears them: a fallback exit does not run them twice)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # (a closed or broken stream: Python's own exit reports it)
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -476,6 +476,13 @@ def _no_init() -> Iterator[None]:
         _NO_INIT[0] = False
 
 
+def meta_gpt(cfg: ModelConfig) -> "GPT":
+    """`cfg`'s GPT on the meta device: its shapes, no values, no memory. Nothing is initialized: torch's meta
+    init kernels (and arange) are Python references whose first use imports torch._dynamo, ~1 s of a start-up."""
+    with _no_init(), torch.device("meta"):
+        return GPT(cfg)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -504,10 +511,15 @@ class GPT(nn.Module):
     def _position_buffers(self) -> None:
         """The tables RoPE (or sinusoidal positions) read: computed, never saved, on the current default device."""
         cfg = self.cfg
+        # a model built on the meta device (counted, never run) gets the shapes alone: torch.arange there goes
+        # through torch's Python references, whose first use imports torch._dynamo (~1 s of `train`'s start-up)
+        meta = torch.empty(0).is_meta
         if cfg.pos == "sinusoidal":
-            self.register_buffer("sinusoidal", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+            table = torch.empty(cfg.block_size, cfg.n_embd) if meta else sinusoidal_table(cfg.block_size, cfg.n_embd)
+            self.register_buffer("sinusoidal", table, persistent=False)
         if cfg.pos == "rope":
-            cos, sin = rope_cos_sin(torch.arange(cfg.block_size), cfg.head_dim, cfg.rope_base, cfg)
+            cos, sin = ([torch.empty(cfg.block_size, (cfg.head_dim + 1) // 2) for _ in "cs"] if meta else
+                        rope_cos_sin(torch.arange(cfg.block_size), cfg.head_dim, cfg.rope_base, cfg))
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -566,8 +578,7 @@ class GPT(nn.Module):
         fp32 weights, grads and AdamW's two moments (16 bytes a parameter, sharded under FSDP) plus one
         micro-batch's activations (~34 values of the width per token and layer, two of them the keys and
         values at their grouped-query width, and the logits, in 16 bits)."""
-        with torch.device("meta"):
-            n = GPT(cfg).num_params()
+        n = meta_gpt(cfg).num_params()
         tokens = micro_batch * cfg.block_size
         per_layer = 32 * cfg.n_embd + 2 * cfg.kv_dim
         return n, 16 * n // param_shards + 2 * tokens * (per_layer * cfg.n_layer + 2 * cfg.vocab_size)

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 import torch
 
-from scratchgpt.model import GPT, ModelConfig, mlp_activation
+from scratchgpt.model import GPT, ModelConfig, meta_gpt, mlp_activation
 from scratchgpt.optim import OptimConfig, build_optimizer
 
 SMALL = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -192,7 +192,8 @@ def test_the_whole_forward_is_one_graph_for_torch_compile(kw):
 
 @pytest.mark.slow
 def test_cpu_training_does_not_import_dynamo():
-    """torch.optim's torch._dynamo import costs ~1.5 s of start-up on 2 cores; without compile we skip it."""
+    """torch.optim's torch._dynamo import costs ~1.5 s of start-up on 2 cores; without compile we skip it. So does
+    a model built on the meta device (train's memory check) whose init or RoPE tables run torch's meta kernels."""
     import subprocess
     import sys
 
@@ -202,7 +203,9 @@ def test_cpu_training_does_not_import_dynamo():
         "from scratchgpt.muon import skip_dynamo_import\n"
         "from scratchgpt.optim import OptimConfig, build_optimizer\n"
         "skip_dynamo_import()\n"
-        "m = GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=16))\n"
+        "cfg = ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=16, pos='rope')\n"
+        "GPT.training_bytes(cfg, 4)\n"  # (train's memory check, on the meta device)
+        "m = GPT(cfg)\n"
         "opts = build_optimizer(m, OptimConfig(optimizer='muon'), torch.device('cpu'))\n"
         "x = torch.randint(0, 11, (2, 8))\n"
         "m(x, x)[1].backward()\n"
@@ -417,3 +420,16 @@ def test_non_embedding_count_is_the_blocks_the_final_norm_and_an_untied_head(kw)
     head = 0 if model.cfg.tie_embeddings else model.lm_head.weight.numel()
     assert model.num_params(non_embedding=True) == blocks + norm + head < model.num_params()
     assert model.flops_per_token() == 6 * (blocks + norm + 50 * 32) + 12 * 2 * 32 * 16 * 0.5
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_meta_gpt_has_the_models_shapes(opts):
+    """meta_gpt (train's memory check, the report's count, import-hf's expected shapes): every parameter and
+    buffer of the real model, shapes alone."""
+    cfg = ModelConfig(**SMALL, **opts)
+    meta, real = meta_gpt(cfg), GPT(cfg)
+    for got, want in ((meta.named_parameters(), real.named_parameters()), (meta.named_buffers(), real.named_buffers())):
+        got, want = dict(got), dict(want)
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+        assert all(v.is_meta for v in got.values())
+    assert meta.num_params() == real.num_params()

@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from .. import UserError
-from ..model import GPT, ModelConfig
+from ..model import ModelConfig, meta_gpt
 from .families import FAMILIES, export_model_type
 
 ToHF = Callable[[torch.Tensor], list[torch.Tensor]]
@@ -240,8 +240,7 @@ def constant_hf_tensors(model_type: str, cfg: ModelConfig) -> dict[str, torch.Te
 
 def meta_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict for `cfg` (a tied head omitted) on the meta device: shapes without the weights."""
-    with torch.device("meta"):
-        sd = GPT(cfg).state_dict()
+    sd = meta_gpt(cfg).state_dict()
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     return sd
