@@ -445,7 +445,7 @@ def run() -> None:
 def exit_fast(code: int) -> None:
     """Exit with `code`, skipping the interpreter's teardown once what a normal exit does that can matter is done:
     no other non-daemon thread alive, no process group open, no profiler, tracer or debugger watching (cProfile
-    writes its file after the program returns), atexit handlers run, stdout and stderr flushed. The
+    writes its file after the program returns), atexit handlers run, Python's and C's output buffers flushed. The
     teardown frees each of the ~1,000 modules torch loads and every object one by one: 0.3 s after `import torch`
     alone, 0.7 s after a training run, time a user waits for after the work is saved. (Every file scratchgpt
     writes is closed, and synced, where it is written.) Otherwise, or when a flush fails, a normal exit."""
@@ -455,16 +455,35 @@ def exit_fast(code: int) -> None:
 
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     dist = sys.modules.get("torch.distributed")
-    watched = sys.getprofile() is not None or sys.gettrace() is not None
-    if others or watched or (dist is not None and dist.is_available() and dist.is_initialized()):
+    if others or _watched() or (dist is not None and dist.is_available() and dist.is_initialized()):
         sys.exit(code)
     atexit._run_exitfuncs()  # (and clears them: a fallback exit does not run them twice)
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):  # (a closed or broken stream: Python's own exit reports it)
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # (None: the descriptor was closed when Python started)
+                stream.flush()
+    except (OSError, ValueError, AttributeError):  # a broken or closed stream: Python's own exit reports it
         sys.exit(code)
+    _flush_c_stdio()
     os._exit(code)
+
+
+def _watched() -> bool:
+    """A profiler, tracer or debugger runs this process: sys.setprofile/settrace ones, and from Python 3.12 the
+    sys.monitoring tools (cProfile is one), and pdb (which drops its tracer while no breakpoint is set)."""
+    monitoring = getattr(sys, "monitoring", None)
+    tools = monitoring is not None and any(monitoring.get_tool(i) for i in range(6))
+    return sys.getprofile() is not None or sys.gettrace() is not None or tools or "pdb" in sys.modules
+
+
+def _flush_c_stdio() -> None:
+    """fflush(NULL): what C libraries printed through stdio (os._exit skips libc's exit, which would flush it)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C library to call by that name (Windows): nothing buffered
+        pass
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ never cuts off a profiler, a tracer, or a process group."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,10 @@ ENV_CODE = f"import sys; sys.path.insert(0, {str(REPO / 'src')!r})\n"
 
 
 def _run(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args, "-c", ENV_CODE + code], capture_output=True, text=True, timeout=120)
+    # (buffered output, as in a terminal or a pipe: PYTHONUNBUFFERED would hide a missing flush)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.run([sys.executable, *args, "-c", ENV_CODE + code], capture_output=True, text=True, timeout=120,
+                          env=env)
 
 
 def test_exit_fast_runs_atexit_once_flushes_and_keeps_the_status():
@@ -25,6 +29,19 @@ def test_exit_fast_runs_atexit_once_flushes_and_keeps_the_status():
                "sys.stderr.write('err')\n"
                "exit_fast(3)\n")
     assert (out.returncode, out.stdout, out.stderr) == (3, "unflushedbye\n", "err")
+
+
+def test_exit_fast_flushes_what_c_code_printed_and_survives_closed_streams():
+    out = _run("import ctypes\n"
+               "from scratchgpt.cli import exit_fast\n"
+               "ctypes.CDLL(None).printf(b'from C\\n')\n"
+               "exit_fast(0)\n")
+    assert (out.returncode, out.stdout) == (0, "from C\n")
+    # stdout's descriptor closed before Python started (`>&-`): sys.stdout is None, the status is kept
+    closed = subprocess.run([sys.executable, "-c", ENV_CODE + "from scratchgpt.cli import exit_fast\nexit_fast(4)\n"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                            preexec_fn=lambda: os.close(1))
+    assert (closed.returncode, closed.stderr) == (4, "")
 
 
 def test_exit_fast_waits_for_other_threads(tmp_path):
