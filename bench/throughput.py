@@ -155,7 +155,7 @@ def ab(a) -> None:
             ocfg.fused = extra["fused"]
         torch.manual_seed(0)
         net = GPT(mcfg)
-        opts = build_optimizer(net, ocfg, torch.device("cpu"))
+        opts = build_optimizer(net, ocfg, torch.device("cpu"), compiled=extra["compile"])
         step_model = torch.compile(net) if extra["compile"] else net
         ds = TokenDataset(data, "train", mcfg.block_size)
         runs.append(dict(name=name, net=net, opts=opts, model=step_model, ds=ds, ocfg=ocfg, batch=extra["batch"],

@@ -11,7 +11,7 @@ import torch
 
 from . import UserError
 from .checks import F32, LR, check_fields
-from .muon import AdamW, make_muon
+from .muon import AdamW, make_muon, skip_dynamo_import
 
 
 @dataclass
@@ -124,13 +124,16 @@ def check_extension(run, state: dict, o: OptimConfig, max_iters: int) -> Optiona
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device, *,
-                    decay_embeddings: bool = False) -> list[torch.optim.Optimizer]:
+                    decay_embeddings: bool = False, compiled: bool = False) -> list[torch.optim.Optimizer]:
     """AdamW with no decay on norms, biases and embeddings; optionally Muon for 2-D hidden weights.
 
     Only parameters that require grad are optimised. Each param group remembers its `lr_scale`
     relative to optim.lr so one schedule drives them all. `decay_embeddings` decays the embedding
-    tables too (every matrix decays: fine-tuning's rule).
+    tables too (every matrix decays: fine-tuning's rule). Unless the step will be `compiled`, torch.optim
+    is kept from importing torch._dynamo (~1-1.5 s of a start-up, for compile's sake only).
     """
+    if not compiled:
+        skip_dynamo_import()
 
     embed, head, hidden_2d, other = param_kinds(model)
     fused = o.fused if o.fused is not None else device.type in ("cuda", "cpu")

@@ -130,11 +130,8 @@ def _wrap_and_optimize(net: GPT, p: Plan, ctx: dist.DistContext,
     """What the step runs (DDP / FSDP / compiled wrappers of net) and the optimizers, a checkpoint's states loaded."""
     tcfg, ocfg = p.tcfg, p.ocfg
     model_for_step = dist.wrap(net, tcfg, ctx)
-    if not tcfg.compile:
-        from .muon import skip_dynamo_import
-
-        skip_dynamo_import()  # torch.optim would import torch._dynamo: ~1.5 s of start-up, for compile's sake only
-    optimizers = build_optimizer(net, ocfg, ctx.device)  # after wrap: FSDP2 replaces the parameters with sharded ones
+    # after wrap: FSDP2 replaces the parameters with sharded ones
+    optimizers = build_optimizer(net, ocfg, ctx.device, compiled=tcfg.compile)
     if restored:
         load_optimizers(restored[0], net, optimizers, restored[1], ctx)  # full or sharded, onto any world size
         numerics.apply_ns_dtype(optimizers, ocfg.ns_dtype)  # the checkpoint's groups carry theirs: the config wins

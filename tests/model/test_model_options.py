@@ -192,7 +192,8 @@ def test_the_whole_forward_is_one_graph_for_torch_compile(kw):
 
 @pytest.mark.slow
 def test_cpu_training_does_not_import_dynamo():
-    """torch.optim's torch._dynamo import costs ~1.5 s of start-up on 2 cores; without compile we skip it. So does
+    """torch.optim's torch._dynamo import costs ~1.5 s of start-up on 2 cores; without compile, build_optimizer
+    skips it (train's and fine-tuning's one way to their optimizers). So does
     a model built on the meta device (train's memory check) whose init or RoPE tables run torch's meta kernels."""
     import subprocess
     import sys
@@ -200,9 +201,7 @@ def test_cpu_training_does_not_import_dynamo():
     code = (
         "import sys, torch\n"
         "from scratchgpt.model import GPT, ModelConfig\n"
-        "from scratchgpt.muon import skip_dynamo_import\n"
         "from scratchgpt.optim import OptimConfig, build_optimizer\n"
-        "skip_dynamo_import()\n"
         "cfg = ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=16, pos='rope')\n"
         "GPT.training_bytes(cfg, 4)\n"  # (train's memory check, on the meta device)
         "m = GPT(cfg)\n"
