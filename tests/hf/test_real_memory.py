@@ -1,5 +1,6 @@
 """Memory in proportion to the model (issue 24): `import-hf` of the real SmolLM2-135M peaks below 1.5x its fp32
-weights, in a fresh process (bench/memory.py measures sample and serve too; BENCHMARKS.md has the figures)."""
+weights, in a fresh process; `sample` and `chat` stay within a fixed share of what torch, tokenizers and the weights
+alone hold (bench/memory.py measures serve too; BENCHMARKS.md has the figures)."""
 
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def peak_rss_bytes(argv: list[str]) -> int:
-    """Peak resident set size of the scratchgpt command ARGV in a fresh process."""
+def peak_rss_bytes(argv: list[str], stdin: str = "", code: str = PEAK) -> int:
+    """Peak resident set size of the scratchgpt command ARGV (or of `code`) in a fresh process."""
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-c", PEAK, *argv], env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.run([sys.executable, "-c", code, *argv], env=env, input=stdin, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return int(proc.stderr.rsplit("VmHWM:", 1)[1].split()[0]) * 1024
@@ -40,3 +41,30 @@ def test_import_hf_holds_the_weights_less_than_once(real_hf_dir, tmp_path):
     peak = peak_rss_bytes(["import-hf", str(real_hf_dir), "--out", str(tmp_path / "run")])
     # (streamed: torch, the tokenizer and the largest tensor; measured 495 MB for 538 MB of weights)
     assert peak < 1.5 * weights, f"import-hf peaked at {peak / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
+
+
+# what the libraries alone hold for a run of this model: torch, its tokenizer.json in `tokenizers` (the heap trimmed,
+# as load_run does), every weight matrix times a vector through safetensors' mapping (as a forward reads them)
+FLOOR = """
+import ctypes, sys, torch, tokenizers
+from safetensors.torch import load_file
+tokenizers.Tokenizer.from_file(sys.argv[1] + "/tokenizer.json").encode("Hi")
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+[torch.nn.functional.linear(torch.ones(1, t.shape[-1]), t) if t.dim() == 2 else t.sum()
+ for t in load_file(sys.argv[1] + "/model.safetensors").values()]
+sys.stderr.write(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's /proc")
+def test_sample_and_chat_hold_little_beyond_the_libraries(real_run):
+    """scratchgpt's own share of a fresh `sample` and `chat` (its modules and CLI, its side of the tokenizer, the
+    UTF-8 guard, the code a forward runs): measured 56 and 58 MB on the Intel Xeon; a second `tokenizers` object
+    for chat templates' special tokens (chat's before 3713ba2) was 25 MB more."""
+    floor = peak_rss_bytes([str(real_run / "best")], code=FLOOR)
+    sample = peak_rss_bytes(["sample", str(real_run), "--prompt", "Hi", "--max-new-tokens", "1"])
+    chat = peak_rss_bytes(["chat", str(real_run), "--max-new-tokens", "4", "--temperature", "0"],
+                          stdin="What is the capital of France?\n")
+    for name, peak in (("sample", sample), ("chat", chat)):
+        assert peak - floor < 72e6, f"{name} peaked at {peak / 1e6:.0f} MB, {(peak - floor) / 1e6:.0f} MB over the " \
+                                    f"libraries' {floor / 1e6:.0f} MB"
