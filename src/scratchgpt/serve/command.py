@@ -46,6 +46,9 @@ def serve(run: Union[str, Path], options: Optional[ServeOptions] = None, *, whic
                             http=bounded_protocol(options), timeout_keep_alive=options.keep_alive_timeout,
                             h11_max_incomplete_event_size=options.max_header_bytes)
     _graceful_server(config, app.state.server).run()
+    # the model's thread ends once its job has (generations stop at their next token): the command's exit then
+    # need not wait for Python's teardown to join it
+    app.state.server.model_thread.shutdown(wait=True)
     print("server stopped", file=sys.stderr)
 
 
