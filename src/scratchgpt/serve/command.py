@@ -46,9 +46,6 @@ def serve(run: Union[str, Path], options: Optional[ServeOptions] = None, *, whic
                             http=bounded_protocol(options), timeout_keep_alive=options.keep_alive_timeout,
                             h11_max_incomplete_event_size=options.max_header_bytes)
     _graceful_server(config, app.state.server).run()
-    # the model's thread ends once its job has (generations stop at their next token): the command's exit then
-    # need not wait for Python's teardown to join it
-    app.state.server.model_thread.shutdown(wait=True)
     print("server stopped", file=sys.stderr)
 
 
@@ -108,10 +105,17 @@ def bounded_protocol(options: ServeOptions) -> type:
 def _graceful_server(config, engine: Engine):
     """uvicorn's server, which on SIGTERM/SIGINT also stops the generations in flight (at their next token), and
     doesn't re-raise the signal after its graceful shutdown (that would end the process with the signal's status,
-    not 0)."""
+    not 0). Once it has stopped, the model's thread ends (after its job, if any): the command's exit then need not
+    wait for Python's teardown to join it."""
     import uvicorn
 
     class Graceful(uvicorn.Server):
+        def run(self, sockets=None) -> None:
+            try:
+                super().run(sockets)
+            finally:
+                engine.model_thread.shutdown(wait=True)
+
         def handle_exit(self, sig: int, frame) -> None:
             engine.stopping = True
             super().handle_exit(sig, frame)
