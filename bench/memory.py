@@ -109,26 +109,22 @@ def first_token(run: Path) -> dict:
 def import_cost(code: str) -> dict:
     """Wall and CPU seconds and peak RSS of `python -c CODE` (what imports alone cost)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], env=ENV)
-    _, peak, cpu = _peak_mb(proc)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    code, peak, cpu = _peak_mb(proc)
+    if code != 0:
+        raise SystemExit(f"python -c failed ({code}):\n{err.decode()[-2000:]}")
     return {"wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(peak)}
 
 
 def floor(run: Path, serve: bool) -> dict:
-    """What the libraries alone hold once a run's weights are in use: `import torch`, its tokenizer.json loaded
-    by `tokenizers` (the heap trimmed after, as load_run does), each matrix of model.safetensors multiplied by a
-    vector through safetensors' mapping (every page read, as by a forward, and torch's matrix-vector code run);
-    for serve also fastapi and uvicorn imported. No scratchgpt
-    code: no command that loads this model with these libraries can peak lower."""
+    """Peak of tests/real_model.py's floor_code for the run's checkpoint: what torch, tokenizers and the weights in
+    use hold with no scratchgpt code (for serve, with fastapi and uvicorn too)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from real_model import floor_code
+
     ckpt = run / "best" if (run / "best").is_dir() else run / "latest" if (run / "latest").is_dir() else run
-    code = ("import ctypes, torch, tokenizers\n"
-            + ("import fastapi, uvicorn\n" if serve else "")
-            + "from safetensors.torch import load_file\n"
-            f"tokenizers.Tokenizer.from_file({str(ckpt / 'tokenizer.json')!r}).encode('Hi')\n"
-            "ctypes.CDLL('libc.so.6').malloc_trim(0)\n"
-            f"for t in load_file({str(ckpt / 'model.safetensors')!r}).values():\n"
-            "    torch.nn.functional.linear(torch.ones(1, t.shape[-1]), t) if t.dim() == 2 else t.sum()\n")
-    return import_cost(code)
+    return import_cost(floor_code(ckpt, serve))
 
 
 def main() -> None:

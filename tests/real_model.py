@@ -120,6 +120,23 @@ def real_model_folder(cache: Path | None = None) -> Path:
     return out
 
 
+def floor_code(checkpoint: Path, serve: bool = False) -> str:
+    """A Python program holding what the libraries alone hold once a run's weights are in use, with no scratchgpt
+    code (no command that loads this model with them can peak lower): `import torch`, the checkpoint's
+    tokenizer.json in `tokenizers` (the heap trimmed after, as load_run does), each matrix of its
+    model.safetensors times a vector through safetensors' mapping (every page read, as by a forward, and torch's
+    matrix-vector code run); with `serve`, fastapi and uvicorn imported too. It ends by writing its VmHWM line
+    (Linux) to stderr."""
+    return ("import ctypes, sys, torch, tokenizers\n"
+            + ("import fastapi, uvicorn\n" if serve else "")
+            + "from safetensors.torch import load_file\n"
+            f"tokenizers.Tokenizer.from_file({str(checkpoint / 'tokenizer.json')!r}).encode('Hi')\n"
+            "ctypes.CDLL('libc.so.6').malloc_trim(0)\n"
+            f"for t in load_file({str(checkpoint / 'model.safetensors')!r}).values():\n"
+            "    torch.nn.functional.linear(torch.ones(1, t.shape[-1]), t) if t.dim() == 2 else t.sum()\n"
+            "sys.stderr.write(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')))\n")
+
+
 def hf_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers' greedy generate of each prompt (ids), left-padded into one batch: the new ids, up to and
     including the eos where it stopped (the model's generation_config: eos <|im_end|>)."""

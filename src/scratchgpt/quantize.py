@@ -43,9 +43,10 @@ ACT_DTYPE = torch.bfloat16  # the kernel's fast path: fp32 inputs take a ~7x slo
 
 
 class _QuantizedLinear(nn.Module):
-    """What both formats share: y = x W^T + b, the kernel taking bf16 rows, the bias added in fp32."""
+    """What the formats share: y = x W^T + b, the kernel taking bf16 rows, the bias added in fp32."""
 
     bits = 0
+    kernel: Optional[str] = None  # kernels.bound's kind for a few fp32 rows on an AVX-512 CPU, where there is one
     quantized = True  # model.DecodeStep calls such layers' `rows` directly
 
     def __init__(self, linear: nn.Linear):
@@ -58,6 +59,8 @@ class _QuantizedLinear(nn.Module):
 
     def rows(self, x2d: torch.Tensor) -> torch.Tensor:
         """(rows, in) -> (rows, out) in x2d's dtype (with a bias: the bias' dtype, which the add promotes to)."""
+        if self.kernel is not None and kernels.usable(x2d) and self._fp32_bias():
+            return self._bound(x2d.size(0), reuse_output=False)(x2d)  # the same product, faster
         y = self._matmul(x2d.to(ACT_DTYPE))
         return y.to(x2d.dtype) if self.bias is None else torch.add(y, self.bias)
 
@@ -68,10 +71,12 @@ class _QuantizedLinear(nn.Module):
         """`rows` for a decoder that always passes `rows` contiguous rows of `dtype` (model.DecodeStep): the
         kernel bound once where kernels.py runs this layer (with reuse_output, each result is overwritten by the
         next call), else `rows` itself."""
-        kind = {8: "int8", 16: "bf16"}.get(self.bits)
-        if kind is None or not kernels.takes(rows, dtype, self.weight.device) or not self._fp32_bias():
+        if self.kernel is None or not kernels.takes(rows, dtype, self.weight.device) or not self._fp32_bias():
             return self.rows
-        return kernels.bound(kind, self.weight, getattr(self, "scales", None), self.bias, rows, reuse_output)
+        return self._bound(rows, reuse_output)
+
+    def _bound(self, rows: int, reuse_output: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        return kernels.bound(self.kernel, self.weight, getattr(self, "scales", None), self.bias, rows, reuse_output)
 
     def _fp32_bias(self) -> bool:  # (what the kernels add)
         return self.bias is None or self.bias.dtype == torch.float32
@@ -84,6 +89,7 @@ class Int8Linear(_QuantizedLinear):
     """W stored as int8 rows times a per-row scale (symmetric, max-abs)."""
 
     bits = 8
+    kernel = "int8"
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
@@ -96,11 +102,6 @@ class Int8Linear(_QuantizedLinear):
         if self.in_features % 16:  # the kernel reads inputs 16 at a time: other widths give garbage (torch 2.13)
             return (torch.mm(x2d.float(), self.weight.t().float()) * self.scales.float()).to(x2d.dtype)
         return torch._weight_int8pack_mm(x2d, self.weight, self.scales)
-
-    def rows(self, x2d: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x2d) and self._fp32_bias():
-            return kernels.int8_rows(x2d, self.weight, self.scales, self.bias)  # the same product, ~1.5x faster
-        return super().rows(x2d)
 
 
 class Int4Linear(_QuantizedLinear):
@@ -156,18 +157,16 @@ class Bf16Linear(_QuantizedLinear):
     elsewhere (a prompt's many rows, other machines) torch's bf16 matmul rounds inputs and outputs as well."""
 
     bits = 16
+    kernel = "bf16"
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
         self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
 
-    def rows(self, x2d: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x2d) and self._fp32_bias():
-            return kernels.bf16_rows(x2d, self.weight, self.bias)
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         # torch has no fp32 x bf16 product (widening the weights every call costs 2x fp32's time): its bf16
         # matmul rounds the inputs and outputs to bf16 too
-        y = torch.mm(x2d.to(torch.bfloat16), self.weight.t()).to(x2d.dtype)
-        return y if self.bias is None else y + self.bias
+        return torch.mm(x2d, self.weight.t())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, bf16"

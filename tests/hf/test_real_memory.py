@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from real_model import floor_code
 
 pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -43,25 +44,12 @@ def test_import_hf_holds_the_weights_less_than_once(real_hf_dir, tmp_path):
     assert peak < 1.5 * weights, f"import-hf peaked at {peak / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
 
 
-# what the libraries alone hold for a run of this model: torch, its tokenizer.json in `tokenizers` (the heap trimmed,
-# as load_run does), every weight matrix times a vector through safetensors' mapping (as a forward reads them)
-FLOOR = """
-import ctypes, sys, torch, tokenizers
-from safetensors.torch import load_file
-tokenizers.Tokenizer.from_file(sys.argv[1] + "/tokenizer.json").encode("Hi")
-ctypes.CDLL("libc.so.6").malloc_trim(0)
-[torch.nn.functional.linear(torch.ones(1, t.shape[-1]), t) if t.dim() == 2 else t.sum()
- for t in load_file(sys.argv[1] + "/model.safetensors").values()]
-sys.stderr.write(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")))
-"""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's /proc")
 def test_sample_and_chat_hold_little_beyond_the_libraries(real_run):
     """scratchgpt's own share of a fresh `sample` and `chat` (its modules and CLI, its side of the tokenizer, the
     UTF-8 guard, the code a forward runs): measured 56 and 58 MB on the Intel Xeon; a second `tokenizers` object
     for chat templates' special tokens (chat's before 3713ba2) was 25 MB more."""
-    floor = peak_rss_bytes([str(real_run / "best")], code=FLOOR)
+    floor = peak_rss_bytes([], code=floor_code(real_run / "best"))
     sample = peak_rss_bytes(["sample", str(real_run), "--prompt", "Hi", "--max-new-tokens", "1"])
     chat = peak_rss_bytes(["chat", str(real_run), "--max-new-tokens", "4", "--temperature", "0"],
                           stdin="What is the capital of France?\n")
