@@ -101,7 +101,7 @@ def test_the_build_is_cached_with_the_umask(tmp_path, monkeypatch):
     try:
         assert kernels.library() is not None
         (built,) = (tmp_path / "kernels").iterdir()
-        assert built.name.startswith("decode-") and built.stat().st_mode & 0o777 == 0o750
+        assert built.name.startswith("kernels-") and built.stat().st_mode & 0o777 == 0o750
         stamp = built.stat().st_mtime_ns
         kernels.library.cache_clear()
         assert kernels.library() is not None and built.stat().st_mtime_ns == stamp  # reused, not rebuilt
@@ -166,3 +166,76 @@ def test_the_kernels_write_fp32_whatever_the_default_dtype(default):
         torch.set_default_dtype(old)
     for g, w in zip(got, want):
         assert g.dtype == torch.float32 and torch.equal(g, w)
+
+
+# ---------------------------------------------------------------- training's attention inputs
+def _torch_ops(monkeypatch):
+    """From here on library() is None and the model runs torch's ops (until monkeypatch.undo and a cache_clear)."""
+    monkeypatch.setenv("SCRATCHGPT_KERNELS", "0")
+    kernels.library.cache_clear()
+
+
+def _step(cfg_kw: dict, seed: int = 0):
+    """One forward and backward of a tiny GPT on a fixed batch: the loss and every parameter's gradient."""
+    from scratchgpt.model import GPT, ModelConfig
+
+    torch.manual_seed(seed)
+    net = GPT(ModelConfig(**{"vocab_size": 37, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                             "bias": False, **cfg_kw}))
+    x, y = torch.randint(0, 37, (3, 16)), torch.randint(0, 37, (3, 16))
+    _, loss = net(x, y)
+    loss.backward()
+    return loss.detach(), [p.grad for p in net.parameters()]
+
+
+HEADS = [{"pos": "rope"}, {"pos": "learned"}, {"pos": "rope", "n_head": 4, "n_kv_head": 2},
+         {"pos": "rope", "head_size": 24}, {"pos": "rope", "value_embeds": True}]
+
+
+@needs_kernels
+@pytest.mark.parametrize("cfg_kw", HEADS + [{**c, "qk_norm": True} for c in HEADS])
+def test_training_attention_inputs_match_torchs_ops(cfg_kw, monkeypatch):
+    """kernels.c's qk norm and rotation give torch's loss and gradients: bit for bit without qk norm (a run keeps
+    its numbers whether or not a compiler is there), within fp32 sums' order with it."""
+    fast = _step(cfg_kw)
+    _torch_ops(monkeypatch)
+    try:
+        assert kernels.library() is None
+        slow = _step(cfg_kw)
+    finally:
+        monkeypatch.undo()
+        kernels.library.cache_clear()
+    if cfg_kw.get("qk_norm"):
+        assert torch.allclose(fast[0], slow[0], rtol=1e-6)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(fast[1], slow[1]))
+    else:
+        assert torch.equal(fast[0], slow[0]) and all(torch.equal(a, b) for a, b in zip(fast[1], slow[1]))
+
+
+@needs_kernels
+def test_attention_heads_are_the_normed_rotated_heads_and_take_only_what_they_can():
+    from scratchgpt.model import apply_rope, rope_cos_sin
+
+    torch.manual_seed(1)
+    B, T, H, KV, D = 2, 5, 4, 2, 8
+    qkv = torch.randn(B, T, (H + 2 * KV) * D, dtype=torch.float64).float().requires_grad_()
+    rope = rope_cos_sin(torch.arange(T), D, 10000.0)
+    q, k, v = kernels.attention_heads(qkv, H, KV, D, 1e-6, rope)
+    heads = qkv.view(B, T, H + 2 * KV, D).transpose(1, 2)
+    want = [apply_rope(torch.nn.functional.rms_norm(t, (D,), eps=1e-6), *rope) for t in heads.split([H, KV, KV], 1)[:2]]
+    assert q.is_contiguous() and torch.allclose(q, want[0], atol=1e-6) and torch.allclose(k, want[1], atol=1e-6)
+    assert torch.equal(v, heads[:, H + KV:])
+    g = torch.autograd.grad((q.sin().sum() + k.cos().sum()), qkv)[0]  # v unused: its gradient is 0
+    ref = torch.autograd.grad((want[0].sin().sum() + want[1].cos().sum()), qkv)[0]
+    assert torch.allclose(g, ref, atol=1e-5) and not g[..., (H + KV) * D:].any()
+    with pytest.raises(RuntimeError):  # no graph through the C backward: a second derivative is refused
+        torch.autograd.grad(torch.autograd.grad(q.pow(2).sum(), qkv, create_graph=True)[0].sum(), qkv)
+    # torch's ops for what the loop does not handle: another dtype, a strided input, positions that do not match
+    assert kernels.attention_heads(qkv.detach().double(), H, KV, D, -1.0, None) is None
+    assert kernels.attention_heads(qkv.detach().transpose(0, 1), H, KV, D, -1.0, None) is None
+    assert kernels.attention_heads(qkv.detach(), H, KV, D, -1.0, (rope[0][:3], rope[1][:3])) is None
+
+
+def test_runs_on_says_whether_the_kernels_run():
+    assert kernels.runs_on(torch.device("meta")) is False
+    assert kernels.runs_on(torch.device("cpu")) is (kernels.library() is not None)

@@ -200,3 +200,71 @@ int sg_attend_one(const float *qkv, int64_t B, int64_t H, int64_t KV, int64_t D,
     free(scores);
     return 0;
 }
+
+/* Training's attention inputs, one pass each way over c_attn's output instead of a view, a permute, and the
+   rotation's (and qk norm's) separate torch ops.
+
+   Forward: qkv (B, T, (H + 2 KV) D) -> q (B, H, T, D), k and v (B, KV, T, D), contiguous; each q and k head
+   RMS-normalised first if qk_eps >= 0 (rstd (B, T, H + KV) keeps 1/rms for the backward), then rotated if cos
+   (T, D/2) is given. The rotation rounds as torch's mul and addcmul do (the second product fused into the
+   sum, fmaf), so without qk norm q, k, v and the gradient equal torch's ops bit for bit (a test checks). */
+static void rotate(const float *x, float r, const float *cos, const float *sin, int64_t half, float sign, float *out) {
+    for (int64_t d = 0; d < half; d++) {
+        float x1 = x[d] * r, x2 = x[d + half] * r, s = sign * sin[d];
+        out[d] = fmaf(-x2, s, x1 * cos[d]);
+        out[d + half] = fmaf(x2, cos[d], x1 * s);
+    }
+}
+
+static float inv_rms(const float *x, int64_t D, float eps) {
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; d++) ss += x[d] * x[d];
+    return 1.f / sqrtf(ss / (float)D + eps);
+}
+
+void sg_heads_fwd(const float *qkv, int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, float qk_eps,
+                  const float *cos, const float *sin, float *q, float *k, float *v, float *rstd) {
+    int64_t heads = H + 2 * KV, half = D / 2;
+    #pragma omp parallel for schedule(static)
+    for (int64_t bt = 0; bt < B * T; bt++) {
+        int64_t b = bt / T, t = bt % T;
+        const float *row = qkv + bt * heads * D;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *x = row + h * D;
+            float *out = h < H ? q + ((b * H + h) * T + t) * D
+                       : h < H + KV ? k + ((b * KV + h - H) * T + t) * D : v + ((b * KV + h - H - KV) * T + t) * D;
+            if (h >= H + KV) { memcpy(out, x, (size_t)D * sizeof(float)); continue; }
+            float r = 1.f;
+            if (qk_eps >= 0.f) r = rstd[bt * (H + KV) + h] = inv_rms(x, D, qk_eps);
+            if (cos) rotate(x, r, cos + t * half, sin + t * half, half, 1.f, out);
+            else for (int64_t d = 0; d < D; d++) out[d] = x[d] * r;
+        }
+    }
+}
+
+/* Backward of sg_heads_fwd: gq, gk, gv (shaped as q, k, v) -> gqkv (B, T, (H + 2 KV) D). The rotation's
+   backward is the inverse rotation; qk norm's, with y = x / rms: gx = (gy - y mean(gy y)) / rms. */
+void sg_heads_bwd(const float *qkv, const float *rstd, const float *gq, const float *gk, const float *gv,
+                  int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, float qk_eps, const float *cos,
+                  const float *sin, float *gqkv) {
+    int64_t heads = H + 2 * KV, half = D / 2;
+    #pragma omp parallel for schedule(static)
+    for (int64_t bt = 0; bt < B * T; bt++) {
+        int64_t b = bt / T, t = bt % T;
+        float gy[D];
+        for (int64_t h = 0; h < heads; h++) {
+            float *out = gqkv + (bt * heads + h) * D;
+            const float *g = h < H ? gq + ((b * H + h) * T + t) * D
+                           : h < H + KV ? gk + ((b * KV + h - H) * T + t) * D : gv + ((b * KV + h - H - KV) * T + t) * D;
+            if (h >= H + KV) { memcpy(out, g, (size_t)D * sizeof(float)); continue; }
+            if (cos) rotate(g, 1.f, cos + t * half, sin + t * half, half, -1.f, gy);
+            else memcpy(gy, g, (size_t)D * sizeof(float));
+            if (qk_eps < 0.f) { memcpy(out, gy, (size_t)D * sizeof(float)); continue; }
+            const float *x = qkv + (bt * heads + h) * D;
+            float r = rstd[bt * (H + KV) + h], dot = 0.f;
+            for (int64_t d = 0; d < D; d++) dot += gy[d] * x[d];
+            dot *= r / (float)D;  /* mean(gy y) */
+            for (int64_t d = 0; d < D; d++) out[d] = (gy[d] - x[d] * r * dot) * r;
+        }
+    }
+}

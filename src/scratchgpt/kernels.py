@@ -1,14 +1,18 @@
-"""Decoding's inner loops on x86 CPUs (kernels.c): int8 and bf16 matrix-vector products (AVX-512), and
-the rest of a one-token step (DecodeOps: RMS norm, SwiGLU's activation, attention over the KV cache).
+"""scratchgpt's C loops for x86 CPUs (kernels.c): decoding's int8 and bf16 matrix-vector products (AVX-512) and
+the rest of a one-token step (DecodeOps: RMS norm, SwiGLU's activation, attention over the KV cache), and
+training's attention inputs (attention_heads: qk norm and RoPE in one pass each way).
 
 At batch 1 a decoder reads every weight once per token, so its speed is how fast the weights stream from
 memory. torch's kernels for a few rows of int8 or bf16 weights stay well below that (BENCHMARKS.md), and
 between the matmuls a 30-layer model runs ~1000 small torch ops a token at 1-3 us each; the C loops in
-kernels.c stream the weights faster and make each of those steps one call. They are compiled once per machine
+kernels.c stream the weights faster and make each of those steps one call. In training, torch's qk norm and
+rotation are ~14 small ops a layer each way (a sixth of a small model's step with qk norm on a CPU); one
+C pass takes their place. They are compiled once per machine
 with the C compiler found (`$CC`, `cc`, `gcc` or `clang`, `-O3 -march=native -fopenmp`) into the cache folder
 (runtime.cache_dir()/kernels, named by a hash of the source, compiler and CPU), and loaded with ctypes. Where
 that is not possible (no compiler, another OS, an unwritable cache) or `SCRATCHGPT_KERNELS=0` is set,
-`library()` is None and torch's ops run: the same results up to the order of fp32 sums, only slower. Built
+`library()` is None and torch's ops run: the same results up to the order of fp32 sums, only slower (a run's
+environment.json records which ran). Built
 without AVX-512, the plain C matmul loops are slower than torch's, so only DecodeOps is used (`fast_matmuls()`
 is False).
 """
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .utils import umask
 
@@ -100,7 +105,7 @@ def _load() -> Optional[ctypes.CDLL]:
         return None
     compiler = f"{os.path.realpath(cc)} {info.st_size} {info.st_mtime_ns}"
     key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + _cpu_key().encode()).hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"decode-{key}.so"
+    path = cache_dir() / "kernels" / f"kernels-{key}.so"
     if not path.exists() and not _build(cc, path):
         return None
     torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the library shares its threads
@@ -111,7 +116,14 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.sg_silu_mul.argtypes = [_P, _I, _I, _P]
     lib.sg_attend_one.argtypes = [_P, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _I, _I, _P]
     lib.sg_int8_rows.restype = lib.sg_bf16_rows.restype = lib.sg_attend_one.restype = ctypes.c_int
+    lib.sg_heads_fwd.argtypes = [_P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P, _P]
+    lib.sg_heads_bwd.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P]
     return lib
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether kernels.c's loops run on `device` (a CPU, where they could be built): what environment.json records."""
+    return device.type == "cpu" and library() is not None
 
 
 def fast_matmuls() -> bool:
@@ -206,3 +218,48 @@ class DecodeOps:
                                   y.data_ptr()):
             raise MemoryError("attention kernel: no memory for its scores")
         return y
+
+
+class _Heads(torch.autograd.Function):
+    """c_attn's output -> q, k, v for attention (qk norm and rotation applied), as kernels.c's one pass each way."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, shape: tuple, qk_eps: float):
+        B, T, H, KV, D = shape
+        lib = library()
+        q = qkv.new_empty(B, H, T, D)
+        k, v = qkv.new_empty(B, KV, T, D), qkv.new_empty(B, KV, T, D)
+        rstd = qkv.new_empty(B, T, H + KV) if qk_eps >= 0 else None
+        lib.sg_heads_fwd(qkv.data_ptr(), B, T, H, KV, D, qk_eps, _ptr(cos), _ptr(sin), q.data_ptr(), k.data_ptr(),
+                         v.data_ptr(), _ptr(rstd))
+        ctx.save_for_backward(qkv, rstd, cos, sin)
+        ctx.shape, ctx.qk_eps = shape, qk_eps
+        return q, k, v
+
+    @staticmethod
+    @once_differentiable  # (the C backward builds no graph: a second derivative raises instead of being wrong)
+    def backward(ctx, gq, gk, gv):
+        qkv, rstd, cos, sin = ctx.saved_tensors
+        B, T, H, KV, D = ctx.shape
+        gq, gk, gv = (g.contiguous() if g is not None else qkv.new_zeros(B, n, T, D)
+                      for g, n in ((gq, H), (gk, KV), (gv, KV)))
+        gqkv = torch.empty_like(qkv)
+        library().sg_heads_bwd(qkv.data_ptr(), _ptr(rstd), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(), B, T, H, KV, D,
+                               ctx.qk_eps, _ptr(cos), _ptr(sin), gqkv.data_ptr())
+        return gqkv, None, None, None, None
+
+
+def attention_heads(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, qk_eps: float,
+                    rope: Optional[tuple]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """c_attn's output (B, T, (H + 2 KV) D) -> q (B, H, T, D), k and v (B, KV, T, D), contiguous, q and k
+    RMS-normalised if qk_eps >= 0 and rotated by rope's (cos, sin) (T, D/2) if given: what the model's
+    view, permute, qk norm and rotation give (the rotation bit for bit; qk norm's sums in another order),
+    in one pass each way. None where the kernels do not take it (then the caller runs torch's ops)."""
+    if torch.compiler.is_compiling() or qkv.device.type != "cpu" or qkv.dtype != torch.float32 \
+            or not qkv.is_contiguous() or (rope is not None and rope[0].dtype != torch.float32) or library() is None:
+        return None  # (compiling first: inductor fuses torch's ops, and dynamo must not trace the build)
+    B, T, _ = qkv.shape
+    if rope is not None and tuple(rope[0].shape) != (T, head_dim // 2):
+        return None
+    cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())
+    return _Heads.apply(qkv, cos, sin, (B, T, heads, kv_heads, head_dim), qk_eps)

@@ -7,6 +7,7 @@ weights map onto those tools one to one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -303,12 +304,18 @@ class KVCache:
         self.length = 0
 
 
-def attention_inputs(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ve: Optional[torch.Tensor],
+def attention_inputs(cfg: ModelConfig, qkv: torch.Tensor, ve: Optional[torch.Tensor],
                      rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From the projected heads (B, H, T, D) to what attention sees: value embeddings, qk norm, rotation."""
-    if ve is not None:
-        v = v + ve
-    return qk_inputs(cfg, q, rope), qk_inputs(cfg, k, rope), v
+    """From c_attn's output (B, T, (H + 2 KV) D) to what attention sees, each (B, heads, T, D): value embeddings
+    (B, T, KV D), qk norm, rotation. On a CPU kernels.c does the rest in one pass each way (torch's ops: ~7x slower)."""
+    B, T, _ = qkv.shape
+    heads = kernels.attention_heads(qkv, cfg.n_head, cfg.kv_heads, cfg.head_dim,
+                                    cfg.qk_norm_eps if cfg.qk_norm else -1.0, rope)
+    if heads is None:
+        q, k, v = split_gqa(cfg, qkv, B, T)
+        heads = qk_inputs(cfg, q, rope), qk_inputs(cfg, k, rope), v
+    q, k, v = heads
+    return q, k, v if ve is None else v + ve.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
 
 
 def qk_inputs(cfg: ModelConfig, heads: torch.Tensor, rope, rotate: Callable = apply_rope) -> torch.Tensor:
@@ -320,11 +327,10 @@ def qk_inputs(cfg: ModelConfig, heads: torch.Tensor, rope, rotate: Callable = ap
 
 
 def split_gqa(cfg: ModelConfig, qkv: torch.Tensor, B: int, T: int, joint_qk: bool = False) -> tuple[torch.Tensor, ...]:
-    """c_attn's output [q; k; v] (B, T, (H + 2 KV) D) with n_kv_head < n_head -> q (B, H, T, D), k and v (B, KV, T, D);
+    """c_attn's output [q; k; v] (B, T, (H + 2 KV) D) -> q (B, H, T, D), k and v (B, KV, T, D), views;
     with joint_qk, [q; k] (B, H + KV, T, D) and v.
 
-    Query head h shares the keys and values of head h // (H / KV), as in Llama's repeat_kv. (Without
-    GQA the module's forward keeps its fused view and permute: the one layout, the same ops as ever.)
+    Query head h shares the keys and values of head h // (H / KV), as in Llama's repeat_kv.
     """
     H, KV = cfg.n_head, cfg.kv_heads
     heads = qkv.view(B, T, H + 2 * KV, cfg.head_dim).transpose(1, 2)
@@ -347,20 +353,20 @@ class CausalSelfAttention(nn.Module):
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
-        if self.gqa:
-            q, k, v = split_gqa(self.cfg, self.c_attn(x), B, T)
-        else:
-            q, k, v = self.c_attn(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        ve = None if ve is None else ve.view(B, T, self.kv_heads, D).transpose(1, 2)
-        q, k, v = attention_inputs(self.cfg, q, k, v, ve, rope)
+        qkv = self.c_attn(x)
+        fp32_attention = x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+        if fp32_attention:
+            qkv = qkv.float()
+        q, k, v = attention_inputs(self.cfg, qkv, ve, rope)
         dropout = self.cfg.dropout if self.training else 0.0
-        if cache is None and 0 < dropout < 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            y = self._attend_with_cpu_dropout(q, k, v, dropout)
-        elif cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=self.cfg.causal and mask is None, enable_gqa=self.gqa)
-        else:
-            y = self._attend_cached(q, k, v, cache, layer)
+        with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
+            if cache is None and 0 < dropout < 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+                y = self._attend_with_cpu_dropout(q, k, v, dropout)
+            elif cache is None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                   is_causal=self.cfg.causal and mask is None, enable_gqa=self.gqa)
+            else:
+                y = self._attend_cached(q, k, v, cache, layer)
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.resid_dropout(self.c_proj(y))
 

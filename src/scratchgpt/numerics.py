@@ -1,8 +1,9 @@
-"""The choices that change a run's numbers, settled once at start: CPU threads and Muon's Newton-Schulz dtype.
+"""The choices that change a run's numbers, settled once at start: CPU threads, the CPU's training dtype and
+Muon's Newton-Schulz dtype.
 
-The thread count changes the order of a matmul's sums (1 and 2 threads part ways from step 5), and
-bf16 or fp32 Newton-Schulz changes every Muon update. Each is a flag (`--train.threads`,
-`--optim.ns_dtype`); left at auto, it is measured once per machine and cached
+The thread count changes the order of a matmul's sums (1 and 2 threads part ways from step 5), bf16 autocast
+rounds every matmul's inputs, and bf16 or fp32 Newton-Schulz changes every Muon update. Each is a flag
+(`--train.threads`, `--train.dtype`, `--optim.ns_dtype`); left at auto, it is measured once per machine and cached
 (runtime.machine_choice), so the same command and seed on the same machine give the same run,
 however busy the machine is when it starts. The values used go into the run's config.json, so a
 resume, or `--config RUN/config.json` on another machine, repeats them. Under torchrun rank 0
@@ -11,8 +12,12 @@ decides and every rank takes its values (broadcast): ranks never measure for the
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import os
-from dataclasses import dataclass, replace
+import time
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -29,6 +34,71 @@ class Settled:
     ns_dtype: str  # "auto" for a run without Muon
     ns_source: str = ""  # flag, config, checkpoint, measured / cached (with timings), rank 0's
     ns_times: Optional[dict] = None
+    dtype_source: str = ""  # how --train.dtype was settled on a CPU (empty: the flag, or a GPU's rule)
+    dtype_times: Optional[dict] = None
+
+
+# bf16 autocast on a CPU only where it is clearly faster: its inputs lose 16 mantissa bits for the time it saves
+DTYPE_MARGIN = 0.8
+TEST_HOOK = "SCRATCHGPT_TEST_CPU_DTYPE"  # "0:float32,1:bfloat16": what each rank's own measurement would say
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16); elsewhere oneDNN emulates it, slower than fp32."""
+    try:
+        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def time_train_step(model: torch.nn.Module, batch: int, block: int, rounds: int = 4) -> dict[str, float]:
+    """Best seconds of one forward and backward of a copy of `model` (eval mode: no dropout draws) on a
+    random (batch, block) batch, fp32 against bf16 autocast, alternating; round 0 warms up."""
+    net = copy.deepcopy(model).eval()
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch, block), generator=torch.Generator().manual_seed(0))
+    best = {"float32": float("inf"), "bfloat16": float("inf")}
+    for trial in range(rounds + 1):
+        for name in best:
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bfloat16"):
+                _, loss = net(tokens, tokens)
+            loss.backward()
+            if trial:
+                best[name] = min(best[name], time.perf_counter() - t0)
+            net.zero_grad(set_to_none=True)
+    return best
+
+
+def cpu_dtype_for(tcfg, model: torch.nn.Module, batch: int, device: torch.device,
+                  checkpoint_state: Optional[dict]) -> tuple[str, str, Optional[dict]]:
+    """(dtype, where it came from, timings) for --train.dtype on this process: concrete on a CPU, where `auto` is
+    bf16 autocast if a step of this model measured below DTYPE_MARGIN x fp32's time (once per machine, model
+    and batch shape; cached), else fp32; "auto" on a GPU (runtime.pick_dtype's rule)."""
+    if tcfg.dtype != "auto":
+        return tcfg.dtype, "", None
+    if device.type != "cpu":
+        return "auto", "", None
+    if checkpoint_state is not None:  # a run from before the CPU's dtype was settled (newer ones record it)
+        return "float32", "what auto was when the run began", None
+    forced = dict(pair.split(":", 1) for pair in os.environ.get(TEST_HOOK, "").split(",") if ":" in pair)
+    if forced.get(os.environ.get("RANK", "0")) in ("float32", "bfloat16"):
+        return forced[os.environ.get("RANK", "0")], "this rank's measurement (a test hook)", None
+    if not cpu_has_bf16():
+        return "float32", "no bf16 arithmetic in this CPU", None
+    from .runtime import machine_choice
+
+    cfg = json.dumps(asdict(model.cfg), sort_keys=True, default=str)
+    name = (f"train_dtype | model {hashlib.sha256(cfg.encode()).hexdigest()[:12]} ({model.cfg.n_layer}x"
+            f"{model.cfg.n_embd}) | batch {batch}x{model.cfg.block_size} | {torch.get_num_threads()} threads")
+
+    def measure() -> dict:
+        times = time_train_step(model, batch, model.cfg.block_size)
+        return {"choice": "bfloat16" if times["bfloat16"] < DTYPE_MARGIN * times["float32"] else "float32",
+                "times": times}
+
+    record, source = machine_choice(name, measure)
+    return record["choice"], source, dict(record.get("times") or {})
 
 
 def ns_dtype_for(ocfg: OptimConfig, model: torch.nn.Module, device: torch.device,
@@ -54,8 +124,9 @@ def ns_dtype_for(ocfg: OptimConfig, model: torch.nn.Module, device: torch.device
 
 
 def settle(tcfg, ocfg: OptimConfig, model: torch.nn.Module, device: torch.device, ctx: dist.DistContext,
-           checkpoint_state: Optional[dict] = None) -> tuple[object, OptimConfig, Settled]:
-    """(tcfg, ocfg) with the thread count (CPU runs) and Newton-Schulz dtype (Muon runs) made concrete.
+           checkpoint_state: Optional[dict] = None, batch: int = 1) -> tuple[object, OptimConfig, Settled]:
+    """(tcfg, ocfg) with the thread count and dtype (CPU runs) and Newton-Schulz dtype (Muon runs) made concrete;
+    `batch`: the sequences of one micro-step, as the dtype is timed.
 
     Call after configure_threads and before build_optimizer, on every rank: rank 0 decides, the others
     follow (a collective under torchrun)."""
@@ -66,15 +137,19 @@ def settle(tcfg, ocfg: OptimConfig, model: torch.nn.Module, device: torch.device
             torch.set_num_threads(min(saved_threads, os.cpu_count() or 1))  # a run from before threads were recorded
         ns, source, times = ns_dtype_for(ocfg, model, device, checkpoint_state)
         threads = torch.get_num_threads() if device.type == "cpu" else None
-        decided = {"threads": threads, "ns_dtype": ns, "ns_source": source, "ns_times": times}
+        dtype, dtype_source, dtype_times = cpu_dtype_for(tcfg, model, batch, device, checkpoint_state)
+        decided = {"threads": threads, "ns_dtype": ns, "ns_source": source, "ns_times": times, "dtype": dtype,
+                   "dtype_source": dtype_source, "dtype_times": dtype_times}
     decided = dist.broadcast_json(decided, ctx)
     if ctx.rank != 0:
-        decided["ns_source"] = f"rank 0's ({decided['ns_source']})" if decided["ns_source"] else ""
+        for key in ("ns_source", "dtype_source"):
+            decided[key] = f"rank 0's ({decided[key]})" if decided[key] else ""
     if decided["threads"]:
         torch.set_num_threads(decided["threads"])
         tcfg = replace(tcfg, threads=decided["threads"])
-    ocfg = replace(ocfg, ns_dtype=decided["ns_dtype"])
-    return tcfg, ocfg, Settled(decided["threads"], decided["ns_dtype"], decided["ns_source"], decided["ns_times"])
+    tcfg, ocfg = replace(tcfg, dtype=decided["dtype"]), replace(ocfg, ns_dtype=decided["ns_dtype"])
+    return tcfg, ocfg, Settled(decided["threads"], decided["ns_dtype"], decided["ns_source"], decided["ns_times"],
+                               decided["dtype_source"], decided["dtype_times"])
 
 
 def apply_ns_dtype(optimizers: list, ns_dtype: str) -> None:

@@ -68,7 +68,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 autocast on GPUs that have it (else fp16), fp32 on CPUs (see below)."""
+    """`auto`: bf16 autocast on GPUs that have it (else fp16), fp32 on CPUs (training settles a CPU's auto by
+    measurement first: numerics.cpu_dtype_for)."""
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":

@@ -22,7 +22,7 @@ import torch
 
 from . import UserError
 from . import distributed as dist
-from . import numerics
+from . import kernels, numerics
 from .checkpoint import (find_resumable, load_model_tensors, load_tensors, remove_stale_temps, repair_aliases, rng_state,
                          set_rng_state)
 from .checkpoint.fsdp import load_optimizers, save_training_checkpoint
@@ -70,9 +70,12 @@ def setup(req: RunRequest) -> Session:
     restored = _restore_model(out, net, scaler, ctx) if resume else None
     if restored and (note := check_extension(out, restored[1], ocfg, tcfg.max_iters)) and ctx.rank == 0:
         print(note, file=sys.stderr)  # before anything trains: a changed schedule's LR jump
-    # threads and Newton-Schulz dtype: rank 0's, cached per machine, recorded below (a resume repeats them)
-    p.tcfg, p.ocfg, settled = numerics.settle(tcfg, ocfg, net, device, ctx, restored[1] if restored else None)
+    # threads, the CPU's dtype and Newton-Schulz dtype: rank 0's, cached per machine, recorded below (a resume
+    # repeats them)
+    p.tcfg, p.ocfg, settled = numerics.settle(tcfg, ocfg, net, device, ctx, restored[1] if restored else None,
+                                              batch=p.micro)
     tcfg, ocfg = p.tcfg, p.ocfg
+    dtype = pick_dtype(tcfg.dtype, device)  # (a CPU's auto settled above: fp32 or bf16 autocast, never fp16)
     config = _write_config(p, ctx, command)
     model_for_step, optimizers = _wrap_and_optimize(net, p, ctx, restored)
     s = Session(
@@ -92,7 +95,7 @@ def setup(req: RunRequest) -> Session:
         s.log.truncate(s.step)  # rows a crash left past the checkpoint are written again, once
     if s.master:  # for the report (after a resume may have set the thread count)
         atomic_write_json(out / ENVIRONMENT_FILE, {**environment(device, dtype), "world_size": ctx.world,
-                                                     "parallel": ctx.parallel})
+                                                     "parallel": ctx.parallel, "kernels": kernels.runs_on(device)})
     s.t_start = time.time()
     return s
 

@@ -70,7 +70,9 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda, cuda:1, mps; auto: cuda (this rank's GPU under torchrun) > mps > cpu."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Autocast dtype; auto: fp32 on CPU, bf16 on GPUs that have it, else fp16 (with loss scaling)."""
+    """Autocast dtype; auto: bf16 on GPUs that have it, else fp16 (with loss scaling); on a CPU with bf16 arithmetic
+    (AMX, AVX512-BF16) bf16 if a step of this model measures clearly faster (once per machine, cached, written to
+    config.json), else fp32. On a CPU, bf16 autocast keeps attention in fp32 (torch's bf16 attention backward is slow)."""
     compile: bool = False
     """torch.compile the model (pays off on runs longer than its compile time)."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
@@ -292,6 +294,10 @@ def startup_summary(s: Session) -> str:
     precision = "float32" if s.dtype == torch.float32 else f"{str(s.dtype).removeprefix('torch.')} autocast"
     if s.device.type == "cuda" and s.dtype == torch.float32 and tf32_matmuls():
         precision += " (TF32 matmuls)"
+    if s.settled and s.settled.dtype_source:
+        times = s.settled.dtype_times or {}
+        precision += f" ({s.settled.dtype_source}" + "".join(
+            f"; {k} {v * 1e3:.1f} ms" for k, v in times.items()) + (" a step" if times else "") + ")"
     name = f" ({device_name(s.device)})" if s.device.type == "cuda" else ""
     muon = [o for o in s.optimizers if isinstance(o, Muon)]
     optim = s.ocfg.optimizer

@@ -251,15 +251,18 @@ def test_single_process_checkpoint_resumes_under_ddp_and_survives_a_restart(runs
     assert weight_error(weights(run), weights(reference)) < 1e-6
 
 
-def test_ranks_take_rank_0s_newton_schulz_dtype(runs, data):
-    """Rank 1's own measurement would say bf16 (a test hook), rank 0's fp32: every rank runs fp32, rank 0's
-    choice, recorded in config.json, and the ranks end with the same weights."""
+def test_ranks_take_rank_0s_newton_schulz_and_training_dtypes(runs, data):
+    """Rank 1's own measurements would say bf16 (test hooks) for Newton-Schulz and for training on the CPU, rank
+    0's fp32: every rank runs fp32, rank 0's choices, recorded in config.json, and the ranks end with the same
+    weights."""
     out, muon = runs / "disagree", {"optim.optimizer": "muon", "train.max_iters": 4, "train.eval_interval": 4}
-    elastic(f"--data={data}", f"--out={out}", *flags(**muon),
-            env={"SCRATCHGPT_TEST_NS_DTYPE": "0:float32,1:bfloat16"}, worker=_weights_worker)
+    elastic(f"--data={data}", f"--out={out}", *flags(**muon, **{"train.dtype": "auto"}),
+            env={"SCRATCHGPT_TEST_NS_DTYPE": "0:float32,1:bfloat16", "SCRATCHGPT_TEST_CPU_DTYPE": "0:float32,1:bfloat16"},
+            worker=_weights_worker)
     single(f"--data={data}", f"--out={runs / 'muon_single'}", *flags(**muon, **{"optim.ns_dtype": "float32"}))
     assert weight_error(weights(out), weights(runs / "muon_single")) < 1e-5  # Muon under DDP: as AdamW
-    assert json.loads((out / "config.json").read_text())["optim"]["ns_dtype"] == "float32"
+    config = json.loads((out / "config.json").read_text())
+    assert config["optim"]["ns_dtype"] == "float32" and config["train"]["dtype"] == "float32"
     rank0, rank1 = load_file(str(out / "rank-0.safetensors")), load_file(str(out / "rank-1.safetensors"))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     saved = weights(out)

@@ -34,7 +34,8 @@ def new_process(monkeypatch) -> None:
 def test_same_seed_gives_the_same_losses_on_a_busy_machine(tmp_path, char_data, monkeypatch, capsys):
     monkeypatch.setenv("SCRATCHGPT_CACHE_DIR", str(tmp_path / "cache"))  # this machine, measured afresh
     before = torch.get_num_threads()
-    flags = tiny_flags(**{"train.max_iters": 10, "train.eval_interval": 10, "train.log_interval": 1})
+    flags = tiny_flags(**{"train.max_iters": 10, "train.eval_interval": 10, "train.log_interval": 1,
+                          "train.dtype": "auto"})  # the CPU's dtype settled too (measured where it has bf16)
     hog = None
     try:
         new_process(monkeypatch)
@@ -51,7 +52,9 @@ def test_same_seed_gives_the_same_losses_on_a_busy_machine(tmp_path, char_data, 
         torch.set_num_threads(before)
     quiet, busy = (json.loads((tmp_path / r / "config.json").read_text()) for r in ("quiet", "busy"))
     assert quiet["optim"]["ns_dtype"] in ("float32", "bfloat16") and quiet["train"]["threads"] >= 1
-    assert (busy["optim"]["ns_dtype"], busy["train"]["threads"]) == (quiet["optim"]["ns_dtype"], quiet["train"]["threads"])
+    assert quiet["train"]["dtype"] in ("float32", "bfloat16")
+    assert [busy["optim"]["ns_dtype"], busy["train"]["threads"], busy["train"]["dtype"]] == \
+        [quiet["optim"]["ns_dtype"], quiet["train"]["threads"], quiet["train"]["dtype"]]
     assert "cached in" in err  # the busy run measured nothing
     assert len(losses(tmp_path / "quiet")) == 10 and losses(tmp_path / "busy") == losses(tmp_path / "quiet")
 
