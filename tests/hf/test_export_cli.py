@@ -47,6 +47,13 @@ def test_runs_of_every_shipped_config_export_and_load_in_transformers(config, tm
     flags = [f for f in flags if not f.startswith(("--model.",))] + [
         "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64", "--model.block_size=32"]
     recipe = [] if config == "the default recipe" else ["--config", REPO / "configs" / config]  # no --config: the recipe
+    if config == "shakespeare-char-fast.yaml":  # its qk norm (RMS, beside LayerNorm and GELU) is in no HF architecture
+        code, _, err = cli(capsys, "train", "--data", char_data, "--out", tmp_path / "qk", *recipe, *flags)
+        assert code == 0, err
+        assert one_line_error(capsys, "export", tmp_path / "qk", "--out", out).startswith(
+            "error: model.qk_norm=true exports only as Qwen3")
+        assert not out.exists()
+        flags.append("--model.qk_norm=false")  # what the recipe's comment says to do for a run to export
     code, _, err = cli(capsys, "train", "--data", char_data, "--out", run, *recipe, *flags)
     assert code == 0, err
     code, _, err = cli(capsys, "export", run, "--out", out)
