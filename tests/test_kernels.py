@@ -230,10 +230,32 @@ def test_attention_heads_are_the_normed_rotated_heads_and_take_only_what_they_ca
     assert torch.allclose(g, ref, atol=1e-5) and not g[..., (H + KV) * D:].any()
     with pytest.raises(RuntimeError):  # no graph through the C backward: a second derivative is refused
         torch.autograd.grad(torch.autograd.grad(q.pow(2).sum(), qkv, create_graph=True)[0].sum(), qkv)
-    # torch's ops for what the loop does not handle: another dtype, a strided input, positions that do not match
-    assert kernels.attention_heads(qkv.detach().double(), H, KV, D, -1.0, None) is None
-    assert kernels.attention_heads(qkv.detach().transpose(0, 1), H, KV, D, -1.0, None) is None
-    assert kernels.attention_heads(qkv.detach(), H, KV, D, -1.0, (rope[0][:3], rope[1][:3])) is None
+    # torch's ops for what the loop does not handle: another dtype, a strided input, positions that do not match,
+    # a width that is not the heads', rope tables of another dtype, an odd head width
+    x = qkv.detach()
+    assert kernels.attention_heads(x.double(), H, KV, D, -1.0, None) is None
+    assert kernels.attention_heads(x.transpose(0, 1), H, KV, D, -1.0, None) is None
+    assert kernels.attention_heads(x, H, KV, D, -1.0, (rope[0][:3], rope[1][:3])) is None
+    assert kernels.attention_heads(x[..., :-D].contiguous(), H, KV, D, -1.0, None) is None
+    assert kernels.attention_heads(x, H, KV, D, -1.0, (rope[0], rope[1].double())) is None
+    odd = torch.randn(B, T, (H + 2 * KV) * 5)
+    assert kernels.attention_heads(odd, H, KV, 5, -1.0, (torch.ones(T, 2), torch.zeros(T, 2))) is None
+
+
+@needs_kernels
+def test_without_qk_norm_the_heads_keep_no_activation_for_backward():
+    """The rotation's backward needs only the angles: c_attn's output is not kept alive (qk norm's needs it)."""
+    from scratchgpt.model import rope_cos_sin
+
+    B, T, H, D = 3, 8, 2, 16
+    qkv = torch.randn(B, T, 3 * H * D, requires_grad=True)
+    rope = rope_cos_sin(torch.arange(T), D, 10000.0)
+    for eps, kept in ((-1.0, 0), (1e-6, qkv.numel())):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            q, k, v = kernels.attention_heads(qkv, H, H, D, eps, rope)
+        assert sum(n for n in saved if n == qkv.numel()) == kept
+        (q.sum() + k.sum() + v.sum()).backward()  # and the backward still runs
 
 
 def test_runs_on_says_whether_the_kernels_run():

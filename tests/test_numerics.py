@@ -49,8 +49,12 @@ def test_what_auto_is_without_measuring(monkeypatch):
     monkeypatch.setattr(numerics, "time_train_step", lambda *a: pytest.fail("measured"))
     assert numerics.cpu_dtype_for(SimpleNamespace(dtype="bfloat16"), _model(), 4, CPU, None)[0] == "bfloat16"  # the flag
     assert numerics.cpu_dtype_for(_auto(), _model(), 4, torch.device("meta"), None)[0] == "auto"  # a GPU's own rule
-    # a resumed run from before the dtype was recorded keeps what auto meant then
+    # a resume keeps its checkpoint's dtype (an `auto` given again included); one from before it was recorded, fp32
+    assert numerics.cpu_dtype_for(_auto(), _model(), 4, CPU, {"step": 3, "dtype": "bfloat16"})[:2] == \
+        ("bfloat16", "the checkpoint's")
     assert numerics.cpu_dtype_for(_auto(), _model(), 4, CPU, {"step": 3})[0] == "float32"
+    # under FSDP a whole copy of the model might not fit where its shards do
+    assert numerics.cpu_dtype_for(_auto(), _model(), 4, CPU, None, "fsdp")[0] == "float32"
     monkeypatch.setattr(numerics, "cpu_has_bf16", lambda: False)  # emulated bf16 would only be slower
     assert numerics.cpu_dtype_for(_auto(), _model(), 4, CPU, None)[:2] == ("float32", "no bf16 arithmetic in this CPU")
 
@@ -86,3 +90,9 @@ def test_a_cpu_run_records_the_settled_dtype_and_a_resume_keeps_it(tmp_path, cha
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["dtype"] == "bfloat16"
     assert "bfloat16 autocast" in err
+    # `auto` given again (a flag, or a recipe's yaml through --config) keeps the checkpoint's dtype
+    code, _, err = cli(capsys, "train", "--data", char_data, "--out", tmp_path / "run", "--resume",
+                       "--train.dtype", "auto", "--train.max_iters", "8", "--optim.decay_iters", "8")
+    assert code == 0, err
+    assert "bfloat16 autocast (the checkpoint's)" in err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["dtype"] == "bfloat16"

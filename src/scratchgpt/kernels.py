@@ -232,8 +232,9 @@ class _Heads(torch.autograd.Function):
         rstd = qkv.new_empty(B, T, H + KV) if qk_eps >= 0 else None
         lib.sg_heads_fwd(qkv.data_ptr(), B, T, H, KV, D, qk_eps, _ptr(cos), _ptr(sin), q.data_ptr(), k.data_ptr(),
                          v.data_ptr(), _ptr(rstd))
-        ctx.save_for_backward(qkv, rstd, cos, sin)
-        ctx.shape, ctx.qk_eps = shape, qk_eps
+        # qk norm's backward reads the input; the rotation's alone does not (then no activation is kept)
+        ctx.save_for_backward(qkv if qk_eps >= 0 else None, rstd, cos, sin)
+        ctx.shape, ctx.qk_eps, ctx.qkv_shape = shape, qk_eps, qkv.shape
         return q, k, v
 
     @staticmethod
@@ -241,10 +242,10 @@ class _Heads(torch.autograd.Function):
     def backward(ctx, gq, gk, gv):
         qkv, rstd, cos, sin = ctx.saved_tensors
         B, T, H, KV, D = ctx.shape
-        gq, gk, gv = (g.contiguous() if g is not None else qkv.new_zeros(B, n, T, D)
+        gq, gk, gv = (g.contiguous() if g is not None else torch.zeros(B, n, T, D, dtype=torch.float32)
                       for g, n in ((gq, H), (gk, KV), (gv, KV)))
-        gqkv = torch.empty_like(qkv)
-        library().sg_heads_bwd(qkv.data_ptr(), _ptr(rstd), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(), B, T, H, KV, D,
+        gqkv = torch.empty(ctx.qkv_shape, dtype=torch.float32)
+        library().sg_heads_bwd(_ptr(qkv), _ptr(rstd), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(), B, T, H, KV, D,
                                ctx.qk_eps, _ptr(cos), _ptr(sin), gqkv.data_ptr())
         return gqkv, None, None, None, None
 
@@ -256,10 +257,14 @@ def attention_heads(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
     view, permute, qk norm and rotation give (the rotation bit for bit; qk norm's sums in another order),
     in one pass each way. None where the kernels do not take it (then the caller runs torch's ops)."""
     if torch.compiler.is_compiling() or qkv.device.type != "cpu" or qkv.dtype != torch.float32 \
-            or not qkv.is_contiguous() or (rope is not None and rope[0].dtype != torch.float32) or library() is None:
+            or qkv.dim() != 3 or not qkv.is_contiguous() or qkv.size(2) != (heads + 2 * kv_heads) * head_dim:
         return None  # (compiling first: inductor fuses torch's ops, and dynamo must not trace the build)
-    B, T, _ = qkv.shape
-    if rope is not None and tuple(rope[0].shape) != (T, head_dim // 2):
+    T = qkv.size(1)
+    if rope is not None and (head_dim % 2 or any(
+            t.device.type != "cpu" or t.dtype != torch.float32 or tuple(t.shape) != (T, head_dim // 2) for t in rope)):
         return None
+    if library() is None:
+        return None
+    B = qkv.size(0)
     cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())
     return _Heads.apply(qkv, cos, sin, (B, T, heads, kv_heads, head_dim), qk_eps)

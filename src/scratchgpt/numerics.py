@@ -5,8 +5,10 @@ The thread count changes the order of a matmul's sums (1 and 2 threads part ways
 rounds every matmul's inputs, and bf16 or fp32 Newton-Schulz changes every Muon update. Each is a flag
 (`--train.threads`, `--train.dtype`, `--optim.ns_dtype`); left at auto, it is measured once per machine and cached
 (runtime.machine_choice), so the same command and seed on the same machine give the same run,
-however busy the machine is when it starts. The values used go into the run's config.json, so a
-resume, or `--config RUN/config.json` on another machine, repeats them. Under torchrun rank 0
+however busy the machine is when it starts. The values used go into the run's config.json (and the dtype into
+each checkpoint), so a resume, or `--config RUN/config.json` on another machine, repeats them. (Runs from
+before 2026-12-07 recorded `dtype: auto`, which then meant fp32 on a CPU: their resumes keep fp32; their
+config.json reused with --config needs `--train.dtype float32` to repeat them.) Under torchrun rank 0
 decides and every rank takes its values (broadcast): ranks never measure for themselves.
 """
 
@@ -52,7 +54,7 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def time_train_step(model: torch.nn.Module, batch: int, block: int, rounds: int = 4) -> dict[str, float]:
+def time_train_step(model: torch.nn.Module, batch: int, block: int, rounds: int = 3) -> dict[str, float]:
     """Best seconds of one forward and backward of a copy of `model` (eval mode: no dropout draws) on a
     random (batch, block) batch, fp32 against bf16 autocast, alternating; round 0 warms up."""
     net = copy.deepcopy(model).eval()
@@ -71,7 +73,7 @@ def time_train_step(model: torch.nn.Module, batch: int, block: int, rounds: int 
 
 
 def cpu_dtype_for(tcfg, model: torch.nn.Module, batch: int, device: torch.device,
-                  checkpoint_state: Optional[dict]) -> tuple[str, str, Optional[dict]]:
+                  checkpoint_state: Optional[dict], parallel: str = "none") -> tuple[str, str, Optional[dict]]:
     """(dtype, where it came from, timings) for --train.dtype on this process: concrete on a CPU, where `auto` is
     bf16 autocast if a step of this model measured below DTYPE_MARGIN x fp32's time (once per machine, model
     and batch shape; cached), else fp32; "auto" on a GPU (runtime.pick_dtype's rule)."""
@@ -79,8 +81,12 @@ def cpu_dtype_for(tcfg, model: torch.nn.Module, batch: int, device: torch.device
         return tcfg.dtype, "", None
     if device.type != "cpu":
         return "auto", "", None
-    if checkpoint_state is not None:  # a run from before the CPU's dtype was settled (newer ones record it)
-        return "float32", "what auto was when the run began", None
+    if checkpoint_state is not None:  # a resume keeps its dtype, whatever an `auto` given again would measure now
+        saved = checkpoint_state.get("dtype")
+        return (saved, "the checkpoint's", None) if saved in ("float32", "bfloat16", "float16") else \
+            ("float32", "what auto was when the run began", None)  # a run from before the dtype was recorded
+    if parallel == "fsdp":  # timing a whole copy of the model could need more memory than its shards
+        return "float32", "not measured under FSDP", None
     forced = dict(pair.split(":", 1) for pair in os.environ.get(TEST_HOOK, "").split(",") if ":" in pair)
     if forced.get(os.environ.get("RANK", "0")) in ("float32", "bfloat16"):
         return forced[os.environ.get("RANK", "0")], "this rank's measurement (a test hook)", None
@@ -137,7 +143,7 @@ def settle(tcfg, ocfg: OptimConfig, model: torch.nn.Module, device: torch.device
             torch.set_num_threads(min(saved_threads, os.cpu_count() or 1))  # a run from before threads were recorded
         ns, source, times = ns_dtype_for(ocfg, model, device, checkpoint_state)
         threads = torch.get_num_threads() if device.type == "cpu" else None
-        dtype, dtype_source, dtype_times = cpu_dtype_for(tcfg, model, batch, device, checkpoint_state)
+        dtype, dtype_source, dtype_times = cpu_dtype_for(tcfg, model, batch, device, checkpoint_state, ctx.parallel)
         decided = {"threads": threads, "ns_dtype": ns, "ns_source": source, "ns_times": times, "dtype": dtype,
                    "dtype_source": dtype_source, "dtype_times": dtype_times}
     decided = dist.broadcast_json(decided, ctx)

@@ -399,7 +399,7 @@ def save(s: Session, is_best: bool) -> None:
     tcfg = s.tcfg
     state = {"step": s.step, "tokens": s.tokens, "best_val_loss": None if math.isinf(s.best_val) else s.best_val,
              "bad_evals": s.bad_evals, "skipped_steps": s.skipped, "elapsed_s": s.elapsed, "rng": rng_state(s.device),
-             "threads": torch.get_num_threads(),
+             "threads": torch.get_num_threads(), "dtype": str(s.dtype).removeprefix("torch."),
              "data": {"seed": tcfg.seed, "step": s.step, "sampling": "stateless(seed, step)",
                       **dist.data_slices(tcfg.batch_size, s.per_rank, s.micro, s.ctx)},
              "scheduler": {"step": s.step, "lr": lr_at(s.step, s.ocfg, tcfg.max_iters)},
