@@ -7,9 +7,8 @@ weights map onto those tools one to one.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator, Literal, Optional
@@ -307,7 +306,8 @@ class KVCache:
 def attention_inputs(cfg: ModelConfig, qkv: torch.Tensor, ve: Optional[torch.Tensor],
                      rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From c_attn's output (B, T, (H + 2 KV) D) to what attention sees, each (B, heads, T, D): value embeddings
-    (B, T, KV D), qk norm, rotation. On a CPU kernels.c does the rest in one pass each way (torch's ops: ~7x slower)."""
+    (B, T, KV D), qk norm, rotation. On a CPU kernels.c does the rest in one pass each way (with qk norm, torch's
+    ops were a sixth of a small model's step: BENCHMARKS.md)."""
     B, T, _ = qkv.shape
     heads = kernels.attention_heads(qkv, cfg.n_head, cfg.kv_heads, cfg.head_dim,
                                     cfg.qk_norm_eps if cfg.qk_norm else -1.0, rope)
@@ -359,7 +359,7 @@ class CausalSelfAttention(nn.Module):
             qkv = qkv.float()
         q, k, v = attention_inputs(self.cfg, qkv, ve, rope)
         dropout = self.cfg.dropout if self.training else 0.0
-        with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
+        with torch.autocast("cpu", enabled=False) if fp32_attention else nullcontext():
             if cache is None and 0 < dropout < 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
                 y = self._attend_with_cpu_dropout(q, k, v, dropout)
             elif cache is None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-import time
 from collections import defaultdict
 
 import torch
@@ -68,15 +67,12 @@ def time_newton_schulz(stacks: dict[tuple[int, int], int], dtypes=(torch.float32
         per_matrix = 2 * rows * rows * (2 * cols + rows)  # x x^T, then gram @ gram and (..) @ x
         n = max(1, min(count, 50_000_000 // per_matrix))
         xs.append(torch.ones(n, rows, cols).add_(torch.arange(cols) / cols))  # no RNG: must not shift training's
-    best = {_name(d): float("inf") for d in dtypes}
-    for trial in range(rounds + 1):
-        for dtype in dtypes:
-            t0 = time.perf_counter()
-            for x in xs:
-                newton_schulz(x, coefficients, 1, eps, dtype)
-            if trial:  # round 0 warms up (allocations, kernel selection)
-                best[_name(dtype)] = min(best[_name(dtype)], time.perf_counter() - t0)
-    return best
+    from .runtime import best_times
+
+    def iteration(dtype: torch.dtype):
+        return lambda: [newton_schulz(x, coefficients, 1, eps, dtype) for x in xs]
+
+    return best_times({_name(d): iteration(d) for d in dtypes}, rounds)
 
 
 def ns_dtype_by_measurement(shapes, coefficients=(_torch_muon.DEFAULT_A, _torch_muon.DEFAULT_B, _torch_muon.DEFAULT_C),
@@ -114,13 +110,9 @@ def ns_source() -> str:
 
 
 def _test_hook() -> str | None:
-    import os
+    from .runtime import rank_test_hook
 
-    for pair in filter(None, os.environ.get(TEST_HOOK, "").split(",")):
-        rank, _, dtype = pair.partition(":")
-        if rank == os.environ.get("RANK", "0") and dtype in NS_DTYPES:
-            return dtype
-    return None
+    return rank_test_hook(TEST_HOOK, NS_DTYPES)
 
 
 def _name(dtype: torch.dtype) -> str:

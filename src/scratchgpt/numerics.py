@@ -18,7 +18,6 @@ import copy
 import hashlib
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
@@ -26,6 +25,7 @@ import torch
 
 from . import distributed as dist
 from .optim import OptimConfig, param_kinds
+from .runtime import machine_choice, rank_test_hook
 
 
 @dataclass
@@ -57,19 +57,20 @@ def cpu_has_bf16() -> bool:
 def time_train_step(model: torch.nn.Module, batch: int, block: int, rounds: int = 3) -> dict[str, float]:
     """Best seconds of one forward and backward of a copy of `model` (eval mode: no dropout draws) on a
     random (batch, block) batch, fp32 against bf16 autocast, alternating; round 0 warms up."""
+    from .runtime import best_times
+
     net = copy.deepcopy(model).eval()
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, block), generator=torch.Generator().manual_seed(0))
-    best = {"float32": float("inf"), "bfloat16": float("inf")}
-    for trial in range(rounds + 1):
-        for name in best:
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bfloat16"):
+
+    def step(bf16: bool):
+        def run() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 _, loss = net(tokens, tokens)
             loss.backward()
-            if trial:
-                best[name] = min(best[name], time.perf_counter() - t0)
             net.zero_grad(set_to_none=True)
-    return best
+        return run
+
+    return best_times({"float32": step(False), "bfloat16": step(True)}, rounds)
 
 
 def cpu_dtype_for(tcfg, model: torch.nn.Module, batch: int, device: torch.device,
@@ -87,12 +88,11 @@ def cpu_dtype_for(tcfg, model: torch.nn.Module, batch: int, device: torch.device
             ("float32", "what auto was when the run began", None)  # a run from before the dtype was recorded
     if parallel == "fsdp":  # timing a whole copy of the model could need more memory than its shards
         return "float32", "not measured under FSDP", None
-    forced = dict(pair.split(":", 1) for pair in os.environ.get(TEST_HOOK, "").split(",") if ":" in pair)
-    if forced.get(os.environ.get("RANK", "0")) in ("float32", "bfloat16"):
-        return forced[os.environ.get("RANK", "0")], "this rank's measurement (a test hook)", None
+    forced = rank_test_hook(TEST_HOOK, ("float32", "bfloat16"))
+    if forced:
+        return forced, "this rank's measurement (a test hook)", None
     if not cpu_has_bf16():
         return "float32", "no bf16 arithmetic in this CPU", None
-    from .runtime import machine_choice
 
     cfg = json.dumps(asdict(model.cfg), sort_keys=True, default=str)
     name = (f"train_dtype | model {hashlib.sha256(cfg.encode()).hexdigest()[:12]} ({model.cfg.n_layer}x"

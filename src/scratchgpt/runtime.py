@@ -100,23 +100,37 @@ def cpu_topology() -> tuple[int, int]:
     return n_cores, n_cpus
 
 
+def best_times(variants: dict, rounds: int) -> dict:
+    """Seconds of each variant's call (a dict of name -> function): the best of `rounds`, the variants taking
+    turns (a busy machine slows them alike), after a warm-up round (allocations, kernel selection)."""
+    best = {name: float("inf") for name in variants}
+    for trial in range(rounds + 1):
+        for name, run in variants.items():
+            t0 = time.perf_counter()
+            run()
+            if trial:
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def rank_test_hook(env: str, allowed: tuple[str, ...]) -> Optional[str]:
+    """What test hook `env` ("0:float32,1:bfloat16") says this rank's own measurement would give, if anything."""
+    for pair in filter(None, os.environ.get(env, "").split(",")):
+        rank, _, value = pair.partition(":")
+        if rank == os.environ.get("RANK", "0") and value in allowed:
+            return value
+    return None
+
+
 def time_matmul_threads(counts: tuple[int, ...], n: int = 512, rounds: int = 3) -> dict[int, float]:
-    """Seconds of an n x n fp32 matmul (a training step's typical GEMM) at each thread count: the best of
-    `rounds`, the counts taking turns, after a warm-up. The thread count is restored."""
+    """Seconds of an n x n fp32 matmul (a training step's typical GEMM) at each thread count: best_times of the
+    counts. The thread count is restored."""
     before = torch.get_num_threads()
     a = torch.ones(n, n)
-    best = {c: float("inf") for c in counts}
     try:
-        for trial in range(rounds + 1):
-            for c in counts:
-                torch.set_num_threads(c)
-                t0 = time.perf_counter()
-                a @ a
-                if trial:
-                    best[c] = min(best[c], time.perf_counter() - t0)
+        return best_times({c: lambda c=c: (torch.set_num_threads(c), a @ a) for c in counts}, rounds)
     finally:
         torch.set_num_threads(before)
-    return best
 
 
 _THREADS: dict[tuple[int, int], int] = {}
