@@ -46,6 +46,8 @@ _NS_CHOICES: dict[tuple, tuple[torch.dtype, dict[str, float]]] = {}
 # test hook: "RANK:DTYPE[,RANK:DTYPE]" makes that rank's own measurement say DTYPE (ranks that disagree)
 TEST_HOOK = "SCRATCHGPT_TEST_NS_DTYPE"
 NS_DTYPES = ("float32", "bfloat16")
+# the most of a stack timed per iteration (~2 ms in fp32 on 2 cores): whole stacks of a small model's matrices
+STACK_FLOPS_TIMED = 400_000_000
 
 
 def _stack_shapes(shapes) -> dict[tuple[int, int], int]:
@@ -60,12 +62,14 @@ def time_newton_schulz(stacks: dict[tuple[int, int], int], dtypes=(torch.float32
         _torch_muon.DEFAULT_A, _torch_muon.DEFAULT_B, _torch_muon.DEFAULT_C), eps: float = _torch_muon.EPS,
         rounds: int = 5) -> dict[str, float]:
     """Seconds for one Newton-Schulz iteration over every stack, per dtype: the best of `rounds`, the dtypes
-    taking turns (a busy machine slows both alike), after a warm-up. Stacks are capped at ~50 MFLOP each, so
-    a GPT-2-sized model costs about as little to measure as a small one."""
+    taking turns (a busy machine slows both alike), after a warm-up. A stack is timed whole up to
+    STACK_FLOPS_TIMED: bf16's gain on small matrices shows only in a stack (12 of (128, 384) on AMX: bf16
+    0.54x fp32's time; one of them alone: 1.25x). Larger matrices are timed one or a few at a time, so a
+    GPT-2-sized model costs about as little to measure as a small one."""
     xs = []
     for (rows, cols), count in stacks.items():
         per_matrix = 2 * rows * rows * (2 * cols + rows)  # x x^T, then gram @ gram and (..) @ x
-        n = max(1, min(count, 50_000_000 // per_matrix))
+        n = max(1, min(count, STACK_FLOPS_TIMED // per_matrix))
         xs.append(torch.ones(n, rows, cols).add_(torch.arange(cols) / cols))  # no RNG: must not shift training's
     from .runtime import best_times
 
@@ -93,7 +97,8 @@ def ns_dtype_by_measurement(shapes, coefficients=(_torch_muon.DEFAULT_A, _torch_
             return {"choice": "bfloat16" if times["bfloat16"] < NS_MARGIN * times["float32"] else "float32",
                     "times": times}
 
-        name = f"ns_dtype | stacks {sorted(stacks.items())} | {key[1]} threads"
+        # "whole stacks": choices cached before stacks were timed whole (one matrix each) are measured anew
+        name = f"ns_dtype | stacks {sorted(stacks.items())} | {key[1]} threads | whole stacks"
         record, source = machine_choice(name, measure)
         _NS_CHOICES[key] = (getattr(torch, record["choice"]), dict(record.get("times") or {}))
         _NS_SOURCE[key] = source
