@@ -25,6 +25,8 @@ from collections import defaultdict
 import torch
 import torch.optim._muon as _torch_muon
 
+from .runtime import best_times, machine_choice, rank_test_hook
+
 
 def newton_schulz(x: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """The quintic Newton-Schulz iteration of torch (and Keller Jordan's reference), on a stack (n, rows, cols)."""
@@ -71,7 +73,6 @@ def time_newton_schulz(stacks: dict[tuple[int, int], int], dtypes=(torch.float32
         per_matrix = 2 * rows * rows * (2 * cols + rows)  # x x^T, then gram @ gram and (..) @ x
         n = max(1, min(count, STACK_FLOPS_TIMED // per_matrix))
         xs.append(torch.ones(n, rows, cols).add_(torch.arange(cols) / cols))  # no RNG: must not shift training's
-    from .runtime import best_times
 
     def iteration(dtype: torch.dtype):
         return lambda: [newton_schulz(x, coefficients, 1, eps, dtype) for x in xs]
@@ -90,8 +91,6 @@ def ns_dtype_by_measurement(shapes, coefficients=(_torch_muon.DEFAULT_A, _torch_
     if forced:
         return getattr(torch, forced), {}
     if key not in _NS_CHOICES:
-        from .runtime import machine_choice
-
         def measure() -> dict:
             times = time_newton_schulz(stacks, coefficients=coefficients, eps=eps)
             return {"choice": "bfloat16" if times["bfloat16"] < NS_MARGIN * times["float32"] else "float32",
@@ -115,8 +114,6 @@ def ns_source() -> str:
 
 
 def _test_hook() -> str | None:
-    from .runtime import rank_test_hook
-
     return rank_test_hook(TEST_HOOK, NS_DTYPES)
 
 

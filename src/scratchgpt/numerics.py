@@ -25,7 +25,7 @@ import torch
 
 from . import distributed as dist
 from .optim import OptimConfig, param_kinds
-from .runtime import machine_choice, rank_test_hook
+from .runtime import best_times, machine_choice, rank_test_hook
 
 
 @dataclass
@@ -57,8 +57,6 @@ def cpu_has_bf16() -> bool:
 def time_train_step(model: torch.nn.Module, batch: int, block: int, rounds: int = 3) -> dict[str, float]:
     """Best seconds of one forward and backward of a copy of `model` (eval mode: no dropout draws) on a
     random (batch, block) batch, fp32 against bf16 autocast, alternating; round 0 warms up."""
-    from .runtime import best_times
-
     net = copy.deepcopy(model).eval()
     tokens = torch.randint(0, model.cfg.vocab_size, (batch, block), generator=torch.Generator().manual_seed(0))
 
