@@ -205,7 +205,8 @@ def loop(s: Session) -> str:
     while s.step < tcfg.max_iters:
         dist.maybe_fail(s.step, ctx)  # test-only fault injection (SCRATCHGPT_FAULT_RANK/STEP); otherwise a no-op
         # batch + forward + backward (accumulating over micro-steps; DDP syncs only on the last)
-        offsets = s.train_ds.batch_offsets(s.step, tcfg.batch_size, tcfg.seed)[ctx.rank * s.per_rank:(ctx.rank + 1) * s.per_rank]
+        offsets = s.train_ds.batch_offsets(s.step, tcfg.batch_size, tcfg.seed, tcfg.sampling)[
+            ctx.rank * s.per_rank:(ctx.rank + 1) * s.per_rank]
         loss_sum = forward_backward(s, offsets)
         # clip + finite check: a non-finite loss or gradient never reaches the weights
         for opt in s.optimizers:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from scratchgpt import UserError
 from scratchgpt import data
@@ -345,6 +347,38 @@ def test_load_meta_detects_damage(char_dir, tmp_path):
 
 
 # -- TokenDataset ------------------------------------------------------------------------
+
+
+def test_shuffle_visits_every_window_once_an_epoch(char_dir):
+    ds = TokenDataset(char_dir, "train", block_size=32)
+    n = (ds.max_offset + 1) // 32
+    batch = 7  # does not divide n: some batches span two epochs
+    steps = -(-3 * n // batch)
+    offsets = np.concatenate([ds.batch_offsets(s, batch, seed=5, sampling="shuffle") for s in range(steps)])
+    assert offsets.min() >= 0 and offsets.max() <= ds.max_offset
+    phases = []
+    for epoch in range(3):
+        starts = offsets[epoch * n:(epoch + 1) * n]
+        phase = int(starts[0]) % 32
+        assert (starts % 32 == phase).all()  # one cut of the text per epoch
+        assert sorted((starts // 32).tolist()) == list(range(n))  # every window once
+        assert starts[:50].tolist() != sorted(starts[:50].tolist())  # in a shuffled order
+        phases.append(phase)
+    # a pure function of (seed, step): a fresh dataset (a resumed run, another rank) gives the same windows
+    again = TokenDataset(char_dir, "train", block_size=32)
+    assert np.array_equal(again.batch_offsets(steps - 1, batch, 5, "shuffle"), offsets[-batch:])
+    assert not np.array_equal(ds.batch_offsets(0, batch, 6, "shuffle"), offsets[:batch])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_tokens=st.integers(2, 400), block=st.integers(1, 64), batch=st.integers(1, 40), step=st.integers(0, 10**6))
+def test_shuffle_windows_fit_any_split(n_tokens, block, batch, step):
+    """Tiny splits too (fewer tokens than two blocks: one window an epoch, at a random phase)."""
+    assume(block <= n_tokens - 1)  # TokenDataset refuses larger blocks
+    ds = object.__new__(TokenDataset)  # only the split's length and block size enter the windows' arithmetic
+    ds.n_tokens, ds.block_size, ds.seed = n_tokens, block, 1
+    offsets = ds.batch_offsets(step, batch, sampling="shuffle")
+    assert offsets.shape == (batch,) and offsets.min() >= 0 and offsets.max() <= ds.max_offset
 
 
 def test_batches_are_deterministic_and_shifted(char_dir):

@@ -59,8 +59,9 @@ def test_same_seed_gives_the_same_losses_on_a_busy_machine(tmp_path, char_data, 
     assert len(losses(tmp_path / "quiet")) == 10 and losses(tmp_path / "busy") == losses(tmp_path / "quiet")
 
 
-def test_twenty_steps_then_resume_to_forty_equals_forty_straight(tmp_path, char_data, capsys):
-    flags = tiny_flags(**{"train.eval_interval": 20, "train.log_interval": 1})
+@pytest.mark.parametrize("sampling", ["random", "shuffle"])
+def test_twenty_steps_then_resume_to_forty_equals_forty_straight(tmp_path, char_data, capsys, sampling):
+    flags = tiny_flags(**{"train.eval_interval": 20, "train.log_interval": 1, "train.sampling": sampling})
     code, _, err = cli(capsys, "train", "--data", char_data, "--out", tmp_path / "straight", *flags,
                        "--train.max_iters", "40")
     assert code == 0, err
@@ -73,3 +74,4 @@ def test_twenty_steps_then_resume_to_forty_equals_forty_straight(tmp_path, char_
     assert losses(tmp_path / "halves") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 40
     a, b = (load_file(str(tmp_path / r / "latest" / "model.safetensors")) for r in ("halves", "straight"))
     assert all(torch.equal(a[k], b[k]) for k in b)
+    assert json.loads((tmp_path / "halves" / "config.json").read_text())["train"]["sampling"] == sampling

@@ -158,6 +158,10 @@ def check_ids(tokens: Any, vocab_size: int, where: str, *, full: bool) -> None:
                             + ("" if full else " (data-info --verify checks every id)"))
 
 
+# keeps shuffle's per-epoch draws ([seed, SHUFFLE_STREAM, epoch]) apart from random sampling's per-step ones ([seed, step])
+SHUFFLE_STREAM = 999
+
+
 class TokenDataset:
     """One split of a prepared data directory, memory-mapped read-only.
 
@@ -208,11 +212,41 @@ class TokenDataset:
         """Largest valid window start: x and y need block_size + 1 tokens together."""
         return self.n_tokens - self.block_size - 1
 
-    def batch_offsets(self, step: int, batch_size: int, seed: int | None = None) -> np.ndarray:
-        """Random window starts for global optimizer step `step`, uniform in [0, max_offset]."""
+    def batch_offsets(self, step: int, batch_size: int, seed: int | None = None, sampling: str = "random") -> np.ndarray:
+        """Window starts for global optimizer step `step`. random: uniform in [0, max_offset], with replacement.
+        shuffle: the step's share of an endless sequence of epochs (window i = step * batch_size + j), each
+        epoch a permutation of the split's block-aligned windows shifted by one phase (shuffled_windows)."""
         seed = self.seed if seed is None else seed
+        if sampling == "shuffle":
+            windows = np.arange(int(step) * batch_size, (int(step) + 1) * batch_size, dtype=np.int64)
+            n = self._epoch_windows()
+            epochs = windows // n
+            out = np.empty(batch_size, dtype=np.int64)
+            for epoch in np.unique(epochs):
+                order, phase = self.shuffled_windows(int(seed), int(epoch))
+                here = epochs == epoch
+                out[here] = order[windows[here] % n] * self.block_size + phase
+            return out
         rng = np.random.default_rng([int(seed), int(step)])
         return rng.integers(0, self.max_offset, size=batch_size, endpoint=True, dtype=np.int64)
+
+    def _epoch_windows(self) -> int:
+        """Block-aligned windows an epoch visits: as many whole blocks as fit below max_offset + 1 (at least one)."""
+        return max(1, (self.max_offset + 1) // self.block_size)
+
+    def shuffled_windows(self, seed: int, epoch: int) -> tuple[np.ndarray, int]:
+        """Epoch `epoch`'s order of the windows (a permutation of range(_epoch_windows())) and its phase: window k
+        starts at k * block_size + phase, so every epoch cuts the text at other places. Kept for the last two epochs
+        asked (a step's batch spans at most two): one permutation's int64s per epoch, computed once."""
+        cache = self.__dict__.setdefault("_epochs", {})
+        if (seed, epoch) not in cache:
+            n = self._epoch_windows()
+            rng = np.random.default_rng([seed, SHUFFLE_STREAM, epoch])
+            phase_end = min(self.block_size, self.max_offset - (n - 1) * self.block_size + 1)
+            cache[(seed, epoch)] = (rng.permutation(n), int(rng.integers(0, phase_end)))
+            while len(cache) > 2:
+                cache.pop(next(iter(cache)))
+        return cache[(seed, epoch)]
 
     def get_batch(self, offsets: np.ndarray):
         """(x, y) int64 tensors of shape (B, block_size); y is x shifted by one token."""
