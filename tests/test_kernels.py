@@ -243,6 +243,29 @@ def test_attention_heads_are_the_normed_rotated_heads_and_take_only_what_they_ca
 
 
 @needs_kernels
+@pytest.mark.parametrize("qk_eps", [1e-6, -1.0])
+def test_attention_heads_widen_bf16_as_a_cast_would_and_read_strided_gradients(qk_eps):
+    """bf16 autocast's c_attn output goes in as it is: q, k, v equal the kernel's on `.float()` of it, and the
+    gradient equals that path's cast back to bf16, bit for bit, whatever the layout of the incoming gradients."""
+    from scratchgpt.model import rope_cos_sin
+
+    torch.manual_seed(2)
+    B, T, H, KV, D = 3, 7, 4, 2, 16
+    qkv16 = torch.randn(B, T, (H + 2 * KV) * D).to(torch.bfloat16).requires_grad_()
+    rope = rope_cos_sin(torch.arange(T), D, 300.0)
+    assert kernels.attention_heads(qkv16, H, KV, D, qk_eps, rope) is None  # only where fp32 attention is wanted
+    fast = kernels.attention_heads(qkv16, H, KV, D, qk_eps, rope, from_bf16=True)
+    widened = qkv16.detach().float().requires_grad_()
+    slow = kernels.attention_heads(widened, H, KV, D, qk_eps, rope)
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(fast, slow))
+    # gradients laid out (B, T, heads, D) underneath, as SDPA's backward gives them
+    grads = [torch.randn(B, T, n, D).transpose(1, 2) for n in (H, KV, KV)]
+    (g16,) = torch.autograd.grad(fast, qkv16, grads)
+    (g32,) = torch.autograd.grad(slow, widened, [g.contiguous() for g in grads])
+    assert g16.dtype == torch.bfloat16 and torch.equal(g16, g32.to(torch.bfloat16))
+
+
+@needs_kernels
 def test_without_qk_norm_the_heads_keep_no_activation_for_backward():
     """The rotation's backward needs only the angles: c_attn's output is not kept alive (qk norm's needs it)."""
     from scratchgpt.model import rope_cos_sin

@@ -43,6 +43,13 @@ static inline float round_bf16(float f) { /* round to nearest even, as torch's .
     return f;
 }
 
+static inline uint16_t bf16_bits(float f) { /* f as bf16, rounded to nearest even as torch rounds; a NaN stays a NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 static float dot_i8(const float *x, const int8_t *w, int64_t K) {
     int64_t k = 0;
     float acc = 0.f;
@@ -204,10 +211,12 @@ int sg_attend_one(const float *qkv, int64_t B, int64_t H, int64_t KV, int64_t D,
 /* Training's attention inputs, one pass each way over c_attn's output instead of a view, a permute, and the
    rotation's (and qk norm's) separate torch ops.
 
-   Forward: qkv (B, T, (H + 2 KV) D) -> q (B, H, T, D), k and v (B, KV, T, D), contiguous; each q and k head
-   RMS-normalised first if qk_eps >= 0 (rstd (B, T, H + KV) keeps 1/rms for the backward), then rotated if cos
-   (T, D/2) is given. The rotation rounds as torch's mul and addcmul do (the second product fused into the
-   sum, fmaf), so without qk norm q, k, v and the gradient equal torch's ops bit for bit (a test checks). */
+   Forward: qkv (B, T, (H + 2 KV) D), fp32 or (bf16 != 0) bf16 -> q (B, H, T, D), k and v (B, KV, T, D), fp32,
+   contiguous; each q and k head RMS-normalised first if qk_eps >= 0 (rstd (B, T, H + KV) keeps 1/rms for the
+   backward), then rotated if cos (T, D/2) is given. bf16 input is widened in the pass (exactly: what
+   `.float()` gives), so autocast's bf16 c_attn feeds fp32 attention without a separate cast each way. The
+   rotation rounds as torch's mul and addcmul do (the second product fused into the sum, fmaf), so without qk
+   norm q, k, v and the gradient equal torch's ops bit for bit (a test checks). */
 static void rotate(const float *x, float r, const float *cos, const float *sin, int64_t half, float sign, float *out) {
     for (int64_t d = 0; d < half; d++) {
         float x1 = x[d] * r, x2 = x[d + half] * r, s = sign * sin[d];
@@ -222,13 +231,22 @@ static float inv_rms(const float *x, int64_t D, float eps) {
     return 1.f / sqrtf(ss / (float)D + eps);
 }
 
-void sg_heads_fwd(const float *qkv, int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, float qk_eps,
+/* Row bt of qkv as fp32: the row itself, or (bf16) widened into buf. */
+static const float *qkv_row(const void *qkv, int bf16, int64_t bt, int64_t width, float *buf) {
+    if (!bf16) return (const float *)qkv + bt * width;
+    const uint16_t *src = (const uint16_t *)qkv + bt * width;
+    for (int64_t i = 0; i < width; i++) buf[i] = bf16_to_f32(src[i]);
+    return buf;
+}
+
+void sg_heads_fwd(const void *qkv, int bf16, int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, float qk_eps,
                   const float *cos, const float *sin, float *q, float *k, float *v, float *rstd) {
     int64_t heads = H + 2 * KV, half = D / 2;
     #pragma omp parallel for schedule(static)
     for (int64_t bt = 0; bt < B * T; bt++) {
         int64_t b = bt / T, t = bt % T;
-        const float *row = qkv + bt * heads * D;
+        float buf[bf16 ? heads * D : 1];
+        const float *row = qkv_row(qkv, bf16, bt, heads * D, buf);
         for (int64_t h = 0; h < heads; h++) {
             const float *x = row + h * D;
             float *out = h < H ? q + ((b * H + h) * T + t) * D
@@ -242,29 +260,40 @@ void sg_heads_fwd(const float *qkv, int64_t B, int64_t T, int64_t H, int64_t KV,
     }
 }
 
-/* Backward of sg_heads_fwd: gq, gk, gv (shaped as q, k, v) -> gqkv (B, T, (H + 2 KV) D). The rotation's
-   backward is the inverse rotation; qk norm's, with y = x / rms: gx = (gy - y mean(gy y)) / rms. */
-void sg_heads_bwd(const float *qkv, const float *rstd, const float *gq, const float *gk, const float *gv,
-                  int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, float qk_eps, const float *cos,
-                  const float *sin, float *gqkv) {
+/* Backward of sg_heads_fwd: gq, gk, gv (shaped as q, k, v; any strides but a unit one along D, given as
+   (batch, head, position) element strides in `strides`: gq's three, gk's, gv's, so SDPA's gradients, laid out
+   (B, T, heads, D), are read where they are) -> gqkv (B, T, (H + 2 KV) D), in qkv's dtype (bf16: rounded to
+   nearest even, as the cast's backward rounds). The rotation's backward is the inverse rotation; qk norm's,
+   with y = x / rms: gx = (gy - y mean(gy y)) / rms. */
+void sg_heads_bwd(const void *qkv, int bf16, const float *rstd, const float *gq, const float *gk, const float *gv,
+                  const int64_t *strides, int64_t B, int64_t T, int64_t H, int64_t KV, int64_t D, float qk_eps,
+                  const float *cos, const float *sin, void *gqkv) {
     int64_t heads = H + 2 * KV, half = D / 2;
     #pragma omp parallel for schedule(static)
     for (int64_t bt = 0; bt < B * T; bt++) {
         int64_t b = bt / T, t = bt % T;
-        float gy[D];
+        float gy[D], xbuf[bf16 && qk_eps >= 0.f ? heads * D : 1], obuf[bf16 ? heads * D : 1];
+        const float *xrow = qk_eps >= 0.f ? qkv_row(qkv, bf16, bt, heads * D, xbuf) : NULL;
+        float *orow = bf16 ? obuf : (float *)gqkv + bt * heads * D;
         for (int64_t h = 0; h < heads; h++) {
-            float *out = gqkv + (bt * heads + h) * D;
-            const float *g = h < H ? gq + ((b * H + h) * T + t) * D
-                           : h < H + KV ? gk + ((b * KV + h - H) * T + t) * D : gv + ((b * KV + h - H - KV) * T + t) * D;
-            if (h >= H + KV) { memcpy(out, g, (size_t)D * sizeof(float)); continue; }
+            float *out = orow + h * D;
+            int which = h < H ? 0 : h < H + KV ? 1 : 2;
+            int64_t head = h - (which == 0 ? 0 : which == 1 ? H : H + KV);
+            const float *base = which == 0 ? gq : which == 1 ? gk : gv;
+            const float *g = base + b * strides[3 * which] + head * strides[3 * which + 1] + t * strides[3 * which + 2];
+            if (which == 2) { memcpy(out, g, (size_t)D * sizeof(float)); continue; }
             if (cos) rotate(g, 1.f, cos + t * half, sin + t * half, half, -1.f, gy);
             else memcpy(gy, g, (size_t)D * sizeof(float));
             if (qk_eps < 0.f) { memcpy(out, gy, (size_t)D * sizeof(float)); continue; }
-            const float *x = qkv + (bt * heads + h) * D;
+            const float *x = xrow + h * D;
             float r = rstd[bt * (H + KV) + h], dot = 0.f;
             for (int64_t d = 0; d < D; d++) dot += gy[d] * x[d];
             dot *= r / (float)D;  /* mean(gy y) */
             for (int64_t d = 0; d < D; d++) out[d] = (gy[d] - x[d] * r * dot) * r;
+        }
+        if (bf16) {
+            uint16_t *dst = (uint16_t *)gqkv + bt * heads * D;
+            for (int64_t i = 0; i < heads * D; i++) dst[i] = bf16_bits(obuf[i]);
         }
     }
 }

@@ -116,8 +116,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.sg_silu_mul.argtypes = [_P, _I, _I, _P]
     lib.sg_attend_one.argtypes = [_P, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _I, _I, _P]
     lib.sg_int8_rows.restype = lib.sg_bf16_rows.restype = lib.sg_attend_one.restype = ctypes.c_int
-    lib.sg_heads_fwd.argtypes = [_P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P, _P]
-    lib.sg_heads_bwd.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P]
+    lib.sg_heads_fwd.argtypes = [_P, ctypes.c_int, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P, _P]
+    lib.sg_heads_bwd.argtypes = [_P, ctypes.c_int, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P]
     return lib
 
 
@@ -221,20 +221,21 @@ class DecodeOps:
 
 
 class _Heads(torch.autograd.Function):
-    """c_attn's output -> q, k, v for attention (qk norm and rotation applied), as kernels.c's one pass each way."""
+    """c_attn's output (fp32 or bf16) -> fp32 q, k, v for attention (qk norm and rotation applied), as kernels.c's
+    one pass each way; the gradient comes back in c_attn's dtype."""
 
     @staticmethod
     def forward(ctx, qkv, cos, sin, shape: tuple, qk_eps: float):
         B, T, H, KV, D = shape
-        lib = library()
-        q = qkv.new_empty(B, H, T, D)
-        k, v = qkv.new_empty(B, KV, T, D), qkv.new_empty(B, KV, T, D)
-        rstd = qkv.new_empty(B, T, H + KV) if qk_eps >= 0 else None
-        lib.sg_heads_fwd(qkv.data_ptr(), B, T, H, KV, D, qk_eps, _ptr(cos), _ptr(sin), q.data_ptr(), k.data_ptr(),
-                         v.data_ptr(), _ptr(rstd))
+        lib, bf16 = library(), qkv.dtype == torch.bfloat16
+        q = torch.empty(B, H, T, D)
+        k, v = torch.empty(B, KV, T, D), torch.empty(B, KV, T, D)
+        rstd = torch.empty(B, T, H + KV) if qk_eps >= 0 else None
+        lib.sg_heads_fwd(qkv.data_ptr(), bf16, B, T, H, KV, D, qk_eps, _ptr(cos), _ptr(sin), q.data_ptr(),
+                         k.data_ptr(), v.data_ptr(), _ptr(rstd))
         # qk norm's backward reads the input; the rotation's alone does not (then no activation is kept)
         ctx.save_for_backward(qkv if qk_eps >= 0 else None, rstd, cos, sin)
-        ctx.shape, ctx.qk_eps, ctx.qkv_shape = shape, qk_eps, qkv.shape
+        ctx.shape, ctx.qk_eps, ctx.qkv_shape, ctx.bf16 = shape, qk_eps, qkv.shape, bf16
         return q, k, v
 
     @staticmethod
@@ -242,21 +243,26 @@ class _Heads(torch.autograd.Function):
     def backward(ctx, gq, gk, gv):
         qkv, rstd, cos, sin = ctx.saved_tensors
         B, T, H, KV, D = ctx.shape
-        gq, gk, gv = (g.contiguous() if g is not None else torch.zeros(B, n, T, D, dtype=torch.float32)
-                      for g, n in ((gq, H), (gk, KV), (gv, KV)))
-        gqkv = torch.empty(ctx.qkv_shape, dtype=torch.float32)
-        library().sg_heads_bwd(_ptr(qkv), _ptr(rstd), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(), B, T, H, KV, D,
-                               ctx.qk_eps, _ptr(cos), _ptr(sin), gqkv.data_ptr())
+        # read in place wherever D is the unit stride (SDPA's gradients are (B, T, heads, D) underneath)
+        gq, gk, gv = (torch.zeros(B, n, T, D) if g is None else g if g.dtype == torch.float32 and g.stride(3) == 1
+                      else g.float().contiguous() for g, n in ((gq, H), (gk, KV), (gv, KV)))
+        strides = (ctypes.c_int64 * 9)(*(st for g in (gq, gk, gv) for st in g.stride()[:3]))
+        gqkv = torch.empty(ctx.qkv_shape, dtype=torch.bfloat16 if ctx.bf16 else torch.float32)
+        library().sg_heads_bwd(_ptr(qkv), ctx.bf16, _ptr(rstd), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(), strides,
+                               B, T, H, KV, D, ctx.qk_eps, _ptr(cos), _ptr(sin), gqkv.data_ptr())
         return gqkv, None, None, None, None
 
 
 def attention_heads(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, qk_eps: float,
-                    rope: Optional[tuple]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """c_attn's output (B, T, (H + 2 KV) D) -> q (B, H, T, D), k and v (B, KV, T, D), contiguous, q and k
+                    rope: Optional[tuple], from_bf16: bool = False) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """c_attn's output (B, T, (H + 2 KV) D) -> q (B, H, T, D), k and v (B, KV, T, D), fp32, contiguous, q and k
     RMS-normalised if qk_eps >= 0 and rotated by rope's (cos, sin) (T, D/2) if given: what the model's
     view, permute, qk norm and rotation give (the rotation bit for bit; qk norm's sums in another order),
-    in one pass each way. None where the kernels do not take it (then the caller runs torch's ops)."""
-    if torch.compiler.is_compiling() or qkv.device.type != "cpu" or qkv.dtype != torch.float32 \
+    in one pass each way. The output is fp32; with from_bf16 a bf16 qkv is taken too (widened in the pass: the
+    same as `.float()` first; bf16 autocast's fp32 attention). None where the kernels do not take it (then the
+    caller runs torch's ops)."""
+    dtypes = (torch.float32, torch.bfloat16) if from_bf16 else (torch.float32,)
+    if torch.compiler.is_compiling() or qkv.device.type != "cpu" or qkv.dtype not in dtypes \
             or qkv.dim() != 3 or not qkv.is_contiguous() or qkv.size(2) != (heads + 2 * kv_heads) * head_dim:
         return None  # (compiling first: inductor fuses torch's ops, and dynamo must not trace the build)
     T = qkv.size(1)

@@ -304,14 +304,16 @@ class KVCache:
 
 
 def attention_inputs(cfg: ModelConfig, qkv: torch.Tensor, ve: Optional[torch.Tensor],
-                     rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     rope, fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From c_attn's output (B, T, (H + 2 KV) D) to what attention sees, each (B, heads, T, D): value embeddings
-    (B, T, KV D), qk norm, rotation. On a CPU kernels.c does the rest in one pass each way (with qk norm, torch's
-    ops were a sixth of a small model's step: BENCHMARKS.md)."""
+    (B, T, KV D), qk norm, rotation; in fp32 if `fp32` (bf16 autocast's fp32 attention on a CPU). On a CPU
+    kernels.c does the rest in one pass each way, widening bf16 on the way (with qk norm, torch's ops were a sixth
+    of a small model's step; the separate cast each way, 6%: BENCHMARKS.md)."""
     B, T, _ = qkv.shape
     heads = kernels.attention_heads(qkv, cfg.n_head, cfg.kv_heads, cfg.head_dim,
-                                    cfg.qk_norm_eps if cfg.qk_norm else -1.0, rope)
+                                    cfg.qk_norm_eps if cfg.qk_norm else -1.0, rope, from_bf16=fp32)
     if heads is None:
+        qkv = qkv.float() if fp32 else qkv
         q, k, v = split_gqa(cfg, qkv, B, T)
         heads = qk_inputs(cfg, q, rope), qk_inputs(cfg, k, rope), v
     q, k, v = heads
@@ -355,9 +357,7 @@ class CausalSelfAttention(nn.Module):
         H, D = self.cfg.n_head, self.cfg.head_dim
         qkv = self.c_attn(x)
         fp32_attention = x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-        if fp32_attention:
-            qkv = qkv.float()
-        q, k, v = attention_inputs(self.cfg, qkv, ve, rope)
+        q, k, v = attention_inputs(self.cfg, qkv, ve, rope, fp32=fp32_attention)
         dropout = self.cfg.dropout if self.training else 0.0
         with torch.autocast("cpu", enabled=False) if fp32_attention else nullcontext():
             if cache is None and 0 < dropout < 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
