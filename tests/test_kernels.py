@@ -168,6 +168,27 @@ def test_the_kernels_write_fp32_whatever_the_default_dtype(default):
         assert g.dtype == torch.float32 and torch.equal(g, w)
 
 
+@needs_kernels
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+def test_attention_heads_write_fp32_whatever_the_default_dtype(default):
+    from scratchgpt.model import rope_cos_sin
+
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 5, 3 * 2 * 8, requires_grad=True)
+    rope = rope_cos_sin(torch.arange(5), 8, 300.0)
+    want = kernels.attention_heads(qkv, 2, 2, 8, 1e-6, rope)
+    want_grad = torch.autograd.grad(sum(t.sum() for t in want), qkv)[0]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        got = kernels.attention_heads(qkv, 2, 2, 8, 1e-6, rope)
+        got_grad = torch.autograd.grad(sum(t.sum() for t in got), qkv)[0]
+    finally:
+        torch.set_default_dtype(old)
+    assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want))
+    assert torch.equal(got_grad, want_grad)
+
+
 # ---------------------------------------------------------------- training's attention inputs
 def _torch_ops(monkeypatch):
     """From here on library() is None and the model runs torch's ops (until monkeypatch.undo and a cache_clear)."""
@@ -175,15 +196,17 @@ def _torch_ops(monkeypatch):
     kernels.library.cache_clear()
 
 
-def _step(cfg_kw: dict, seed: int = 0):
-    """One forward and backward of a tiny GPT on a fixed batch: the loss and every parameter's gradient."""
+def _step(cfg_kw: dict, seed: int = 0, autocast: bool = False):
+    """One forward and backward of a tiny GPT on a fixed batch (in CPU bf16 autocast if `autocast`): the loss and
+    every parameter's gradient."""
     from scratchgpt.model import GPT, ModelConfig
 
     torch.manual_seed(seed)
     net = GPT(ModelConfig(**{"vocab_size": 37, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32,
                              "bias": False, **cfg_kw}))
     x, y = torch.randint(0, 37, (3, 16)), torch.randint(0, 37, (3, 16))
-    _, loss = net(x, y)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        _, loss = net(x, y)
     loss.backward()
     return loss.detach(), [p.grad for p in net.parameters()]
 
@@ -193,19 +216,24 @@ HEADS = [{"pos": "rope"}, {"pos": "learned"}, {"pos": "rope", "n_head": 4, "n_kv
 
 
 @needs_kernels
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("cfg_kw", HEADS + [{**c, "qk_norm": True} for c in HEADS])
-def test_training_attention_inputs_match_torchs_ops(cfg_kw, monkeypatch):
+def test_training_attention_inputs_match_torchs_ops(cfg_kw, autocast, monkeypatch):
     """kernels.c's qk norm and rotation give torch's loss and gradients: bit for bit without qk norm (a run keeps
-    its numbers whether or not a compiler is there), within fp32 sums' order with it."""
-    fast = _step(cfg_kw)
+    its numbers whether or not a compiler is there), within fp32 sums' order with it; in bf16 autocast too,
+    where the kernels take c_attn's bf16 output and hand its gradient back in bf16."""
+    fast = _step(cfg_kw, autocast=autocast)
     _torch_ops(monkeypatch)
     try:
         assert kernels.library() is None
-        slow = _step(cfg_kw)
+        slow = _step(cfg_kw, autocast=autocast)
     finally:
         monkeypatch.undo()
         kernels.library.cache_clear()
-    if cfg_kw.get("qk_norm"):
+    if cfg_kw.get("qk_norm") and autocast:  # a sum's last bit can flip a bf16 gradient's: one bf16 ulp at most
+        assert torch.allclose(fast[0], slow[0], rtol=1e-5)
+        assert all((a - b).abs().max() <= 2 ** -7 * b.abs().max() for a, b in zip(fast[1], slow[1]))
+    elif cfg_kw.get("qk_norm"):
         assert torch.allclose(fast[0], slow[0], rtol=1e-6)
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(fast[1], slow[1]))
     else:

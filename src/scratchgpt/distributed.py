@@ -3,8 +3,9 @@
 Without torchrun's environment (RANK, WORLD_SIZE, ...) every function here is a cheap no-op,
 so the training loop reads the same for one process and for many.
 
-- Data: batches are a pure function of (seed, step); rank r takes rows [r*B/W, (r+1)*B/W) of
-  the global batch B, so the data cursor of every rank is (seed, step) and nothing else.
+- Data: batches are a pure function of (seed, step) (shuffle sampling: of the seed and the windows drawn
+  before, which every rank counts alike); rank r takes rows [r*B/W, (r+1)*B/W) of the global batch B, so
+  every rank's data cursor is the same and needs no exchange.
 - DDP checkpoints are the single-process checkpoint (written by rank 0). FSDP checkpoints hold
   the sharded state as `torch.distributed.checkpoint` safetensors shards plus a full
   `model.safetensors` export (see checkpoint/fsdp.py). Any of them resumes on any world size.

@@ -228,9 +228,10 @@ class _Heads(torch.autograd.Function):
     def forward(ctx, qkv, cos, sin, shape: tuple, qk_eps: float):
         B, T, H, KV, D = shape
         lib, bf16 = library(), qkv.dtype == torch.bfloat16
-        q = torch.empty(B, H, T, D)
-        k, v = torch.empty(B, KV, T, D), torch.empty(B, KV, T, D)
-        rstd = torch.empty(B, T, H + KV) if qk_eps >= 0 else None
+        f32 = dict(dtype=torch.float32, device="cpu")  # what the C loop writes, whatever torch's defaults are
+        q = torch.empty(B, H, T, D, **f32)
+        k, v = torch.empty(B, KV, T, D, **f32), torch.empty(B, KV, T, D, **f32)
+        rstd = torch.empty(B, T, H + KV, **f32) if qk_eps >= 0 else None
         lib.sg_heads_fwd(qkv.data_ptr(), bf16, B, T, H, KV, D, qk_eps, _ptr(cos), _ptr(sin), q.data_ptr(),
                          k.data_ptr(), v.data_ptr(), _ptr(rstd))
         # qk norm's backward reads the input; the rotation's alone does not (then no activation is kept)
@@ -244,10 +245,11 @@ class _Heads(torch.autograd.Function):
         qkv, rstd, cos, sin = ctx.saved_tensors
         B, T, H, KV, D = ctx.shape
         # read in place wherever D is the unit stride (SDPA's gradients are (B, T, heads, D) underneath)
-        gq, gk, gv = (torch.zeros(B, n, T, D) if g is None else g if g.dtype == torch.float32 and g.stride(3) == 1
-                      else g.float().contiguous() for g, n in ((gq, H), (gk, KV), (gv, KV)))
+        gq, gk, gv = (torch.zeros(B, n, T, D, dtype=torch.float32, device="cpu") if g is None
+                      else g if g.dtype == torch.float32 and g.stride(3) == 1 else g.float().contiguous()
+                      for g, n in ((gq, H), (gk, KV), (gv, KV)))
         strides = (ctypes.c_int64 * 9)(*(st for g in (gq, gk, gv) for st in g.stride()[:3]))
-        gqkv = torch.empty(ctx.qkv_shape, dtype=torch.bfloat16 if ctx.bf16 else torch.float32)
+        gqkv = torch.empty(ctx.qkv_shape, dtype=torch.bfloat16 if ctx.bf16 else torch.float32, device="cpu")
         library().sg_heads_bwd(_ptr(qkv), ctx.bf16, _ptr(rstd), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(), strides,
                                B, T, H, KV, D, ctx.qk_eps, _ptr(cos), _ptr(sin), gqkv.data_ptr())
         return gqkv, None, None, None, None

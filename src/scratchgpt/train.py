@@ -3,7 +3,8 @@ before anything changes on disk are train_plan.py's).
 
 The loop (`loop`) does the same things in the same order every step: batch, forward,
 backward, clip, finite-check, step, schedule, log, eval, save. Batches are a pure function of
-(seed, step), so a resumed run, or one on a different number of ranks, sees the same data.
+(seed, step) (shuffle: of the seed and the windows drawn before), so a resumed run, or one on a different
+number of ranks, sees the same data.
 Setup (`setup`) builds everything the loop touches into one `Session`; `finish` writes the
 result and tears down.
 """
@@ -205,8 +206,8 @@ def loop(s: Session) -> str:
     while s.step < tcfg.max_iters:
         dist.maybe_fail(s.step, ctx)  # test-only fault injection (SCRATCHGPT_FAULT_RANK/STEP); otherwise a no-op
         # batch + forward + backward (accumulating over micro-steps; DDP syncs only on the last)
-        offsets = s.train_ds.batch_offsets(s.step, tcfg.batch_size, tcfg.seed, tcfg.sampling)[
-            ctx.rank * s.per_rank:(ctx.rank + 1) * s.per_rank]
+        offsets = s.train_ds.batch_offsets(s.step, tcfg.batch_size, tcfg.seed, tcfg.sampling,
+                                           start=s.tokens // s.model_cfg.block_size)[ctx.rank * s.per_rank:(ctx.rank + 1) * s.per_rank]
         loss_sum = forward_backward(s, offsets)
         # clip + finite check: a non-finite loss or gradient never reaches the weights
         for opt in s.optimizers:
@@ -401,7 +402,7 @@ def save(s: Session, is_best: bool) -> None:
     state = {"step": s.step, "tokens": s.tokens, "best_val_loss": None if math.isinf(s.best_val) else s.best_val,
              "bad_evals": s.bad_evals, "skipped_steps": s.skipped, "elapsed_s": s.elapsed, "rng": rng_state(s.device),
              "threads": torch.get_num_threads(), "dtype": str(s.dtype).removeprefix("torch."),
-             "data": {"seed": tcfg.seed, "step": s.step, "sampling": "stateless(seed, step)",
+             "data": {"seed": tcfg.seed, "step": s.step, "sampling": tcfg.sampling,
                       **dist.data_slices(tcfg.batch_size, s.per_rank, s.micro, s.ctx)},
              "scheduler": {"step": s.step, "lr": lr_at(s.step, s.ocfg, tcfg.max_iters)},
              "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None}

@@ -69,8 +69,9 @@ class TrainConfig:
     """Seeds the init and the batches (a pure function of seed and step)."""
     sampling: Literal["random", "shuffle"] = "random"
     """How a batch's windows are drawn: random: starts uniform over the split, with replacement (nanoGPT's); shuffle:
-    each epoch visits every block-aligned window once in a random order, at a random phase (lower val loss once a
-    run repeats its data: BENCHMARKS.md)."""
+    each epoch visits every block-aligned window once, in a random order, the blocks cut at a random phase each
+    epoch (lower val loss once a run repeats its data: BENCHMARKS.md). Either is a pure function of the seed and
+    the windows drawn before, so a resume goes on with the same batches."""
     device: str = "auto"
     """cpu, cuda, cuda:1, mps; auto: cuda (this rank's GPU under torchrun) > mps > cpu."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
