@@ -368,6 +368,12 @@ def test_shuffle_visits_every_window_once_an_epoch(char_dir):
     again = TokenDataset(char_dir, "train", block_size=32)
     assert np.array_equal(again.batch_offsets(steps - 1, batch, 5, "shuffle"), offsets[-batch:])
     assert not np.array_equal(ds.batch_offsets(0, batch, 6, "shuffle"), offsets[:batch])
+    # the cursor is the windows drawn so far: a resume with another batch size goes on with the same sequence
+    resumed = np.concatenate([ds.batch_offsets(s, batch, 5, "shuffle", start=s * batch) for s in range(10)]
+                             + [ds.batch_offsets(10 + i, 3, 5, "shuffle", start=10 * batch + 3 * i) for i in range(40)])
+    assert np.array_equal(resumed, offsets[:len(resumed)])
+    with pytest.raises(ValueError, match="sampling"):
+        ds.batch_offsets(0, batch, 5, "shuffled")
 
 
 @settings(max_examples=60, deadline=None)
