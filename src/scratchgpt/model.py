@@ -308,7 +308,7 @@ def attention_inputs(cfg: ModelConfig, qkv: torch.Tensor, ve: Optional[torch.Ten
     """From c_attn's output (B, T, (H + 2 KV) D) to what attention sees, each (B, heads, T, D): value embeddings
     (B, T, KV D), qk norm, rotation; in fp32 if `fp32` (bf16 autocast's fp32 attention on a CPU). On a CPU
     kernels.c does the rest in one pass each way, widening bf16 on the way (with qk norm, torch's ops were a sixth
-    of a small model's step; the separate cast each way, 6%: BENCHMARKS.md)."""
+    of a small model's step; the separate cast each way, 5% of its loop: BENCHMARKS.md)."""
     B, T, _ = qkv.shape
     heads = kernels.attention_heads(qkv, cfg.n_head, cfg.kv_heads, cfg.head_dim,
                                     cfg.qk_norm_eps if cfg.qk_norm else -1.0, rope, from_bf16=fp32)
