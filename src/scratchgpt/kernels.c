@@ -34,21 +34,14 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-static inline float round_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return f; /* NaN stays NaN */
-    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 static inline uint16_t bf16_bits(float f) { /* f as bf16, rounded to nearest even as torch rounds; a NaN stays a NaN */
     uint32_t u;
     memcpy(&u, &f, 4);
     if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+
+static inline float round_bf16(float f) { return bf16_to_f32(bf16_bits(f)); } /* as torch's .to(torch.bfloat16) */
 
 static float dot_i8(const float *x, const int8_t *w, int64_t K) {
     int64_t k = 0;

@@ -296,8 +296,8 @@ def _resumed_settings(study_file: Path, space, method, seed, pruner, data, passe
             continue
         for key, value in asdict(passed[name]).items():
             if given is None or f"{name}.{key}" in given:
-                if key in saved["base"][name]:  # (a study saved before the option existed has its default)
-                    _check_same(f"{name}.{key}", _plain(value), _plain(saved["base"][name][key]))
+                # (against the loaded base: an option newer than the study has its default there)
+                _check_same(f"{name}.{key}", _plain(value), _plain(getattr(base[name], key)))
     return saved, base
 
 
